@@ -1,0 +1,400 @@
+//! Test harness: temporary directories, the real `flexnbd` binary as a child
+//! process (port 0, killed on drop, its log shown when a test fails), bounded
+//! waits, external tools with time limits, and a raw NBD client built on the
+//! project's codec.
+
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flexnbd::proto::{self, Request, SimpleReply};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flexnbd");
+
+/// How long any wait in the suite may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns `Some`, failing the test after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {:?} waiting for {what}", limit);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A directory removed when dropped.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "flexnbd-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// A sparse file of `size` bytes.
+    pub fn sparse_file(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.join(name);
+        File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    /// A file of `size` bytes filled with a deterministic pattern.
+    pub fn pattern_file(&self, name: &str, size: u64, seed: u8) -> PathBuf {
+        let p = self.join(name);
+        fs::write(&p, pattern(size as usize, seed)).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Deterministic non-zero-heavy bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// Bytes of the file actually allocated on disk.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A running `flexnbd` process. Killed when dropped; its log is printed if
+/// the test is failing.
+pub struct Flexnbd {
+    pub child: Option<Child>,
+    pub log_path: PathBuf,
+    pub addr: SocketAddr,
+    status: Option<ExitStatus>,
+}
+
+impl Flexnbd {
+    /// Starts `flexnbd serve -l 127.0.0.1 -p 0 -f FILE -v EXTRA...` and waits
+    /// until it says which port it got.
+    pub fn serve(dir: &TempDir, file: &Path, extra: &[&str]) -> Flexnbd {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "-l".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            "0".into(),
+            "-f".into(),
+        ];
+        args.push(file.display().to_string());
+        args.push("-v".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Flexnbd::spawn(dir, &args)
+    }
+
+    /// Starts the binary with exactly `args` (the log must show
+    /// "listening on ADDR:PORT").
+    pub fn spawn(dir: &TempDir, args: &[String]) -> Flexnbd {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let log_path = dir.join(&format!(
+            "flexnbd-{}.log",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log = File::create(&log_path).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flexnbd");
+        let mut server = Flexnbd {
+            child: Some(child),
+            log_path,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            status: None,
+        };
+        let addr = wait_for("flexnbd to report its port", WAIT, || {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("flexnbd exited early with {status}; log:\n{}", server.log());
+            }
+            let log = server.log();
+            let at = log.find("listening on ")?;
+            let rest = &log[at + "listening on ".len()..];
+            let end = rest.find('\n')?;
+            rest[..end].trim().parse::<SocketAddr>().ok()
+        });
+        server.addr = addr;
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}", self.port())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_log(&self, text: &str) {
+        wait_for(&format!("log line containing {text:?}"), WAIT, || {
+            self.log().contains(text).then_some(())
+        });
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let child = self.child.as_mut().unwrap();
+        let status = wait_for("flexnbd to exit", WAIT, || child.try_wait().unwrap());
+        self.status = Some(status);
+        status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.status.is_none() && self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Fails the test if the log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "flexnbd panicked; log:\n{log}");
+    }
+
+    pub fn connect(&self) -> RawClient {
+        RawClient::connect(self.addr)
+    }
+}
+
+impl Drop for Flexnbd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- flexnbd log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// Runs an external program with a time limit, returning its output.
+pub fn run_tool(program: &str, args: &[&str], limit: Duration) -> Output {
+    run_tool_with_input(program, args, None, limit)
+}
+
+pub fn run_tool_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    limit: Duration,
+) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
+        });
+    if let Some(data) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out_thread.join().unwrap(),
+        stderr: err_thread.join().unwrap(),
+    }
+}
+
+/// Runs a tool and fails the test unless it exits 0.
+pub fn run_ok(program: &str, args: &[&str], limit: Duration) -> Output {
+    let out = run_tool(program, args, limit);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A raw NBD client over std TCP, for byte-level tests.
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawClient { stream }
+    }
+
+    /// Reads the 152-byte oldstyle greeting and returns (size, flags).
+    pub fn oldstyle_greeting(&mut self) -> (u64, u32) {
+        let g = self.read_exact(proto::OLDSTYLE_GREETING_LEN);
+        assert_eq!(&g[0..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], &proto::INIT_MAGIC.to_be_bytes());
+        assert!(
+            g[28..].iter().all(|&b| b == 0),
+            "reserved greeting bytes must be zero"
+        );
+        (
+            u64::from_be_bytes(g[16..24].try_into().unwrap()),
+            u32::from_be_bytes(g[24..28].try_into().unwrap()),
+        )
+    }
+
+    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.stream
+            .read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+        b
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    pub fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32) {
+        self.send(&Request::new(kind, flags, handle, offset, length).encode());
+    }
+
+    pub fn simple_reply(&mut self) -> SimpleReply {
+        let b = self.read_exact(proto::SIMPLE_REPLY_LEN);
+        SimpleReply::decode(b.as_slice().try_into().unwrap())
+    }
+
+    /// True when the server has closed the connection (EOF within the wait).
+    pub fn sees_eof(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0)) || matches!(self.stream.read(&mut b), Ok(0))
+    }
+
+    /// Writes `data` at `offset` and checks the reply is a success.
+    pub fn write_ok(&mut self, offset: u64, data: &[u8]) {
+        let handle = 0x5752_4954_4500_0000 | offset;
+        self.request(proto::cmd::WRITE, 0, handle, offset, data.len() as u32);
+        self.send(data);
+        let r = self.simple_reply();
+        assert_eq!(
+            (r.magic, r.error, r.handle),
+            (proto::SIMPLE_REPLY_MAGIC, 0, handle),
+            "write reply"
+        );
+    }
+
+    /// Reads `len` bytes at `offset` with a simple reply.
+    pub fn read_ok(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        let handle = 0x5245_4144_0000_0000 | offset;
+        self.request(proto::cmd::READ, 0, handle, offset, len);
+        let r = self.simple_reply();
+        assert_eq!(
+            (r.magic, r.error, r.handle),
+            (proto::SIMPLE_REPLY_MAGIC, 0, handle),
+            "read reply"
+        );
+        self.read_exact(len as usize)
+    }
+}
+
+/// The path of Debian's python3, which can import the nbd module.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";

@@ -1,0 +1,84 @@
+//! The fault vocabulary of flexnbd.
+//!
+//! The server, mirror and clients announce every protocol step to a probe; the
+//! probe answers with an [`Action`] that says what to do with the message of
+//! that step. This crate does not depend on the server: it is the shared
+//! language between the connection code and whatever decides on faults.
+
+use std::time::Duration;
+
+/// What to do at a protocol step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Action {
+    /// Carry on as normal.
+    #[default]
+    Pass,
+    /// Do not send (or act on) this message; the socket stays open.
+    Drop,
+    /// Close the socket instead of sending this message.
+    Close,
+    /// Send only the first N bytes of this message, then close the socket.
+    Truncate(usize),
+    /// Stop making progress on this connection until it is torn down.
+    Hang,
+    /// Wait this long, then carry on.
+    Delay(Duration),
+    /// Send the message with its magic damaged.
+    Corrupt,
+    /// Kill the whole process at once, like SIGKILL: nothing is cleaned up
+    /// and nothing that is not already durable is flushed.
+    Crash,
+}
+
+impl Action {
+    pub fn is_pass(&self) -> bool {
+        matches!(self, Action::Pass)
+    }
+}
+
+/// Damages the magic at the start of a message so the peer must reject it.
+/// Flips every bit of the first byte: the result can never equal the original.
+pub fn corrupt(message: &mut [u8]) {
+    if let Some(first) = message.first_mut() {
+        *first = !*first;
+    }
+}
+
+/// Ends the process the way SIGKILL would: no destructors, no buffered output,
+/// no flush of anything not already durable.
+pub fn crash_now() -> ! {
+    // SAFETY: raising SIGKILL on ourselves has no memory-safety preconditions.
+    unsafe {
+        libc_kill_self();
+    }
+    // SIGKILL cannot be caught; should delivery somehow be deferred, abort.
+    std::process::abort()
+}
+
+extern "C" {
+    fn getpid() -> i32;
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+unsafe fn libc_kill_self() {
+    const SIGKILL: i32 = 9;
+    kill(getpid(), SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_changes_the_first_byte() {
+        let mut m = [0x25u8, 0x60, 0x95, 0x13];
+        corrupt(&mut m);
+        assert_ne!(m[0], 0x25);
+        assert_eq!(&m[1..], &[0x60, 0x95, 0x13]);
+    }
+
+    #[test]
+    fn default_action_is_pass() {
+        assert!(Action::default().is_pass());
+    }
+}

@@ -1,0 +1,374 @@
+//! flexnbd as an NBD client: the one-shot `read` and `write` commands.
+//!
+//! Speaks both handshakes (it tells them apart by the greeting), uses simple
+//! replies only, and checks every reply: magic, error and handle.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::proto::{
+    self, cmd, opt, rep, GreetingKind, HandshakeError, OptionHeader, OptionReplyHeader,
+};
+use crate::proto::{Request, SimpleReply, SIMPLE_REPLY_LEN};
+use crate::transport::Transport;
+
+/// Outgoing connections give up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The whole greeting (and negotiation) must arrive within this.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reply must start within this, and data must keep flowing at least this often.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest option reply payload we accept from a server.
+const MAX_OPTION_REPLY: u32 = 64 * 1024;
+/// Data is moved in pieces of this size.
+const PIECE: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("bad greeting from the server: {0}")]
+    Greeting(#[from] HandshakeError),
+    #[error("the server closed the connection during the handshake: {0}")]
+    HandshakeIo(io::Error),
+    #[error("no complete greeting from the server within {} s", GREETING_TIMEOUT.as_secs())]
+    GreetingTimeout,
+    #[error("the server refused export negotiation: option {option} answered with error 0x{kind:08x}{message}")]
+    OptionRefused {
+        option: u32,
+        kind: u32,
+        message: String,
+    },
+    #[error("the server sent a {length}-byte option reply; the limit is {MAX_OPTION_REPLY}")]
+    OptionReplyTooLong { length: u32 },
+    #[error("the server finished GO without telling the export size")]
+    NoExportInfo,
+    #[error(
+        "request of {length} bytes at offset {offset} is out of range: the export is {size} bytes"
+    )]
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    #[error("timed out after {} s waiting for the reply", REPLY_TIMEOUT.as_secs())]
+    ReplyTimeout,
+    #[error("bad reply magic: expected 0x{expected:08x}, got 0x{0:08x}", expected = proto::SIMPLE_REPLY_MAGIC)]
+    BadReplyMagic(u32),
+    #[error("reply handle mismatch: expected 0x{expected:016x}, got 0x{got:016x}")]
+    HandleMismatch { expected: u64, got: u64 },
+    #[error("the server answered with error {0} ({name})", name = errno_name(*.0))]
+    ErrorReply(u32),
+    #[error("failed while {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("only {got} of {expected} bytes arrived while {what}")]
+    Short {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
+}
+
+fn errno_name(e: u32) -> &'static str {
+    match e {
+        proto::errno::EPERM => "EPERM",
+        proto::errno::EIO => "EIO",
+        proto::errno::ENOMEM => "ENOMEM",
+        proto::errno::EINVAL => "EINVAL",
+        proto::errno::ENOSPC => "ENOSPC",
+        proto::errno::EBADMSG => "EBADMSG",
+        proto::errno::EOVERFLOW => "EOVERFLOW",
+        proto::errno::ENOTSUP => "ENOTSUP",
+        proto::errno::ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown error",
+    }
+}
+
+/// What the server told us about its export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Export {
+    pub size: u64,
+    pub flags: u16,
+    pub handshake: GreetingKind,
+}
+
+/// A random 64-bit handle (the C client uses a random one too).
+pub fn random_handle() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn hs_io(e: io::Error) -> ClientError {
+    ClientError::HandshakeIo(e)
+}
+
+/// Connects and completes the handshake, whichever style the server speaks.
+pub async fn connect<T: Transport>(
+    transport: &T,
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+) -> Result<(T::Stream, Export), ClientError> {
+    let mut stream = transport
+        .connect(addr, bind, CONNECT_TIMEOUT)
+        .await
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let export = match tokio::time::timeout(GREETING_TIMEOUT, handshake(&mut stream)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(ClientError::GreetingTimeout),
+    };
+    Ok((stream, export))
+}
+
+/// The client side of either handshake.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<Export, ClientError> {
+    let mut start = [0u8; 16];
+    stream.read_exact(&mut start).await.map_err(hs_io)?;
+    match proto::greeting_kind(&start)? {
+        GreetingKind::Oldstyle => {
+            let mut rest = [0u8; proto::OLDSTYLE_GREETING_LEN - 16];
+            stream.read_exact(&mut rest).await.map_err(hs_io)?;
+            let (size, flags) = proto::oldstyle_rest(&rest);
+            Ok(Export {
+                size,
+                flags: flags as u16,
+                handshake: GreetingKind::Oldstyle,
+            })
+        }
+        GreetingKind::Newstyle => newstyle(stream).await,
+    }
+}
+
+async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<Export, ClientError> {
+    let server_flags = stream.read_u16().await.map_err(hs_io)?;
+    let fixed = server_flags & proto::FLAG_FIXED_NEWSTYLE != 0;
+    let no_zeroes = server_flags & proto::FLAG_NO_ZEROES != 0;
+    let mut client_flags = 0;
+    if fixed {
+        client_flags |= proto::CLIENT_FIXED_NEWSTYLE;
+    }
+    if no_zeroes {
+        client_flags |= proto::CLIENT_NO_ZEROES;
+    }
+    stream.write_u32(client_flags).await.map_err(hs_io)?;
+    if fixed {
+        let data = proto::InfoRequest {
+            name: Vec::new(),
+            requests: vec![proto::info::BLOCK_SIZE],
+        }
+        .encode();
+        let header = OptionHeader {
+            option: opt::GO,
+            length: data.len() as u32,
+        };
+        stream.write_all(&header.encode()).await.map_err(hs_io)?;
+        stream.write_all(&data).await.map_err(hs_io)?;
+        let mut export: Option<(u64, u16)> = None;
+        loop {
+            let mut h = [0u8; 20];
+            stream.read_exact(&mut h).await.map_err(hs_io)?;
+            let reply = OptionReplyHeader::decode(&h)?;
+            if reply.length > MAX_OPTION_REPLY {
+                return Err(ClientError::OptionReplyTooLong {
+                    length: reply.length,
+                });
+            }
+            let mut payload = vec![0u8; reply.length as usize];
+            stream.read_exact(&mut payload).await.map_err(hs_io)?;
+            match reply.kind {
+                rep::INFO => {
+                    if let Some(info) = proto::decode_info_export(&payload) {
+                        export = Some(info);
+                    }
+                }
+                rep::ACK => {
+                    let (size, flags) = export.ok_or(ClientError::NoExportInfo)?;
+                    return Ok(Export {
+                        size,
+                        flags,
+                        handshake: GreetingKind::Newstyle,
+                    });
+                }
+                rep::ERR_UNSUP => break, // an old server: fall back to EXPORT_NAME
+                kind if rep::is_error(kind) => {
+                    let text = String::from_utf8_lossy(&payload);
+                    let message = if text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {text}")
+                    };
+                    return Err(ClientError::OptionRefused {
+                        option: opt::GO,
+                        kind,
+                        message,
+                    });
+                }
+                _ => {} // replies we did not ask for are ignored
+            }
+        }
+    }
+    let header = OptionHeader {
+        option: opt::EXPORT_NAME,
+        length: 0,
+    };
+    stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    let size = stream.read_u64().await.map_err(hs_io)?;
+    let flags = stream.read_u16().await.map_err(hs_io)?;
+    if !no_zeroes {
+        let mut zeros = [0u8; 124];
+        stream.read_exact(&mut zeros).await.map_err(hs_io)?;
+    }
+    Ok(Export {
+        size,
+        flags,
+        handshake: GreetingKind::Newstyle,
+    })
+}
+
+fn check_range(export: &Export, offset: u64, length: u64) -> Result<(), ClientError> {
+    match offset.checked_add(length) {
+        Some(end) if end <= export.size && length <= u64::from(u32::MAX) => Ok(()),
+        _ => Err(ClientError::OutOfRange {
+            offset,
+            length,
+            size: export.size,
+        }),
+    }
+}
+
+async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, handle: u64) -> Result<(), ClientError> {
+    let mut h = [0u8; SIMPLE_REPLY_LEN];
+    match tokio::time::timeout(REPLY_TIMEOUT, stream.read_exact(&mut h)).await {
+        Err(_) => return Err(ClientError::ReplyTimeout),
+        Ok(Err(source)) => {
+            return Err(ClientError::Io {
+                what: "waiting for the reply",
+                source,
+            })
+        }
+        Ok(Ok(_)) => {}
+    }
+    let reply = SimpleReply::decode(&h);
+    if reply.magic != proto::SIMPLE_REPLY_MAGIC {
+        return Err(ClientError::BadReplyMagic(reply.magic));
+    }
+    if reply.handle != handle {
+        return Err(ClientError::HandleMismatch {
+            expected: handle,
+            got: reply.handle,
+        });
+    }
+    if reply.error != 0 {
+        return Err(ClientError::ErrorReply(reply.error));
+    }
+    Ok(())
+}
+
+/// Moves exactly `length` bytes from `from` to `to`, with no more than
+/// `REPLY_TIMEOUT` between pieces of progress.
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    length: u64,
+    what: &'static str,
+) -> Result<(), ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PIECE.min(length as usize)];
+    let mut done = 0u64;
+    while done < length {
+        let want = ((length - done) as usize).min(buf.len());
+        let n = match tokio::time::timeout(REPLY_TIMEOUT, from.read(&mut buf[..want])).await {
+            Err(_) => return Err(ClientError::ReplyTimeout),
+            Ok(Err(source)) => return Err(ClientError::Io { what, source }),
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            return Err(ClientError::Short {
+                what,
+                expected: length,
+                got: done,
+            });
+        }
+        to.write_all(&buf[..n])
+            .await
+            .map_err(|source| ClientError::Io { what, source })?;
+        done += n as u64;
+    }
+    to.flush()
+        .await
+        .map_err(|source| ClientError::Io { what, source })
+}
+
+/// Reads `length` bytes at `offset` and writes them to `out`.
+pub async fn read<S, W>(
+    stream: &mut S,
+    export: &Export,
+    offset: u64,
+    length: u64,
+    out: &mut W,
+) -> Result<(), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    check_range(export, offset, length)?;
+    let handle = random_handle();
+    let request = Request::new(cmd::READ, 0, handle, offset, length as u32);
+    stream
+        .write_all(&request.encode())
+        .await
+        .map_err(|source| ClientError::Io {
+            what: "sending the request",
+            source,
+        })?;
+    read_reply(stream, handle).await?;
+    pump(stream, out, length, "receiving the data from the server").await
+}
+
+/// Writes `length` bytes taken from `input` at `offset`.
+pub async fn write<S, R>(
+    stream: &mut S,
+    export: &Export,
+    offset: u64,
+    length: u64,
+    input: &mut R,
+) -> Result<(), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    check_range(export, offset, length)?;
+    let handle = random_handle();
+    let request = Request::new(cmd::WRITE, 0, handle, offset, length as u32);
+    stream
+        .write_all(&request.encode())
+        .await
+        .map_err(|source| ClientError::Io {
+            what: "sending the request",
+            source,
+        })?;
+    pump(
+        input,
+        stream,
+        length,
+        "copying the data from standard input to the server",
+    )
+    .await?;
+    read_reply(stream, handle).await
+}

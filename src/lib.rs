@@ -1,0 +1,11 @@
+//! flexnbd: an NBD server that live-migrates the image it serves.
+
+pub mod log;
+
+pub mod acl;
+pub mod client;
+pub mod probe;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,280 @@
+//! Fixed newstyle negotiation, server side.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::transmission_flags;
+use crate::probe::{Action, Probe, Step};
+use crate::proto::{self, opt, rep, HandshakeError, InfoRequest, MetaContextRequest, OptionHeader};
+use crate::store::Image;
+use crate::{debug, info, warn};
+
+/// At most this many options before transmission; a client that keeps
+/// sending options forever is dropped.
+pub const MAX_OPTIONS: u32 = 256;
+
+/// What a client negotiated for its transmission phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    pub structured: bool,
+    /// `base:allocation` was selected, so BLOCK_STATUS may be used.
+    pub base_allocation: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiateError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Protocol(#[from] HandshakeError),
+    #[error("client flags 0x{0:08x} include bits we do not know (known: 0x00000003)")]
+    UnknownClientFlags(u32),
+    #[error("option {option} has a {length}-byte payload; the limit is {limit}")]
+    OptionTooLong {
+        option: u32,
+        length: u32,
+        limit: u32,
+    },
+    #[error("client sent more than {0} options")]
+    TooManyOptions(u32),
+    #[error("client aborted the negotiation")]
+    Aborted,
+    #[error("non-fixed newstyle client sent option {0}, which only fixed newstyle allows")]
+    NotFixed(u32),
+    #[error("fault injection closed the connection at {0}")]
+    FaultClosed(String),
+}
+
+struct Negotiation<'a, S, P> {
+    stream: &'a mut S,
+    image: &'a Image,
+    probe: &'a P,
+    fixed: bool,
+    no_zeroes: bool,
+    done: Negotiated,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
+    /// Sends the queued option reply bytes, after asking the probe.
+    async fn send(&mut self, option: u32) -> Result<(), NegotiateError> {
+        let mut out = std::mem::take(&mut self.out);
+        match self.probe.step(Step::OptionReplySend { option }) {
+            Action::Pass => {}
+            Action::Drop => return Ok(()),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Corrupt => faults::corrupt(&mut out),
+            Action::Truncate(n) => {
+                self.stream.write_all(&out[..n.min(out.len())]).await?;
+                return Err(NegotiateError::FaultClosed(
+                    Step::OptionReplySend { option }.name(),
+                ));
+            }
+            Action::Hang => std::future::pending::<()>().await,
+            Action::Close => {
+                return Err(NegotiateError::FaultClosed(
+                    Step::OptionReplySend { option }.name(),
+                ))
+            }
+            Action::Crash => faults::crash_now(),
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> Result<(), NegotiateError> {
+        proto::put_option_reply(&mut self.out, option, kind, data);
+        self.send(option).await
+    }
+
+    async fn error(&mut self, option: u32, kind: u32, why: &str) -> Result<(), NegotiateError> {
+        debug!("option {option} refused: {why}");
+        // The message is for people reading a client's log; spec allows it.
+        self.reply(option, kind, why.as_bytes()).await
+    }
+
+    fn export_flags(&self) -> u16 {
+        transmission_flags(self.done.structured)
+    }
+}
+
+/// Runs the whole newstyle handshake. Returns what was negotiated once the
+/// client enters transmission (EXPORT_NAME or a successful GO).
+pub async fn negotiate<S, P>(
+    stream: &mut S,
+    image: &Image,
+    probe: &P,
+) -> Result<Negotiated, NegotiateError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    P: Probe,
+{
+    let greeting = proto::newstyle_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    match probe.step(Step::GreetingSend) {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Close => return Err(NegotiateError::FaultClosed(Step::GreetingSend.name())),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+    stream.write_all(&greeting).await?;
+    let client_flags = stream.read_u32().await?;
+    if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+        return Err(NegotiateError::UnknownClientFlags(client_flags));
+    }
+    let mut n = Negotiation {
+        stream,
+        image,
+        probe,
+        fixed: client_flags & proto::CLIENT_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & proto::CLIENT_NO_ZEROES != 0,
+        done: Negotiated::default(),
+        out: Vec::new(),
+    };
+    for _ in 0..MAX_OPTIONS {
+        let mut header = [0u8; 16];
+        n.stream.read_exact(&mut header).await?;
+        let OptionHeader { option, length } = OptionHeader::decode(&header)?;
+        if length > proto::MAX_OPTION_LEN {
+            // Too big to be honest; reading it would let a client make us
+            // swallow gigabytes, so drop the connection instead.
+            return Err(NegotiateError::OptionTooLong {
+                option,
+                length,
+                limit: proto::MAX_OPTION_LEN,
+            });
+        }
+        let mut data = vec![0u8; length as usize];
+        n.stream.read_exact(&mut data).await?;
+        match probe.step(Step::OptionReceived { option }) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Close => {
+                return Err(NegotiateError::FaultClosed(
+                    Step::OptionReceived { option }.name(),
+                ))
+            }
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            _ => {}
+        }
+        if !n.fixed && option != opt::EXPORT_NAME {
+            return Err(NegotiateError::NotFixed(option));
+        }
+        debug!("option {option} with {length} bytes");
+        match option {
+            opt::EXPORT_NAME => {
+                let reply = proto::export_name_reply(n.image.size(), n.export_flags(), n.no_zeroes);
+                n.out.extend_from_slice(&reply);
+                n.send(option).await?;
+                info!(
+                    "client chose export {:?} with EXPORT_NAME",
+                    String::from_utf8_lossy(&data)
+                );
+                return Ok(n.done);
+            }
+            opt::ABORT => {
+                let _ = n.reply(option, rep::ACK, &[]).await;
+                return Err(NegotiateError::Aborted);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    n.error(option, rep::ERR_INVALID, "LIST takes no data")
+                        .await?;
+                    continue;
+                }
+                // One export; its name is the empty string (any name is accepted).
+                n.reply(option, rep::SERVER, &0u32.to_be_bytes()).await?;
+                n.reply(option, rep::ACK, &[]).await?;
+            }
+            opt::INFO | opt::GO => {
+                let request = match InfoRequest::decode(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        n.error(option, rep::ERR_INVALID, &e.to_string()).await?;
+                        continue;
+                    }
+                };
+                let export = proto::info_export(n.image.size(), n.export_flags());
+                proto::put_option_reply(&mut n.out, option, rep::INFO, &export);
+                let sizes = proto::info_block_size(
+                    proto::MIN_BLOCK,
+                    proto::PREFERRED_BLOCK,
+                    proto::MAX_BLOCK,
+                );
+                proto::put_option_reply(&mut n.out, option, rep::INFO, &sizes);
+                if request.requests.contains(&proto::info::NAME) {
+                    let mut name = proto::info::NAME.to_be_bytes().to_vec();
+                    name.extend_from_slice(&request.name);
+                    proto::put_option_reply(&mut n.out, option, rep::INFO, &name);
+                }
+                n.reply(option, rep::ACK, &[]).await?;
+                if option == opt::GO {
+                    info!(
+                        "client chose export {:?} with GO",
+                        String::from_utf8_lossy(&request.name)
+                    );
+                    return Ok(n.done);
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    n.error(option, rep::ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                        .await?;
+                    continue;
+                }
+                n.done.structured = true;
+                n.reply(option, rep::ACK, &[]).await?;
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                if set {
+                    // Replaces the previous selection, even if this one fails.
+                    n.done.base_allocation = false;
+                }
+                if !n.done.structured {
+                    n.error(
+                        option,
+                        rep::ERR_INVALID,
+                        "negotiate structured replies first",
+                    )
+                    .await?;
+                    continue;
+                }
+                let request = match MetaContextRequest::decode(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        n.error(option, rep::ERR_INVALID, &e.to_string()).await?;
+                        continue;
+                    }
+                };
+                let wanted = if set {
+                    request
+                        .queries
+                        .iter()
+                        .any(|q| q == proto::BASE_ALLOCATION.as_bytes())
+                } else {
+                    request.queries.is_empty()
+                        || request
+                            .queries
+                            .iter()
+                            .any(|q| q == b"base:" || q == proto::BASE_ALLOCATION.as_bytes())
+                };
+                if wanted {
+                    let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+                    proto::put_option_reply(&mut n.out, option, rep::META_CONTEXT, &d);
+                    n.done.base_allocation |= set;
+                }
+                n.reply(option, rep::ACK, &[]).await?;
+            }
+            other => {
+                warn!("client sent option {other}, which we do not support; answering NBD_REP_ERR_UNSUP");
+                n.error(other, rep::ERR_UNSUP, "option not supported")
+                    .await?;
+            }
+        }
+    }
+    Err(NegotiateError::TooManyOptions(MAX_OPTIONS))
+}

@@ -1,0 +1,727 @@
+//! The transmission phase of one client connection.
+//!
+//! One task reads requests and executes them in arrival order; replies are
+//! batched into a shared writer and sent when no further request is already
+//! waiting (so a pipelined burst costs one send). Requests that must wait for
+//! the disk (FLUSH, and writes with FUA) finish on their own tasks and may be
+//! answered out of order. Every payload is handled in pieces of at most
+//! [`PIECE`] bytes, so memory stays bounded whatever length a client sends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::negotiate::{negotiate, NegotiateError, Negotiated};
+use super::writer::ReplyWriter;
+use super::{transmission_flags, HandshakeMode, Shared};
+use crate::probe::{Action, Probe, Step};
+use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
+use crate::store::{Image, BLOCK_SIZE, PIECE};
+use crate::transport::Stream;
+use crate::{debug, error, warn};
+
+/// Size of the read buffer: large enough to take a pipelined burst of small
+/// requests (and their payloads) in one system call.
+const READ_BUFFER: usize = 256 * 1024;
+/// Requests waiting for the disk at once, per connection. Past this the
+/// connection stops reading until one finishes.
+const MAX_DEFERRED: u32 = 64;
+/// Most descriptors in one block status reply (the spec asks for <= 2^20).
+const MAX_DESCRIPTORS: usize = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] NegotiateError),
+    #[error("handshake not finished within {0} s")]
+    HandshakeTimeout(u64),
+    #[error("bad request magic: expected 0x{expected:08x}, got 0x{0:08x}", expected = proto::REQUEST_MAGIC)]
+    BadMagic(u32),
+    #[error("client vanished {what}: expected {expected} bytes, got {got}")]
+    Vanished {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
+    #[error("sending a reply failed: {0}")]
+    Send(io::Error),
+    #[error("reading from the client failed: {0}")]
+    Receive(io::Error),
+    #[error("reading the image failed after part of the reply was sent: {0}")]
+    ReadAfterSend(io::Error),
+    #[error("fault injection closed the connection at {0}")]
+    FaultClosed(String),
+}
+
+type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
+
+/// Runs one client from greeting to close.
+pub async fn serve_client<S: Stream, P: Probe>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared<P>>,
+) -> Result<(), ConnError> {
+    let image = shared.image.clone();
+    let negotiated = match shared.config.handshake {
+        HandshakeMode::Oldstyle => {
+            let mut greeting =
+                proto::oldstyle_greeting(image.size(), u32::from(transmission_flags(false)));
+            let verdict = shared.probe.step(Step::GreetingSend);
+            match verdict {
+                Action::Pass | Action::Drop => {}
+                Action::Close => return Err(ConnError::FaultClosed(Step::GreetingSend.name())),
+                Action::Crash => faults::crash_now(),
+                Action::Delay(d) => tokio::time::sleep(d).await,
+                Action::Hang => std::future::pending::<()>().await,
+                Action::Corrupt => faults::corrupt(&mut greeting),
+                Action::Truncate(n) => {
+                    let _ = stream.write_all(&greeting[..n.min(greeting.len())]).await;
+                    return Err(ConnError::FaultClosed(Step::GreetingSend.name()));
+                }
+            }
+            if verdict != Action::Drop {
+                stream.write_all(&greeting).await.map_err(ConnError::Send)?;
+            }
+            Negotiated::default()
+        }
+        HandshakeMode::Newstyle => {
+            let limit = shared.config.handshake_timeout;
+            match tokio::time::timeout(limit, negotiate(&mut stream, &image, &*shared.probe)).await
+            {
+                Ok(result) => result?,
+                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs())),
+            }
+        }
+    };
+    debug!("client {peer} in transmission: {negotiated:?}");
+    let (read, write) = stream.into_split();
+    let mut conn = Connection {
+        reader: BufReader::with_capacity(READ_BUFFER, read),
+        writer: Arc::new(Mutex::new(ReplyWriter::new(write))),
+        image,
+        negotiated,
+        probe: shared.probe.clone(),
+        deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
+        payload: Vec::new(),
+        peer,
+    };
+    let result = conn.run().await;
+    // Let requests still waiting for the disk send their replies first.
+    let _all = conn.deferred.acquire_many(MAX_DEFERRED).await;
+    let mut w = conn.writer.lock().await;
+    let _ = w.shutdown().await;
+    result
+}
+
+struct Connection<R, W, P> {
+    reader: BufReader<R>,
+    writer: Writer<W>,
+    image: Arc<Image>,
+    negotiated: Negotiated,
+    probe: Arc<P>,
+    deferred: Arc<Semaphore>,
+    /// Reused buffer for write payloads that are not already buffered.
+    payload: Vec<u8>,
+    peer: SocketAddr,
+}
+
+/// What to do after a request was handled.
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl<R, W, P> Connection<R, W, P>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    P: Probe,
+{
+    async fn run(&mut self) -> Result<(), ConnError> {
+        loop {
+            if self.reader.buffer().is_empty() {
+                // Nothing more is waiting: send what the burst produced.
+                self.writer
+                    .lock()
+                    .await
+                    .send()
+                    .await
+                    .map_err(ConnError::Send)?;
+            }
+            let Some(request) = self.read_header().await? else {
+                debug!("client {} closed the connection", self.peer);
+                return Ok(());
+            };
+            match self.handle(request).await? {
+                Next::Continue => {}
+                Next::Stop => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads a 28-byte header; `None` on a clean end of stream between requests.
+    async fn read_header(&mut self) -> Result<Option<Request>, ConnError> {
+        let available = self.reader.fill_buf().await.map_err(ConnError::Receive)?;
+        if available.is_empty() {
+            return Ok(None);
+        }
+        let mut header = [0u8; REQUEST_LEN];
+        if available.len() >= REQUEST_LEN {
+            header.copy_from_slice(&available[..REQUEST_LEN]);
+            self.reader.consume(REQUEST_LEN);
+        } else {
+            let mut got = 0;
+            while got < REQUEST_LEN {
+                let n = self
+                    .reader
+                    .read(&mut header[got..])
+                    .await
+                    .map_err(ConnError::Receive)?;
+                if n == 0 {
+                    return Err(ConnError::Vanished {
+                        what: "in the middle of a request header",
+                        expected: REQUEST_LEN as u64,
+                        got: got as u64,
+                    });
+                }
+                got += n;
+            }
+        }
+        Ok(Some(Request::decode(&header)))
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
+        let mut drop_request = false;
+        match self.probe.step(Step::RequestReceived { kind: req.kind }) {
+            Action::Pass => {}
+            Action::Drop => drop_request = true,
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => std::future::pending::<()>().await,
+            Action::Close | Action::Truncate(_) | Action::Corrupt => {
+                return Err(ConnError::FaultClosed(
+                    Step::RequestReceived { kind: req.kind }.name(),
+                ))
+            }
+        }
+        if !req.magic_ok() {
+            warn!(
+                "client {}: bad request magic: expected 0x{:08x}, got 0x{:08x}; answering EBADMSG and closing",
+                self.peer,
+                proto::REQUEST_MAGIC,
+                req.magic
+            );
+            let mut w = self.writer.lock().await;
+            w.put(&SimpleReply::new(errno::EBADMSG, req.handle).encode());
+            w.send().await.map_err(ConnError::Send)?;
+            return Err(ConnError::BadMagic(req.magic));
+        }
+        let size = self.image.size();
+        if !req.in_range(size) {
+            warn!(
+                "client {}: {} of {} bytes at offset {} is beyond the export size {}; answering ENOSPC",
+                self.peer,
+                cmd::name(req.kind),
+                req.length,
+                req.offset,
+                size
+            );
+            if req.kind == cmd::WRITE {
+                self.drain(u64::from(req.length)).await?;
+            }
+            self.error_reply(
+                &req,
+                errno::ENOSPC,
+                "request is beyond the end of the export",
+            )
+            .await?;
+            return Ok(Next::Continue);
+        }
+        if drop_request {
+            if req.kind == cmd::WRITE {
+                self.drain(u64::from(req.length)).await?;
+            }
+            return Ok(Next::Continue);
+        }
+        match req.kind {
+            cmd::READ => self.read(&req).await?,
+            cmd::WRITE => self.write(&req).await?,
+            cmd::DISC => {
+                debug!("client {} sent DISCONNECT", self.peer);
+                return Ok(Next::Stop);
+            }
+            cmd::FLUSH => self.defer_sync(&req).await,
+            cmd::TRIM => {
+                let result = self.image.punch(req.offset, u64::from(req.length), false);
+                self.after_change(&req, result).await?;
+            }
+            cmd::WRITE_ZEROES => {
+                let result = if req.flags & cmd_flags::NO_HOLE != 0 {
+                    self.image.write_zeroes(req.offset, u64::from(req.length))
+                } else {
+                    self.image.punch(req.offset, u64::from(req.length), true)
+                };
+                self.after_change(&req, result).await?;
+            }
+            cmd::CACHE => {
+                let error = match self.image.prefetch(req.offset, u64::from(req.length)) {
+                    Ok(()) => 0,
+                    Err(e) => errno::from_io(&e),
+                };
+                self.simple_reply(&req, error).await?;
+            }
+            cmd::BLOCK_STATUS => self.block_status(&req).await?,
+            other => {
+                warn!(
+                    "client {}: unknown command type {other}; answering EINVAL",
+                    self.peer
+                );
+                self.error_reply(&req, errno::EINVAL, "unknown command")
+                    .await?;
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Reads and discards `length` payload bytes (a refused write's data).
+    async fn drain(&mut self, length: u64) -> Result<(), ConnError> {
+        let copied = tokio::io::copy(&mut (&mut self.reader).take(length), &mut tokio::io::sink())
+            .await
+            .map_err(ConnError::Receive)?;
+        if copied < length {
+            return Err(ConnError::Vanished {
+                what: "in the middle of a write payload",
+                expected: length,
+                got: copied,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a write's payload piece by piece and stores it.
+    async fn write(&mut self, req: &Request) -> Result<(), ConnError> {
+        let mut pos = req.offset;
+        let end = req.end();
+        let mut failure: Option<io::Error> = None;
+        while pos < end {
+            // Pieces end on 4 KiB boundaries of the file, so zero detection
+            // sees whole blocks.
+            let n = ((end - pos) as usize).min(PIECE - (pos % BLOCK_SIZE) as usize);
+            let buffered = self.reader.buffer();
+            let result = if buffered.len() >= n {
+                // The common small write: store straight from the read buffer.
+                let r = if failure.is_none() {
+                    self.image.write_at(&buffered[..n], pos)
+                } else {
+                    Ok(())
+                };
+                self.reader.consume(n);
+                r
+            } else {
+                if self.payload.len() < n {
+                    self.payload.resize(n, 0);
+                }
+                let got = read_full(&mut self.reader, &mut self.payload[..n])
+                    .await
+                    .map_err(ConnError::Receive)?;
+                if got < n {
+                    return Err(ConnError::Vanished {
+                        what: "in the middle of a write payload",
+                        expected: u64::from(req.length),
+                        got: pos - req.offset + got as u64,
+                    });
+                }
+                if failure.is_none() {
+                    self.image.write_at(&self.payload[..n], pos)
+                } else {
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                failure.get_or_insert(e);
+            }
+            pos += n as u64;
+        }
+        if self.payload.len() > 4 * PIECE {
+            self.payload = Vec::new();
+        }
+        match self.probe.step(Step::PayloadReceived { kind: req.kind }) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Drop => return Ok(()),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => std::future::pending::<()>().await,
+            Action::Close | Action::Truncate(_) | Action::Corrupt => {
+                return Err(ConnError::FaultClosed(
+                    Step::PayloadReceived { kind: req.kind }.name(),
+                ))
+            }
+        }
+        self.after_change(req, failure.map_or(Ok(()), Err)).await
+    }
+
+    /// Answers a data-changing request: at once, or after a sync for FUA.
+    async fn after_change(
+        &mut self,
+        req: &Request,
+        result: io::Result<()>,
+    ) -> Result<(), ConnError> {
+        match result {
+            Err(e) => {
+                error!(
+                    "{} of {} bytes at {} failed: {e}",
+                    cmd::name(req.kind),
+                    req.length,
+                    req.offset
+                );
+                self.simple_reply(req, errno::from_io(&e)).await
+            }
+            Ok(()) if req.flags & cmd_flags::FUA != 0 => {
+                self.defer_sync(req).await;
+                Ok(())
+            }
+            Ok(()) => self.simple_reply(req, 0).await,
+        }
+    }
+
+    /// Syncs the image on a worker thread and replies when it is durable,
+    /// without holding up the requests behind this one.
+    async fn defer_sync(&mut self, req: &Request) {
+        let permit = self
+            .deferred
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        let image = self.image.clone();
+        let writer = self.writer.clone();
+        let probe = self.probe.clone();
+        let req = *req;
+        tokio::spawn(async move {
+            let error = match tokio::task::spawn_blocking(move || image.sync()).await {
+                Ok(Ok(())) => 0,
+                Ok(Err(e)) => {
+                    error!("sync for {} failed: {e}", cmd::name(req.kind));
+                    errno::from_io(&e)
+                }
+                Err(e) => {
+                    error!("sync for {} did not finish: {e}", cmd::name(req.kind));
+                    errno::EIO
+                }
+            };
+            let mut w = writer.lock().await;
+            let verdict = probe.step(Step::ReplySend { kind: req.kind });
+            let mark = w.mark();
+            w.put(&SimpleReply::new(error, req.handle).encode());
+            // The reader may be idle waiting for the client, so send now.
+            if finish(&mut w, verdict, mark).await.is_ok() {
+                let _ = w.send().await;
+            }
+            drop(permit);
+        });
+    }
+
+    async fn simple_reply(&mut self, req: &Request, error: u32) -> Result<(), ConnError> {
+        let verdict = self.probe.step(Step::ReplySend { kind: req.kind });
+        let mut w = self.writer.lock().await;
+        let mark = w.mark();
+        w.put(&SimpleReply::new(error, req.handle).encode());
+        finish(&mut w, verdict, mark).await?;
+        w.send_if_full().await.map_err(ConnError::Send)
+    }
+
+    /// An error reply: a structured error chunk for READ and BLOCK_STATUS
+    /// when structured replies are on, a simple reply otherwise.
+    async fn error_reply(
+        &mut self,
+        req: &Request,
+        error: u32,
+        message: &str,
+    ) -> Result<(), ConnError> {
+        let structured =
+            self.negotiated.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS);
+        if !structured {
+            return self.simple_reply(req, error).await;
+        }
+        let verdict = self.probe.step(Step::ReplySend { kind: req.kind });
+        let mut w = self.writer.lock().await;
+        let mark = w.mark();
+        w.put_with(|v| proto::put_error_chunk(v, req.handle, error, message));
+        finish(&mut w, verdict, mark).await?;
+        w.send_if_full().await.map_err(ConnError::Send)
+    }
+
+    async fn read(&mut self, req: &Request) -> Result<(), ConnError> {
+        let verdict = self.probe.step(Step::ReplySend { kind: req.kind });
+        let image = self.image.clone();
+        let writer = self.writer.clone();
+        let mut w = writer.lock().await;
+        let mark = w.mark();
+        let sends = w.sends();
+        // Under a fault verdict the whole reply is built before it is acted
+        // on; in production it streams.
+        let stream = verdict.is_pass();
+        let result = if self.negotiated.structured {
+            read_structured(&mut w, &image, req, stream).await
+        } else {
+            read_simple(&mut w, &image, req, stream).await
+        };
+        match result {
+            Ok(()) => {}
+            Err(ReadError::Send(e)) => return Err(ConnError::Send(e)),
+            Err(ReadError::Image { error, chunk_mark }) => {
+                error!(
+                    "read of {} bytes at {} failed: {error}",
+                    req.length, req.offset
+                );
+                if w.sends() == sends {
+                    // Nothing of this reply has left: replace it with an error.
+                    w.rollback(mark);
+                    drop(w);
+                    return self
+                        .error_reply(req, errno::from_io(&error), "read failed")
+                        .await;
+                }
+                if !self.negotiated.structured {
+                    return Err(ConnError::ReadAfterSend(error));
+                }
+                w.rollback(chunk_mark);
+                w.put_with(|v| {
+                    proto::put_error_chunk(v, req.handle, errno::from_io(&error), "read failed")
+                });
+            }
+        }
+        finish(&mut w, verdict, mark).await?;
+        w.send_if_full().await.map_err(ConnError::Send)
+    }
+
+    async fn block_status(&mut self, req: &Request) -> Result<(), ConnError> {
+        if !self.negotiated.base_allocation {
+            warn!(
+                "client {}: BLOCK_STATUS without a selected metadata context; answering EINVAL",
+                self.peer
+            );
+            return self
+                .error_reply(req, errno::EINVAL, "no metadata context was selected")
+                .await;
+        }
+        if req.length == 0 {
+            return self
+                .error_reply(req, errno::EINVAL, "block status of 0 bytes")
+                .await;
+        }
+        let one = req.flags & cmd_flags::REQ_ONE != 0;
+        let extents = self.image.extents(
+            req.offset,
+            u64::from(req.length),
+            if one { 1 } else { MAX_DESCRIPTORS },
+        );
+        let verdict = self.probe.step(Step::ReplySend { kind: req.kind });
+        let mut w = self.writer.lock().await;
+        let mark = w.mark();
+        w.put_with(|v| {
+            let length = 4 + 8 * extents.len() as u32;
+            proto::put_chunk_header(v, true, chunk::BLOCK_STATUS, req.handle, length);
+            v.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
+            for (len, hole) in &extents {
+                v.extend_from_slice(&(*len as u32).to_be_bytes());
+                let state = if *hole {
+                    proto::STATE_HOLE | proto::STATE_ZERO
+                } else {
+                    0
+                };
+                v.extend_from_slice(&state.to_be_bytes());
+            }
+        });
+        finish(&mut w, verdict, mark).await?;
+        w.send_if_full().await.map_err(ConnError::Send)
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = r.read(&mut buf[got..]).await?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
+}
+
+/// Applies a probe's verdict to the reply that starts at `mark`.
+async fn finish<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    verdict: Action,
+    mark: usize,
+) -> Result<(), ConnError> {
+    match verdict {
+        Action::Pass => Ok(()),
+        Action::Drop => {
+            w.rollback(mark);
+            Ok(())
+        }
+        Action::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Ok(())
+        }
+        Action::Corrupt => {
+            w.corrupt_byte(mark);
+            Ok(())
+        }
+        Action::Truncate(n) => {
+            let keep = mark + n;
+            w.send_truncated(keep).await.map_err(ConnError::Send)?;
+            Err(ConnError::FaultClosed("reply_send (truncated)".into()))
+        }
+        Action::Close => {
+            w.rollback(mark);
+            let _ = w.send().await;
+            Err(ConnError::FaultClosed("reply_send".into()))
+        }
+        Action::Hang => std::future::pending().await,
+        Action::Crash => faults::crash_now(),
+    }
+}
+
+enum ReadError {
+    Send(io::Error),
+    /// Reading the image failed; `chunk_mark` is where the failed chunk began.
+    Image {
+        error: io::Error,
+        chunk_mark: usize,
+    },
+}
+
+/// Copies `length` bytes at `offset` into the writer in pieces.
+async fn put_data<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    image: &Image,
+    offset: u64,
+    length: u64,
+    stream: bool,
+    chunk_mark: usize,
+) -> Result<(), ReadError> {
+    let mut pos = offset;
+    let end = offset + length;
+    while pos < end {
+        let n = ((end - pos) as usize).min(PIECE);
+        if let Err(error) = image.read_at(w.space(n), pos) {
+            return Err(ReadError::Image { error, chunk_mark });
+        }
+        w.commit(n);
+        pos += n as u64;
+        if stream {
+            w.send_if_full().await.map_err(ReadError::Send)?;
+        }
+    }
+    Ok(())
+}
+
+async fn read_simple<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    image: &Image,
+    req: &Request,
+    stream: bool,
+) -> Result<(), ReadError> {
+    let mark = w.mark();
+    w.put(&SimpleReply::new(0, req.handle).encode());
+    put_data(w, image, req.offset, u64::from(req.length), stream, mark).await
+}
+
+async fn read_structured<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    image: &Image,
+    req: &Request,
+    stream: bool,
+) -> Result<(), ReadError> {
+    let end = req.end();
+    if req.length == 0 {
+        let mut v = Vec::new();
+        proto::put_chunk_header(&mut v, true, chunk::NONE, req.handle, 0);
+        w.put(&v);
+        return Ok(());
+    }
+    if req.flags & cmd_flags::DF != 0 {
+        // Do not fragment: one data chunk, holes included as zeros.
+        let Some(chunk_len) = req.length.checked_add(8) else {
+            let mut v = Vec::new();
+            proto::put_error_chunk(
+                &mut v,
+                req.handle,
+                errno::EOVERFLOW,
+                "read too large for one chunk",
+            );
+            w.put(&v);
+            return Ok(());
+        };
+        let mark = w.mark();
+        put_chunk(
+            w,
+            true,
+            chunk::OFFSET_DATA,
+            req.handle,
+            chunk_len,
+            req.offset,
+        );
+        return put_data(w, image, req.offset, u64::from(req.length), stream, mark).await;
+    }
+    let mut pos = req.offset;
+    while pos < end {
+        for (len, hole) in image.extents(pos, end - pos, 64) {
+            let run_end = pos + len;
+            if hole {
+                put_chunk(w, run_end == end, chunk::OFFSET_HOLE, req.handle, 12, pos);
+                w.put(&(len as u32).to_be_bytes());
+            } else {
+                while pos < run_end {
+                    let n = (run_end - pos).min(PIECE as u64);
+                    let mark = w.mark();
+                    put_chunk(
+                        w,
+                        pos + n == end,
+                        chunk::OFFSET_DATA,
+                        req.handle,
+                        8 + n as u32,
+                        pos,
+                    );
+                    put_data(w, image, pos, n, stream, mark).await?;
+                    pos += n;
+                }
+            }
+            pos = run_end;
+            if stream {
+                w.send_if_full().await.map_err(ReadError::Send)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_chunk<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    done: bool,
+    kind: u16,
+    handle: u64,
+    length: u32,
+    offset: u64,
+) {
+    let mut v = [0u8; proto::STRUCTURED_HEADER_LEN + 8];
+    let flags = if done { chunk::FLAG_DONE } else { 0 };
+    v[..proto::STRUCTURED_HEADER_LEN].copy_from_slice(
+        &proto::ChunkHeader {
+            flags,
+            kind,
+            handle,
+            length,
+        }
+        .encode(),
+    );
+    v[proto::STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    w.put(&v);
+}

@@ -1,0 +1,112 @@
+//! The reply side of a connection: replies are assembled in one buffer and
+//! sent with as few system calls as possible.
+
+use std::io;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Pending output is sent once it reaches this size, even while more
+/// requests are waiting, so large reads stream instead of piling up.
+pub const SEND_AT: usize = 256 * 1024;
+
+pub struct ReplyWriter<W> {
+    out: W,
+    /// Initialised storage; `filled` bytes of it are pending. Kept between
+    /// replies so reads land in it without zeroing or reallocating.
+    buf: Vec<u8>,
+    filled: usize,
+    /// Counts sends, so a reply being built can tell whether part of it
+    /// has already left (and can no longer be taken back).
+    sends: u64,
+}
+
+impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
+    pub fn new(out: W) -> ReplyWriter<W> {
+        ReplyWriter {
+            out,
+            buf: Vec::new(),
+            filled: 0,
+            sends: 0,
+        }
+    }
+
+    pub fn put(&mut self, bytes: &[u8]) {
+        self.space(bytes.len()).copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Room for `n` more bytes; call `commit` with how many were filled.
+    pub fn space(&mut self, n: usize) -> &mut [u8] {
+        let need = self.filled + n;
+        if self.buf.len() < need {
+            self.buf.resize(need.next_power_of_two(), 0);
+        }
+        &mut self.buf[self.filled..need]
+    }
+
+    pub fn commit(&mut self, n: usize) {
+        self.filled += n;
+    }
+
+    /// Where the next byte goes; with `sends()`, lets a caller roll back a
+    /// reply that failed before any of it was sent.
+    pub fn mark(&self) -> usize {
+        self.filled
+    }
+
+    pub fn sends(&self) -> u64 {
+        self.sends
+    }
+
+    pub fn rollback(&mut self, mark: usize) {
+        self.filled = mark.min(self.filled);
+    }
+
+    /// Appends with a closure over a Vec (for small encoded messages).
+    pub fn put_with(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut v = Vec::with_capacity(64);
+        f(&mut v);
+        self.put(&v);
+    }
+
+    /// Damages the byte at `at` (fault injection: a corrupted magic).
+    pub fn corrupt_byte(&mut self, at: usize) {
+        if at < self.filled {
+            faults::corrupt(&mut self.buf[at..at + 1]);
+        }
+    }
+
+    pub async fn send(&mut self) -> io::Result<()> {
+        if self.filled > 0 {
+            self.out.write_all(&self.buf[..self.filled]).await?;
+            self.filled = 0;
+            self.sends += 1;
+            // Don't keep a huge buffer alive after one large reply.
+            if self.buf.len() > 16 * SEND_AT {
+                self.buf = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn send_if_full(&mut self) -> io::Result<()> {
+        if self.filled >= SEND_AT {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the first `n` pending bytes and drops the rest (fault injection:
+    /// a truncated message).
+    pub async fn send_truncated(&mut self, n: usize) -> io::Result<()> {
+        let n = n.min(self.filled);
+        self.out.write_all(&self.buf[..n]).await?;
+        self.filled = 0;
+        Ok(())
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.send().await?;
+        self.out.shutdown().await
+    }
+}

@@ -1,0 +1,448 @@
+//! Where bytes live: the image file, its holes and its durability.
+
+pub mod map;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+pub use map::{AllocationMap, BLOCK_SIZE};
+
+/// Writes are applied in pieces of at most this many bytes, so memory per
+/// request stays bounded whatever length a client sends.
+pub const PIECE: usize = 1024 * 1024;
+
+/// Why an image could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot read the size of image {path}: {source}")]
+    Stat { path: PathBuf, source: io::Error },
+    #[error("image {path} is not a regular file or block device")]
+    NotAFile { path: PathBuf },
+}
+
+/// An image file served as an export.
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    /// The export size: the file size rounded down to a multiple of 512,
+    /// measured once at start-up.
+    size: u64,
+    /// Bytes at the end of the file that are never served.
+    trailing: u64,
+    map: AllocationMap,
+    /// Writes hold it shared and hole punching holds it exclusively: a punch
+    /// clears map bits, and a write racing it could otherwise leave data in a
+    /// block the map calls a hole.
+    punch_lock: RwLock<()>,
+    /// Cleared the first time the file system refuses to punch holes.
+    can_punch: AtomicBool,
+    /// Set to stop a running map scan (shutdown).
+    scan_stop: AtomicBool,
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    // Wide reads with an OR fold vectorise well; the early exit per 256 bytes
+    // keeps data-heavy writes from scanning whole pieces.
+    let mut chunks = bytes.chunks_exact(256);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+impl Image {
+    /// Opens an existing image read-write. Nothing creates, extends or
+    /// truncates the file.
+    pub fn open(path: &Path) -> Result<Image, OpenError> {
+        let open = |noatime: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if noatime {
+                o.custom_flags(libc::O_NOATIME);
+            }
+            o.open(path)
+        };
+        // O_NOATIME needs ownership of the file; fall back without it.
+        let file = match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(false),
+            other => other,
+        }
+        .map_err(|source| OpenError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| OpenError::Stat {
+            path: path.to_owned(),
+            source,
+        })?;
+        let full = if meta.is_file() {
+            meta.len()
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_block_device() {
+                return Err(OpenError::NotAFile {
+                    path: path.to_owned(),
+                });
+            }
+            let mut f = &file;
+            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(|source| OpenError::Stat {
+                path: path.to_owned(),
+                source,
+            })?
+        };
+        let size = full - full % 512;
+        Ok(Image {
+            file,
+            path: path.to_owned(),
+            size,
+            trailing: full - size,
+            map: AllocationMap::new(size),
+            punch_lock: RwLock::new(()),
+            can_punch: AtomicBool::new(true),
+            scan_stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes past the last multiple of 512 that are not served.
+    pub fn trailing_bytes(&self) -> u64 {
+        self.trailing
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn map(&self) -> &AllocationMap {
+        &self.map
+    }
+
+    /// Fills `buf` from `offset`. The caller has range-checked the request.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes `data` at `offset`, keeping holes: an all-zero 4 KiB piece
+    /// written over a hole is not written at all. Zeros over data are written
+    /// (they must overwrite it).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let _shared = self.punch_lock.read().unwrap_or_else(|p| p.into_inner());
+        let map = &self.map;
+        if !map.is_built() {
+            // The scan may already have passed this region: record the whole
+            // range so it is not missed. No zero-skipping without a map.
+            map.set_bytes(offset, data.len() as u64);
+            return self.file.write_all_at(data, offset);
+        }
+        // Walk the range in runs of blocks sharing an allocation state.
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        // Start of a pending run of bytes to write, coalesced into one pwrite.
+        let mut pending: Option<u64> = None;
+        while pos < end {
+            let block = pos / BLOCK_SIZE;
+            let allocated = map.is_set(block);
+            let run_end_block = map.next_change(block, end.div_ceil(BLOCK_SIZE), allocated);
+            let run_end = (run_end_block * BLOCK_SIZE).min(end);
+            if allocated {
+                pending.get_or_insert(pos);
+                pos = run_end;
+                continue;
+            }
+            // Unallocated: check each piece up to the next block boundary.
+            while pos < run_end {
+                let piece_end = ((pos / BLOCK_SIZE + 1) * BLOCK_SIZE).min(run_end);
+                let piece = &data[(pos - offset) as usize..(piece_end - offset) as usize];
+                if is_zero(piece) {
+                    if let Some(start) = pending.take() {
+                        self.file.write_all_at(
+                            &data[(start - offset) as usize..(pos - offset) as usize],
+                            start,
+                        )?;
+                    }
+                } else {
+                    // Mark before writing: a reader must never be told
+                    // "hole" about a block that holds data.
+                    map.set_bytes(pos, piece_end - pos);
+                    pending.get_or_insert(pos);
+                }
+                pos = piece_end;
+            }
+        }
+        if let Some(start) = pending {
+            self.file
+                .write_all_at(&data[(start - offset) as usize..], start)?;
+        }
+        Ok(())
+    }
+
+    /// Punches a hole over the range (or, where holes are not supported and
+    /// `must_zero` is set, writes zeros). The range then reads as zeros.
+    pub fn punch(&self, offset: u64, length: u64, must_zero: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        if self.can_punch.load(Ordering::Relaxed) {
+            let _exclusive = self.punch_lock.write().unwrap_or_else(|p| p.into_inner());
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                if self.map.is_built() {
+                    self.map.clear_bytes(offset, length, self.size);
+                }
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.can_punch.store(false, Ordering::Relaxed)
+                }
+                _ => return Err(err),
+            }
+        }
+        if must_zero {
+            self.write_zeroes(offset, length)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes real zeros over the range (allocating it).
+    pub fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _shared = self.punch_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.map.set_bytes(offset, length);
+        let zeros = vec![0u8; PIECE.min(length as usize)];
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            let n = ((end - pos) as usize).min(zeros.len());
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn sync(&self) -> io::Result<()> {
+        if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Hints that the range will be read soon.
+    pub fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
+        let rc = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                length as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
+    /// Asks a running map scan to stop.
+    pub fn stop_scan(&self) {
+        self.scan_stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Builds the allocation map from the file's data and hole extents
+    /// (SEEK_DATA/SEEK_HOLE). Blocking: run it on a worker thread after the
+    /// port listens. On failure the map stays unbuilt and is never consulted.
+    pub fn scan_allocation(self: &Arc<Image>) -> io::Result<()> {
+        // A separate descriptor: lseek moves the file offset, and nothing
+        // else should share it.
+        let file = File::open(&self.path)?;
+        let fd = file.as_raw_fd();
+        let mut pos: i64 = 0;
+        let size = self.size as i64;
+        while pos < size {
+            if self.scan_stop.load(Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "scan stopped"));
+            }
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after pos
+                }
+                return Err(err);
+            }
+            if data >= size {
+                break;
+            }
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let hole = hole.min(size);
+            self.map.set_bytes(data as u64, (hole - data) as u64);
+            pos = hole;
+        }
+        self.map.mark_built();
+        Ok(())
+    }
+
+    /// Describes the extents in `offset..offset+length` as runs of
+    /// (length, is_hole), at most `max` of them. Before the map is built
+    /// everything is data.
+    pub fn extents(&self, offset: u64, length: u64, max: usize) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(length).min(self.size);
+        if offset >= end {
+            return Vec::new();
+        }
+        if !self.map.is_built() {
+            return vec![(end - offset, false)];
+        }
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let block = pos / BLOCK_SIZE;
+            let allocated = self.map.is_set(block);
+            let next = self
+                .map
+                .next_change(block, end.div_ceil(BLOCK_SIZE), allocated);
+            let run_end = (next * BLOCK_SIZE).min(end);
+            out.push((run_end - pos, !allocated));
+            pos = run_end;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_image(size: u64) -> (PathBuf, Arc<Image>) {
+        let dir = std::env::temp_dir().join(format!(
+            "flexnbd-store-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        let img = Arc::new(Image::open(&path).unwrap());
+        (path, img)
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::AtomicU64;
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn allocated_bytes(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn size_is_rounded_down_to_512() {
+        let (_, img) = temp_image(1535);
+        assert_eq!(img.size(), 1024);
+        assert_eq!(img.trailing_bytes(), 511);
+    }
+
+    #[test]
+    fn zero_writes_over_holes_stay_holes() {
+        let (path, img) = temp_image(1 << 20);
+        img.scan_allocation().unwrap();
+        img.write_at(&vec![0u8; 64 * 1024], 0).unwrap();
+        assert_eq!(allocated_bytes(&path), 0);
+        let mut data = vec![0u8; 3 * 4096];
+        data[4096 + 5] = 7; // only the middle block has data
+        img.write_at(&data, 8192).unwrap();
+        assert_eq!(allocated_bytes(&path), 4096);
+        assert!(!img.map().is_set(2) && img.map().is_set(3) && !img.map().is_set(4));
+        let mut back = vec![1u8; 3 * 4096];
+        img.read_at(&mut back, 8192).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn zeros_over_data_overwrite_it() {
+        let (_, img) = temp_image(1 << 20);
+        img.scan_allocation().unwrap();
+        img.write_at(&[9u8; 4096], 0).unwrap();
+        img.write_at(&[0u8; 4096], 0).unwrap();
+        let mut back = [1u8; 4096];
+        img.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn punch_makes_holes_and_clears_the_map() {
+        let (path, img) = temp_image(1 << 20);
+        img.scan_allocation().unwrap();
+        img.write_at(&vec![5u8; 64 * 1024], 0).unwrap();
+        img.punch(0, 64 * 1024, true).unwrap();
+        assert_eq!(allocated_bytes(&path), 0);
+        assert_eq!(img.extents(0, 1 << 20, 10), vec![(1 << 20, true)]);
+    }
+
+    #[test]
+    fn scan_finds_data_extents() {
+        let (path, _) = temp_image(1 << 20);
+        {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[1u8; 8192], 65536).unwrap();
+        }
+        let img = Arc::new(Image::open(&path).unwrap());
+        assert_eq!(
+            img.extents(0, 1 << 20, 10),
+            vec![(1 << 20, false)],
+            "unbuilt map says data"
+        );
+        img.scan_allocation().unwrap();
+        let e = img.extents(0, 1 << 20, 10);
+        assert_eq!(e[0], (65536, true));
+        assert!(!e[1].1);
+        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 1 << 20);
+    }
+
+    #[test]
+    fn is_zero_detects_any_nonzero_byte() {
+        let mut b = vec![0u8; 5000];
+        assert!(is_zero(&b));
+        for i in [0, 255, 256, 4999] {
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+            b[i] = 0;
+        }
+    }
+}
