@@ -97,6 +97,9 @@ struct ServeArgs {
     /// Most clients served at once; more are closed without a greeting.
     #[arg(long, default_value_t = 16)]
     max_clients: usize,
+    /// Seconds a newstyle client may take to finish negotiating before it is dropped.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    handshake_timeout: f64,
     #[command(flatten)]
     verbosity: Verbosity,
     /// Access control list: clients allowed to connect, as IP or IP/bits.
@@ -172,6 +175,12 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
     if args.max_clients == 0 {
         return Err(usage_error("--max-clients must be at least 1", "serve"));
     }
+    if !(args.handshake_timeout.is_finite() && args.handshake_timeout > 0.0 && args.handshake_timeout <= 3600.0) {
+        return Err(usage_error(
+            format!("bad --handshake-timeout '{}': expected seconds, more than 0 and at most 3600", args.handshake_timeout),
+            "serve",
+        ));
+    }
     let acl = Acl::parse(&args.acl, args.default_deny)
         .map_err(|e| usage_error(e.to_string(), "serve"))?;
     log::set_context(file.display().to_string());
@@ -193,7 +202,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
             Handshake::Newstyle => HandshakeMode::Newstyle,
         },
         max_clients: args.max_clients,
-        ..Config::default()
+        handshake_timeout: std::time::Duration::from_secs_f64(args.handshake_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
