@@ -114,6 +114,9 @@ pub struct Flexnbd {
     pub child: Option<Child>,
     pub log_path: PathBuf,
     pub addr: SocketAddr,
+    /// The pid in the server's own log lines; differs from the child's when
+    /// a wrapper (strace) runs the binary, and is then killed separately.
+    pub server_pid: u32,
     status: Option<ExitStatus>,
 }
 
@@ -138,36 +141,47 @@ impl Flexnbd {
     /// Starts the binary with exactly `args` (the log must show
     /// "listening on ADDR:PORT").
     pub fn spawn(dir: &TempDir, args: &[String]) -> Flexnbd {
+        Flexnbd::spawn_program(dir, BIN, args)
+    }
+
+    /// Like `spawn`, but runs `program` (e.g. strace wrapping the binary).
+    pub fn spawn_program(dir: &TempDir, program: &str, args: &[String]) -> Flexnbd {
         static N: AtomicU64 = AtomicU64::new(0);
         let log_path = dir.join(&format!(
             "flexnbd-{}.log",
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let log = File::create(&log_path).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn flexnbd");
+        let pid = child.id();
         let mut server = Flexnbd {
             child: Some(child),
             log_path,
             addr: "127.0.0.1:0".parse().unwrap(),
+            server_pid: pid,
             status: None,
         };
-        let addr = wait_for("flexnbd to report its port", WAIT, || {
+        let (addr, server_pid) = wait_for("flexnbd to report its port", WAIT, || {
             if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("flexnbd exited early with {status}; log:\n{}", server.log());
             }
             let log = server.log();
             let at = log.find("listening on ")?;
+            let line_start = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            // `<ms>:<level>:<pid> ...`
+            let pid = log[line_start..at].split(':').nth(2)?.split(' ').next()?.parse::<u32>().ok()?;
             let rest = &log[at + "listening on ".len()..];
             let end = rest.find('\n')?;
-            rest[..end].trim().parse::<SocketAddr>().ok()
+            Some((rest[..end].trim().parse::<SocketAddr>().ok()?, pid))
         });
         server.addr = addr;
+        server.server_pid = server_pid;
         server
     }
 
@@ -225,6 +239,9 @@ impl Flexnbd {
 impl Drop for Flexnbd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.server_pid != c.id() && self.status.is_none() {
+                unsafe { libc::kill(self.server_pid as i32, libc::SIGKILL) };
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -311,3 +311,33 @@ fn a_one_tib_sparse_file_is_served_at_once() {
     c.write_ok(1 << 39, b"middle of a terabyte");
     assert_eq!(c.read_ok(1 << 39, 20), b"middle of a terabyte");
 }
+
+#[test]
+fn accepted_sockets_get_keepalive_30_10_3_and_nodelay() {
+    // The C suite checked these setsockopt calls with LD_PRELOAD; strace
+    // shows the same calls on the real binary.
+    let dir = TempDir::new("keepalive");
+    let file = dir.sparse_file("d.img", MIB);
+    let trace = dir.join("trace.txt");
+    let trace_arg = trace.display().to_string();
+    let file_arg = file.display().to_string();
+    let args: Vec<String> = ["-f", "-e", "trace=setsockopt", "-o", &trace_arg, BIN, "serve", "-l", "127.0.0.1", "-p", "0"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["-f".to_string(), file_arg, "-v".to_string()])
+        .collect();
+    let server = Flexnbd::spawn_program(&dir, "strace", &args);
+    let mut c = server.connect();
+    c.oldstyle_greeting();
+    let expected = [
+        "SO_KEEPALIVE, [1], 4",
+        "TCP_KEEPIDLE, [30], 4",
+        "TCP_KEEPINTVL, [10], 4",
+        "TCP_KEEPCNT, [3], 4",
+        "TCP_NODELAY, [1], 4",
+    ];
+    wait_for("setsockopt calls in the trace", WAIT, || {
+        let t = std::fs::read_to_string(&trace).unwrap_or_default();
+        expected.iter().all(|e| t.contains(e)).then_some(())
+    });
+}
