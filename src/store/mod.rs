@@ -161,7 +161,11 @@ impl Image {
         while pos < end {
             let block = pos / BLOCK_SIZE;
             let allocated = map.is_set(block);
-            let run_end_block = map.next_change(block, end.div_ceil(BLOCK_SIZE), allocated);
+            // At least this block: a concurrent write may flip its bit after
+            // `is_set`, and a run must never end at or before `pos`.
+            let run_end_block = map
+                .next_change(block, end.div_ceil(BLOCK_SIZE), allocated)
+                .max(block + 1);
             let run_end = (run_end_block * BLOCK_SIZE).min(end);
             if allocated {
                 pending.get_or_insert(pos);
@@ -331,9 +335,11 @@ impl Image {
         while pos < end && out.len() < max {
             let block = pos / BLOCK_SIZE;
             let allocated = self.map.is_set(block);
+            // At least this block, as in `write_at`.
             let next = self
                 .map
-                .next_change(block, end.div_ceil(BLOCK_SIZE), allocated);
+                .next_change(block, end.div_ceil(BLOCK_SIZE), allocated)
+                .max(block + 1);
             let run_end = (next * BLOCK_SIZE).min(end);
             out.push((run_end - pos, !allocated));
             pos = run_end;
@@ -433,6 +439,32 @@ mod tests {
         assert_eq!(e[0], (65536, true));
         assert!(!e[1].1);
         assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 1 << 20);
+    }
+
+    #[test]
+    fn extents_cover_the_range_while_writes_flip_bits() {
+        let (_, img) = temp_image(1 << 20);
+        img.scan_allocation().unwrap();
+        let writer = {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000u64 {
+                    let block = (i * 7919) % 256;
+                    img.write_at(&[1u8; 100], block * BLOCK_SIZE + 3).unwrap();
+                    if i % 3 == 0 {
+                        img.punch(block * BLOCK_SIZE, BLOCK_SIZE, true).unwrap();
+                    }
+                }
+            })
+        };
+        for i in 0..20_000u64 {
+            let offset = (i * 611) % (1 << 19) + 1;
+            let length = 300_000;
+            let e = img.extents(offset, length, usize::MAX);
+            assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), length);
+            assert!(e.iter().all(|x| x.0 > 0));
+        }
+        writer.join().unwrap();
     }
 
     #[test]
