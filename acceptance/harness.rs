@@ -175,7 +175,13 @@ impl Flexnbd {
             let at = log.find("listening on ")?;
             let line_start = log[..at].rfind('\n').map_or(0, |i| i + 1);
             // `<ms>:<level>:<pid> ...`
-            let pid = log[line_start..at].split(':').nth(2)?.split(' ').next()?.parse::<u32>().ok()?;
+            let pid = log[line_start..at]
+                .split(':')
+                .nth(2)?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()?;
             let rest = &log[at + "listening on ".len()..];
             let end = rest.find('\n')?;
             Some((rest[..end].trim().parse::<SocketAddr>().ok()?, pid))
@@ -415,3 +421,10 @@ impl RawClient {
 
 /// The path of Debian's python3, which can import the nbd module.
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Runs nbdsh's Python with Debian's interpreter (the nbd module is not
+/// importable by a pyenv python that may come first on PATH), connected to
+/// `uri`, executing `script` with the handle `h`.
+pub fn nbdsh(uri: &str, script: &str) -> Output {
+    run_ok(SYSTEM_PYTHON, &["-m", "nbd", "-u", uri, "-c", script], WAIT)
+}

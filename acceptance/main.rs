@@ -2,4 +2,9 @@
 
 mod harness;
 
+mod bad_input;
+mod codec_props;
+
+mod cli;
+mod newstyle;
 mod serve_wire;

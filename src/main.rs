@@ -175,9 +175,15 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
     if args.max_clients == 0 {
         return Err(usage_error("--max-clients must be at least 1", "serve"));
     }
-    if !(args.handshake_timeout.is_finite() && args.handshake_timeout > 0.0 && args.handshake_timeout <= 3600.0) {
+    if !(args.handshake_timeout.is_finite()
+        && args.handshake_timeout > 0.0
+        && args.handshake_timeout <= 3600.0)
+    {
         return Err(usage_error(
-            format!("bad --handshake-timeout '{}': expected seconds, more than 0 and at most 3600", args.handshake_timeout),
+            format!(
+                "bad --handshake-timeout '{}': expected seconds, more than 0 and at most 3600",
+                args.handshake_timeout
+            ),
             "serve",
         ));
     }
@@ -295,6 +301,8 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
 fn print_usage(mode: Option<&str>, to_stderr: bool) -> bool {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
+    // Building names each mode's usage line "flexnbd MODE", not just "MODE".
+    cmd.build();
     let text = match mode {
         None => cmd.render_help().to_string(),
         Some(name) => match cmd.find_subcommand_mut(name) {

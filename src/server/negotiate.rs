@@ -28,6 +28,12 @@ pub enum NegotiateError {
     Io(#[from] io::Error),
     #[error("{0}")]
     Protocol(#[from] HandshakeError),
+    #[error("client vanished {what}: expected {expected} bytes, got {got}")]
+    Vanished {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("client flags 0x{0:08x} include bits we do not know (known: 0x00000003)")]
     UnknownClientFlags(u32),
     #[error("option {option} has a {length}-byte payload; the limit is {limit}")]
@@ -99,6 +105,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
     }
 }
 
+/// Fills `buf`, or says how far the client got before it vanished.
+async fn read_all<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    what: impl FnOnce() -> String,
+) -> Result<(), NegotiateError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = stream.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return Err(NegotiateError::Vanished {
+                what: what(),
+                expected: buf.len(),
+                got,
+            });
+        }
+        got += n;
+    }
+    Ok(())
+}
+
 /// Runs the whole newstyle handshake. Returns what was negotiated once the
 /// client enters transmission (EXPORT_NAME or a successful GO).
 pub async fn negotiate<S, P>(
@@ -119,7 +146,12 @@ where
         _ => {}
     }
     stream.write_all(&greeting).await?;
-    let client_flags = stream.read_u32().await?;
+    let mut flags = [0u8; 4];
+    read_all(stream, &mut flags, || {
+        "in the middle of the client flags".into()
+    })
+    .await?;
+    let client_flags = u32::from_be_bytes(flags);
     if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
         return Err(NegotiateError::UnknownClientFlags(client_flags));
     }
@@ -134,7 +166,10 @@ where
     };
     for _ in 0..MAX_OPTIONS {
         let mut header = [0u8; 16];
-        n.stream.read_exact(&mut header).await?;
+        read_all(n.stream, &mut header, || {
+            "in the middle of an option header".into()
+        })
+        .await?;
         let OptionHeader { option, length } = OptionHeader::decode(&header)?;
         if length > proto::MAX_OPTION_LEN {
             // Too big to be honest; reading it would let a client make us
@@ -146,7 +181,10 @@ where
             });
         }
         let mut data = vec![0u8; length as usize];
-        n.stream.read_exact(&mut data).await?;
+        read_all(n.stream, &mut data, || {
+            format!("in the middle of option {option}'s data")
+        })
+        .await?;
         match probe.step(Step::OptionReceived { option }) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),

@@ -37,7 +37,7 @@ pub enum ConnError {
     #[error("handshake failed: {0}")]
     Handshake(#[from] NegotiateError),
     #[error("handshake not finished within {0} s")]
-    HandshakeTimeout(u64),
+    HandshakeTimeout(f64),
     #[error("bad request magic: expected 0x{expected:08x}, got 0x{0:08x}", expected = proto::REQUEST_MAGIC)]
     BadMagic(u32),
     #[error("client vanished {what}: expected {expected} bytes, got {got}")]
@@ -92,7 +92,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
             match tokio::time::timeout(limit, negotiate(&mut stream, &image, &*shared.probe)).await
             {
                 Ok(result) => result?,
-                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs())),
+                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs_f64())),
             }
         }
     };
@@ -221,8 +221,14 @@ where
         }
         let size = self.image.size();
         if !req.in_range(size) {
+            // The NBD spec asks for EINVAL from BLOCK_STATUS, ENOSPC otherwise.
+            let (error, error_name) = if req.kind == cmd::BLOCK_STATUS {
+                (errno::EINVAL, "EINVAL")
+            } else {
+                (errno::ENOSPC, "ENOSPC")
+            };
             warn!(
-                "client {}: {} of {} bytes at offset {} is beyond the export size {}; answering ENOSPC",
+                "client {}: {} of {} bytes at offset {} is beyond the export size {}; answering {error_name}",
                 self.peer,
                 cmd::name(req.kind),
                 req.length,
@@ -232,12 +238,8 @@ where
             if req.kind == cmd::WRITE {
                 self.drain(u64::from(req.length)).await?;
             }
-            self.error_reply(
-                &req,
-                errno::ENOSPC,
-                "request is beyond the end of the export",
-            )
-            .await?;
+            self.error_reply(&req, error, "request is beyond the end of the export")
+                .await?;
             return Ok(Next::Continue);
         }
         if drop_request {
@@ -472,6 +474,15 @@ where
         match result {
             Ok(()) => {}
             Err(ReadError::Send(e)) => return Err(ConnError::Send(e)),
+            Err(ReadError::Padded(error)) => {
+                error!(
+                    "read of {} bytes at {} failed: {error}",
+                    req.length, req.offset
+                );
+                w.put_with(|v| {
+                    proto::put_error_chunk(v, req.handle, errno::from_io(&error), "read failed")
+                });
+            }
             Err(ReadError::Image { error, chunk_mark }) => {
                 error!(
                     "read of {} bytes at {} failed: {error}",
@@ -596,6 +607,10 @@ enum ReadError {
         error: io::Error,
         chunk_mark: usize,
     },
+    /// Reading the image failed inside a data chunk that may already be
+    /// partly sent; the chunk was completed with zeros and is not DONE, so an
+    /// error chunk must follow.
+    Padded(io::Error),
 }
 
 /// Copies `length` bytes at `offset` into the writer in pieces.
@@ -606,13 +621,24 @@ async fn put_data<W: AsyncWrite + Unpin>(
     length: u64,
     stream: bool,
     chunk_mark: usize,
+    pad: bool,
 ) -> Result<(), ReadError> {
     let mut pos = offset;
     let end = offset + length;
+    let mut padded: Option<io::Error> = None;
     while pos < end {
         let n = ((end - pos) as usize).min(PIECE);
-        if let Err(error) = image.read_at(w.space(n), pos) {
-            return Err(ReadError::Image { error, chunk_mark });
+        let space = w.space(n);
+        if padded.is_some() {
+            space.fill(0);
+        } else if let Err(error) = image.read_at(space, pos) {
+            if !pad {
+                return Err(ReadError::Image { error, chunk_mark });
+            }
+            // The chunk header promised these bytes and part of the chunk
+            // may be gone already: keep the framing with zeros.
+            w.space(n).fill(0);
+            padded = Some(error);
         }
         w.commit(n);
         pos += n as u64;
@@ -620,7 +646,7 @@ async fn put_data<W: AsyncWrite + Unpin>(
             w.send_if_full().await.map_err(ReadError::Send)?;
         }
     }
-    Ok(())
+    padded.map_or(Ok(()), |e| Err(ReadError::Padded(e)))
 }
 
 async fn read_simple<W: AsyncWrite + Unpin>(
@@ -631,7 +657,16 @@ async fn read_simple<W: AsyncWrite + Unpin>(
 ) -> Result<(), ReadError> {
     let mark = w.mark();
     w.put(&SimpleReply::new(0, req.handle).encode());
-    put_data(w, image, req.offset, u64::from(req.length), stream, mark).await
+    put_data(
+        w,
+        image,
+        req.offset,
+        u64::from(req.length),
+        stream,
+        mark,
+        false,
+    )
+    .await
 }
 
 async fn read_structured<W: AsyncWrite + Unpin>(
@@ -660,16 +695,35 @@ async fn read_structured<W: AsyncWrite + Unpin>(
             w.put(&v);
             return Ok(());
         };
+        // A chunk larger than one piece is sent while it is still being
+        // read, so it cannot carry DONE (an error may still follow): a NONE
+        // chunk ends the reply instead.
+        let big = req.length as usize > PIECE;
         let mark = w.mark();
         put_chunk(
             w,
-            true,
+            !big,
             chunk::OFFSET_DATA,
             req.handle,
             chunk_len,
             req.offset,
         );
-        return put_data(w, image, req.offset, u64::from(req.length), stream, mark).await;
+        put_data(
+            w,
+            image,
+            req.offset,
+            u64::from(req.length),
+            stream,
+            mark,
+            big,
+        )
+        .await?;
+        if big {
+            let mut v = Vec::new();
+            proto::put_chunk_header(&mut v, true, chunk::NONE, req.handle, 0);
+            w.put(&v);
+        }
+        return Ok(());
     }
     let mut pos = req.offset;
     while pos < end {
@@ -690,7 +744,7 @@ async fn read_structured<W: AsyncWrite + Unpin>(
                         8 + n as u32,
                         pos,
                     );
-                    put_data(w, image, pos, n, stream, mark).await?;
+                    put_data(w, image, pos, n, stream, mark, false).await?;
                     pos += n;
                 }
             }
