@@ -315,6 +315,27 @@ where
         .map_err(|source| ClientError::Io { what, source })
 }
 
+/// Checks the range and sends one request header; returns its handle.
+async fn send_request<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    export: &Export,
+    kind: u16,
+    offset: u64,
+    length: u64,
+) -> Result<u64, ClientError> {
+    check_range(export, offset, length)?;
+    let handle = random_handle();
+    let request = Request::new(kind, 0, handle, offset, length as u32);
+    stream
+        .write_all(&request.encode())
+        .await
+        .map_err(|source| ClientError::Io {
+            what: "sending the request",
+            source,
+        })?;
+    Ok(handle)
+}
+
 /// Reads `length` bytes at `offset` and writes them to `out`.
 pub async fn read<S, W>(
     stream: &mut S,
@@ -327,16 +348,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
 {
-    check_range(export, offset, length)?;
-    let handle = random_handle();
-    let request = Request::new(cmd::READ, 0, handle, offset, length as u32);
-    stream
-        .write_all(&request.encode())
-        .await
-        .map_err(|source| ClientError::Io {
-            what: "sending the request",
-            source,
-        })?;
+    let handle = send_request(stream, export, cmd::READ, offset, length).await?;
     read_reply(stream, handle).await?;
     pump(stream, out, length, "receiving the data from the server").await
 }
@@ -353,16 +365,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
-    check_range(export, offset, length)?;
-    let handle = random_handle();
-    let request = Request::new(cmd::WRITE, 0, handle, offset, length as u32);
-    stream
-        .write_all(&request.encode())
-        .await
-        .map_err(|source| ClientError::Io {
-            what: "sending the request",
-            source,
-        })?;
+    let handle = send_request(stream, export, cmd::WRITE, offset, length).await?;
     pump(
         input,
         stream,
