@@ -7,4 +7,5 @@ mod codec_props;
 
 mod cli;
 mod newstyle;
+mod peers;
 mod serve_wire;

@@ -461,11 +461,17 @@ where
         let image = self.image.clone();
         let writer = self.writer.clone();
         let mut w = writer.lock().await;
-        let mark = w.mark();
-        let sends = w.sends();
         // Under a fault verdict the whole reply is built before it is acted
         // on; in production it streams.
         let stream = verdict.is_pass();
+        if stream {
+            // Room for the first header and piece, so the buffer stays near
+            // `SEND_AT` and this reply can still be taken back on an error.
+            let first = proto::STRUCTURED_HEADER_LEN + 8 + (req.length as usize).min(PIECE);
+            w.make_room(first).await.map_err(ConnError::Send)?;
+        }
+        let mark = w.mark();
+        let sends = w.sends();
         let result = if self.negotiated.structured {
             read_structured(&mut w, &image, req, stream).await
         } else {
@@ -628,6 +634,10 @@ async fn put_data<W: AsyncWrite + Unpin>(
     let mut padded: Option<io::Error> = None;
     while pos < end {
         let n = ((end - pos) as usize).min(PIECE);
+        if stream && pos > offset {
+            // Later pieces of a long chunk: the chunk has begun streaming.
+            w.make_room(n).await.map_err(ReadError::Send)?;
+        }
         let space = w.space(n);
         if padded.is_some() {
             space.fill(0);
@@ -735,6 +745,10 @@ async fn read_structured<W: AsyncWrite + Unpin>(
             } else {
                 while pos < run_end {
                     let n = (run_end - pos).min(PIECE as u64);
+                    if stream {
+                        let room = proto::STRUCTURED_HEADER_LEN + 8 + n as usize;
+                        w.make_room(room).await.map_err(ReadError::Send)?;
+                    }
                     let mark = w.mark();
                     put_chunk(
                         w,

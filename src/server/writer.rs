@@ -39,7 +39,9 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
     pub fn space(&mut self, n: usize) -> &mut [u8] {
         let need = self.filled + n;
         if self.buf.len() < need {
-            self.buf.resize(need.next_power_of_two(), 0);
+            // Exactly what is needed: every initialised byte is resident
+            // memory, and the buffer lives as long as the connection.
+            self.buf.resize(need, 0);
         }
         &mut self.buf[self.filled..need]
     }
@@ -85,6 +87,15 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
             if self.buf.len() > 16 * SEND_AT {
                 self.buf = Vec::new();
             }
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending if `n` more bytes would take it past
+    /// `SEND_AT`, so the buffer never grows much beyond that.
+    pub async fn make_room(&mut self, n: usize) -> io::Result<()> {
+        if self.filled > 0 && self.filled + n > SEND_AT {
+            self.send().await?;
         }
         Ok(())
     }

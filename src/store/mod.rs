@@ -14,7 +14,7 @@ pub use map::{AllocationMap, BLOCK_SIZE};
 
 /// Writes are applied in pieces of at most this many bytes, so memory per
 /// request stays bounded whatever length a client sends.
-pub const PIECE: usize = 1024 * 1024;
+pub const PIECE: usize = 256 * 1024;
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]
