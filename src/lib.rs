@@ -4,8 +4,11 @@ pub mod log;
 
 pub mod acl;
 pub mod client;
+pub mod control;
+pub mod daemon;
 pub mod probe;
 pub mod proto;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod transport;

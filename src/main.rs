@@ -9,12 +9,13 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use flexnbd::acl::{parse_ip, Acl};
+use flexnbd::daemon::{self, ServeOptions};
 use flexnbd::log::{self, Level};
 use flexnbd::probe::Quiet;
-use flexnbd::server::{self, Config, HandshakeMode, Shared};
+use flexnbd::server::{Config, HandshakeMode};
 use flexnbd::store::Image;
 use flexnbd::transport::Tcp;
-use flexnbd::{client, error, fatal, info, warn};
+use flexnbd::{client, fatal, warn};
 
 const ABOUT: &str = "flexnbd serves a raw image file over NBD and can live-migrate it to another \
 flexnbd while clients keep working.";
@@ -34,6 +35,16 @@ enum Mode {
     Read(TransferArgs),
     /// Write bytes from standard input to an NBD server.
     Write(TransferArgs),
+    /// Print a running server's status line.
+    Status(StatusArgs),
+    /// Replace a running server's access control list.
+    Acl(AclArgs),
+    /// Start migrating a running server's image to a listening flexnbd.
+    Mirror(MirrorArgs),
+    /// Change the speed limit of a running migration.
+    MirrorSpeed(MirrorSpeedArgs),
+    /// Stop a running migration.
+    Break(SockArgs),
     /// Print the usage of flexnbd or of one mode.
     Help {
         /// The mode to explain.
@@ -128,6 +139,64 @@ struct TransferArgs {
     verbosity: Verbosity,
 }
 
+#[derive(Args)]
+struct SockArgs {
+    /// Path of the server's control socket.
+    #[arg(short = 's', long)]
+    sock: Option<PathBuf>,
+    #[command(flatten)]
+    verbosity: Verbosity,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    sock: SockArgs,
+    /// Print the status as a JSON object instead of the flexnbd status line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AclArgs {
+    #[command(flatten)]
+    sock: SockArgs,
+    /// The new ACL: IP or IP/bits entries (none: an empty ACL).
+    #[arg(value_name = "ACL_ENTRY")]
+    acl: Vec<String>,
+}
+
+#[derive(Args)]
+struct MirrorArgs {
+    #[command(flatten)]
+    sock: SockArgs,
+    /// Address of the destination (a flexnbd listen).
+    #[arg(short = 'l', long)]
+    addr: Option<String>,
+    /// Port of the destination.
+    #[arg(short = 'p', long)]
+    port: Option<String>,
+    /// Delete the source image before handing off, so only one copy can ever
+    /// look canonical.
+    #[arg(short = 'u', long)]
+    unlink: bool,
+    /// Local address to connect from.
+    #[arg(short = 'b', long)]
+    bind: Option<String>,
+    /// Speed limit in bytes per second from the start.
+    #[arg(short = 'm', long)]
+    max_speed: Option<String>,
+}
+
+#[derive(Args)]
+struct MirrorSpeedArgs {
+    #[command(flatten)]
+    sock: SockArgs,
+    /// Bytes per second.
+    #[arg(short = 'm', long)]
+    max_speed: Option<String>,
+}
+
 /// A failure that ends the process with a message.
 struct Failure {
     message: String,
@@ -199,9 +268,6 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
             image.trailing_bytes()
         );
     }
-    if args.sock.is_some() || args.killswitch {
-        info!("--sock and --killswitch are accepted; the control socket and killswitch are not active in this build");
-    }
     let config = Config {
         handshake: match args.handshake {
             Handshake::Oldstyle => HandshakeMode::Oldstyle,
@@ -209,41 +275,78 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         },
         max_clients: args.max_clients,
         handshake_timeout: std::time::Duration::from_secs_f64(args.handshake_timeout),
+        killswitch: args.killswitch.then(daemon::killswitch_limit),
+    };
+    if let Some(path) = &args.sock {
+        // Refuse early: a live server there means we must not start at all.
+        flexnbd::control::check_path(path).map_err(|e| failure(e.to_string()))?;
+    }
+    let options = ServeOptions {
+        listen,
+        image,
+        sock: args.sock.clone(),
+        acl,
+        config,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(async move {
-        let (listener, local) = server::bind(&Tcp, listen)
-            .await
-            .map_err(|e| failure(format!("cannot listen on {listen}: {e}")))?;
-        info!("listening on {local}");
-        let scan_image = image.clone();
-        tokio::task::spawn_blocking(move || match scan_image.scan_allocation() {
-            Ok(()) => info!("allocation map built"),
-            Err(e) => warn!("allocation map not built, serving without hole detection: {e}"),
-        });
-        let shared = Shared::new(image.clone(), config, acl, Arc::new(Quiet));
-        let accept = tokio::spawn(server::accept_loop::<Tcp, Quiet>(listener, shared));
-        let signal = wait_for_signal().await;
-        info!("received {signal}, shutting down");
-        accept.abort();
-        image.stop_scan();
-        Ok(ExitCode::SUCCESS)
-    })
+    let code = runtime
+        .block_on(daemon::run_serve(Tcp, options, Arc::new(Quiet)))
+        .map_err(failure)?;
+    // Blocking work still running (a map scan) must not delay the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(ExitCode::from(code))
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = quit.recv() => "SIGQUIT",
+/// Sends one control request and turns the response into output and an
+/// exit code: the text goes to stdout when the code is 0, else to stderr.
+fn control_request(
+    sock: &SockArgs,
+    mode: &'static str,
+    lines: Vec<String>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    sock.verbosity.apply();
+    let Some(path) = &sock.sock else {
+        return Err(usage_error("--sock is required.", mode));
+    };
+    // `mirror` waits for the first connection attempt (up to 15 s to connect
+    // and 5 s for the greeting).
+    let timeout = std::time::Duration::from_secs(60);
+    let response = flexnbd::control::client::request(path, &lines, timeout)
+        .map_err(|e| failure(e.to_string()))?;
+    if response.code == 0 {
+        if json {
+            println!("{}", flexnbd::status::line_to_json(&response.text));
+        } else {
+            println!("{}", response.text);
+        }
+    } else {
+        eprintln!("{}", response.text);
     }
+    Ok(ExitCode::from(response.code))
+}
+
+fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
+    let (Some(addr), Some(port)) = (&args.addr, &args.port) else {
+        args.sock.verbosity.apply();
+        return Err(usage_error(
+            "both --addr and --port are required.",
+            "mirror",
+        ));
+    };
+    let mut lines = vec!["mirror".to_string(), addr.clone(), port.clone()];
+    lines.push(if args.unlink { "unlink" } else { "exit" }.to_string());
+    if args.bind.is_some() || args.max_speed.is_some() {
+        // The bind line must be present for max_bps to follow it.
+        lines.push(args.bind.clone().unwrap_or_else(|| "0".to_string()));
+    }
+    if let Some(speed) = &args.max_speed {
+        lines.push(speed.clone());
+    }
+    control_request(&args.sock, "mirror", lines, false)
 }
 
 fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
@@ -337,10 +440,34 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Servers report failures as log lines; one-shot commands as plain text.
+    let logs_failures = matches!(cli.mode, Mode::Serve(_));
     let result = match cli.mode {
         Mode::Serve(args) => serve(args),
         Mode::Read(args) => transfer(args, false),
         Mode::Write(args) => transfer(args, true),
+        Mode::Status(args) => {
+            control_request(&args.sock, "status", vec!["status".into()], args.json)
+        }
+        Mode::Acl(args) => {
+            let mut lines = vec!["acl".to_string()];
+            lines.extend(args.acl);
+            control_request(&args.sock, "acl", lines, false)
+        }
+        Mode::Mirror(args) => mirror(args),
+        Mode::MirrorSpeed(args) => match &args.max_speed {
+            None => {
+                args.sock.verbosity.apply();
+                Err(usage_error("--max-speed is required.", "mirror-speed"))
+            }
+            Some(speed) => control_request(
+                &args.sock,
+                "mirror-speed",
+                vec!["mirror_max_bps".into(), speed.clone()],
+                false,
+            ),
+        },
+        Mode::Break(args) => control_request(&args, "break", vec!["break".into()], false),
         Mode::Help { mode } => {
             return match mode.as_deref() {
                 None => {
@@ -359,12 +486,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(f) => {
-            if log::enabled(Level::Error) {
-                error!("{}", f.message);
-            } else {
+            if logs_failures {
                 fatal!("{}", f.message);
+            } else {
+                eprintln!("flexnbd: {}", f.message);
             }
-            eprintln!("flexnbd: {}", f.message);
             if let Some(mode) = f.usage_of {
                 print_usage(Some(mode), true);
             }

@@ -4,8 +4,22 @@
 //! probe answers with an [`Action`] that says what to do with the message of
 //! that step. This crate does not depend on the server: it is the shared
 //! language between the connection code and whatever decides on faults.
+//!
+//! [`plan`] is the fault plan language (`FLEXNBD_FAULTS`), which turns a text
+//! like `server.reply_send.write#3=close` into decisions at each step;
+//! [`scenarios`] is a catalogue of named plans covering both sides of a
+//! migration and the store.
 
 use std::time::Duration;
+
+pub mod plan;
+pub mod scenarios;
+
+pub use plan::{
+    fired_line, is_known_step, Decision, Fault, FaultPlan, PlanError, PlanErrorKind, Side,
+    StoreFault, KNOWN_STEPS,
+};
+pub use scenarios::{Scenario, SCENARIOS};
 
 /// What to do at a protocol step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -4,10 +4,14 @@ mod negotiate;
 mod transmission;
 mod writer;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::acl::Acl;
 use crate::probe::{Action, Probe, Step};
@@ -35,6 +39,8 @@ pub struct Config {
     pub max_clients: usize,
     /// A newstyle client that has not finished negotiating by then is dropped.
     pub handshake_timeout: Duration,
+    /// With `--killswitch`: a request cycle longer than this drops the client.
+    pub killswitch: Option<Duration>,
 }
 
 impl Default for Config {
@@ -43,6 +49,7 @@ impl Default for Config {
             handshake: HandshakeMode::Oldstyle,
             max_clients: 16,
             handshake_timeout: Duration::from_secs(10),
+            killswitch: None,
         }
     }
 }
@@ -63,13 +70,26 @@ pub fn transmission_flags(structured: bool) -> u16 {
     f
 }
 
-/// State shared by the accept loop and every connection.
+/// One connected client, as the registry sees it.
+struct ClientEntry {
+    peer: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// State shared by the accept loop, every connection and the control socket.
 pub struct Shared<P: Probe> {
     pub image: Arc<Image>,
     pub config: Config,
     pub probe: Arc<P>,
-    pub acl: RwLock<Arc<Acl>>,
-    clients: AtomicUsize,
+    acl: RwLock<Arc<Acl>>,
+    /// Live connections, so an ACL change or a shutdown can stop them.
+    clients: Mutex<HashMap<u64, ClientEntry>>,
+    next_client: AtomicU64,
+    /// Signalled whenever a client leaves.
+    client_left: Notify,
+    /// Cleared during a migration's endgame: new connections are closed at
+    /// once, with no greeting.
+    clients_allowed: AtomicBool,
 }
 
 impl<P: Probe> Shared<P> {
@@ -79,21 +99,85 @@ impl<P: Probe> Shared<P> {
             config,
             probe,
             acl: RwLock::new(Arc::new(acl)),
-            clients: AtomicUsize::new(0),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(0),
+            client_left: Notify::new(),
+            clients_allowed: AtomicBool::new(true),
         })
     }
 
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ClientEntry>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn num_clients(&self) -> usize {
-        self.clients.load(Ordering::Acquire)
+        self.registry().len()
+    }
+
+    pub fn acl(&self) -> Arc<Acl> {
+        self.acl.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the ACL atomically and stops every client it no longer
+    /// allows (after its current request). Returns how many were stopped.
+    pub fn set_acl(&self, acl: Acl) -> usize {
+        let acl = Arc::new(acl);
+        *self.acl.write().unwrap_or_else(|p| p.into_inner()) = acl.clone();
+        let mut stopped = 0;
+        for entry in self.registry().values() {
+            if !acl.allows(entry.peer.ip()) {
+                warn!(
+                    "client {} is no longer allowed by the access control list; disconnecting it",
+                    entry.peer
+                );
+                entry.stop.cancel();
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
+    pub fn clients_allowed(&self) -> bool {
+        self.clients_allowed.load(Ordering::Acquire)
+    }
+
+    pub fn set_clients_allowed(&self, allowed: bool) {
+        self.clients_allowed.store(allowed, Ordering::Release);
+    }
+
+    /// Asks every client to stop after its current request.
+    pub fn stop_clients(&self) {
+        for entry in self.registry().values() {
+            entry.stop.cancel();
+        }
+    }
+
+    /// Waits until no client is connected, for at most `limit`. Returns
+    /// whether they all left.
+    pub async fn wait_for_no_clients(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = self.client_left.notified();
+            if self.num_clients() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, left).await.is_err() {
+                return self.num_clients() == 0;
+            }
+        }
     }
 }
 
-/// Releases a client slot when the connection task ends, however it ends.
-struct Slot<P: Probe>(Arc<Shared<P>>);
+/// Removes a client from the registry when its task ends, however it ends.
+struct Registration<P: Probe> {
+    shared: Arc<Shared<P>>,
+    id: u64,
+}
 
-impl<P: Probe> Drop for Slot<P> {
+impl<P: Probe> Drop for Registration<P> {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.shared.registry().remove(&self.id);
+        self.shared.client_left.notify_waiters();
     }
 }
 
@@ -115,32 +199,44 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         if let Action::Crash = shared.probe.step(Step::Accept) {
             faults::crash_now();
         }
-        let allowed = shared
-            .acl
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .allows(peer.ip());
-        if !allowed {
-            warn!("rejecting client {peer}: not allowed by the access control list");
-            drop(stream);
-            continue;
-        }
-        let taken = shared.clients.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(shared.clone());
-        if taken >= shared.config.max_clients {
-            warn!(
-                "too many clients: rejecting {peer}, all {} slots are in use",
-                shared.config.max_clients
+        if !shared.clients_allowed() {
+            info!(
+                "closing connection from {peer}: clients are not allowed now (migration endgame)"
             );
-            drop(stream);
-            drop(slot);
             continue;
         }
+        if !shared.acl().allows(peer.ip()) {
+            warn!("rejecting client {peer}: not allowed by the access control list");
+            continue;
+        }
+        let stop = CancellationToken::new();
+        let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut registry = shared.registry();
+            if registry.len() >= shared.config.max_clients {
+                warn!(
+                    "too many clients: rejecting {peer}, all {} slots are in use",
+                    shared.config.max_clients
+                );
+                continue;
+            }
+            registry.insert(
+                id,
+                ClientEntry {
+                    peer,
+                    stop: stop.clone(),
+                },
+            );
+        }
+        let registration = Registration {
+            shared: shared.clone(),
+            id,
+        };
         debug!("accepted client {peer}");
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            match transmission::serve_client(stream, peer, shared).await {
+            let _registration = registration;
+            match transmission::serve_client(stream, peer, shared, stop).await {
                 Ok(()) => info!("client {peer} finished"),
                 Err(e) => info!("client {peer} dropped: {e}"),
             }

@@ -10,9 +10,11 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::negotiate::{negotiate, NegotiateError, Negotiated};
 use super::writer::ReplyWriter;
@@ -21,7 +23,7 @@ use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
 use crate::store::{Image, BLOCK_SIZE, PIECE};
 use crate::transport::Stream;
-use crate::{debug, error, warn};
+use crate::{debug, error, info, warn};
 
 /// Size of the read buffer: large enough to take a pipelined burst of small
 /// requests (and their payloads) in one system call.
@@ -54,6 +56,8 @@ pub enum ConnError {
     ReadAfterSend(io::Error),
     #[error("fault injection closed the connection at {0}")]
     FaultClosed(String),
+    #[error("killswitch: a request took longer than {0} s")]
+    Killswitch(f64),
 }
 
 type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
@@ -63,6 +67,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
     mut stream: S,
     peer: SocketAddr,
     shared: Arc<Shared<P>>,
+    stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let image = shared.image.clone();
     let negotiated = match shared.config.handshake {
@@ -107,6 +112,8 @@ pub async fn serve_client<S: Stream, P: Probe>(
         deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
         payload: Vec::new(),
         peer,
+        stop,
+        killswitch: shared.config.killswitch,
     };
     let result = conn.run().await;
     // Let requests still waiting for the disk send their replies first.
@@ -126,6 +133,12 @@ struct Connection<R, W, P> {
     /// Reused buffer for write payloads that are not already buffered.
     payload: Vec<u8>,
     peer: SocketAddr,
+    /// Cancelled to end the connection between requests (ACL change,
+    /// shutdown, migration cut-off); a request in progress finishes first.
+    stop: CancellationToken,
+    /// A request cycle (from its first byte to its reply) longer than this
+    /// drops the client.
+    killswitch: Option<Duration>,
 }
 
 /// What to do after a request was handled.
@@ -142,24 +155,53 @@ where
 {
     async fn run(&mut self) -> Result<(), ConnError> {
         loop {
-            if self.reader.buffer().is_empty() {
-                // Nothing more is waiting: send what the burst produced.
-                self.writer
-                    .lock()
-                    .await
-                    .send()
-                    .await
-                    .map_err(ConnError::Send)?;
-            }
-            let Some(request) = self.read_header().await? else {
-                debug!("client {} closed the connection", self.peer);
+            if self.stop.is_cancelled() {
+                info!("client {} stopped between requests", self.peer);
                 return Ok(());
+            }
+            if self.reader.buffer().is_empty() {
+                // Wait for the next request to start arriving, or a stop.
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => continue,
+                    available = self.reader.fill_buf() => {
+                        if available.map_err(ConnError::Receive)?.is_empty() {
+                            debug!("client {} closed the connection", self.peer);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let next = match self.killswitch {
+                None => self.request_cycle().await?,
+                Some(limit) => match tokio::time::timeout(limit, self.request_cycle()).await {
+                    Ok(next) => next?,
+                    Err(_) => return Err(ConnError::Killswitch(limit.as_secs_f64())),
+                },
             };
-            match self.handle(request).await? {
-                Next::Continue => {}
-                Next::Stop => return Ok(()),
+            if let Next::Stop = next {
+                return Ok(());
             }
         }
+    }
+
+    /// One request: header, payload, execution, and (when no further
+    /// request is already waiting) sending the replies.
+    async fn request_cycle(&mut self) -> Result<Next, ConnError> {
+        let Some(request) = self.read_header().await? else {
+            return Ok(Next::Stop);
+        };
+        let next = self.handle(request).await?;
+        if self.reader.buffer().is_empty() {
+            // Nothing more is waiting: send what the burst produced.
+            self.writer
+                .lock()
+                .await
+                .send()
+                .await
+                .map_err(ConnError::Send)?;
+        }
+        Ok(next)
     }
 
     /// Reads a 28-byte header; `None` on a clean end of stream between requests.
