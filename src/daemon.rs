@@ -1,18 +1,23 @@
-//! A long-running server process (`serve`): start-up order, the control
-//! socket's view of the server, signals and the shutdown order.
+//! A long-running server process (`serve` or `listen`): start-up order, the
+//! control socket's view of the server, the mirror it may run, signals, the
+//! shutdown order and the exit code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::acl::Acl;
 use crate::control::protocol::{parse_bps, parse_mirror, Response};
 use crate::control::{self, Controlled};
+use crate::handoff::Destination;
+use crate::mirror::{self, FirstOutcome, Host, MirrorConfig, MirrorState, Outcome};
 use crate::probe::Probe;
 use crate::server::{self, Config, Shared};
 use crate::status::Status;
@@ -22,8 +27,19 @@ use crate::{error, info, warn};
 
 /// At shutdown, clients get this long to finish their current request.
 pub const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// `break` and shutdown wait this long for a mirror to stop.
+pub const MIRROR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Everything `serve` needs, parsed and checked.
+/// Which server this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds the canonical image and may migrate it away.
+    Serve,
+    /// A migration destination: exits 0 once a sender completes.
+    Listen,
+}
+
+/// Everything a server needs, parsed and checked.
 pub struct ServeOptions {
     pub listen: SocketAddr,
     pub image: Arc<Image>,
@@ -32,39 +48,138 @@ pub struct ServeOptions {
     pub config: Config,
 }
 
-/// The server as the control socket sees it.
-pub struct Daemon<P: Probe> {
-    pub shared: Arc<Shared<P>>,
-    /// Set once shutdown has begun: no mirror may start after it.
-    shutting_down: AtomicBool,
-    /// True in `serve` (the source of truth); `listen` gains it on hand-off.
-    has_control: AtomicBool,
+/// A running mirror, as the daemon holds it.
+struct MirrorHandle {
+    id: u64,
+    state: Arc<MirrorState>,
+    cancel: CancellationToken,
+    /// Cancelled when the supervisor has ended.
+    done: CancellationToken,
 }
 
-impl<P: Probe> Daemon<P> {
-    pub fn new(shared: Arc<Shared<P>>, has_control: bool) -> Daemon<P> {
-        Daemon {
-            shared,
-            shutting_down: AtomicBool::new(false),
-            has_control: AtomicBool::new(has_control),
-        }
+/// The server as the control socket and the mirror see it.
+pub struct Daemon<T: Transport, P: Probe> {
+    pub shared: Arc<Shared<P>>,
+    transport: T,
+    role: Role,
+    /// Set once shutdown has begun: no mirror may start after it.
+    shutting_down: AtomicBool,
+    /// True in `serve`; `listen` gains it when a migration completes.
+    has_control: AtomicBool,
+    mirror: Mutex<Option<MirrorHandle>>,
+    next_mirror: AtomicU64,
+    outcomes: mpsc::UnboundedSender<(u64, Outcome)>,
+    control_stop: CancellationToken,
+    control_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    accept_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl<T: Transport, P: Probe> Daemon<T, P> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<MirrorHandle>> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn status(&self) -> Status {
-        Status {
+        let image = &self.shared.image;
+        let mut status = Status {
             pid: std::process::id(),
-            size: self.shared.image.size(),
+            size: image.size(),
             is_mirroring: false,
             clients_allowed: self.shared.clients_allowed(),
             num_clients: self.shared.num_clients(),
             has_control: self.has_control.load(Ordering::Acquire),
             migration: None,
             extra: Vec::new(),
+        };
+        if let Some(m) = self.slot().as_ref() {
+            status.is_mirroring = true;
+            status.migration = Some(m.state.status(image));
+            status.extra.push((
+                "migration_attempt".into(),
+                m.state.attempt.load(Ordering::Acquire).to_string(),
+            ));
+            status
+                .extra
+                .push(("migration_state".into(), m.state.phase().name().into()));
+        }
+        status
+    }
+
+    /// Stops the running mirror (if it is not already handing off) and
+    /// waits for it. Returns the response `break` gives.
+    async fn stop_mirror(&self) -> Response {
+        let (cancel, done, state) = match self.slot().as_ref() {
+            None => return Response::fail("not mirroring"),
+            Some(m) => (m.cancel.clone(), m.done.clone(), m.state.clone()),
+        };
+        if state.completing.load(Ordering::Acquire) {
+            return Response::fail("mirror completed");
+        }
+        cancel.cancel();
+        if tokio::time::timeout(MIRROR_STOP_TIMEOUT, done.cancelled())
+            .await
+            .is_err()
+        {
+            warn!(
+                "mirror did not stop within {} s",
+                MIRROR_STOP_TIMEOUT.as_secs()
+            );
+        }
+        if state.completing.load(Ordering::Acquire) {
+            return Response::fail("mirror completed");
+        }
+        self.slot().take();
+        self.shared.image.stop_tracking();
+        self.shared.set_clients_allowed(true);
+        Response::ok("mirror stopped")
+    }
+}
+
+impl<T: Transport, P: Probe> Host for Daemon<T, P> {
+    fn image(&self) -> &Arc<Image> {
+        &self.shared.image
+    }
+
+    async fn cut_off_clients(&self, grace: Duration) {
+        info!("closing clients to allow mirroring to converge");
+        self.shared.set_clients_allowed(false);
+        self.shared.stop_clients();
+        if !self.shared.wait_for_no_clients(grace).await {
+            warn!(
+                "{} clients still busy after {} ms; disconnecting them",
+                self.shared.num_clients(),
+                grace.as_millis()
+            );
+            self.shared.abort_clients();
+            self.shared
+                .wait_for_no_clients(Duration::from_secs(1))
+                .await;
+        }
+    }
+
+    fn allow_clients(&self) {
+        self.shared.set_clients_allowed(true);
+    }
+
+    async fn close_server(&self) {
+        // The control socket first, so a status request can never block the
+        // hand-off (C issue #40); then the listening socket.
+        self.control_stop.cancel();
+        if let Some(task) = self.control_task.lock().await.take() {
+            let _ = task.await;
+        }
+        if let Some(accept) = self
+            .accept_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            accept.abort();
         }
     }
 }
 
-impl<P: Probe> Controlled for Daemon<P> {
+impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
     fn status_line(&self) -> String {
         self.status().render()
     }
@@ -88,27 +203,94 @@ impl<P: Probe> Controlled for Daemon<P> {
     }
 
     async fn mirror(&self, args: Vec<String>) -> Response {
-        if let Err(message) = parse_mirror(&args) {
-            return Response::fail(message);
+        let args = match parse_mirror(&args) {
+            Ok(a) => a,
+            Err(message) => return Response::fail(message),
+        };
+        if self.role == Role::Listen {
+            return Response::fail("a migration destination cannot mirror");
         }
-        if self.shutting_down.load(Ordering::Acquire) {
-            return Response::fail("shutting down");
+        let (first_tx, first_rx) = oneshot::channel();
+        let id = self.next_mirror.fetch_add(1, Ordering::Relaxed);
+        {
+            // Checked and claimed under one lock: two `mirror` requests at
+            // once can never both start (the C version started a second
+            // supervisor on the same mirror).
+            let mut slot = self.slot();
+            if self.shutting_down.load(Ordering::Acquire) {
+                return Response::fail("shutting down");
+            }
+            if slot.is_some() {
+                return Response::fail("mirror already running");
+            }
+            let state = Arc::new(MirrorState::new(args.max_bps));
+            let cancel = CancellationToken::new();
+            let done = CancellationToken::new();
+            let config = MirrorConfig {
+                target: args.target,
+                bind: args.bind,
+                action: args.action,
+                request_limit: mirror::request_limit(),
+            };
+            let task = mirror::supervise(
+                self.transport.clone(),
+                self.clone(),
+                config,
+                state.clone(),
+                cancel.clone(),
+                first_tx,
+            );
+            let outcomes = self.outcomes.clone();
+            let done_signal = done.clone();
+            tokio::spawn(async move {
+                let outcome = task.await;
+                done_signal.cancel();
+                let _ = outcomes.send((id, outcome));
+            });
+            *slot = Some(MirrorHandle {
+                id,
+                state,
+                cancel,
+                done,
+            });
         }
-        Response::fail("Mirror failed to connect: migration is not available in this build")
+        info!("mirror to {} requested", args.target);
+        let first = first_rx.await.unwrap_or(FirstOutcome::FailConnect);
+        if first != FirstOutcome::Go {
+            // Nothing is left behind: status, a new `mirror` and the exit
+            // code on a signal all behave as if none was started.
+            let mut slot = self.slot();
+            if slot.as_ref().map(|m| m.id) == Some(id) {
+                slot.take();
+            }
+        }
+        first.response()
     }
 
     async fn mirror_max_bps(&self, args: Vec<String>) -> Response {
+        let state = match self.slot().as_ref() {
+            None => return Response::fail("Not currently mirroring"),
+            Some(m) => m.state.clone(),
+        };
         if args.len() != 1 {
             return Response::fail("Bad format");
         }
-        if let Err(message) = parse_bps(&args[0]) {
-            return Response::fail(message);
+        match parse_bps(&args[0]) {
+            Ok(bps) => {
+                state.set_max_bps(bps);
+                info!("migration speed limit set to {bps} bytes/s");
+                Response::ok("updated")
+            }
+            Err(message) => Response::fail(message),
         }
-        Response::fail("Not currently mirroring")
     }
 
     async fn break_mirror(&self) -> Response {
-        Response::fail("not mirroring")
+        let response = self.stop_mirror().await;
+        if response.code == 0 {
+            info!("mirror stopped by break");
+        }
+        response
     }
 }
 
@@ -150,37 +332,74 @@ pub fn killswitch_limit() -> Duration {
         .unwrap_or(Duration::from_secs(120))
 }
 
-/// Runs `serve` until a signal; returns the exit code.
-pub async fn run_serve<T: Transport, P: Probe>(
+/// What ended the main loop.
+enum End {
+    Signal(&'static str),
+    HandedOff,
+    HandOffFailed(String),
+    MigratedIn,
+}
+
+/// Runs `serve` or `listen` until it ends; returns the exit code.
+pub async fn run<T: Transport, P: Probe>(
     transport: T,
+    role: Role,
     options: ServeOptions,
     probe: Arc<P>,
 ) -> Result<u8, String> {
     let mut signals =
         Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let destination = match role {
+        Role::Serve => None,
+        // The marker exists, durably, before the port accepts anything.
+        Role::Listen => Some(Arc::new(
+            Destination::prepare(options.image.path()).map_err(|e| {
+                format!(
+                    "cannot create the marker {}: {e}",
+                    crate::handoff::marker_path(options.image.path()).display()
+                )
+            })?,
+        )),
+    };
     let (listener, local) = server::bind(&transport, options.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
     info!("listening on {local}");
-    let shared = Shared::new(options.image.clone(), options.config, options.acl, probe);
-    let daemon = Arc::new(Daemon::new(shared.clone(), true));
+    let shared = Shared::with_destination(
+        options.image.clone(),
+        options.config,
+        options.acl,
+        probe,
+        destination.clone(),
+    );
+    let (outcomes_tx, mut outcomes) = mpsc::unbounded_channel();
+    let daemon = Arc::new(Daemon {
+        shared: shared.clone(),
+        transport: transport.clone(),
+        role,
+        shutting_down: AtomicBool::new(false),
+        has_control: AtomicBool::new(role == Role::Serve),
+        mirror: Mutex::new(None),
+        next_mirror: AtomicU64::new(1),
+        outcomes: outcomes_tx,
+        control_stop: CancellationToken::new(),
+        control_task: tokio::sync::Mutex::new(None),
+        accept_task: Mutex::new(None),
+    });
 
     // The control socket appears only once the port listens: its existence
     // means "ready".
-    let control_stop = CancellationToken::new();
-    let control_task = match &options.sock {
-        Some(path) => {
-            let listener = control::bind(path).map_err(|e| e.to_string())?;
-            info!("control socket at {}", path.display());
-            Some(tokio::spawn(control::serve(
-                listener,
-                path.clone(),
-                daemon.clone(),
-                control_stop.clone(),
-            )))
-        }
-        None => None,
-    };
+    if let Some(path) = &options.sock {
+        let listener = control::bind(path).map_err(|e| e.to_string())?;
+        info!("control socket at {}", path.display());
+        let task = tokio::spawn(control::serve(
+            listener,
+            path.clone(),
+            Arc::new(daemon.clone()),
+            daemon.control_stop.clone(),
+        ));
+        *daemon.control_task.lock().await = Some(task);
+    }
 
     let scan_image = options.image.clone();
     tokio::task::spawn_blocking(move || match scan_image.scan_allocation() {
@@ -188,24 +407,88 @@ pub async fn run_serve<T: Transport, P: Probe>(
         Err(e) => warn!("allocation map not built, serving without hole detection: {e}"),
     });
     let accept = tokio::spawn(server::accept_loop::<T, P>(listener, shared.clone()));
+    *daemon.accept_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(accept.abort_handle());
 
-    let signal = signals.next().await;
-    info!("received {signal}, shutting down");
-    daemon.shutting_down.store(true, Ordering::Release);
-    // 1. Ask every client to stop after its current request.
+    let migrated_in = destination
+        .as_ref()
+        .map(|d| d.completed.clone())
+        .unwrap_or_default();
+    let end = loop {
+        tokio::select! {
+            signal = signals.next() => break End::Signal(signal),
+            _ = migrated_in.cancelled(), if destination.is_some() => break End::MigratedIn,
+            Some((id, outcome)) = outcomes.recv() => match outcome {
+                Outcome::HandedOff => break End::HandedOff,
+                Outcome::DisconnectFailed(why) => break End::HandOffFailed(why),
+                Outcome::CopiedAndKept | Outcome::Abandoned | Outcome::FirstAttemptFailed(_) => {
+                    let mut slot = daemon.slot();
+                    if slot.as_ref().map(|m| m.id) == Some(id) {
+                        slot.take();
+                    }
+                }
+            },
+        }
+    };
+
+    let mut code = match &end {
+        End::Signal(signal) => {
+            info!("received {signal}, shutting down");
+            match role {
+                // A destination stopped before a completed migration.
+                Role::Listen => 1,
+                Role::Serve => 0,
+            }
+        }
+        End::HandedOff => {
+            info!("server closed, quitting after successful migration");
+            0
+        }
+        End::HandOffFailed(why) => {
+            error!("hand-off failed: {why}");
+            1
+        }
+        End::MigratedIn => {
+            daemon.has_control.store(true, Ordering::Release);
+            info!("migration received; quitting");
+            0
+        }
+    };
+    {
+        // No mirror may start from here on.
+        let _slot = daemon.slot();
+        daemon.shutting_down.store(true, Ordering::Release);
+    }
+    if let End::Signal(_) = end {
+        let running = daemon
+            .slot()
+            .as_ref()
+            .map(|m| (m.state.clone(), m.done.clone()));
+        if let Some((state, done)) = running {
+            if state.completing.load(Ordering::Acquire) {
+                // Inside the hand-off: let it finish; its outcome decides.
+                info!("a migration is handing off; waiting for it");
+                let _ = tokio::time::timeout(mirror::request_limit() * 2, done.cancelled()).await;
+                code = match outcomes.try_recv() {
+                    Ok((_, Outcome::HandedOff)) => 0,
+                    _ => 1,
+                };
+            } else {
+                // So a supervisor never takes an aborted migration for a
+                // completed one.
+                code = 1;
+                daemon.stop_mirror().await;
+            }
+        }
+    }
+    // The shutdown order: clients, control socket, listening socket, map scan.
     shared.stop_clients();
-    // 2. Close the control socket first and wait for its connections, so a
-    //    status request arriving during teardown can never block it.
-    control_stop.cancel();
-    if let Some(task) = control_task {
+    daemon.control_stop.cancel();
+    if let Some(task) = daemon.control_task.lock().await.take() {
         let _ = task.await;
     }
-    // 3. Close the listening socket.
     accept.abort();
     let _ = accept.await;
-    // 4. Stop the allocation map scan.
     options.image.stop_scan();
-    // 5. Wait for the clients.
     if !shared.wait_for_no_clients(CLIENT_DRAIN_TIMEOUT).await {
         error!(
             "{} clients still busy after {} s; exiting without them",
@@ -213,6 +496,6 @@ pub async fn run_serve<T: Transport, P: Probe>(
             CLIENT_DRAIN_TIMEOUT.as_secs()
         );
     }
-    info!("shut down");
-    Ok(0)
+    info!("shut down with exit code {code}");
+    Ok(code)
 }

@@ -6,6 +6,8 @@ pub mod acl;
 pub mod client;
 pub mod control;
 pub mod daemon;
+pub mod handoff;
+pub mod mirror;
 pub mod probe;
 pub mod proto;
 pub mod server;

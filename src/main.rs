@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use flexnbd::acl::{parse_ip, Acl};
-use flexnbd::daemon::{self, ServeOptions};
+use flexnbd::daemon::{self, Role, ServeOptions};
 use flexnbd::log::{self, Level};
 use flexnbd::probe::Quiet;
 use flexnbd::server::{Config, HandshakeMode};
@@ -31,6 +31,10 @@ struct Cli {
 enum Mode {
     /// Serve an image file over NBD.
     Serve(ServeArgs),
+    /// Receive a migration: serve one sender, exit 0 once it hands off.
+    Listen(ServeArgs),
+    /// Tell which copy of a migrated disk is canonical, and what to do.
+    Resolve(ResolveArgs),
     /// Read bytes from an NBD server and write them to standard output.
     Read(TransferArgs),
     /// Write bytes from standard input to an NBD server.
@@ -105,9 +109,10 @@ struct ServeArgs {
     /// Which greeting to send.
     #[arg(long, value_enum, default_value = "oldstyle")]
     handshake: Handshake,
-    /// Most clients served at once; more are closed without a greeting.
-    #[arg(long, default_value_t = 16)]
-    max_clients: usize,
+    /// Most clients served at once (default 16; listen takes exactly 1); more
+    /// are closed without a greeting.
+    #[arg(long)]
+    max_clients: Option<usize>,
     /// Seconds a newstyle client may take to finish negotiating before it is dropped.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     handshake_timeout: f64,
@@ -186,6 +191,27 @@ struct MirrorArgs {
     /// Speed limit in bytes per second from the start.
     #[arg(short = 'm', long)]
     max_speed: Option<String>,
+    /// After it starts, follow the migration to its end (a progress bar on a
+    /// terminal, plain lines otherwise) and exit with its outcome.
+    #[arg(short = 'w', long)]
+    wait: bool,
+}
+
+#[derive(Args)]
+struct ResolveArgs {
+    /// The source image path (on this host).
+    #[arg(long, conflicts_with = "source_exists")]
+    source: Option<PathBuf>,
+    /// Whether the source image exists, when it lives on another host.
+    #[arg(long, value_parser = ["yes", "no"])]
+    source_exists: Option<String>,
+    /// The destination image path (its marker is DEST.INCOMPLETE).
+    #[arg(long)]
+    dest: Option<PathBuf>,
+    /// Perform the action where it is safe to automate (removing an
+    /// `entrusted` marker).
+    #[arg(long)]
+    apply: bool,
 }
 
 #[derive(Args)]
@@ -232,17 +258,32 @@ fn socket_addr(addr: &str, port: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, parse_port(port)?))
 }
 
-fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
+fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
+    let mode = match role {
+        Role::Serve => "serve",
+        Role::Listen => "listen",
+    };
     args.verbosity.apply();
     let (Some(addr), Some(port)) = (&args.addr, &args.port) else {
-        return Err(usage_error("both --addr and --port are required.", "serve"));
+        return Err(usage_error("both --addr and --port are required.", mode));
     };
     let Some(file) = &args.file else {
-        return Err(usage_error("--file is required", "serve"));
+        return Err(usage_error("--file is required", mode));
     };
-    let listen = socket_addr(addr, port).map_err(|m| usage_error(m, "serve"))?;
-    if args.max_clients == 0 {
-        return Err(usage_error("--max-clients must be at least 1", "serve"));
+    let listen = socket_addr(addr, port).map_err(|m| usage_error(m, mode))?;
+    let max_clients = match (role, args.max_clients) {
+        (_, Some(0)) => return Err(usage_error("--max-clients must be at least 1", mode)),
+        (Role::Serve, n) => n.unwrap_or(16),
+        (Role::Listen, None | Some(1)) => 1,
+        (Role::Listen, Some(_)) => {
+            return Err(usage_error(
+                "listen takes one sender at a time: --max-clients must be 1",
+                mode,
+            ))
+        }
+    };
+    if role == Role::Listen && args.killswitch {
+        return Err(usage_error("--killswitch is for serve only", mode));
     }
     if !(args.handshake_timeout.is_finite()
         && args.handshake_timeout > 0.0
@@ -253,11 +294,11 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
                 "bad --handshake-timeout '{}': expected seconds, more than 0 and at most 3600",
                 args.handshake_timeout
             ),
-            "serve",
+            mode,
         ));
     }
-    let acl = Acl::parse(&args.acl, args.default_deny)
-        .map_err(|e| usage_error(e.to_string(), "serve"))?;
+    let acl =
+        Acl::parse(&args.acl, args.default_deny).map_err(|e| usage_error(e.to_string(), mode))?;
     log::set_context(file.display().to_string());
     // Check the file before binding: a port that listens must be able to serve.
     let image = Arc::new(Image::open(file).map_err(|e| failure(e.to_string()))?);
@@ -273,7 +314,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
             Handshake::Oldstyle => HandshakeMode::Oldstyle,
             Handshake::Newstyle => HandshakeMode::Newstyle,
         },
-        max_clients: args.max_clients,
+        max_clients,
         handshake_timeout: std::time::Duration::from_secs_f64(args.handshake_timeout),
         killswitch: args.killswitch.then(daemon::killswitch_limit),
     };
@@ -293,7 +334,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
     let code = runtime
-        .block_on(daemon::run_serve(Tcp, options, Arc::new(Quiet)))
+        .block_on(daemon::run(Tcp, role, options, Arc::new(Quiet)))
         .map_err(failure)?;
     // Blocking work still running (a map scan) must not delay the exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -346,7 +387,146 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
     if let Some(speed) = &args.max_speed {
         lines.push(speed.clone());
     }
-    control_request(&args.sock, "mirror", lines, false)
+    let code = control_request(&args.sock, "mirror", lines, false)?;
+    if !args.wait || code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    follow_migration(
+        args.sock
+            .sock
+            .as_deref()
+            .expect("checked by control_request"),
+    )
+}
+
+/// Polls status until the migration ends. The outcome: the server going
+/// away during the hand-off is success; a mirror that disappears before it
+/// (break) or a server that vanishes earlier is failure.
+fn follow_migration(path: &std::path::Path) -> Result<ExitCode, Failure> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_state = String::from("connecting");
+    let mut last_line = String::new();
+    loop {
+        let response = flexnbd::control::client::request(
+            path,
+            &["status".to_string()],
+            std::time::Duration::from_secs(10),
+        );
+        let text = match response {
+            Ok(r) if r.code == 0 => r.text,
+            Ok(r) => return Err(failure(format!("status failed: {}", r.text))),
+            Err(_) if last_state == "handing_off" || last_state == "entrusting" => {
+                if terminal {
+                    eprintln!();
+                }
+                println!("migration complete");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                return Err(failure(format!(
+                    "the server went away during the migration ({last_state}): {e}"
+                )))
+            }
+        };
+        let field = |key: &str| {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+                .map(str::to_string)
+        };
+        if field("is_mirroring").as_deref() != Some("true") {
+            if terminal {
+                eprintln!();
+            }
+            if last_state == "handing_off" || last_state == "entrusting" {
+                println!("migration complete");
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("migration stopped before completing (last state: {last_state})");
+            return Ok(ExitCode::from(1));
+        }
+        let size: f64 = field("size").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let left: f64 = field("migration_bytes_left")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(size);
+        last_state = field("migration_state").unwrap_or_default();
+        let attempt = field("migration_attempt").unwrap_or_default();
+        let speed = field("migration_speed").unwrap_or_default();
+        let done = if size > 0.0 {
+            (100.0 * (1.0 - left / size)).clamp(0.0, 100.0)
+        } else {
+            100.0
+        };
+        if terminal {
+            let width = 30;
+            let filled = (done / 100.0 * width as f64) as usize;
+            eprint!(
+                "\r[{}{}] {done:5.1}% {last_state} attempt {attempt} {speed} B/s   ",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            let _ = std::io::stderr().flush();
+        } else {
+            let line = format!("migration {done:.1}% state={last_state} attempt={attempt} bytes_left={left} speed={speed}");
+            if line != last_line {
+                println!("{line}");
+                last_line = line;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(if terminal {
+            200
+        } else {
+            1000
+        }));
+    }
+}
+
+/// Applies the verdict table of the hand-off contract.
+fn resolve(args: ResolveArgs) -> Result<ExitCode, Failure> {
+    use flexnbd::handoff;
+    let Some(dest) = &args.dest else {
+        return Err(usage_error("--dest is required", "resolve"));
+    };
+    let source_exists = match (&args.source, args.source_exists.as_deref()) {
+        (Some(path), None) => match std::fs::symlink_metadata(path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                return Err(failure(format!(
+                    "cannot tell whether {} exists: {e}",
+                    path.display()
+                )))
+            }
+        },
+        (None, Some(answer)) => answer == "yes",
+        _ => {
+            return Err(usage_error(
+                "give --source PATH or --source-exists yes|no",
+                "resolve",
+            ))
+        }
+    };
+    let marker = handoff::read_marker_state(dest).map_err(|e| {
+        failure(format!(
+            "cannot read {}: {e}",
+            handoff::marker_path(dest).display()
+        ))
+    })?;
+    let verdict = handoff::verdict(source_exists, marker);
+    let (reason, action) = handoff::explain(verdict, dest);
+    println!("verdict: {}", verdict.name());
+    println!("reason: {reason}");
+    println!("action: {action}");
+    if args.apply {
+        if verdict == handoff::Verdict::DestinationEntrusted {
+            handoff::remove_marker(dest)
+                .map_err(|e| failure(format!("cannot remove the marker: {e}")))?;
+            println!("applied: removed {}", handoff::marker_path(dest).display());
+        } else {
+            println!("applied: nothing (only removing an entrusted marker is automated)");
+        }
+    }
+    Ok(ExitCode::from(verdict.exit_code()))
 }
 
 fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
@@ -441,9 +621,11 @@ fn main() -> ExitCode {
         }
     };
     // Servers report failures as log lines; one-shot commands as plain text.
-    let logs_failures = matches!(cli.mode, Mode::Serve(_));
+    let logs_failures = matches!(cli.mode, Mode::Serve(_) | Mode::Listen(_));
     let result = match cli.mode {
-        Mode::Serve(args) => serve(args),
+        Mode::Serve(args) => serve(args, Role::Serve),
+        Mode::Listen(args) => serve(args, Role::Listen),
+        Mode::Resolve(args) => resolve(args),
         Mode::Read(args) => transfer(args, false),
         Mode::Write(args) => transfer(args, true),
         Mode::Status(args) => {

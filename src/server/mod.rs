@@ -74,6 +74,9 @@ pub fn transmission_flags(structured: bool) -> u16 {
 struct ClientEntry {
     peer: SocketAddr,
     stop: CancellationToken,
+    /// Tears the connection down at once (a client still busy when the
+    /// migration cut-off's grace period ends).
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 /// State shared by the accept loop, every connection and the control socket.
@@ -90,10 +93,22 @@ pub struct Shared<P: Probe> {
     /// Cleared during a migration's endgame: new connections are closed at
     /// once, with no greeting.
     clients_allowed: AtomicBool,
+    /// Set in `listen`: the migration destination's marker and hand-off.
+    pub destination: Option<Arc<crate::handoff::Destination>>,
 }
 
 impl<P: Probe> Shared<P> {
     pub fn new(image: Arc<Image>, config: Config, acl: Acl, probe: Arc<P>) -> Arc<Shared<P>> {
+        Shared::with_destination(image, config, acl, probe, None)
+    }
+
+    pub fn with_destination(
+        image: Arc<Image>,
+        config: Config,
+        acl: Acl,
+        probe: Arc<P>,
+        destination: Option<Arc<crate::handoff::Destination>>,
+    ) -> Arc<Shared<P>> {
         Arc::new(Shared {
             image,
             config,
@@ -103,6 +118,7 @@ impl<P: Probe> Shared<P> {
             next_client: AtomicU64::new(0),
             client_left: Notify::new(),
             clients_allowed: AtomicBool::new(true),
+            destination,
         })
     }
 
@@ -143,6 +159,15 @@ impl<P: Probe> Shared<P> {
 
     pub fn set_clients_allowed(&self, allowed: bool) {
         self.clients_allowed.store(allowed, Ordering::Release);
+    }
+
+    /// Tears down every client connection at once.
+    pub fn abort_clients(&self) {
+        for entry in self.registry().values() {
+            if let Some(abort) = &entry.abort {
+                abort.abort();
+            }
+        }
     }
 
     /// Asks every client to stop after its current request.
@@ -225,6 +250,7 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                 ClientEntry {
                     peer,
                     stop: stop.clone(),
+                    abort: None,
                 },
             );
         }
@@ -234,13 +260,18 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         };
         debug!("accepted client {peer}");
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let registry_shared = shared.clone();
+        let task = tokio::spawn(async move {
             let _registration = registration;
             match transmission::serve_client(stream, peer, shared, stop).await {
                 Ok(()) => info!("client {peer} finished"),
                 Err(e) => info!("client {peer} dropped: {e}"),
             }
         });
+        let mut registry = registry_shared.registry();
+        if let Some(entry) = registry.get_mut(&id) {
+            entry.abort = Some(task.abort_handle());
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub enum ConnError {
     FaultClosed(String),
     #[error("killswitch: a request took longer than {0} s")]
     Killswitch(f64),
+    #[error("cannot record the migration marker: {0}")]
+    Marker(String),
 }
 
 type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
@@ -114,6 +116,9 @@ pub async fn serve_client<S: Stream, P: Probe>(
         peer,
         stop,
         killswitch: shared.config.killswitch,
+        destination: shared.destination.clone(),
+        receiving_marked: false,
+        bytes_received: 0,
     };
     let result = conn.run().await;
     // Let requests still waiting for the disk send their replies first.
@@ -139,6 +144,12 @@ struct Connection<R, W, P> {
     /// A request cycle (from its first byte to its reply) longer than this
     /// drops the client.
     killswitch: Option<Duration>,
+    /// In `listen`: the migration destination's marker and hand-off.
+    destination: Option<Arc<crate::handoff::Destination>>,
+    /// Whether this connection has marked the destination `receiving` yet.
+    receiving_marked: bool,
+    /// Payload bytes this connection wrote (recorded in the marker).
+    bytes_received: u64,
 }
 
 /// What to do after a request was handled.
@@ -290,13 +301,33 @@ where
             }
             return Ok(Next::Continue);
         }
+        if matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
+            self.mark_receiving().await?;
+        }
         match req.kind {
             cmd::READ => self.read(&req).await?,
-            cmd::WRITE => self.write(&req).await?,
+            cmd::WRITE => {
+                self.write(&req).await?;
+                self.bytes_received += u64::from(req.length);
+            }
             cmd::DISC => {
                 debug!("client {} sent DISCONNECT", self.peer);
+                if let Some(destination) = self.destination.clone() {
+                    let image = self.image.clone();
+                    match tokio::task::spawn_blocking(move || destination.complete(&image)).await {
+                        Ok(Ok(())) => info!(
+                            "migration from {} complete: image durable, marker removed",
+                            self.peer
+                        ),
+                        Ok(Err(e)) => {
+                            error!("cannot complete the migration from {}: {e}", self.peer)
+                        }
+                        Err(e) => error!("cannot complete the migration from {}: {e}", self.peer),
+                    }
+                }
                 return Ok(Next::Stop);
             }
+            cmd::ENTRUST if self.destination.is_some() => self.entrust(&req).await?,
             cmd::FLUSH => self.defer_sync(&req).await,
             cmd::TRIM => {
                 let result = self.image.punch(req.offset, u64::from(req.length), false);
@@ -328,6 +359,59 @@ where
             }
         }
         Ok(Next::Continue)
+    }
+
+    /// In `listen`, before this connection's first change is applied: the
+    /// marker says `receiving`, durably.
+    async fn mark_receiving(&mut self) -> Result<(), ConnError> {
+        let Some(destination) = self.destination.clone() else {
+            return Ok(());
+        };
+        if self.receiving_marked {
+            return Ok(());
+        }
+        let source = self.peer.to_string();
+        let result =
+            tokio::task::spawn_blocking(move || destination.begin_receiving(&source)).await;
+        match result {
+            Ok(Ok(())) => {
+                self.receiving_marked = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ConnError::Marker(e.to_string())),
+            Err(e) => Err(ConnError::Marker(e.to_string())),
+        }
+    }
+
+    /// ENTRUST: answered only once the image is durable and the marker
+    /// says `entrusted`.
+    async fn entrust(&mut self, req: &Request) -> Result<(), ConnError> {
+        let Some(destination) = self.destination.clone() else {
+            return Ok(());
+        };
+        let image = self.image.clone();
+        let source = self.peer.to_string();
+        let bytes = self.bytes_received;
+        let result =
+            tokio::task::spawn_blocking(move || destination.entrust(&image, &source, bytes)).await;
+        let error = match result {
+            Ok(Ok(())) => {
+                info!(
+                    "entrusted by {}: image durable, marker says entrusted",
+                    self.peer
+                );
+                0
+            }
+            Ok(Err(e)) => {
+                error!("entrust from {} failed: {e}", self.peer);
+                errno::from_io(&e)
+            }
+            Err(e) => {
+                error!("entrust from {} failed: {e}", self.peer);
+                errno::EIO
+            }
+        };
+        self.simple_reply(req, error).await
     }
 
     /// Reads and discards `length` payload bytes (a refused write's data).

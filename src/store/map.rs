@@ -123,6 +123,65 @@ impl AllocationMap {
         }
     }
 
+    /// Sets the bits of blocks `first..end` and returns how many were clear.
+    pub fn set_blocks_counting(&self, mut first: u64, end: u64) -> u64 {
+        let end = end.min(self.blocks);
+        let mut newly = 0;
+        while first < end {
+            let index = (first / 64) as usize;
+            let bit = first % 64;
+            let span = (64 - bit).min(end - first);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let word = self.word(index);
+            if word.load(Ordering::Relaxed) & mask != mask {
+                let before = word.fetch_or(mask, Ordering::AcqRel);
+                newly += u64::from((!before & mask).count_ones());
+            }
+            first += span;
+        }
+        newly
+    }
+
+    /// Clears the bits of blocks `first..end` and returns how many were set.
+    pub fn clear_blocks_counting(&self, mut first: u64, end: u64) -> u64 {
+        let end = end.min(self.blocks);
+        let mut cleared = 0;
+        while first < end {
+            let index = (first / 64) as usize;
+            let bit = first % 64;
+            let span = (64 - bit).min(end - first);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let word = self.word(index);
+            if word.load(Ordering::Relaxed) & mask != 0 {
+                let before = word.fetch_and(!mask, Ordering::AcqRel);
+                cleared += u64::from((before & mask).count_ones());
+            }
+            first += span;
+        }
+        cleared
+    }
+
+    pub fn word_count(&self) -> usize {
+        self.word_count
+    }
+
+    /// Atomically takes (reads and clears) one word of bits.
+    pub fn take_word(&self, index: usize) -> u64 {
+        let word = self.word(index);
+        if word.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        word.swap(0, Ordering::AcqRel)
+    }
+
     /// Marks every block touched by the byte range as allocated.
     pub fn set_bytes(&self, offset: u64, length: u64) {
         if length == 0 {

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use map::{AllocationMap, BLOCK_SIZE};
@@ -45,6 +45,14 @@ pub struct Image {
     can_punch: AtomicBool,
     /// Set to stop a running map scan (shutdown).
     scan_stop: AtomicBool,
+    /// Set once the scan has finished, successfully or not.
+    scan_done: AtomicBool,
+    /// Blocks changed since the mirror last took them (only while tracking).
+    dirty: AllocationMap,
+    /// Number of set bits in `dirty`.
+    dirty_blocks: AtomicU64,
+    /// On while a migration attempt runs.
+    tracking: AtomicBool,
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -113,6 +121,10 @@ impl Image {
             punch_lock: RwLock::new(()),
             can_punch: AtomicBool::new(true),
             scan_stop: AtomicBool::new(false),
+            scan_done: AtomicBool::new(false),
+            dirty: AllocationMap::new(size),
+            dirty_blocks: AtomicU64::new(0),
+            tracking: AtomicBool::new(false),
         })
     }
 
@@ -145,6 +157,14 @@ impl Image {
         if data.is_empty() {
             return Ok(());
         }
+        self.store_write(data, offset)?;
+        // After the data landed: the mirror clears a bit and then reads, so
+        // marking afterwards means it can never read the old data last.
+        self.mark_dirty(offset, data.len() as u64);
+        Ok(())
+    }
+
+    fn store_write(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let _shared = self.punch_lock.read().unwrap_or_else(|p| p.into_inner());
         let map = &self.map;
         if !map.is_built() {
@@ -205,6 +225,12 @@ impl Image {
         if length == 0 {
             return Ok(());
         }
+        self.store_punch(offset, length, must_zero)?;
+        self.mark_dirty(offset, length);
+        Ok(())
+    }
+
+    fn store_punch(&self, offset: u64, length: u64, must_zero: bool) -> io::Result<()> {
         if self.can_punch.load(Ordering::Relaxed) {
             let _exclusive = self.punch_lock.write().unwrap_or_else(|p| p.into_inner());
             let rc = unsafe {
@@ -230,7 +256,7 @@ impl Image {
             }
         }
         if must_zero {
-            self.write_zeroes(offset, length)
+            self.store_zeroes(offset, length)
         } else {
             Ok(())
         }
@@ -238,6 +264,12 @@ impl Image {
 
     /// Writes real zeros over the range (allocating it).
     pub fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.store_zeroes(offset, length)?;
+        self.mark_dirty(offset, length);
+        Ok(())
+    }
+
+    fn store_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         let _shared = self.punch_lock.read().unwrap_or_else(|p| p.into_inner());
         self.map.set_bytes(offset, length);
         let zeros = vec![0u8; PIECE.min(length as usize)];
@@ -249,6 +281,104 @@ impl Image {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    #[inline]
+    fn mark_dirty(&self, offset: u64, length: u64) {
+        if self.tracking.load(Ordering::Acquire) && length > 0 {
+            let first = offset / BLOCK_SIZE;
+            let end = (offset + length).div_ceil(BLOCK_SIZE);
+            let newly = self.dirty.set_blocks_counting(first, end);
+            self.dirty_blocks.fetch_add(newly, Ordering::AcqRel);
+        }
+    }
+
+    /// Starts recording changed blocks for a migration attempt, from a clean
+    /// slate (the attempt's sweep sends everything anyway).
+    pub fn start_tracking(&self) {
+        self.tracking.store(true, Ordering::Release);
+        self.dirty.clear_blocks_counting(0, self.dirty.blocks());
+        // Approximate by design: only status output reads it.
+        self.dirty_blocks.store(0, Ordering::Release);
+    }
+
+    pub fn stop_tracking(&self) {
+        self.tracking.store(false, Ordering::Release);
+    }
+
+    /// Bytes changed and not yet taken by the mirror (block granularity).
+    pub fn dirty_bytes(&self) -> u64 {
+        (self.dirty_blocks.load(Ordering::Acquire) * BLOCK_SIZE).min(self.size)
+    }
+
+    /// Forgets changes inside a range the mirror is about to read and send
+    /// (the range is read after this, so nothing is lost).
+    pub fn clear_dirty(&self, offset: u64, length: u64) {
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = if offset + length >= self.size {
+            self.dirty.blocks()
+        } else {
+            (offset + length) / BLOCK_SIZE
+        };
+        if first < end {
+            let cleared = self.dirty.clear_blocks_counting(first, end);
+            self.dirty_blocks.fetch_sub(cleared, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes changed ranges (clearing them), at most `max_bytes` in all, as
+    /// byte ranges of at most `max_run` each, clipped to the export.
+    pub fn take_dirty(&self, max_bytes: u64, max_run: u64) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut total = 0u64;
+        for index in 0..self.dirty.word_count() {
+            if total >= max_bytes {
+                break;
+            }
+            let bits = self.dirty.take_word(index);
+            if bits == 0 {
+                continue;
+            }
+            self.dirty_blocks
+                .fetch_sub(u64::from(bits.count_ones()), Ordering::AcqRel);
+            let mut rest = bits;
+            while rest != 0 {
+                let first = rest.trailing_zeros() as u64;
+                let run = (rest >> first).trailing_ones() as u64;
+                rest &= !(if run == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << run) - 1) << first
+                });
+                let start = (index as u64 * 64 + first) * BLOCK_SIZE;
+                let end = ((index as u64 * 64 + first + run) * BLOCK_SIZE).min(self.size);
+                if start >= end {
+                    continue;
+                }
+                total += end - start;
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == start && last.1 + (end - start) <= max_run => {
+                        last.1 += end - start
+                    }
+                    _ => ranges.push((start, end - start)),
+                }
+            }
+        }
+        // Split runs longer than max_run.
+        let mut out = Vec::with_capacity(ranges.len());
+        for (mut start, mut len) in ranges {
+            while len > max_run {
+                out.push((start, max_run));
+                start += max_run;
+                len -= max_run;
+            }
+            out.push((start, len));
+        }
+        out
+    }
+
+    pub fn scan_finished(&self) -> bool {
+        self.scan_done.load(Ordering::Acquire)
     }
 
     /// Makes every completed write durable.
@@ -286,6 +416,12 @@ impl Image {
     /// (SEEK_DATA/SEEK_HOLE). Blocking: run it on a worker thread after the
     /// port listens. On failure the map stays unbuilt and is never consulted.
     pub fn scan_allocation(self: &Arc<Image>) -> io::Result<()> {
+        let result = self.scan_allocation_inner();
+        self.scan_done.store(true, Ordering::Release);
+        result
+    }
+
+    fn scan_allocation_inner(self: &Arc<Image>) -> io::Result<()> {
         // A separate descriptor: lseek moves the file offset, and nothing
         // else should share it.
         let file = File::open(&self.path)?;

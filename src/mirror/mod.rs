@@ -1,0 +1,645 @@
+//! The migration source: copies the served image to a `flexnbd listen`
+//! while clients keep writing, then hands off (design/handoff.md).
+//!
+//! [`supervise`] runs attempts: the first attempt's connection outcome is
+//! reported to the `mirror` caller and never retried; after `Mirror started`
+//! every failure is retried from scratch, forever, one second apart, each
+//! attempt with a fresh connection and fresh state, until success, `break`
+//! or a signal. [`attempt`] is one copy: a sweep of the whole image
+//! (allocated ranges as data, holes as WRITE_ZEROES where the destination
+//! offers it), passes over the ranges clients dirtied meanwhile, the client
+//! cut-off once the remainder is small, entrust, and the hand-off.
+
+mod pipe;
+pub mod policy;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::client;
+use crate::control::protocol::{MirrorAction, Response};
+use crate::handoff::sync_parent;
+use crate::proto::{self, cmd, errno};
+use crate::status::MigrationStatus;
+use crate::store::Image;
+use crate::transport::Transport;
+use crate::{info, warn};
+use pipe::{Pipe, PipeError};
+use policy::Convergence;
+
+/// Outgoing connections give up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The whole greeting must arrive within this.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between a failed attempt and the next.
+pub const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Largest data write the sweep sends.
+pub const CHUNK: u64 = 1024 * 1024;
+/// Largest WRITE_ZEROES the sweep sends for a hole.
+pub const ZERO_CHUNK: u64 = 1024 * 1024 * 1024;
+/// The sweep clears dirty bits and reads extents a window at a time.
+const WINDOW: u64 = 64 * 1024 * 1024;
+/// At the cut-off, clients get this long to finish their current request
+/// before their connections are torn down.
+pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
+
+/// The no-progress timeout: 60 s, or `FLEXNBD_MS_REQUEST_LIMIT_SECS`
+/// (seconds, a float).
+pub fn request_limit() -> Duration {
+    std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+/// How the first attempt ended, as the `mirror` caller is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstOutcome {
+    Go,
+    FailConnect,
+    Rejected,
+    NoHello,
+    SizeMismatch,
+}
+
+impl FirstOutcome {
+    pub fn response(self) -> Response {
+        match self {
+            FirstOutcome::Go => Response::ok("Mirror started"),
+            FirstOutcome::FailConnect => Response::fail("Mirror failed to connect"),
+            FirstOutcome::Rejected => Response::fail("Mirror was rejected"),
+            FirstOutcome::NoHello => Response::fail("Remote server failed to respond"),
+            FirstOutcome::SizeMismatch => Response::fail("Remote size does not match local size"),
+        }
+    }
+}
+
+/// What a mirror was asked to do.
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    pub target: SocketAddr,
+    pub bind: Option<IpAddr>,
+    pub action: MirrorAction,
+    pub request_limit: Duration,
+}
+
+/// The phase an attempt is in (for status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Connecting = 0,
+    Copying = 1,
+    Converging = 2,
+    Entrusting = 3,
+    HandingOff = 4,
+    Retrying = 5,
+    Done = 6,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            1 => Phase::Copying,
+            2 => Phase::Converging,
+            3 => Phase::Entrusting,
+            4 => Phase::HandingOff,
+            5 => Phase::Retrying,
+            6 => Phase::Done,
+            _ => Phase::Connecting,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Copying => "copying",
+            Phase::Converging => "converging",
+            Phase::Entrusting => "entrusting",
+            Phase::HandingOff => "handing_off",
+            Phase::Retrying => "retrying",
+            Phase::Done => "done",
+        }
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A mirror's live figures, read by status and written by the attempt.
+pub struct MirrorState {
+    pub attempt: AtomicU64,
+    phase: AtomicU8,
+    attempt_started_ms: AtomicU64,
+    /// Bytes sent in this attempt, as the C `all_dirty` (speed figure).
+    sent: AtomicU64,
+    /// How far the sweep has got.
+    sweep_offset: AtomicU64,
+    /// Bytes per second; `u64::MAX` is unlimited.
+    max_bps: AtomicU64,
+    /// Set once the hand-off is past the point of no return: `break` then
+    /// answers `mirror completed`, and a signal waits for the end.
+    pub completing: AtomicBool,
+    /// The longest time clients were shut out at a cut-off, in microseconds.
+    pub lockout_us: AtomicU64,
+}
+
+impl MirrorState {
+    pub fn new(max_bps: Option<u64>) -> MirrorState {
+        MirrorState {
+            attempt: AtomicU64::new(0),
+            phase: AtomicU8::new(Phase::Connecting as u8),
+            attempt_started_ms: AtomicU64::new(monotonic_ms()),
+            sent: AtomicU64::new(0),
+            sweep_offset: AtomicU64::new(0),
+            max_bps: AtomicU64::new(max_bps.unwrap_or(u64::MAX)),
+            completing: AtomicBool::new(false),
+            lockout_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+    }
+
+    pub fn set_max_bps(&self, bps: u64) {
+        self.max_bps.store(bps, Ordering::Release);
+    }
+
+    pub fn max_bps(&self) -> Option<u64> {
+        match self.max_bps.load(Ordering::Acquire) {
+            u64::MAX => None,
+            v => Some(v),
+        }
+    }
+
+    fn begin_attempt(&self) {
+        self.attempt.fetch_add(1, Ordering::AcqRel);
+        self.attempt_started_ms
+            .store(monotonic_ms(), Ordering::Release);
+        self.sent.store(0, Ordering::Release);
+        self.sweep_offset.store(0, Ordering::Release);
+        self.set_phase(Phase::Connecting);
+    }
+
+    /// The C status figures (speed, duration, seconds and bytes left).
+    pub fn status(&self, image: &Image) -> MigrationStatus {
+        let elapsed_ms =
+            monotonic_ms().saturating_sub(self.attempt_started_ms.load(Ordering::Acquire));
+        let sent = self.sent.load(Ordering::Acquire);
+        let speed = sent / (elapsed_ms / 1000 + 1);
+        let swept = self.sweep_offset.load(Ordering::Acquire).min(image.size());
+        let bytes_left = image.dirty_bytes() + (image.size() - swept);
+        MigrationStatus {
+            speed,
+            duration: elapsed_ms / 1000,
+            seconds_left: bytes_left / (speed + 1),
+            bytes_left,
+            speed_limit: self.max_bps(),
+        }
+    }
+}
+
+/// What the mirror needs from the server it runs in.
+pub trait Host: Send + Sync + 'static {
+    fn image(&self) -> &Arc<Image>;
+    /// Stops new clients, stops the connected ones after their current
+    /// request and waits for them (tearing down any still busy after
+    /// `grace`). No write is acknowledged to a client after this returns.
+    fn cut_off_clients(&self, grace: Duration) -> impl Future<Output = ()> + Send;
+    /// Lets clients in again (after a failed attempt or action `nothing`).
+    fn allow_clients(&self);
+    /// Closes the control socket and the NBD listening socket, for good.
+    fn close_server(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// How a mirror ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The first attempt failed; the caller was told and nothing is retried.
+    FirstAttemptFailed(FirstOutcome),
+    /// `break` or shutdown.
+    Abandoned,
+    /// Everything was copied and action `nothing` was asked: keep serving.
+    CopiedAndKept,
+    /// The destination was handed the image: the source must exit 0.
+    HandedOff,
+    /// Everything was durable at the destination but the DISCONNECT could
+    /// not be sent: exit non-zero so nobody takes this for a completed
+    /// migration.
+    DisconnectFailed(String),
+}
+
+/// Why an attempt ended without completing.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    First(FirstOutcomeError),
+    #[error("{0}")]
+    Pipe(#[from] PipeError),
+    #[error("reading the source image failed: {0}")]
+    Image(std::io::Error),
+    #[error("the destination answered entrust with error {0}")]
+    EntrustRefused(u32),
+    #[error("the destination answered the final flush with error {0}")]
+    FlushRefused(u32),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct FirstOutcomeError {
+    outcome: FirstOutcome,
+    message: String,
+}
+
+fn first_error(outcome: FirstOutcome, message: String) -> AttemptError {
+    AttemptError::First(FirstOutcomeError { outcome, message })
+}
+
+/// Runs the mirror to its end. `first` receives the first attempt's
+/// connection outcome as soon as it is known.
+pub async fn supervise<T: Transport, H: Host>(
+    transport: T,
+    host: Arc<H>,
+    config: MirrorConfig,
+    state: Arc<MirrorState>,
+    cancel: CancellationToken,
+    first: oneshot::Sender<FirstOutcome>,
+) -> Outcome {
+    let mut first = Some(first);
+    loop {
+        state.begin_attempt();
+        let n = state.attempt.load(Ordering::Acquire);
+        let result = attempt(&transport, &*host, &config, &state, &cancel, &mut first).await;
+        match result {
+            Ok(outcome) => {
+                host.image().stop_tracking();
+                state.set_phase(Phase::Done);
+                return outcome;
+            }
+            Err(AttemptError::First(e)) if first.is_some() => {
+                warn!("migration to {} failed: {}", config.target, e.message);
+                host.image().stop_tracking();
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(e.outcome);
+                }
+                return Outcome::FirstAttemptFailed(e.outcome);
+            }
+            Err(AttemptError::Cancelled) => {
+                host.image().stop_tracking();
+                host.allow_clients();
+                return Outcome::Abandoned;
+            }
+            Err(e) => {
+                warn!(
+                    "migration attempt {n} to {} failed: {e}; retrying in {} s",
+                    config.target,
+                    RETRY_DELAY.as_secs()
+                );
+                host.allow_clients();
+                state.set_phase(Phase::Retrying);
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        host.image().stop_tracking();
+                        return Outcome::Abandoned;
+                    }
+                    _ = tokio::time::sleep(RETRY_DELAY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Races `fut` against cancellation.
+async fn or_cancel<F: Future>(
+    cancel: &CancellationToken,
+    fut: F,
+) -> Result<F::Output, AttemptError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(AttemptError::Cancelled),
+        out = fut => Ok(out),
+    }
+}
+
+async fn attempt<T: Transport, H: Host>(
+    transport: &T,
+    host: &H,
+    config: &MirrorConfig,
+    state: &MirrorState,
+    cancel: &CancellationToken,
+    first: &mut Option<oneshot::Sender<FirstOutcome>>,
+) -> Result<Outcome, AttemptError> {
+    let image = host.image().clone();
+    // 1. Connect and check the greeting.
+    let bind = config.bind.map(|ip| SocketAddr::new(ip, 0));
+    let mut stream = or_cancel(
+        cancel,
+        transport.connect(config.target, bind, CONNECT_TIMEOUT),
+    )
+    .await?
+    .map_err(|e| {
+        first_error(
+            FirstOutcome::FailConnect,
+            format!("cannot connect to {}: {e}", config.target),
+        )
+    })?;
+    let export = match or_cancel(
+        cancel,
+        tokio::time::timeout(HELLO_TIMEOUT, client::handshake(&mut stream)),
+    )
+    .await?
+    {
+        Err(_) => {
+            return Err(first_error(
+                FirstOutcome::NoHello,
+                format!(
+                    "no complete greeting from {} within {} s",
+                    config.target,
+                    HELLO_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(first_error(
+                FirstOutcome::Rejected,
+                format!("{} rejected us: {e}", config.target),
+            ))
+        }
+        Ok(Ok(export)) => export,
+    };
+    if export.size != image.size() {
+        // Dropping the stream closes it, so the destination's slot is free.
+        return Err(first_error(
+            FirstOutcome::SizeMismatch,
+            format!(
+                "remote size {} does not match local size {}",
+                export.size,
+                image.size()
+            ),
+        ));
+    }
+    if let Some(tx) = first.take() {
+        let _ = tx.send(FirstOutcome::Go);
+    }
+    info!(
+        "migration attempt {} connected to {} ({:?} handshake, flags 0x{:04x})",
+        state.attempt.load(Ordering::Acquire),
+        config.target,
+        export.handshake,
+        export.flags
+    );
+
+    // 2. The map must be complete before the sweep relies on its holes.
+    while !image.scan_finished() {
+        or_cancel(cancel, tokio::time::sleep(Duration::from_millis(20))).await?;
+    }
+    image.start_tracking();
+    state.set_phase(Phase::Copying);
+    let can_zero = export.flags & proto::flags::SEND_WRITE_ZEROES != 0;
+    let can_flush = export.flags & proto::flags::SEND_FLUSH != 0;
+    let mut pipe = Pipe::new(stream, config.request_limit);
+    let started = Instant::now();
+    let mut copier = Copier {
+        pipe: &mut pipe,
+        image: &image,
+        state,
+        cancel,
+        started,
+        sent: 0,
+    };
+
+    // 3. The sweep: every byte once.
+    let size = image.size();
+    let mut window_start = 0u64;
+    while window_start < size {
+        let window_len = WINDOW.min(size - window_start);
+        // Clear first, then look: a write that lands after the clear is
+        // either seen by the reads below or marked dirty again.
+        image.clear_dirty(window_start, window_len);
+        let mut pos = window_start;
+        for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
+            if hole {
+                copier.send_hole(pos, len, can_zero).await?;
+            } else {
+                copier.send_data(pos, len).await?;
+            }
+            pos += len;
+            state.sweep_offset.store(pos, Ordering::Release);
+        }
+        window_start += window_len;
+    }
+    state.sweep_offset.store(size, Ordering::Release);
+
+    // 4. Dirty passes until the remainder is small enough to cut off. The
+    //    first time it is, FLUSH: the bulk becomes durable while clients
+    //    still run, so the entrust after the cut-off syncs only a little.
+    state.set_phase(Phase::Converging);
+    let convergence = Convergence::new(Instant::now());
+    let mut flushed = !can_flush;
+    loop {
+        let ranges = image.take_dirty(WINDOW, CHUNK);
+        for (offset, len) in &ranges {
+            copier.send_data(*offset, *len).await?;
+        }
+        let bytes_per_sec = copier.sent as f64 / copier.started.elapsed().as_secs_f64().max(0.001);
+        let remaining = image.dirty_bytes() + copier.pipe.in_flight_bytes();
+        if convergence.ready(remaining, bytes_per_sec, Instant::now()) {
+            if flushed {
+                break;
+            }
+            or_cancel(cancel, copier.pipe.wait_idle()).await??;
+            let error = or_cancel(cancel, copier.pipe.call(cmd::FLUSH)).await??;
+            if error != 0 {
+                return Err(AttemptError::FlushRefused(error));
+            }
+            flushed = true;
+            continue;
+        }
+        if ranges.is_empty() {
+            // Nothing dirty right now: wait for the writes in flight, then look again.
+            or_cancel(cancel, copier.pipe.wait_idle()).await??;
+        }
+    }
+
+    // 5. Cut clients off and send the last changes.
+    let cut_at = Instant::now();
+    or_cancel(cancel, host.cut_off_clients(CUTOFF_GRACE)).await?;
+    loop {
+        let ranges = image.take_dirty(u64::MAX, CHUNK);
+        if ranges.is_empty() {
+            break;
+        }
+        for (offset, len) in ranges {
+            copier.send_data(offset, len).await?;
+        }
+    }
+    or_cancel(cancel, copier.pipe.wait_idle()).await??;
+
+    // 6. Entrust: answered only once the destination has everything durable.
+    state.set_phase(Phase::Entrusting);
+    let error = or_cancel(cancel, copier.pipe.call(cmd::ENTRUST)).await??;
+    match error {
+        0 => {}
+        errno::EINVAL => {
+            // An old (C) destination: it syncs every write, and FLUSH covers
+            // anything else.
+            info!("destination does not know entrust; sending FLUSH instead");
+            let error = or_cancel(cancel, copier.pipe.call(cmd::FLUSH)).await??;
+            if error != 0 {
+                return Err(AttemptError::FlushRefused(error));
+            }
+        }
+        other => return Err(AttemptError::EntrustRefused(other)),
+    }
+
+    if config.action == MirrorAction::Nothing {
+        info!("migration copied everything; action 'nothing': serving on");
+        image.stop_tracking();
+        host.allow_clients();
+        let lockout = cut_at.elapsed();
+        state
+            .lockout_us
+            .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
+        return Ok(Outcome::CopiedAndKept);
+    }
+
+    // 7. The hand-off. Past this point nothing is abandoned.
+    state.completing.store(true, Ordering::Release);
+    state.set_phase(Phase::HandingOff);
+    host.close_server().await;
+    if config.action == MirrorAction::Unlink {
+        let path = image.path().to_owned();
+        if let Err(e) = std::fs::remove_file(&path).and_then(|()| sync_parent(&path)) {
+            // The source stays canonical (table row 1): do not hand off.
+            return Ok(Outcome::DisconnectFailed(format!(
+                "cannot unlink {}: {e}",
+                path.display()
+            )));
+        }
+        info!("unlinked {}", path.display());
+    }
+    let lockout = cut_at.elapsed();
+    state
+        .lockout_us
+        .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
+    match pipe.disconnect().await {
+        Ok(()) => {
+            info!(
+                "migration complete: DISCONNECT sent to {}; clients were shut out for {:?}",
+                config.target, lockout
+            );
+            Ok(Outcome::HandedOff)
+        }
+        Err(e) => Ok(Outcome::DisconnectFailed(format!(
+            "sending DISCONNECT to {} failed: {e}",
+            config.target
+        ))),
+    }
+}
+
+/// Sends image ranges through the pipe, honouring the speed limit.
+struct Copier<'a, S: crate::transport::Stream> {
+    pipe: &'a mut Pipe<S>,
+    image: &'a Arc<Image>,
+    state: &'a MirrorState,
+    cancel: &'a CancellationToken,
+    started: Instant,
+    sent: u64,
+}
+
+impl<S: crate::transport::Stream> Copier<'_, S> {
+    /// Waits until sending `n` more bytes keeps within the speed limit.
+    async fn throttle(&mut self, n: u64) -> Result<(), AttemptError> {
+        loop {
+            let Some(limit) = self.state.max_bps() else {
+                return Ok(());
+            };
+            if limit == 0 {
+                // A limit of 0 pauses the copy until it is raised.
+                or_cancel(self.cancel, tokio::time::sleep(Duration::from_millis(100))).await?;
+                continue;
+            }
+            let due = Duration::from_secs_f64((self.sent + n) as f64 / limit as f64);
+            let elapsed = self.started.elapsed();
+            if due <= elapsed {
+                return Ok(());
+            }
+            // Sleep in short steps so a raised limit takes effect at once.
+            let wait = (due - elapsed).min(Duration::from_millis(100));
+            or_cancel(self.cancel, tokio::time::sleep(wait)).await?;
+        }
+    }
+
+    /// Piece size: whole chunks normally, smaller under a low speed limit so
+    /// the rate stays smooth.
+    fn piece(&self) -> u64 {
+        match self.state.max_bps() {
+            Some(limit) => (limit / 10).clamp(4096, CHUNK),
+            None => CHUNK,
+        }
+    }
+
+    fn count(&mut self, n: u64) {
+        self.sent += n;
+        self.state.sent.fetch_add(n, Ordering::AcqRel);
+    }
+
+    async fn send_data(&mut self, mut offset: u64, len: u64) -> Result<(), AttemptError> {
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(self.piece());
+            self.throttle(n).await?;
+            let mut data = self.pipe.buffer(n as usize);
+            self.image
+                .read_at(&mut data, offset)
+                .map_err(AttemptError::Image)?;
+            or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+            self.count(n);
+            offset += n;
+        }
+        Ok(())
+    }
+
+    async fn send_hole(
+        &mut self,
+        mut offset: u64,
+        len: u64,
+        can_zero: bool,
+    ) -> Result<(), AttemptError> {
+        if !can_zero {
+            // Zeros the destination recognises and keeps as holes.
+            let end = offset + len;
+            while offset < end {
+                let n = (end - offset).min(self.piece());
+                self.throttle(n).await?;
+                let data = self.pipe.zero_buffer(n as usize);
+                or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+                self.count(n);
+                offset += n;
+            }
+            return Ok(());
+        }
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(ZERO_CHUNK);
+            or_cancel(self.cancel, self.pipe.zeroes(offset, n as u32)).await??;
+            offset += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! The source's connection to the destination: requests are pipelined (many
+//! in flight) and a reply task matches replies to them by handle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::{self, cmd, Request, SimpleReply};
+use crate::transport::Stream;
+
+/// Requests in flight at once.
+const WINDOW: usize = 64;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PipeError {
+    #[error("the destination closed the connection")]
+    Closed,
+    #[error("no progress for {0:.1} s (request timeout)")]
+    Timeout(f64),
+    #[error("bad reply magic: expected 0x{expected:08x}, got 0x{0:08x}", expected = proto::SIMPLE_REPLY_MAGIC)]
+    BadMagic(u32),
+    #[error("reply to handle 0x{0:016x}, which no request in flight has")]
+    UnknownHandle(u64),
+    #[error("the destination answered {kind} at {offset} with error {error}")]
+    ErrorReply {
+        kind: &'static str,
+        offset: u64,
+        error: u32,
+    },
+    #[error("connection to the destination failed: {0}")]
+    Io(String),
+}
+
+enum Pending {
+    /// A write or write-zeroes; holds its window slot until answered.
+    Data {
+        kind: u16,
+        offset: u64,
+        len: u64,
+        _slot: OwnedSemaphorePermit,
+    },
+    /// A request whose error code the caller wants (FLUSH, ENTRUST).
+    Call(oneshot::Sender<u32>),
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Signalled whenever the last request in flight is answered.
+    idle: Notify,
+    failure: Mutex<Option<PipeError>>,
+    failed: CancellationToken,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: PipeError) {
+        let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        drop(slot);
+        self.pending().clear();
+        self.failed.cancel();
+        self.idle.notify_waiters();
+    }
+
+    fn error(&self) -> PipeError {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(PipeError::Closed)
+    }
+}
+
+pub struct Pipe<S: Stream> {
+    writer: S::Write,
+    shared: Arc<Shared>,
+    window: Arc<Semaphore>,
+    reader: JoinHandle<()>,
+    next_handle: u64,
+    limit: Duration,
+    zeros: Vec<u8>,
+}
+
+impl<S: Stream> Drop for Pipe<S> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl<S: Stream> Pipe<S> {
+    pub fn new(stream: S, limit: Duration) -> Pipe<S> {
+        let (read, writer) = stream.into_split();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            idle: Notify::new(),
+            failure: Mutex::new(None),
+            failed: CancellationToken::new(),
+        });
+        let reader = tokio::spawn(read_replies::<S>(read, shared.clone(), limit));
+        Pipe {
+            writer,
+            shared,
+            window: Arc::new(Semaphore::new(WINDOW)),
+            reader,
+            next_handle: 1,
+            limit,
+            zeros: Vec::new(),
+        }
+    }
+
+    /// A buffer of `n` bytes to read data into.
+    pub fn buffer(&self, n: usize) -> Vec<u8> {
+        vec![0u8; n]
+    }
+
+    /// `n` zero bytes to send.
+    pub fn zero_buffer(&mut self, n: usize) -> Vec<u8> {
+        if self.zeros.len() < n {
+            self.zeros = vec![0u8; n];
+        }
+        self.zeros[..n].to_vec()
+    }
+
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.shared
+            .pending()
+            .values()
+            .map(|p| match p {
+                Pending::Data { len, .. } => *len,
+                Pending::Call(_) => 0,
+            })
+            .sum()
+    }
+
+    fn check(&self) -> Result<(), PipeError> {
+        if self.shared.failed.is_cancelled() {
+            Err(self.shared.error())
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, PipeError> {
+        tokio::select! {
+            biased;
+            _ = self.shared.failed.cancelled() => Err(self.shared.error()),
+            permit = self.window.clone().acquire_owned() => Ok(permit.expect("window is never closed")),
+        }
+    }
+
+    async fn send(&mut self, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
+        let io = async {
+            self.writer.write_all(header).await?;
+            if !payload.is_empty() {
+                self.writer.write_all(payload).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout(self.limit, io).await {
+            Err(_) => {
+                let e = PipeError::Timeout(self.limit.as_secs_f64());
+                self.shared.fail(e.clone());
+                Err(e)
+            }
+            Ok(Err(e)) => {
+                let e = PipeError::Io(e.to_string());
+                self.shared.fail(e.clone());
+                Err(e)
+            }
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    fn handle(&mut self) -> u64 {
+        let h = self.next_handle;
+        self.next_handle += 1;
+        h
+    }
+
+    /// Sends a WRITE; returns once it is on its way (the reply comes later).
+    pub async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), PipeError> {
+        let slot = self.slot().await?;
+        let handle = self.handle();
+        let len = data.len() as u64;
+        self.shared.pending().insert(
+            handle,
+            Pending::Data {
+                kind: cmd::WRITE,
+                offset,
+                len,
+                _slot: slot,
+            },
+        );
+        let header = Request::new(cmd::WRITE, 0, handle, offset, data.len() as u32).encode();
+        self.send(&header, &data).await?;
+        self.check()
+    }
+
+    /// Sends a WRITE_ZEROES (which may punch a hole).
+    pub async fn zeroes(&mut self, offset: u64, len: u32) -> Result<(), PipeError> {
+        let slot = self.slot().await?;
+        let handle = self.handle();
+        self.shared.pending().insert(
+            handle,
+            Pending::Data {
+                kind: cmd::WRITE_ZEROES,
+                offset,
+                len: u64::from(len),
+                _slot: slot,
+            },
+        );
+        let header = Request::new(cmd::WRITE_ZEROES, 0, handle, offset, len).encode();
+        self.send(&header, &[]).await?;
+        self.check()
+    }
+
+    /// Waits until every request sent so far is answered.
+    pub async fn wait_idle(&mut self) -> Result<(), PipeError> {
+        loop {
+            let notified = self.shared.idle.notified();
+            self.check()?;
+            if self.shared.pending().is_empty() {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Sends a request without payload and waits for its error code.
+    pub async fn call(&mut self, kind: u16) -> Result<u32, PipeError> {
+        let (tx, rx) = oneshot::channel();
+        let handle = self.handle();
+        self.shared.pending().insert(handle, Pending::Call(tx));
+        let header = Request::new(kind, 0, handle, 0, 0).encode();
+        self.send(&header, &[]).await?;
+        match tokio::time::timeout(self.limit, rx).await {
+            Err(_) => {
+                let e = PipeError::Timeout(self.limit.as_secs_f64());
+                self.shared.fail(e.clone());
+                Err(e)
+            }
+            Ok(Err(_)) => Err(self.shared.error()),
+            Ok(Ok(error)) => Ok(error),
+        }
+    }
+
+    /// Sends DISCONNECT (no reply is expected) and closes the connection.
+    pub async fn disconnect(mut self) -> Result<(), PipeError> {
+        let header = Request::new(cmd::DISC, 0, crate::client::random_handle(), 0, 0).encode();
+        self.send(&header, &[]).await?;
+        let limit = self.limit;
+        match tokio::time::timeout(limit, self.writer.shutdown()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(PipeError::Io(e.to_string())),
+            Err(_) => Err(PipeError::Timeout(limit.as_secs_f64())),
+        }
+    }
+}
+
+async fn read_replies<S: Stream>(mut read: S::Read, shared: Arc<Shared>, limit: Duration) {
+    let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+    loop {
+        // Bytes already read survive an idle timeout: the loop keeps `got`.
+        let mut got = 0;
+        while got < header.len() {
+            match tokio::time::timeout(limit, read.read(&mut header[got..])).await {
+                Err(_) => {
+                    if got == 0 && shared.pending().is_empty() {
+                        continue; // idle, not stalled
+                    }
+                    return shared.fail(PipeError::Timeout(limit.as_secs_f64()));
+                }
+                Ok(Ok(0)) => return shared.fail(PipeError::Closed),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => return shared.fail(PipeError::Io(e.to_string())),
+            }
+        }
+        let reply = SimpleReply::decode(&header);
+        if reply.magic != proto::SIMPLE_REPLY_MAGIC {
+            return shared.fail(PipeError::BadMagic(reply.magic));
+        }
+        let pending = shared.pending().remove(&reply.handle);
+        match pending {
+            None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
+            Some(Pending::Data { kind, offset, .. }) if reply.error != 0 => {
+                return shared.fail(PipeError::ErrorReply {
+                    kind: cmd::name(kind),
+                    offset,
+                    error: reply.error,
+                })
+            }
+            Some(Pending::Data { .. }) => {}
+            Some(Pending::Call(tx)) => {
+                let _ = tx.send(reply.error);
+            }
+        }
+        if shared.pending().is_empty() {
+            shared.idle.notify_waiters();
+        }
+    }
+}
