@@ -235,6 +235,7 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             let task = mirror::supervise(
                 self.transport.clone(),
                 self.clone(),
+                self.shared.probe.clone(),
                 config,
                 state.clone(),
                 cancel.clone(),
@@ -283,6 +284,12 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             }
             Err(message) => Response::fail(message),
         }
+    }
+
+    fn control_step(&self, command: &'static str) -> crate::probe::Action {
+        self.shared
+            .probe
+            .step(crate::probe::Step::Control { command })
     }
 
     async fn break_mirror(&self) -> Response {

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use flexnbd::acl::{parse_ip, Acl};
 use flexnbd::daemon::{self, Role, ServeOptions};
 use flexnbd::log::{self, Level};
-use flexnbd::probe::Quiet;
+use flexnbd::probe::{PlanProbe, Quiet};
 use flexnbd::server::{Config, HandshakeMode};
 use flexnbd::store::Image;
 use flexnbd::transport::Tcp;
@@ -113,6 +113,10 @@ struct ServeArgs {
     /// are closed without a greeting.
     #[arg(long)]
     max_clients: Option<usize>,
+    /// A fault plan (see fixtures/faults/README.md), for reproducing failures;
+    /// FLEXNBD_FAULTS is used when this is not given.
+    #[arg(long, value_name = "PLAN")]
+    faults: Option<String>,
     /// Seconds a newstyle client may take to finish negotiating before it is dropped.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     handshake_timeout: f64,
@@ -329,16 +333,42 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         acl,
         config,
     };
+    let plan = fault_plan(args.faults.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
-    let code = runtime
-        .block_on(daemon::run(Tcp, role, options, Arc::new(Quiet)))
-        .map_err(failure)?;
+    let code = match plan {
+        // No plan: the probe is a constant that compiles away.
+        None => runtime.block_on(daemon::run(Tcp, role, options, Arc::new(Quiet))),
+        Some(plan) => {
+            let probe = Arc::new(PlanProbe::new(plan));
+            options.image.set_faults(probe.clone());
+            runtime.block_on(daemon::run(Tcp, role, options, probe))
+        }
+    }
+    .map_err(failure)?;
     // Blocking work still running (a map scan) must not delay the exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(ExitCode::from(code))
+}
+
+/// The fault plan from `--faults` or FLEXNBD_FAULTS; `None` when there is
+/// none. The seed is always logged, so a run can be replayed.
+fn fault_plan(flag: Option<&str>) -> Result<Option<faults::FaultPlan>, Failure> {
+    let plan = match flag {
+        Some(text) => faults::FaultPlan::parse(text),
+        None => faults::FaultPlan::from_env(),
+    }
+    .map_err(|e| usage_error(e.to_string(), "serve"))?;
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    for warning in plan.warnings() {
+        warn!("{warning}");
+    }
+    warn!("fault plan active (seed {}): {plan}", plan.seed());
+    Ok(Some(plan))
 }
 
 /// Sends one control request and turns the response into output and an

@@ -3,9 +3,16 @@
 //! Send-side steps are announced just before the message goes out, so the
 //! probe's verdict can drop, truncate or corrupt it; receive-side steps are
 //! announced just after the message arrived. In production the probe is
-//! [`Quiet`], whose answer is a constant `Pass` that the compiler folds away.
+//! [`Quiet`], whose answer is a constant `Pass` that the compiler folds away;
+//! with a fault plan it is [`PlanProbe`].
+
+use std::time::Duration;
 
 pub use faults::Action;
+use faults::{FaultPlan, StoreFault};
+
+use crate::proto::cmd;
+use crate::warn;
 
 /// One step of the protocol, as seen by the side announcing it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,20 +31,90 @@ pub enum Step {
     PayloadReceived { kind: u16 },
     /// A reply to a request of this kind is about to be sent (server side).
     ReplySend { kind: u16 },
+    /// The mirror is about to connect to the destination.
+    MirrorConnect,
+    /// The mirror has read the destination's greeting.
+    MirrorGreetingReceived,
+    /// The mirror is about to send a request header of this kind.
+    MirrorRequestSend { kind: u16 },
+    /// The mirror is about to send a write's payload.
+    MirrorPayloadSend { kind: u16 },
+    /// The mirror has read the reply to a request of this kind.
+    MirrorReplyReceived { kind: u16 },
+    /// A control socket command arrived (`status`, `acl`, `mirror`,
+    /// `mirror_speed`, `break`).
+    Control { command: &'static str },
 }
 
 impl Step {
-    /// A stable name for log lines and fault plans, like `reply_send.write`.
-    pub fn name(&self) -> String {
-        use crate::proto::cmd;
+    /// The side of a fault plan key: `server`, `mirror` or `control`.
+    pub fn side(&self) -> &'static str {
         match self {
+            Step::Accept
+            | Step::GreetingSend
+            | Step::OptionReceived { .. }
+            | Step::OptionReplySend { .. }
+            | Step::RequestReceived { .. }
+            | Step::PayloadReceived { .. }
+            | Step::ReplySend { .. } => "server",
+            Step::MirrorConnect
+            | Step::MirrorGreetingReceived
+            | Step::MirrorRequestSend { .. }
+            | Step::MirrorPayloadSend { .. }
+            | Step::MirrorReplyReceived { .. } => "mirror",
+            Step::Control { .. } => "control",
+        }
+    }
+
+    /// The step part of a fault plan key, like `reply_send.write`. The
+    /// hand-off messages have names of their own (`entrust_received`,
+    /// `entrust_reply_send`, `disconnect_received` on the destination;
+    /// `entrust_send`, `entrust_reply_received`, `disconnect_send` on the
+    /// source).
+    pub fn name(&self) -> String {
+        match *self {
             Step::Accept => "accept".into(),
             Step::GreetingSend => "greeting_send".into(),
             Step::OptionReceived { option } => format!("option_received.{option}"),
             Step::OptionReplySend { option } => format!("option_reply_send.{option}"),
-            Step::RequestReceived { kind } => format!("request_received.{}", cmd::name(*kind)),
-            Step::PayloadReceived { kind } => format!("payload_received.{}", cmd::name(*kind)),
-            Step::ReplySend { kind } => format!("reply_send.{}", cmd::name(*kind)),
+            Step::RequestReceived { kind: cmd::ENTRUST } => "entrust_received".into(),
+            Step::RequestReceived { kind: cmd::DISC } => "disconnect_received".into(),
+            Step::RequestReceived { kind } => format!("request_received.{}", cmd::name(kind)),
+            Step::PayloadReceived { kind } => format!("payload_received.{}", cmd::name(kind)),
+            Step::ReplySend { kind: cmd::ENTRUST } => "entrust_reply_send".into(),
+            Step::ReplySend { kind } => format!("reply_send.{}", cmd::name(kind)),
+            Step::MirrorConnect => "connect".into(),
+            Step::MirrorGreetingReceived => "greeting_received".into(),
+            Step::MirrorRequestSend { kind: cmd::ENTRUST } => "entrust_send".into(),
+            Step::MirrorRequestSend { kind: cmd::DISC } => "disconnect_send".into(),
+            Step::MirrorRequestSend { kind } => format!("request_send.{}", cmd::name(kind)),
+            Step::MirrorPayloadSend { kind } => format!("payload_send.{}", cmd::name(kind)),
+            Step::MirrorReplyReceived { kind: cmd::ENTRUST } => "entrust_reply_received".into(),
+            Step::MirrorReplyReceived { kind } => format!("reply_received.{}", cmd::name(kind)),
+            Step::Control { command } => command.into(),
+        }
+    }
+
+    /// The whole key, `side.step`.
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.side(), self.name())
+    }
+}
+
+/// The store operations a plan can fail or slow down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreStep {
+    Read,
+    Write,
+    Sync,
+}
+
+impl StoreStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreStep::Read => "read",
+            StoreStep::Write => "write",
+            StoreStep::Sync => "sync",
         }
     }
 }
@@ -55,5 +132,125 @@ impl Probe for Quiet {
     #[inline(always)]
     fn step(&self, _step: Step) -> Action {
         Action::Pass
+    }
+}
+
+/// A probe driven by a fault plan. Every fault that fires is logged as
+/// `fault fired: <key> -> <action>`.
+pub struct PlanProbe {
+    plan: FaultPlan,
+}
+
+impl PlanProbe {
+    pub fn new(plan: FaultPlan) -> PlanProbe {
+        PlanProbe { plan }
+    }
+
+    pub fn plan(&self) -> &FaultPlan {
+        &self.plan
+    }
+
+    /// The store's decision for one operation: an error to return, a delay
+    /// to add, or nothing.
+    pub fn store(&self, step: StoreStep) -> Option<StoreFault> {
+        let decision = self.plan.decide("store", step.name());
+        if let Some(line) = decision.line() {
+            warn!("{line}");
+        }
+        decision.store_fault()
+    }
+}
+
+impl Probe for PlanProbe {
+    fn step(&self, step: Step) -> Action {
+        let decision = self.plan.decide(step.side(), &step.name());
+        if let Some(line) = decision.line() {
+            warn!("{line}");
+        }
+        decision.action()
+    }
+}
+
+/// Applies a store fault: sleeps for `slow`, or returns the error.
+pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
+    match fault {
+        None => Ok(()),
+        Some(StoreFault::Slow(d)) => {
+            std::thread::sleep(d.min(Duration::from_secs(3600)));
+            Ok(())
+        }
+        Some(f) => Err(f
+            .io_error()
+            .unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_the_plan_vocabulary() {
+        assert_eq!(
+            Step::ReplySend { kind: cmd::WRITE }.key(),
+            "server.reply_send.write"
+        );
+        assert_eq!(
+            Step::RequestReceived { kind: cmd::ENTRUST }.key(),
+            "server.entrust_received"
+        );
+        assert_eq!(
+            Step::ReplySend { kind: cmd::ENTRUST }.key(),
+            "server.entrust_reply_send"
+        );
+        assert_eq!(
+            Step::RequestReceived { kind: cmd::DISC }.key(),
+            "server.disconnect_received"
+        );
+        assert_eq!(
+            Step::MirrorRequestSend { kind: cmd::ENTRUST }.key(),
+            "mirror.entrust_send"
+        );
+        assert_eq!(
+            Step::MirrorReplyReceived { kind: cmd::ENTRUST }.key(),
+            "mirror.entrust_reply_received"
+        );
+        assert_eq!(
+            Step::MirrorRequestSend { kind: cmd::DISC }.key(),
+            "mirror.disconnect_send"
+        );
+        assert_eq!(
+            Step::MirrorPayloadSend { kind: cmd::WRITE }.key(),
+            "mirror.payload_send.write"
+        );
+        assert_eq!(Step::Control { command: "status" }.key(), "control.status");
+        // Every key we announce is one the plan language knows.
+        for step in [
+            Step::Accept,
+            Step::GreetingSend,
+            Step::RequestReceived { kind: cmd::WRITE },
+            Step::PayloadReceived { kind: cmd::WRITE },
+            Step::MirrorConnect,
+            Step::MirrorGreetingReceived,
+            Step::MirrorRequestSend {
+                kind: cmd::WRITE_ZEROES,
+            },
+            Step::MirrorReplyReceived { kind: cmd::FLUSH },
+        ] {
+            assert!(
+                faults::plan::is_known_step(step.side(), &step.name()),
+                "{}",
+                step.key()
+            );
+        }
+    }
+
+    #[test]
+    fn plan_probe_fires_on_the_nth_occurrence() {
+        let probe = PlanProbe::new(FaultPlan::parse("server.reply_send.write#2=close").unwrap());
+        let step = Step::ReplySend { kind: cmd::WRITE };
+        assert_eq!(probe.step(step), Action::Pass);
+        assert_eq!(probe.step(step), Action::Close);
+        assert_eq!(probe.step(step), Action::Pass);
     }
 }

@@ -37,6 +37,10 @@ pub trait Controlled: Send + Sync + 'static {
     fn mirror(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
     fn mirror_max_bps(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
     fn break_mirror(&self) -> impl Future<Output = Response> + Send;
+    /// The fault plan's verdict for a command (`control.<command>` keys).
+    fn control_step(&self, _command: &'static str) -> crate::probe::Action {
+        crate::probe::Action::Pass
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +200,32 @@ async fn handle<C: Controlled>(stream: UnixStream, target: &C) -> Result<(), Han
         Ok(lines) => {
             let request = parse_request(&lines);
             debug!("control request {request:?}");
+            let command = match &request {
+                Request::Status => Some("status"),
+                Request::Acl(_) => Some("acl"),
+                Request::Mirror(_) => Some("mirror"),
+                Request::MirrorMaxBps(_) => Some("mirror_speed"),
+                Request::Break => Some("break"),
+                Request::Missing | Request::Unknown(_) => None,
+            };
+            if let Some(command) = command {
+                use crate::probe::Action;
+                match target.control_step(command) {
+                    Action::Pass => {}
+                    Action::Crash => faults::crash_now(),
+                    Action::Delay(d) => tokio::time::sleep(d).await,
+                    Action::Hang => {
+                        tokio::time::sleep(REQUEST_TIMEOUT).await;
+                        return Ok(());
+                    }
+                    Action::Corrupt => {
+                        write.write_all(b"??\n").await?;
+                        return Ok(());
+                    }
+                    // Closed without an answer.
+                    Action::Drop | Action::Close | Action::Truncate(_) => return Ok(()),
+                }
+            }
             match request {
                 Request::Status => Response::ok(target.status_line()),
                 Request::Acl(entries) => match target.set_acl(&entries) {

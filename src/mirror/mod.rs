@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
 use crate::handoff::sync_parent;
+use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, cmd, errno};
 use crate::status::MigrationStatus;
 use crate::store::Image;
@@ -272,9 +273,10 @@ fn first_error(outcome: FirstOutcome, message: String) -> AttemptError {
 
 /// Runs the mirror to its end. `first` receives the first attempt's
 /// connection outcome as soon as it is known.
-pub async fn supervise<T: Transport, H: Host>(
+pub async fn supervise<T: Transport, H: Host, P: Probe>(
     transport: T,
     host: Arc<H>,
+    probe: Arc<P>,
     config: MirrorConfig,
     state: Arc<MirrorState>,
     cancel: CancellationToken,
@@ -284,7 +286,10 @@ pub async fn supervise<T: Transport, H: Host>(
     loop {
         state.begin_attempt();
         let n = state.attempt.load(Ordering::Acquire);
-        let result = attempt(&transport, &*host, &config, &state, &cancel, &mut first).await;
+        let result = attempt(
+            &transport, &*host, &probe, &config, &state, &cancel, &mut first,
+        )
+        .await;
         match result {
             Ok(outcome) => {
                 host.image().stop_tracking();
@@ -336,9 +341,10 @@ async fn or_cancel<F: Future>(
     }
 }
 
-async fn attempt<T: Transport, H: Host>(
+async fn attempt<T: Transport, H: Host, P: Probe>(
     transport: &T,
     host: &H,
+    probe: &Arc<P>,
     config: &MirrorConfig,
     state: &MirrorState,
     cancel: &CancellationToken,
@@ -347,6 +353,22 @@ async fn attempt<T: Transport, H: Host>(
     let image = host.image().clone();
     // 1. Connect and check the greeting.
     let bind = config.bind.map(|ip| SocketAddr::new(ip, 0));
+    let refused = |why: &str| {
+        first_error(
+            FirstOutcome::FailConnect,
+            format!("cannot connect to {}: {why}", config.target),
+        )
+    };
+    match probe.step(Step::MirrorConnect) {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
+        Action::Hang => {
+            or_cancel(cancel, tokio::time::sleep(CONNECT_TIMEOUT)).await?;
+            return Err(refused("connection timed out (fault injection)"));
+        }
+        _ => return Err(refused("connection refused (fault injection)")),
+    }
     let mut stream = or_cancel(
         cancel,
         transport.connect(config.target, bind, CONNECT_TIMEOUT),
@@ -382,6 +404,26 @@ async fn attempt<T: Transport, H: Host>(
         }
         Ok(Ok(export)) => export,
     };
+    let rejected = |why: &str| {
+        first_error(
+            FirstOutcome::Rejected,
+            format!("{} rejected us: {why}", config.target),
+        )
+    };
+    match probe.step(Step::MirrorGreetingReceived) {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
+        Action::Hang => {
+            or_cancel(cancel, tokio::time::sleep(HELLO_TIMEOUT)).await?;
+            return Err(first_error(
+                FirstOutcome::NoHello,
+                "greeting stalled (fault injection)".into(),
+            ));
+        }
+        Action::Corrupt => return Err(rejected("bad greeting magic (fault injection)")),
+        _ => return Err(rejected("connection closed (fault injection)")),
+    }
     if export.size != image.size() {
         // Dropping the stream closes it, so the destination's slot is free.
         return Err(first_error(
@@ -412,7 +454,7 @@ async fn attempt<T: Transport, H: Host>(
     state.set_phase(Phase::Copying);
     let can_zero = export.flags & proto::flags::SEND_WRITE_ZEROES != 0;
     let can_flush = export.flags & proto::flags::SEND_FLUSH != 0;
-    let mut pipe = Pipe::new(stream, config.request_limit);
+    let mut pipe = Pipe::new(stream, config.request_limit, probe.clone());
     let started = Instant::now();
     let mut copier = Copier {
         pipe: &mut pipe,
@@ -553,8 +595,8 @@ async fn attempt<T: Transport, H: Host>(
 }
 
 /// Sends image ranges through the pipe, honouring the speed limit.
-struct Copier<'a, S: crate::transport::Stream> {
-    pipe: &'a mut Pipe<S>,
+struct Copier<'a, S: crate::transport::Stream, P: Probe> {
+    pipe: &'a mut Pipe<S, P>,
     image: &'a Arc<Image>,
     state: &'a MirrorState,
     cancel: &'a CancellationToken,
@@ -562,7 +604,7 @@ struct Copier<'a, S: crate::transport::Stream> {
     sent: u64,
 }
 
-impl<S: crate::transport::Stream> Copier<'_, S> {
+impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
     /// Waits until sending `n` more bytes keeps within the speed limit.
     async fn throttle(&mut self, n: u64) -> Result<(), AttemptError> {
         loop {

@@ -1,6 +1,7 @@
 //! The source's connection to the destination: requests are pipelined (many
 //! in flight) and a reply task matches replies to them by handle.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, cmd, Request, SimpleReply};
 use crate::transport::Stream;
 
@@ -34,6 +36,8 @@ pub enum PipeError {
     },
     #[error("connection to the destination failed: {0}")]
     Io(String),
+    #[error("fault injection closed the connection at {0}")]
+    Fault(String),
 }
 
 enum Pending {
@@ -45,7 +49,7 @@ enum Pending {
         _slot: OwnedSemaphorePermit,
     },
     /// A request whose error code the caller wants (FLUSH, ENTRUST).
-    Call(oneshot::Sender<u32>),
+    Call { kind: u16, tx: oneshot::Sender<u32> },
 }
 
 struct Shared {
@@ -81,7 +85,8 @@ impl Shared {
     }
 }
 
-pub struct Pipe<S: Stream> {
+pub struct Pipe<S: Stream, P: Probe> {
+    probe: Arc<P>,
     writer: S::Write,
     shared: Arc<Shared>,
     window: Arc<Semaphore>,
@@ -91,14 +96,14 @@ pub struct Pipe<S: Stream> {
     zeros: Vec<u8>,
 }
 
-impl<S: Stream> Drop for Pipe<S> {
+impl<S: Stream, P: Probe> Drop for Pipe<S, P> {
     fn drop(&mut self) {
         self.reader.abort();
     }
 }
 
-impl<S: Stream> Pipe<S> {
-    pub fn new(stream: S, limit: Duration) -> Pipe<S> {
+impl<S: Stream, P: Probe> Pipe<S, P> {
+    pub fn new(stream: S, limit: Duration, probe: Arc<P>) -> Pipe<S, P> {
         let (read, writer) = stream.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -106,8 +111,14 @@ impl<S: Stream> Pipe<S> {
             failure: Mutex::new(None),
             failed: CancellationToken::new(),
         });
-        let reader = tokio::spawn(read_replies::<S>(read, shared.clone(), limit));
+        let reader = tokio::spawn(read_replies::<S, P>(
+            read,
+            shared.clone(),
+            limit,
+            probe.clone(),
+        ));
         Pipe {
+            probe,
             writer,
             shared,
             window: Arc::new(Semaphore::new(WINDOW)),
@@ -137,7 +148,7 @@ impl<S: Stream> Pipe<S> {
             .values()
             .map(|p| match p {
                 Pending::Data { len, .. } => *len,
-                Pending::Call(_) => 0,
+                Pending::Call { .. } => 0,
             })
             .sum()
     }
@@ -158,11 +169,67 @@ impl<S: Stream> Pipe<S> {
         }
     }
 
-    async fn send(&mut self, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
+    /// Applies a probe verdict to one message about to be sent: the bytes
+    /// to send (borrowed unless corrupted), or none for a dropped message.
+    async fn verdict<'m>(
+        &mut self,
+        step: Step,
+        message: &'m [u8],
+    ) -> Result<Option<Cow<'m, [u8]>>, PipeError> {
+        match self.probe.step(step) {
+            Action::Pass => Ok(Some(Cow::Borrowed(message))),
+            Action::Drop => Ok(None),
+            Action::Delay(d) => {
+                tokio::time::sleep(d).await;
+                Ok(Some(Cow::Borrowed(message)))
+            }
+            Action::Corrupt => {
+                let mut m = message.to_vec();
+                faults::corrupt(&mut m);
+                Ok(Some(Cow::Owned(m)))
+            }
+            Action::Crash => faults::crash_now(),
+            Action::Hang => {
+                // Stalled: the no-progress limit is what ends it.
+                tokio::time::sleep(self.limit).await;
+                let e = PipeError::Timeout(self.limit.as_secs_f64());
+                self.shared.fail(e.clone());
+                Err(e)
+            }
+            action @ (Action::Close | Action::Truncate(_)) => {
+                if let Action::Truncate(n) = action {
+                    let _ = self
+                        .writer
+                        .write_all(&message[..n.min(message.len())])
+                        .await;
+                }
+                let _ = self.writer.shutdown().await;
+                let e = PipeError::Fault(step.key());
+                self.shared.fail(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn send(&mut self, kind: u16, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
+        let Some(header) = self
+            .verdict(Step::MirrorRequestSend { kind }, header)
+            .await?
+        else {
+            return Ok(()); // dropped: the reply never comes, the timeout notices
+        };
+        let payload = if payload.is_empty() {
+            Some(Cow::Borrowed(payload))
+        } else {
+            self.verdict(Step::MirrorPayloadSend { kind }, payload)
+                .await?
+        };
         let io = async {
-            self.writer.write_all(header).await?;
-            if !payload.is_empty() {
-                self.writer.write_all(payload).await?;
+            self.writer.write_all(&header).await?;
+            if let Some(payload) = &payload {
+                if !payload.is_empty() {
+                    self.writer.write_all(payload).await?;
+                }
             }
             Ok::<(), std::io::Error>(())
         };
@@ -202,7 +269,7 @@ impl<S: Stream> Pipe<S> {
             },
         );
         let header = Request::new(cmd::WRITE, 0, handle, offset, data.len() as u32).encode();
-        self.send(&header, &data).await?;
+        self.send(cmd::WRITE, &header, &data).await?;
         self.check()
     }
 
@@ -220,7 +287,7 @@ impl<S: Stream> Pipe<S> {
             },
         );
         let header = Request::new(cmd::WRITE_ZEROES, 0, handle, offset, len).encode();
-        self.send(&header, &[]).await?;
+        self.send(cmd::WRITE_ZEROES, &header, &[]).await?;
         self.check()
     }
 
@@ -240,9 +307,11 @@ impl<S: Stream> Pipe<S> {
     pub async fn call(&mut self, kind: u16) -> Result<u32, PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
-        self.shared.pending().insert(handle, Pending::Call(tx));
+        self.shared
+            .pending()
+            .insert(handle, Pending::Call { kind, tx });
         let header = Request::new(kind, 0, handle, 0, 0).encode();
-        self.send(&header, &[]).await?;
+        self.send(kind, &header, &[]).await?;
         match tokio::time::timeout(self.limit, rx).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());
@@ -257,7 +326,7 @@ impl<S: Stream> Pipe<S> {
     /// Sends DISCONNECT (no reply is expected) and closes the connection.
     pub async fn disconnect(mut self) -> Result<(), PipeError> {
         let header = Request::new(cmd::DISC, 0, crate::client::random_handle(), 0, 0).encode();
-        self.send(&header, &[]).await?;
+        self.send(cmd::DISC, &header, &[]).await?;
         let limit = self.limit;
         match tokio::time::timeout(limit, self.writer.shutdown()).await {
             Ok(Ok(())) => Ok(()),
@@ -267,7 +336,12 @@ impl<S: Stream> Pipe<S> {
     }
 }
 
-async fn read_replies<S: Stream>(mut read: S::Read, shared: Arc<Shared>, limit: Duration) {
+async fn read_replies<S: Stream, P: Probe>(
+    mut read: S::Read,
+    shared: Arc<Shared>,
+    limit: Duration,
+    probe: Arc<P>,
+) {
     let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
     loop {
         // Bytes already read survive an idle timeout: the loop keeps `got`.
@@ -289,6 +363,25 @@ async fn read_replies<S: Stream>(mut read: S::Read, shared: Arc<Shared>, limit: 
         if reply.magic != proto::SIMPLE_REPLY_MAGIC {
             return shared.fail(PipeError::BadMagic(reply.magic));
         }
+        let kind = match shared.pending().get(&reply.handle) {
+            Some(Pending::Data { kind, .. }) | Some(Pending::Call { kind, .. }) => *kind,
+            None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
+        };
+        match probe.step(Step::MirrorReplyReceived { kind }) {
+            Action::Pass => {}
+            // Ignored: the request stays in flight until the timeout.
+            Action::Drop => continue,
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Corrupt => return shared.fail(PipeError::BadMagic(!reply.magic)),
+            Action::Crash => faults::crash_now(),
+            Action::Hang => {
+                tokio::time::sleep(limit).await;
+                return shared.fail(PipeError::Timeout(limit.as_secs_f64()));
+            }
+            Action::Close | Action::Truncate(_) => {
+                return shared.fail(PipeError::Fault(Step::MirrorReplyReceived { kind }.key()))
+            }
+        }
         let pending = shared.pending().remove(&reply.handle);
         match pending {
             None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
@@ -300,7 +393,7 @@ async fn read_replies<S: Stream>(mut read: S::Read, shared: Arc<Shared>, limit: 
                 })
             }
             Some(Pending::Data { .. }) => {}
-            Some(Pending::Call(tx)) => {
+            Some(Pending::Call { tx, .. }) => {
                 let _ = tx.send(reply.error);
             }
         }

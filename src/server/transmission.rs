@@ -60,6 +60,8 @@ pub enum ConnError {
     Killswitch(f64),
     #[error("cannot record the migration marker: {0}")]
     Marker(String),
+    #[error("fault injection hung the connection at {0}")]
+    Hang(String),
 }
 
 type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
@@ -82,7 +84,10 @@ pub async fn serve_client<S: Stream, P: Probe>(
                 Action::Close => return Err(ConnError::FaultClosed(Step::GreetingSend.name())),
                 Action::Crash => faults::crash_now(),
                 Action::Delay(d) => tokio::time::sleep(d).await,
-                Action::Hang => std::future::pending::<()>().await,
+                Action::Hang => {
+                    hang_until_closed(&mut stream, &stop).await;
+                    return Err(ConnError::Hang(Step::GreetingSend.key()));
+                }
                 Action::Corrupt => faults::corrupt(&mut greeting),
                 Action::Truncate(n) => {
                     let _ = stream.write_all(&greeting[..n.min(greeting.len())]).await;
@@ -120,7 +125,17 @@ pub async fn serve_client<S: Stream, P: Probe>(
         receiving_marked: false,
         bytes_received: 0,
     };
-    let result = conn.run().await;
+    let mut result = conn.run().await;
+    if let Err(ConnError::Hang(_)) = &result {
+        // A hung connection answers nothing more but still notices when
+        // its peer gives up, so a single-slot listener frees its slot.
+        hang_until_closed(&mut conn.reader, &conn.stop).await;
+    }
+    if let Err(ConnError::Hang(step)) = &result {
+        result = Err(ConnError::FaultClosed(format!(
+            "{step} (hung until the peer closed)"
+        )));
+    }
     // Let requests still waiting for the disk send their replies first.
     let _all = conn.deferred.acquire_many(MAX_DEFERRED).await;
     let mut w = conn.writer.lock().await;
@@ -253,7 +268,11 @@ where
             Action::Drop => drop_request = true,
             Action::Crash => faults::crash_now(),
             Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => std::future::pending::<()>().await,
+            Action::Hang => {
+                return Err(ConnError::Hang(
+                    Step::RequestReceived { kind: req.kind }.key(),
+                ))
+            }
             Action::Close | Action::Truncate(_) | Action::Corrupt => {
                 return Err(ConnError::FaultClosed(
                     Step::RequestReceived { kind: req.kind }.name(),
@@ -481,7 +500,11 @@ where
             Action::Crash => faults::crash_now(),
             Action::Drop => return Ok(()),
             Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => std::future::pending::<()>().await,
+            Action::Hang => {
+                return Err(ConnError::Hang(
+                    Step::PayloadReceived { kind: req.kind }.key(),
+                ))
+            }
             Action::Close | Action::Truncate(_) | Action::Corrupt => {
                 return Err(ConnError::FaultClosed(
                     Step::PayloadReceived { kind: req.kind }.name(),
@@ -727,8 +750,27 @@ async fn finish<W: AsyncWrite + Unpin>(
             let _ = w.send().await;
             Err(ConnError::FaultClosed("reply_send".into()))
         }
-        Action::Hang => std::future::pending().await,
+        Action::Hang => {
+            w.rollback(mark);
+            Err(ConnError::Hang("reply_send".into()))
+        }
         Action::Crash => faults::crash_now(),
+    }
+}
+
+/// Reads and discards until the peer closes (or the connection is stopped):
+/// what a hung server looks like from outside, without holding its slot
+/// forever once the peer has given up.
+async fn hang_until_closed<R: AsyncRead + Unpin>(reader: &mut R, stop: &CancellationToken) {
+    let mut sink = [0u8; 4096];
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            n = reader.read(&mut sink) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Image {
     dirty_blocks: AtomicU64,
     /// On while a migration attempt runs.
     tracking: AtomicBool,
+    /// Store faults from a fault plan (tests and reproductions only).
+    faults: std::sync::OnceLock<Arc<crate::probe::PlanProbe>>,
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -125,6 +127,7 @@ impl Image {
             dirty: AllocationMap::new(size),
             dirty_blocks: AtomicU64::new(0),
             tracking: AtomicBool::new(false),
+            faults: std::sync::OnceLock::new(),
         })
     }
 
@@ -145,8 +148,22 @@ impl Image {
         &self.map
     }
 
+    /// Lets a fault plan fail or slow down reads, writes and syncs.
+    pub fn set_faults(&self, probe: Arc<crate::probe::PlanProbe>) {
+        let _ = self.faults.set(probe);
+    }
+
+    #[inline]
+    fn store_fault(&self, step: crate::probe::StoreStep) -> io::Result<()> {
+        match self.faults.get() {
+            None => Ok(()),
+            Some(probe) => crate::probe::apply_store_fault(probe.store(step)),
+        }
+    }
+
     /// Fills `buf` from `offset`. The caller has range-checked the request.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.store_fault(crate::probe::StoreStep::Read)?;
         self.file.read_exact_at(buf, offset)
     }
 
@@ -157,6 +174,7 @@ impl Image {
         if data.is_empty() {
             return Ok(());
         }
+        self.store_fault(crate::probe::StoreStep::Write)?;
         self.store_write(data, offset)?;
         // After the data landed: the mirror clears a bit and then reads, so
         // marking afterwards means it can never read the old data last.
@@ -225,6 +243,7 @@ impl Image {
         if length == 0 {
             return Ok(());
         }
+        self.store_fault(crate::probe::StoreStep::Write)?;
         self.store_punch(offset, length, must_zero)?;
         self.mark_dirty(offset, length);
         Ok(())
@@ -264,6 +283,7 @@ impl Image {
 
     /// Writes real zeros over the range (allocating it).
     pub fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.store_fault(crate::probe::StoreStep::Write)?;
         self.store_zeroes(offset, length)?;
         self.mark_dirty(offset, length);
         Ok(())
@@ -383,6 +403,7 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
+        self.store_fault(crate::probe::StoreStep::Sync)?;
         if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
             Ok(())
         } else {
