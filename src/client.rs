@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::probe::Action;
 use crate::proto::{
     self, cmd, opt, rep, GreetingKind, HandshakeError, OptionHeader, OptionReplyHeader,
 };
@@ -118,6 +119,23 @@ pub async fn connect<T: Transport>(
     addr: SocketAddr,
     bind: Option<SocketAddr>,
 ) -> Result<(T::Stream, Export), ClientError> {
+    let injected = |what: &str| ClientError::Connect {
+        addr,
+        source: io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{what} (fault injection)"),
+        ),
+    };
+    match fault("connect") {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        Action::Hang => {
+            tokio::time::sleep(CONNECT_TIMEOUT).await;
+            return Err(injected("connection timed out"));
+        }
+        _ => return Err(injected("connection refused")),
+    }
     let mut stream = transport
         .connect(addr, bind, CONNECT_TIMEOUT)
         .await
@@ -126,7 +144,83 @@ pub async fn connect<T: Transport>(
         Ok(result) => result?,
         Err(_) => return Err(ClientError::GreetingTimeout),
     };
+    match fault("greeting_received") {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        Action::Hang => return Err(ClientError::GreetingTimeout),
+        Action::Corrupt => return Err(ClientError::Greeting(HandshakeError::BadMagic(0))),
+        _ => {
+            return Err(ClientError::HandshakeIo(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "fault injection",
+            )))
+        }
+    }
     Ok((stream, export))
+}
+
+/// Fault plan for the one-shot commands (`client.*` keys); set once by the
+/// `read`/`write` commands. The mirror never sets it.
+static CLIENT_FAULTS: std::sync::OnceLock<crate::probe::PlanProbe> = std::sync::OnceLock::new();
+
+pub fn set_faults(probe: crate::probe::PlanProbe) {
+    let _ = CLIENT_FAULTS.set(probe);
+}
+
+fn fault(step: &str) -> Action {
+    match CLIENT_FAULTS.get() {
+        None => Action::Pass,
+        Some(probe) => probe.named("client", step),
+    }
+}
+
+/// Sends one message of a request, applying the plan's verdict for `step`.
+async fn send_part<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    step: &str,
+    bytes: &[u8],
+) -> Result<(), ClientError> {
+    let io_err = |source| ClientError::Io {
+        what: "sending the request",
+        source,
+    };
+    let mut owned;
+    let mut message = bytes;
+    match fault(step) {
+        Action::Pass => {}
+        Action::Drop => return Ok(()),
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        Action::Hang => {
+            tokio::time::sleep(REPLY_TIMEOUT).await;
+            return Err(ClientError::ReplyTimeout);
+        }
+        Action::Corrupt => {
+            owned = bytes.to_vec();
+            faults::corrupt(&mut owned);
+            message = &owned;
+        }
+        Action::Truncate(n) => {
+            stream
+                .write_all(&bytes[..n.min(bytes.len())])
+                .await
+                .map_err(io_err)?;
+            let _ = stream.shutdown().await;
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "truncated (fault injection)",
+            )));
+        }
+        Action::Close => {
+            let _ = stream.shutdown().await;
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed (fault injection)",
+            )));
+        }
+    }
+    stream.write_all(message).await.map_err(io_err)
 }
 
 /// The client side of either handshake.
@@ -249,7 +343,11 @@ fn check_range(export: &Export, offset: u64, length: u64) -> Result<(), ClientEr
     }
 }
 
-async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, handle: u64) -> Result<(), ClientError> {
+async fn read_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    handle: u64,
+    kind: u16,
+) -> Result<(), ClientError> {
     let mut h = [0u8; SIMPLE_REPLY_LEN];
     match tokio::time::timeout(REPLY_TIMEOUT, stream.read_exact(&mut h)).await {
         Err(_) => return Err(ClientError::ReplyTimeout),
@@ -261,7 +359,24 @@ async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, handle: u64) -> Result
         }
         Ok(Ok(_)) => {}
     }
-    let reply = SimpleReply::decode(&h);
+    let mut reply = SimpleReply::decode(&h);
+    match fault(&format!("reply_received.{}", cmd::name(kind))) {
+        Action::Pass => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        Action::Corrupt => reply.magic = !reply.magic,
+        // An ignored or stalled reply is, to this client, no reply.
+        Action::Drop | Action::Hang => return Err(ClientError::ReplyTimeout),
+        Action::Close | Action::Truncate(_) => {
+            return Err(ClientError::Io {
+                what: "waiting for the reply",
+                source: io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed (fault injection)",
+                ),
+            })
+        }
+    }
     if reply.magic != proto::SIMPLE_REPLY_MAGIC {
         return Err(ClientError::BadReplyMagic(reply.magic));
     }
@@ -284,11 +399,13 @@ async fn pump<R, W>(
     to: &mut W,
     length: u64,
     what: &'static str,
+    corrupt_first: bool,
 ) -> Result<(), ClientError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut corrupt_first = corrupt_first;
     let mut buf = vec![0u8; PIECE.min(length as usize)];
     let mut done = 0u64;
     while done < length {
@@ -304,6 +421,10 @@ where
                 expected: length,
                 got: done,
             });
+        }
+        if corrupt_first {
+            faults::corrupt(&mut buf[..n]);
+            corrupt_first = false;
         }
         to.write_all(&buf[..n])
             .await
@@ -326,13 +447,12 @@ async fn send_request<S: AsyncWrite + Unpin>(
     check_range(export, offset, length)?;
     let handle = random_handle();
     let request = Request::new(kind, 0, handle, offset, length as u32);
-    stream
-        .write_all(&request.encode())
-        .await
-        .map_err(|source| ClientError::Io {
-            what: "sending the request",
-            source,
-        })?;
+    send_part(
+        stream,
+        &format!("request_send.{}", cmd::name(kind)),
+        &request.encode(),
+    )
+    .await?;
     Ok(handle)
 }
 
@@ -349,8 +469,15 @@ where
     W: AsyncWrite + Unpin,
 {
     let handle = send_request(stream, export, cmd::READ, offset, length).await?;
-    read_reply(stream, handle).await?;
-    pump(stream, out, length, "receiving the data from the server").await
+    read_reply(stream, handle, cmd::READ).await?;
+    pump(
+        stream,
+        out,
+        length,
+        "receiving the data from the server",
+        false,
+    )
+    .await
 }
 
 /// Writes `length` bytes taken from `input` at `offset`.
@@ -366,12 +493,36 @@ where
     R: AsyncRead + Unpin,
 {
     let handle = send_request(stream, export, cmd::WRITE, offset, length).await?;
-    pump(
-        input,
-        stream,
-        length,
-        "copying the data from standard input to the server",
-    )
-    .await?;
-    read_reply(stream, handle).await
+    let what = "copying the data from standard input to the server";
+    let aborted = |why: &str| ClientError::Io {
+        what,
+        source: io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("{why} (fault injection)"),
+        ),
+    };
+    match fault("payload_send.write") {
+        Action::Pass => pump(input, stream, length, what, false).await?,
+        Action::Corrupt => pump(input, stream, length, what, true).await?,
+        Action::Drop => {}
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => {
+            tokio::time::sleep(d).await;
+            pump(input, stream, length, what, false).await?;
+        }
+        Action::Hang => {
+            tokio::time::sleep(REPLY_TIMEOUT).await;
+            return Err(ClientError::ReplyTimeout);
+        }
+        Action::Truncate(n) => {
+            pump(input, stream, (n as u64).min(length), what, false).await?;
+            let _ = stream.shutdown().await;
+            return Err(aborted("payload truncated"));
+        }
+        Action::Close => {
+            let _ = stream.shutdown().await;
+            return Err(aborted("closed"));
+        }
+    }
+    read_reply(stream, handle, cmd::WRITE).await
 }

@@ -144,6 +144,10 @@ struct TransferArgs {
     /// Local address to connect from.
     #[arg(short = 'b', long)]
     bind: Option<String>,
+    /// A fault plan (`client.*` keys); FLEXNBD_FAULTS is used when this is
+    /// not given.
+    #[arg(long, value_name = "PLAN")]
+    faults: Option<String>,
     #[command(flatten)]
     verbosity: Verbosity,
 }
@@ -333,7 +337,7 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         acl,
         config,
     };
-    let plan = fault_plan(args.faults.as_deref())?;
+    let plan = fault_plan(args.faults.as_deref(), mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -355,12 +359,15 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
 
 /// The fault plan from `--faults` or FLEXNBD_FAULTS; `None` when there is
 /// none. The seed is always logged, so a run can be replayed.
-fn fault_plan(flag: Option<&str>) -> Result<Option<faults::FaultPlan>, Failure> {
+fn fault_plan(
+    flag: Option<&str>,
+    mode: &'static str,
+) -> Result<Option<faults::FaultPlan>, Failure> {
     let plan = match flag {
         Some(text) => faults::FaultPlan::parse(text),
         None => faults::FaultPlan::from_env(),
     }
-    .map_err(|e| usage_error(e.to_string(), "serve"))?;
+    .map_err(|e| usage_error(e.to_string(), mode))?;
     if plan.is_empty() {
         return Ok(None);
     }
@@ -578,6 +585,9 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
         )),
         None => None,
     };
+    if let Some(plan) = fault_plan(args.faults.as_deref(), mode)? {
+        client::set_faults(PlanProbe::new(plan));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -150,6 +150,16 @@ impl PlanProbe {
         &self.plan
     }
 
+    /// The decision for a step named directly (`side`, `step`), logging a
+    /// fired fault.
+    pub fn named(&self, side: &str, step: &str) -> Action {
+        let decision = self.plan.decide(side, step);
+        if let Some(line) = decision.line() {
+            warn!("{line}");
+        }
+        decision.action()
+    }
+
     /// The store's decision for one operation: an error to return, a delay
     /// to add, or nothing.
     pub fn store(&self, step: StoreStep) -> Option<StoreFault> {
