@@ -2,6 +2,8 @@
 
 mod harness;
 
+mod faults;
+
 mod bad_input;
 mod codec_props;
 
