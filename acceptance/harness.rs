@@ -428,3 +428,14 @@ pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 pub fn nbdsh(uri: &str, script: &str) -> Output {
     run_ok(SYSTEM_PYTHON, &["-m", "nbd", "-u", uri, "-c", script], WAIT)
 }
+
+impl Flexnbd {
+    /// Like `spawn`, with extra environment variables. Runs the binary
+    /// through `env`, which execs it, so the child's pid is the server's.
+    pub fn spawn_with_env(dir: &TempDir, args: &[String], env: &[(&str, &str)]) -> Flexnbd {
+        let mut full: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        full.push(BIN.to_string());
+        full.extend(args.iter().cloned());
+        Flexnbd::spawn_program(dir, "/usr/bin/env", &full)
+    }
+}
