@@ -8,6 +8,7 @@ mod bad_input;
 mod codec_props;
 
 mod cli;
+mod control;
 mod newstyle;
 mod peers;
 mod serve_wire;

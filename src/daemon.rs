@@ -142,8 +142,7 @@ impl<T: Transport, P: Probe> Host for Daemon<T, P> {
 
     async fn cut_off_clients(&self, grace: Duration) {
         info!("closing clients to allow mirroring to converge");
-        self.shared.set_clients_allowed(false);
-        self.shared.stop_clients();
+        self.shared.close_to_clients();
         if !self.shared.wait_for_no_clients(grace).await {
             warn!(
                 "{} clients still busy after {} ms; disconnecting them",
@@ -256,8 +255,10 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             });
         }
         info!("mirror to {} requested", args.target);
-        let first = first_rx.await.unwrap_or(FirstOutcome::FailConnect);
-        if first != FirstOutcome::Go {
+        // No outcome at all: the supervisor ended before its first attempt
+        // had one (`break` or shutdown abandoned it), not a failed connect.
+        let first = first_rx.await.ok();
+        if first != Some(FirstOutcome::Go) {
             // Nothing is left behind: status, a new `mirror` and the exit
             // code on a signal all behave as if none was started.
             let mut slot = self.slot();
@@ -265,7 +266,10 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
                 slot.take();
             }
         }
-        first.response()
+        match first {
+            Some(first) => first.response(),
+            None => Response::fail("Mirroring abandoned"),
+        }
     }
 
     async fn mirror_max_bps(&self, args: Vec<String>) -> Response {
@@ -488,7 +492,7 @@ pub async fn run<T: Transport, P: Probe>(
         }
     }
     // The shutdown order: clients, control socket, listening socket, map scan.
-    shared.stop_clients();
+    shared.close_to_clients();
     daemon.control_stop.cancel();
     if let Some(task) = daemon.control_task.lock().await.take() {
         let _ = task.await;

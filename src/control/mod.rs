@@ -112,8 +112,9 @@ pub async fn serve<C: Controlled>(
         match accepted {
             Ok((stream, _)) => {
                 let target = target.clone();
+                let stop = stop.clone();
                 tracker.spawn(async move {
-                    if let Err(e) = handle(stream, &*target).await {
+                    if let Err(e) = handle(stream, &*target, &stop).await {
                         debug!("control connection ended: {e}");
                     }
                 });
@@ -145,6 +146,8 @@ enum HandleError {
     Io(#[from] io::Error),
     #[error("no complete request within {} s", REQUEST_TIMEOUT.as_secs())]
     Timeout,
+    #[error("shutting down before a complete request arrived")]
+    ShuttingDown,
 }
 
 /// Reads the request lines: up to an empty line or EOF.
@@ -188,12 +191,22 @@ async fn read_request(
     }
 }
 
-async fn handle<C: Controlled>(stream: UnixStream, target: &C) -> Result<(), HandleError> {
+async fn handle<C: Controlled>(
+    stream: UnixStream,
+    target: &C,
+    stop: &CancellationToken,
+) -> Result<(), HandleError> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut reader)).await {
-        Err(_) => return Err(HandleError::Timeout),
-        Ok(r) => r?,
+    // A connection still waiting for its request is closed at shutdown:
+    // only requests already received are waited for.
+    let request = tokio::select! {
+        biased;
+        r = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut reader)) => match r {
+            Err(_) => return Err(HandleError::Timeout),
+            Ok(r) => r?,
+        },
+        _ = stop.cancelled() => return Err(HandleError::ShuttingDown),
     };
     let response = match request {
         Err(refusal) => refusal,

@@ -177,6 +177,17 @@ impl<P: Probe> Shared<P> {
         }
     }
 
+    /// Refuses new clients and stops every connected one, in one step under
+    /// the registry lock: a connection accepted at the same moment is either
+    /// stopped here or refused when it registers, never missed.
+    pub fn close_to_clients(&self) {
+        let registry = self.registry();
+        self.clients_allowed.store(false, Ordering::Release);
+        for entry in registry.values() {
+            entry.stop.cancel();
+        }
+    }
+
     /// Waits until no client is connected, for at most `limit`. Returns
     /// whether they all left.
     pub async fn wait_for_no_clients(&self, limit: Duration) -> bool {
@@ -221,8 +232,29 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                 continue;
             }
         };
-        if let Action::Crash = shared.probe.step(Step::Accept) {
-            faults::crash_now();
+        match shared.probe.step(Step::Accept) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => {
+                // Accepted but never answered: the peer's own timeout ends it.
+                info!("fault injection: holding the connection from {peer} without a greeting");
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut stream = stream;
+                    let mut sink = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+                continue;
+            }
+            Action::Close | Action::Drop | Action::Truncate(_) | Action::Corrupt => {
+                info!("fault injection: closing the connection from {peer} at once");
+                continue;
+            }
         }
         if !shared.clients_allowed() {
             info!(
@@ -238,6 +270,10 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
         {
             let mut registry = shared.registry();
+            if !shared.clients_allowed() {
+                info!("closing connection from {peer}: clients are not allowed now");
+                continue;
+            }
             if registry.len() >= shared.config.max_clients {
                 warn!(
                     "too many clients: rejecting {peer}, all {} slots are in use",
