@@ -9,6 +9,9 @@ mod codec_props;
 
 mod cli;
 mod control;
+mod fakes;
+mod interop;
 mod newstyle;
 mod peers;
+mod resolve;
 mod serve_wire;

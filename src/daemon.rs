@@ -290,6 +290,34 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
         }
     }
 
+    async fn wait_mirror(&self, stop: CancellationToken) -> Response {
+        let (state, done) = match self.slot().as_ref() {
+            None => return Response::fail("not mirroring"),
+            Some(m) => (m.state.clone(), m.done.clone()),
+        };
+        // The hand-off sets `completing` before it closes this socket, so a
+        // waiter always hears about it before the socket goes away.
+        loop {
+            if state.completing.load(Ordering::Acquire) {
+                return Response::ok("migration complete");
+            }
+            if done.is_cancelled() {
+                return match state.phase() {
+                    mirror::Phase::Done => Response::ok("migration complete"),
+                    _ => Response::fail("mirror stopped before completing"),
+                };
+            }
+            if stop.is_cancelled() {
+                return Response::fail("shutting down");
+            }
+            tokio::select! {
+                _ = done.cancelled() => {}
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
     fn control_step(&self, command: &'static str) -> crate::probe::Action {
         self.shared
             .probe

@@ -436,57 +436,70 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
     )
 }
 
-/// Polls status until the migration ends. The outcome: the server going
-/// away during the hand-off is success; a mirror that disappears before it
-/// (break) or a server that vanishes earlier is failure.
+/// Follows a migration to its end: progress from status requests, the
+/// outcome from a `mirror_wait` request, which the server answers when the
+/// mirror ends or its hand-off begins (before the socket goes away), so a
+/// fast migration can never be mistaken for a failed one.
 fn follow_migration(path: &std::path::Path) -> Result<ExitCode, Failure> {
     use std::io::{IsTerminal, Write};
     let terminal = std::io::stderr().is_terminal();
-    let mut last_state = String::from("connecting");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wait_path = path.to_owned();
+    std::thread::spawn(move || {
+        // As long as the migration takes: the server answers at its end.
+        let limit = std::time::Duration::from_secs(365 * 24 * 3600);
+        let _ = tx.send(flexnbd::control::client::request(
+            &wait_path,
+            &["mirror_wait".to_string()],
+            limit,
+        ));
+    });
     let mut last_line = String::new();
     loop {
-        let response = flexnbd::control::client::request(
-            path,
-            &["status".to_string()],
-            std::time::Duration::from_secs(10),
-        );
-        let text = match response {
-            Ok(r) if r.code == 0 => r.text,
-            Ok(r) => return Err(failure(format!("status failed: {}", r.text))),
-            Err(_) if last_state == "handing_off" || last_state == "entrusting" => {
+        match rx.recv_timeout(std::time::Duration::from_millis(if terminal {
+            200
+        } else {
+            1000
+        })) {
+            Ok(outcome) => {
                 if terminal {
                     eprintln!();
                 }
-                println!("migration complete");
-                return Ok(ExitCode::SUCCESS);
+                let response =
+                    outcome.map_err(|e| failure(format!("lost the migration's outcome: {e}")))?;
+                if response.code == 0 {
+                    println!("{}", response.text);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                eprintln!("{}", response.text);
+                return Ok(ExitCode::from(1));
             }
-            Err(e) => {
-                return Err(failure(format!(
-                    "the server went away during the migration ({last_state}): {e}"
-                )))
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(failure("lost the migration's outcome"));
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let Ok(response) = flexnbd::control::client::request(
+            path,
+            &["status".to_string()],
+            std::time::Duration::from_secs(10),
+        ) else {
+            continue; // the outcome decides; status is only for progress
         };
+        let text = response.text;
         let field = |key: &str| {
             text.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
                 .map(str::to_string)
         };
         if field("is_mirroring").as_deref() != Some("true") {
-            if terminal {
-                eprintln!();
-            }
-            if last_state == "handing_off" || last_state == "entrusting" {
-                println!("migration complete");
-                return Ok(ExitCode::SUCCESS);
-            }
-            eprintln!("migration stopped before completing (last state: {last_state})");
-            return Ok(ExitCode::from(1));
+            continue;
         }
         let size: f64 = field("size").and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let left: f64 = field("migration_bytes_left")
             .and_then(|v| v.parse().ok())
             .unwrap_or(size);
-        last_state = field("migration_state").unwrap_or_default();
+        let state = field("migration_state").unwrap_or_default();
         let attempt = field("migration_attempt").unwrap_or_default();
         let speed = field("migration_speed").unwrap_or_default();
         let done = if size > 0.0 {
@@ -498,23 +511,18 @@ fn follow_migration(path: &std::path::Path) -> Result<ExitCode, Failure> {
             let width = 30;
             let filled = (done / 100.0 * width as f64) as usize;
             eprint!(
-                "\r[{}{}] {done:5.1}% {last_state} attempt {attempt} {speed} B/s   ",
+                "\r[{}{}] {done:5.1}% {state} attempt {attempt} {speed} B/s   ",
                 "#".repeat(filled),
                 " ".repeat(width - filled)
             );
             let _ = std::io::stderr().flush();
         } else {
-            let line = format!("migration {done:.1}% state={last_state} attempt={attempt} bytes_left={left} speed={speed}");
+            let line = format!("migration {done:.1}% state={state} attempt={attempt} bytes_left={left} speed={speed}");
             if line != last_line {
                 println!("{line}");
                 last_line = line;
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(if terminal {
-            200
-        } else {
-            1000
-        }));
     }
 }
 

@@ -37,6 +37,10 @@ pub trait Controlled: Send + Sync + 'static {
     fn mirror(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
     fn mirror_max_bps(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
     fn break_mirror(&self) -> impl Future<Output = Response> + Send;
+    /// Waits for the running mirror to end (or the hand-off to begin,
+    /// which closes this socket) and answers with the outcome. `stop` is
+    /// cancelled when the control socket closes.
+    fn wait_mirror(&self, stop: CancellationToken) -> impl Future<Output = Response> + Send;
     /// The fault plan's verdict for a command (`control.<command>` keys).
     fn control_step(&self, _command: &'static str) -> crate::probe::Action {
         crate::probe::Action::Pass
@@ -219,6 +223,7 @@ async fn handle<C: Controlled>(
                 Request::Mirror(_) => Some("mirror"),
                 Request::MirrorMaxBps(_) => Some("mirror_speed"),
                 Request::Break => Some("break"),
+                Request::MirrorWait => Some("mirror_wait"),
                 Request::Missing | Request::Unknown(_) => None,
             };
             if let Some(command) = command {
@@ -248,6 +253,7 @@ async fn handle<C: Controlled>(
                 Request::Mirror(args) => target.mirror(args).await,
                 Request::MirrorMaxBps(args) => target.mirror_max_bps(args).await,
                 Request::Break => target.break_mirror().await,
+                Request::MirrorWait => target.wait_mirror(stop.clone()).await,
                 Request::Missing => Response::missing_command(),
                 Request::Unknown(command) => {
                     info!("control: unknown command {command:?}");

@@ -19,6 +19,8 @@ pub enum Request {
     Mirror(Vec<String>),
     MirrorMaxBps(Vec<String>),
     Break,
+    /// Ours: answers when the running mirror ends, with its outcome.
+    MirrorWait,
     /// The first line was empty.
     Missing,
     Unknown(String),
@@ -36,6 +38,7 @@ pub fn parse_request(lines: &[String]) -> Request {
         "mirror" => Request::Mirror(args),
         "mirror_max_bps" => Request::MirrorMaxBps(args),
         "break" => Request::Break,
+        "mirror_wait" => Request::MirrorWait,
         other => Request::Unknown(other.to_string()),
     }
 }
