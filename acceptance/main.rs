@@ -11,6 +11,7 @@ mod cli;
 mod control;
 mod fakes;
 mod interop;
+mod matrix;
 mod newstyle;
 mod peers;
 mod resolve;

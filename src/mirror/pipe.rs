@@ -363,9 +363,13 @@ async fn read_replies<S: Stream, P: Probe>(
         if reply.magic != proto::SIMPLE_REPLY_MAGIC {
             return shared.fail(PipeError::BadMagic(reply.magic));
         }
-        let kind = match shared.pending().get(&reply.handle) {
-            Some(Pending::Data { kind, .. }) | Some(Pending::Call { kind, .. }) => *kind,
-            None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
+        // The lock is released at the end of this statement: `fail` takes it
+        // again (a guard held by a `match` scrutinee deadlocked here).
+        let kind = shared.pending().get(&reply.handle).map(|p| match p {
+            Pending::Data { kind, .. } | Pending::Call { kind, .. } => *kind,
+        });
+        let Some(kind) = kind else {
+            return shared.fail(PipeError::UnknownHandle(reply.handle));
         };
         match probe.step(Step::MirrorReplyReceived { kind }) {
             Action::Pass => {}

@@ -1,0 +1,1753 @@
+//! The fault matrix: every protocol step of a migration, on each side, under
+//! every fault that makes sense there, with and without `--unlink`, while
+//! clients keep writing through the source (design/handoff.md, "What the
+//! acceptance suite must prove").
+//!
+//! Each scenario runs a real `flexnbd listen` (destination, on a sparse file)
+//! and a real `flexnbd serve` (source, a small image with data and holes),
+//! one or two client threads writing 4 KiB blocks through the source on
+//! persistent raw connections (every acknowledged write is recorded), and
+//! `flexnbd mirror`. The fault plan goes to the process that announces the
+//! step (`server.*` to `listen`, `mirror.*` to `serve`). The test then acts as
+//! a supervisor would: a destination killed by a `crash` fault is restarted
+//! on the same port and file without faults; the source is given a bounded
+//! time to finish (or SIGTERMed); the writers are stopped; and what a person
+//! would see is checked:
+//!
+//! 1. the files fall in an allowed row of the verdict table, never "source
+//!    absent + marker receiving", and in the row the fault predicts;
+//! 2. `flexnbd resolve` names the same copy (exit status 10/11/12);
+//! 3. that copy holds every acknowledged write and the image's untouched data
+//!    (a block whose last write was cut off unacknowledged may hold either);
+//! 4. the fault's `fault fired:` line is in the right process's log (every
+//!    occurrence chosen here is always reached; a fault that silently did not
+//!    fire fails the scenario);
+//! 5. no log says "panicked" and every process exited within its bounded wait,
+//!    with the status its outcome calls for;
+//! 6. where the fault is transient, the migration completed: both processes
+//!    exited 0, the marker is gone, and the destination is byte-identical to
+//!    the source file (without `--unlink`) or to the expected image (with it).
+//!
+//! Which actions make sense where (the generation rule):
+//! * steps without a message of their own (`server.accept`, `mirror.connect`):
+//!   close, crash, hang, delay;
+//! * steps that receive a message (`*_received`, `request_received.*`,
+//!   `payload_received.*`, `reply_received.*`): close, crash, drop, hang,
+//!   delay. Truncate and corrupt damage bytes on the wire, which is the
+//!   sender's step; at a receive step the message has already been read;
+//! * steps that send a header or a greeting (`greeting_send`,
+//!   `request_send.*`, `reply_send.*`, `entrust_*send`, `disconnect_send`):
+//!   all seven;
+//! * `mirror.payload_send.write`: all but corrupt. `corrupt` damages a
+//!   message's magic, and a payload has none: it would flip a data byte that
+//!   NBD cannot detect (TCP's checksum is what guards payloads), which is
+//!   outside the contract.
+//!
+//! Occurrences: `#1` everywhere; `#3` for the per-write steps (the sweep sends
+//! at least three data writes per attempt: the image has three 1 MiB-bounded
+//! data pieces); `#2` for the connection steps, with a helper fault
+//! (`server.reply_send.write#1=close` on the destination) that makes the
+//! first attempt fail after `Mirror started`, so the second connection is a
+//! retry.
+//!
+//! What each fault must lead to (the expectation rule):
+//! * a `mirror.*` crash kills the source: the source file stays canonical,
+//!   except after the unlink (`mirror.disconnect_send`, with `--unlink`),
+//!   where the destination is `entrusted`;
+//! * faults at `#1` of a connection step (accept, greeting, connect) other
+//!   than delay are first-attempt failures: `mirror` answers an error (exit
+//!   1), nothing is retried, the source keeps serving its clients and owns the
+//!   image;
+//! * faults on the disconnect (other than delay) come after the hand-off:
+//!   the destination keeps `state=entrusted` and holds everything;
+//! * everything else is transient (a destination crash included: the
+//!   supervisor restarts it and the source's retries complete the migration).
+//!
+//! `FLEXNBD_MATRIX_SWEEP=N` adds N random scenarios (proptest): random plans
+//! over the same steps with probabilities, counts and chains, random client
+//! write patterns; each prints its plans (with seeds) for replay, and
+//! `FLEXNBD_MATRIX_SWEEP_SEED=S` replays a whole sweep.
+//! `FLEXNBD_MATRIX_FILTER=TEXT` runs only the scenarios whose name contains
+//! TEXT (e.g. `mirror.payload_send.write#3=drop`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use flexnbd::proto::{self, Request, SimpleReply};
+
+use crate::harness::*;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const BLOCK: u64 = 4 * KIB;
+/// Scenarios running at once, across every matrix test.
+const POOL: usize = 6;
+/// The source's no-progress limit (FLEXNBD_MS_REQUEST_LIMIT_SECS).
+const REQUEST_LIMIT_SECS: &str = "1";
+/// How long a SIGTERMed process may take to exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+/// Delay used by the `delay` action (below the request limit: only slower).
+const DELAY_MS: u64 = 300;
+/// The initial image: data, hole, data, hole (the tail past 4 MiB is a hole
+/// too). Three data writes in every sweep: 1 MiB, then 1 MiB + 512 KiB.
+const DATA_RANGES: [(u64, u64); 2] = [(0, MIB), (2 * MIB, 3 * MIB + 512 * KIB)];
+
+// ------------------------------------------------------------------ steps
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Dest,
+    Source,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Dest => "dest",
+            Side::Source => "source",
+        }
+    }
+}
+
+/// What a step carries, which decides the actions that make sense there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carries {
+    /// No message of its own (accept, connect).
+    Nothing,
+    /// A message that has just been received.
+    Received,
+    /// A header or greeting about to be sent.
+    Sent,
+    /// A write's payload about to be sent.
+    Payload,
+}
+
+/// Where in a migration a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Connection and greeting: `#1` is the first attempt.
+    Connect,
+    /// The copy (writes, write-zeroes, flush).
+    Copy,
+    /// Entrust and its reply.
+    Entrust,
+    /// The DISCONNECT, after the hand-off.
+    Disconnect,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct StepSpec {
+    side: Side,
+    key: &'static str,
+    carries: Carries,
+    phase: Phase,
+    occurrences: &'static [u32],
+}
+
+const fn step(
+    side: Side,
+    key: &'static str,
+    carries: Carries,
+    phase: Phase,
+    occurrences: &'static [u32],
+) -> StepSpec {
+    StepSpec {
+        side,
+        key,
+        carries,
+        phase,
+        occurrences,
+    }
+}
+
+/// Every step a migration announces, on both sides.
+const STEPS: &[StepSpec] = &[
+    // The destination (`flexnbd listen`).
+    step(
+        Side::Dest,
+        "server.accept",
+        Carries::Nothing,
+        Phase::Connect,
+        &[1, 2],
+    ),
+    step(
+        Side::Dest,
+        "server.greeting_send",
+        Carries::Sent,
+        Phase::Connect,
+        &[1, 2],
+    ),
+    step(
+        Side::Dest,
+        "server.request_received.write",
+        Carries::Received,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Dest,
+        "server.payload_received.write",
+        Carries::Received,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Dest,
+        "server.reply_send.write",
+        Carries::Sent,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Dest,
+        "server.request_received.write_zeroes",
+        Carries::Received,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.reply_send.write_zeroes",
+        Carries::Sent,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.request_received.flush",
+        Carries::Received,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.reply_send.flush",
+        Carries::Sent,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.entrust_received",
+        Carries::Received,
+        Phase::Entrust,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.entrust_reply_send",
+        Carries::Sent,
+        Phase::Entrust,
+        &[1],
+    ),
+    step(
+        Side::Dest,
+        "server.disconnect_received",
+        Carries::Received,
+        Phase::Disconnect,
+        &[1],
+    ),
+    // The source (`flexnbd serve`, whose mirror connects out).
+    step(
+        Side::Source,
+        "mirror.connect",
+        Carries::Nothing,
+        Phase::Connect,
+        &[1, 2],
+    ),
+    step(
+        Side::Source,
+        "mirror.greeting_received",
+        Carries::Received,
+        Phase::Connect,
+        &[1, 2],
+    ),
+    step(
+        Side::Source,
+        "mirror.request_send.write",
+        Carries::Sent,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Source,
+        "mirror.payload_send.write",
+        Carries::Payload,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Source,
+        "mirror.reply_received.write",
+        Carries::Received,
+        Phase::Copy,
+        &[1, 3],
+    ),
+    step(
+        Side::Source,
+        "mirror.request_send.write_zeroes",
+        Carries::Sent,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.reply_received.write_zeroes",
+        Carries::Received,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.request_send.flush",
+        Carries::Sent,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.reply_received.flush",
+        Carries::Received,
+        Phase::Copy,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.entrust_send",
+        Carries::Sent,
+        Phase::Entrust,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.entrust_reply_received",
+        Carries::Received,
+        Phase::Entrust,
+        &[1],
+    ),
+    step(
+        Side::Source,
+        "mirror.disconnect_send",
+        Carries::Sent,
+        Phase::Disconnect,
+        &[1],
+    ),
+];
+
+/// The helper fault that makes the first attempt fail after `Mirror
+/// started`, so that `#2` of a connection step is a retry.
+const RETRY_HELPER: &str = "server.reply_send.write#1=close";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Act {
+    Close,
+    Crash,
+    Drop,
+    Hang,
+    Delay(u64),
+    Truncate(u32),
+    Corrupt,
+}
+
+impl Act {
+    fn text(self) -> String {
+        match self {
+            Act::Close => "close".into(),
+            Act::Crash => "crash".into(),
+            Act::Drop => "drop".into(),
+            Act::Hang => "hang".into(),
+            Act::Delay(ms) => format!("delay({ms})"),
+            Act::Truncate(n) => format!("truncate({n})"),
+            Act::Corrupt => "corrupt".into(),
+        }
+    }
+}
+
+/// The actions that make sense at a step (see the module comment).
+fn actions_for(carries: Carries) -> Vec<Act> {
+    let mut v = vec![Act::Close, Act::Crash, Act::Hang, Act::Delay(DELAY_MS)];
+    match carries {
+        Carries::Nothing => {}
+        Carries::Received => v.push(Act::Drop),
+        Carries::Sent => v.extend([Act::Drop, Act::Truncate(10), Act::Corrupt]),
+        Carries::Payload => v.extend([Act::Drop, Act::Truncate(2048)]),
+    }
+    v
+}
+
+// ------------------------------------------------------------ scenarios
+
+/// What must come of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// Transient: the migration completes and the images are identical.
+    Complete,
+    /// The first attempt fails: reported to `mirror`, never retried; the
+    /// source keeps serving and owns the image.
+    FirstAttemptFailed,
+    /// The source is killed; `after_unlink` when its file was already gone.
+    SourceCrashed { entrusted: bool, after_unlink: bool },
+    /// The hand-off happened but the DISCONNECT was lost: the destination
+    /// keeps `state=entrusted` and holds everything.
+    LostDisconnect,
+    /// Random plans (the sweep): only the safety properties are checked.
+    Unknown { transient: bool },
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    name: String,
+    dest_plan: String,
+    source_plan: String,
+    /// `fault fired:` lines that must appear, and in which process's log.
+    must_fire: Vec<(Side, String)>,
+    unlink: bool,
+    expect: Expect,
+    writers: usize,
+    /// Pause between a writer's writes, in microseconds.
+    pace_us: u64,
+    /// Writers write only to the first `hot_blocks` blocks (0: anywhere).
+    hot_blocks: u64,
+    /// Seed of the writers' offsets and data.
+    seed: u64,
+    /// How long the source may take to finish the migration.
+    settle: Duration,
+}
+
+fn classify(spec: &StepSpec, occurrence: u32, act: Act, unlink: bool) -> Expect {
+    if spec.side == Side::Source && act == Act::Crash {
+        let entrusted = matches!(
+            spec.key,
+            "mirror.entrust_reply_received" | "mirror.disconnect_send"
+        );
+        return Expect::SourceCrashed {
+            entrusted,
+            after_unlink: unlink && spec.key == "mirror.disconnect_send",
+        };
+    }
+    if matches!(act, Act::Delay(_)) {
+        return Expect::Complete;
+    }
+    match spec.phase {
+        Phase::Connect if occurrence == 1 => Expect::FirstAttemptFailed,
+        Phase::Disconnect => Expect::LostDisconnect,
+        _ => Expect::Complete,
+    }
+}
+
+/// How long a stalled connection step costs the mirror before it retries.
+fn stall_cost(key: &str, act: Act) -> Duration {
+    match (key, act) {
+        // CONNECT_TIMEOUT
+        ("mirror.connect", Act::Hang) => Duration::from_secs(16),
+        // HELLO_TIMEOUT
+        ("mirror.greeting_received", Act::Hang)
+        | ("server.accept", Act::Hang)
+        | ("server.greeting_send", Act::Hang | Act::Drop) => Duration::from_secs(6),
+        _ => Duration::ZERO,
+    }
+}
+
+static TAGS: AtomicU64 = AtomicU64::new(1);
+
+fn matrix(side: Side) -> Vec<Scenario> {
+    let mut out = Vec::new();
+    for spec in STEPS.iter().filter(|s| s.side == side) {
+        for &occurrence in spec.occurrences {
+            for act in actions_for(spec.carries) {
+                for unlink in [false, true] {
+                    let key = format!("{}#{occurrence}", spec.key);
+                    let seed = splitmix(fnv(&format!("{key}={}{unlink}", act.text())));
+                    let entry = format!("seed={}; {key}={}", seed % 1_000_000, act.text());
+                    let mut must_fire =
+                        vec![(side, format!("fault fired: {key} -> {}", act.text()))];
+                    let (mut dest_plan, source_plan) = match side {
+                        Side::Dest => (entry, String::new()),
+                        Side::Source => (String::new(), entry),
+                    };
+                    if spec.phase == Phase::Connect && occurrence >= 2 {
+                        if dest_plan.is_empty() {
+                            dest_plan = format!("seed=1; {RETRY_HELPER}");
+                        } else {
+                            dest_plan = format!("{dest_plan}; {RETRY_HELPER}");
+                        }
+                        must_fire.push((
+                            Side::Dest,
+                            "fault fired: server.reply_send.write#1 -> close".into(),
+                        ));
+                    }
+                    let expect = classify(spec, occurrence, act, unlink);
+                    out.push(Scenario {
+                        name: format!(
+                            "{} {key}={}{}",
+                            side.name(),
+                            act.text(),
+                            if unlink { " --unlink" } else { "" }
+                        ),
+                        dest_plan,
+                        source_plan,
+                        must_fire,
+                        unlink,
+                        expect,
+                        writers: 1 + (seed % 2) as usize,
+                        pace_us: 1000,
+                        hot_blocks: 0,
+                        seed,
+                        settle: Duration::from_secs(10) + stall_cost(spec.key, act),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------- the pool
+
+/// At most POOL scenarios at once, across all the matrix tests.
+static SLOTS: Mutex<usize> = Mutex::new(0);
+static SLOT_FREED: Condvar = Condvar::new();
+
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let mut n = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= POOL {
+            n = SLOT_FREED.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOTS.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        SLOT_FREED.notify_one();
+    }
+}
+
+/// What one scenario produced.
+struct Outcome {
+    failure: Option<String>,
+    fired: usize,
+    elapsed: Duration,
+}
+
+/// Runs every scenario on the pool; fails with every failing scenario's
+/// report.
+fn run_all(label: &str, mut scenarios: Vec<Scenario>) -> Vec<Outcome> {
+    // FLEXNBD_MATRIX_FILTER=TEXT replays only the scenarios whose name
+    // contains TEXT.
+    if let Ok(filter) = std::env::var("FLEXNBD_MATRIX_FILTER") {
+        scenarios.retain(|s| s.name.contains(filter.as_str()));
+    }
+    // The slowest first (the queue pops from the end), so they do not
+    // make the tail.
+    scenarios.sort_by_key(|s| s.settle);
+    let started = Instant::now();
+    let total = scenarios.len();
+    let queue = Arc::new(Mutex::new(
+        scenarios.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..POOL)
+        .map(|_| {
+            let queue = queue.clone();
+            let results = results.clone();
+            let done = done.clone();
+            thread::spawn(move || loop {
+                let Some((i, scenario)) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let slot = Slot::take();
+                let outcome = run_caught(&scenario);
+                drop(slot);
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                println!(
+                    "[{n}/{total}] {} {} ({:.1} s)",
+                    if outcome.failure.is_some() {
+                        "FAIL"
+                    } else {
+                        "ok  "
+                    },
+                    scenario.name,
+                    outcome.elapsed.as_secs_f64()
+                );
+                results.lock().unwrap().push((i, scenario, outcome));
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("matrix worker");
+    }
+    let mut results = std::mem::take(&mut *results.lock().unwrap());
+    results.sort_by_key(|(i, _, _)| *i);
+    let failures: Vec<String> = results
+        .iter()
+        .filter_map(|(_, s, o)| {
+            o.failure
+                .as_ref()
+                .map(|f| format!("==== FAILED: {}\n{f}", s.name))
+        })
+        .collect();
+    println!(
+        "matrix {label}: {total} scenarios, {} failed, {:.1} s",
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        let names: Vec<&str> = results
+            .iter()
+            .filter(|(_, _, o)| o.failure.is_some())
+            .map(|(_, s, _)| s.name.as_str())
+            .collect();
+        panic!(
+            "{}\n\nmatrix {label}: {} of {total} scenarios failed:\n  {}",
+            failures.join("\n\n"),
+            failures.len(),
+            names.join("\n  ")
+        );
+    }
+    results.into_iter().map(|(_, _, o)| o).collect()
+}
+
+fn run_caught(s: &Scenario) -> Outcome {
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_scenario(s)));
+    let (failure, fired) = match result {
+        Ok(Ok(fired)) => (None, fired),
+        Ok(Err(report)) => (Some(report), 0),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            (
+                Some(format!("{}\nthe scenario panicked: {msg}", describe(s))),
+                0,
+            )
+        }
+    };
+    Outcome {
+        failure,
+        fired,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn describe(s: &Scenario) -> String {
+    format!(
+        "scenario: {}\n  destination --faults: {:?}\n  source --faults: {:?}\n  unlink: {}\n  expect: {:?}\n  writers: {} (pace {} us, hot blocks {}, seed {})",
+        s.name,
+        s.dest_plan,
+        s.source_plan,
+        s.unlink,
+        s.expect,
+        s.writers,
+        s.pace_us,
+        s.hot_blocks,
+        s.seed
+    )
+}
+
+// -------------------------------------------------------------- writers
+
+/// One block's history as one writer saw it.
+#[derive(Clone, Debug, Default)]
+struct BlockLog {
+    /// The last acknowledged write's sequence number.
+    acked: Option<u64>,
+    /// Writes sent since then whose reply never came: each may have landed.
+    unsure: Vec<u64>,
+}
+
+#[derive(Default)]
+struct WriterStats {
+    acked: AtomicU64,
+    connects: AtomicU64,
+    error_replies: AtomicU64,
+    foreign: AtomicBool,
+}
+
+struct Writers {
+    stop: Arc<AtomicBool>,
+    stats: Arc<WriterStats>,
+    threads: Vec<thread::JoinHandle<HashMap<u64, BlockLog>>>,
+    /// The data tag of each writer (data = f(tag, seq)).
+    tags: Vec<u64>,
+}
+
+fn block_data(tag: u64, seq: u64) -> Vec<u8> {
+    let mut x = splitmix(tag ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut v = Vec::with_capacity(BLOCK as usize);
+    while v.len() < BLOCK as usize {
+        x = splitmix(x);
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    // Never all zero, and recognisable in a hex dump.
+    v[0] = 0xa5;
+    v[1..9].copy_from_slice(&seq.to_be_bytes());
+    v
+}
+
+impl Writers {
+    fn start(addr: SocketAddr, size: u64, s: &Scenario) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(WriterStats::default());
+        let blocks = if s.hot_blocks > 0 {
+            s.hot_blocks.min(size / BLOCK)
+        } else {
+            size / BLOCK
+        };
+        let n = s.writers as u64;
+        let mut tags = Vec::new();
+        let threads = (0..n)
+            .map(|t| {
+                let tag = splitmix(s.seed ^ (t + 1).wrapping_mul(0x51_7cc1_b727_220a));
+                tags.push(tag);
+                let stop = stop.clone();
+                let stats = stats.clone();
+                let pace = Duration::from_micros(s.pace_us);
+                thread::spawn(move || writer(addr, size, blocks, t, n, tag, pace, &stop, &stats))
+            })
+            .collect();
+        Writers {
+            stop,
+            stats,
+            threads,
+            tags,
+        }
+    }
+
+    /// Stops the writers and returns, per block, the writer's tag and log.
+    fn finish(self) -> Result<HashMap<u64, (u64, BlockLog)>, String> {
+        self.stop.store(true, Ordering::Release);
+        let mut all = HashMap::new();
+        for (t, h) in self.threads.into_iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !h.is_finished() {
+                if Instant::now() > deadline {
+                    return Err("a client writer did not stop within 15 s".into());
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            let logs = h
+                .join()
+                .map_err(|_| "a client writer panicked".to_string())?;
+            for (block, log) in logs {
+                all.insert(block, (self.tags[t], log));
+            }
+        }
+        Ok(all)
+    }
+}
+
+fn connect_source(addr: SocketAddr, size: u64, stats: &WriterStats) -> Option<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_nodelay(true).ok()?;
+    let mut g = [0u8; proto::OLDSTYLE_GREETING_LEN];
+    s.read_exact(&mut g).ok()?;
+    if &g[0..8] != b"NBDMAGIC" || u64::from_be_bytes(g[16..24].try_into().unwrap()) != size {
+        // The port now belongs to someone else: never write there.
+        stats.foreign.store(true, Ordering::Release);
+        return None;
+    }
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    Some(s)
+}
+
+/// Writes 4 KiB blocks (those with `block % n == t`) until stopped,
+/// reconnecting after a cut; records what was acknowledged.
+#[allow(clippy::too_many_arguments)]
+fn writer(
+    addr: SocketAddr,
+    size: u64,
+    blocks: u64,
+    t: u64,
+    n: u64,
+    tag: u64,
+    pace: Duration,
+    stop: &AtomicBool,
+    stats: &WriterStats,
+) -> HashMap<u64, BlockLog> {
+    let mut logs: HashMap<u64, BlockLog> = HashMap::new();
+    let mut rng = splitmix(tag);
+    let mut seq = 0u64;
+    let mut conn: Option<TcpStream> = None;
+    let mine = blocks.saturating_sub(t).div_ceil(n).max(1);
+    while !stop.load(Ordering::Acquire) {
+        if stats.foreign.load(Ordering::Acquire) {
+            break;
+        }
+        let Some(c) = conn.as_mut() else {
+            conn = connect_source(addr, size, stats);
+            if conn.is_none() {
+                thread::sleep(Duration::from_millis(20));
+            }
+            continue;
+        };
+        rng = splitmix(rng);
+        let block = (rng % mine) * n + t;
+        if block >= size / BLOCK {
+            continue;
+        }
+        seq += 1;
+        let data = block_data(tag, seq);
+        let handle = (tag << 20) ^ seq;
+        logs.entry(block).or_default().unsure.push(seq);
+        let mut msg = Request::new(proto::cmd::WRITE, 0, handle, block * BLOCK, BLOCK as u32)
+            .encode()
+            .to_vec();
+        msg.extend_from_slice(&data);
+        let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
+        let ok = c.write_all(&msg).is_ok() && c.read_exact(&mut reply).is_ok();
+        if !ok {
+            conn = None;
+            continue;
+        }
+        let r = SimpleReply::decode(&reply);
+        if r.magic != proto::SIMPLE_REPLY_MAGIC || r.handle != handle || r.error != 0 {
+            stats.error_replies.fetch_add(1, Ordering::Relaxed);
+            conn = None;
+            continue;
+        }
+        let log = logs.get_mut(&block).unwrap();
+        log.acked = Some(seq);
+        log.unsure.clear();
+        stats.acked.fetch_add(1, Ordering::Relaxed);
+        if !pace.is_zero() {
+            thread::sleep(pace);
+        }
+    }
+    logs
+}
+
+// -------------------------------------------------------------- images
+
+fn image_size(tag: u64) -> u64 {
+    // A size of its own per scenario running at once: a writer that finds
+    // another scenario's server on a reused port sees the wrong size.
+    4 * MIB + (1 + tag % 255) * BLOCK
+}
+
+fn initial_image(size: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    for (i, (start, end)) in DATA_RANGES.iter().enumerate() {
+        let p = pattern((end - start) as usize, 7 + i as u8);
+        v[*start as usize..*end as usize].copy_from_slice(&p);
+    }
+    v
+}
+
+fn write_initial(path: &Path, image: &[u8]) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(image.len() as u64).unwrap();
+    for (start, end) in DATA_RANGES {
+        f.write_all_at(&image[start as usize..end as usize], start)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Checks that `actual` is the initial image with, for every written block,
+/// its last acknowledged write (or one of the unacknowledged ones after it).
+fn check_model(
+    what: &str,
+    actual: &[u8],
+    initial: &[u8],
+    logs: &HashMap<u64, (u64, BlockLog)>,
+) -> Result<(), String> {
+    if actual.len() != initial.len() {
+        return Err(format!(
+            "{what}: size {} instead of {}",
+            actual.len(),
+            initial.len()
+        ));
+    }
+    let mut problems = Vec::new();
+    for b in 0..(initial.len() as u64 / BLOCK) {
+        let range = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
+        let got = &actual[range.clone()];
+        let ok = match logs.get(&b) {
+            None => got == &initial[range.clone()],
+            Some((tag, log)) => {
+                let base_ok = match log.acked {
+                    Some(seq) => got == block_data(*tag, seq).as_slice(),
+                    None => got == &initial[range.clone()],
+                };
+                base_ok
+                    || log
+                        .unsure
+                        .iter()
+                        .any(|&s| got == block_data(*tag, s).as_slice())
+            }
+        };
+        if !ok {
+            let seen = if got[0] == 0xa5 {
+                format!(
+                    "a client write seq {}",
+                    u64::from_be_bytes(got[1..9].try_into().unwrap())
+                )
+            } else if got.iter().all(|&x| x == 0) {
+                "zeros".into()
+            } else {
+                "other data".into()
+            };
+            problems.push(format!(
+                "block {b} (offset {}): expected {:?}, found {seen}",
+                b * BLOCK,
+                logs.get(&b).map(|(_, l)| l.clone())
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let n = problems.len();
+        problems.truncate(12);
+        Err(format!(
+            "{what} does not hold what was acknowledged ({n} bad blocks):\n    {}",
+            problems.join("\n    ")
+        ))
+    }
+}
+
+// ------------------------------------------------------------ processes
+
+fn exit_code(s: ExitStatus) -> i32 {
+    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
+fn try_status(p: &mut Flexnbd) -> Option<ExitStatus> {
+    p.child.as_mut().unwrap().try_wait().ok().flatten()
+}
+
+/// SIGTERMs `p` unless it has exited, and waits (bounded) for its status.
+fn terminate(p: &mut Flexnbd, what: &str) -> Result<(i32, bool), String> {
+    if let Some(s) = try_status(p) {
+        return Ok((exit_code(s), false));
+    }
+    p.signal(libc::SIGTERM);
+    let deadline = Instant::now() + EXIT_WAIT;
+    loop {
+        if let Some(s) = try_status(p) {
+            return Ok((exit_code(s), true));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what} did not exit within {EXIT_WAIT:?} of SIGTERM"
+            ));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn listen_args(port: u16, file: &Path, sock: &Path, plan: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "listen",
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-f",
+        file.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !plan.is_empty() {
+        args.push("--faults".into());
+        args.push(plan.into());
+    }
+    args
+}
+
+fn tail(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut at = text.len() - max;
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    &text[at..]
+}
+
+// ------------------------------------------------------------- scenario
+
+/// Runs one scenario; `Ok(fault lines fired)` or a report.
+fn run_scenario(s: &Scenario) -> Result<usize, String> {
+    let tag = TAGS.fetch_add(1, Ordering::Relaxed);
+    let dir = TempDir::new("matrix");
+    let size = image_size(tag);
+    let initial = initial_image(size);
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    write_initial(&src, &initial);
+    fs::File::create(&dst).unwrap().set_len(size).unwrap();
+    let dsock = dir.join("dst.sock");
+    let ssock = dir.join("src.sock");
+    let marker = PathBuf::from(format!("{}.INCOMPLETE", dst.display()));
+
+    let mut notes: Vec<String> = Vec::new();
+    let mut dests: Vec<Flexnbd> = vec![Flexnbd::spawn(
+        &dir,
+        &listen_args(0, &dst, &dsock, &s.dest_plan),
+    )];
+    let port = dests[0].port();
+    let mut sargs: Vec<String> = [
+        "serve",
+        "-l",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-f",
+        src.to_str().unwrap(),
+        "-s",
+        ssock.to_str().unwrap(),
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !s.source_plan.is_empty() {
+        sargs.push("--faults".into());
+        sargs.push(s.source_plan.clone());
+    }
+    let mut source = Flexnbd::spawn_with_env(
+        &dir,
+        &sargs,
+        &[("FLEXNBD_MS_REQUEST_LIMIT_SECS", REQUEST_LIMIT_SECS)],
+    );
+    wait_for("the source's control socket", WAIT, || {
+        UnixStream::connect(&ssock).ok().map(|_| ())
+    });
+
+    let writers = Writers::start(source.addr, size, s);
+    let stats = writers.stats.clone();
+    wait_for("the writers' first acknowledged writes", WAIT, || {
+        (stats.acked.load(Ordering::Relaxed) >= 16).then_some(())
+    });
+
+    // The migration.
+    let port_s = port.to_string();
+    let mut margs = vec![
+        "mirror",
+        "-s",
+        ssock.to_str().unwrap(),
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port_s,
+    ];
+    if s.unlink {
+        margs.push("--unlink");
+    }
+    let mirror = run_tool(BIN, &margs, Duration::from_secs(60));
+    let mirror_code = mirror.status.code().unwrap_or(-1);
+    let mirror_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&mirror.stdout),
+        String::from_utf8_lossy(&mirror.stderr)
+    );
+    let acked_at_mirror = stats.acked.load(Ordering::Relaxed);
+
+    // Settle, as a supervisor would.
+    let mut failures: Vec<String> = Vec::new();
+    let mut restarts = 0;
+    let mut dest_codes: Vec<i32> = Vec::new();
+    let settle_until = Instant::now()
+        + match s.expect {
+            Expect::FirstAttemptFailed => Duration::from_millis(1500),
+            _ => s.settle,
+        };
+    let mut source_status: Option<ExitStatus> = None;
+    let mut source_exited_at: Option<Instant> = None;
+    loop {
+        if source_status.is_none() {
+            source_status = try_status(&mut source);
+            if source_status.is_some() {
+                source_exited_at = Some(Instant::now());
+            }
+        }
+        let last = dests.last_mut().unwrap();
+        let dest_status = try_status(last);
+        if let Some(st) = dest_status {
+            if dest_codes.len() < dests.len() {
+                dest_codes.push(exit_code(st));
+                if st.signal() == Some(libc::SIGKILL) && restarts < 3 {
+                    // A crashed destination: restart it on the same port and
+                    // file, without faults, so the source's retries land.
+                    restarts += 1;
+                    notes.push(format!("destination restarted after {st}"));
+                    dests.push(Flexnbd::spawn(&dir, &listen_args(port, &dst, &dsock, "")));
+                    continue;
+                }
+            }
+        }
+        let dest_done = dest_codes.len() == dests.len();
+        if let Some(at) = source_exited_at {
+            // The source is gone: the destination finishes at once, or never
+            // (a lost DISCONNECT).
+            if dest_done || at.elapsed() > Duration::from_millis(1000) {
+                break;
+            }
+        }
+        if Instant::now() > settle_until {
+            break;
+        }
+        thread::sleep(Duration::from_millis(15));
+    }
+    let source_was_running = source_status.is_none();
+    let dest_was_running = dest_codes.len() < dests.len();
+
+    // For a first-attempt failure, the source must still serve its clients.
+    if s.expect == Expect::FirstAttemptFailed && source_was_running {
+        let before = stats.acked.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while stats.acked.load(Ordering::Relaxed) < before + 5
+            && t.elapsed() < Duration::from_secs(3)
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if stats.acked.load(Ordering::Relaxed) < before + 5 {
+            failures.push(
+                "after the failed first attempt the source no longer acknowledges client writes"
+                    .into(),
+            );
+        }
+    }
+
+    // Stop everything (bounded).
+    let logs = match writers.finish() {
+        Ok(l) => l,
+        Err(e) => {
+            failures.push(e);
+            HashMap::new()
+        }
+    };
+    let (source_code, source_termed) = match terminate(&mut source, "the source") {
+        Ok(v) => v,
+        Err(e) => {
+            failures.push(e);
+            (-1, true)
+        }
+    };
+    let mut dest_termed = false;
+    if dest_codes.len() < dests.len() {
+        match terminate(dests.last_mut().unwrap(), "the destination") {
+            Ok((code, termed)) => {
+                dest_codes.push(code);
+                dest_termed = termed;
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+
+    // What a person sees.
+    let src_exists = src.exists();
+    let marker_state = fs::read_to_string(&marker).ok().map(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("state="))
+            .unwrap_or("?")
+            .trim()
+            .to_string()
+    });
+    let verdict = match (src_exists, marker_state.as_deref()) {
+        (true, _) => "source",
+        (false, None) => "destination",
+        (false, Some("entrusted")) => "destination-entrusted",
+        (false, Some(_)) => "impossible",
+    };
+    let resolve = run_tool(
+        BIN,
+        &[
+            "resolve",
+            "--source",
+            src.to_str().unwrap(),
+            "--dest",
+            dst.to_str().unwrap(),
+        ],
+        Duration::from_secs(10),
+    );
+    let resolve_out = String::from_utf8_lossy(&resolve.stdout).into_owned();
+    let src_bytes = fs::read(&src).ok();
+    let dst_bytes = fs::read(&dst).unwrap_or_default();
+    let source_log = source.log();
+    let dest_logs: Vec<String> = dests.iter().map(|d| d.log()).collect();
+
+    // (1) an allowed row, and the one the fault predicts.
+    if verdict == "impossible" {
+        failures.push(
+            "FORBIDDEN STATE: the source file is gone and the destination marker says receiving"
+                .into(),
+        );
+    }
+    let (want_src, want_marker): (Option<bool>, Option<Option<&str>>) = match s.expect {
+        Expect::Complete => (Some(!s.unlink), Some(None)),
+        Expect::FirstAttemptFailed => (Some(true), Some(Some("receiving"))),
+        Expect::SourceCrashed {
+            entrusted,
+            after_unlink,
+        } => (
+            Some(!after_unlink),
+            Some(Some(if entrusted { "entrusted" } else { "receiving" })),
+        ),
+        Expect::LostDisconnect => (Some(!s.unlink), Some(Some("entrusted"))),
+        Expect::Unknown { transient: true } => (Some(!s.unlink), Some(None)),
+        Expect::Unknown { transient: false } => (None, None),
+    };
+    if want_src.is_some_and(|w| w != src_exists)
+        || want_marker.is_some_and(|w| w != marker_state.as_deref())
+    {
+        failures.push(format!(
+            "expected source file {} and marker {:?}, found source file {} and marker {:?}",
+            if want_src == Some(true) {
+                "present"
+            } else {
+                "absent"
+            },
+            want_marker.flatten(),
+            if src_exists { "present" } else { "absent" },
+            marker_state
+        ));
+    }
+
+    // (2) resolve names the same copy.
+    let want_code = match verdict {
+        "source" => 10,
+        "destination" => 11,
+        "destination-entrusted" => 12,
+        _ => 13,
+    };
+    if resolve.status.code() != Some(want_code)
+        || !resolve_out.contains(&format!("verdict: {verdict}\n"))
+    {
+        failures.push(format!(
+            "flexnbd resolve disagrees: expected verdict {verdict} (exit {want_code}), got exit {:?}:\n{resolve_out}{}",
+            resolve.status.code(),
+            String::from_utf8_lossy(&resolve.stderr)
+        ));
+    }
+
+    // (3) the named copy holds every acknowledged write.
+    let named: Option<(&str, &[u8])> = match verdict {
+        "source" => src_bytes.as_deref().map(|b| ("the source file", b)),
+        "destination" | "destination-entrusted" => Some(("the destination file", &dst_bytes[..])),
+        _ => None,
+    };
+    if let Some((what, bytes)) = named {
+        if let Err(e) = check_model(what, bytes, &initial, &logs) {
+            failures.push(e);
+        }
+    }
+    // An entrusted or completed destination holds everything the source had.
+    let dest_must_be_whole = matches!(
+        s.expect,
+        Expect::Complete | Expect::LostDisconnect | Expect::Unknown { transient: true }
+    ) || (marker_state.as_deref() == Some("entrusted")
+        && !source_was_running)
+        || (marker_state.is_none() && !src_exists);
+    if dest_must_be_whole {
+        match &src_bytes {
+            Some(sb) if !source_was_running || !dest_was_running => {
+                if *sb != dst_bytes {
+                    let first = sb
+                        .iter()
+                        .zip(&dst_bytes)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(sb.len().min(dst_bytes.len()));
+                    failures.push(format!(
+                        "the destination is not byte-identical to the source file (first difference at byte {first}, block {})",
+                        first as u64 / BLOCK
+                    ));
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Err(e) = check_model("the destination file", &dst_bytes, &initial, &logs) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+
+    // (4) the fault fired, in the right process.
+    let mut fired = 0;
+    let dest_log_all = dest_logs.join("\n");
+    for log in std::iter::once(&source_log).chain(dest_logs.iter()) {
+        fired += log.matches("fault fired:").count();
+    }
+    for (side, line) in &s.must_fire {
+        let log = match side {
+            Side::Dest => &dest_logs[0],
+            Side::Source => &source_log,
+        };
+        if !log.contains(line.as_str()) {
+            failures.push(format!(
+                "the fault did not fire: no {line:?} in the {} log",
+                side.name()
+            ));
+        }
+    }
+
+    // (5) no panic; exit statuses.
+    if source_log.contains("panicked") || dest_log_all.contains("panicked") {
+        failures.push("a process panicked".into());
+    }
+    if stats.error_replies.load(Ordering::Relaxed) > 0 {
+        failures.push(format!(
+            "the source answered {} client writes with an error",
+            stats.error_replies.load(Ordering::Relaxed)
+        ));
+    }
+    if stats.foreign.load(Ordering::Relaxed) {
+        notes.push(
+            "a writer found a foreign server on the source port (it wrote nothing there)".into(),
+        );
+    }
+    let final_dest = *dest_codes.last().unwrap_or(&-1);
+    for (i, code) in dest_codes.iter().enumerate() {
+        let last = i + 1 == dest_codes.len();
+        if !last && *code != 137 {
+            failures.push(format!(
+                "destination instance {i} exited {code} (expected 137 from a crash)"
+            ));
+        }
+    }
+    let dest_crash_expected = s.dest_plan.contains("crash");
+    if restarts > 0 && !dest_crash_expected {
+        failures.push("the destination died without a crash fault".into());
+    }
+    match s.expect {
+        Expect::Complete | Expect::Unknown { transient: true } => {
+            if mirror_code != 0 || !mirror_out.contains("Mirror started") {
+                failures.push(format!(
+                    "mirror did not start: exit {mirror_code}: {mirror_out}"
+                ));
+            }
+            if source_termed || source_code != 0 {
+                failures.push(format!(
+                    "the migration did not complete within {:?}: the source {}",
+                    s.settle,
+                    if source_termed {
+                        "was still running".to_string()
+                    } else {
+                        format!("exited {source_code}")
+                    }
+                ));
+            }
+            if dest_termed || final_dest != 0 {
+                failures.push(format!(
+                    "the destination did not finish the migration: {}",
+                    if dest_termed {
+                        "it was still running".to_string()
+                    } else {
+                        format!("it exited {final_dest}")
+                    }
+                ));
+            }
+        }
+        Expect::FirstAttemptFailed => {
+            if mirror_code != 1 || mirror_out.contains("Mirror started") {
+                failures.push(format!(
+                    "mirror should report the failed first attempt (exit 1), got exit {mirror_code}: {mirror_out}"
+                ));
+            }
+            if !source_was_running {
+                failures.push("the source exited after a failed first attempt".into());
+            } else if source_code != 0 {
+                failures.push(format!(
+                    "the source (no mirror running) exited {source_code} on SIGTERM, expected 0"
+                ));
+            }
+            if source_log.contains("migration attempt 2") {
+                failures.push("a failed first attempt was retried".into());
+            }
+            if final_dest != 1 {
+                failures.push(format!(
+                    "the destination exited {final_dest}, expected 1 (SIGTERM)"
+                ));
+            }
+        }
+        Expect::SourceCrashed { .. } => {
+            if source_code != 137 {
+                failures.push(format!(
+                    "the source exited {source_code}, expected 137 (crash)"
+                ));
+            }
+            if final_dest != 1 {
+                failures.push(format!(
+                    "the destination exited {final_dest}, expected 1 (SIGTERM)"
+                ));
+            }
+        }
+        Expect::LostDisconnect => {
+            if mirror_code != 0 {
+                failures.push(format!(
+                    "mirror did not start: exit {mirror_code}: {mirror_out}"
+                ));
+            }
+            if source_termed || !(source_code == 0 || source_code == 1) {
+                failures.push(format!(
+                    "the source should end the hand-off by itself (exit 0 or 1), got {source_code}{}",
+                    if source_termed { " after SIGTERM" } else { "" }
+                ));
+            }
+            if final_dest != 1 {
+                failures.push(format!(
+                    "the destination exited {final_dest}; without a DISCONNECT it must wait (SIGTERM: 1)"
+                ));
+            }
+        }
+        Expect::Unknown { transient: false } => {
+            for code in [source_code, final_dest] {
+                if ![0, 1, 137].contains(&code) {
+                    failures.push(format!("unexpected exit status {code}"));
+                }
+            }
+        }
+    }
+
+    if failures.is_empty() {
+        return Ok(fired);
+    }
+    let mut report = describe(s);
+    let _ = write!(
+        report,
+        "\n  mirror: exit {mirror_code}: {}\n  acked writes: {} ({} at mirror), writer connections: {}\n  source exit {source_code}{}; destination exits {dest_codes:?}{}\n  seen: source file {}, marker {:?} -> verdict {verdict}; resolve: {}\n  notes: {notes:?}\n  FAILURES:\n    {}",
+        mirror_out.trim(),
+        stats.acked.load(Ordering::Relaxed),
+        acked_at_mirror,
+        stats.connects.load(Ordering::Relaxed),
+        if source_termed { " (SIGTERM)" } else { "" },
+        if dest_termed { " (last one SIGTERM)" } else { "" },
+        if src_exists { "present" } else { "absent" },
+        marker_state,
+        resolve_out.trim().replace('\n', " | "),
+        failures.join("\n    ")
+    );
+    let _ = write!(
+        report,
+        "\n---- source log ----\n{}",
+        tail(&source_log, 20_000)
+    );
+    for (i, log) in dest_logs.iter().enumerate() {
+        let _ = write!(
+            report,
+            "\n---- destination log (instance {i}) ----\n{}",
+            tail(log, 20_000)
+        );
+    }
+    Err(report)
+}
+
+// ------------------------------------------------------------- helpers
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn matrix_covers_at_least_300_scenarios() {
+    let all: Vec<Scenario> = [Side::Dest, Side::Source]
+        .into_iter()
+        .flat_map(matrix)
+        .collect();
+    assert!(all.len() >= 300, "only {} scenarios", all.len());
+    let mut names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), all.len(), "scenario names are unique");
+    // Every plan parses, and names only steps the code announces.
+    for s in &all {
+        for plan in [&s.dest_plan, &s.source_plan] {
+            if plan.is_empty() {
+                continue;
+            }
+            let p = faults::FaultPlan::parse(plan).unwrap_or_else(|e| panic!("{plan}: {e}"));
+            assert!(p.warnings().is_empty(), "{plan}: {:?}", p.warnings());
+        }
+    }
+}
+
+#[test]
+fn matrix_destination_faults() {
+    run_all("destination", matrix(Side::Dest));
+}
+
+#[test]
+fn matrix_source_faults() {
+    run_all("source", matrix(Side::Source));
+}
+
+// ---------------------------------------------------------------- sweep
+
+mod sweep {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+    #[derive(Clone, Debug)]
+    struct Term {
+        percent: Option<u32>,
+        count: Option<u32>,
+        act: Act,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Entry {
+        step: usize,
+        occurrence: Option<u32>,
+        chain: Vec<Term>,
+    }
+
+    fn act_strategy(carries: Carries) -> impl Strategy<Value = Act> {
+        proptest::sample::select(actions_for(carries))
+    }
+
+    fn entry_strategy() -> impl Strategy<Value = Entry> {
+        (0..STEPS.len()).prop_flat_map(|step| {
+            let carries = STEPS[step].carries;
+            let term = (
+                proptest::option::weighted(0.5, proptest::sample::select(vec![10u32, 25, 50, 100])),
+                proptest::option::weighted(0.7, 1u32..=3),
+                act_strategy(carries),
+            )
+                .prop_map(|(percent, count, act)| Term {
+                    percent,
+                    count,
+                    act,
+                });
+            (
+                Just(step),
+                proptest::option::weighted(0.4, 1u32..=4),
+                proptest::collection::vec(term, 1..=2),
+            )
+                .prop_map(|(step, occurrence, chain)| Entry {
+                    step,
+                    occurrence,
+                    chain,
+                })
+        })
+    }
+
+    fn plan_text(seed: u64, entries: &[&Entry]) -> String {
+        if entries.is_empty() {
+            return String::new();
+        }
+        let mut text = format!("seed={seed}");
+        for e in entries {
+            let spec = &STEPS[e.step];
+            let key = match e.occurrence {
+                Some(n) => format!("{}#{n}", spec.key),
+                None => spec.key.to_string(),
+            };
+            let chain: Vec<String> = e
+                .chain
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}{}{}",
+                        t.percent.map(|p| format!("{p}%")).unwrap_or_default(),
+                        t.count.map(|c| format!("{c}*")).unwrap_or_default(),
+                        t.act.text()
+                    )
+                })
+                .collect();
+            let _ = write!(text, "; {key}={}", chain.join("->"));
+        }
+        text
+    }
+
+    /// Whether a random plan can only delay the migration: no crash, no
+    /// fault that can reach the first attempt or the disconnect, and every
+    /// fault applies a bounded number of times. Returns the time budget.
+    fn transient_budget(entries: &[Entry]) -> Option<Duration> {
+        let mut budget = Duration::from_secs(10);
+        for e in entries {
+            let spec = &STEPS[e.step];
+            let delay_only = e.chain.iter().all(|t| matches!(t.act, Act::Delay(_)));
+            if e.chain.iter().any(|t| t.act == Act::Crash) {
+                return None;
+            }
+            match spec.phase {
+                Phase::Connect if !delay_only && e.occurrence.is_none_or(|n| n < 2) => return None,
+                Phase::Disconnect if !delay_only => return None,
+                _ => {}
+            }
+            // Bounded: a `#N` entry applies once; otherwise every term needs
+            // a count (an uncounted term applies forever).
+            let times: u32 = if e.occurrence.is_some() {
+                1
+            } else if delay_only {
+                0
+            } else if e.chain.iter().all(|t| t.count.is_some()) {
+                e.chain.iter().map(|t| t.count.unwrap()).sum()
+            } else {
+                return None;
+            };
+            let worst = e
+                .chain
+                .iter()
+                .map(|t| stall_cost(spec.key, t.act) + Duration::from_secs(3))
+                .max()
+                .unwrap_or_default();
+            budget += worst * times;
+        }
+        Some(budget)
+    }
+
+    #[derive(Clone, Debug)]
+    struct Random {
+        entries: Vec<Entry>,
+        dest_seed: u64,
+        source_seed: u64,
+        unlink: bool,
+        writers: usize,
+        pace_us: u64,
+        hot: bool,
+        data_seed: u64,
+    }
+
+    fn random_strategy() -> impl Strategy<Value = Random> {
+        (
+            proptest::collection::vec(entry_strategy(), 1..=3),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            1usize..=2,
+            proptest::sample::select(vec![0u64, 200, 1000, 3000]),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(entries, dest_seed, source_seed, unlink, writers, pace_us, hot, data_seed)| {
+                    Random {
+                        entries,
+                        dest_seed,
+                        source_seed,
+                        unlink,
+                        writers,
+                        pace_us,
+                        hot,
+                        data_seed,
+                    }
+                },
+            )
+    }
+
+    fn scenario(i: usize, r: Random) -> Scenario {
+        // Each KEY at most once per plan: keep the first.
+        let mut seen = std::collections::HashSet::new();
+        let entries: Vec<Entry> = r
+            .entries
+            .into_iter()
+            .filter(|e| seen.insert((e.step, e.occurrence)))
+            .collect();
+        let dest: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| STEPS[e.step].side == Side::Dest)
+            .collect();
+        let source: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| STEPS[e.step].side == Side::Source)
+            .collect();
+        let budget = transient_budget(&entries);
+        let dest_plan = plan_text(r.dest_seed, &dest);
+        let source_plan = plan_text(r.source_seed, &source);
+        Scenario {
+            name: format!(
+                "sweep#{i} dest[{dest_plan}] source[{source_plan}]{}",
+                if r.unlink { " --unlink" } else { "" }
+            ),
+            dest_plan,
+            source_plan,
+            must_fire: Vec::new(),
+            unlink: r.unlink,
+            expect: Expect::Unknown {
+                transient: budget.is_some(),
+            },
+            writers: r.writers,
+            pace_us: r.pace_us,
+            hot_blocks: if r.hot { 64 } else { 0 },
+            seed: r.data_seed,
+            settle: budget.unwrap_or(Duration::from_secs(12)),
+        }
+    }
+
+    #[test]
+    fn matrix_random_sweep() {
+        let n: usize = match std::env::var("FLEXNBD_MATRIX_SWEEP") {
+            Ok(v) => v.trim().parse().expect("FLEXNBD_MATRIX_SWEEP=N"),
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let sweep_seed: u64 = std::env::var("FLEXNBD_MATRIX_SWEEP_SEED")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("matrix sweep: {n} scenarios, FLEXNBD_MATRIX_SWEEP_SEED={sweep_seed}");
+        let mut seed = [0u8; 32];
+        for (i, chunk) in seed.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&splitmix(sweep_seed ^ i as u64).to_le_bytes());
+        }
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::from_seed(RngAlgorithm::ChaCha, &seed),
+        );
+        let strategy = random_strategy();
+        let scenarios: Vec<Scenario> = (0..n)
+            .map(|i| {
+                let r = strategy.new_tree(&mut runner).expect("generate").current();
+                let s = scenario(i, r);
+                println!("{}", describe(&s).replace('\n', " "));
+                s
+            })
+            .collect();
+        let outcomes = run_all("sweep", scenarios);
+        let fired: usize = outcomes.iter().map(|o| o.fired).sum();
+        assert!(fired > 0, "no fault fired across the whole sweep");
+        println!("matrix sweep: {fired} faults fired");
+    }
+}
