@@ -1291,3 +1291,58 @@ fn no_killswitch_with_a_stalled_write_causes_no_drop_within_2_s() {
     assert_write_reply(&mut stalled, 100);
     assert_eq!(read_file_range(&s.file, 4096, data.len()), data);
 }
+
+#[test]
+fn mirror_wait_without_a_mirror_causes_not_mirroring() {
+    let s = serve_with_sock("ctl-wait", MIB, &[]);
+    assert_eq!(ask(&s.sock, "mirror_wait\n\n"), "1: not mirroring\n");
+}
+
+#[test]
+fn mirror_wait_on_a_migration_faster_than_any_poll_causes_exit_0() {
+    // A tiny image migrates within milliseconds, far inside one status poll:
+    // `--wait` must still report the real outcome, never "the server went away".
+    for round in 0..3 {
+        let dir = TempDir::new("ctl-wait-fast");
+        let src = dir.pattern_file("src.img", 64 * 1024, round);
+        let dst = dir.sparse_file("dst.img", 64 * 1024);
+        let dsock = dir.join("d.sock");
+        let mut listen_args = serve_args(&dst, &dsock, &[]);
+        listen_args[0] = "listen".into();
+        let mut dest = Flexnbd::spawn(&dir, &listen_args);
+        let ssock = dir.join("s.sock");
+        let mut source = Flexnbd::spawn(&dir, &serve_args(&src, &ssock, &[]));
+        wait_for_sock(&ssock);
+        let port = dest.port().to_string();
+        let out = flexnbd(&[
+            "mirror",
+            "-s",
+            ssock.to_str().unwrap(),
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--wait",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).lines().any(|l| l == "Mirror started"),
+            "{}",
+            stdout(&out)
+        );
+        assert_eq!(
+            stdout(&out).lines().last(),
+            Some("migration complete"),
+            "{}",
+            stdout(&out)
+        );
+        assert_eq!(source.wait_exit().code(), Some(0));
+        assert_eq!(dest.wait_exit().code(), Some(0));
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+    }
+}

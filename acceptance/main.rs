@@ -12,6 +12,7 @@ mod control;
 mod fakes;
 mod interop;
 mod matrix;
+mod migrate;
 mod newstyle;
 mod peers;
 mod resolve;

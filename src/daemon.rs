@@ -202,74 +202,19 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
     }
 
     async fn mirror(&self, args: Vec<String>) -> Response {
-        let args = match parse_mirror(&args) {
-            Ok(a) => a,
-            Err(message) => return Response::fail(message),
-        };
-        if self.role == Role::Listen {
-            return Response::fail("a migration destination cannot mirror");
-        }
-        let (first_tx, first_rx) = oneshot::channel();
-        let id = self.next_mirror.fetch_add(1, Ordering::Relaxed);
-        {
-            // Checked and claimed under one lock: two `mirror` requests at
-            // once can never both start (the C version started a second
-            // supervisor on the same mirror).
-            let mut slot = self.slot();
-            if self.shutting_down.load(Ordering::Acquire) {
-                return Response::fail("shutting down");
-            }
-            if slot.is_some() {
-                return Response::fail("mirror already running");
-            }
-            let state = Arc::new(MirrorState::new(args.max_bps));
-            let cancel = CancellationToken::new();
-            let done = CancellationToken::new();
-            let config = MirrorConfig {
-                target: args.target,
-                bind: args.bind,
-                action: args.action,
-                request_limit: mirror::request_limit(),
-            };
-            let task = mirror::supervise(
-                self.transport.clone(),
-                self.clone(),
-                self.shared.probe.clone(),
-                config,
-                state.clone(),
-                cancel.clone(),
-                first_tx,
-            );
-            let outcomes = self.outcomes.clone();
-            let done_signal = done.clone();
-            tokio::spawn(async move {
-                let outcome = task.await;
-                done_signal.cancel();
-                let _ = outcomes.send((id, outcome));
-            });
-            *slot = Some(MirrorHandle {
-                id,
-                state,
-                cancel,
-                done,
-            });
-        }
-        info!("mirror to {} requested", args.target);
-        // No outcome at all: the supervisor ended before its first attempt
-        // had one (`break` or shutdown abandoned it), not a failed connect.
-        let first = first_rx.await.ok();
-        if first != Some(FirstOutcome::Go) {
-            // Nothing is left behind: status, a new `mirror` and the exit
-            // code on a signal all behave as if none was started.
-            let mut slot = self.slot();
-            if slot.as_ref().map(|m| m.id) == Some(id) {
-                slot.take();
-            }
-        }
-        match first {
-            Some(first) => first.response(),
-            None => Response::fail("Mirroring abandoned"),
-        }
+        start_mirror(self, args).await.0
+    }
+
+    async fn mirror_follow(
+        &self,
+        args: Vec<String>,
+        stop: CancellationToken,
+        first: oneshot::Sender<Response>,
+    ) -> Option<Response> {
+        let (response, watch) = start_mirror(self, args).await;
+        let _ = first.send(response);
+        let (state, done) = watch?;
+        Some(watch_outcome(&state, &done, &stop).await)
     }
 
     async fn mirror_max_bps(&self, args: Vec<String>) -> Response {
@@ -295,27 +240,7 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             None => return Response::fail("not mirroring"),
             Some(m) => (m.state.clone(), m.done.clone()),
         };
-        // The hand-off sets `completing` before it closes this socket, so a
-        // waiter always hears about it before the socket goes away.
-        loop {
-            if state.completing.load(Ordering::Acquire) {
-                return Response::ok("migration complete");
-            }
-            if done.is_cancelled() {
-                return match state.phase() {
-                    mirror::Phase::Done => Response::ok("migration complete"),
-                    _ => Response::fail("mirror stopped before completing"),
-                };
-            }
-            if stop.is_cancelled() {
-                return Response::fail("shutting down");
-            }
-            tokio::select! {
-                _ = done.cancelled() => {}
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
+        watch_outcome(&state, &done, &stop).await
     }
 
     fn control_step(&self, command: &'static str) -> crate::probe::Action {
@@ -330,6 +255,117 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             info!("mirror stopped by break");
         }
         response
+    }
+}
+
+/// Starts a mirror: the `mirror` command's response, and for a started
+/// mirror its state and "ended" token, to follow it.
+async fn start_mirror<T: Transport, P: Probe>(
+    daemon: &Arc<Daemon<T, P>>,
+    args: Vec<String>,
+) -> (Response, Option<(Arc<MirrorState>, CancellationToken)>) {
+    let args = match parse_mirror(&args) {
+        Ok(a) => a,
+        Err(message) => return (Response::fail(message), None),
+    };
+    if daemon.role == Role::Listen {
+        return (
+            Response::fail("a migration destination cannot mirror"),
+            None,
+        );
+    }
+    let (first_tx, first_rx) = oneshot::channel();
+    let watch;
+    let id = daemon.next_mirror.fetch_add(1, Ordering::Relaxed);
+    {
+        // Checked and claimed under one lock: two `mirror` requests at
+        // once can never both start (the C version started a second
+        // supervisor on the same mirror).
+        let mut slot = daemon.slot();
+        if daemon.shutting_down.load(Ordering::Acquire) {
+            return (Response::fail("shutting down"), None);
+        }
+        if slot.is_some() {
+            return (Response::fail("mirror already running"), None);
+        }
+        let state = Arc::new(MirrorState::new(args.max_bps));
+        let cancel = CancellationToken::new();
+        let done = CancellationToken::new();
+        let config = MirrorConfig {
+            target: args.target,
+            bind: args.bind,
+            action: args.action,
+            request_limit: mirror::request_limit(),
+        };
+        let task = mirror::supervise(
+            daemon.transport.clone(),
+            daemon.clone(),
+            daemon.shared.probe.clone(),
+            config,
+            state.clone(),
+            cancel.clone(),
+            first_tx,
+        );
+        let outcomes = daemon.outcomes.clone();
+        let done_signal = done.clone();
+        tokio::spawn(async move {
+            let outcome = task.await;
+            done_signal.cancel();
+            let _ = outcomes.send((id, outcome));
+        });
+        watch = (state.clone(), done.clone());
+        *slot = Some(MirrorHandle {
+            id,
+            state,
+            cancel,
+            done,
+        });
+    }
+    info!("mirror to {} requested", args.target);
+    // No outcome at all: the supervisor ended before its first attempt
+    // had one (`break` or shutdown abandoned it), not a failed connect.
+    let first = first_rx.await.ok();
+    if first != Some(FirstOutcome::Go) {
+        // Nothing is left behind: status, a new `mirror` and the exit
+        // code on a signal all behave as if none was started.
+        let mut slot = daemon.slot();
+        if slot.as_ref().map(|m| m.id) == Some(id) {
+            slot.take();
+        }
+    }
+    match first {
+        Some(FirstOutcome::Go) => (FirstOutcome::Go.response(), Some(watch)),
+        Some(first) => (first.response(), None),
+        None => (Response::fail("Mirroring abandoned"), None),
+    }
+}
+
+/// Waits for a mirror's outcome. The hand-off sets `completing` before it
+/// closes the control socket, so a waiter always hears about it before the
+/// socket goes away.
+async fn watch_outcome(
+    state: &MirrorState,
+    done: &CancellationToken,
+    stop: &CancellationToken,
+) -> Response {
+    loop {
+        if state.completing.load(Ordering::Acquire) {
+            return Response::ok("migration complete");
+        }
+        if done.is_cancelled() {
+            return match state.phase() {
+                mirror::Phase::Done => Response::ok("migration complete"),
+                _ => Response::fail("mirror stopped before completing"),
+            };
+        }
+        if stop.is_cancelled() {
+            return Response::fail("shutting down");
+        }
+        tokio::select! {
+            _ = done.cancelled() => {}
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
 }
 

@@ -416,6 +416,7 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
         ));
     };
     let mut lines = vec!["mirror".to_string(), addr.clone(), port.clone()];
+    args.sock.verbosity.apply();
     lines.push(if args.unlink { "unlink" } else { "exit" }.to_string());
     if args.bind.is_some() || args.max_speed.is_some() {
         // The bind line must be present for max_bps to follow it.
@@ -424,35 +425,40 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
     if let Some(speed) = &args.max_speed {
         lines.push(speed.clone());
     }
-    let code = control_request(&args.sock, "mirror", lines, false)?;
-    if !args.wait || code != ExitCode::SUCCESS {
-        return Ok(code);
+    if !args.wait {
+        return control_request(&args.sock, "mirror", lines, false);
     }
-    follow_migration(
-        args.sock
-            .sock
-            .as_deref()
-            .expect("checked by control_request"),
-    )
+    let path = args.sock.sock.clone().expect("checked above");
+    lines[0] = "mirror_follow".to_string();
+    follow_migration(&path, &lines)
 }
 
-/// Follows a migration to its end: progress from status requests, the
-/// outcome from a `mirror_wait` request, which the server answers when the
-/// mirror ends or its hand-off begins (before the socket goes away), so a
-/// fast migration can never be mistaken for a failed one.
-fn follow_migration(path: &std::path::Path) -> Result<ExitCode, Failure> {
+/// `mirror --wait`: one `mirror_follow` request, answered with the start
+/// line at once and the outcome line at the end (on the same connection, so
+/// a migration that ends quickly is never mistaken for a failure), with
+/// progress from status requests meanwhile.
+fn follow_migration(path: &std::path::Path, lines: &[String]) -> Result<ExitCode, Failure> {
     use std::io::{IsTerminal, Write};
+    let mut talk = flexnbd::control::client::Conversation::start(
+        path,
+        lines,
+        std::time::Duration::from_secs(60),
+    )
+    .map_err(|e| failure(e.to_string()))?;
+    // The first attempt's connection takes at most 15 s + 5 s.
+    let started = talk
+        .response(std::time::Duration::from_secs(60))
+        .map_err(|e| failure(e.to_string()))?;
+    if started.code != 0 {
+        eprintln!("{}", started.text);
+        return Ok(ExitCode::from(started.code));
+    }
+    println!("{}", started.text);
     let terminal = std::io::stderr().is_terminal();
     let (tx, rx) = std::sync::mpsc::channel();
-    let wait_path = path.to_owned();
     std::thread::spawn(move || {
         // As long as the migration takes: the server answers at its end.
-        let limit = std::time::Duration::from_secs(365 * 24 * 3600);
-        let _ = tx.send(flexnbd::control::client::request(
-            &wait_path,
-            &["mirror_wait".to_string()],
-            limit,
-        ));
+        let _ = tx.send(talk.response(std::time::Duration::from_secs(365 * 24 * 3600)));
     });
     let mut last_line = String::new();
     loop {

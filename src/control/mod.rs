@@ -35,6 +35,15 @@ pub trait Controlled: Send + Sync + 'static {
     /// Replaces the ACL; on a bad entry, returns it and changes nothing.
     fn set_acl(&self, entries: &[String]) -> Result<(), String>;
     fn mirror(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
+    /// Starts a mirror like `mirror`, then waits for its outcome: the first
+    /// response is sent at once, the second (if the start succeeded) at the
+    /// end. `first` receives the start response.
+    fn mirror_follow(
+        &self,
+        args: Vec<String>,
+        stop: CancellationToken,
+        first: tokio::sync::oneshot::Sender<Response>,
+    ) -> impl Future<Output = Option<Response>> + Send;
     fn mirror_max_bps(&self, args: Vec<String>) -> impl Future<Output = Response> + Send;
     fn break_mirror(&self) -> impl Future<Output = Response> + Send;
     /// Waits for the running mirror to end (or the hand-off to begin,
@@ -224,6 +233,7 @@ async fn handle<C: Controlled>(
                 Request::MirrorMaxBps(_) => Some("mirror_speed"),
                 Request::Break => Some("break"),
                 Request::MirrorWait => Some("mirror_wait"),
+                Request::MirrorFollow(_) => Some("mirror"),
                 Request::Missing | Request::Unknown(_) => None,
             };
             if let Some(command) = command {
@@ -254,6 +264,37 @@ async fn handle<C: Controlled>(
                 Request::MirrorMaxBps(args) => target.mirror_max_bps(args).await,
                 Request::Break => target.break_mirror().await,
                 Request::MirrorWait => target.wait_mirror(stop.clone()).await,
+                Request::MirrorFollow(args) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let follow = target.mirror_follow(args, stop.clone(), tx);
+                    tokio::pin!(follow);
+                    // Send the start line as soon as it is known, while the
+                    // follow goes on.
+                    let mut rx = Some(rx);
+                    let outcome = loop {
+                        tokio::select! {
+                            outcome = &mut follow => break outcome,
+                            first = async { rx.as_mut().expect("polled once").await }, if rx.is_some() => {
+                                rx = None;
+                                if let Ok(first) = first {
+                                    write.write_all(first.encode().as_bytes()).await?;
+                                }
+                            }
+                        }
+                    };
+                    if let Some(mut rx) = rx {
+                        if let Ok(first) = rx.try_recv() {
+                            write.write_all(first.encode().as_bytes()).await?;
+                        }
+                    }
+                    match outcome {
+                        Some(outcome) => outcome,
+                        None => {
+                            write.shutdown().await?;
+                            return Ok(());
+                        }
+                    }
+                }
                 Request::Missing => Response::missing_command(),
                 Request::Unknown(command) => {
                     info!("control: unknown command {command:?}");

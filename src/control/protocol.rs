@@ -21,6 +21,9 @@ pub enum Request {
     Break,
     /// Ours: answers when the running mirror ends, with its outcome.
     MirrorWait,
+    /// Ours: `mirror` (same arguments) answered twice on one connection:
+    /// the start line at once, then the outcome line at the end.
+    MirrorFollow(Vec<String>),
     /// The first line was empty.
     Missing,
     Unknown(String),
@@ -39,6 +42,7 @@ pub fn parse_request(lines: &[String]) -> Request {
         "mirror_max_bps" => Request::MirrorMaxBps(args),
         "break" => Request::Break,
         "mirror_wait" => Request::MirrorWait,
+        "mirror_follow" => Request::MirrorFollow(args),
         other => Request::Unknown(other.to_string()),
     }
 }

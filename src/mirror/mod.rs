@@ -478,7 +478,16 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
             if hole {
                 copier.send_hole(pos, len, can_zero).await?;
             } else {
-                copier.send_data(pos, len).await?;
+                // A chunk at a time, so status shows progress inside a long
+                // extent (a throttled 8 MiB extent would otherwise show none).
+                let end = pos + len;
+                let mut at = pos;
+                while at < end {
+                    let n = (end - at).min(CHUNK);
+                    copier.send_data(at, n).await?;
+                    at += n;
+                    state.sweep_offset.store(at, Ordering::Release);
+                }
             }
             pos += len;
             state.sweep_offset.store(pos, Ordering::Release);
