@@ -12,14 +12,21 @@ in a temporary directory, and runs every workload against every server,
 alternating servers within each round. It writes BENCHMARKS.md at the repo
 root and the raw results to bench/out/results.json.
 
+It also migrates images between two flexnbd processes (serve -> listen) and
+reports migration time, client write stalls and peak RSS; `--only migration`
+runs just that and rewrites only the "## Migration" section of BENCHMARKS.md.
+
 See bench/README.md for what each workload measures.
 """
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import platform
+import random
+import re
 import shutil
 import signal
 import socket
@@ -427,6 +434,420 @@ def w_startup(ctx, kind):
         srv.stop()
 
 
+# ---------------------------------------------------------------- migration
+
+# Published figures for the C flexnbd (design/benchmarks.md), NOT measured in this run.
+C_MIGRATION_S = 3.4            # the same 1 GiB image
+C_LOCKOUT = "1.3-3.2 s"        # clients locked out at the hand-off
+MIGRATION_GOAL_S = 1.0
+STALL_GOAL_MS = 100.0
+MIGRATION_TIMEOUT = 180.0      # bound on one migration, from `mirror` to both exits
+WRITE_TIMEOUT = 60.0           # a single write waiting longer than this ends the writer
+POLL = 0.001                   # exit / VmHWM polling interval
+
+
+class FlexProc(Server):
+    """`flexnbd serve` or `flexnbd listen` for a migration, on a port it picks itself (-p 0).
+
+    It is reaped with os.wait4 (polled), which gives its exit time to the polling
+    interval. Its peak RSS is the max VmHWM polled from /proc until it exits: wait4's
+    ru_maxrss is no use here, because exec keeps the high-water mark of the process
+    it replaces, and that is the fork of this (much larger) Python process.
+    """
+
+    def __init__(self, role, image, workdir, tag):
+        super().__init__(f"flexnbd-{role}", image, workdir)
+        self.role = role
+        self.port = 0
+        self.sock = os.path.join(workdir, f"{role}-{tag}.sock")
+        self.logpath = os.path.join(workdir, f"{role}-{tag}.log")
+        self.exit_time = None
+        self.hwm_kib = 0           # max VmHWM seen while polling
+        self.map_built = False
+
+    def argv(self):
+        return [FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image, "-s", self.sock, "-v"]
+
+    def log_text(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def poll(self):
+        """Reap the process if it has exited; returns its exit code or None."""
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        try:
+            pid, status, _ = os.wait4(self.popen.pid, os.WNOHANG)
+        except ChildProcessError:
+            return self.popen.poll()
+        if pid == 0:
+            return None
+        self.exit_time = time.perf_counter()
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        return self.popen.returncode
+
+    def sample_hwm(self):
+        if self.popen.returncode is None:
+            v = vm_hwm_kib(self.popen.pid)
+            if v is not None:
+                self.hwm_kib = max(self.hwm_kib, v)
+
+    def stop(self):
+        # Once reaped by poll(), its pid may belong to someone else: never signal it.
+        if self.popen is not None and self.popen.returncode is not None:
+            if self.logfile:
+                self.logfile.close()
+                self.logfile = None
+            if self in LIVE:
+                LIVE.remove(self)
+            return
+        super().stop()
+
+    def peak_kib(self):
+        return self.hwm_kib or None
+
+    def wait_ready(self, timeout=20.0):
+        """Ready once it logs `listening on 127.0.0.1:PORT` and its control socket exists;
+        then wait (at most 5 s more) for `allocation map built`, so the timed region
+        starts with both servers idle."""
+        deadline = time.monotonic() + timeout
+        listening_at = None
+        while time.monotonic() < deadline:
+            if self.poll() is not None:
+                raise RuntimeError(f"{self.role} exited early ({self.popen.returncode}): {self.log_tail()}")
+            text = self.log_text()
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+            if m and os.path.exists(self.sock):
+                self.port = int(m.group(1))
+                listening_at = listening_at or time.monotonic()
+                self.map_built = "allocation map built" in text
+                if self.map_built or time.monotonic() - listening_at > 5.0:
+                    return
+            time.sleep(0.005)
+        raise RuntimeError(f"{self.role} not ready after {timeout} s: {self.log_tail()}")
+
+
+def parse_rust_duration(text):
+    """Rust's Debug format of a Duration (`1.539297ms`, `850µs`, `2.1s`) in milliseconds."""
+    m = re.fullmatch(r"([0-9.]+)(ns|µs|us|ms|s)", text.strip())
+    if not m:
+        return None
+    scale = {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def data_extents(path):
+    """(start, end) of the data extents of a file (SEEK_DATA / SEEK_HOLE)."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:  # every step moves past one extent
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, end))
+            off = end
+    finally:
+        os.close(fd)
+    return extents, size
+
+
+def first_difference(a, b):
+    """None if files a and b have identical contents, else a description.
+
+    Compares bytes over the union of both files' data extents; outside it both
+    files are holes (zeros). The 1 TiB sparse case therefore reads nothing."""
+    ea, sa = data_extents(a)
+    eb, sb = data_extents(b)
+    if sa != sb:
+        return f"sizes differ ({sa} vs {sb})"
+    union = []
+    for s, e in sorted(ea + eb):
+        if union and s <= union[-1][1]:
+            union[-1][1] = max(union[-1][1], e)
+        else:
+            union.append([s, e])
+    chunk = 4 * MIB
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        for s, e in union:
+            off = s
+            while off < e:
+                n = min(chunk, e - off)
+                x, y = os.pread(fa, n, off), os.pread(fb, n, off)
+                if x != y:
+                    i = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
+                    return f"first difference at byte {off + i}"
+                off += n
+    finally:
+        os.close(fa)
+        os.close(fb)
+    return None
+
+
+class Writer:
+    """One persistent oldstyle NBD connection doing back-to-back 4 KiB WRITEs at random
+    4 KiB-aligned offsets until the server cuts the connection (or stop/deadline)."""
+
+    def __init__(self, port, seed):
+        self.port = port
+        self.seed = seed
+        self.acked = []          # (send time, latency s) of acknowledged writes
+        self.errors = []         # (send time, latency s, error) of error replies
+        self.pending = None      # (send time, offset) of the write in flight
+        self.cut = None          # (time, send time of the unacknowledged write or None)
+        self.end_reason = None
+        self.stop = threading.Event()
+        self.warm = threading.Event()
+        self.deadline = time.perf_counter() + MIGRATION_TIMEOUT + 60.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        s = None
+        try:
+            s = socket.create_connection((HOST, self.port), timeout=5.0)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            g = recv_exact(s, 152)
+            if g[:8] != NBD_MAGIC or struct.unpack(">Q", g[8:16])[0] != OLDSTYLE_MAGIC:
+                raise RuntimeError("not an oldstyle greeting")
+            size = struct.unpack(">Q", g[16:24])[0]
+            s.settimeout(WRITE_TIMEOUT)
+            rnd = random.Random(self.seed)
+            payloads = [os.urandom(4096) for _ in range(64)]
+            blocks = size // 4096
+            handle = 0
+            while not self.stop.is_set() and time.perf_counter() < self.deadline:
+                handle += 1
+                off = rnd.randrange(blocks) * 4096
+                msg = struct.pack(">IHHQQI", 0x25609513, 0, 1, handle, off, 4096) + payloads[handle % 64]
+                t = time.perf_counter()
+                self.pending = (t, off)
+                s.sendall(msg)
+                magic, err, h = struct.unpack(">IIQ", recv_exact(s, 16))
+                dt = time.perf_counter() - t
+                self.pending = None
+                if magic != 0x67446698 or h != handle:
+                    raise RuntimeError(f"bad reply magic={magic:#x} handle={h} (sent {handle})")
+                if err:
+                    self.errors.append((t, dt, err))
+                else:
+                    self.acked.append((t, dt))
+                if len(self.acked) >= 200:
+                    self.warm.set()
+            self.end_reason = "stopped" if self.stop.is_set() else "deadline"
+        except (OSError, ConnectionError) as e:
+            now = time.perf_counter()
+            self.cut = (now, self.pending[0] if self.pending else None)
+            self.end_reason = f"connection ended: {e!r}"
+        except Exception as e:
+            self.end_reason = f"writer error: {e!r}"
+        finally:
+            if s is not None:
+                s.close()
+            self.warm.set()
+
+
+def run_migration(ctx, src, size, tag, before_mirror=None):
+    """Migrate src into a fresh sparse file of `size` bytes; returns the measurements
+    and the destination path (the caller removes it)."""
+    dst = os.path.join(ctx.workdir, f"dst-{tag}.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    # Untimed: write back what setting up left dirty (the image, a copy), so the
+    # destination's fsync does not also wait for that.
+    subprocess.run(["sync", "-f", ctx.workdir], check=True, timeout=300)
+    listen = FlexProc("listen", dst, ctx.workdir, tag)
+    serve = FlexProc("serve", src, ctx.workdir, tag)
+    mirror_log = os.path.join(ctx.workdir, f"mirror-{tag}.log")
+    mirror = None
+    try:
+        listen.start()
+        serve.start()
+        listen.wait_ready()
+        serve.wait_ready()
+        if before_mirror:
+            before_mirror(serve)
+        with open(mirror_log, "wb") as mlog:
+            t0 = time.perf_counter()
+            mirror = subprocess.Popen([FLEXNBD, "mirror", "-s", serve.sock, "-l", HOST, "-p", str(listen.port)],
+                                      stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
+                                      start_new_session=True)
+        deadline = t0 + MIGRATION_TIMEOUT
+        while True:
+            for p in (listen, serve):
+                p.sample_hwm()
+                rc = p.poll()
+                if rc not in (None, 0):
+                    raise RuntimeError(f"{p.role} exited with {rc} during the migration")
+            if mirror.poll() not in (None, 0):
+                raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
+            if listen.exit_time is not None and serve.exit_time is not None:
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"migration not finished {MIGRATION_TIMEOUT:.0f} s after mirror")
+            time.sleep(POLL)
+        t1 = max(listen.exit_time, serve.exit_time)
+        try:
+            mirror.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("flexnbd mirror still running after both servers exited")
+        mout = open(mirror_log, "rb").read().decode(errors="replace").strip()
+        if mirror.returncode != 0:
+            raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}: {mout}")
+        m = re.search(r"clients were shut out for (\S+)", serve.log_text())
+        res = {
+            "seconds": t1 - t0,
+            "mirror_said": mout,
+            "lockout_ms": parse_rust_duration(m.group(1)) if m else None,
+            "lockout_raw": m.group(1) if m else None,
+            "src_rss_kib": serve.peak_kib(), "dst_rss_kib": listen.peak_kib(),
+            "t0": t0,
+            "maps_built": listen.map_built and serve.map_built,
+        }
+        if os.path.exists(dst + ".INCOMPLETE"):
+            res["marker_left"] = True
+        return res, dst
+    except BaseException as e:
+        logs = []
+        for name, path in (("serve", serve.logpath), ("listen", listen.logpath), ("mirror", mirror_log)):
+            try:
+                with open(path, "rb") as f:
+                    logs.append(f"--- {name} log:\n" + f.read()[-4000:].decode(errors="replace"))
+            except OSError:
+                pass
+        if isinstance(e, Exception):
+            raise RuntimeError(f"{e}\n" + "\n".join(logs)) from e
+        raise
+    finally:
+        if mirror is not None and mirror.poll() is None:
+            try:
+                os.killpg(mirror.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            mirror.wait(timeout=5)
+        serve.stop()
+        listen.stop()
+
+
+def mig_check(res, src, dst):
+    """Outside the timed region: allocation of the destination and equality."""
+    res["dst_alloc_mib"] = os.stat(dst).st_blocks * 512 / MIB
+    res["src_alloc_mib"] = os.stat(src).st_blocks * 512 / MIB
+    diff = first_difference(src, dst)
+    res["identical"] = diff is None
+    if diff:
+        res["difference"] = diff
+
+
+def m_plain(ctx, rnd):
+    res, dst = run_migration(ctx, ctx.image, GIB, f"plain{rnd}")
+    try:
+        mig_check(res, ctx.image, dst)
+        return res
+    finally:
+        os.unlink(dst)
+
+
+def m_writes(ctx, rnd):
+    # The writer changes the source, so each run migrates a fresh sparse copy.
+    src = os.path.join(ctx.workdir, f"src-writes{rnd}.raw")
+    subprocess.run(["cp", "--sparse=always", ctx.image, src], check=True, timeout=300)
+    writer = None
+    dst = None
+
+    def start_writer(serve):
+        nonlocal writer
+        writer = Writer(serve.port, seed=rnd)
+        writer.thread.start()
+        if not writer.warm.wait(timeout=30) or len(writer.acked) < 200:
+            raise RuntimeError(f"writer did not get going: {writer.end_reason}")
+        # A baseline of at least 0.5 s of writes with no migration running.
+        time.sleep(max(0.0, 0.5 - (time.perf_counter() - writer.acked[0][0])))
+        if writer.end_reason:
+            raise RuntimeError(f"writer stopped before mirror: {writer.end_reason}")
+        writer.mirror_issued_acks = len(writer.acked)
+
+    try:
+        res, dst = run_migration(ctx, src, GIB, f"writes{rnd}", before_mirror=start_writer)
+        writer.thread.join(timeout=WRITE_TIMEOUT + 10)
+        if writer.thread.is_alive():
+            writer.stop.set()
+            writer.thread.join(timeout=WRITE_TIMEOUT + 10)
+        t0 = res.pop("t0")
+        lat = sorted(dt for _, dt in writer.acked)
+        during = sorted(dt for t, dt in writer.acked if t >= t0)
+        before = [dt for t, dt in writer.acked if t < t0]
+        worst_t, _ = max(writer.acked, key=lambda a: a[1])
+        res.update({
+            "writes_acked": len(lat),
+            "writes_during_migration": len(during),
+            "error_replies": len(writer.errors),
+            "error_codes": sorted({e for _, _, e in writer.errors}),
+            "max_write_ms": lat[-1] * 1000.0,
+            "p99_write_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000.0,
+            "p50_write_ms": lat[len(lat) // 2] * 1000.0,
+            "max_write_during_ms": during[-1] * 1000.0 if during else None,
+            "max_write_before_mirror_ms": max(before) * 1000.0 if before else None,
+            "writes_before_mirror": len(before),
+            "max_write_sent_at_s": worst_t - t0,  # relative to `mirror`; negative: before it
+            "p99_write_during_ms": during[min(len(during) - 1, int(0.99 * len(during)))] * 1000.0 if during else None,
+            "writer_end": writer.end_reason,
+            "cut_after_mirror_s": (writer.cut[0] - t0) if writer.cut else None,
+            "unacked_wait_ms": ((writer.cut[0] - writer.cut[1]) * 1000.0) if writer.cut and writer.cut[1] else None,
+        })
+        mig_check(res, src, dst)
+        return res
+    finally:
+        if writer is not None:
+            writer.stop.set()
+            writer.thread.join(timeout=WRITE_TIMEOUT + 10)
+        for p in (src, dst):
+            if p and os.path.exists(p):
+                os.unlink(p)
+
+
+def m_tib(ctx, rnd):
+    res, dst = run_migration(ctx, ctx.sparse_tib, TIB, f"tib{rnd}")
+    try:
+        mig_check(res, ctx.sparse_tib, dst)
+        return res
+    finally:
+        os.unlink(dst)
+
+
+MIGRATIONS = [("plain", m_plain), ("writes", m_writes), ("tib", m_tib)]
+
+
+def run_migrations(ctx, results, failures):
+    for rnd in range(ctx.rounds):
+        for name, fn in MIGRATIONS:
+            try:
+                res = fn(ctx, rnd + 1)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                msg = f"round {rnd + 1} migration {name}: {e}"
+                log("FAILED " + msg)
+                failures.append(msg[:12000])
+                continue
+            res.pop("t0", None)
+            res["round"] = rnd + 1
+            results.setdefault("migration", {}).setdefault(name, []).append(res)
+            keys = ("seconds", "lockout_ms", "max_write_ms", "p99_write_ms", "writes_during_migration",
+                    "src_rss_kib", "dst_rss_kib", "dst_alloc_mib", "identical")
+            shown = {k: (round(res[k], 3) if isinstance(res[k], float) else res[k]) for k in keys if k in res}
+            log(f"round {rnd + 1}/{ctx.rounds} migration {name:6} {shown}")
+
+
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
 MAIN = ["flexnbd"] + PEERS
 WITH_OLD = ["flexnbd", "flexnbd-oldstyle"] + PEERS
@@ -567,6 +988,202 @@ def med(vals):
     return statistics.median(vals) if vals else None
 
 
+def migration_section(ctx, info, results, failures, started, finished):
+    """The "## Migration" section of BENCHMARKS.md, as a list of lines."""
+    M = results.get("migration", {})
+
+    def vals(name, key):
+        return [r[key] for r in M.get(name, []) if r.get(key) is not None]
+
+    def stat_row(label, name, key, unit, scale=1.0, goal="", met=""):
+        v = [x * scale for x in vals(name, key)]
+        if not v:
+            return f"| {label} | n/a | | | 0 | {goal} | {met} |"
+        f = {"s": lambda x: f"{x:.3f}", "ms": lambda x: f"{x:.2f}",
+             "writes": lambda x: f"{x:.0f}"}.get(unit, lambda x: f"{x:.1f}")
+        return (f"| {label} | {f(med(v))} {unit} | {f(min(v))} | {f(max(v))} | {len(v)} | {goal} | {met} |")
+
+    def yesno(ok):
+        return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+    plain_s = med(vals("plain", "seconds"))
+    worst_stall = max(vals("writes", "max_write_ms"), default=None)
+    n_runs = {k: len(M.get(k, [])) for k in ("plain", "writes", "tib")}
+    ident = {k: sum(1 for r in M.get(k, []) if r.get("identical")) for k in n_runs}
+    L = ["## Migration", ""]
+    L.append(f"Measured on {started:%Y-%m-%d} ({started:%H:%M}-{finished:%H:%M} UTC) by "
+             f"`bench/run.py{' --only migration' if ctx.only == {'migration'} else ''}`, {ctx.rounds} runs of each "
+             f"case (a fresh `serve` + `listen` pair per run); flexnbd commit {info['flexnbd_commit']}; "
+             f"load average at start {info['loadavg_start']} on {info['nproc']} CPUs. Medians; min and max "
+             "over the runs. The C flexnbd was **not** run here: its numbers are the published figures "
+             "from `design/benchmarks.md`.")
+    L.append("")
+    L.append("| measurement | median | min | max | runs | goal | met |")
+    L.append("|---|---|---|---|---|---|---|")
+    L.append(stat_row("1 GiB image, idle: migration time (`mirror` issued to both processes exited)",
+                      "plain", "seconds", "s", goal=f"< {MIGRATION_GOAL_S:.0f} s",
+                      met=yesno(None if plain_s is None else plain_s < MIGRATION_GOAL_S)))
+    c_ratio = C_MIGRATION_S / plain_s if plain_s else None
+    L.append(f"| vs C flexnbd (published figure: {C_MIGRATION_S} s for this image; not measured in this run), "
+             f"{C_MIGRATION_S} s ÷ ours | {fmt_ratio(c_ratio)} | | | | >= 1.0 | "
+             f"{yesno(None if c_ratio is None else c_ratio >= 1.0)} |")
+    L.append(stat_row("1 GiB image, idle: destination allocated after migration (source: 512 MiB data + 512 MiB hole)",
+                      "plain", "dst_alloc_mib", "MiB", goal="~512 MiB (sparse)",
+                      met=yesno(None if not vals("plain", "dst_alloc_mib")
+                                else max(vals("plain", "dst_alloc_mib")) < 600)))
+    L.append(f"| 1 GiB image, idle: destination identical to source | {ident['plain']}/{n_runs['plain']} runs "
+             f"| | | {n_runs['plain']} | all | {yesno(ident['plain'] == n_runs['plain'] if n_runs['plain'] else None)} |")
+    L.append(stat_row("under writes: longest acknowledged 4 KiB write (whole connection, from before `mirror` to the cut)",
+                      "writes", "max_write_ms", "ms", goal=f"<= {STALL_GOAL_MS:.0f} ms in every run",
+                      met=yesno(None if worst_stall is None else worst_stall <= STALL_GOAL_MS)))
+    L.append(stat_row("under writes: p99 write latency (acknowledged writes, whole connection)",
+                      "writes", "p99_write_ms", "ms"))
+    L.append(stat_row("baseline: longest write in the >= 0.5 s of writes before `mirror` (no migration yet)",
+                      "writes", "max_write_before_mirror_ms", "ms"))
+    L.append(stat_row("under writes: p50 write latency", "writes", "p50_write_ms", "ms"))
+    L.append(stat_row("under writes: the unacknowledged write in flight when the hand-off cut the connection: "
+                      "time from its send to the cut", "writes", "unacked_wait_ms", "ms"))
+    L.append(stat_row("under writes: clients shut out at the hand-off (the source's log: `clients were shut out for`)",
+                      "writes", "lockout_ms", "ms", goal=f"C flexnbd: {C_LOCKOUT} (published figure)"))
+    L.append(stat_row("idle: clients shut out at the hand-off (source's log)", "plain", "lockout_ms", "ms"))
+    L.append(stat_row("under writes: migration time", "writes", "seconds", "s"))
+    L.append(stat_row("under writes: writes acknowledged between `mirror` and the cut", "writes",
+                      "writes_during_migration", "writes"))
+    L.append(f"| under writes: destination identical to the (written) source | {ident['writes']}/{n_runs['writes']} "
+             f"runs | | | {n_runs['writes']} | all | "
+             f"{yesno(ident['writes'] == n_runs['writes'] if n_runs['writes'] else None)} |")
+    L.append(stat_row("1 TiB sparse file: migration time", "tib", "seconds", "s"))
+    L.append(stat_row("1 TiB sparse file: peak RSS of the source (`serve`)", "tib", "src_rss_kib", "MiB", 1 / 1024))
+    L.append(stat_row("1 TiB sparse file: peak RSS of the destination (`listen`)", "tib", "dst_rss_kib", "MiB", 1 / 1024))
+    L.append(stat_row("1 TiB sparse file: destination allocated after migration", "tib", "dst_alloc_mib", "MiB"))
+    L.append(f"| 1 TiB sparse file: destination identical to source | {ident['tib']}/{n_runs['tib']} runs | | | "
+             f"{n_runs['tib']} | all | {yesno(ident['tib'] == n_runs['tib'] if n_runs['tib'] else None)} |")
+    L.append(stat_row("1 GiB image, idle: peak RSS of the source", "plain", "src_rss_kib", "MiB", 1 / 1024))
+    L.append(stat_row("1 GiB image, idle: peak RSS of the destination", "plain", "dst_rss_kib", "MiB", 1 / 1024))
+    L.append("")
+    mig_fail = [f for f in failures if " migration " in f]
+    if mig_fail:
+        L.append("### Failed migration runs")
+        L.append("")
+        for f in mig_fail:
+            first, _, rest = f.partition("\n")
+            L.append(f"- {first}")
+            if rest:
+                L.append("")
+                L.append("```")
+                L.extend(rest.splitlines())
+                L.append("```")
+        L.append("")
+    L.append("### How it is measured")
+    L.append("")
+    L.append("```sh")
+    L.append("# per run: a fresh sparse destination of the source's size, then")
+    L.append("target/bench/release/flexnbd listen -l 127.0.0.1 -p 0 -f DEST -s DSOCK -v   # ready: logs `listening on`, DSOCK exists, `allocation map built`")
+    L.append("target/bench/release/flexnbd serve  -l 127.0.0.1 -p 0 -f SRC  -s SSOCK -v   # oldstyle (the default)")
+    L.append("target/bench/release/flexnbd mirror -s SSOCK -l 127.0.0.1 -p DPORT       # timed from here ...")
+    L.append("#   ... to both serve and listen having exited 0 (reaped with wait4, polled every 1 ms, at most "
+             f"{MIGRATION_TIMEOUT:.0f} s)")
+    L.append("# then, untimed: allocated size (st_blocks) of DEST; compare SRC and DEST byte for byte over the")
+    L.append("#   union of their data extents (SEEK_DATA/SEEK_HOLE; outside it both are holes)")
+    L.append("# cases: SRC = the 1 GiB image (512 MiB random + 512 MiB hole), read-only;")
+    L.append("#        SRC = cp --sparse=always of it, with a writer (below);  SRC = the 1 TiB sparse file")
+    L.append("# writer: a raw-socket client in run.py, one persistent connection to serve: the 152-byte oldstyle")
+    L.append("#   greeting, then back-to-back NBD_CMD_WRITE of 4 KiB at uniformly random 4 KiB-aligned offsets")
+    L.append("#   (one request in flight), each timed from send to reply; it runs for >= 0.5 s (and >= 200")
+    L.append("#   acknowledged writes) before `mirror` and then until the hand-off cuts its connection")
+    L.append("# before each run, untimed: sync -f WORKDIR (write back what creating/copying the images left dirty)")
+    L.append("# peak RSS: max of VmHWM from /proc/PID/status, polled every 1 ms until the process exits")
+    L.append("#   (a peak in its last millisecond could be missed; wait4's ru_maxrss cannot be used, see below)")
+    L.append("```")
+    L.append("")
+    L.append("Notes:")
+    L.append("")
+    L.append("- The writer is a Python thread in the benchmark process; its latencies include Python overhead "
+             "(tens of µs), which is negligible against the 100 ms goal. Its connection is not re-established "
+             "on the destination: the test ends at the cut.")
+    L.append("- `lockout` is what the source logs; the client-side view of the hand-off is the in-flight write "
+             "that never got a reply (its wait until the cut is in the table). A real client would then "
+             "reconnect to the destination and resend it.")
+    L.append("- The destination fsyncs the image before it accepts the hand-off (its log says `image durable`), "
+             "so the migration time includes writing 512 MiB to disk on the 1 GiB cases. The source image was "
+             "just written, so the source reads come from the page cache.")
+    L.append("- Peak RSS is VmHWM polled from /proc, not wait4's ru_maxrss: exec keeps the high-water mark of "
+             "the process it replaces, here the fork of the Python benchmark (tens of MiB), so ru_maxrss "
+             "reports the benchmark's size, not flexnbd's.")
+    L.append("- The machine is shared (2 CPUs); the migration runs, the writer and other people's builds "
+             "compete for them.")
+    L.append("")
+    L.append("<details><summary>every migration run</summary>")
+    L.append("")
+    cols = [("plain", ["seconds", "lockout_ms", "dst_alloc_mib", "identical", "src_rss_kib", "dst_rss_kib"]),
+            ("writes", ["seconds", "max_write_ms", "max_write_sent_at_s", "max_write_before_mirror_ms",
+                        "p99_write_ms", "unacked_wait_ms",
+                        "lockout_ms", "writes_before_mirror", "writes_during_migration", "cut_after_mirror_s",
+                        "error_replies", "dst_alloc_mib", "identical"]),
+            ("tib", ["seconds", "lockout_ms", "src_rss_kib", "dst_rss_kib", "dst_alloc_mib", "identical"])]
+    for name, keys in cols:
+        L.append(f"**{name}**")
+        L.append("")
+        L.append("| run | " + " | ".join(keys) + " |")
+        L.append("|---|" + "---|" * len(keys))
+        for r in M.get(name, []):
+            cells = []
+            for k in keys:
+                v = r.get(k)
+                if isinstance(v, bool):
+                    cells.append("yes" if v else "**no**")
+                elif isinstance(v, float):
+                    cells.append(f"{v:.3f}" if k in ("seconds", "cut_after_mirror_s", "max_write_sent_at_s")
+                                 else f"{v:.1f}")
+                elif v is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(str(v))
+            L.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+        L.append("")
+    odd = [f"run {r['round']} {name}: writer ended with {r.get('writer_end')}; error replies "
+           f"{r.get('error_replies')} {r.get('error_codes')}; mirror said {r.get('mirror_said')!r}"
+           for name in ("writes",) for r in M.get(name, [])]
+    odd += [f"run {r['round']} {name}: {r['difference']}" for name in M for r in M[name] if r.get("difference")]
+    odd += [f"run {r['round']} {name}: marker DEST.INCOMPLETE left behind" for name in M for r in M[name]
+            if r.get("marker_left")]
+    for o in odd:
+        L.append(f"- {o}")
+    L.append("")
+    L.append("</details>")
+    L.append("")
+    return L
+
+
+def splice_migration(text, section):
+    """Replace the "## Migration" section of a report (up to the next "## " heading),
+    or insert it before "## Commands" (else before the raw numbers, else at the end)."""
+    lines = text.split("\n")
+    start = next((i for i, l in enumerate(lines) if l == "## Migration"), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join(lines[:start] + section + lines[end:])
+    for anchor in ("## Commands", "## Failed runs", "## Raw per-run numbers"):
+        if anchor in lines:
+            i = lines.index(anchor)
+            return "\n".join(lines[:i] + section + lines[i:])
+    return "\n".join(lines + [""] + section)
+
+
+def existing_migration(path):
+    """The "## Migration" section of an existing report, or None."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    if "## Migration" not in lines:
+        return None
+    start = lines.index("## Migration")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
 def write_report(path, ctx, info, results, failures, started, finished):
     rows = [(w[0], w[1], w[3], w[4], w[5], w[6]) for w in WORKLOADS]
     rows.insert(1, (RSS[0], RSS[1], RSS[2], RSS[3], RSS[4], False))
@@ -676,10 +1293,11 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("- Half of the image is a hole, so about half of the fio randread requests fall in it; flexnbd "
              "answers those from its allocation map without a pread, the peers pread the hole.")
     L.append("")
-    if failures:
+    other_failures = [f for f in failures if " migration " not in f]  # those are in "## Migration"
+    if other_failures:
         L.append("## Failed runs")
         L.append("")
-        for f in failures:
+        for f in other_failures:
             L.append(f"- {f}")
         L.append("")
     L.append("## Raw per-run numbers")
@@ -704,8 +1322,26 @@ def write_report(path, ctx, info, results, failures, started, finished):
         L.append("")
     L.append("</details>")
     L.append("")
+    text = "\n".join(L)
+    # The migration section: this run's, else the one already in the file (kept as it was).
+    section = (migration_section(ctx, info, results, failures, ctx.mig_started, ctx.mig_finished)
+               if "migration" in results or ctx.mig_started else existing_migration(path))
+    if section:
+        text = splice_migration(text, section)
     with open(path, "w") as f:
-        f.write("\n".join(L))
+        f.write(text)
+
+
+def update_migration_only(path, ctx, info, results, failures):
+    """--only migration: replace just the "## Migration" section of an existing report."""
+    section = migration_section(ctx, info, results, failures, ctx.mig_started, ctx.mig_finished)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Benchmarks\n\nOnly the migration section has been generated; run `bench/run.py` for the rest.\n"
+    with open(path, "w") as f:
+        f.write(splice_migration(text, section))
 
 
 # ---------------------------------------------------------------- main
@@ -729,13 +1365,19 @@ def main():
     ctx.rounds = max(1, min(args.rounds or (2 if args.quick else 5), 50))
     ctx.fio_runtime = max(1, min(args.fio_runtime or (3 if args.quick else 10), 600))
     only = set(args.only.split(",")) if args.only else None
+    known = {w[0] for w in WORKLOADS} | {"migration"}
+    if only and not only <= known:
+        ap.error(f"unknown workload(s) {', '.join(sorted(only - known))}; known: {', '.join(sorted(known))}")
+    ctx.only = only
+    ctx.mig_started = ctx.mig_finished = None
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    ensure_peers()
+    if only != {"migration"}:
+        ensure_peers()
     if not args.skip_build:
         build()
     info = machine_info()
@@ -764,12 +1406,33 @@ def main():
                     results.setdefault(name, {}).setdefault(kind, []).append(res)
                     shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}
                     log(f"round {rnd + 1}/{ctx.rounds} {name:9} {kind:16} {shown}")
+        if not only or "migration" in only:
+            ctx.mig_started = datetime.datetime.now(datetime.timezone.utc)
+            run_migrations(ctx, results, failures)
+            ctx.mig_finished = datetime.datetime.now(datetime.timezone.utc)
     finally:
         stop_all()
         shutil.rmtree(ctx.workdir, ignore_errors=True)
     finished = datetime.datetime.now(datetime.timezone.utc)
     outdir = os.path.join(REPO, "bench", "out")
     os.makedirs(outdir, exist_ok=True)
+    if only == {"migration"}:
+        # Keep the other workloads' raw results; replace only the migration ones.
+        raw_path = os.path.join(outdir, "results.json")
+        try:
+            with open(raw_path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            raw = {"results": {}, "failures": []}
+        raw.setdefault("results", {})["migration"] = results.get("migration", {})
+        raw["migration_machine"] = info
+        raw["migration_rounds"] = ctx.rounds
+        raw["failures"] = [f for f in raw.get("failures", []) if " migration " not in f] + failures
+        with open(raw_path, "w") as f:
+            json.dump(raw, f, indent=1)
+        update_migration_only(args.output, ctx, info, results, failures)
+        log(f"updated the Migration section of {args.output}")
+        return 1 if failures else 0
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump({"machine": info, "rounds": ctx.rounds, "fio_runtime": ctx.fio_runtime,
                    "results": results, "failures": failures}, f, indent=1)
