@@ -436,6 +436,9 @@ pub async fn run<T: Transport, P: Probe>(
             })?,
         )),
     };
+    if role == Role::Listen {
+        options.image.set_eager_writeback(true);
+    }
     let (listener, local) = server::bind(&transport, options.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;

@@ -46,6 +46,10 @@ pub const CHUNK: u64 = 1024 * 1024;
 pub const ZERO_CHUNK: u64 = 1024 * 1024 * 1024;
 /// The sweep clears dirty bits and reads extents a window at a time.
 const WINDOW: u64 = 64 * 1024 * 1024;
+/// A flush this quick means the destination has little left to sync.
+const QUICK_FLUSH: Duration = Duration::from_millis(10);
+/// Flushes before the cut-off, at most (clients keep dirtying meanwhile).
+const MAX_FLUSHES: u32 = 4;
 /// At the cut-off, clients get this long to finish their current request
 /// before their connections are torn down.
 pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
@@ -501,7 +505,10 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     //    still run, so the entrust after the cut-off syncs only a little.
     state.set_phase(Phase::Converging);
     let convergence = Convergence::new(Instant::now());
+    // Flushing repeats until one is quick: then little is left for the
+    // destination to make durable at entrust, while clients are shut out.
     let mut flushed = !can_flush;
+    let mut flushes = 0;
     loop {
         let ranges = image.take_dirty(WINDOW, CHUNK);
         for (offset, len) in &ranges {
@@ -514,11 +521,13 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                 break;
             }
             or_cancel(cancel, copier.pipe.wait_idle()).await??;
+            let flush_started = Instant::now();
             let error = or_cancel(cancel, copier.pipe.call(cmd::FLUSH)).await??;
             if error != 0 {
                 return Err(AttemptError::FlushRefused(error));
             }
-            flushed = true;
+            flushes += 1;
+            flushed = flush_started.elapsed() <= QUICK_FLUSH || flushes >= MAX_FLUSHES;
             continue;
         }
         if ranges.is_empty() {
@@ -660,6 +669,10 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 .read_at(&mut data, offset)
                 .map_err(AttemptError::Image)?;
             or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+            // A socket with room never makes this loop wait, so it would
+            // keep its worker thread for many pieces and stall the clients'
+            // requests queued there: let them run between pieces.
+            tokio::task::yield_now().await;
             self.count(n);
             offset += n;
         }
@@ -680,6 +693,10 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 self.throttle(n).await?;
                 let data = self.pipe.zero_buffer(n as usize);
                 or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+                // A socket with room never makes this loop wait, so it would
+                // keep its worker thread for many pieces and stall the clients'
+                // requests queued there: let them run between pieces.
+                tokio::task::yield_now().await;
                 self.count(n);
                 offset += n;
             }

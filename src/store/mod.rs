@@ -15,6 +15,9 @@ pub use map::{AllocationMap, BLOCK_SIZE};
 /// Writes are applied in pieces of at most this many bytes, so memory per
 /// request stays bounded whatever length a client sends.
 pub const PIECE: usize = 256 * 1024;
+/// Writes at least this large start their writeback at once on a migration
+/// destination.
+const EAGER_WRITEBACK_MIN: usize = 128 * 1024;
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,10 @@ pub struct Image {
     dirty_blocks: AtomicU64,
     /// On while a migration attempt runs.
     tracking: AtomicBool,
+    /// Set on a migration destination: large writes start their writeback at
+    /// once, so the syncs at FLUSH and entrust (while the source's clients
+    /// wait) find little left to write.
+    eager_writeback: AtomicBool,
     /// Store faults from a fault plan (tests and reproductions only).
     faults: std::sync::OnceLock<Arc<crate::probe::PlanProbe>>,
 }
@@ -128,6 +135,7 @@ impl Image {
             dirty_blocks: AtomicU64::new(0),
             tracking: AtomicBool::new(false),
             faults: std::sync::OnceLock::new(),
+            eager_writeback: AtomicBool::new(false),
         })
     }
 
@@ -146,6 +154,11 @@ impl Image {
 
     pub fn map(&self) -> &AllocationMap {
         &self.map
+    }
+
+    /// Starts writeback as large writes arrive (a migration destination).
+    pub fn set_eager_writeback(&self, on: bool) {
+        self.eager_writeback.store(on, Ordering::Relaxed);
     }
 
     /// Lets a fault plan fail or slow down reads, writes and syncs.
@@ -176,6 +189,17 @@ impl Image {
         }
         self.store_fault(crate::probe::StoreStep::Write)?;
         self.store_write(data, offset)?;
+        if data.len() >= EAGER_WRITEBACK_MIN && self.eager_writeback.load(Ordering::Relaxed) {
+            // Only starts the I/O; errors surface at the next sync.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    offset as libc::off64_t,
+                    data.len() as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+        }
         // After the data landed: the mirror clears a bit and then reads, so
         // marking afterwards means it can never read the old data last.
         self.mark_dirty(offset, data.len() as u64);
