@@ -771,3 +771,129 @@ fn source_bad_request_magic_causes_ebadmsg_close_and_no_completion() {
     assert!(marker(&file).exists(), "a bad magic completes nothing");
     finish_migration(s, &mut server, &file, 0, b"12345678");
 }
+
+// ---------------------------------------------------------------------------
+// The entrust fakes of spec 8.3 ("unused" in the C suite, which had dropped
+// entrust; meaningful again now that the hand-off has it).
+
+/// The marker's `state=` line, if the marker exists.
+fn marker_state(file: &Path) -> Option<String> {
+    let text = fs::read_to_string(marker(file)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("state="))
+        .map(str::to_string)
+}
+
+/// A source that sends data and ENTRUST, then (after reading the reply when
+/// `read_reply`) closes without DISCONNECT: the destination must record
+/// `entrusted`, keep listening, and take a fresh sender that completes.
+fn entrust_then_close(read_reply: bool) {
+    let (_dir, file, mut server) = destination("ns-entrust-close");
+    let (mut s, size) = connect_with_greeting(server.addr, WAIT);
+    assert_eq!(size, SIZE);
+    let data = pattern(4096, 31);
+    let r = s.write_and_reply(MIRROR_HANDLE, 0, &data);
+    assert_eq!(r.error, 0);
+    s.request(cmd::ENTRUST, 77, 0, 0);
+    if read_reply {
+        let r = s.read_reply();
+        assert_eq!(
+            (r.error, r.handle),
+            (0, 77),
+            "entrust is answered once durable"
+        );
+        assert_eq!(
+            marker_state(&file).as_deref(),
+            Some("entrusted"),
+            "recorded before the reply"
+        );
+    }
+    drop(s);
+    wait_for("the marker to say entrusted", WAIT, || {
+        (marker_state(&file).as_deref() == Some("entrusted")).then_some(())
+    });
+    assert!(
+        server.is_running(),
+        "EOF after entrust is not a completed migration"
+    );
+    // The source starts again: its first write puts the marker back to
+    // `receiving` before the data lands, then it completes.
+    let (mut again, _) = connect_with_greeting(server.addr, WAIT);
+    let r = again.write_and_reply(MIRROR_HANDLE, 4096, &data);
+    assert_eq!(r.error, 0);
+    assert_eq!(marker_state(&file).as_deref(), Some("receiving"));
+    finish_migration(again, &mut server, &file, 8192, &data);
+}
+
+#[test]
+fn source_close_after_entrust_causes_an_entrusted_marker_and_a_listener_that_waits() {
+    entrust_then_close(false);
+}
+
+#[test]
+fn source_close_after_entrust_reply_causes_an_entrusted_marker_and_a_listener_that_waits() {
+    entrust_then_close(true);
+}
+
+#[test]
+fn source_hang_after_hello_is_kept_as_the_sender_without_a_timeout() {
+    // The C destination dropped its sender timeout (it broke throttled
+    // migrations): an idle sender keeps the slot and may carry on later.
+    let (_dir, file, mut server) = destination("ns-hang-hello");
+    let (s, _) = connect_with_greeting(server.addr, WAIT);
+    // Waiting on purpose: an idle sender must not be dropped meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut other = FakeSource::connect(server.addr);
+    assert!(
+        other.sees_eof_within(WAIT),
+        "the slot is still the idle sender's"
+    );
+    finish_migration(s, &mut server, &file, 0, &pattern(512, 3));
+}
+
+#[test]
+fn dest_close_after_entrust_reply_causes_no_retry_past_the_point_of_no_return() {
+    // A destination that answers entrust and then vanishes before the
+    // DISCONNECT: the source has handed off (unlinked with -u) and must not
+    // start again; whether the DISCONNECT write itself failed decides 0 or 1.
+    let mut src = source("ns-dest-close-entrust", SIZE, &[]);
+    let (out, dest, kinds) = {
+        let dest = FakeDest::bind();
+        let d = dest.try_clone();
+        let script = in_background(move || {
+            let mut c = d.expect_connection(WAIT);
+            c.send_c_greeting(SIZE);
+            let mut kinds = Vec::new();
+            while let Some(seen) = c.read_seen() {
+                kinds.push(seen.request.kind);
+                if seen.request.kind == cmd::ENTRUST {
+                    c.reply(0, seen.request.handle);
+                    break; // and close
+                }
+                c.reply(0, seen.request.handle);
+            }
+            kinds
+        });
+        let out = mirror(&src.sock, dest.port(), true);
+        let kinds = script.join_within(WAIT);
+        (out, dest, kinds)
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kinds.last(), Some(&cmd::ENTRUST));
+    let status = src.server.wait_exit();
+    assert!(
+        matches!(status.code(), Some(0) | Some(1)),
+        "the source exits: {status}"
+    );
+    assert!(!src.file.exists(), "unlinked before the DISCONNECT");
+    assert_eq!(
+        dest.connections_during(Duration::from_secs(2)),
+        0,
+        "no retry after the hand-off began"
+    );
+}
