@@ -144,6 +144,12 @@ class Server:
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
         if self.kind == "flexnbd-oldstyle":
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "oldstyle"]
+        if self.kind == "flexnbd-faultplan":
+            # A fault plan that never fires (nothing here sends TRIM): every
+            # protocol step goes through the plan's decision instead of the
+            # production no-op probe.
+            return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle",
+                    "--faults", INERT_PLAN]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", "-f", "raw", "-x", "", "-t", "-e", "0", "-b", HOST, "-p", p, self.image]
         if self.kind == "nbdkit":
@@ -849,6 +855,7 @@ def run_migrations(ctx, results, failures):
 
 
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
+INERT_PLAN = "server.reply_send.trim#1000000000=close"
 MAIN = ["flexnbd"] + PEERS
 WITH_OLD = ["flexnbd", "flexnbd-oldstyle"] + PEERS
 
@@ -859,6 +866,11 @@ WORKLOADS = [
     ("randread", "fio 4 KiB randread, 4 jobs x iodepth 16", w_randread, MAIN, "iops", "IOPS", True),
     ("randwrite", "fio 4 KiB randwrite, 4 jobs x iodepth 16", w_randwrite, MAIN, "iops", "IOPS", True),
     ("startup", "Start-up: exec to first successful 4 KiB read, 1 TiB sparse file", w_startup, WITH_OLD, "ms", "ms", False),
+    # The cost of the fault-injection seams: the same binary with no plan
+    # (production: the probe is a no-op the compiler removes) and with a plan
+    # that never fires (every step is looked up in the plan).
+    ("faultcost", "Fault seams: fio 4 KiB randread with no fault plan vs an inert plan (ratio = no plan / plan)",
+     w_randread, ["flexnbd", "flexnbd-faultplan"], "iops", "IOPS", True),
 ]
 # Peak RSS comes from the nbdcopy runs.
 RSS = ("rss", "Peak RSS while serving the nbdcopy workload (max VmHWM over the server's processes)",
@@ -1219,6 +1231,8 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("| workload | flexnbd median | vs qemu-nbd | vs nbdkit | vs nbd-server |")
     L.append("|---|---|---|---|---|")
     for name, title, servers, metric, unit, hib in rows:
+        if name == "faultcost":
+            continue  # not a peer comparison; its own section says no plan / inert plan
         src = "nbdcopy" if name == "rss" else name
         ours = med(series(results, src, "flexnbd", metric))
         cells = [fmt_ratio(ratio(ours, med(series(results, src, p, metric)), hib)) for p in PEERS]
@@ -1243,7 +1257,8 @@ def write_report(path, ctx, info, results, failures, started, finished):
             m = med(vals)
             line = (f"| {kind} | {fmt(m, unit)} | {fmt(min(vals) if vals else None, unit)} | "
                     f"{fmt(max(vals) if vals else None, unit)} | {len(vals)} | ")
-            line += "—" if kind.startswith("flexnbd") else fmt_ratio(ratio(ours, m, hib))
+            compared = kind == "flexnbd-faultplan" or not kind.startswith("flexnbd")
+            line += fmt_ratio(ratio(ours, m, hib)) if compared else "—"
             line += " |"
             if "flexnbd-oldstyle" in servers:
                 line += (" — |" if kind.startswith("flexnbd") else f" {fmt_ratio(ratio(old, m, hib))} |")
