@@ -74,15 +74,7 @@ fn serve_with_sock(tag: &str, size: u64, extra: &[&str]) -> Served {
 }
 
 fn serve_args(file: &Path, sock: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["serve", "-l", "127.0.0.1", "-p", "0", "-v", "-f"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(file.display().to_string());
-    args.push("-s".into());
-    args.push(sock.display().to_string());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    server_args("serve", file, Some(sock), extra)
 }
 
 /// Waits until something answers on the control socket.

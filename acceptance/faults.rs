@@ -202,11 +202,7 @@ fn a_slow_store_sync_delays_the_flush_reply() {
 fn the_faults_environment_variable_reaches_the_server() {
     let dir = TempDir::new("faults-env");
     let file = dir.pattern_file("d.img", MIB, 9);
-    let args: Vec<String> = ["serve", "-l", "127.0.0.1", "-p", "0", "-v", "-f"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([file.display().to_string()])
-        .collect();
+    let args = server_args("serve", &file, None, &[]);
     let server = Flexnbd::spawn_with_env(
         &dir,
         &args,

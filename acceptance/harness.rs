@@ -439,3 +439,20 @@ impl Flexnbd {
         Flexnbd::spawn_program(dir, "/usr/bin/env", &full)
     }
 }
+
+/// Arguments for `flexnbd MODE` (serve or listen) on 127.0.0.1, port 0,
+/// with `-v` (the harness reads the port from the log), an optional control
+/// socket, and `extra` flags.
+pub fn server_args(mode: &str, file: &Path, sock: Option<&Path>, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [mode, "-l", "127.0.0.1", "-p", "0", "-v", "-f"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(file.display().to_string());
+    if let Some(sock) = sock {
+        args.push("-s".into());
+        args.push(sock.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}

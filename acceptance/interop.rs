@@ -78,21 +78,7 @@ pub(crate) fn source(tag: &str, size: u64, env: &[(&str, &str)]) -> Source {
 
 pub(crate) fn source_in(dir: TempDir, file: PathBuf, env: &[(&str, &str)]) -> Source {
     let sock = dir.join("src.sock");
-    let args: Vec<String> = [
-        "serve",
-        "-l",
-        "127.0.0.1",
-        "-p",
-        "0",
-        "-f",
-        file.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = server_args("serve", &file, Some(&sock), &[]);
     let server = if env.is_empty() {
         Flexnbd::spawn(&dir, &args)
     } else {

@@ -15,5 +15,6 @@ mod matrix;
 mod migrate;
 mod newstyle;
 mod peers;
+mod proxy;
 mod resolve;
 mod serve_wire;

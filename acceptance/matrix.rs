@@ -1016,21 +1016,7 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         &listen_args(0, &dst, &dsock, &s.dest_plan),
     )];
     let port = dests[0].port();
-    let mut sargs: Vec<String> = [
-        "serve",
-        "-l",
-        "127.0.0.1",
-        "-p",
-        "0",
-        "-f",
-        src.to_str().unwrap(),
-        "-s",
-        ssock.to_str().unwrap(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut sargs = server_args("serve", &src, Some(&ssock), &[]);
     if !s.source_plan.is_empty() {
         sargs.push("--faults".into());
         sargs.push(s.source_plan.clone());

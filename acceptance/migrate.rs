@@ -55,21 +55,7 @@ fn serve(dir: &TempDir, file: &Path) -> Source {
         "src-{}.sock",
         file.file_name().unwrap().to_string_lossy()
     ));
-    let args: Vec<String> = [
-        "serve",
-        "-l",
-        "127.0.0.1",
-        "-p",
-        "0",
-        "-f",
-        file.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = server_args("serve", file, Some(&sock), &[]);
     let server = Flexnbd::spawn(dir, &args);
     wait_for("the source's control socket", WAIT, || {
         UnixStream::connect(&sock).ok().map(|_| ())

@@ -10,6 +10,7 @@ pub mod handoff;
 pub mod mirror;
 pub mod probe;
 pub mod proto;
+pub mod proxy;
 pub mod server;
 pub mod status;
 pub mod store;

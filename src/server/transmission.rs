@@ -261,24 +261,29 @@ where
         Ok(Some(Request::decode(&header)))
     }
 
-    async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
-        let mut drop_request = false;
-        match self.probe.step(Step::RequestReceived { kind: req.kind }) {
-            Action::Pass => {}
-            Action::Drop => drop_request = true,
+    /// The probe's verdict on a message just received: `true` to act on
+    /// it, `false` to ignore it (dropped), or the error that ends the
+    /// connection.
+    async fn received(&self, step: Step) -> Result<bool, ConnError> {
+        match self.probe.step(step) {
+            Action::Pass => Ok(true),
+            Action::Drop => Ok(false),
             Action::Crash => faults::crash_now(),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
-                return Err(ConnError::Hang(
-                    Step::RequestReceived { kind: req.kind }.key(),
-                ))
+            Action::Delay(d) => {
+                tokio::time::sleep(d).await;
+                Ok(true)
             }
+            Action::Hang => Err(ConnError::Hang(step.key())),
             Action::Close | Action::Truncate(_) | Action::Corrupt => {
-                return Err(ConnError::FaultClosed(
-                    Step::RequestReceived { kind: req.kind }.name(),
-                ))
+                Err(ConnError::FaultClosed(step.key()))
             }
         }
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
+        let drop_request = !self
+            .received(Step::RequestReceived { kind: req.kind })
+            .await?;
         if !req.magic_ok() {
             warn!(
                 "client {}: bad request magic: expected 0x{:08x}, got 0x{:08x}; answering EBADMSG and closing",
@@ -495,21 +500,11 @@ where
         if self.payload.len() > 4 * PIECE {
             self.payload = Vec::new();
         }
-        match self.probe.step(Step::PayloadReceived { kind: req.kind }) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::Drop => return Ok(()),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
-                return Err(ConnError::Hang(
-                    Step::PayloadReceived { kind: req.kind }.key(),
-                ))
-            }
-            Action::Close | Action::Truncate(_) | Action::Corrupt => {
-                return Err(ConnError::FaultClosed(
-                    Step::PayloadReceived { kind: req.kind }.name(),
-                ))
-            }
+        if !self
+            .received(Step::PayloadReceived { kind: req.kind })
+            .await?
+        {
+            return Ok(()); // dropped: stored, but never answered
         }
         self.after_change(req, failure.map_or(Ok(()), Err)).await
     }

@@ -92,15 +92,29 @@ impl AllocationMap {
 
     /// Sets the bits of blocks `first..end` (block numbers).
     pub fn set_blocks(&self, first: u64, end: u64) {
-        self.update_blocks(first, end.min(self.blocks), true);
+        self.update_blocks(first, end, true);
     }
 
     /// Clears the bits of blocks `first..end` (block numbers).
     pub fn clear_blocks(&self, first: u64, end: u64) {
-        self.update_blocks(first, end.min(self.blocks), false);
+        self.update_blocks(first, end, false);
     }
 
-    fn update_blocks(&self, mut first: u64, end: u64, set: bool) {
+    /// Sets the bits of blocks `first..end` and returns how many were clear.
+    pub fn set_blocks_counting(&self, first: u64, end: u64) -> u64 {
+        self.update_blocks(first, end, true)
+    }
+
+    /// Clears the bits of blocks `first..end` and returns how many were set.
+    pub fn clear_blocks_counting(&self, first: u64, end: u64) -> u64 {
+        self.update_blocks(first, end, false)
+    }
+
+    /// Sets or clears the bits of blocks `first..end`; returns how many
+    /// bits changed.
+    fn update_blocks(&self, mut first: u64, end: u64, set: bool) -> u64 {
+        let end = end.min(self.blocks);
+        let mut changed = 0;
         while first < end {
             let index = (first / 64) as usize;
             let bit = first % 64;
@@ -115,58 +129,15 @@ impl AllocationMap {
             // pages of a sparse map unmapped and avoids cache-line traffic.
             let current = word.load(Ordering::Relaxed);
             if set && current & mask != mask {
-                word.fetch_or(mask, Ordering::AcqRel);
-            } else if !set && current & mask != 0 {
-                word.fetch_and(!mask, Ordering::AcqRel);
-            }
-            first += span;
-        }
-    }
-
-    /// Sets the bits of blocks `first..end` and returns how many were clear.
-    pub fn set_blocks_counting(&self, mut first: u64, end: u64) -> u64 {
-        let end = end.min(self.blocks);
-        let mut newly = 0;
-        while first < end {
-            let index = (first / 64) as usize;
-            let bit = first % 64;
-            let span = (64 - bit).min(end - first);
-            let mask = if span == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << span) - 1) << bit
-            };
-            let word = self.word(index);
-            if word.load(Ordering::Relaxed) & mask != mask {
                 let before = word.fetch_or(mask, Ordering::AcqRel);
-                newly += u64::from((!before & mask).count_ones());
-            }
-            first += span;
-        }
-        newly
-    }
-
-    /// Clears the bits of blocks `first..end` and returns how many were set.
-    pub fn clear_blocks_counting(&self, mut first: u64, end: u64) -> u64 {
-        let end = end.min(self.blocks);
-        let mut cleared = 0;
-        while first < end {
-            let index = (first / 64) as usize;
-            let bit = first % 64;
-            let span = (64 - bit).min(end - first);
-            let mask = if span == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << span) - 1) << bit
-            };
-            let word = self.word(index);
-            if word.load(Ordering::Relaxed) & mask != 0 {
+                changed += u64::from((!before & mask).count_ones());
+            } else if !set && current & mask != 0 {
                 let before = word.fetch_and(!mask, Ordering::AcqRel);
-                cleared += u64::from((before & mask).count_ones());
+                changed += u64::from((before & mask).count_ones());
             }
             first += span;
         }
-        cleared
+        changed
     }
 
     pub fn word_count(&self) -> usize {

@@ -1,0 +1,472 @@
+//! `flexnbd-proxy`: a single-client NBD proxy that keeps its downstream
+//! client connected while the upstream server goes away and comes back (for
+//! example across a migration), with an optional read-ahead cache
+//! (spec section 7).
+//!
+//! One downstream client at a time, one request in flight. Downstream the
+//! proxy speaks oldstyle, with a greeting built from the latest upstream
+//! greeting. Each request is saved whole (header and payload) and sent
+//! upstream; after any upstream failure (EOF, I/O error, bad reply magic, or
+//! longer than the upstream timeout in one state) the proxy reconnects and
+//! sends the same bytes again. Differences from the C proxy, all as the spec
+//! recommends: a failed initial connect exits 1; an error reply to a READ is
+//! forwarded at once, without waiting for data; a READ is only doubled for
+//! the cache when the doubled length fits in 32 MiB. Also (not in the C
+//! proxy): a request with a bad magic ends the session (forwarding it would
+//! make the upstream close, and the proxy would replay it forever), and a
+//! reply whose handle is not the request's counts as an upstream failure;
+//! the first resend after a failure is immediate, but when the same request
+//! fails again the proxy pauses 3 s (the connect cool-down) before each
+//! further attempt instead of spinning; the TCP listening socket comes from
+//! the shared [`Tcp`](crate::transport::Tcp) transport, whose backlog is 10
+//! (the C proxy used 1): either way a waiting client gets no greeting until
+//! the current session ends.
+//!
+//! Fault plans (`proxy.*` keys) are announced at each step. Downstream:
+//! `accept`, `greeting_send`, `request_received.<cmd>`,
+//! `payload_received.<cmd>`, `reply_send.<cmd>`; upstream: `connect`,
+//! `greeting_received`, `request_send.<cmd>`, `reply_received.<cmd>`. What
+//! each action does:
+//! * `pass` carries on; `delay(MS)` waits, then carries on; `crash` kills the
+//!   process at once.
+//! * Downstream `close` ends the session (the downstream socket is closed);
+//!   `truncate(N)` on a send step sends N bytes first, on a receive step it
+//!   acts as `close`; `hang` stops serving the client until it disconnects;
+//!   `drop` skips the message (a dropped greeting or reply is never sent, a
+//!   dropped request is read and ignored: it gets no reply); `corrupt` sends
+//!   a message with its magic damaged, and on a receive step acts as a bad
+//!   request magic (the session ends).
+//! * Upstream `close`, `truncate(N)` (N bytes sent first) and `corrupt` on a
+//!   received message count as an upstream failure: reconnect and resend.
+//!   `corrupt` on `request_send` sends the request with a damaged magic.
+//!   `drop` on `request_send` does not send it (the upstream timeout then
+//!   expires); `drop` and `hang` on `reply_received`, and `hang` elsewhere,
+//!   wait out the upstream timeout and then count as a failure. On
+//!   `connect` and `greeting_received` every action but pass/delay/crash is
+//!   a failed connection attempt (3 s cool-down, then another).
+
+pub mod cache;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::probe::{Action, PlanProbe};
+use crate::proto::{self, cmd, Request, SimpleReply};
+use crate::transport::{Listener, Transport};
+use crate::{error, info, warn};
+
+use cache::{Cache, Decision};
+use upstream::Upstream;
+
+/// Largest READ or WRITE a client may send (NBD_MAX_SIZE, the most qemu
+/// sends); a longer one ends the session.
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+/// Default time in one upstream state before reconnecting.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for an upstream connect (capped at the upstream timeout).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause after a failed upstream connection attempt.
+pub const COOL_DOWN: Duration = Duration::from_secs(3);
+/// The environment variable that overrides the upstream timeout.
+pub const UPSTREAM_TIMEOUT_ENV: &str = "FLEXNBD_UPSTREAM_TIMEOUT";
+
+/// Where the proxy listens for its downstream client.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A UNIX socket path, created at start and removed at exit.
+    Unix(PathBuf),
+}
+
+pub struct Options {
+    pub listen: Listen,
+    pub upstream: SocketAddr,
+    /// Source address for upstream connections.
+    pub bind: Option<SocketAddr>,
+    /// Read-ahead cache size in bytes; 0 means no cache.
+    pub cache: u32,
+    pub upstream_timeout: Duration,
+    /// A fault plan; `None` spends nothing on faults.
+    pub faults: Option<PlanProbe>,
+}
+
+/// The upstream timeout from `FLEXNBD_UPSTREAM_TIMEOUT` (a positive integer
+/// of seconds), or the default. A bad value is an error.
+pub fn upstream_timeout_from_env() -> Result<Duration, String> {
+    match std::env::var(UPSTREAM_TIMEOUT_ENV) {
+        Err(_) => Ok(DEFAULT_UPSTREAM_TIMEOUT),
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+            _ => Err(format!(
+                "bad {UPSTREAM_TIMEOUT_ENV} '{text}': expected a positive whole number of seconds"
+            )),
+        },
+    }
+}
+
+/// The fault plan's decisions for `proxy.*` steps; free without a plan.
+#[derive(Clone, Default)]
+pub(crate) struct Faults(Option<Arc<PlanProbe>>);
+
+impl Faults {
+    /// The verdict for a step; the name is only built when there is a plan.
+    fn at(&self, step: impl FnOnce() -> String) -> Action {
+        match &self.0 {
+            None => Action::Pass,
+            Some(probe) => probe.named("proxy", &step()),
+        }
+    }
+}
+
+/// Runs the proxy until a signal; returns the exit code (0 on a signal, 1
+/// when the first upstream connection or the listening socket fails).
+pub async fn run<T: Transport>(transport: T, options: Options) -> u8 {
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    let faults = Faults(options.faults.map(Arc::new));
+    let mut upstream = Upstream::new(
+        transport.clone(),
+        options.upstream,
+        options.bind,
+        options.upstream_timeout,
+        faults.clone(),
+    );
+    tokio::select! {
+        result = upstream.connect_initial() => {
+            if let Err(e) = result {
+                error!("{e}");
+                error!("Couldn't connect to upstream server during initialization, exiting");
+                return 1;
+            }
+        }
+        signal = signals.next() => {
+            info!("received {signal} before listening, exiting");
+            return 0;
+        }
+    }
+    let listener = match bind(&transport, &options.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let mut proxy = Proxy {
+        upstream,
+        cache: Cache::new(options.cache),
+        faults,
+    };
+    let signal = match listener {
+        DownListener::Tcp(mut l) => {
+            match l.local_addr() {
+                Ok(local) => info!("listening on {local}"),
+                Err(e) => info!("listening (address unknown: {e})"),
+            }
+            tokio::select! {
+                signal = signals.next() => signal,
+                _ = async { loop {
+                    match l.accept().await {
+                        Ok((stream, peer)) => proxy.serve_client(stream, &peer.to_string()).await,
+                        Err(e) => accept_failed(e).await,
+                    }
+                }} => unreachable!("the accept loop never ends"),
+            }
+        }
+        DownListener::Unix(l, ref path) => {
+            info!("listening on {}", path.display());
+            let signal = tokio::select! {
+                signal = signals.next() => signal,
+                _ = async { loop {
+                    match l.accept().await {
+                        Ok((stream, _)) => proxy.serve_client(stream, "a UNIX socket client").await,
+                        Err(e) => accept_failed(e).await,
+                    }
+                }} => unreachable!("the accept loop never ends"),
+            };
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("cannot remove {}: {e}", path.display());
+            }
+            signal
+        }
+    };
+    info!("received {signal}, exiting");
+    0
+}
+
+async fn accept_failed(e: std::io::Error) {
+    warn!("accept failed: {e}");
+    // Out of descriptors and the like: do not spin.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+enum DownListener<L> {
+    Tcp(L),
+    /// tokio's listener directly: the shared [`Transport`] only makes TCP
+    /// sockets, and a UNIX path needs no transport-level fault injection
+    /// (the proxy's own `proxy.*` steps still apply).
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+async fn bind<T: Transport>(
+    transport: &T,
+    listen: &Listen,
+) -> Result<DownListener<T::Listener>, String> {
+    match listen {
+        Listen::Tcp(addr) => transport
+            .bind(*addr)
+            .await
+            .map(DownListener::Tcp)
+            .map_err(|e| format!("cannot listen on {addr}: {e}")),
+        Listen::Unix(path) => tokio::net::UnixListener::bind(path)
+            .map(|l| DownListener::Unix(l, path.clone()))
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display())),
+    }
+}
+
+/// The signals that stop the proxy.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.quit.recv() => "SIGQUIT",
+        }
+    }
+}
+
+/// Why a session ended.
+enum End {
+    /// Logged at info: the client's own doing.
+    Normal(String),
+    /// Logged as a warning.
+    Abnormal(String),
+}
+
+struct Proxy<T: Transport> {
+    upstream: Upstream<T>,
+    cache: Cache,
+    faults: Faults,
+}
+
+impl<T: Transport> Proxy<T> {
+    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(&mut self, mut down: S, peer: &str) {
+        info!("client {peer} connected");
+        match self.session(&mut down).await {
+            End::Normal(why) => info!("session with {peer} ended: {why}"),
+            End::Abnormal(why) => warn!("session with {peer} ended: {why}"),
+        }
+        // Dropping `down` closes the downstream socket; upstream stays.
+    }
+
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut S) -> End {
+        match self.faults.at(|| "accept".into()) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => return hang(down).await,
+            _ => return End::Abnormal("closed at accept (fault injection)".into()),
+        }
+        let greeting = proto::oldstyle_greeting(self.upstream.size, self.upstream.flags);
+        if let Some(end) =
+            send_message(down, &self.faults, || "greeting_send".into(), &greeting).await
+        {
+            return end;
+        }
+        loop {
+            let mut h = [0u8; proto::REQUEST_LEN];
+            match read_exact_or_eof(down, &mut h).await {
+                Ok(true) => {}
+                Ok(false) => return End::Normal("the client closed the connection".into()),
+                Err(e) => return End::Abnormal(format!("reading a request: {e}")),
+            }
+            let request = Request::decode(&h);
+            let name = cmd::name(request.kind);
+            let mut ignore = false;
+            match self.faults.at(|| format!("request_received.{name}")) {
+                Action::Pass => {}
+                Action::Crash => faults::crash_now(),
+                Action::Delay(d) => tokio::time::sleep(d).await,
+                Action::Hang => return hang(down).await,
+                Action::Drop => ignore = true,
+                Action::Corrupt => {
+                    return End::Abnormal("bad request magic (fault injection)".into())
+                }
+                Action::Close | Action::Truncate(_) => {
+                    return End::Abnormal("closed on a request (fault injection)".into())
+                }
+            }
+            if !request.magic_ok() {
+                return End::Abnormal(format!("bad request magic 0x{:08x}", request.magic));
+            }
+            if request.kind == cmd::DISC && !ignore {
+                // Not forwarded: the upstream connection serves the next client.
+                return End::Normal("the client sent DISCONNECT".into());
+            }
+            if matches!(request.kind, cmd::READ | cmd::WRITE) && request.length > MAX_REQUEST {
+                return End::Abnormal(format!(
+                    "a {name} of {} bytes is longer than the limit of {MAX_REQUEST}",
+                    request.length
+                ));
+            }
+            let mut message = h.to_vec();
+            if request.kind == cmd::WRITE {
+                let start = message.len();
+                message.resize(start + request.length as usize, 0);
+                if let Err(e) = down.read_exact(&mut message[start..]).await {
+                    return End::Abnormal(format!("reading a write's payload: {e}"));
+                }
+                match self.faults.at(|| format!("payload_received.{name}")) {
+                    Action::Pass => {}
+                    Action::Crash => faults::crash_now(),
+                    Action::Delay(d) => tokio::time::sleep(d).await,
+                    Action::Hang => return hang(down).await,
+                    Action::Drop => ignore = true,
+                    Action::Corrupt => {
+                        return End::Abnormal("bad request magic (fault injection)".into())
+                    }
+                    Action::Close | Action::Truncate(_) => {
+                        return End::Abnormal("closed on a payload (fault injection)".into())
+                    }
+                }
+            }
+            if ignore {
+                continue;
+            }
+            let reply = self.forward(&request, message).await;
+            if let Some(end) =
+                send_message(down, &self.faults, || format!("reply_send.{name}"), &reply).await
+            {
+                return end;
+            }
+        }
+    }
+
+    /// The reply (header and data) to one request: from the cache, or from
+    /// upstream.
+    async fn forward(&mut self, request: &Request, mut message: Vec<u8>) -> Vec<u8> {
+        let decision = self.cache.decide(request, self.upstream.size);
+        let (upstream_length, prefetch) = match decision {
+            Decision::Hit { skip, len } => {
+                let mut reply = SimpleReply::new(0, request.handle).encode().to_vec();
+                reply.extend_from_slice(self.cache.hit(skip, len));
+                return reply;
+            }
+            Decision::Forward {
+                upstream_length,
+                prefetch,
+            } => (upstream_length, prefetch),
+        };
+        if prefetch {
+            message[24..28].copy_from_slice(&upstream_length.to_be_bytes());
+        }
+        let data_len = if request.kind == cmd::READ {
+            upstream_length
+        } else {
+            0
+        };
+        let answer = self
+            .upstream
+            .exchange(&message, request.kind, request.handle, data_len)
+            .await;
+        if self.upstream.take_reconnected() {
+            self.cache.invalidate();
+        }
+        let mut reply = answer.header.encode().to_vec();
+        if request.kind == cmd::READ && answer.header.error == 0 {
+            reply.extend_from_slice(&self.cache.complete(request, decision, answer.data));
+        }
+        reply
+    }
+}
+
+/// Reads exactly `buf`; `Ok(false)` at EOF before the first byte.
+async fn read_exact_or_eof<S: AsyncRead + Unpin>(
+    down: &mut S,
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match down.read(&mut buf[got..]).await? {
+            0 if got == 0 => return Ok(false),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the client closed after {got} of {} bytes", buf.len()),
+                ))
+            }
+            n => got += n,
+        }
+    }
+    Ok(true)
+}
+
+/// Sends one message downstream under the plan's verdict for `step`; `Some`
+/// when the session must end.
+async fn send_message<S: AsyncWrite + AsyncRead + Unpin>(
+    down: &mut S,
+    faults: &Faults,
+    step: impl FnOnce() -> String,
+    message: &[u8],
+) -> Option<End> {
+    let mut owned;
+    let mut bytes = message;
+    match faults.at(step) {
+        Action::Pass => {}
+        Action::Drop => return None,
+        Action::Crash => faults::crash_now(),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        Action::Hang => return Some(hang(down).await),
+        Action::Corrupt => {
+            owned = message.to_vec();
+            faults::corrupt(&mut owned);
+            bytes = &owned;
+        }
+        Action::Truncate(n) => {
+            let _ = down.write_all(&message[..n.min(message.len())]).await;
+            return Some(End::Abnormal("message truncated (fault injection)".into()));
+        }
+        Action::Close => return Some(End::Abnormal("closed (fault injection)".into())),
+    }
+    match down.write_all(bytes).await {
+        Ok(()) => None,
+        Err(e) => Some(End::Abnormal(format!("writing to the client: {e}"))),
+    }
+}
+
+/// Serves nothing more: reads and discards until the client goes away.
+async fn hang<S: AsyncRead + Unpin>(down: &mut S) -> End {
+    let mut sink = vec![0u8; 64 * 1024];
+    loop {
+        match down.read(&mut sink).await {
+            Ok(0) | Err(_) => {
+                return End::Abnormal("hung until the client left (fault injection)".into())
+            }
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The proxy's upstream connection: connect, greeting, and one request at a
+//! time, replayed from its first byte on a new connection after any failure
+//! (spec 7.3).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::probe::Action;
+use crate::proto::{self, cmd, GreetingKind, SimpleReply};
+use crate::transport::Transport;
+use crate::{info, warn};
+
+use super::{Faults, CONNECT_TIMEOUT, COOL_DOWN};
+
+/// The upstream server as the proxy knows it.
+pub(crate) struct Upstream<T: Transport> {
+    transport: T,
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    /// Longest time in one upstream state (connect, greeting, write, read).
+    timeout: Duration,
+    stream: Option<T::Stream>,
+    /// Size and flags of the most recent greeting.
+    pub size: u64,
+    pub flags: u32,
+    /// Set by every successful (re)connection after the first; the session
+    /// takes it to invalidate the cache.
+    reconnected: bool,
+    faults: Faults,
+}
+
+/// A reply from upstream: the header, and the data of a successful READ.
+pub(crate) struct Reply {
+    pub header: SimpleReply,
+    pub data: Vec<u8>,
+}
+
+impl<T: Transport> Upstream<T> {
+    pub fn new(
+        transport: T,
+        addr: SocketAddr,
+        bind: Option<SocketAddr>,
+        timeout: Duration,
+        faults: Faults,
+    ) -> Upstream<T> {
+        Upstream {
+            transport,
+            addr,
+            bind,
+            timeout,
+            stream: None,
+            size: 0,
+            flags: 0,
+            reconnected: false,
+            faults,
+        }
+    }
+
+    /// True once after each reconnection.
+    pub fn take_reconnected(&mut self) -> bool {
+        std::mem::take(&mut self.reconnected)
+    }
+
+    /// The first connection, before the proxy listens: one attempt, with
+    /// `--bind` failures fatal.
+    pub async fn connect_initial(&mut self) -> Result<(), String> {
+        self.connect_once(true).await
+    }
+
+    /// One connection attempt and greeting.
+    async fn connect_once(&mut self, initial: bool) -> Result<(), String> {
+        let connect_timeout = CONNECT_TIMEOUT.min(self.timeout);
+        match self.faults.at(|| "connect".into()) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => {
+                tokio::time::sleep(connect_timeout).await;
+                return Err("connect timed out (fault injection)".into());
+            }
+            _ => return Err("connection refused (fault injection)".into()),
+        }
+        let mut stream = match self
+            .transport
+            .connect(self.addr, self.bind, connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            // On reconnects a bind failure is only logged (as the C proxy).
+            Err(e)
+                if !initial
+                    && self.bind.is_some()
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrNotAvailable | io::ErrorKind::AddrInUse
+                    ) =>
+            {
+                warn!(
+                    "cannot bind to {} for the upstream connection ({e}); connecting without it",
+                    self.bind.expect("checked")
+                );
+                self.transport
+                    .connect(self.addr, None, connect_timeout)
+                    .await
+                    .map_err(|e| format!("cannot connect to {}: {e}", self.addr))?
+            }
+            Err(e) => return Err(format!("cannot connect to {}: {e}", self.addr)),
+        };
+        let (size, flags) = match tokio::time::timeout(self.timeout, greeting(&mut stream)).await {
+            Err(_) => {
+                return Err(format!(
+                    "no greeting from {} within {} s",
+                    self.addr,
+                    self.timeout.as_secs()
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("bad greeting from {}: {e}", self.addr)),
+            Ok(Ok(export)) => export,
+        };
+        match self.faults.at(|| "greeting_received".into()) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => {
+                tokio::time::sleep(self.timeout).await;
+                return Err("greeting timed out (fault injection)".into());
+            }
+            _ => return Err("greeting rejected (fault injection)".into()),
+        }
+        if !initial && (size, flags) != (self.size, self.flags) {
+            // Oldstyle cannot renegotiate: the next session gets the new values.
+            warn!(
+                "upstream export changed from size {} flags {} to size {size} flags {flags}",
+                self.size, self.flags
+            );
+        }
+        self.size = size;
+        self.flags = flags;
+        self.stream = Some(stream);
+        if !initial {
+            self.reconnected = true;
+        }
+        info!(
+            "connected to upstream {} (size {size}, flags {flags})",
+            self.addr
+        );
+        Ok(())
+    }
+
+    /// Connects until it works: 3 s cool-down after each failed attempt.
+    async fn ensure_connected(&mut self) {
+        while self.stream.is_none() {
+            if let Err(e) = self.connect_once(false).await {
+                warn!("{e}; retrying in {} s", COOL_DOWN.as_secs());
+                tokio::time::sleep(COOL_DOWN).await;
+            }
+        }
+    }
+
+    /// Sends `request` (header and payload, exactly these bytes) and returns
+    /// the reply, reconnecting and sending it again from its first byte
+    /// after any upstream failure, for as long as it takes.
+    /// `data_len` is the data a successful reply carries (a READ's length).
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        kind: u16,
+        handle: u64,
+        data_len: u32,
+    ) -> Reply {
+        let mut failures = 0u32;
+        loop {
+            if failures >= 2 {
+                // The request failed again on a fresh connection: pause as
+                // after a failed connect, rather than hammer a server that
+                // keeps dropping it. The first retry is immediate.
+                tokio::time::sleep(COOL_DOWN).await;
+            }
+            self.ensure_connected().await;
+            match self.try_exchange(request, kind, handle, data_len).await {
+                Ok(reply) => return reply,
+                Err(e) => {
+                    failures += 1;
+                    warn!("upstream failed: {e}; reconnecting to resend the request");
+                    // Closing: dropping the stream closes the socket.
+                    self.stream = None;
+                }
+            }
+        }
+    }
+
+    async fn try_exchange(
+        &mut self,
+        request: &[u8],
+        kind: u16,
+        handle: u64,
+        data_len: u32,
+    ) -> Result<Reply, String> {
+        let timeout = self.timeout;
+        let faults = self.faults.clone();
+        let stream = self.stream.as_mut().expect("connected");
+        let mut corrupted;
+        let mut message = request;
+        let mut send = true;
+        match faults.at(|| format!("request_send.{}", cmd::name(kind))) {
+            Action::Pass => {}
+            // Not sent: the reply never comes and the timeout notices.
+            Action::Drop => send = false,
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            Action::Hang => {
+                tokio::time::sleep(timeout).await;
+                return Err(format!(
+                    "sending timed out after {} s (fault injection)",
+                    timeout.as_secs()
+                ));
+            }
+            Action::Corrupt => {
+                corrupted = request.to_vec();
+                faults::corrupt(&mut corrupted);
+                message = &corrupted;
+            }
+            Action::Truncate(n) => {
+                let _ = tokio::time::timeout(
+                    timeout,
+                    stream.write_all(&request[..n.min(request.len())]),
+                )
+                .await;
+                return Err("request truncated (fault injection)".into());
+            }
+            Action::Close => return Err("closed before sending (fault injection)".into()),
+        }
+        if send {
+            match tokio::time::timeout(timeout, stream.write_all(message)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "sending the request took longer than {} s",
+                        timeout.as_secs()
+                    ))
+                }
+                Ok(Err(e)) => return Err(format!("sending the request: {e}")),
+                Ok(Ok(())) => {}
+            }
+        }
+        let read = async {
+            let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+            stream.read_exact(&mut h).await?;
+            let header = SimpleReply::decode(&h);
+            let mut data = Vec::new();
+            // An error reply carries no data: forward it at once (the C proxy
+            // waited for data that never came).
+            if header.magic == proto::SIMPLE_REPLY_MAGIC && header.error == 0 && kind == cmd::READ {
+                data = vec![0u8; data_len as usize];
+                stream.read_exact(&mut data).await?;
+            }
+            Ok::<Reply, io::Error>(Reply { header, data })
+        };
+        let reply = match tokio::time::timeout(timeout, read).await {
+            Err(_) => return Err(format!("no reply within {} s", timeout.as_secs())),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err("the upstream server closed the connection".into())
+            }
+            Ok(Err(e)) => return Err(format!("reading the reply: {e}")),
+            Ok(Ok(reply)) => reply,
+        };
+        if reply.header.magic != proto::SIMPLE_REPLY_MAGIC {
+            return Err(format!("bad reply magic 0x{:08x}", reply.header.magic));
+        }
+        if reply.header.handle != handle {
+            // One request in flight: any other handle is a broken upstream.
+            return Err(format!(
+                "reply handle 0x{:016x} does not match the request's 0x{handle:016x}",
+                reply.header.handle
+            ));
+        }
+        match faults.at(|| format!("reply_received.{}", cmd::name(kind))) {
+            Action::Pass => {}
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => tokio::time::sleep(d).await,
+            // Ignored as if it never came: the upstream timeout expires.
+            Action::Drop | Action::Hang => {
+                tokio::time::sleep(timeout).await;
+                return Err(format!(
+                    "no reply within {} s (fault injection)",
+                    timeout.as_secs()
+                ));
+            }
+            Action::Corrupt => return Err("bad reply magic (fault injection)".into()),
+            Action::Close | Action::Truncate(_) => {
+                return Err("connection closed (fault injection)".into())
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// Reads a greeting; returns the size and the flags. An oldstyle greeting
+/// keeps all 32 flag bits (passed through unchanged); a newstyle server is
+/// negotiated with by [`crate::client::handshake`].
+async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(u64, u32), String> {
+    let mut start = [0u8; 16];
+    stream
+        .read_exact(&mut start)
+        .await
+        .map_err(|e| e.to_string())?;
+    match proto::greeting_kind(&start).map_err(|e| e.to_string())? {
+        GreetingKind::Oldstyle => {
+            let mut rest = [0u8; proto::OLDSTYLE_GREETING_LEN - 16];
+            stream
+                .read_exact(&mut rest)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(proto::oldstyle_rest(&rest))
+        }
+        GreetingKind::Newstyle => {
+            let mut replayed = Prefixed {
+                prefix: start,
+                at: 0,
+                inner: stream,
+            };
+            let export = crate::client::handshake(&mut replayed)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((export.size, u32::from(export.flags)))
+        }
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+struct Prefixed<'a, S> {
+    prefix: [u8; 16],
+    at: usize,
+    inner: &'a mut S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut *self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
