@@ -11,6 +11,7 @@ mod cli;
 mod control;
 mod fakes;
 mod interop;
+mod logging;
 mod matrix;
 mod migrate;
 mod newstyle;
