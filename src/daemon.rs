@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +19,7 @@ use crate::handoff::Destination;
 use crate::mirror::{self, FirstOutcome, Host, MirrorConfig, MirrorState, Outcome};
 use crate::probe::Probe;
 use crate::server::{self, Config, Shared};
+use crate::signals::Signals;
 use crate::status::Status;
 use crate::store::Image;
 use crate::transport::Transport;
@@ -365,33 +365,6 @@ async fn watch_outcome(
             _ = done.cancelled() => {}
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
-}
-
-/// The signals that stop a server.
-struct Signals {
-    term: Signal,
-    int: Signal,
-    quit: Signal,
-}
-
-impl Signals {
-    /// Installed before anything listens, so a signal that arrives as soon
-    /// as the port is ready is handled, never fatal.
-    fn install() -> std::io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            quit: signal(SignalKind::quit())?,
-        })
-    }
-
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-            _ = self.quit.recv() => "SIGQUIT",
         }
     }
 }

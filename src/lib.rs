@@ -12,6 +12,7 @@ pub mod probe;
 pub mod proto;
 pub mod proxy;
 pub mod server;
+pub mod signals;
 pub mod status;
 pub mod store;
 pub mod transport;

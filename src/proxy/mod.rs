@@ -54,10 +54,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::probe::{Action, PlanProbe};
 use crate::proto::{self, cmd, Request, SimpleReply};
+use crate::signals::Signals;
 use crate::transport::{Listener, Transport};
 use crate::{error, info, warn};
 
@@ -234,31 +234,6 @@ async fn bind<T: Transport>(
     }
 }
 
-/// The signals that stop the proxy.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            quit: signal(SignalKind::quit())?,
-        })
-    }
-
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-            _ = self.quit.recv() => "SIGQUIT",
-        }
-    }
-}
-
 /// Why a session ended.
 enum End {
     /// Logged at info: the client's own doing.
@@ -281,6 +256,30 @@ impl<T: Transport> Proxy<T> {
             End::Abnormal(why) => warn!("session with {peer} ended: {why}"),
         }
         // Dropping `down` closes the downstream socket; upstream stays.
+    }
+
+    /// The plan's verdict on a message just received from the client:
+    /// act on it (`true`), ignore it (`false`), or end the session.
+    async fn received<S: AsyncRead + Unpin>(
+        &self,
+        step: impl FnOnce() -> String,
+        what: &str,
+        down: &mut S,
+    ) -> Result<bool, End> {
+        match self.faults.at(step) {
+            Action::Pass => Ok(true),
+            Action::Drop => Ok(false),
+            Action::Crash => faults::crash_now(),
+            Action::Delay(d) => {
+                tokio::time::sleep(d).await;
+                Ok(true)
+            }
+            Action::Hang => Err(hang(down).await),
+            Action::Corrupt => Err(End::Abnormal("bad request magic (fault injection)".into())),
+            Action::Close | Action::Truncate(_) => Err(End::Abnormal(format!(
+                "closed on a {what} (fault injection)"
+            ))),
+        }
     }
 
     async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut S) -> End {
@@ -306,20 +305,13 @@ impl<T: Transport> Proxy<T> {
             }
             let request = Request::decode(&h);
             let name = cmd::name(request.kind);
-            let mut ignore = false;
-            match self.faults.at(|| format!("request_received.{name}")) {
-                Action::Pass => {}
-                Action::Crash => faults::crash_now(),
-                Action::Delay(d) => tokio::time::sleep(d).await,
-                Action::Hang => return hang(down).await,
-                Action::Drop => ignore = true,
-                Action::Corrupt => {
-                    return End::Abnormal("bad request magic (fault injection)".into())
-                }
-                Action::Close | Action::Truncate(_) => {
-                    return End::Abnormal("closed on a request (fault injection)".into())
-                }
-            }
+            let mut ignore = match self
+                .received(|| format!("request_received.{name}"), "request", down)
+                .await
+            {
+                Ok(act) => !act,
+                Err(end) => return end,
+            };
             if !request.magic_ok() {
                 return End::Abnormal(format!("bad request magic 0x{:08x}", request.magic));
             }
@@ -340,18 +332,12 @@ impl<T: Transport> Proxy<T> {
                 if let Err(e) = down.read_exact(&mut message[start..]).await {
                     return End::Abnormal(format!("reading a write's payload: {e}"));
                 }
-                match self.faults.at(|| format!("payload_received.{name}")) {
-                    Action::Pass => {}
-                    Action::Crash => faults::crash_now(),
-                    Action::Delay(d) => tokio::time::sleep(d).await,
-                    Action::Hang => return hang(down).await,
-                    Action::Drop => ignore = true,
-                    Action::Corrupt => {
-                        return End::Abnormal("bad request magic (fault injection)".into())
-                    }
-                    Action::Close | Action::Truncate(_) => {
-                        return End::Abnormal("closed on a payload (fault injection)".into())
-                    }
+                match self
+                    .received(|| format!("payload_received.{name}"), "payload", down)
+                    .await
+                {
+                    Ok(act) => ignore |= !act,
+                    Err(end) => return end,
                 }
             }
             if ignore {
