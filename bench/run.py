@@ -40,7 +40,16 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_DIR = os.path.join(REPO, "target", "bench")
-FLEXNBD = os.path.join(TARGET_DIR, "release", "flexnbd")
+def _host_triple():
+    try:
+        out = subprocess.run(["rustc", "-vV"], stdout=subprocess.PIPE, text=True, timeout=60).stdout
+        return next(l.split(": ", 1)[1] for l in out.splitlines() if l.startswith("host: "))
+    except Exception:
+        return "x86_64-unknown-linux-gnu"
+
+
+# scripts/build-release builds for an explicit target (static glibc).
+FLEXNBD = os.path.join(TARGET_DIR, _host_triple(), "release", "flexnbd")
 HOST = "127.0.0.1"
 GIB = 1 << 30
 MIB = 1 << 20
@@ -906,9 +915,15 @@ def ensure_peers():
 
 
 def build():
-    log(f"building flexnbd (release) into {TARGET_DIR}")
+    """The release build operators get: scripts/build-release (static glibc)."""
+    global FLEXNBD
+    log(f"building flexnbd (release, scripts/build-release) into {TARGET_DIR}")
     env = dict(os.environ, CARGO_TARGET_DIR=TARGET_DIR)
-    subprocess.run(["cargo", "build", "--release"], cwd=REPO, env=env, check=True, timeout=1800)
+    out = subprocess.run([os.path.join(REPO, "scripts", "build-release")], cwd=REPO, env=env, check=True,
+                         timeout=1800, stdout=subprocess.PIPE, text=True)
+    FLEXNBD = os.path.join(out.stdout.strip().splitlines()[-1], "flexnbd")
+    if not os.path.isabs(FLEXNBD):
+        FLEXNBD = os.path.join(REPO, FLEXNBD)
     if not os.access(FLEXNBD, os.X_OK):
         raise RuntimeError(f"no binary at {FLEXNBD}")
 
@@ -1233,7 +1248,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append(f"- memory: {info['mem_gib']} GiB; kernel {info['kernel']}")
     L.append(f"- load average at start: {info['loadavg_start']} (a shared machine: other builds and tests "
              "ran concurrently, so absolute numbers are noisy; compare ratios)")
-    L.append(f"- flexnbd: commit {info['flexnbd_commit']}, `cargo build --release` "
+    L.append(f"- flexnbd: commit {info['flexnbd_commit']}, `scripts/build-release` (static glibc) "
              f"({info['versions']['rustc']})")
     for k in ("qemu-nbd", "nbdkit", "nbd-server", "nbdcopy", "qemu-img", "fio"):
         L.append(f"- {k}: {info['versions'][k]}")
@@ -1285,7 +1300,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("")
     L.append("```sh")
     L.append("# build")
-    L.append("CARGO_TARGET_DIR=target/bench cargo build --release")
+    L.append("CARGO_TARGET_DIR=target/bench scripts/build-release   # cargo build --release, static glibc")
     L.append("# image: 512 MiB of random data, then a 512 MiB hole; and a 1 TiB sparse file for start-up")
     L.append("head -c 512M /dev/urandom > image.raw && truncate -s 1G image.raw   # (done in Python)")
     L.append("truncate -s 1T sparse-1tib.raw")
