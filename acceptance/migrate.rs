@@ -995,3 +995,37 @@ fn a_status_storm_during_the_hand_off_causes_no_hang_and_a_completed_migration()
     assert!(bad.is_empty(), "status requests went wrong: {bad:?}");
     assert_same_files(&src_file, &dest_file);
 }
+
+#[test]
+fn mirror_wait_on_a_terminal_causes_a_progress_bar() {
+    // `script` gives the command a real pseudo-terminal, as an operator's
+    // shell would: the progress is a redrawn bar (`\r[###   ] 42.0% ...`),
+    // not lines, and the outcome still ends the output.
+    let dir = TempDir::new("mig-wait-tty");
+    let src_file = sixteen_mib_source(&dir);
+    let dest_file = dir.sparse_file("dest.img", 16 * MIB);
+    let mut src = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, 0, None);
+    let command = format!(
+        "{BIN} mirror -s {} -l 127.0.0.1 -p {} --wait -m 4000000",
+        src.sock.display(),
+        dest.port()
+    );
+    let o = run_tool(
+        "script",
+        &["-qec", &command, "/dev/null"],
+        Duration::from_secs(30),
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("Mirror started"), "{text}");
+    assert!(
+        text.contains("\r["),
+        "a redrawn bar on a terminal:\n{text:?}"
+    );
+    assert!(text.contains('%') && text.contains("copying"), "{text:?}");
+    assert!(text.trim_end().ends_with("migration complete"), "{text:?}");
+    assert_exit(&mut src.server, 0, "source");
+    assert_exit(&mut dest, 0, "destination");
+    assert_same_files(&src_file, &dest_file);
+}
