@@ -61,17 +61,6 @@ pub fn newstyle_greeting(c: &mut RawClient) -> u16 {
     u16::from_be_bytes([g[16], g[17]])
 }
 
-pub fn send_option(c: &mut RawClient, option: u32, data: &[u8]) {
-    let mut b = OptionHeader {
-        option,
-        length: data.len() as u32,
-    }
-    .encode()
-    .to_vec();
-    b.extend_from_slice(data);
-    c.send(&b);
-}
-
 pub fn option_reply(c: &mut RawClient) -> (OptionReplyHeader, Vec<u8>) {
     let h = c.read_exact(20);
     let h = OptionReplyHeader::decode(h.as_slice().try_into().unwrap())

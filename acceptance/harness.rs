@@ -456,3 +456,31 @@ pub fn server_args(mode: &str, file: &Path, sock: Option<&Path>, extra: &[&str])
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
+
+/// Runs `flexnbd mirror -s SOCK -l 127.0.0.1 -p PORT EXTRA...` within `limit`.
+pub fn run_mirror(sock: &Path, port: u16, extra: &[&str], limit: Duration) -> Output {
+    let port = port.to_string();
+    let mut args = vec![
+        "mirror",
+        "-s",
+        sock.to_str().unwrap(),
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    run_tool(BIN, &args, limit)
+}
+
+/// Sends one newstyle option: its header and `data`.
+pub fn send_option(c: &mut RawClient, option: u32, data: &[u8]) {
+    let mut b = proto::OptionHeader {
+        option,
+        length: data.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(data);
+    c.send(&b);
+}

@@ -97,20 +97,7 @@ pub(crate) fn source_in(dir: TempDir, file: PathBuf, env: &[(&str, &str)]) -> So
 
 /// `flexnbd mirror -s SOCK -l 127.0.0.1 -p PORT [-u]`.
 pub(crate) fn mirror(sock: &Path, port: u16, unlink: bool) -> Output {
-    let port = port.to_string();
-    let mut args = vec![
-        "mirror",
-        "-s",
-        sock.to_str().unwrap(),
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port,
-    ];
-    if unlink {
-        args.push("-u");
-    }
-    run_tool(BIN, &args, MIRROR_LIMIT)
+    run_mirror(sock, port, if unlink { &["-u"] } else { &[] }, MIRROR_LIMIT)
 }
 
 pub(crate) fn assert_mirror_started(o: &Output) {

@@ -97,18 +97,7 @@ fn err(o: &Output) -> String {
 
 /// `flexnbd mirror -s SOCK -l 127.0.0.1 -p PORT EXTRA...`
 fn mirror(sock: &Path, port: u16, extra: &[&str]) -> Output {
-    let port = port.to_string();
-    let mut args = vec![
-        "mirror",
-        "-s",
-        sock.to_str().unwrap(),
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port,
-    ];
-    args.extend_from_slice(extra);
-    flexnbd(&args)
+    run_mirror(sock, port, extra, Duration::from_secs(40))
 }
 
 /// A mirror that must start.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use crate::harness::*;
 use flexnbd::proto::{
     self, chunk, cmd, cmd_flags, errno, flags, info, opt, rep, ChunkHeader, InfoRequest,
-    MetaContextRequest, OptionHeader, OptionReplyHeader,
+    MetaContextRequest, OptionReplyHeader,
 };
 
 const KIB: u64 = 1024;
@@ -75,17 +75,6 @@ fn greet(c: &mut RawClient, client_flags: u32) {
         proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES
     );
     c.send(&client_flags.to_be_bytes());
-}
-
-fn send_option(c: &mut RawClient, option: u32, data: &[u8]) {
-    let mut b = OptionHeader {
-        option,
-        length: data.len() as u32,
-    }
-    .encode()
-    .to_vec();
-    b.extend_from_slice(data);
-    c.send(&b);
 }
 
 /// Reads one option reply, checks its magic and that it answers `option`,
