@@ -129,6 +129,7 @@ pub async fn connect<T: Transport>(
     match fault("connect") {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => tokio::time::sleep(d).await,
         Action::Hang => {
             tokio::time::sleep(CONNECT_TIMEOUT).await;
@@ -147,6 +148,7 @@ pub async fn connect<T: Transport>(
     match fault("greeting_received") {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => tokio::time::sleep(d).await,
         Action::Hang => return Err(ClientError::GreetingTimeout),
         Action::Corrupt => return Err(ClientError::Greeting(HandshakeError::BadMagic(0))),
@@ -191,6 +193,7 @@ async fn send_part<S: AsyncWrite + Unpin>(
         Action::Pass => {}
         Action::Drop => return Ok(()),
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => tokio::time::sleep(d).await,
         Action::Hang => {
             tokio::time::sleep(REPLY_TIMEOUT).await;
@@ -363,6 +366,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
     match fault(&format!("reply_received.{}", cmd::name(kind))) {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => tokio::time::sleep(d).await,
         Action::Corrupt => reply.magic = !reply.magic,
         // An ignored or stalled reply is, to this client, no reply.
@@ -506,6 +510,7 @@ where
         Action::Corrupt => pump(input, stream, length, what, true).await?,
         Action::Drop => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => {
             tokio::time::sleep(d).await;
             pump(input, stream, length, what, false).await?;

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod handoff;
 pub mod mirror;
+pub mod power;
 pub mod probe;
 pub mod proto;
 pub mod proxy;

@@ -189,6 +189,8 @@ pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
             std::thread::sleep(d.min(Duration::from_secs(3600)));
             Ok(())
         }
+        Some(StoreFault::Crash) => faults::crash_now(),
+        Some(StoreFault::PowerCut(loss)) => crate::power::cut(loss),
         Some(f) => Err(f
             .io_error()
             .unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))),

@@ -42,6 +42,47 @@ pub enum Action {
     /// Kill the whole process at once, like SIGKILL: nothing is cleaned up
     /// and nothing that is not already durable is flushed.
     Crash,
+    /// Lose what a power cut may lose (image ranges written since the last
+    /// successful fdatasync, marker and directory changes not yet fsynced),
+    /// then die like [`Action::Crash`]. See `fixtures/faults/README.md`.
+    PowerCut(PowerLoss),
+}
+
+/// Which of the writes a power cut may lose are lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PowerLoss {
+    /// One of the three below, drawn from the plan's seed.
+    #[default]
+    Seeded,
+    /// Every write not yet durable reverts.
+    All,
+    /// Nothing reverts (the disk happened to write everything back).
+    Nothing,
+    /// A torn subset: each 512-byte sector not yet durable reverts or not,
+    /// drawn from the plan's seed.
+    Torn,
+}
+
+impl PowerLoss {
+    /// The spelling in a plan's argument: `all`, `none`, `torn` (and nothing
+    /// for [`PowerLoss::Seeded`]).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            PowerLoss::Seeded => None,
+            PowerLoss::All => Some("all"),
+            PowerLoss::Nothing => Some("none"),
+            PowerLoss::Torn => Some("torn"),
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<PowerLoss> {
+        match name {
+            "all" => Some(PowerLoss::All),
+            "none" => Some(PowerLoss::Nothing),
+            "torn" => Some(PowerLoss::Torn),
+            _ => None,
+        }
+    }
 }
 
 impl Action {

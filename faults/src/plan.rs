@@ -15,17 +15,21 @@
 //! P      := DIGITS ['.' DIGITS]             0 <= P <= 100
 //! CNT    := DIGITS                          CNT >= 1
 //! ACTION := 'pass' | 'drop' | 'close' | 'truncate' '(' BYTES ')' | 'hang'
-//!         | 'delay' '(' MS ')' | 'corrupt' | 'crash'            network keys
-//!         | 'pass' | 'eio' | 'enospc' | 'slow' '(' MS ')'      store.* keys
+//!         | 'delay' '(' MS ')' | 'corrupt'                      network keys
+//!         | 'eio' | 'enospc' | 'slow' '(' MS ')'               store.* keys
+//!         | 'crash' | 'powercut' ['(' LOSS ')']                 every key
+//! LOSS   := 'all' | 'none' | 'torn'                 default: drawn from the seed
 //! ```
 //!
 //! Whitespace (spaces, tabs, newlines) is allowed around every token, but not
 //! inside one (`reply_send.write`, `->`, `12.5` are single tokens).
 //!
-//! `truncate`, `delay` and `slow` require their argument; the other actions
-//! take none. `eio`, `enospc` and `slow` are only valid for `store.*` keys;
-//! `drop`, `close`, `truncate`, `hang`, `delay`, `corrupt` and `crash` are
-//! only valid for the other sides. `pass` is valid everywhere.
+//! `truncate`, `delay` and `slow` require their argument; `powercut` takes an
+//! optional one; the other actions take none. `eio`, `enospc` and `slow` are
+//! only valid for `store.*` keys; `drop`, `close`, `truncate`, `hang`,
+//! `delay` and `corrupt` are only valid for the other sides. `pass`, `crash`
+//! and `powercut` are valid everywhere (on a store key they act before the
+//! operation).
 //!
 //! # Semantics
 //!
@@ -64,7 +68,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::Action;
+use crate::{Action, PowerLoss};
 
 /// The environment variable [`FaultPlan::from_env`] reads.
 pub const ENV_VAR: &str = "FLEXNBD_FAULTS";
@@ -74,8 +78,8 @@ pub const SIDES: &[&str] = &["server", "mirror", "client", "proxy", "control", "
 
 /// Action names, as listed in error messages.
 pub const ACTIONS: &[&str] = &[
-    "pass", "drop", "close", "truncate", "hang", "delay", "corrupt", "crash", "eio", "enospc",
-    "slow",
+    "pass", "drop", "close", "truncate", "hang", "delay", "corrupt", "crash", "powercut", "eio",
+    "enospc", "slow",
 ];
 
 /// The NBD command names a `<cmd>` placeholder in [`KNOWN_STEPS`] stands for.
@@ -96,7 +100,10 @@ pub const COMMANDS: &[&str] = &[
 pub const CONTROL_COMMANDS: &[&str] = &["acl", "mirror", "mirror_speed", "break", "status"];
 
 /// The steps of the store (`store.<step>` keys).
-pub const STORE_STEPS: &[&str] = &["read", "write", "sync"];
+/// `read`, `write` and `sync` are the image's; `marker` is a rewrite or
+/// removal of a migration destination's `.INCOMPLETE` marker, `unlink` the
+/// source's `--unlink` of its image.
+pub const STORE_STEPS: &[&str] = &["read", "write", "sync", "marker", "unlink"];
 
 /// The protocol steps announced on connections (keys of the `server`,
 /// `mirror`, `client` and `proxy` sides), for documentation and warnings.
@@ -105,13 +112,16 @@ pub const STORE_STEPS: &[&str] = &["read", "write", "sync"];
 /// Server side (NBD server, and the destination of a migration): `accept`,
 /// `greeting_send`, `option_received.<n>`, `option_reply_send.<n>`,
 /// `request_received.<cmd>`, `payload_received.<cmd>`, `reply_send.<cmd>`,
-/// `entrust_received`, `entrust_reply_send`, `disconnect_received`.
+/// `entrust_received`, `entrust_reply_send`, `disconnect_received`,
+/// `disconnect_done` (a destination that completed a migration, just before
+/// it exits).
 ///
 /// Client side (the mirror, i.e. the source of a migration, and the
 /// read/write commands): `connect`, `greeting_received`, `option_send.<n>`,
 /// `option_reply_received.<n>`, `request_send.<cmd>`, `payload_send.<cmd>`,
 /// `reply_received.<cmd>`, `entrust_send`, `entrust_reply_received`,
-/// `disconnect_send`.
+/// `disconnect_send`, `disconnect_sent` (the source after its DISCONNECT went
+/// out, just before it exits).
 pub const KNOWN_STEPS: &[&str] = &[
     "accept",
     "greeting_send",
@@ -123,6 +133,7 @@ pub const KNOWN_STEPS: &[&str] = &[
     "entrust_received",
     "entrust_reply_send",
     "disconnect_received",
+    "disconnect_done",
     "connect",
     "greeting_received",
     "option_send.<n>",
@@ -133,6 +144,7 @@ pub const KNOWN_STEPS: &[&str] = &[
     "entrust_send",
     "entrust_reply_received",
     "disconnect_send",
+    "disconnect_sent",
 ];
 
 /// Whether `step` is a step the code is known to announce for `side`
@@ -181,6 +193,10 @@ pub enum StoreFault {
     Enospc,
     /// Wait this long, then carry on.
     Slow(Duration),
+    /// Kill the process like SIGKILL before the operation.
+    Crash,
+    /// Lose what a power cut may lose, then die (before the operation).
+    PowerCut(PowerLoss),
 }
 
 impl StoreFault {
@@ -192,7 +208,7 @@ impl StoreFault {
         match self {
             StoreFault::Eio => Some(std::io::Error::from_raw_os_error(EIO)),
             StoreFault::Enospc => Some(std::io::Error::from_raw_os_error(ENOSPC)),
-            StoreFault::Slow(_) => None,
+            StoreFault::Slow(_) | StoreFault::Crash | StoreFault::PowerCut(_) => None,
         }
     }
 }
@@ -203,6 +219,8 @@ impl fmt::Display for StoreFault {
             StoreFault::Eio => f.write_str("eio"),
             StoreFault::Enospc => f.write_str("enospc"),
             StoreFault::Slow(d) => write!(f, "slow({})", d.as_millis()),
+            StoreFault::Crash => f.write_str("crash"),
+            StoreFault::PowerCut(loss) => fmt_powercut(*loss, f),
         }
     }
 }
@@ -220,7 +238,15 @@ impl fmt::Display for Action {
             Action::Delay(d) => write!(f, "delay({})", d.as_millis()),
             Action::Corrupt => f.write_str("corrupt"),
             Action::Crash => f.write_str("crash"),
+            Action::PowerCut(loss) => fmt_powercut(*loss, f),
         }
+    }
+}
+
+fn fmt_powercut(loss: PowerLoss, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match loss.name() {
+        None => f.write_str("powercut"),
+        Some(n) => write!(f, "powercut({n})"),
     }
 }
 
@@ -766,6 +792,10 @@ impl fmt::Display for PlanError {
             ),
             MissingArgument(a) => write!(f, "expected '(' and an argument after \"{a}\", e.g. {a}(100)"),
             UnexpectedArgument(a) => write!(f, "action \"{a}\" takes no argument, got '('"),
+            BadArgument { action: "powercut", got } => write!(
+                f,
+                "expected all, none or torn as the argument of \"powercut\", got \"{got}\""
+            ),
             BadArgument { action, got } => write!(
                 f,
                 "expected a non-negative integer as the argument of \"{action}\", got \"{got}\""
@@ -1054,6 +1084,35 @@ impl<'a> Parser<'a> {
         };
         let takes_arg = matches!(name, "truncate" | "delay" | "slow");
         let paren = self.pos;
+        let is_store_key = key.side == Side::Store;
+        if name == "powercut" {
+            // An optional word: which of the losable writes are lost.
+            let loss = if self.eat("(") {
+                let (arg_pos, arg) = self.word();
+                let Some(loss) = PowerLoss::from_name(arg) else {
+                    let got = if arg.is_empty() {
+                        self.describe_here()
+                    } else {
+                        arg.to_string()
+                    };
+                    return self.err(arg_pos, PlanErrorKind::BadArgument { action: name, got });
+                };
+                self.expect(")", "')' after the argument")?;
+                loss
+            } else {
+                PowerLoss::Seeded
+            };
+            let action = if is_store_key {
+                Fault::Store(StoreFault::PowerCut(loss))
+            } else {
+                Fault::Net(Action::PowerCut(loss))
+            };
+            return Ok(Term {
+                percent,
+                count,
+                action: Some(action),
+            });
+        }
         let arg = if self.eat("(") {
             if !takes_arg {
                 self.skip_ws();
@@ -1074,13 +1133,14 @@ impl<'a> Parser<'a> {
             None
         };
         let needs = |this: &Self| this.err(pos + word.len(), PlanErrorKind::MissingArgument(name));
-        let is_store_key = key.side == Side::Store;
         let action = match name {
             "pass" => None,
             "drop" => Some(Fault::Net(Action::Drop)),
             "close" => Some(Fault::Net(Action::Close)),
             "hang" => Some(Fault::Net(Action::Hang)),
             "corrupt" => Some(Fault::Net(Action::Corrupt)),
+            // Crash is meaningful on both kinds of key.
+            "crash" if is_store_key => Some(Fault::Store(StoreFault::Crash)),
             "crash" => Some(Fault::Net(Action::Crash)),
             "truncate" => match arg {
                 Some(n) => match usize::try_from(n) {
@@ -1171,6 +1231,44 @@ mod tests {
         assert!(p.is_empty());
         assert_eq!(p.seed(), 5);
         assert!(p.seed_given());
+    }
+
+    #[test]
+    fn powercut_is_valid_on_every_side_with_an_optional_loss() {
+        let cases = [
+            (
+                "server.disconnect_done=powercut",
+                Fault::Net(Action::PowerCut(PowerLoss::Seeded)),
+            ),
+            (
+                "mirror.entrust_send=powercut(all)",
+                Fault::Net(Action::PowerCut(PowerLoss::All)),
+            ),
+            (
+                "store.sync=powercut(none)",
+                Fault::Store(StoreFault::PowerCut(PowerLoss::Nothing)),
+            ),
+            (
+                "store.marker=powercut( torn )",
+                Fault::Store(StoreFault::PowerCut(PowerLoss::Torn)),
+            ),
+            ("store.unlink=crash", Fault::Store(StoreFault::Crash)),
+        ];
+        for (text, want) in cases {
+            let p = plan(text);
+            let (side, step) = text.split_once('=').unwrap().0.split_once('.').unwrap();
+            let d = p.decide(side, step);
+            assert_eq!(d.fault, Some(want), "{text}");
+            // The fired line spells the action back as the plan does.
+            let action = text.split_once('=').unwrap().1.replace(' ', "");
+            assert!(
+                d.line().unwrap().ends_with(&format!("-> {action}")),
+                "{text}"
+            );
+        }
+        let e = FaultPlan::parse("server.accept=powercut(half)").unwrap_err();
+        assert!(e.to_string().contains("expected all, none or torn"), "{e}");
+        assert!(FaultPlan::parse("server.accept=powercut(").is_err());
     }
 
     #[test]
@@ -1304,7 +1402,7 @@ mod tests {
         assert_eq!(e.kind, PlanErrorKind::UnknownAction("clos".into()));
         assert_eq!(
             e.to_string(),
-            "fault plan: at byte 24: expected an action name (pass, drop, close, truncate, hang, delay, corrupt, crash, eio, enospc, slow), got \"clos\""
+            "fault plan: at byte 24: expected an action name (pass, drop, close, truncate, hang, delay, corrupt, crash, powercut, eio, enospc, slow), got \"clos\""
         );
     }
 

@@ -241,6 +241,7 @@ async fn handle<C: Controlled>(
                 match target.control_step(command) {
                     Action::Pass => {}
                     Action::Crash => faults::crash_now(),
+                    Action::PowerCut(loss) => crate::power::cut(loss),
                     Action::Delay(d) => tokio::time::sleep(d).await,
                     Action::Hang => {
                         tokio::time::sleep(REQUEST_TIMEOUT).await;

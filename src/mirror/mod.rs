@@ -366,6 +366,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     match probe.step(Step::MirrorConnect) {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
         Action::Hang => {
             or_cancel(cancel, tokio::time::sleep(CONNECT_TIMEOUT)).await?;
@@ -417,6 +418,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     match probe.step(Step::MirrorGreetingReceived) {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
         Action::Hang => {
             or_cancel(cancel, tokio::time::sleep(HELLO_TIMEOUT)).await?;

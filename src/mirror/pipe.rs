@@ -189,6 +189,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 Ok(Some(Cow::Owned(m)))
             }
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Hang => {
                 // Stalled: the no-progress limit is what ends it.
                 tokio::time::sleep(self.limit).await;
@@ -378,6 +379,7 @@ async fn read_replies<S: Stream, P: Probe>(
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Corrupt => return shared.fail(PipeError::BadMagic(!reply.magic)),
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Hang => {
                 tokio::time::sleep(limit).await;
                 return shared.fail(PipeError::Timeout(limit.as_secs_f64()));

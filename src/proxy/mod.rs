@@ -270,6 +270,7 @@ impl<T: Transport> Proxy<T> {
             Action::Pass => Ok(true),
             Action::Drop => Ok(false),
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => {
                 tokio::time::sleep(d).await;
                 Ok(true)
@@ -286,6 +287,7 @@ impl<T: Transport> Proxy<T> {
         match self.faults.at(|| "accept".into()) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Hang => return hang(down).await,
             _ => return End::Abnormal("closed at accept (fault injection)".into()),
@@ -425,6 +427,7 @@ async fn send_message<S: AsyncWrite + AsyncRead + Unpin>(
         Action::Pass => {}
         Action::Drop => return None,
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Delay(d) => tokio::time::sleep(d).await,
         Action::Hang => return Some(hang(down).await),
         Action::Corrupt => {

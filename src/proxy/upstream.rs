@@ -78,6 +78,7 @@ impl<T: Transport> Upstream<T> {
         match self.faults.at(|| "connect".into()) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Hang => {
                 tokio::time::sleep(connect_timeout).await;
@@ -125,6 +126,7 @@ impl<T: Transport> Upstream<T> {
         match self.faults.at(|| "greeting_received".into()) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Hang => {
                 tokio::time::sleep(self.timeout).await;
@@ -212,6 +214,7 @@ impl<T: Transport> Upstream<T> {
             // Not sent: the reply never comes and the timeout notices.
             Action::Drop => send = false,
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Hang => {
                 tokio::time::sleep(timeout).await;
@@ -281,6 +284,7 @@ impl<T: Transport> Upstream<T> {
         match faults.at(|| format!("reply_received.{}", cmd::name(kind))) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             // Ignored as if it never came: the upstream timeout expires.
             Action::Drop | Action::Hang => {

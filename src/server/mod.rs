@@ -235,6 +235,7 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         match shared.probe.step(Step::Accept) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => tokio::time::sleep(d).await,
             Action::Hang => {
                 // Accepted but never answered: the peer's own timeout ends it.

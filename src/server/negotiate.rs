@@ -84,6 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
                 ))
             }
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
         }
         self.stream.write_all(&out).await?;
         Ok(())
@@ -141,6 +142,7 @@ where
     match probe.step(Step::GreetingSend) {
         Action::Pass => {}
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
         Action::Close => return Err(NegotiateError::FaultClosed(Step::GreetingSend.name())),
         Action::Delay(d) => tokio::time::sleep(d).await,
         _ => {}
@@ -188,6 +190,7 @@ where
         match probe.step(Step::OptionReceived { option }) {
             Action::Pass => {}
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Close => {
                 return Err(NegotiateError::FaultClosed(
                     Step::OptionReceived { option }.name(),

@@ -83,6 +83,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
                 Action::Pass | Action::Drop => {}
                 Action::Close => return Err(ConnError::FaultClosed(Step::GreetingSend.name())),
                 Action::Crash => faults::crash_now(),
+                Action::PowerCut(loss) => crate::power::cut(loss),
                 Action::Delay(d) => tokio::time::sleep(d).await,
                 Action::Hang => {
                     hang_until_closed(&mut stream, &stop).await;
@@ -269,6 +270,7 @@ where
             Action::Pass => Ok(true),
             Action::Drop => Ok(false),
             Action::Crash => faults::crash_now(),
+            Action::PowerCut(loss) => crate::power::cut(loss),
             Action::Delay(d) => {
                 tokio::time::sleep(d).await;
                 Ok(true)
@@ -750,6 +752,7 @@ async fn finish<W: AsyncWrite + Unpin>(
             Err(ConnError::Hang("reply_send".into()))
         }
         Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
     }
 }
 
