@@ -41,6 +41,14 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
+/// Removes the source image for `--unlink`, durably: the unlink, then an
+/// fsync of its directory, so a power cut cannot bring the file back after
+/// the destination was told to take over.
+pub fn unlink_durably(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    sync_parent(path)
+}
+
 /// The marker's fields, written as `key=value` lines a person can read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Marker {

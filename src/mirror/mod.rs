@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
-use crate::handoff::sync_parent;
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, cmd, errno};
 use crate::status::MigrationStatus;
@@ -586,7 +585,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     host.close_server().await;
     if config.action == MirrorAction::Unlink {
         let path = image.path().to_owned();
-        if let Err(e) = std::fs::remove_file(&path).and_then(|()| sync_parent(&path)) {
+        if let Err(e) = crate::handoff::unlink_durably(&path) {
             // The source stays canonical (table row 1): do not hand off.
             return Ok(Outcome::DisconnectFailed(format!(
                 "cannot unlink {}: {e}",
