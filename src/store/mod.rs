@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use map::{AllocationMap, BLOCK_SIZE};
@@ -52,8 +52,12 @@ pub struct Image {
     scan_done: AtomicBool,
     /// Blocks changed since the mirror last took them (only while tracking).
     dirty: AllocationMap,
-    /// Number of set bits in `dirty`.
-    dirty_blocks: AtomicU64,
+    /// The number of set bits in `dirty`, kept by construction: whoever
+    /// flips bits adds (or subtracts) exactly the number it flipped, and
+    /// nothing ever overwrites the counter. Between a setter's flip and its
+    /// add a concurrent clear can subtract first, so the value may be briefly
+    /// negative; it is exact whenever no update is in flight.
+    dirty_blocks: AtomicI64,
     /// On while a migration attempt runs.
     tracking: AtomicBool,
     /// Set on a migration destination: large writes start their writeback at
@@ -132,7 +136,7 @@ impl Image {
             scan_stop: AtomicBool::new(false),
             scan_done: AtomicBool::new(false),
             dirty: AllocationMap::new(size),
-            dirty_blocks: AtomicU64::new(0),
+            dirty_blocks: AtomicI64::new(0),
             tracking: AtomicBool::new(false),
             faults: std::sync::OnceLock::new(),
             eager_writeback: AtomicBool::new(false),
@@ -333,7 +337,7 @@ impl Image {
             let first = offset / BLOCK_SIZE;
             let end = (offset + length).div_ceil(BLOCK_SIZE);
             let newly = self.dirty.set_blocks_counting(first, end);
-            self.dirty_blocks.fetch_add(newly, Ordering::AcqRel);
+            self.dirty_blocks.fetch_add(newly as i64, Ordering::AcqRel);
         }
     }
 
@@ -341,9 +345,12 @@ impl Image {
     /// slate (the attempt's sweep sends everything anyway).
     pub fn start_tracking(&self) {
         self.tracking.store(true, Ordering::Release);
-        self.dirty.clear_blocks_counting(0, self.dirty.blocks());
-        // Approximate by design: only status output reads it.
-        self.dirty_blocks.store(0, Ordering::Release);
+        // Subtract what was cleared rather than resetting the counter: a
+        // write marking blocks at the same time adds its own count, and a
+        // reset could erase it (or make a later subtraction underflow).
+        let cleared = self.dirty.clear_blocks_counting(0, self.dirty.blocks());
+        self.dirty_blocks
+            .fetch_sub(cleared as i64, Ordering::AcqRel);
     }
 
     pub fn stop_tracking(&self) {
@@ -352,7 +359,13 @@ impl Image {
 
     /// Bytes changed and not yet taken by the mirror (block granularity).
     pub fn dirty_bytes(&self) -> u64 {
-        (self.dirty_blocks.load(Ordering::Acquire) * BLOCK_SIZE).min(self.size)
+        // Clamped: the counter can be transiently negative or, by the same
+        // reordering, above the true count; never beyond the map.
+        let blocks = self
+            .dirty_blocks
+            .load(Ordering::Acquire)
+            .clamp(0, self.dirty.blocks() as i64) as u64;
+        blocks.saturating_mul(BLOCK_SIZE).min(self.size)
     }
 
     /// Forgets changes inside a range the mirror is about to read and send
@@ -366,7 +379,8 @@ impl Image {
         };
         if first < end {
             let cleared = self.dirty.clear_blocks_counting(first, end);
-            self.dirty_blocks.fetch_sub(cleared, Ordering::AcqRel);
+            self.dirty_blocks
+                .fetch_sub(cleared as i64, Ordering::AcqRel);
         }
     }
 
@@ -384,7 +398,7 @@ impl Image {
                 continue;
             }
             self.dirty_blocks
-                .fetch_sub(u64::from(bits.count_ones()), Ordering::AcqRel);
+                .fetch_sub(i64::from(bits.count_ones()), Ordering::AcqRel);
             let mut rest = bits;
             while rest != 0 {
                 let first = rest.trailing_zeros() as u64;
@@ -646,6 +660,66 @@ mod tests {
             assert!(e.iter().all(|x| x.0 > 0));
         }
         writer.join().unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+        /// Writers mark blocks while the mirror clears, takes and restarts
+        /// tracking, all at once: `dirty_bytes` never panics (debug builds
+        /// check overflow) and stays within the export, and once every thread
+        /// is done it equals the number of set bits exactly.
+        #[test]
+        fn dirty_count_is_exact_under_concurrent_updates(
+            seeds in proptest::collection::vec(proptest::prelude::any::<u64>(), 3),
+            rounds in 5_000usize..20_000,
+        ) {
+            const BLOCKS: u64 = 512;
+            let (_, img) = temp_image(BLOCKS * BLOCK_SIZE);
+            img.start_tracking();
+            let mut threads = Vec::new();
+            // Every thread starts at once, so their updates really overlap.
+            let start = Arc::new(std::sync::Barrier::new(seeds.len()));
+            for (role, seed) in seeds.into_iter().enumerate() {
+                let img = img.clone();
+                let start = start.clone();
+                threads.push(std::thread::spawn(move || {
+                    start.wait();
+                    let mut x = seed | 1;
+                    let mut next = move || {
+                        // xorshift: cheap, deterministic per seed.
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
+                    for _ in 0..rounds {
+                        let first = next() % BLOCKS;
+                        let len = 1 + next() % 80;
+                        let offset = first * BLOCK_SIZE + next() % BLOCK_SIZE;
+                        let bytes = len * BLOCK_SIZE;
+                        match (role, next() % 8) {
+                            (0, _) | (1, 0..=3) => img.mark_dirty(offset, bytes),
+                            (1, _) => img.clear_dirty(offset, bytes),
+                            (_, 0..=1) => img.start_tracking(),
+                            (_, 1..=4) => {
+                                img.take_dirty(next() % (BLOCKS * BLOCK_SIZE), 64 * BLOCK_SIZE);
+                            }
+                            _ => {}
+                        }
+                        assert!(img.dirty_bytes() <= img.size());
+                    }
+                }));
+            }
+            for t in threads {
+                t.join().expect("no thread panicked");
+            }
+            let counted = img.dirty_bytes();
+            let mut set = 0u64;
+            for index in 0..img.dirty.word_count() {
+                set += u64::from(img.dirty.take_word(index).count_ones());
+            }
+            proptest::prop_assert_eq!(counted, (set * BLOCK_SIZE).min(img.size()));
+        }
     }
 
     #[test]
