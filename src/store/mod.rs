@@ -701,7 +701,7 @@ mod tests {
                             (0, _) | (1, 0..=3) => img.mark_dirty(offset, bytes),
                             (1, _) => img.clear_dirty(offset, bytes),
                             (_, 0..=1) => img.start_tracking(),
-                            (_, 1..=4) => {
+                            (_, 2..=4) => {
                                 img.take_dirty(next() % (BLOCKS * BLOCK_SIZE), 64 * BLOCK_SIZE);
                             }
                             _ => {}
