@@ -2,9 +2,12 @@
 //! `.INCOMPLETE` marker, and the verdict table that tells a person which copy
 //! of a disk is canonical after any failure.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::probe::StoreStep;
+use crate::store::files;
 
 /// What the marker says about the destination image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,18 +37,15 @@ pub fn marker_path(image: &Path) -> PathBuf {
 /// Fsyncs the directory holding `path`, so a create, rename or unlink in it
 /// is durable.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
+    files::ops().sync_dir(files::parent_dir(path))
 }
 
 /// Removes the source image for `--unlink`, durably: the unlink, then an
 /// fsync of its directory, so a power cut cannot bring the file back after
 /// the destination was told to take over.
 pub fn unlink_durably(path: &Path) -> io::Result<()> {
-    fs::remove_file(path)?;
+    files::fault(StoreStep::Unlink)?;
+    files::ops().remove(path)?;
     sync_parent(path)
 }
 
@@ -91,16 +91,10 @@ impl Marker {
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
+        files::fault(StoreStep::Marker)?;
+        let ops = files::ops();
+        ops.write_file(&tmp, self.render().as_bytes(), true)?;
+        ops.rename(&tmp, &path)?;
         sync_parent(&path)
     }
 }
@@ -133,7 +127,8 @@ pub fn read_marker_state(image: &Path) -> io::Result<Option<MarkerState>> {
 /// Removes the marker durably (after the image itself is durable).
 pub fn remove_marker(image: &Path) -> io::Result<()> {
     let path = marker_path(image);
-    match fs::remove_file(&path) {
+    files::fault(StoreStep::Marker)?;
+    match files::ops().remove(&path) {
         Ok(()) => sync_parent(&path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

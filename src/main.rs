@@ -347,7 +347,12 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         None => runtime.block_on(daemon::run(Tcp, role, options, Arc::new(Quiet))),
         Some(plan) => {
             let probe = Arc::new(PlanProbe::new(plan));
-            options.image.set_faults(probe.clone());
+            options.image.set_faults(probe.clone()).map_err(|e| {
+                failure(format!(
+                    "cannot record {} for power-loss faults: {e}",
+                    options.image.path().display()
+                ))
+            })?;
             runtime.block_on(daemon::run(Tcp, role, options, probe))
         }
     }

@@ -107,6 +107,10 @@ pub enum StoreStep {
     Read,
     Write,
     Sync,
+    /// A rewrite or removal of a destination's `.INCOMPLETE` marker.
+    Marker,
+    /// The source's `--unlink` of its image.
+    Unlink,
 }
 
 impl StoreStep {
@@ -115,6 +119,8 @@ impl StoreStep {
             StoreStep::Read => "read",
             StoreStep::Write => "write",
             StoreStep::Sync => "sync",
+            StoreStep::Marker => "marker",
+            StoreStep::Unlink => "unlink",
         }
     }
 }

@@ -567,6 +567,20 @@ impl FaultPlan {
         self.entries.is_empty()
     }
 
+    /// Whether any entry can cut power: the process must then record what a
+    /// power cut would lose (which costs a read before every write).
+    pub fn can_cut_power(&self) -> bool {
+        self.entries.iter().any(|e| {
+            e.chain.iter().any(|t| {
+                matches!(
+                    t.action,
+                    Some(Fault::Net(Action::PowerCut(_)))
+                        | Some(Fault::Store(StoreFault::PowerCut(_)))
+                )
+            })
+        })
+    }
+
     /// The seed driving the probability rolls: the plan's `seed=N`, or one
     /// picked from the time and pid. Print it so a run can be reproduced.
     pub fn seed(&self) -> u64 {
@@ -1266,6 +1280,9 @@ mod tests {
                 "{text}"
             );
         }
+        assert!(plan("server.accept=close->powercut").can_cut_power());
+        assert!(plan("store.sync#2=50%powercut(all)").can_cut_power());
+        assert!(!plan("server.accept=crash; store.sync=eio").can_cut_power());
         let e = FaultPlan::parse("server.accept=powercut(half)").unwrap_err();
         assert!(e.to_string().contains("expected all, none or torn"), "{e}");
         assert!(FaultPlan::parse("server.accept=powercut(").is_err());

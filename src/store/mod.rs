@@ -1,15 +1,18 @@
 //! Where bytes live: the image file, its holes and its durability.
 
+pub mod backend;
+pub mod files;
 pub mod map;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
+pub use backend::{FileStore, ImageStore};
 pub use map::{AllocationMap, BLOCK_SIZE};
 
 /// Writes are applied in pieces of at most this many bytes, so memory per
@@ -32,7 +35,11 @@ pub enum OpenError {
 
 /// An image file served as an export.
 pub struct Image {
-    file: File,
+    /// The image file, through the storage seam.
+    disk: FileStore,
+    /// With a fault plan that can cut power: the store that records what a
+    /// power cut would lose, in front of `disk`. Unset in production.
+    recorder: std::sync::OnceLock<Arc<crate::power::ImageRecorder>>,
     path: PathBuf,
     /// The export size: the file size rounded down to a multiple of 512,
     /// measured once at start-up.
@@ -126,7 +133,8 @@ impl Image {
         };
         let size = full - full % 512;
         Ok(Image {
-            file,
+            disk: FileStore::new(file),
+            recorder: std::sync::OnceLock::new(),
             path: path.to_owned(),
             size,
             trailing: full - size,
@@ -165,9 +173,27 @@ impl Image {
         self.eager_writeback.store(on, Ordering::Relaxed);
     }
 
-    /// Lets a fault plan fail or slow down reads, writes and syncs.
-    pub fn set_faults(&self, probe: Arc<crate::probe::PlanProbe>) {
+    /// Lets a fault plan fail or slow down reads, writes and syncs (and the
+    /// marker and unlink operations). A plan that can cut power also starts
+    /// recording what a power cut would lose. Call it before serving.
+    pub fn set_faults(&self, probe: Arc<crate::probe::PlanProbe>) -> io::Result<()> {
+        if probe.plan().can_cut_power() && self.recorder.get().is_none() {
+            let power = crate::power::install(probe.plan().seed());
+            let recorder = power.record_image(self.disk.file().try_clone()?, &self.path)?;
+            let _ = self.recorder.set(recorder);
+        }
+        files::set_faults(probe.clone());
         let _ = self.faults.set(probe);
+        Ok(())
+    }
+
+    /// The store every operation goes through.
+    #[inline]
+    fn io(&self) -> &dyn ImageStore {
+        match self.recorder.get() {
+            None => &self.disk,
+            Some(recorder) => recorder.as_ref(),
+        }
     }
 
     #[inline]
@@ -181,7 +207,7 @@ impl Image {
     /// Fills `buf` from `offset`. The caller has range-checked the request.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.store_fault(crate::probe::StoreStep::Read)?;
-        self.file.read_exact_at(buf, offset)
+        self.io().read_at(buf, offset)
     }
 
     /// Writes `data` at `offset`, keeping holes: an all-zero 4 KiB piece
@@ -194,15 +220,7 @@ impl Image {
         self.store_fault(crate::probe::StoreStep::Write)?;
         self.store_write(data, offset)?;
         if data.len() >= EAGER_WRITEBACK_MIN && self.eager_writeback.load(Ordering::Relaxed) {
-            // Only starts the I/O; errors surface at the next sync.
-            unsafe {
-                libc::sync_file_range(
-                    self.file.as_raw_fd(),
-                    offset as libc::off64_t,
-                    data.len() as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            self.io().start_writeback(offset, data.len() as u64);
         }
         // After the data landed: the mirror clears a bit and then reads, so
         // marking afterwards means it can never read the old data last.
@@ -217,7 +235,7 @@ impl Image {
             // The scan may already have passed this region: record the whole
             // range so it is not missed. No zero-skipping without a map.
             map.set_bytes(offset, data.len() as u64);
-            return self.file.write_all_at(data, offset);
+            return self.io().write_at(data, offset);
         }
         // Walk the range in runs of blocks sharing an allocation state.
         let end = offset + data.len() as u64;
@@ -244,7 +262,7 @@ impl Image {
                 let piece = &data[(pos - offset) as usize..(piece_end - offset) as usize];
                 if is_zero(piece) {
                     if let Some(start) = pending.take() {
-                        self.file.write_all_at(
+                        self.io().write_at(
                             &data[(start - offset) as usize..(pos - offset) as usize],
                             start,
                         )?;
@@ -259,8 +277,8 @@ impl Image {
             }
         }
         if let Some(start) = pending {
-            self.file
-                .write_all_at(&data[(start - offset) as usize..], start)?;
+            self.io()
+                .write_at(&data[(start - offset) as usize..], start)?;
         }
         Ok(())
     }
@@ -280,21 +298,15 @@ impl Image {
     fn store_punch(&self, offset: u64, length: u64, must_zero: bool) -> io::Result<()> {
         if self.can_punch.load(Ordering::Relaxed) {
             let _exclusive = self.punch_lock.write().unwrap_or_else(|p| p.into_inner());
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    length as libc::off_t,
-                )
-            };
-            if rc == 0 {
-                if self.map.is_built() {
-                    self.map.clear_bytes(offset, length, self.size);
+            let err = match self.io().punch_hole(offset, length) {
+                Ok(()) => {
+                    if self.map.is_built() {
+                        self.map.clear_bytes(offset, length, self.size);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
+                Err(err) => err,
+            };
             match err.raw_os_error() {
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
                     self.can_punch.store(false, Ordering::Relaxed)
@@ -325,7 +337,7 @@ impl Image {
         let end = offset + length;
         while pos < end {
             let n = ((end - pos) as usize).min(zeros.len());
-            self.file.write_all_at(&zeros[..n], pos)?;
+            self.io().write_at(&zeros[..n], pos)?;
             pos += n as u64;
         }
         Ok(())
@@ -442,28 +454,12 @@ impl Image {
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         self.store_fault(crate::probe::StoreStep::Sync)?;
-        if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.io().sync_data()
     }
 
     /// Hints that the range will be read soon.
     pub fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
-        let rc = unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                length as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+        self.io().will_need(offset, length)
     }
 
     /// Asks a running map scan to stop.
@@ -546,6 +542,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn temp_image(size: u64) -> (PathBuf, Arc<Image>) {
         let dir = std::env::temp_dir().join(format!(
