@@ -709,7 +709,7 @@ mod tests {
             if synced {
                 files.sync_dir(&dir).unwrap();
             }
-            let report = model.lose(PowerLoss::All, &mut SplitMix(1), &[r.clone()]);
+            let report = model.lose(PowerLoss::All, &mut SplitMix(1), std::slice::from_ref(&r));
             assert_eq!(path.exists(), !synced, "{report:?}");
             if !synced {
                 let back = fs::read(&path).unwrap();
