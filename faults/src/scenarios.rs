@@ -237,6 +237,43 @@ pub const SCENARIOS: &[Scenario] = &[
         simulates: "a slow disk flush (500 ms per sync)",
         must_happen: "flush and FUA writes complete late but correctly; no timeout fires below the configured limit",
     },
+    // --- power loss --------------------------------------------------------
+    Scenario {
+        name: "powercut_after_write_payload",
+        plan: "server.payload_received.write#5=powercut",
+        simulates: "the destination machine loses power in the middle of the copy (seeded: every unsynced write lost, none, or a torn subset of sectors)",
+        must_happen: "the marker still says receiving; the restarted destination is sent everything again; the source keeps serving and owns the image",
+    },
+    Scenario {
+        name: "powercut_before_entrust_sync",
+        plan: "store.sync#1=powercut(all)",
+        simulates: "the destination loses power while the entrust is being made durable, before its fdatasync",
+        must_happen: "every write since the last sync is lost and the marker says receiving; the source got no entrust reply, so it keeps the image and retries",
+    },
+    Scenario {
+        name: "powercut_after_disconnect_received",
+        plan: "server.disconnect_received=powercut(all)",
+        simulates: "the destination loses power right after the source handed off and unlinked its copy",
+        must_happen: "the marker survives as entrusted and the destination image holds every acknowledged write (both were made durable before the entrust reply)",
+    },
+    Scenario {
+        name: "powercut_after_disconnect_done",
+        plan: "server.disconnect_done=powercut(all)",
+        simulates: "the destination loses power just after completing the migration",
+        must_happen: "the marker's removal and the image are durable: the destination is complete and canonical",
+    },
+    Scenario {
+        name: "powercut_after_disconnect_sent",
+        plan: "mirror.disconnect_sent=powercut(all)",
+        simulates: "the source loses power after the hand-off, with --unlink",
+        must_happen: "the unlink was made durable before the disconnect went out: the source image does not come back",
+    },
+    Scenario {
+        name: "powercut_before_fua_reply",
+        plan: "server.reply_send.write#2=powercut(all)",
+        simulates: "a server loses power while clients write",
+        must_happen: "every write acknowledged with FUA, or before a completed FLUSH, is in the image afterwards",
+    },
     // --- control socket --------------------------------------------------
     Scenario {
         name: "close_after_control_status",
