@@ -153,6 +153,9 @@ class Server:
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
         if self.kind == "flexnbd-oldstyle":
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "oldstyle"]
+        if self.kind == "flexnbd-preseam":
+            # The build from before the storage seam (SEAM_BASE), same flags.
+            return [FLEXNBD_PRESEAM, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
         if self.kind == "flexnbd-faultplan":
             # A fault plan that never fires (nothing here sends TRIM): every
             # protocol step goes through the plan's decision instead of the
@@ -894,7 +897,18 @@ WORKLOADS = [
     # that never fires (every step is looked up in the plan).
     ("faultcost", "Fault seams: fio 4 KiB randread with no fault plan vs an inert plan (ratio = no plan / plan)",
      w_randread, ["flexnbd", "flexnbd-faultplan"], "iops", "IOPS", True),
+    # The cost of the storage seam (every image read, write and sync goes
+    # through `ImageStore`): this build against the build from just before
+    # the seam, on the two workloads that touch the store the most.
+    ("seamread", "Storage seam: fio 4 KiB randread, this build vs the build before the seam (ratio = this / before)",
+     w_randread, ["flexnbd", "flexnbd-preseam"], "iops", "IOPS", True),
+    ("seamwrite", "Storage seam: fio 4 KiB randwrite, this build vs the build before the seam (ratio = this / before)",
+     w_randwrite, ["flexnbd", "flexnbd-preseam"], "iops", "IOPS", True),
 ]
+# The last commit before the storage seam (src/store/backend.rs).
+SEAM_BASE = "e298d77"
+SEAM_ROWS = ("seamread", "seamwrite")
+FLEXNBD_PRESEAM = None
 # Peak RSS comes from the nbdcopy runs.
 RSS = ("rss", "Peak RSS while serving the nbdcopy workload (max VmHWM over the server's processes)",
        WITH_OLD, "rss_mib", "MiB", False)
@@ -926,6 +940,30 @@ def build():
         FLEXNBD = os.path.join(REPO, FLEXNBD)
     if not os.access(FLEXNBD, os.X_OK):
         raise RuntimeError(f"no binary at {FLEXNBD}")
+
+
+def build_preseam():
+    """The release build of SEAM_BASE, from a temporary worktree, with the same
+    script and flags as ours (its own target directory)."""
+    global FLEXNBD_PRESEAM
+    tree = os.path.join(REPO, "target", "bench-preseam-src")
+    subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
+    subprocess.run(["git", "worktree", "add", "--detach", tree, SEAM_BASE], cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        log(f"building the pre-seam flexnbd ({SEAM_BASE}) for the storage-seam rows")
+        env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(REPO, "target", "bench-preseam"))
+        out = subprocess.run([os.path.join(tree, "scripts", "build-release")], cwd=tree, env=env, check=True,
+                             timeout=1800, stdout=subprocess.PIPE, text=True)
+        built = os.path.join(out.stdout.strip().splitlines()[-1], "flexnbd")
+        if not os.path.isabs(built):
+            built = os.path.join(tree, built)
+        # Keep the binary outside the worktree, which is removed below.
+        FLEXNBD_PRESEAM = os.path.join(REPO, "target", "bench-preseam", "flexnbd-preseam")
+        shutil.copy2(built, FLEXNBD_PRESEAM)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
 
 
 def make_images(workdir):
@@ -1260,8 +1298,8 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("| workload | flexnbd median | vs qemu-nbd | vs nbdkit | vs nbd-server |")
     L.append("|---|---|---|---|---|")
     for name, title, servers, metric, unit, hib in rows:
-        if name == "faultcost":
-            continue  # not a peer comparison; its own section says no plan / inert plan
+        if name == "faultcost" or name in SEAM_ROWS:
+            continue  # not a peer comparison; its own section says what it compares
         src = "nbdcopy" if name == "rss" else name
         ours = med(series(results, src, "flexnbd", metric))
         cells = [fmt_ratio(ratio(ours, med(series(results, src, p, metric)), hib)) for p in PEERS]
@@ -1286,7 +1324,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
             m = med(vals)
             line = (f"| {kind} | {fmt(m, unit)} | {fmt(min(vals) if vals else None, unit)} | "
                     f"{fmt(max(vals) if vals else None, unit)} | {len(vals)} | ")
-            compared = kind == "flexnbd-faultplan" or not kind.startswith("flexnbd")
+            compared = kind in ("flexnbd-faultplan", "flexnbd-preseam") or not kind.startswith("flexnbd")
             line += fmt_ratio(ratio(ours, m, hib)) if compared else "—"
             line += " |"
             if "flexnbd-oldstyle" in servers:
@@ -1424,6 +1462,8 @@ def main():
         ensure_peers()
     if not args.skip_build:
         build()
+    if not only or only & set(SEAM_ROWS):
+        build_preseam()
     info = machine_info()
     ctx.workdir = tempfile.mkdtemp(prefix="flexnbd-bench-", dir="/var/tmp")
     results, failures = {}, []
