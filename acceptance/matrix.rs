@@ -6,8 +6,9 @@
 //! Each scenario runs a real `flexnbd listen` (destination, on a sparse file)
 //! and a real `flexnbd serve` (source, a small image with data and holes),
 //! one or two client threads writing 4 KiB blocks through the source on
-//! persistent raw connections (every acknowledged write is recorded), and
-//! `flexnbd mirror`. The fault plan goes to the process that announces the
+//! persistent raw connections (every acknowledged write is recorded; about
+//! one request in eight is a FUA write and one in ten a FLUSH, and the
+//! writers record which writes those made durable), and `flexnbd mirror`. The fault plan goes to the process that announces the
 //! step (`server.*` to `listen`, `mirror.*` to `serve`). The test then acts as
 //! a supervisor would: a destination killed by a `crash` fault is restarted
 //! on the same port and file without faults; the source is given a bounded
@@ -18,7 +19,13 @@
 //!    absent + marker receiving", and in the row the fault predicts;
 //! 2. `flexnbd resolve` names the same copy (exit status 10/11/12);
 //! 3. that copy holds every acknowledged write and the image's untouched data
-//!    (a block whose last write was cut off unacknowledged may hold either);
+//!    (a block whose last write was cut off unacknowledged may hold either).
+//!    A destination named canonical (verdict 11 or 12) is held to this even
+//!    after its own power cut: entrust made everything durable. A source
+//!    that lost its power is held to its durable writes only: each 512-byte
+//!    sector must hold the block's last FUA write or the last write
+//!    acknowledged before a completed FLUSH (or the initial data), or a
+//!    write sent after it;
 //! 4. the fault's `fault fired:` line is in the right process's log (every
 //!    occurrence chosen here is always reached; a fault that silently did not
 //!    fire fails the scenario);
@@ -29,6 +36,11 @@
 //!    the source file (without `--unlink`) or to the expected image (with it).
 //!
 //! Which actions make sense where (the generation rule):
+//! * everywhere a `crash` runs, a power cut runs too, three times:
+//!   `powercut(all)` (everything not yet durable is lost), `powercut(none)`
+//!   (nothing is) and `powercut(torn)` (a seeded subset of sectors); each
+//!   must also log the model's `power cut (...)` report, so a power cut that
+//!   did not happen fails the scenario;
 //! * steps without a message of their own (`server.accept`, `mirror.connect`):
 //!   close, crash, hang, delay;
 //! * steps that receive a message (`*_received`, `request_received.*`,
@@ -50,7 +62,9 @@
 //! first attempt fail after `Mirror started`, so the second connection is a
 //! retry.
 //!
-//! What each fault must lead to (the expectation rule):
+//! What each fault must lead to (the expectation rule; a power cut is a
+//! crash here, and a destination that lost its power is restarted like a
+//! crashed one):
 //! * a `mirror.*` crash kills the source: the source file stays canonical,
 //!   except after the unlink (`mirror.disconnect_send`, with `--unlink`),
 //!   where the destination is `entrusted`;
@@ -359,7 +373,16 @@ enum Act {
     Delay(u64),
     Truncate(u32),
     Corrupt,
+    /// A power cut: `all`, `none` or `torn` (what is not yet durable).
+    PowerCut(&'static str),
 }
+
+/// The three ways a power cut may go, each run wherever `crash` runs.
+const POWER_LOSSES: [Act; 3] = [
+    Act::PowerCut("all"),
+    Act::PowerCut("none"),
+    Act::PowerCut("torn"),
+];
 
 impl Act {
     fn text(self) -> String {
@@ -371,13 +394,21 @@ impl Act {
             Act::Delay(ms) => format!("delay({ms})"),
             Act::Truncate(n) => format!("truncate({n})"),
             Act::Corrupt => "corrupt".into(),
+            Act::PowerCut(loss) => format!("powercut({loss})"),
         }
+    }
+
+    /// Whether the process that meets this action dies (crash or power cut).
+    fn kills(self) -> bool {
+        matches!(self, Act::Crash | Act::PowerCut(_))
     }
 }
 
 /// The actions that make sense at a step (see the module comment).
 fn actions_for(carries: Carries) -> Vec<Act> {
     let mut v = vec![Act::Close, Act::Crash, Act::Hang, Act::Delay(DELAY_MS)];
+    // Wherever a crash can happen, so can a power cut.
+    v.extend(POWER_LOSSES);
     match carries {
         Carries::Nothing => {}
         Carries::Received => v.push(Act::Drop),
@@ -427,7 +458,7 @@ struct Scenario {
 }
 
 fn classify(spec: &StepSpec, occurrence: u32, act: Act, unlink: bool) -> Expect {
-    if spec.side == Side::Source && act == Act::Crash {
+    if spec.side == Side::Source && act.kills() {
         let entrusted = matches!(
             spec.key,
             "mirror.entrust_reply_received" | "mirror.disconnect_send"
@@ -473,6 +504,10 @@ fn matrix(side: Side) -> Vec<Scenario> {
                     let entry = format!("seed={}; {key}={}", seed % 1_000_000, act.text());
                     let mut must_fire =
                         vec![(side, format!("fault fired: {key} -> {}", act.text()))];
+                    if let Act::PowerCut(loss) = act {
+                        // The model's own report: the loss really happened.
+                        must_fire.push((side, format!("power cut ({loss}): ")));
+                    }
                     let (mut dest_plan, source_plan) = match side {
                         Side::Dest => (entry, String::new()),
                         Side::Source => (String::new(), entry),
@@ -560,6 +595,10 @@ fn run_all(label: &str, mut scenarios: Vec<Scenario>) -> Vec<Outcome> {
     scenarios.sort_by_key(|s| s.settle);
     let started = Instant::now();
     let total = scenarios.len();
+    let with_power_loss = scenarios
+        .iter()
+        .filter(|s| s.dest_plan.contains("powercut") || s.source_plan.contains("powercut"))
+        .count();
     let queue = Arc::new(Mutex::new(
         scenarios.into_iter().enumerate().collect::<Vec<_>>(),
     ));
@@ -606,7 +645,7 @@ fn run_all(label: &str, mut scenarios: Vec<Scenario>) -> Vec<Outcome> {
         })
         .collect();
     println!(
-        "matrix {label}: {total} scenarios, {} failed, {:.1} s",
+        "matrix {label}: {total} scenarios ({with_power_loss} with power loss), {} failed, {:.1} s",
         failures.len(),
         started.elapsed().as_secs_f64()
     );
@@ -675,11 +714,21 @@ struct BlockLog {
     acked: Option<u64>,
     /// Writes sent since then whose reply never came: each may have landed.
     unsure: Vec<u64>,
+    /// The last write known durable: acknowledged with FUA, or acknowledged
+    /// before a FLUSH that completed. `None`: the initial content (synced
+    /// before the test began).
+    durable: Option<u64>,
+    /// Every write sent after `durable`, acknowledged or not: after a power
+    /// cut each sector may hold any of these or the durable content.
+    since_durable: Vec<u64>,
 }
 
 #[derive(Default)]
 struct WriterStats {
     acked: AtomicU64,
+    /// FUA writes acknowledged (also counted in `acked`).
+    fua: AtomicU64,
+    flushes: AtomicU64,
     connects: AtomicU64,
     error_replies: AtomicU64,
     foreign: AtomicBool,
@@ -810,13 +859,27 @@ fn writer(
             continue;
         }
         seq += 1;
-        let data = block_data(tag, seq);
         let handle = (tag << 20) ^ seq;
-        logs.entry(block).or_default().unsure.push(seq);
-        let mut msg = Request::new(proto::cmd::WRITE, 0, handle, block * BLOCK, BLOCK as u32)
-            .encode()
-            .to_vec();
-        msg.extend_from_slice(&data);
+        // About one request in ten is a FLUSH and one in eight a FUA write,
+        // so a power cut on the source has writes it must keep (durable)
+        // beside writes it may lose.
+        let (kind, flags) = match (rng >> 32) % 40 {
+            0..=3 => (proto::cmd::FLUSH, 0),
+            4..=8 => (proto::cmd::WRITE, proto::cmd_flags::FUA),
+            _ => (proto::cmd::WRITE, 0),
+        };
+        let msg = if kind == proto::cmd::FLUSH {
+            Request::new(kind, 0, handle, 0, 0).encode().to_vec()
+        } else {
+            let log = logs.entry(block).or_default();
+            log.unsure.push(seq);
+            log.since_durable.push(seq);
+            let mut msg = Request::new(kind, flags, handle, block * BLOCK, BLOCK as u32)
+                .encode()
+                .to_vec();
+            msg.extend_from_slice(&block_data(tag, seq));
+            msg
+        };
         let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
         let ok = c.write_all(&msg).is_ok() && c.read_exact(&mut reply).is_ok();
         if !ok {
@@ -829,10 +892,27 @@ fn writer(
             conn = None;
             continue;
         }
-        let log = logs.get_mut(&block).unwrap();
-        log.acked = Some(seq);
-        log.unsure.clear();
-        stats.acked.fetch_add(1, Ordering::Relaxed);
+        if kind == proto::cmd::FLUSH {
+            // Every write acknowledged before the FLUSH was sent is durable
+            // now; one whose reply never came may or may not have landed.
+            for log in logs.values_mut() {
+                if log.acked.is_some() {
+                    log.durable = log.acked;
+                    log.since_durable = log.unsure.clone();
+                }
+            }
+            stats.flushes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let log = logs.get_mut(&block).unwrap();
+            log.acked = Some(seq);
+            log.unsure.clear();
+            if flags & proto::cmd_flags::FUA != 0 {
+                log.durable = Some(seq);
+                log.since_durable.clear();
+                stats.fua.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+        }
         if !pace.is_zero() {
             thread::sleep(pace);
         }
@@ -867,14 +947,29 @@ fn write_initial(path: &Path, image: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// What the oracle may accept of a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Promise {
+    /// Every acknowledged write (a crash, or a destination's verdict).
+    Acknowledged,
+    /// Only durable writes (FUA, or before a completed FLUSH): the copy's
+    /// process lost its power, so each 512-byte sector may hold the durable
+    /// content or any write sent after it.
+    Durable,
+}
+
 /// Checks that `actual` is the initial image with, for every written block,
-/// its last acknowledged write (or one of the unacknowledged ones after it).
+/// what `promise` keeps of its writes.
 fn check_model(
     what: &str,
     actual: &[u8],
     initial: &[u8],
     logs: &HashMap<u64, (u64, BlockLog)>,
+    promise: Promise,
 ) -> Result<(), String> {
+    if promise == Promise::Durable {
+        return check_durable(what, actual, initial, logs);
+    }
     if actual.len() != initial.len() {
         return Err(format!(
             "{what}: size {} instead of {}",
@@ -925,6 +1020,65 @@ fn check_model(
         problems.truncate(12);
         Err(format!(
             "{what} does not hold what was acknowledged ({n} bad blocks):\n    {}",
+            problems.join("\n    ")
+        ))
+    }
+}
+
+/// The power-cut oracle: per 512-byte sector, the block's durable content
+/// (its last FUA or flushed write, or the initial data) or any write sent
+/// after it. A sector holding an older write, zeros over data, or anything
+/// else is a durable write lost.
+fn check_durable(
+    what: &str,
+    actual: &[u8],
+    initial: &[u8],
+    logs: &HashMap<u64, (u64, BlockLog)>,
+) -> Result<(), String> {
+    const SECTOR: usize = 512;
+    if actual.len() != initial.len() {
+        return Err(format!(
+            "{what}: size {} instead of {}",
+            actual.len(),
+            initial.len()
+        ));
+    }
+    let mut problems = Vec::new();
+    for b in 0..(initial.len() as u64 / BLOCK) {
+        let range = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
+        let got = &actual[range.clone()];
+        let mut versions: Vec<Vec<u8>> = Vec::new();
+        let log = logs.get(&b);
+        match log {
+            Some((tag, log)) => {
+                versions.push(match log.durable {
+                    Some(seq) => block_data(*tag, seq),
+                    None => initial[range.clone()].to_vec(),
+                });
+                versions.extend(log.since_durable.iter().map(|&s| block_data(*tag, s)));
+            }
+            None => versions.push(initial[range.clone()].to_vec()),
+        }
+        for (i, sector) in got.chunks(SECTOR).enumerate() {
+            let at = i * SECTOR..(i + 1) * SECTOR;
+            if !versions.iter().any(|v| v[at.clone()] == *sector) {
+                problems.push(format!(
+                    "block {b} (offset {}) sector {i}: not the durable write nor a later one (durable {:?}, later {:?})",
+                    b * BLOCK,
+                    log.map(|(_, l)| l.durable),
+                    log.map(|(_, l)| l.since_durable.len())
+                ));
+                break;
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let n = problems.len();
+        problems.truncate(12);
+        Err(format!(
+            "{what} lost durable writes after its power cut ({n} bad blocks):\n    {}",
             problems.join("\n    ")
         ))
     }
@@ -1237,14 +1391,32 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         ));
     }
 
-    // (3) the named copy holds every acknowledged write.
-    let named: Option<(&str, &[u8])> = match verdict {
-        "source" => src_bytes.as_deref().map(|b| ("the source file", b)),
-        "destination" | "destination-entrusted" => Some(("the destination file", &dst_bytes[..])),
+    // (3) the named copy holds every acknowledged write; a source that lost
+    // its power, every durable one (FUA, or before a completed FLUSH). A
+    // destination named canonical is held to every acknowledged write
+    // whatever happened to its power: entrust made them durable.
+    let source_power_cut = source_log.contains("power cut (");
+    let named: Option<(&str, &[u8], Promise)> = match verdict {
+        "source" => src_bytes.as_deref().map(|b| {
+            (
+                "the source file",
+                b,
+                if source_power_cut {
+                    Promise::Durable
+                } else {
+                    Promise::Acknowledged
+                },
+            )
+        }),
+        "destination" | "destination-entrusted" => Some((
+            "the destination file",
+            &dst_bytes[..],
+            Promise::Acknowledged,
+        )),
         _ => None,
     };
-    if let Some((what, bytes)) = named {
-        if let Err(e) = check_model(what, bytes, &initial, &logs) {
+    if let Some((what, bytes, promise)) = named {
+        if let Err(e) = check_model(what, bytes, &initial, &logs, promise) {
             failures.push(e);
         }
     }
@@ -1257,6 +1429,20 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         || (marker_state.is_none() && !src_exists);
     if dest_must_be_whole {
         match &src_bytes {
+            // The source lost its power after handing off: its file reverted
+            // what it had not made durable, while the destination holds
+            // everything acknowledged before the cut-off.
+            Some(_) if source_power_cut => {
+                if let Err(e) = check_model(
+                    "the destination file",
+                    &dst_bytes,
+                    &initial,
+                    &logs,
+                    Promise::Acknowledged,
+                ) {
+                    failures.push(e);
+                }
+            }
             Some(sb) if !source_was_running || !dest_was_running => {
                 if *sb != dst_bytes {
                     let first = sb
@@ -1272,7 +1458,13 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
             }
             Some(_) => {}
             None => {
-                if let Err(e) = check_model("the destination file", &dst_bytes, &initial, &logs) {
+                if let Err(e) = check_model(
+                    "the destination file",
+                    &dst_bytes,
+                    &initial,
+                    &logs,
+                    Promise::Acknowledged,
+                ) {
                     failures.push(e);
                 }
             }
@@ -1322,7 +1514,15 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
             ));
         }
     }
-    let dest_crash_expected = s.dest_plan.contains("crash");
+    let dest_crash_expected = s.dest_plan.contains("crash") || s.dest_plan.contains("powercut");
+    for log in std::iter::once(&source_log).chain(dest_logs.iter()) {
+        if log.contains("installed late") {
+            failures.push(
+                "the power-loss model was installed late: marker and unlink changes went unrecorded"
+                    .into(),
+            );
+        }
+    }
     if restarts > 0 && !dest_crash_expected {
         failures.push("the destination died without a crash fault".into());
     }
@@ -1422,9 +1622,11 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
     let mut report = describe(s);
     let _ = write!(
         report,
-        "\n  mirror: exit {mirror_code}: {}\n  acked writes: {} ({} at mirror), writer connections: {}\n  source exit {source_code}{}; destination exits {dest_codes:?}{}\n  seen: source file {}, marker {:?} -> verdict {verdict}; resolve: {}\n  notes: {notes:?}\n  FAILURES:\n    {}",
+        "\n  mirror: exit {mirror_code}: {}\n  acked writes: {} ({} FUA; {} flushes; {} at mirror), writer connections: {}\n  source exit {source_code}{}; destination exits {dest_codes:?}{}\n  seen: source file {}, marker {:?} -> verdict {verdict}; resolve: {}\n  notes: {notes:?}\n  FAILURES:\n    {}",
         mirror_out.trim(),
         stats.acked.load(Ordering::Relaxed),
+        stats.fua.load(Ordering::Relaxed),
+        stats.flushes.load(Ordering::Relaxed),
         acked_at_mirror,
         stats.connects.load(Ordering::Relaxed),
         if source_termed { " (SIGTERM)" } else { "" },
@@ -1467,12 +1669,28 @@ fn fnv(s: &str) -> u64 {
 // ---------------------------------------------------------------- tests
 
 #[test]
-fn matrix_covers_at_least_300_scenarios() {
+fn matrix_covers_at_least_500_scenarios_200_with_power_loss() {
     let all: Vec<Scenario> = [Side::Dest, Side::Source]
         .into_iter()
         .flat_map(matrix)
         .collect();
-    assert!(all.len() >= 300, "only {} scenarios", all.len());
+    assert!(all.len() >= 500, "only {} scenarios", all.len());
+    // Every crash scenario also runs as a power cut, in each of its three
+    // forms (all, none, torn).
+    let crashes = all
+        .iter()
+        .filter(|s| s.dest_plan.contains("=crash") || s.source_plan.contains("=crash"))
+        .count();
+    let power = all
+        .iter()
+        .filter(|s| s.dest_plan.contains("powercut") || s.source_plan.contains("powercut"))
+        .count();
+    assert_eq!(power, 3 * crashes, "a power cut wherever a crash runs");
+    assert!(power >= 200, "only {power} power-loss scenarios");
+    println!(
+        "matrix: {} scenarios, {power} with power loss, {crashes} with a crash",
+        all.len()
+    );
     let mut names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -1587,7 +1805,7 @@ mod sweep {
         for e in entries {
             let spec = &STEPS[e.step];
             let delay_only = e.chain.iter().all(|t| matches!(t.act, Act::Delay(_)));
-            if e.chain.iter().any(|t| t.act == Act::Crash) {
+            if e.chain.iter().any(|t| t.act.kills()) {
                 return None;
             }
             match spec.phase {
