@@ -1817,11 +1817,15 @@ mod sweep {
             // a count (an uncounted term applies forever).
             let times: u32 = if e.occurrence.is_some() {
                 1
-            } else if delay_only {
-                0
             } else if e.chain.iter().all(|t| t.count.is_some()) {
                 e.chain.iter().map(|t| t.count.unwrap()).sum()
+            } else if delay_only && spec.phase != Phase::Copy {
+                // Once or twice per attempt.
+                2
             } else {
+                // Unbounded: an uncounted fault on every write, even a mere
+                // delay, can keep a migration under a busy writer from ever
+                // converging.
                 return None;
             };
             let worst = e
