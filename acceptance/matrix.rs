@@ -36,6 +36,9 @@
 //!    the source file (without `--unlink`) or to the expected image (with it).
 //!
 //! Which actions make sense where (the generation rule):
+//! * store steps the hand-off depends on (`store.marker#2..4` on the
+//!   destination, `store.unlink` on the source with `--unlink`): crash and
+//!   the three power cuts only;
 //! * everywhere a `crash` runs, a power cut runs too, three times:
 //!   `powercut(all)` (everything not yet durable is lost), `powercut(none)`
 //!   (nothing is) and `powercut(torn)` (a seeded subset of sectors); each
@@ -146,6 +149,10 @@ enum Carries {
     Sent,
     /// A write's payload about to be sent.
     Payload,
+    /// A store operation on a file the hand-off depends on (the marker, the
+    /// unlink): only a crash or a power cut means something there (the
+    /// errors are the store tests' business).
+    Store,
 }
 
 /// Where in a migration a step is.
@@ -273,6 +280,23 @@ const STEPS: &[StepSpec] = &[
         Phase::Disconnect,
         &[1],
     ),
+    // The marker's rewrites and removal: #1 creates it at start-up (before
+    // the port listens), #2 says `receiving` before the first data, #3 says
+    // `entrusted`, #4 removes it after the DISCONNECT.
+    step(
+        Side::Dest,
+        "store.marker",
+        Carries::Store,
+        Phase::Copy,
+        &[2, 3],
+    ),
+    step(
+        Side::Dest,
+        "store.marker",
+        Carries::Store,
+        Phase::Disconnect,
+        &[4],
+    ),
     // The source (`flexnbd serve`, whose mirror connects out).
     step(
         Side::Source,
@@ -358,6 +382,14 @@ const STEPS: &[StepSpec] = &[
         Phase::Disconnect,
         &[1],
     ),
+    // `--unlink`, after the entrust reply (only with --unlink).
+    step(
+        Side::Source,
+        "store.unlink",
+        Carries::Store,
+        Phase::Entrust,
+        &[1],
+    ),
 ];
 
 /// The helper fault that makes the first attempt fail after `Mirror
@@ -406,11 +438,16 @@ impl Act {
 
 /// The actions that make sense at a step (see the module comment).
 fn actions_for(carries: Carries) -> Vec<Act> {
+    if carries == Carries::Store {
+        let mut v = vec![Act::Crash];
+        v.extend(POWER_LOSSES);
+        return v;
+    }
     let mut v = vec![Act::Close, Act::Crash, Act::Hang, Act::Delay(DELAY_MS)];
     // Wherever a crash can happen, so can a power cut.
     v.extend(POWER_LOSSES);
     match carries {
-        Carries::Nothing => {}
+        Carries::Store | Carries::Nothing => {}
         Carries::Received => v.push(Act::Drop),
         Carries::Sent => v.extend([Act::Drop, Act::Truncate(10), Act::Corrupt]),
         Carries::Payload => v.extend([Act::Drop, Act::Truncate(2048)]),
@@ -461,7 +498,7 @@ fn classify(spec: &StepSpec, occurrence: u32, act: Act, unlink: bool) -> Expect 
     if spec.side == Side::Source && act.kills() {
         let entrusted = matches!(
             spec.key,
-            "mirror.entrust_reply_received" | "mirror.disconnect_send"
+            "mirror.entrust_reply_received" | "mirror.disconnect_send" | "store.unlink"
         );
         return Expect::SourceCrashed {
             entrusted,
@@ -499,6 +536,10 @@ fn matrix(side: Side) -> Vec<Scenario> {
         for &occurrence in spec.occurrences {
             for act in actions_for(spec.carries) {
                 for unlink in [false, true] {
+                    if spec.key == "store.unlink" && !unlink {
+                        // Never reached without --unlink.
+                        continue;
+                    }
                     let key = format!("{}#{occurrence}", spec.key);
                     let seed = splitmix(fnv(&format!("{key}={}{unlink}", act.text())));
                     let entry = format!("seed={}; {key}={}", seed % 1_000_000, act.text());
