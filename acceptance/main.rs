@@ -9,6 +9,7 @@ mod codec_props;
 
 mod cli;
 mod control;
+mod durability;
 mod fakes;
 mod interop;
 mod logging;

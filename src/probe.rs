@@ -44,6 +44,12 @@ pub enum Step {
     /// A control socket command arrived (`status`, `acl`, `mirror`,
     /// `mirror_speed`, `break`).
     Control { command: &'static str },
+    /// A destination completed a migration after a valid DISCONNECT (image
+    /// synced, marker removed durably) and goes on to exit.
+    DisconnectDone,
+    /// The source's DISCONNECT went out (after the durable unlink, with
+    /// `--unlink`) and it goes on to exit.
+    MirrorDisconnectSent,
 }
 
 impl Step {
@@ -56,12 +62,14 @@ impl Step {
             | Step::OptionReplySend { .. }
             | Step::RequestReceived { .. }
             | Step::PayloadReceived { .. }
-            | Step::ReplySend { .. } => "server",
+            | Step::ReplySend { .. }
+            | Step::DisconnectDone => "server",
             Step::MirrorConnect
             | Step::MirrorGreetingReceived
             | Step::MirrorRequestSend { .. }
             | Step::MirrorPayloadSend { .. }
-            | Step::MirrorReplyReceived { .. } => "mirror",
+            | Step::MirrorReplyReceived { .. }
+            | Step::MirrorDisconnectSent => "mirror",
             Step::Control { .. } => "control",
         }
     }
@@ -92,6 +100,8 @@ impl Step {
             Step::MirrorReplyReceived { kind: cmd::ENTRUST } => "entrust_reply_received".into(),
             Step::MirrorReplyReceived { kind } => format!("reply_received.{}", cmd::name(kind)),
             Step::Control { command } => command.into(),
+            Step::DisconnectDone => "disconnect_done".into(),
+            Step::MirrorDisconnectSent => "disconnect_sent".into(),
         }
     }
 
@@ -187,6 +197,18 @@ impl Probe for PlanProbe {
     }
 }
 
+/// Announces a step that carries no message (`disconnect_done`,
+/// `disconnect_sent`): only `crash`, `powercut` and `delay` mean something
+/// there, so any other action is ignored.
+pub async fn milestone<P: Probe + ?Sized>(probe: &P, step: Step) {
+    match probe.step(step) {
+        Action::Crash => faults::crash_now(),
+        Action::PowerCut(loss) => crate::power::cut(loss),
+        Action::Delay(d) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+}
+
 /// Applies a store fault: sleeps for `slow`, or returns the error.
 pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
     match fault {
@@ -242,6 +264,8 @@ mod tests {
             "mirror.payload_send.write"
         );
         assert_eq!(Step::Control { command: "status" }.key(), "control.status");
+        assert_eq!(Step::DisconnectDone.key(), "server.disconnect_done");
+        assert_eq!(Step::MirrorDisconnectSent.key(), "mirror.disconnect_sent");
         // Every key we announce is one the plan language knows.
         for step in [
             Step::Accept,
@@ -254,6 +278,8 @@ mod tests {
                 kind: cmd::WRITE_ZEROES,
             },
             Step::MirrorReplyReceived { kind: cmd::FLUSH },
+            Step::DisconnectDone,
+            Step::MirrorDisconnectSent,
         ] {
             assert!(
                 faults::plan::is_known_step(step.side(), &step.name()),

@@ -604,6 +604,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                 "migration complete: DISCONNECT sent to {}; clients were shut out for {:?}",
                 config.target, lockout
             );
+            crate::probe::milestone(&**probe, Step::MirrorDisconnectSent).await;
             Ok(Outcome::HandedOff)
         }
         Err(e) => Ok(Outcome::DisconnectFailed(format!(

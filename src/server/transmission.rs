@@ -341,10 +341,13 @@ where
                 if let Some(destination) = self.destination.clone() {
                     let image = self.image.clone();
                     match tokio::task::spawn_blocking(move || destination.complete(&image)).await {
-                        Ok(Ok(())) => info!(
-                            "migration from {} complete: image durable, marker removed",
-                            self.peer
-                        ),
+                        Ok(Ok(())) => {
+                            info!(
+                                "migration from {} complete: image durable, marker removed",
+                                self.peer
+                            );
+                            crate::probe::milestone(&*self.probe, Step::DisconnectDone).await;
+                        }
                         Ok(Err(e)) => {
                             error!("cannot complete the migration from {}: {e}", self.peer)
                         }
