@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod fault_effects;
 mod faults;
 
 mod bad_input;

@@ -520,8 +520,8 @@ fn stall_cost(key: &str, act: Act) -> Duration {
     match (key, act) {
         // CONNECT_TIMEOUT
         ("mirror.connect", Act::Hang) => Duration::from_secs(16),
-        // HELLO_TIMEOUT
-        ("mirror.greeting_received", Act::Hang)
+        // HELLO_TIMEOUT (an ignored greeting is waited for like a stalled one)
+        ("mirror.greeting_received", Act::Hang | Act::Drop)
         | ("server.accept", Act::Hang)
         | ("server.greeting_send", Act::Hang | Act::Drop) => Duration::from_secs(6),
         _ => Duration::ZERO,

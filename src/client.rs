@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::fault_apply::{self, How, Incoming, Outgoing, SendError};
 use crate::probe::Action;
 use crate::proto::{
     self, cmd, opt, rep, GreetingKind, HandshakeError, OptionHeader, OptionReplyHeader,
@@ -126,16 +127,13 @@ pub async fn connect<T: Transport>(
             format!("{what} (fault injection)"),
         ),
     };
-    match fault("connect") {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        Action::Hang => {
-            tokio::time::sleep(CONNECT_TIMEOUT).await;
-            return Err(injected("connection timed out"));
-        }
-        _ => return Err(injected("connection refused")),
+    // Hung: no connection until the connect timeout would have given up.
+    let hang = async { tokio::time::sleep(CONNECT_TIMEOUT).await };
+    if let Err(ended) = fault_apply::event(fault("connect"), || key("connect"), hang).await {
+        return Err(injected(match ended.how {
+            How::Hung => "connection timed out",
+            _ => "connection refused",
+        }));
     }
     let mut stream = transport
         .connect(addr, bind, CONNECT_TIMEOUT)
@@ -145,18 +143,40 @@ pub async fn connect<T: Transport>(
         Ok(result) => result?,
         Err(_) => return Err(ClientError::GreetingTimeout),
     };
-    match fault("greeting_received") {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        Action::Hang => return Err(ClientError::GreetingTimeout),
-        Action::Corrupt => return Err(ClientError::Greeting(HandshakeError::BadMagic(0))),
-        _ => {
-            return Err(ClientError::HandshakeIo(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "fault injection",
-            )))
+    // Hung: the greeting stalls until the greeting timeout gives up on it.
+    let hang = async { tokio::time::sleep(GREETING_TIMEOUT).await };
+    let verdict = fault_apply::incoming(
+        fault("greeting_received"),
+        || key("greeting_received"),
+        hang,
+    )
+    .await;
+    match verdict {
+        Ok(Incoming::Proceed) => {}
+        Ok(Incoming::Ignore) => {
+            // As if the greeting never came: read on for one. The server
+            // sends nothing more before we speak, so this ends at the
+            // greeting timeout (or when it closes).
+            let mut byte = [0u8; 1];
+            return Err(
+                match tokio::time::timeout(GREETING_TIMEOUT, stream.read(&mut byte)).await {
+                    Err(_) => ClientError::GreetingTimeout,
+                    Ok(_) => ClientError::HandshakeIo(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "no greeting after an ignored one (fault injection)",
+                    )),
+                },
+            );
+        }
+        Err(ended) => {
+            return Err(match ended.how {
+                How::Hung => ClientError::GreetingTimeout,
+                How::Damaged => ClientError::Greeting(HandshakeError::BadMagic(0)),
+                _ => ClientError::HandshakeIo(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    ended.to_string(),
+                )),
+            })
         }
     }
     Ok((stream, export))
@@ -177,6 +197,11 @@ fn fault(step: &str) -> Action {
     }
 }
 
+/// A `client.*` step's whole key, for fault messages.
+fn key(step: &str) -> String {
+    format!("client.{step}")
+}
+
 /// Sends one message of a request, applying the plan's verdict for `step`.
 async fn send_part<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -187,43 +212,17 @@ async fn send_part<S: AsyncWrite + Unpin>(
         what: "sending the request",
         source,
     };
-    let mut owned;
-    let mut message = bytes;
-    match fault(step) {
-        Action::Pass => {}
-        Action::Drop => return Ok(()),
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        Action::Hang => {
-            tokio::time::sleep(REPLY_TIMEOUT).await;
-            return Err(ClientError::ReplyTimeout);
-        }
-        Action::Corrupt => {
-            owned = bytes.to_vec();
-            faults::corrupt(&mut owned);
-            message = &owned;
-        }
-        Action::Truncate(n) => {
-            stream
-                .write_all(&bytes[..n.min(bytes.len())])
-                .await
-                .map_err(io_err)?;
-            let _ = stream.shutdown().await;
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "truncated (fault injection)",
-            )));
-        }
-        Action::Close => {
-            let _ = stream.shutdown().await;
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closed (fault injection)",
-            )));
-        }
+    // Hung: the request stalls until the reply timeout gives up on it.
+    let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
+    match fault_apply::send(fault(step), || key(step), stream, bytes, hang).await {
+        Ok(_sent_or_dropped) => Ok(()),
+        Err(SendError::Io(source)) => Err(io_err(source)),
+        Err(SendError::Fault(ended)) if ended.how == How::Hung => Err(ClientError::ReplyTimeout),
+        Err(SendError::Fault(ended)) => Err(io_err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            ended.to_string(),
+        ))),
     }
-    stream.write_all(message).await.map_err(io_err)
 }
 
 /// The client side of either handshake.
@@ -346,41 +345,65 @@ fn check_range(export: &Export, offset: u64, length: u64) -> Result<(), ClientEr
     }
 }
 
+/// Reads the reply to the request `handle`. `data_len` is the data a
+/// successful reply carries (a READ's length), skipped when the reply is
+/// ignored by a fault.
 async fn read_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
     handle: u64,
     kind: u16,
+    data_len: u64,
 ) -> Result<(), ClientError> {
-    let mut h = [0u8; SIMPLE_REPLY_LEN];
-    match tokio::time::timeout(REPLY_TIMEOUT, stream.read_exact(&mut h)).await {
-        Err(_) => return Err(ClientError::ReplyTimeout),
-        Ok(Err(source)) => {
-            return Err(ClientError::Io {
-                what: "waiting for the reply",
-                source,
-            })
+    let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+    let step = format!("reply_received.{}", cmd::name(kind));
+    let reply = loop {
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        match tokio::time::timeout_at(deadline, stream.read_exact(&mut h)).await {
+            Err(_) => return Err(ClientError::ReplyTimeout),
+            Ok(Err(source)) => {
+                return Err(ClientError::Io {
+                    what: "waiting for the reply",
+                    source,
+                })
+            }
+            Ok(Ok(_)) => {}
         }
-        Ok(Ok(_)) => {}
-    }
-    let mut reply = SimpleReply::decode(&h);
-    match fault(&format!("reply_received.{}", cmd::name(kind))) {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        Action::Corrupt => reply.magic = !reply.magic,
-        // An ignored or stalled reply is, to this client, no reply.
-        Action::Drop | Action::Hang => return Err(ClientError::ReplyTimeout),
-        Action::Close | Action::Truncate(_) => {
-            return Err(ClientError::Io {
-                what: "waiting for the reply",
-                source: io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "closed (fault injection)",
-                ),
-            })
+        let reply = SimpleReply::decode(&h);
+        // Hung: the reply stalls until the reply timeout gives up on it.
+        let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
+        match fault_apply::incoming(fault(&step), || key(&step), hang).await {
+            Ok(Incoming::Proceed) => break reply,
+            Ok(Incoming::Ignore) => {
+                // As if it never came: skip its data and wait on for the
+                // reply, within the same timeout.
+                if reply.error == 0 && data_len > 0 {
+                    let mut data = (&mut *stream).take(data_len);
+                    let mut sink = tokio::io::sink();
+                    let skip = tokio::io::copy(&mut data, &mut sink);
+                    match tokio::time::timeout_at(deadline, skip).await {
+                        Err(_) => return Err(ClientError::ReplyTimeout),
+                        Ok(Err(source)) => {
+                            return Err(ClientError::Io {
+                                what: "waiting for the reply",
+                                source,
+                            })
+                        }
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+            Err(ended) => {
+                return Err(match ended.how {
+                    How::Hung => ClientError::ReplyTimeout,
+                    How::Damaged => ClientError::BadReplyMagic(!reply.magic),
+                    _ => ClientError::Io {
+                        what: "waiting for the reply",
+                        source: io::Error::new(io::ErrorKind::ConnectionAborted, ended.to_string()),
+                    },
+                })
+            }
         }
-    }
+    };
     if reply.magic != proto::SIMPLE_REPLY_MAGIC {
         return Err(ClientError::BadReplyMagic(reply.magic));
     }
@@ -473,7 +496,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let handle = send_request(stream, export, cmd::READ, offset, length).await?;
-    read_reply(stream, handle, cmd::READ).await?;
+    read_reply(stream, handle, cmd::READ, length).await?;
     pump(
         stream,
         out,
@@ -500,34 +523,23 @@ where
     let what = "copying the data from standard input to the server";
     let aborted = |why: &str| ClientError::Io {
         what,
-        source: io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            format!("{why} (fault injection)"),
-        ),
+        source: io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()),
     };
-    match fault("payload_send.write") {
-        Action::Pass => pump(input, stream, length, what, false).await?,
-        Action::Corrupt => pump(input, stream, length, what, true).await?,
-        Action::Drop => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => {
-            tokio::time::sleep(d).await;
-            pump(input, stream, length, what, false).await?;
-        }
-        Action::Hang => {
-            tokio::time::sleep(REPLY_TIMEOUT).await;
-            return Err(ClientError::ReplyTimeout);
-        }
-        Action::Truncate(n) => {
-            pump(input, stream, (n as u64).min(length), what, false).await?;
+    // Hung: the payload stalls until the reply timeout gives up on it.
+    let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
+    let step = "payload_send.write";
+    match fault_apply::outgoing(fault(step), || key(step), hang).await {
+        Ok(Outgoing::Whole) => pump(input, stream, length, what, false).await?,
+        Ok(Outgoing::Corrupted) => pump(input, stream, length, what, true).await?,
+        Ok(Outgoing::Dropped) => {}
+        Ok(Outgoing::Cut { keep, ended }) => {
+            if keep > 0 {
+                pump(input, stream, (keep as u64).min(length), what, false).await?;
+            }
             let _ = stream.shutdown().await;
-            return Err(aborted("payload truncated"));
+            return Err(aborted(&ended.to_string()));
         }
-        Action::Close => {
-            let _ = stream.shutdown().await;
-            return Err(aborted("closed"));
-        }
+        Err(_hung) => return Err(ClientError::ReplyTimeout),
     }
-    read_reply(stream, handle, cmd::WRITE).await
+    read_reply(stream, handle, cmd::WRITE, 0).await
 }

@@ -2,6 +2,8 @@
 
 pub mod log;
 
+pub mod fault_apply;
+
 pub mod acl;
 pub mod client;
 pub mod control;

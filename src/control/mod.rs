@@ -21,6 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::fault_apply::{self, Incoming};
 use crate::{debug, info, warn};
 use protocol::{parse_request, Request, Response, MAX_LINE, MAX_LINES};
 
@@ -237,22 +238,36 @@ async fn handle<C: Controlled>(
                 Request::Missing | Request::Unknown(_) => None,
             };
             if let Some(command) = command {
-                use crate::probe::Action;
-                match target.control_step(command) {
-                    Action::Pass => {}
-                    Action::Crash => faults::crash_now(),
-                    Action::PowerCut(loss) => crate::power::cut(loss),
-                    Action::Delay(d) => tokio::time::sleep(d).await,
-                    Action::Hang => {
-                        tokio::time::sleep(REQUEST_TIMEOUT).await;
+                // Hung: no answer until the request timeout (or shutdown)
+                // ends the connection.
+                let hang = async {
+                    tokio::select! {
+                        _ = tokio::time::sleep(REQUEST_TIMEOUT) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                };
+                let key = || format!("control.{command}");
+                match fault_apply::incoming(target.control_step(command), key, hang).await {
+                    Ok(Incoming::Proceed) => {}
+                    Ok(Incoming::Ignore) => {
+                        // As if the request never came: read on for one
+                        // until the client closes, the request timeout or
+                        // shutdown; then close without an answer.
+                        let mut sink = tokio::io::sink();
+                        let rest = tokio::io::copy(&mut reader, &mut sink);
+                        tokio::select! {
+                            _ = tokio::time::timeout(REQUEST_TIMEOUT, rest) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                        debug!("control request {command} ignored (fault injection)");
                         return Ok(());
                     }
-                    Action::Corrupt => {
-                        write.write_all(b"??\n").await?;
+                    // Closed without an answer (a damaged request is
+                    // rejected the same way).
+                    Err(ended) => {
+                        debug!("control request {command}: {ended}");
                         return Ok(());
                     }
-                    // Closed without an answer.
-                    Action::Drop | Action::Close | Action::Truncate(_) => return Ok(()),
                 }
             }
             match request {

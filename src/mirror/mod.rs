@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
-use crate::probe::{Action, Probe, Step};
+use crate::fault_apply::{self, How, Incoming};
+use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, errno};
 use crate::status::MigrationStatus;
 use crate::store::Image;
@@ -362,16 +363,17 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
             format!("cannot connect to {}: {why}", config.target),
         )
     };
-    match probe.step(Step::MirrorConnect) {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
-        Action::Hang => {
-            or_cancel(cancel, tokio::time::sleep(CONNECT_TIMEOUT)).await?;
-            return Err(refused("connection timed out (fault injection)"));
-        }
-        _ => return Err(refused("connection refused (fault injection)")),
+    // Hung: no connection until the connect timeout would have given up.
+    let verdict = fault_apply::event(
+        probe.step(Step::MirrorConnect),
+        || Step::MirrorConnect.key(),
+        async { tokio::time::sleep(CONNECT_TIMEOUT).await },
+    );
+    if let Err(ended) = or_cancel(cancel, verdict).await? {
+        return Err(refused(match ended.how {
+            How::Hung => "connection timed out (fault injection)",
+            _ => "connection refused (fault injection)",
+        }));
     }
     let mut stream = or_cancel(
         cancel,
@@ -414,20 +416,43 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
             format!("{} rejected us: {why}", config.target),
         )
     };
-    match probe.step(Step::MirrorGreetingReceived) {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => or_cancel(cancel, tokio::time::sleep(d)).await?,
-        Action::Hang => {
-            or_cancel(cancel, tokio::time::sleep(HELLO_TIMEOUT)).await?;
-            return Err(first_error(
-                FirstOutcome::NoHello,
-                "greeting stalled (fault injection)".into(),
-            ));
+    // Hung: the greeting stalls until the hello timeout gives up on it.
+    let verdict = fault_apply::incoming(
+        probe.step(Step::MirrorGreetingReceived),
+        || Step::MirrorGreetingReceived.key(),
+        async { tokio::time::sleep(HELLO_TIMEOUT).await },
+    );
+    match or_cancel(cancel, verdict).await? {
+        Ok(Incoming::Proceed) => {}
+        Ok(Incoming::Ignore) => {
+            // As if the greeting never came: read on for one. The
+            // destination sends nothing more before we speak, so this ends
+            // at the hello timeout (or when it closes).
+            use tokio::io::AsyncReadExt;
+            let mut byte = [0u8; 1];
+            let more = tokio::time::timeout(HELLO_TIMEOUT, stream.read(&mut byte));
+            return Err(match or_cancel(cancel, more).await? {
+                Err(_) => first_error(
+                    FirstOutcome::NoHello,
+                    format!(
+                        "no greeting from {} within {} s (fault injection ignored the one that came)",
+                        config.target,
+                        HELLO_TIMEOUT.as_secs()
+                    ),
+                ),
+                Ok(_) => rejected("no greeting in what followed an ignored one (fault injection)"),
+            });
         }
-        Action::Corrupt => return Err(rejected("bad greeting magic (fault injection)")),
-        _ => return Err(rejected("connection closed (fault injection)")),
+        Err(ended) => {
+            return Err(match ended.how {
+                How::Hung => first_error(
+                    FirstOutcome::NoHello,
+                    "greeting stalled (fault injection)".into(),
+                ),
+                How::Damaged => rejected("bad greeting magic (fault injection)"),
+                _ => rejected("connection closed (fault injection)"),
+            })
+        }
     }
     if export.size != image.size() {
         // Dropping the stream closes it, so the destination's slot is free.

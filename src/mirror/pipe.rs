@@ -11,7 +11,8 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::probe::{Action, Probe, Step};
+use crate::fault_apply::{self, How, Incoming, Outgoing};
+use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, Request, SimpleReply};
 use crate::transport::Stream;
 
@@ -176,40 +177,23 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         step: Step,
         message: &'m [u8],
     ) -> Result<Option<Cow<'m, [u8]>>, PipeError> {
-        match self.probe.step(step) {
-            Action::Pass => Ok(Some(Cow::Borrowed(message))),
-            Action::Drop => Ok(None),
-            Action::Delay(d) => {
-                tokio::time::sleep(d).await;
-                Ok(Some(Cow::Borrowed(message)))
-            }
-            Action::Corrupt => {
-                let mut m = message.to_vec();
-                faults::corrupt(&mut m);
-                Ok(Some(Cow::Owned(m)))
-            }
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Hang => {
-                // Stalled: the no-progress limit is what ends it.
-                tokio::time::sleep(self.limit).await;
-                let e = PipeError::Timeout(self.limit.as_secs_f64());
-                self.shared.fail(e.clone());
-                Err(e)
-            }
-            action @ (Action::Close | Action::Truncate(_)) => {
-                if let Action::Truncate(n) = action {
-                    let _ = self
-                        .writer
-                        .write_all(&message[..n.min(message.len())])
-                        .await;
-                }
+        let limit = self.limit;
+        // Stalled: the no-progress limit is what ends it.
+        let hang = async { tokio::time::sleep(limit).await };
+        let e = match fault_apply::outgoing(self.probe.step(step), || step.key(), hang).await {
+            Ok(Outgoing::Cut { keep, ended }) => {
+                let _ = self
+                    .writer
+                    .write_all(&message[..keep.min(message.len())])
+                    .await;
                 let _ = self.writer.shutdown().await;
-                let e = PipeError::Fault(step.key());
-                self.shared.fail(e.clone());
-                Err(e)
+                PipeError::Fault(ended.key)
             }
-        }
+            Ok(verdict) => return Ok(verdict.bytes(message)),
+            Err(_hung) => PipeError::Timeout(limit.as_secs_f64()),
+        };
+        self.shared.fail(e.clone());
+        Err(e)
     }
 
     async fn send(&mut self, kind: u16, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
@@ -219,22 +203,24 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         else {
             return Ok(()); // dropped: the reply never comes, the timeout notices
         };
-        let payload = if payload.is_empty() {
-            Some(Cow::Borrowed(payload))
-        } else {
-            self.verdict(Step::MirrorPayloadSend { kind }, payload)
-                .await?
-        };
-        let io = async {
-            self.writer.write_all(&header).await?;
-            if let Some(payload) = &payload {
-                if !payload.is_empty() {
-                    self.writer.write_all(payload).await?;
-                }
-            }
-            Ok::<(), std::io::Error>(())
-        };
-        match tokio::time::timeout(self.limit, io).await {
+        // The header goes out before the payload's step is announced, so a
+        // payload cut short follows its header on the wire.
+        self.put(&header).await?;
+        if payload.is_empty() {
+            return Ok(());
+        }
+        match self
+            .verdict(Step::MirrorPayloadSend { kind }, payload)
+            .await?
+        {
+            Some(payload) => self.put(&payload).await,
+            // Dropped: the destination waits for the payload, the timeout notices.
+            None => Ok(()),
+        }
+    }
+
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), PipeError> {
+        match tokio::time::timeout(self.limit, self.writer.write_all(bytes)).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());
                 self.shared.fail(e.clone());
@@ -372,20 +358,19 @@ async fn read_replies<S: Stream, P: Probe>(
         let Some(kind) = kind else {
             return shared.fail(PipeError::UnknownHandle(reply.handle));
         };
-        match probe.step(Step::MirrorReplyReceived { kind }) {
-            Action::Pass => {}
+        let step = Step::MirrorReplyReceived { kind };
+        // Stalled: the no-progress limit is what ends it.
+        let hang = async { tokio::time::sleep(limit).await };
+        match fault_apply::incoming(probe.step(step), || step.key(), hang).await {
+            Ok(Incoming::Proceed) => {}
             // Ignored: the request stays in flight until the timeout.
-            Action::Drop => continue,
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Corrupt => return shared.fail(PipeError::BadMagic(!reply.magic)),
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Hang => {
-                tokio::time::sleep(limit).await;
-                return shared.fail(PipeError::Timeout(limit.as_secs_f64()));
-            }
-            Action::Close | Action::Truncate(_) => {
-                return shared.fail(PipeError::Fault(Step::MirrorReplyReceived { kind }.key()))
+            Ok(Incoming::Ignore) => continue,
+            Err(ended) => {
+                return shared.fail(match ended.how {
+                    How::Hung => PipeError::Timeout(limit.as_secs_f64()),
+                    How::Damaged => PipeError::BadMagic(!reply.magic),
+                    _ => PipeError::Fault(ended.key),
+                })
             }
         }
         let pending = shared.pending().remove(&reply.handle);

@@ -53,8 +53,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::fault_apply::{self, How, Incoming, SendError};
 use crate::probe::{Action, PlanProbe};
 use crate::proto::{self, cmd, Request, SimpleReply};
 use crate::signals::Signals;
@@ -122,6 +123,12 @@ impl Faults {
             Some(probe) => probe.named("proxy", &step()),
         }
     }
+}
+
+/// A `proxy.*` step's whole key, for fault messages (only built once a
+/// fault fired).
+pub(crate) fn key(step: impl FnOnce() -> String) -> String {
+    format!("proxy.{}", step())
 }
 
 /// Runs the proxy until a signal; returns the exit code (0 on a signal, 1
@@ -262,35 +269,33 @@ impl<T: Transport> Proxy<T> {
     /// act on it (`true`), ignore it (`false`), or end the session.
     async fn received<S: AsyncRead + Unpin>(
         &self,
-        step: impl FnOnce() -> String,
+        step: impl Fn() -> String,
         what: &str,
         down: &mut S,
     ) -> Result<bool, End> {
-        match self.faults.at(step) {
-            Action::Pass => Ok(true),
-            Action::Drop => Ok(false),
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => {
-                tokio::time::sleep(d).await;
-                Ok(true)
-            }
-            Action::Hang => Err(hang(down).await),
-            Action::Corrupt => Err(End::Abnormal("bad request magic (fault injection)".into())),
-            Action::Close | Action::Truncate(_) => Err(End::Abnormal(format!(
-                "closed on a {what} (fault injection)"
-            ))),
+        // Hung: reading and discarding needs `down`, so it is done here.
+        let verdict = self.faults.at(&step);
+        match fault_apply::incoming(verdict, || key(&step), std::future::ready(())).await {
+            Ok(verdict) => Ok(verdict == Incoming::Proceed),
+            Err(ended) => Err(match ended.how {
+                How::Hung => hang(down).await,
+                How::Damaged => End::Abnormal(format!("bad request magic ({ended})")),
+                _ => End::Abnormal(format!("closed on a {what} ({ended})")),
+            }),
         }
     }
 
     async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut S) -> End {
-        match self.faults.at(|| "accept".into()) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => return hang(down).await,
-            _ => return End::Abnormal("closed at accept (fault injection)".into()),
+        let accept = || "accept".to_string();
+        let verdict = self.faults.at(accept);
+        // Hung: reading and discarding needs `down`, so it is done here.
+        if let Err(ended) =
+            fault_apply::event(verdict, || key(accept), std::future::ready(())).await
+        {
+            return match ended.how {
+                How::Hung => hang(down).await,
+                _ => End::Abnormal(format!("closed at accept ({ended})")),
+            };
         }
         let greeting = proto::oldstyle_greeting(self.upstream.size, self.upstream.flags);
         if let Some(end) =
@@ -418,32 +423,24 @@ async fn read_exact_or_eof<S: AsyncRead + Unpin>(
 async fn send_message<S: AsyncWrite + AsyncRead + Unpin>(
     down: &mut S,
     faults: &Faults,
-    step: impl FnOnce() -> String,
+    step: impl Fn() -> String,
     message: &[u8],
 ) -> Option<End> {
-    let mut owned;
-    let mut bytes = message;
-    match faults.at(step) {
-        Action::Pass => {}
-        Action::Drop => return None,
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        Action::Hang => return Some(hang(down).await),
-        Action::Corrupt => {
-            owned = message.to_vec();
-            faults::corrupt(&mut owned);
-            bytes = &owned;
-        }
-        Action::Truncate(n) => {
-            let _ = down.write_all(&message[..n.min(message.len())]).await;
-            return Some(End::Abnormal("message truncated (fault injection)".into()));
-        }
-        Action::Close => return Some(End::Abnormal("closed (fault injection)".into())),
-    }
-    match down.write_all(bytes).await {
-        Ok(()) => None,
-        Err(e) => Some(End::Abnormal(format!("writing to the client: {e}"))),
+    let verdict = faults.at(&step);
+    // Hung: reading and discarding needs `down`, so it is done here.
+    match fault_apply::send(
+        verdict,
+        || key(&step),
+        down,
+        message,
+        std::future::ready(()),
+    )
+    .await
+    {
+        Ok(_sent_or_dropped) => None,
+        Err(SendError::Io(e)) => Some(End::Abnormal(format!("writing to the client: {e}"))),
+        Err(SendError::Fault(ended)) if ended.how == How::Hung => Some(hang(down).await),
+        Err(SendError::Fault(ended)) => Some(End::Abnormal(ended.to_string())),
     }
 }
 

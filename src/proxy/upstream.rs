@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::probe::Action;
+use super::key;
+use crate::fault_apply::{self, How, Incoming, Outgoing};
 use crate::proto::{self, cmd, GreetingKind, SimpleReply};
 use crate::transport::Transport;
 use crate::{info, warn};
@@ -75,16 +76,15 @@ impl<T: Transport> Upstream<T> {
     /// One connection attempt and greeting.
     async fn connect_once(&mut self, initial: bool) -> Result<(), String> {
         let connect_timeout = CONNECT_TIMEOUT.min(self.timeout);
-        match self.faults.at(|| "connect".into()) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
-                tokio::time::sleep(connect_timeout).await;
-                return Err("connect timed out (fault injection)".into());
-            }
-            _ => return Err("connection refused (fault injection)".into()),
+        // Hung: no connection until the connect timeout would have given up.
+        let hang = async { tokio::time::sleep(connect_timeout).await };
+        let connect = || "connect".to_string();
+        let verdict = self.faults.at(connect);
+        if let Err(ended) = fault_apply::event(verdict, || key(connect), hang).await {
+            return Err(match ended.how {
+                How::Hung => format!("connect timed out ({ended})"),
+                _ => format!("connection refused ({ended})"),
+            });
         }
         let mut stream = match self
             .transport
@@ -123,16 +123,35 @@ impl<T: Transport> Upstream<T> {
             Ok(Err(e)) => return Err(format!("bad greeting from {}: {e}", self.addr)),
             Ok(Ok(export)) => export,
         };
-        match self.faults.at(|| "greeting_received".into()) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
-                tokio::time::sleep(self.timeout).await;
-                return Err("greeting timed out (fault injection)".into());
+        // Hung: the greeting stalls until the upstream timeout gives up on it.
+        let timeout = self.timeout;
+        let hang = async { tokio::time::sleep(timeout).await };
+        let step = || "greeting_received".to_string();
+        let verdict = self.faults.at(step);
+        match fault_apply::incoming(verdict, || key(step), hang).await {
+            Ok(Incoming::Proceed) => {}
+            Ok(Incoming::Ignore) => {
+                // As if the greeting never came: read on for one. The server
+                // sends nothing more before we speak, so this ends at the
+                // timeout (or when it closes).
+                let mut byte = [0u8; 1];
+                return Err(
+                    match tokio::time::timeout(timeout, stream.read(&mut byte)).await {
+                        Err(_) => format!(
+                            "no greeting from {} within {} s (fault injection ignored the one that came)",
+                            self.addr,
+                            timeout.as_secs()
+                        ),
+                        Ok(_) => "no greeting after an ignored one (fault injection)".into(),
+                    },
+                );
             }
-            _ => return Err("greeting rejected (fault injection)".into()),
+            Err(ended) => {
+                return Err(match ended.how {
+                    How::Hung => format!("greeting timed out ({ended})"),
+                    _ => format!("greeting rejected ({ended})"),
+                })
+            }
         }
         if !initial && (size, flags) != (self.size, self.flags) {
             // Oldstyle cannot renegotiate: the next session gets the new values.
@@ -206,40 +225,23 @@ impl<T: Transport> Upstream<T> {
         let timeout = self.timeout;
         let faults = self.faults.clone();
         let stream = self.stream.as_mut().expect("connected");
-        let mut corrupted;
-        let mut message = request;
-        let mut send = true;
-        match faults.at(|| format!("request_send.{}", cmd::name(kind))) {
-            Action::Pass => {}
-            // Not sent: the reply never comes and the timeout notices.
-            Action::Drop => send = false,
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
-                tokio::time::sleep(timeout).await;
-                return Err(format!(
-                    "sending timed out after {} s (fault injection)",
-                    timeout.as_secs()
-                ));
+        // Hung: the request stalls until the upstream timeout gives up on it.
+        let hang = async { tokio::time::sleep(timeout).await };
+        let step = || format!("request_send.{}", cmd::name(kind));
+        let verdict = faults.at(step);
+        let message = match fault_apply::outgoing(verdict, || key(step), hang).await {
+            Err(ended) => return Err(format!("sending timed out ({ended})")),
+            Ok(Outgoing::Cut { keep, ended }) => {
+                // The caller drops the stream, which closes it.
+                let prefix = &request[..keep.min(request.len())];
+                let _ = tokio::time::timeout(timeout, stream.write_all(prefix)).await;
+                return Err(ended.to_string());
             }
-            Action::Corrupt => {
-                corrupted = request.to_vec();
-                faults::corrupt(&mut corrupted);
-                message = &corrupted;
-            }
-            Action::Truncate(n) => {
-                let _ = tokio::time::timeout(
-                    timeout,
-                    stream.write_all(&request[..n.min(request.len())]),
-                )
-                .await;
-                return Err("request truncated (fault injection)".into());
-            }
-            Action::Close => return Err("closed before sending (fault injection)".into()),
-        }
-        if send {
-            match tokio::time::timeout(timeout, stream.write_all(message)).await {
+            // Dropped: the reply never comes and the timeout notices.
+            Ok(verdict) => verdict.bytes(request),
+        };
+        if let Some(message) = message {
+            match tokio::time::timeout(timeout, stream.write_all(&message)).await {
                 Err(_) => {
                     return Err(format!(
                         "sending the request took longer than {} s",
@@ -281,22 +283,32 @@ impl<T: Transport> Upstream<T> {
                 reply.header.handle
             ));
         }
-        match faults.at(|| format!("reply_received.{}", cmd::name(kind))) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            // Ignored as if it never came: the upstream timeout expires.
-            Action::Drop | Action::Hang => {
-                tokio::time::sleep(timeout).await;
-                return Err(format!(
-                    "no reply within {} s (fault injection)",
-                    timeout.as_secs()
-                ));
+        // Stalled: the upstream timeout gives up on it.
+        let hang = async { tokio::time::sleep(timeout).await };
+        let step = || format!("reply_received.{}", cmd::name(kind));
+        let verdict = faults.at(step);
+        match fault_apply::incoming(verdict, || key(step), hang).await {
+            Ok(Incoming::Proceed) => {}
+            Ok(Incoming::Ignore) => {
+                // Read on for the reply: with one request in flight nothing
+                // more comes, so this ends at the timeout (or a close).
+                let mut byte = [0u8; 1];
+                return Err(
+                    match tokio::time::timeout(timeout, stream.read(&mut byte)).await {
+                        Err(_) => format!(
+                            "no reply within {} s (fault injection ignored the one that came)",
+                            timeout.as_secs()
+                        ),
+                        Ok(_) => "no reply after an ignored one (fault injection)".into(),
+                    },
+                );
             }
-            Action::Corrupt => return Err("bad reply magic (fault injection)".into()),
-            Action::Close | Action::Truncate(_) => {
-                return Err("connection closed (fault injection)".into())
+            Err(ended) => {
+                return Err(match ended.how {
+                    How::Hung => format!("no reply within {} s ({ended})", timeout.as_secs()),
+                    How::Damaged => format!("bad reply magic ({ended})"),
+                    _ => format!("connection closed ({ended})"),
+                })
             }
         }
         Ok(reply)

@@ -2,7 +2,7 @@
 
 mod negotiate;
 mod transmission;
-mod writer;
+pub(crate) mod writer;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::acl::Acl;
-use crate::probe::{Action, Probe, Step};
+use crate::fault_apply::{self, How};
+use crate::probe::{Probe, Step};
 use crate::proto::flags;
 use crate::store::Image;
 use crate::transport::{Listener, Transport};
@@ -232,14 +233,18 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                 continue;
             }
         };
-        match shared.probe.step(Step::Accept) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Hang => {
+        // Hung: the connection is held by a task of its own (below), so
+        // the accept loop goes on.
+        let verdict = fault_apply::event(
+            shared.probe.step(Step::Accept),
+            || Step::Accept.key(),
+            std::future::ready(()),
+        )
+        .await;
+        if let Err(ended) = verdict {
+            if ended.how == How::Hung {
                 // Accepted but never answered: the peer's own timeout ends it.
-                info!("fault injection: holding the connection from {peer} without a greeting");
+                info!("{ended}: holding the connection from {peer} without a greeting");
                 tokio::spawn(async move {
                     use tokio::io::AsyncReadExt;
                     let mut stream = stream;
@@ -250,12 +255,10 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                         }
                     }
                 });
-                continue;
+            } else {
+                info!("{ended}: closing the connection from {peer} at once");
             }
-            Action::Close | Action::Drop | Action::Truncate(_) | Action::Corrupt => {
-                info!("fault injection: closing the connection from {peer} at once");
-                continue;
-            }
+            continue;
         }
         if !shared.clients_allowed() {
             info!(

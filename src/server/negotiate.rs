@@ -2,10 +2,11 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::transmission_flags;
-use crate::probe::{Action, Probe, Step};
+use crate::fault_apply::{self, Ended, Incoming, SendError};
+use crate::probe::{Probe, Step};
 use crate::proto::{self, opt, rep, HandshakeError, InfoRequest, MetaContextRequest, OptionHeader};
 use crate::store::Image;
 use crate::{debug, info, warn};
@@ -48,8 +49,17 @@ pub enum NegotiateError {
     Aborted,
     #[error("non-fixed newstyle client sent option {0}, which only fixed newstyle allows")]
     NotFixed(u32),
-    #[error("fault injection closed the connection at {0}")]
-    FaultClosed(String),
+    #[error("{0}")]
+    Fault(#[from] Ended),
+}
+
+impl From<SendError> for NegotiateError {
+    fn from(e: SendError) -> NegotiateError {
+        match e {
+            SendError::Io(e) => NegotiateError::Io(e),
+            SendError::Fault(e) => NegotiateError::Fault(e),
+        }
+    }
 }
 
 struct Negotiation<'a, S, P> {
@@ -65,28 +75,18 @@ struct Negotiation<'a, S, P> {
 impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
     /// Sends the queued option reply bytes, after asking the probe.
     async fn send(&mut self, option: u32) -> Result<(), NegotiateError> {
-        let mut out = std::mem::take(&mut self.out);
-        match self.probe.step(Step::OptionReplySend { option }) {
-            Action::Pass => {}
-            Action::Drop => return Ok(()),
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            Action::Corrupt => faults::corrupt(&mut out),
-            Action::Truncate(n) => {
-                self.stream.write_all(&out[..n.min(out.len())]).await?;
-                return Err(NegotiateError::FaultClosed(
-                    Step::OptionReplySend { option }.name(),
-                ));
-            }
-            Action::Hang => std::future::pending::<()>().await,
-            Action::Close => {
-                return Err(NegotiateError::FaultClosed(
-                    Step::OptionReplySend { option }.name(),
-                ))
-            }
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-        }
-        self.stream.write_all(&out).await?;
+        let out = std::mem::take(&mut self.out);
+        let step = Step::OptionReplySend { option };
+        // Sent or dropped (the client is left waiting), the negotiation goes
+        // on. A hung handshake is ended by the handshake timeout around it.
+        let _sent_or_dropped = fault_apply::send(
+            self.probe.step(step),
+            || step.key(),
+            self.stream,
+            &out,
+            std::future::pending(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -139,15 +139,16 @@ where
     P: Probe,
 {
     let greeting = proto::newstyle_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
-    match probe.step(Step::GreetingSend) {
-        Action::Pass => {}
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Close => return Err(NegotiateError::FaultClosed(Step::GreetingSend.name())),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        _ => {}
-    }
-    stream.write_all(&greeting).await?;
+    // A dropped greeting leaves the client waiting for one, and a hung
+    // handshake is ended by the handshake timeout around it.
+    let _sent_or_dropped = fault_apply::send(
+        probe.step(Step::GreetingSend),
+        || Step::GreetingSend.key(),
+        stream,
+        &greeting,
+        std::future::pending(),
+    )
+    .await?;
     let mut flags = [0u8; 4];
     read_all(stream, &mut flags, || {
         "in the middle of the client flags".into()
@@ -187,17 +188,12 @@ where
             format!("in the middle of option {option}'s data")
         })
         .await?;
-        match probe.step(Step::OptionReceived { option }) {
-            Action::Pass => {}
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Close => {
-                return Err(NegotiateError::FaultClosed(
-                    Step::OptionReceived { option }.name(),
-                ))
-            }
-            Action::Delay(d) => tokio::time::sleep(d).await,
-            _ => {}
+        let step = Step::OptionReceived { option };
+        let verdict =
+            fault_apply::incoming(probe.step(step), || step.key(), std::future::pending()).await?;
+        if verdict == Incoming::Ignore {
+            debug!("option {option} ignored (fault injection)");
+            continue;
         }
         if !n.fixed && option != opt::EXPORT_NAME {
             return Err(NegotiateError::NotFixed(option));

@@ -12,13 +12,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::negotiate::{negotiate, NegotiateError, Negotiated};
 use super::writer::ReplyWriter;
 use super::{transmission_flags, HandshakeMode, Shared};
+use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
 use crate::store::{Image, BLOCK_SIZE, PIECE};
@@ -54,7 +55,7 @@ pub enum ConnError {
     Receive(io::Error),
     #[error("reading the image failed after part of the reply was sent: {0}")]
     ReadAfterSend(io::Error),
-    #[error("fault injection closed the connection at {0}")]
+    #[error("{0}")]
     FaultClosed(String),
     #[error("killswitch: a request took longer than {0} s")]
     Killswitch(f64),
@@ -62,6 +63,15 @@ pub enum ConnError {
     Marker(String),
     #[error("fault injection hung the connection at {0}")]
     Hang(String),
+}
+
+impl From<Ended> for ConnError {
+    fn from(e: Ended) -> ConnError {
+        match e.how {
+            How::Hung => ConnError::Hang(e.key),
+            _ => ConnError::FaultClosed(e.to_string()),
+        }
+    }
 }
 
 type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
@@ -76,27 +86,27 @@ pub async fn serve_client<S: Stream, P: Probe>(
     let image = shared.image.clone();
     let negotiated = match shared.config.handshake {
         HandshakeMode::Oldstyle => {
-            let mut greeting =
+            let greeting =
                 proto::oldstyle_greeting(image.size(), u32::from(transmission_flags(false)));
-            let verdict = shared.probe.step(Step::GreetingSend);
-            match verdict {
-                Action::Pass | Action::Drop => {}
-                Action::Close => return Err(ConnError::FaultClosed(Step::GreetingSend.name())),
-                Action::Crash => faults::crash_now(),
-                Action::PowerCut(loss) => crate::power::cut(loss),
-                Action::Delay(d) => tokio::time::sleep(d).await,
-                Action::Hang => {
-                    hang_until_closed(&mut stream, &stop).await;
-                    return Err(ConnError::Hang(Step::GreetingSend.key()));
+            // Hung: reading and discarding needs the stream, so it is done
+            // here rather than by `send`.
+            let sent = fault_apply::send(
+                shared.probe.step(Step::GreetingSend),
+                || Step::GreetingSend.key(),
+                &mut stream,
+                &greeting,
+                std::future::ready(()),
+            )
+            .await;
+            match sent {
+                Ok(_sent_or_dropped) => {}
+                Err(SendError::Io(e)) => return Err(ConnError::Send(e)),
+                Err(SendError::Fault(ended)) => {
+                    if ended.how == How::Hung {
+                        hang_until_closed(&mut stream, &stop).await;
+                    }
+                    return Err(ended.into());
                 }
-                Action::Corrupt => faults::corrupt(&mut greeting),
-                Action::Truncate(n) => {
-                    let _ = stream.write_all(&greeting[..n.min(greeting.len())]).await;
-                    return Err(ConnError::FaultClosed(Step::GreetingSend.name()));
-                }
-            }
-            if verdict != Action::Drop {
-                stream.write_all(&greeting).await.map_err(ConnError::Send)?;
             }
             Negotiated::default()
         }
@@ -134,7 +144,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
     }
     if let Err(ConnError::Hang(step)) = &result {
         result = Err(ConnError::FaultClosed(format!(
-            "{step} (hung until the peer closed)"
+            "fault injection hung the connection at {step} until the peer closed"
         )));
     }
     // Let requests still waiting for the disk send their replies first.
@@ -266,20 +276,11 @@ where
     /// it, `false` to ignore it (dropped), or the error that ends the
     /// connection.
     async fn received(&self, step: Step) -> Result<bool, ConnError> {
-        match self.probe.step(step) {
-            Action::Pass => Ok(true),
-            Action::Drop => Ok(false),
-            Action::Crash => faults::crash_now(),
-            Action::PowerCut(loss) => crate::power::cut(loss),
-            Action::Delay(d) => {
-                tokio::time::sleep(d).await;
-                Ok(true)
-            }
-            Action::Hang => Err(ConnError::Hang(step.key())),
-            Action::Close | Action::Truncate(_) | Action::Corrupt => {
-                Err(ConnError::FaultClosed(step.key()))
-            }
-        }
+        // Hung: `serve_client` holds the connection until the peer leaves.
+        let verdict =
+            fault_apply::incoming(self.probe.step(step), || step.key(), std::future::ready(()))
+                .await?;
+        Ok(verdict == Incoming::Proceed)
     }
 
     async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
@@ -568,7 +569,10 @@ where
             let mark = w.mark();
             w.put(&SimpleReply::new(error, req.handle).encode());
             // The reader may be idle waiting for the client, so send now.
-            if finish(&mut w, verdict, mark).await.is_ok() {
+            if finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark)
+                .await
+                .is_ok()
+            {
                 let _ = w.send().await;
             }
             drop(permit);
@@ -580,7 +584,7 @@ where
         let mut w = self.writer.lock().await;
         let mark = w.mark();
         w.put(&SimpleReply::new(error, req.handle).encode());
-        finish(&mut w, verdict, mark).await?;
+        finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark).await?;
         w.send_if_full().await.map_err(ConnError::Send)
     }
 
@@ -601,7 +605,7 @@ where
         let mut w = self.writer.lock().await;
         let mark = w.mark();
         w.put_with(|v| proto::put_error_chunk(v, req.handle, error, message));
-        finish(&mut w, verdict, mark).await?;
+        finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark).await?;
         w.send_if_full().await.map_err(ConnError::Send)
     }
 
@@ -660,7 +664,7 @@ where
                 });
             }
         }
-        finish(&mut w, verdict, mark).await?;
+        finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark).await?;
         w.send_if_full().await.map_err(ConnError::Send)
     }
 
@@ -702,7 +706,7 @@ where
                 v.extend_from_slice(&state.to_be_bytes());
             }
         });
-        finish(&mut w, verdict, mark).await?;
+        finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark).await?;
         w.send_if_full().await.map_err(ConnError::Send)
     }
 }
@@ -720,42 +724,18 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Resul
     Ok(got)
 }
 
-/// Applies a probe's verdict to the reply that starts at `mark`.
+/// Applies a probe's verdict to the reply that starts at `mark`. A hung
+/// reply is taken back and `serve_client` holds the connection.
 async fn finish<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
     verdict: Action,
+    step: Step,
     mark: usize,
 ) -> Result<(), ConnError> {
-    match verdict {
-        Action::Pass => Ok(()),
-        Action::Drop => {
-            w.rollback(mark);
-            Ok(())
-        }
-        Action::Delay(d) => {
-            tokio::time::sleep(d).await;
-            Ok(())
-        }
-        Action::Corrupt => {
-            w.corrupt_byte(mark);
-            Ok(())
-        }
-        Action::Truncate(n) => {
-            let keep = mark + n;
-            w.send_truncated(keep).await.map_err(ConnError::Send)?;
-            Err(ConnError::FaultClosed("reply_send (truncated)".into()))
-        }
-        Action::Close => {
-            w.rollback(mark);
-            let _ = w.send().await;
-            Err(ConnError::FaultClosed("reply_send".into()))
-        }
-        Action::Hang => {
-            w.rollback(mark);
-            Err(ConnError::Hang("reply_send".into()))
-        }
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
+    match fault_apply::reply(verdict, || step.key(), w, mark, std::future::ready(())).await {
+        Ok(()) => Ok(()),
+        Err(SendError::Io(e)) => Err(ConnError::Send(e)),
+        Err(SendError::Fault(ended)) => Err(ended.into()),
     }
 }
 

@@ -116,6 +116,11 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.send().await?;
         self.out.shutdown().await
