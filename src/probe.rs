@@ -197,16 +197,15 @@ impl Probe for PlanProbe {
     }
 }
 
-/// Announces a step that carries no message (`disconnect_done`,
-/// `disconnect_sent`): only `crash`, `powercut` and `delay` mean something
-/// there, so any other action is ignored.
+/// Announces a step after a connection's last message (`disconnect_done`,
+/// `disconnect_sent`). The plan language admits only `delay`, `crash` and
+/// `powercut` there (`faults::plan::MILESTONE_STEPS`), and
+/// [`crate::fault_apply::event`] applies them like at any step without a
+/// message; its error (which those actions never cause) has nothing left to
+/// close.
 pub async fn milestone<P: Probe + ?Sized>(probe: &P, step: Step) {
-    match probe.step(step) {
-        Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
-        Action::Delay(d) => tokio::time::sleep(d).await,
-        _ => {}
-    }
+    let _ =
+        crate::fault_apply::event(probe.step(step), || step.key(), std::future::ready(())).await;
 }
 
 /// Applies a store fault: sleeps for `slow`, or returns the error.

@@ -122,6 +122,13 @@ pub const STORE_STEPS: &[&str] = &["read", "write", "sync", "marker", "unlink"];
 /// `reply_received.<cmd>`, `entrust_send`, `entrust_reply_received`,
 /// `disconnect_send`, `disconnect_sent` (the source after its DISCONNECT went
 /// out, just before it exits).
+/// Steps announced after a connection's last message, just before the
+/// process goes on to exit (`disconnect_done`, `disconnect_sent`). Nothing is
+/// left there to drop, close, truncate, corrupt or hang, so a plan may only
+/// delay, crash or cut the power there: any other action is a parse error,
+/// never a `fault fired` line for a fault that could not happen.
+pub const MILESTONE_STEPS: &[&str] = &["disconnect_done", "disconnect_sent"];
+
 pub const KNOWN_STEPS: &[&str] = &[
     "accept",
     "greeting_send",
@@ -763,6 +770,9 @@ pub enum PlanErrorKind {
     BadCount(String),
     /// A store fault on a network key, or a network action on a store key.
     WrongSide { action: &'static str, key: String },
+    /// An action that cannot happen at a step with no message and no
+    /// connection left to act on (see [`MILESTONE_STEPS`]).
+    NoEffectAt { action: &'static str, key: String },
     /// The same key twice.
     DuplicateKey(String),
     /// `seed=` twice.
@@ -832,6 +842,10 @@ impl fmt::Display for PlanError {
                     )
                 }
             }
+            NoEffectAt { action, key } => write!(
+                f,
+                "action \"{action}\" cannot act at {key}: the step has no message and no connection to act on (it takes pass, delay(MS), crash, powercut)"
+            ),
             DuplicateKey(k) => write!(f, "key {k} appears twice; give each key one chain"),
             DuplicateSeed => write!(f, "seed is set twice"),
             BadSeed(s) => write!(f, "expected a seed (an integer from 0 to 2^64-1), got \"{s}\""),
@@ -1192,6 +1206,23 @@ impl<'a> Parser<'a> {
             return self.err(
                 pos,
                 PlanErrorKind::WrongSide {
+                    action: name,
+                    key: label.to_string(),
+                },
+            );
+        }
+        let at_milestone = !is_store_key && MILESTONE_STEPS.contains(&key.step.as_str());
+        if at_milestone
+            && !matches!(
+                action,
+                None | Some(Fault::Net(
+                    Action::Pass | Action::Delay(_) | Action::Crash | Action::PowerCut(_)
+                ))
+            )
+        {
+            return self.err(
+                pos,
+                PlanErrorKind::NoEffectAt {
                     action: name,
                     key: label.to_string(),
                 },
@@ -1802,6 +1833,29 @@ mod tests {
         let pass = p.decide("server", "reply_send.write");
         assert!(!pass.fired());
         assert_eq!(pass.line(), None);
+    }
+
+    #[test]
+    fn steps_after_the_last_message_take_only_delay_crash_and_powercut() {
+        for ok in [
+            "server.disconnect_done=delay(5)",
+            "server.disconnect_done=crash",
+            "mirror.disconnect_sent=powercut(all)",
+            "mirror.disconnect_sent=pass->crash",
+        ] {
+            FaultPlan::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["drop", "close", "truncate(3)", "hang", "corrupt"] {
+            for key in ["server.disconnect_done", "mirror.disconnect_sent#1"] {
+                let plan = format!("{key}=crash->{bad}");
+                let e = FaultPlan::parse(&plan).unwrap_err();
+                assert!(
+                    matches!(e.kind, PlanErrorKind::NoEffectAt { .. }),
+                    "{plan}: {e}"
+                );
+                assert!(e.to_string().contains("cannot act at"), "{e}");
+            }
+        }
     }
 
     #[test]
