@@ -1008,9 +1008,6 @@ fn check_model(
     logs: &HashMap<u64, (u64, BlockLog)>,
     promise: Promise,
 ) -> Result<(), String> {
-    if promise == Promise::Durable {
-        return check_durable(what, actual, initial, logs);
-    }
     if actual.len() != initial.len() {
         return Err(format!(
             "{what}: size {} instead of {}",
@@ -1021,108 +1018,100 @@ fn check_model(
     let mut problems = Vec::new();
     for b in 0..(initial.len() as u64 / BLOCK) {
         let range = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
-        let got = &actual[range.clone()];
-        let ok = match logs.get(&b) {
-            None => got == &initial[range.clone()],
-            Some((tag, log)) => {
-                let base_ok = match log.acked {
-                    Some(seq) => got == block_data(*tag, seq).as_slice(),
-                    None => got == &initial[range.clone()],
-                };
-                base_ok
-                    || log
-                        .unsure
-                        .iter()
-                        .any(|&s| got == block_data(*tag, s).as_slice())
+        let log = logs.get(&b);
+        let problem = match promise {
+            Promise::Acknowledged => {
+                acknowledged_problem(&actual[range.clone()], &initial[range], log)
             }
+            Promise::Durable => durable_problem(&actual[range.clone()], &initial[range], log),
         };
-        if !ok {
-            let seen = if got[0] == 0xa5 {
-                format!(
-                    "a client write seq {}",
-                    u64::from_be_bytes(got[1..9].try_into().unwrap())
-                )
-            } else if got.iter().all(|&x| x == 0) {
-                "zeros".into()
-            } else {
-                "other data".into()
-            };
-            problems.push(format!(
-                "block {b} (offset {}): expected {:?}, found {seen}",
-                b * BLOCK,
-                logs.get(&b).map(|(_, l)| l.clone())
-            ));
+        if let Some(p) = problem {
+            problems.push(format!("block {b} (offset {}){p}", b * BLOCK));
         }
     }
     if problems.is_empty() {
-        Ok(())
-    } else {
-        let n = problems.len();
-        problems.truncate(12);
-        Err(format!(
-            "{what} does not hold what was acknowledged ({n} bad blocks):\n    {}",
-            problems.join("\n    ")
-        ))
+        return Ok(());
     }
+    let n = problems.len();
+    problems.truncate(12);
+    Err(format!(
+        "{what} {} ({n} bad blocks):\n    {}",
+        match promise {
+            Promise::Acknowledged => "does not hold what was acknowledged",
+            Promise::Durable => "lost durable writes after its power cut",
+        },
+        problems.join("\n    ")
+    ))
 }
 
-/// The power-cut oracle: per 512-byte sector, the block's durable content
-/// (its last FUA or flushed write, or the initial data) or any write sent
-/// after it. A sector holding an older write, zeros over data, or anything
-/// else is a durable write lost.
-fn check_durable(
-    what: &str,
-    actual: &[u8],
+/// The crash oracle for one block: its last acknowledged write (or the
+/// initial data), or one of the unacknowledged writes after it.
+fn acknowledged_problem(
+    got: &[u8],
     initial: &[u8],
-    logs: &HashMap<u64, (u64, BlockLog)>,
-) -> Result<(), String> {
-    const SECTOR: usize = 512;
-    if actual.len() != initial.len() {
-        return Err(format!(
-            "{what}: size {} instead of {}",
-            actual.len(),
-            initial.len()
-        ));
-    }
-    let mut problems = Vec::new();
-    for b in 0..(initial.len() as u64 / BLOCK) {
-        let range = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
-        let got = &actual[range.clone()];
-        let mut versions: Vec<Vec<u8>> = Vec::new();
-        let log = logs.get(&b);
-        match log {
-            Some((tag, log)) => {
-                versions.push(match log.durable {
-                    Some(seq) => block_data(*tag, seq),
-                    None => initial[range.clone()].to_vec(),
-                });
-                versions.extend(log.since_durable.iter().map(|&s| block_data(*tag, s)));
-            }
-            None => versions.push(initial[range.clone()].to_vec()),
+    log: Option<&(u64, BlockLog)>,
+) -> Option<String> {
+    let ok = match log {
+        None => got == initial,
+        Some((tag, log)) => {
+            let base_ok = match log.acked {
+                Some(seq) => got == block_data(*tag, seq).as_slice(),
+                None => got == initial,
+            };
+            base_ok
+                || log
+                    .unsure
+                    .iter()
+                    .any(|&s| got == block_data(*tag, s).as_slice())
         }
-        for (i, sector) in got.chunks(SECTOR).enumerate() {
-            let at = i * SECTOR..(i + 1) * SECTOR;
-            if !versions.iter().any(|v| v[at.clone()] == *sector) {
-                problems.push(format!(
-                    "block {b} (offset {}) sector {i}: not the durable write nor a later one (durable {:?}, later {:?})",
-                    b * BLOCK,
-                    log.map(|(_, l)| l.durable),
-                    log.map(|(_, l)| l.since_durable.len())
-                ));
-                break;
-            }
-        }
+    };
+    if ok {
+        return None;
     }
-    if problems.is_empty() {
-        Ok(())
+    let seen = if got[0] == 0xa5 {
+        format!(
+            "a client write seq {}",
+            u64::from_be_bytes(got[1..9].try_into().unwrap())
+        )
+    } else if got.iter().all(|&x| x == 0) {
+        "zeros".into()
     } else {
-        let n = problems.len();
-        problems.truncate(12);
-        Err(format!(
-            "{what} lost durable writes after its power cut ({n} bad blocks):\n    {}",
-            problems.join("\n    ")
-        ))
+        "other data".into()
+    };
+    Some(format!(
+        ": expected {:?}, found {seen}",
+        log.map(|(_, l)| l.clone())
+    ))
+}
+
+/// The power-cut oracle for one block: per 512-byte sector, the block's
+/// durable content (its last FUA or flushed write, or the initial data) or
+/// any write sent after it. A sector holding an older write, zeros over
+/// data, or anything else is a durable write lost.
+fn durable_problem(got: &[u8], initial: &[u8], log: Option<&(u64, BlockLog)>) -> Option<String> {
+    const SECTOR: usize = 512;
+    let mut versions: Vec<Vec<u8>> = Vec::new();
+    match log {
+        Some((tag, log)) => {
+            versions.push(match log.durable {
+                Some(seq) => block_data(*tag, seq),
+                None => initial.to_vec(),
+            });
+            versions.extend(log.since_durable.iter().map(|&s| block_data(*tag, s)));
+        }
+        None => versions.push(initial.to_vec()),
     }
+    let bad = got.chunks(SECTOR).enumerate().find(|(i, sector)| {
+        !versions
+            .iter()
+            .any(|v| v[i * SECTOR..(i + 1) * SECTOR] == **sector)
+    })?;
+    Some(format!(
+        " sector {}: not the durable write nor a later one (durable {:?}, later writes {:?})",
+        bad.0,
+        log.map(|(_, l)| l.durable),
+        log.map(|(_, l)| l.since_durable.len())
+    ))
 }
 
 // ------------------------------------------------------------ processes
