@@ -32,7 +32,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -732,7 +732,7 @@ fn the_socket_file_appearing_causes_the_port_to_be_listening_already() {
     for round in 0..3 {
         let sock = dir.join(&format!("ctl{round}.sock"));
         let log_path = dir.join(&format!("order{round}.log"));
-        let child = Command::new(BIN)
+        let child = clean_command(BIN)
             .args(serve_args(&file, &sock, &[]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

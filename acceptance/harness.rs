@@ -152,7 +152,7 @@ impl Flexnbd {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let log = File::create(&log_path).unwrap();
-        let child = Command::new(program)
+        let child = clean_command(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -261,6 +261,20 @@ impl Drop for Flexnbd {
     }
 }
 
+/// A command for `program` without the caller's `FLEXNBD_*` variables: a
+/// fault plan or a timeout override left in the shell that runs the suite
+/// must never reach a process a test did not give it to (tests that want one
+/// pass it explicitly, through `spawn_with_env` or `env`).
+pub fn clean_command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FLEXNBD_") {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
 /// Runs an external program with a time limit, returning its output.
 pub fn run_tool(program: &str, args: &[&str], limit: Duration) -> Output {
     run_tool_with_input(program, args, None, limit)
@@ -272,7 +286,7 @@ pub fn run_tool_with_input(
     input: Option<&[u8]>,
     limit: Duration,
 ) -> Output {
-    let mut child = Command::new(program)
+    let mut child = clean_command(program)
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()

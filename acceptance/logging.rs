@@ -76,7 +76,7 @@ fn the_default_threshold_shows_warnings_but_not_info() {
     let sock = dir.join("ctl.sock");
     let args = server_args("serve", &file, Some(&sock), &[]);
     let args: Vec<String> = args.into_iter().filter(|a| a != "-v").collect();
-    let mut child = std::process::Command::new(BIN)
+    let mut child = clean_command(BIN)
         .args(&args)
         .stderr(std::process::Stdio::piped())
         .spawn()

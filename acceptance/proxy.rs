@@ -18,7 +18,7 @@
 use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -585,7 +585,7 @@ fn sigterm_causes_exit_0_and_unix_socket_removal() {
     let sock = dir.join("proxy.sock");
     let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
     let mut child = Reaped(
-        Command::new(PROXY)
+        crate::harness::clean_command(PROXY)
             .args(["-l", sock.to_str().unwrap(), "-C", "127.0.0.1", "-P"])
             .arg(upstream.port().to_string())
             .arg("-v")

@@ -433,7 +433,9 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
     if !args.wait {
         return control_request(&args.sock, "mirror", lines, false);
     }
-    let path = args.sock.sock.clone().expect("checked above");
+    let Some(path) = args.sock.sock.clone() else {
+        return Err(usage_error("--sock is required.", "mirror"));
+    };
     lines[0] = "mirror_follow".to_string();
     follow_migration(&path, &lines)
 }
