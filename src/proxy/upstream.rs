@@ -134,17 +134,8 @@ impl<T: Transport> Upstream<T> {
                 // As if the greeting never came: read on for one. The server
                 // sends nothing more before we speak, so this ends at the
                 // timeout (or when it closes).
-                let mut byte = [0u8; 1];
-                return Err(
-                    match tokio::time::timeout(timeout, stream.read(&mut byte)).await {
-                        Err(_) => format!(
-                            "no greeting from {} within {} s (fault injection ignored the one that came)",
-                            self.addr,
-                            timeout.as_secs()
-                        ),
-                        Ok(_) => "no greeting after an ignored one (fault injection)".into(),
-                    },
-                );
+                let what = format!("greeting from {}", self.addr);
+                return Err(read_on_after_ignored(&mut stream, timeout, &what).await);
             }
             Err(ended) => {
                 return Err(match ended.how {
@@ -292,16 +283,7 @@ impl<T: Transport> Upstream<T> {
             Ok(Incoming::Ignore) => {
                 // Read on for the reply: with one request in flight nothing
                 // more comes, so this ends at the timeout (or a close).
-                let mut byte = [0u8; 1];
-                return Err(
-                    match tokio::time::timeout(timeout, stream.read(&mut byte)).await {
-                        Err(_) => format!(
-                            "no reply within {} s (fault injection ignored the one that came)",
-                            timeout.as_secs()
-                        ),
-                        Ok(_) => "no reply after an ignored one (fault injection)".into(),
-                    },
-                );
+                return Err(read_on_after_ignored(stream, timeout, "reply").await);
             }
             Err(ended) => {
                 return Err(match ended.how {
@@ -386,5 +368,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// After a fault ignored a message that did arrive: reads on for another
+/// until `timeout`, and says why none came. Nothing more is due (the peer
+/// waits for us), so this ends at the timeout or when the peer closes.
+async fn read_on_after_ignored<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+    what: &str,
+) -> String {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.read(&mut byte)).await {
+        Err(_) => format!(
+            "no {what} within {} s (fault injection ignored the one that came)",
+            timeout.as_secs()
+        ),
+        Ok(_) => format!("no {what} after an ignored one (fault injection)"),
     }
 }
