@@ -54,23 +54,6 @@ fn start(
     server
 }
 
-fn marker_path(dest: &Path) -> PathBuf {
-    let mut s = dest.as_os_str().to_owned();
-    s.push(".INCOMPLETE");
-    PathBuf::from(s)
-}
-
-/// The marker's `state=` value, if the marker exists.
-fn marker_state(dest: &Path) -> Option<String> {
-    let text = fs::read_to_string(marker_path(dest)).ok()?;
-    Some(
-        text.lines()
-            .find_map(|l| l.strip_prefix("state="))
-            .unwrap_or("<no state line>")
-            .to_string(),
-    )
-}
-
 /// Waits for the process to die of the power cut `key -> powercut(all)`:
 /// killed like SIGKILL, with both the `fault fired:` and the `power cut`
 /// lines in its log. Returns the log.

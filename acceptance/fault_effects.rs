@@ -38,22 +38,6 @@ fn oldstyle_with(plan: &str) -> (TempDir, std::path::PathBuf, Flexnbd) {
     served("effects-oldstyle", &["--faults", plan])
 }
 
-fn assert_fired(log: &impl Fn() -> String, key: &str, action: &str) {
-    let line = format!("fault fired: {key} -> {action}");
-    wait_for(&format!("{line:?} in the log"), WAIT, || {
-        log().contains(&line).then_some(())
-    });
-}
-
-/// True when nothing at all (not even EOF) arrives on `c` within `QUIET`.
-fn nothing_arrives(c: &mut RawClient) -> bool {
-    c.stream.set_read_timeout(Some(QUIET)).unwrap();
-    let mut b = [0u8; 1];
-    let silent = matches!(c.stream.read(&mut b), Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut);
-    c.stream.set_read_timeout(Some(WAIT)).unwrap();
-    silent
-}
-
 /// Everything the peer sends until it closes (bounded by the read timeout).
 fn until_eof(c: &mut RawClient) -> Vec<u8> {
     let mut got = Vec::new();
@@ -91,9 +75,9 @@ fn option_reply(c: &mut RawClient) -> (OptionReplyHeader, Vec<u8>) {
 fn newstyle_greeting_drop_sends_nothing_and_keeps_the_socket_open() {
     let (_dir, _file, server) = newstyle_with("server.greeting_send=drop");
     let mut c = server.connect();
-    assert_fired(&|| server.log(), "server.greeting_send", "drop");
+    server.assert_fired("server.greeting_send", "drop");
     assert!(
-        nothing_arrives(&mut c),
+        nothing_arrives(&mut c, QUIET),
         "a dropped greeting is not sent, and the socket is not closed either"
     );
 }
@@ -104,7 +88,7 @@ fn newstyle_greeting_truncate_sends_exactly_n_bytes_then_eof() {
     let mut c = server.connect();
     let got = until_eof(&mut c);
     assert_eq!(got, newstyle_greeting()[..5].to_vec());
-    assert_fired(&|| server.log(), "server.greeting_send", "truncate(5)");
+    server.assert_fired("server.greeting_send", "truncate(5)");
 }
 
 #[test]
@@ -115,7 +99,7 @@ fn newstyle_greeting_corrupt_flips_the_first_byte_only() {
     let mut expected = newstyle_greeting();
     expected[0] = !expected[0];
     assert_eq!(got, expected);
-    assert_fired(&|| server.log(), "server.greeting_send#1", "corrupt");
+    server.assert_fired("server.greeting_send#1", "corrupt");
     // Only the first connection's greeting was damaged.
     let mut d = server.connect();
     assert_eq!(d.read_exact(18), newstyle_greeting());
@@ -132,7 +116,7 @@ fn read_reply_corrupt_damages_the_magic_and_keeps_the_rest() {
     expected[0] = !expected[0];
     assert_eq!(header, expected, "only the magic's first byte differs");
     assert_eq!(c.read_exact(16), read_file_range(&file, 512, 16));
-    assert_fired(&|| server.log(), "server.reply_send.read#1", "corrupt");
+    server.assert_fired("server.reply_send.read#1", "corrupt");
 }
 
 #[test]
@@ -144,7 +128,7 @@ fn read_reply_truncate_sends_exactly_n_bytes_then_eof() {
     let got = until_eof(&mut c);
     let full = proto::SimpleReply::new(0, 0x42).encode();
     assert_eq!(got, full[..10].to_vec());
-    assert_fired(&|| server.log(), "server.reply_send.read#1", "truncate(10)");
+    server.assert_fired("server.reply_send.read#1", "truncate(10)");
 }
 
 // --------------------------------------------------------- server receives
@@ -155,9 +139,9 @@ fn option_received_drop_ignores_that_option_and_answers_the_next() {
     let mut c = server.connect();
     greet(&mut c);
     send_option(&mut c, opt::LIST, &[]);
-    assert_fired(&|| server.log(), "server.option_received.3#1", "drop");
+    server.assert_fired("server.option_received.3#1", "drop");
     assert!(
-        nothing_arrives(&mut c),
+        nothing_arrives(&mut c, QUIET),
         "an ignored option gets no reply, and the connection stays open"
     );
     // The next option is read and answered: one export, then the ACK.
@@ -169,7 +153,10 @@ fn option_received_drop_ignores_that_option_and_answers_the_next() {
     );
     let (ack, data) = option_reply(&mut c);
     assert_eq!((ack.kind, data.len()), (rep::ACK, 0));
-    assert!(nothing_arrives(&mut c), "one LIST was answered, not two");
+    assert!(
+        nothing_arrives(&mut c, QUIET),
+        "one LIST was answered, not two"
+    );
 }
 
 #[test]
@@ -179,7 +166,7 @@ fn option_received_close_ends_the_negotiation_without_a_reply() {
     greet(&mut c);
     send_option(&mut c, opt::LIST, &[]);
     assert_eq!(until_eof(&mut c), Vec::<u8>::new(), "EOF, no reply");
-    assert_fired(&|| server.log(), "server.option_received.3", "close");
+    server.assert_fired("server.option_received.3", "close");
 }
 
 #[test]
@@ -189,7 +176,7 @@ fn option_received_corrupt_rejects_the_option_and_closes() {
     greet(&mut c);
     send_option(&mut c, opt::LIST, &[]);
     assert_eq!(until_eof(&mut c), Vec::<u8>::new(), "EOF, no reply");
-    assert_fired(&|| server.log(), "server.option_received.3", "corrupt");
+    server.assert_fired("server.option_received.3", "corrupt");
     server.wait_log("rejected the message as damaged at server.option_received.3");
 }
 
@@ -199,9 +186,9 @@ fn request_received_drop_answers_nothing_for_it_and_serves_the_next() {
     let mut c = server.connect();
     c.oldstyle_greeting();
     c.request(cmd::READ, 0, 1, 0, 64);
-    assert_fired(&|| server.log(), "server.request_received.read#1", "drop");
+    server.assert_fired("server.request_received.read#1", "drop");
     assert!(
-        nothing_arrives(&mut c),
+        nothing_arrives(&mut c, QUIET),
         "an ignored request is not answered"
     );
     let reply = {
@@ -216,7 +203,7 @@ fn accept_drop_has_no_message_to_drop_so_it_closes() {
     let (_dir, _file, server) = oldstyle_with("server.accept#1=drop");
     let mut c = server.connect();
     assert_eq!(until_eof(&mut c), Vec::<u8>::new(), "closed, no greeting");
-    assert_fired(&|| server.log(), "server.accept#1", "drop");
+    server.assert_fired("server.accept#1", "drop");
     server.connect().oldstyle_greeting();
 }
 
@@ -319,11 +306,8 @@ fn mirror_payload_truncate_sends_the_header_then_n_payload_bytes_then_eof() {
         read_file_range(&src.file, request.offset, 100),
         "exactly 100 payload bytes, then EOF"
     );
-    assert_fired(
-        &|| src.server.log(),
-        "mirror.payload_send.write#1",
-        "truncate(100)",
-    );
+    src.server
+        .assert_fired("mirror.payload_send.write#1", "truncate(100)");
 }
 
 #[test]
@@ -369,11 +353,8 @@ fn mirror_reply_drop_leaves_the_write_unacknowledged_until_the_request_limit() {
         waited >= Duration::from_secs(limit_secs) - Duration::from_millis(200),
         "the connection was closed {waited:?} after the reply, before the request limit"
     );
-    assert_fired(
-        &|| src.server.log(),
-        "mirror.reply_received.write#1",
-        "drop",
-    );
+    src.server
+        .assert_fired("mirror.reply_received.write#1", "drop");
     src.server.wait_log("request timeout");
 }
 
@@ -407,9 +388,9 @@ fn proxy_request_drop_is_not_answered_and_the_next_request_is() {
     let mut c = p.connect();
     c.oldstyle_greeting();
     c.request(cmd::READ, 0, 1, 0, 64);
-    assert_fired(&|| p.log(), "proxy.request_received.read#1", "drop");
+    p.assert_fired("proxy.request_received.read#1", "drop");
     assert!(
-        nothing_arrives(&mut c),
+        nothing_arrives(&mut c, QUIET),
         "an ignored request is not answered"
     );
     c.request(cmd::READ, 0, 2, 64, 64);
@@ -429,7 +410,7 @@ fn proxy_reply_corrupt_damages_the_magic_and_keeps_the_rest() {
     expected[0] = !expected[0];
     assert_eq!(c.read_exact(proto::SIMPLE_REPLY_LEN), expected);
     assert_eq!(c.read_exact(32), read_file_range(&file, 0, 32));
-    assert_fired(&|| p.log(), "proxy.reply_send.read#1", "corrupt");
+    p.assert_fired("proxy.reply_send.read#1", "corrupt");
 }
 
 // ----------------------------------------------------------------- control
@@ -459,7 +440,7 @@ fn control_drop_ignores_the_command_and_reads_on_until_the_client_leaves() {
         ],
     );
     let mut s = status_request(&sock);
-    assert_fired(&|| server.log(), "control.status#1", "drop");
+    server.assert_fired("control.status#1", "drop");
     s.set_read_timeout(Some(QUIET)).unwrap();
     let mut b = [0u8; 64];
     assert!(

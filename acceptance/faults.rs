@@ -19,28 +19,13 @@ fn served_with(plan: &str) -> (TempDir, std::path::PathBuf, Flexnbd) {
     (dir, file, server)
 }
 
-/// Fails unless the log says `fault fired: <key> -> <action>`.
-fn assert_fired(server: &Flexnbd, key: &str, action: &str) {
-    server.wait_log(&format!("fault fired: {key} -> {action}"));
-}
-
-/// True when nothing arrives on `c` within `quiet` (used to show that a
-/// dropped or hung reply is really not sent).
-fn nothing_arrives(c: &mut RawClient, quiet: Duration) -> bool {
-    c.stream.set_read_timeout(Some(quiet)).unwrap();
-    let mut b = [0u8; 1];
-    let silent = matches!(c.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
-    c.stream.set_read_timeout(Some(WAIT)).unwrap();
-    silent
-}
-
 #[test]
 fn drop_on_the_first_read_reply_causes_no_reply_and_the_second_read_works() {
     let (_dir, file, server) = served_with("server.reply_send.read#1=drop");
     let mut c = server.connect();
     c.oldstyle_greeting();
     c.request(cmd::READ, 0, 1, 0, 512);
-    assert_fired(&server, "server.reply_send.read#1", "drop");
+    server.assert_fired("server.reply_send.read#1", "drop");
     // Waiting to show that something does NOT happen.
     assert!(
         nothing_arrives(&mut c, Duration::from_millis(300)),
@@ -59,7 +44,7 @@ fn corrupt_on_write_replies_causes_a_bad_reply_magic() {
     let r = c.simple_reply();
     assert_ne!(r.magic, proto::SIMPLE_REPLY_MAGIC);
     assert_eq!(r.handle, 7, "only the magic is damaged");
-    assert_fired(&server, "server.reply_send.write", "corrupt");
+    server.assert_fired("server.reply_send.write", "corrupt");
 }
 
 #[test]
@@ -70,7 +55,7 @@ fn truncate_on_the_greeting_causes_a_short_greeting_then_eof() {
     c.stream.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), 20);
     assert_eq!(&got[..8], b"NBDMAGIC");
-    assert_fired(&server, "server.greeting_send", "truncate(20)");
+    server.assert_fired("server.greeting_send", "truncate(20)");
 }
 
 #[test]
@@ -81,7 +66,7 @@ fn close_on_a_write_request_causes_eof_and_others_are_still_served() {
     c.request(cmd::WRITE, 0, 1, 0, 4);
     c.send(b"abcd");
     assert!(c.sees_eof());
-    assert_fired(&server, "server.request_received.write#1", "close");
+    server.assert_fired("server.request_received.write#1", "close");
     let mut other = server.connect();
     other.oldstyle_greeting();
     other.write_ok(0, b"fine");
@@ -98,7 +83,7 @@ fn crash_on_accept_causes_the_process_to_die_like_sigkill() {
         Some(libc::SIGKILL),
         "crash is SIGKILL: {status}"
     );
-    assert_fired(&server, "server.accept", "crash");
+    server.assert_fired("server.accept", "crash");
 }
 
 #[test]
@@ -114,7 +99,7 @@ fn delay_on_flush_replies_causes_a_late_reply() {
         "the reply waited {:?}",
         start.elapsed()
     );
-    assert_fired(&server, "server.reply_send.flush", "delay(300)");
+    server.assert_fired("server.reply_send.flush", "delay(300)");
 }
 
 #[test]
@@ -135,7 +120,7 @@ fn hang_on_a_read_reply_holds_that_connection_only_until_its_peer_leaves() {
     let mut c = server.connect();
     c.oldstyle_greeting();
     c.request(cmd::READ, 0, 1, 0, 512);
-    assert_fired(&server, "server.reply_send.read#1", "hang");
+    server.assert_fired("server.reply_send.read#1", "hang");
     assert!(nothing_arrives(&mut c, Duration::from_millis(300)));
     drop(c);
     wait_for("the hung connection's slot to be free", WAIT, || {
@@ -157,8 +142,8 @@ fn store_write_eio_and_enospc_are_reported_in_replies() {
         let r = c.simple_reply();
         assert_eq!((r.handle, r.error), (handle, expected));
     }
-    assert_fired(&server, "store.write#1", "eio");
-    assert_fired(&server, "store.write#2", "enospc");
+    server.assert_fired("store.write#1", "eio");
+    server.assert_fired("store.write#2", "enospc");
     assert_ne!(before, b"zzzz".to_vec());
     assert_eq!(
         read_file_range(&file, 0, 4),
@@ -182,8 +167,8 @@ fn store_read_and_sync_errors_are_reported_in_replies() {
     assert_eq!(c.simple_reply().error, errno::EIO);
     c.request(cmd::FLUSH, 0, 3, 0, 0);
     assert_eq!(c.simple_reply().error, 0, "only the first sync fails");
-    assert_fired(&server, "store.read#1", "eio");
-    assert_fired(&server, "store.sync#1", "eio");
+    server.assert_fired("store.read#1", "eio");
+    server.assert_fired("store.sync#1", "eio");
 }
 
 #[test]
@@ -195,7 +180,7 @@ fn a_slow_store_sync_delays_the_flush_reply() {
     c.request(cmd::FLUSH, 0, 1, 0, 0);
     assert_eq!(c.simple_reply().error, 0);
     assert!(start.elapsed() >= Duration::from_millis(300));
-    assert_fired(&server, "store.sync", "slow(300)");
+    server.assert_fired("store.sync", "slow(300)");
 }
 
 #[test]
@@ -212,7 +197,7 @@ fn the_faults_environment_variable_reaches_the_server() {
     c.oldstyle_greeting();
     c.request(cmd::FLUSH, 0, 1, 0, 0);
     assert!(c.sees_eof());
-    assert_fired(&server, "server.request_received.flush", "close");
+    server.assert_fired("server.request_received.flush", "close");
     server.wait_log("fault plan active (seed ");
 }
 
@@ -228,7 +213,7 @@ fn control_faults_close_the_control_connection_without_an_answer() {
     );
     let first = run_tool(BIN, &["status", "-s", &sock], WAIT);
     assert_eq!(first.status.code(), Some(1), "no answer is a failure");
-    assert_fired(&server, "control.status#1", "close");
+    server.assert_fired("control.status#1", "close");
     let second = run_ok(BIN, &["status", "-s", &sock], WAIT);
     assert!(String::from_utf8_lossy(&second.stdout).starts_with("pid="));
 }

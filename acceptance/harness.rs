@@ -204,6 +204,12 @@ impl Flexnbd {
     }
 
     /// Waits until the log contains `text`.
+    /// Fails unless the log says `fault fired: <key> -> <action>` (within
+    /// the usual bound).
+    pub fn assert_fired(&self, key: &str, action: &str) {
+        self.wait_log(&format!("fault fired: {key} -> {action}"));
+    }
+
     pub fn wait_log(&self, text: &str) {
         wait_for(&format!("log line containing {text:?}"), WAIT, || {
             self.log().contains(text).then_some(())
@@ -497,4 +503,35 @@ pub fn send_option(c: &mut RawClient, option: u32, data: &[u8]) {
     .to_vec();
     b.extend_from_slice(data);
     c.send(&b);
+}
+
+/// The marker next to a destination image: `<dest>.INCOMPLETE` (spelled out
+/// here rather than taken from the library, so the tests check the name).
+pub fn marker_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".INCOMPLETE");
+    PathBuf::from(s)
+}
+
+/// The marker's `state=` value; `None` when there is no marker, and
+/// `"<no state line>"` for a marker without one (an empty marker reads as
+/// `receiving` in production, but a test must see that it lost its content).
+pub fn marker_state(dest: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(marker_path(dest)).ok()?;
+    Some(
+        text.lines()
+            .find_map(|l| l.strip_prefix("state="))
+            .unwrap_or("<no state line>")
+            .to_string(),
+    )
+}
+
+/// True when nothing at all (not even EOF) arrives on `c` within `quiet`:
+/// shows that a dropped or hung message is really not sent.
+pub fn nothing_arrives(c: &mut RawClient, quiet: Duration) -> bool {
+    c.stream.set_read_timeout(Some(quiet)).unwrap();
+    let mut b = [0u8; 1];
+    let silent = matches!(c.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+    c.stream.set_read_timeout(Some(WAIT)).unwrap();
+    silent
 }

@@ -49,10 +49,6 @@ const RECONNECT: Duration = Duration::from_secs(5);
 /// Seconds the hang_after_write source waits for progress.
 const REQUEST_LIMIT_SECS: u64 = 2;
 
-pub(crate) fn marker(dest: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.INCOMPLETE", dest.display()))
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -168,7 +164,10 @@ fn finish_migration(
     );
     s.disconnect(0x4449_5343);
     assert_eq!(exit_code(server), Some(0), "listener exit after DISCONNECT");
-    assert!(!marker(file).exists(), "marker removed after DISCONNECT");
+    assert!(
+        !marker_path(file).exists(),
+        "marker removed after DISCONNECT"
+    );
     assert_eq!(read_file_range(file, offset, data.len()), data);
 }
 
@@ -182,7 +181,7 @@ fn c_source_writes_then_disconnect_without_entrust_causes_listener_exit_0_with_d
     // Garbage first, so the zero-filled writes must really land.
     let file = dir.pattern_file("dest.img", SIZE, 9);
     let mut server = listen(&dir, &file, &[]);
-    assert!(marker(&file).exists(), "marker while receiving");
+    assert!(marker_path(&file).exists(), "marker while receiving");
     let mut expected = pattern(SIZE as usize, 3);
     expected[(SIZE / 2) as usize..].fill(0);
 
@@ -202,7 +201,7 @@ fn c_source_writes_then_disconnect_without_entrust_causes_listener_exit_0_with_d
     }
     s.disconnect(0x1234_5678_9abc_def0);
     assert_eq!(exit_code(&mut server), Some(0), "listener exit status");
-    assert!(!marker(&file).exists(), "the marker must be removed");
+    assert!(!marker_path(&file).exists(), "the marker must be removed");
     assert!(
         fs::read(&file).unwrap() == expected,
         "the destination image must equal what the C source sent"
@@ -576,7 +575,7 @@ fn source_close_after_connect_causes_listener_to_accept_the_next_sender() {
     drop(FakeSource::connect(server.addr));
     let (s, size) = connect_with_greeting(server.addr, RECONNECT);
     assert_eq!(size, SIZE);
-    assert!(marker(&file).exists(), "still receiving");
+    assert!(marker_path(&file).exists(), "still receiving");
     finish_migration(s, &mut server, &file, 4096, b"12345678");
 }
 
@@ -604,7 +603,7 @@ fn source_close_after_write_header_causes_no_write_and_listener_accepts_the_next
     server.signal(libc::SIGCONT);
     let (s, _) = connect_with_greeting(server.addr, RECONNECT);
     assert!(server.is_running());
-    assert!(marker(&file).exists(), "still receiving");
+    assert!(marker_path(&file).exists(), "still receiving");
     assert_eq!(
         read_file_range(&file, 0, 8),
         vec![0u8; 8],
@@ -625,7 +624,7 @@ fn source_close_after_write_data_causes_listener_to_accept_the_next_sender() {
     server.signal(libc::SIGCONT);
     let (s, _) = connect_with_greeting(server.addr, RECONNECT);
     assert!(server.is_running());
-    assert!(marker(&file).exists(), "still receiving");
+    assert!(marker_path(&file).exists(), "still receiving");
     finish_migration(s, &mut server, &file, 0, b"87654321");
 }
 
@@ -684,7 +683,7 @@ fn source_sigterm_after_hello_causes_listener_exit_1_with_marker_kept() {
     server.signal(libc::SIGTERM);
     assert_eq!(exit_code(&mut server), Some(1), "SIGTERM before DISCONNECT");
     assert!(
-        marker(&file).exists(),
+        marker_path(&file).exists(),
         "an unfinished migration keeps its marker"
     );
 }
@@ -741,21 +740,13 @@ fn source_bad_request_magic_causes_ebadmsg_close_and_no_completion() {
     // The listener keeps listening: a later proper migration completes.
     let (s, _) = connect_with_greeting(server.addr, RECONNECT);
     assert!(server.is_running(), "a bad magic must not end the listener");
-    assert!(marker(&file).exists(), "a bad magic completes nothing");
+    assert!(marker_path(&file).exists(), "a bad magic completes nothing");
     finish_migration(s, &mut server, &file, 0, b"12345678");
 }
 
 // ---------------------------------------------------------------------------
 // The entrust fakes of spec 8.3 ("unused" in the C suite, which had dropped
 // entrust; meaningful again now that the hand-off has it).
-
-/// The marker's `state=` line, if the marker exists.
-fn marker_state(file: &Path) -> Option<String> {
-    let text = fs::read_to_string(marker(file)).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("state="))
-        .map(str::to_string)
-}
 
 /// A source that sends data and ENTRUST, then (after reading the reply when
 /// `read_reply`) closes without DISCONNECT: the destination must record

@@ -190,23 +190,6 @@ fn assert_exit(server: &mut Flexnbd, code: i32, what: &str) {
     server.assert_no_panic();
 }
 
-fn marker(dest: &Path) -> PathBuf {
-    let mut s = dest.as_os_str().to_owned();
-    s.push(".INCOMPLETE");
-    PathBuf::from(s)
-}
-
-/// The marker's `state=` value, if the marker exists.
-fn marker_state(dest: &Path) -> Option<String> {
-    let text = fs::read_to_string(marker(dest)).ok()?;
-    Some(
-        text.lines()
-            .find_map(|l| l.strip_prefix("state="))
-            .unwrap_or("<none>")
-            .to_string(),
-    )
-}
-
 /// Compares two files without printing megabytes on failure.
 fn assert_same_files(a: &Path, b: &Path) {
     let x = fs::read(a).unwrap();
@@ -328,7 +311,7 @@ fn listen_starting_causes_a_receiving_marker_and_no_control_before_anything_conn
     let dir = TempDir::new("mig-marker");
     let dest_file = dir.sparse_file("dest.img", 16 * MIB);
     let sock = dir.join("dest.sock");
-    assert!(!marker(&dest_file).exists());
+    assert!(!marker_path(&dest_file).exists());
     let dest = listen(&dir, &dest_file, 0, Some(&sock));
     // `spawn` returned as soon as the port was listening.
     assert_eq!(marker_state(&dest_file).as_deref(), Some("receiving"));

@@ -22,7 +22,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::interop::{assert_mirror_started, exit_code, listen, marker, mirror, source_in};
+use crate::interop::{assert_mirror_started, exit_code, listen, mirror, source_in};
 
 const QUICK: Duration = Duration::from_secs(10);
 
@@ -55,7 +55,7 @@ fn scene(tag: &str, source: bool, m: Marker) -> (TempDir, PathBuf, PathBuf) {
     let dest = dir.join("dest.img");
     fs::write(&dest, b"destination").unwrap();
     if let Some(text) = marker_text(m) {
-        fs::write(marker(&dest), text).unwrap();
+        fs::write(marker_path(&dest), text).unwrap();
     }
     (dir, src, dest)
 }
@@ -102,7 +102,7 @@ const TABLE: [(bool, Marker, &str, i32); 6] = [
 ];
 
 fn marker_contents(dest: &Path) -> Option<String> {
-    fs::read_to_string(marker(dest)).ok()
+    fs::read_to_string(marker_path(dest)).ok()
 }
 
 #[test]
@@ -159,11 +159,17 @@ fn entrusted_marker_with_apply_causes_marker_removed_then_destination_verdict() 
     ]);
     assert_verdict(&o, "destination-entrusted", 12, "apply on entrusted");
     assert!(
-        text(&o).contains(&format!("applied: removed {}", marker(&dest).display())),
+        text(&o).contains(&format!(
+            "applied: removed {}",
+            marker_path(&dest).display()
+        )),
         "apply says what it removed: {}",
         text(&o)
     );
-    assert!(!marker(&dest).exists(), "the entrusted marker is removed");
+    assert!(
+        !marker_path(&dest).exists(),
+        "the entrusted marker is removed"
+    );
     assert!(dest.exists(), "the destination image stays");
     let o = resolve(&[
         "--source",
@@ -231,7 +237,7 @@ fn malformed_invocations_cause_usage_error_exit_1_without_verdict() {
         assert!(!o.stderr.is_empty(), "{what}: a message on stderr");
     }
     assert!(
-        marker(Path::new(dest)).exists(),
+        marker_path(Path::new(dest)).exists(),
         "usage errors change nothing"
     );
 }
@@ -294,7 +300,7 @@ fn listen_just_started_causes_receiving_marker_and_source_verdict() {
     let src = dir.pattern_file("src.img", 64 * 1024, 2);
     let dest = dir.sparse_file("dest.img", 64 * 1024);
     let server = listen(&dir, &dest, &[]);
-    let text_ = fs::read_to_string(marker(&dest)).expect("listen creates the marker");
+    let text_ = fs::read_to_string(marker_path(&dest)).expect("listen creates the marker");
     assert!(
         text_.lines().any(|l| l == "state=receiving"),
         "marker: {text_}"
