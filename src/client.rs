@@ -358,16 +358,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
     let step = format!("reply_received.{}", cmd::name(kind));
     let reply = loop {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
-        match tokio::time::timeout_at(deadline, stream.read_exact(&mut h)).await {
-            Err(_) => return Err(ClientError::ReplyTimeout),
-            Ok(Err(source)) => {
-                return Err(ClientError::Io {
-                    what: "waiting for the reply",
-                    source,
-                })
-            }
-            Ok(Ok(_)) => {}
-        }
+        by_reply_deadline(deadline, stream.read_exact(&mut h)).await?;
         let reply = SimpleReply::decode(&h);
         // Hung: the reply stalls until the reply timeout gives up on it.
         let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
@@ -380,16 +371,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
                     let mut data = (&mut *stream).take(data_len);
                     let mut sink = tokio::io::sink();
                     let skip = tokio::io::copy(&mut data, &mut sink);
-                    match tokio::time::timeout_at(deadline, skip).await {
-                        Err(_) => return Err(ClientError::ReplyTimeout),
-                        Ok(Err(source)) => {
-                            return Err(ClientError::Io {
-                                what: "waiting for the reply",
-                                source,
-                            })
-                        }
-                        Ok(Ok(_)) => {}
-                    }
+                    by_reply_deadline(deadline, skip).await?;
                 }
             }
             Err(ended) => {
@@ -417,6 +399,21 @@ async fn read_reply<S: AsyncRead + Unpin>(
         return Err(ClientError::ErrorReply(reply.error));
     }
     Ok(())
+}
+
+/// Waits for `io`, part of receiving a reply, until `deadline`.
+async fn by_reply_deadline<T>(
+    deadline: tokio::time::Instant,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout_at(deadline, io).await {
+        Err(_) => Err(ClientError::ReplyTimeout),
+        Ok(Err(source)) => Err(ClientError::Io {
+            what: "waiting for the reply",
+            source,
+        }),
+        Ok(Ok(v)) => Ok(v),
+    }
 }
 
 /// Moves exactly `length` bytes from `from` to `to`, with no more than
