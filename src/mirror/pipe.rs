@@ -172,9 +172,12 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
 
     /// Applies a probe verdict to one message about to be sent: the bytes
     /// to send (borrowed unless corrupted), or none for a dropped message.
+    /// A message cut short goes out after `before` (a payload's header, so
+    /// the peer sees a cut-off write rather than stray bytes).
     async fn verdict<'m>(
         &mut self,
         step: Step,
+        before: &[u8],
         message: &'m [u8],
     ) -> Result<Option<Cow<'m, [u8]>>, PipeError> {
         let limit = self.limit;
@@ -182,6 +185,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         let hang = async { tokio::time::sleep(limit).await };
         let e = match fault_apply::outgoing(self.probe.step(step), || step.key(), hang).await {
             Ok(Outgoing::Cut { keep, ended }) => {
+                let _ = self.writer.write_all(before).await;
                 let _ = self
                     .writer
                     .write_all(&message[..keep.min(message.len())])
@@ -198,29 +202,33 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
 
     async fn send(&mut self, kind: u16, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
         let Some(header) = self
-            .verdict(Step::MirrorRequestSend { kind }, header)
+            .verdict(Step::MirrorRequestSend { kind }, &[], header)
             .await?
         else {
             return Ok(()); // dropped: the reply never comes, the timeout notices
         };
-        // The header goes out before the payload's step is announced, so a
-        // payload cut short follows its header on the wire.
-        self.put(&header).await?;
-        if payload.is_empty() {
-            return Ok(());
-        }
-        match self
-            .verdict(Step::MirrorPayloadSend { kind }, payload)
-            .await?
-        {
-            Some(payload) => self.put(&payload).await,
-            // Dropped: the destination waits for the payload, the timeout notices.
-            None => Ok(()),
-        }
+        let payload = if payload.is_empty() {
+            Some(Cow::Borrowed(payload))
+        } else {
+            // Dropped: the header alone goes out; the destination waits for
+            // the payload and the timeout notices.
+            self.verdict(Step::MirrorPayloadSend { kind }, &header, payload)
+                .await?
+        };
+        self.put(&header, payload.as_deref().unwrap_or_default())
+            .await
     }
 
-    async fn put(&mut self, bytes: &[u8]) -> Result<(), PipeError> {
-        match tokio::time::timeout(self.limit, self.writer.write_all(bytes)).await {
+    /// Writes `header` then `payload`, within one no-progress limit.
+    async fn put(&mut self, header: &[u8], payload: &[u8]) -> Result<(), PipeError> {
+        let io = async {
+            self.writer.write_all(header).await?;
+            if !payload.is_empty() {
+                self.writer.write_all(payload).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout(self.limit, io).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());
                 self.shared.fail(e.clone());
