@@ -22,7 +22,7 @@ use super::{transmission_flags, HandshakeMode, Shared};
 use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
-use crate::store::{Image, BLOCK_SIZE, PIECE};
+use crate::store::{offload, Image, BLOCK_SIZE, PIECE};
 use crate::transport::Stream;
 use crate::{debug, error, info, warn};
 
@@ -63,6 +63,8 @@ pub enum ConnError {
     Marker(String),
     #[error("fault injection hung the connection at {0}")]
     Hang(String),
+    #[error("{0}")]
+    Offload(io::Error),
 }
 
 impl From<Ended> for ConnError {
@@ -359,20 +361,31 @@ where
             }
             cmd::ENTRUST if self.destination.is_some() => self.entrust(&req).await?,
             cmd::FLUSH => self.defer_sync(&req).await,
-            cmd::TRIM => {
-                let result = self.image.punch(req.offset, u64::from(req.length), false);
-                self.after_change(&req, result).await?;
-            }
-            cmd::WRITE_ZEROES => {
-                let result = if req.flags & cmd_flags::NO_HOLE != 0 {
-                    self.image.write_zeroes(req.offset, u64::from(req.length))
-                } else {
-                    self.image.punch(req.offset, u64::from(req.length), true)
-                };
+            cmd::TRIM | cmd::WRITE_ZEROES => {
+                let image = self.image.clone();
+                let (offset, length) = (req.offset, u64::from(req.length));
+                let (kind, flags) = (req.kind, req.flags);
+                let result = offload::run(move || {
+                    if kind == cmd::TRIM {
+                        image.punch(offset, length, false)
+                    } else if flags & cmd_flags::NO_HOLE != 0 {
+                        image.write_zeroes(offset, length)
+                    } else {
+                        image.punch(offset, length, true)
+                    }
+                })
+                .await
+                .and_then(|r| r);
                 self.after_change(&req, result).await?;
             }
             cmd::CACHE => {
-                let error = match self.image.prefetch(req.offset, u64::from(req.length)) {
+                let image = self.image.clone();
+                let (offset, length) = (req.offset, u64::from(req.length));
+                // Readahead can block on the disk too.
+                let result = offload::run(move || image.prefetch(offset, length))
+                    .await
+                    .and_then(|r| r);
+                let error = match result {
                     Ok(()) => 0,
                     Err(e) => errno::from_io(&e),
                 };
@@ -468,20 +481,19 @@ where
             // Pieces end on 4 KiB boundaries of the file, so zero detection
             // sees whole blocks.
             let n = ((end - pos) as usize).min(PIECE - (pos % BLOCK_SIZE) as usize);
+            if self.payload.len() < n {
+                self.payload.resize(n, 0);
+            }
             let buffered = self.reader.buffer();
-            let result = if buffered.len() >= n {
-                // The common small write: store straight from the read buffer.
-                let r = if failure.is_none() {
-                    self.image.write_at(&buffered[..n], pos)
-                } else {
-                    Ok(())
-                };
-                self.reader.consume(n);
-                r
-            } else {
-                if self.payload.len() < n {
-                    self.payload.resize(n, 0);
+            if buffered.len() >= n {
+                // The common small write: already buffered. It is copied
+                // because the store runs on another thread and the read
+                // buffer cannot travel there.
+                if failure.is_none() {
+                    self.payload[..n].copy_from_slice(&buffered[..n]);
                 }
+                self.reader.consume(n);
+            } else {
                 let got = read_full(&mut self.reader, &mut self.payload[..n])
                     .await
                     .map_err(ConnError::Receive)?;
@@ -492,19 +504,13 @@ where
                         got: pos - req.offset + got as u64,
                     });
                 }
-                if failure.is_none() {
-                    self.image.write_at(&self.payload[..n], pos)
-                } else {
-                    Ok(())
+            }
+            if failure.is_none() {
+                if let Err(e) = self.store_piece(n, pos).await {
+                    failure = Some(e);
                 }
-            };
-            if let Err(e) = result {
-                failure.get_or_insert(e);
             }
             pos += n as u64;
-        }
-        if self.payload.len() > 4 * PIECE {
-            self.payload = Vec::new();
         }
         if !self
             .received(Step::PayloadReceived { kind: req.kind })
@@ -513,6 +519,23 @@ where
             return Ok(()); // dropped: stored, but never answered
         }
         self.after_change(req, failure.map_or(Ok(()), Err)).await
+    }
+
+    /// Stores the first `n` bytes of the payload buffer at `pos`, on the I/O
+    /// pool (the buffer goes there and comes back).
+    async fn store_piece(&mut self, n: usize, pos: u64) -> io::Result<()> {
+        let payload = std::mem::take(&mut self.payload);
+        let image = self.image.clone();
+        let (payload, result) = offload::run(move || {
+            let result = match payload.get(..n) {
+                Some(data) => image.write_at(data, pos),
+                None => Err(io::Error::other("write piece larger than its buffer")),
+            };
+            (payload, result)
+        })
+        .await?;
+        self.payload = payload;
+        result
     }
 
     /// Answers a data-changing request: at once, or after a sync for FUA.
@@ -553,7 +576,7 @@ where
         let probe = self.probe.clone();
         let req = *req;
         tokio::spawn(async move {
-            let error = match tokio::task::spawn_blocking(move || image.sync()).await {
+            let error = match offload::run(move || image.sync()).await {
                 Ok(Ok(())) => 0,
                 Ok(Err(e)) => {
                     error!("sync for {} failed: {e}", cmd::name(req.kind));
@@ -633,6 +656,7 @@ where
         match result {
             Ok(()) => {}
             Err(ReadError::Send(e)) => return Err(ConnError::Send(e)),
+            Err(ReadError::Lost(e)) => return Err(ConnError::Offload(e)),
             Err(ReadError::Padded(error)) => {
                 error!(
                     "read of {} bytes at {} failed: {error}",
@@ -757,6 +781,8 @@ async fn hang_until_closed<R: AsyncRead + Unpin>(reader: &mut R, stop: &Cancella
 
 enum ReadError {
     Send(io::Error),
+    /// The I/O pool lost the reply buffer (see `read_piece`).
+    Lost(io::Error),
     /// Reading the image failed; `chunk_mark` is where the failed chunk began.
     Image {
         error: io::Error,
@@ -768,10 +794,44 @@ enum ReadError {
     Padded(io::Error),
 }
 
+/// Reads `n` bytes at `pos` into the room after the writer's pending output,
+/// on the I/O pool: the writer's buffer goes there and comes back, so the
+/// data still lands where it is sent from. The outer error ends the
+/// connection (the buffer, and the output pending in it, was lost); the
+/// inner one is the image's.
+async fn read_piece<W: AsyncWrite + Unpin>(
+    w: &mut ReplyWriter<W>,
+    image: &Arc<Image>,
+    pos: u64,
+    n: usize,
+) -> Result<io::Result<()>, ReadError> {
+    let start = w.mark();
+    let mut buf = w.lend(n);
+    let image = image.clone();
+    let done = offload::run(move || {
+        let result = match buf.get_mut(start..start + n) {
+            Some(space) => image.read_at(space, pos),
+            None => Err(io::Error::other("reply buffer smaller than lent")),
+        };
+        (buf, result)
+    })
+    .await;
+    match done {
+        Ok((buf, result)) => {
+            w.give_back(Some(buf));
+            Ok(result)
+        }
+        Err(e) => {
+            w.give_back(None);
+            Err(ReadError::Lost(e))
+        }
+    }
+}
+
 /// Copies `length` bytes at `offset` into the writer in pieces.
 async fn put_data<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
-    image: &Image,
+    image: &Arc<Image>,
     offset: u64,
     length: u64,
     stream: bool,
@@ -787,10 +847,9 @@ async fn put_data<W: AsyncWrite + Unpin>(
             // Later pieces of a long chunk: the chunk has begun streaming.
             w.make_room(n).await.map_err(ReadError::Send)?;
         }
-        let space = w.space(n);
         if padded.is_some() {
-            space.fill(0);
-        } else if let Err(error) = image.read_at(space, pos) {
+            w.space(n).fill(0);
+        } else if let Err(error) = read_piece(w, image, pos, n).await? {
             if !pad {
                 return Err(ReadError::Image { error, chunk_mark });
             }
@@ -810,7 +869,7 @@ async fn put_data<W: AsyncWrite + Unpin>(
 
 async fn read_simple<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
-    image: &Image,
+    image: &Arc<Image>,
     req: &Request,
     stream: bool,
 ) -> Result<(), ReadError> {
@@ -830,7 +889,7 @@ async fn read_simple<W: AsyncWrite + Unpin>(
 
 async fn read_structured<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
-    image: &Image,
+    image: &Arc<Image>,
     req: &Request,
     stream: bool,
 ) -> Result<(), ReadError> {

@@ -18,6 +18,10 @@ pub struct ReplyWriter<W> {
     /// Counts sends, so a reply being built can tell whether part of it
     /// has already left (and can no longer be taken back).
     sends: u64,
+    /// Set while `lend` has the buffer out. If the lender is dropped before
+    /// it gives the buffer back (the killswitch abandons a request), the
+    /// pending output is gone and is discarded at the next send.
+    lent: bool,
 }
 
 impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
@@ -27,6 +31,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
             buf: Vec::new(),
             filled: 0,
             sends: 0,
+            lent: false,
         }
     }
 
@@ -44,6 +49,34 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
             self.buf.resize(need, 0);
         }
         &mut self.buf[self.filled..need]
+    }
+
+    /// Takes the buffer out, with room for `n` more bytes after the pending
+    /// output, so another thread can fill them (image reads run off the
+    /// async workers); `give_back` returns it. Nothing else may touch the
+    /// writer in between.
+    pub fn lend(&mut self, n: usize) -> Vec<u8> {
+        self.space(n);
+        self.lent = true;
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Returns a buffer taken by `lend`; `None` when it was lost (the thread
+    /// that had it never finished), and the pending output with it.
+    pub fn give_back(&mut self, buf: Option<Vec<u8>>) {
+        match buf {
+            Some(buf) => self.buf = buf,
+            None => self.filled = 0,
+        }
+        self.lent = false;
+    }
+
+    /// Forgets pending output whose buffer was lent and never returned.
+    fn drop_lost(&mut self) {
+        if self.lent {
+            self.lent = false;
+            self.filled = 0;
+        }
     }
 
     pub fn commit(&mut self, n: usize) {
@@ -74,11 +107,14 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
     /// Damages the byte at `at` (fault injection: a corrupted magic).
     pub fn corrupt_byte(&mut self, at: usize) {
         if at < self.filled {
-            faults::corrupt(&mut self.buf[at..at + 1]);
+            if let Some(byte) = self.buf.get_mut(at..at + 1) {
+                faults::corrupt(byte);
+            }
         }
     }
 
     pub async fn send(&mut self) -> io::Result<()> {
+        self.drop_lost();
         if self.filled > 0 {
             self.out.write_all(&self.buf[..self.filled]).await?;
             self.filled = 0;
@@ -110,6 +146,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
     /// Sends the first `n` pending bytes and drops the rest (fault injection:
     /// a truncated message).
     pub async fn send_truncated(&mut self, n: usize) -> io::Result<()> {
+        self.drop_lost();
         let n = n.min(self.filled);
         self.out.write_all(&self.buf[..n]).await?;
         self.filled = 0;

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod files;
 pub mod map;
+pub mod offload;
 
 use std::fs::{File, OpenOptions};
 use std::io;
