@@ -21,3 +21,4 @@ mod peers;
 mod proxy;
 mod resolve;
 mod serve_wire;
+mod slow_disk;
