@@ -53,9 +53,13 @@ mod tests {
         // On a single worker, a timer must still fire while an operation
         // blocks: the operation is not on the worker.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let blocked = tokio::spawn(run(move || rx.recv().is_ok()));
+        // Bounded: run inline, the operation would time out (false) rather
+        // than hang the test.
+        let blocked = tokio::spawn(run(move || {
+            rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok()
+        }));
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        tx.send(()).unwrap();
+        let _ = tx.send(());
         assert!(blocked.await.unwrap().unwrap());
     }
 
