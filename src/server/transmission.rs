@@ -794,9 +794,11 @@ enum ReadError {
     Padded(io::Error),
 }
 
-/// Reads `n` bytes at `pos` into the room after the writer's pending output,
-/// on the I/O pool: the writer's buffer goes there and comes back, so the
-/// data still lands where it is sent from. The outer error ends the
+/// Reads `n` bytes at `pos` into the room after the writer's pending output:
+/// here when the page cache holds them (a copy that cannot wait for the
+/// disk, and spares the hand-off to another thread), otherwise on the I/O
+/// pool, where the writer's buffer goes and comes back, so the data still
+/// lands where it is sent from. The outer error ends the
 /// connection (the buffer, and the output pending in it, was lost); the
 /// inner one is the image's.
 async fn read_piece<W: AsyncWrite + Unpin>(
@@ -805,6 +807,9 @@ async fn read_piece<W: AsyncWrite + Unpin>(
     pos: u64,
     n: usize,
 ) -> Result<io::Result<()>, ReadError> {
+    if image.read_cached(w.space(n), pos) {
+        return Ok(Ok(()));
+    }
     let start = w.mark();
     let mut buf = w.lend(n);
     let image = image.clone();

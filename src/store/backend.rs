@@ -40,6 +40,26 @@ impl FileStore {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Fills `buf` from `offset` only if that needs no wait for the disk
+    /// (the data is in the page cache): `true` when all of `buf` was filled.
+    /// `false` (nothing promised about `buf`) when the read would wait, came
+    /// up short, failed, or the kernel or file system cannot tell
+    /// (RWF_NOWAIT unsupported); the caller then reads on a blocking thread,
+    /// where any real error shows.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which is valid for writes of its
+        // length for the whole call; the descriptor is owned by `self.file`.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        usize::try_from(n).is_ok_and(|n| n == buf.len())
+    }
 }
 
 impl ImageStore for FileStore {

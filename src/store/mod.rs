@@ -211,6 +211,19 @@ impl Image {
         self.io().read_at(buf, offset)
     }
 
+    /// Fills `buf` from `offset` if the data is already in memory, so the
+    /// read cannot wait for the disk and may run on an async worker: `true`
+    /// when done. `false` means "read it with `read_at` on a blocking
+    /// thread". Under a fault plan the answer is always `false`: the plan's
+    /// store is a disk that may be slow or failing, and its faults act in
+    /// `read_at`.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if self.faults.get().is_some() || self.recorder.get().is_some() {
+            return false;
+        }
+        self.disk.read_cached(buf, offset)
+    }
+
     /// Writes `data` at `offset`, keeping holes: an all-zero 4 KiB piece
     /// written over a hole is not written at all. Zeros over data are written
     /// (they must overwrite it).
