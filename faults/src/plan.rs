@@ -7,7 +7,9 @@
 //! PLAN   := [ENTRY (';' ENTRY)* [';']]      blank plan = no faults
 //! ENTRY  := 'seed' '=' U64                  at most once
 //!         | KEY '=' CHAIN                   each KEY at most once
-//! KEY    := SIDE '.' STEP ['#' N]           N >= 1
+//! KEY    := SIDE '.' STEP ['@' RANGE] ['#' N]   N >= 1
+//! RANGE  := BYTES ['+' BYTES]               store.* keys only: OFFSET[+LENGTH]
+//! BYTES  := DIGITS ['K' | 'M' | 'G']        binary multiples (K = 1024)
 //! SIDE   := 'server' | 'mirror' | 'client' | 'proxy' | 'control' | 'store'
 //! STEP   := SEGMENT ('.' SEGMENT)*          SEGMENT := [a-z0-9_]+
 //! CHAIN  := TERM ('->' TERM)*
@@ -51,6 +53,14 @@
 //! entry without `#N` may sit beside them: at each occurrence at most one
 //! entry is consulted, the `#N` entry for that occurrence if there is one,
 //! otherwise the entry without `#N`.
+//!
+//! A store key with `@OFFSET[+LENGTH]` applies only to operations that touch
+//! a byte of that range (without LENGTH: from OFFSET to the end), so a slow
+//! or failing region of the disk hits only the requests that reach it. Its
+//! `#N` counts only those operations. Where a ranged key and a key without
+//! range share a step, an operation in the range is decided by the ranged
+//! key (when it has an entry for that occurrence), any other by the key
+//! without range.
 //!
 //! A decision whose action is `pass` did not fire; any other action fired,
 //! and the caller should log [`Decision::line`] (see [`fired_line`]).
@@ -396,13 +406,47 @@ impl fmt::Display for Side {
 pub struct Key {
     pub side: Side,
     pub step: String,
+    /// Store keys only: the bytes an operation must touch to be subject to
+    /// the chain.
+    pub range: Option<ByteRange>,
     /// Only this occurrence (from 1) of the step is subject to the chain.
     pub nth: Option<u64>,
+}
+
+/// `@OFFSET[+LENGTH]`: bytes of the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ByteRange {
+    pub start: u64,
+    /// `None`: to the end of the image.
+    pub len: Option<u64>,
+}
+
+impl ByteRange {
+    /// Whether an operation on `len` bytes at `offset` touches the range
+    /// (an operation of no bytes: whether `offset` is in it).
+    pub fn touches(&self, offset: u64, len: u64) -> bool {
+        let end = self.len.map_or(u64::MAX, |l| self.start.saturating_add(l));
+        let op_end = offset.saturating_add(len.max(1));
+        offset < end && self.start < op_end
+    }
+}
+
+impl fmt::Display for ByteRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "@{}", self.start)?;
+        if let Some(len) = self.len {
+            write!(f, "+{len}")?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.side, self.step)?;
+        if let Some(range) = self.range {
+            write!(f, "{range}")?;
+        }
         if let Some(n) = self.nth {
             write!(f, "#{n}")?;
         }
@@ -538,9 +582,9 @@ impl FaultPlan {
     fn build(seed: Option<u64>, mut entries: Vec<Entry>) -> FaultPlan {
         let seed_given = seed.is_some();
         let seed = seed.unwrap_or_else(random_seed);
-        let mut groups: Vec<(Side, String)> = Vec::new();
+        let mut groups: Vec<(Side, String, Option<ByteRange>)> = Vec::new();
         for entry in &mut entries {
-            let id = (entry.key.side, entry.key.step.clone());
+            let id = (entry.key.side, entry.key.step.clone(), entry.key.range);
             entry.group = match groups.iter().position(|g| *g == id) {
                 Some(i) => i,
                 None => {
@@ -622,55 +666,79 @@ impl FaultPlan {
     /// Evaluates the plan for one announcement of `step` by `side`. Steps
     /// without an entry pass without locking or allocating.
     pub fn decide(&self, side: &str, step: &str) -> Decision {
+        self.decide_at(side, step, None)
+    }
+
+    /// Like [`FaultPlan::decide`], for a store operation on `len` bytes at
+    /// `offset` (`at = Some((offset, len))`): keys with a byte range apply
+    /// only when it touches theirs. `None` (an operation on no particular
+    /// bytes, such as a sync) is never subject to a ranged key.
+    pub fn decide_at(&self, side: &str, step: &str, at: Option<(u64, u64)>) -> Decision {
         if self.entries.is_empty() {
             return Decision::PASS;
         }
-        let Some(group) = self
-            .entries
-            .iter()
-            .find(|e| e.key.side.name() == side && e.key.step == step)
-            .map(|e| e.group)
-        else {
+        // The groups this operation belongs to: ranged ones first (the more
+        // specific), then the one without range. At most a few entries.
+        let mut groups: Vec<usize> = Vec::new();
+        for ranged in [true, false] {
+            for e in &self.entries {
+                let applies = e.key.side.name() == side
+                    && e.key.step == step
+                    && e.key.range.is_some() == ranged
+                    && e.key
+                        .range
+                        .is_none_or(|r| at.is_some_and(|(o, l)| r.touches(o, l)));
+                if applies && !groups.contains(&e.group) {
+                    groups.push(e.group);
+                }
+            }
+        }
+        if groups.is_empty() {
             return Decision::PASS;
-        };
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.occurrences[group] += 1;
-        let occurrence = state.occurrences[group];
-        let in_group = || {
-            self.entries
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.group == group)
-        };
-        let chosen = in_group()
-            .find(|(_, e)| e.key.nth == Some(occurrence))
-            .or_else(|| in_group().find(|(_, e)| e.key.nth.is_none()));
-        let Some((index, entry)) = chosen else {
-            return Decision::PASS;
-        };
-        let chain = &mut state.chains[index];
-        let Some(term) = entry.chain.get(chain.term) else {
-            return Decision::PASS;
-        };
-        if let Some(percent) = term.percent {
-            if !chain.rng.roll(percent) {
+        for &group in &groups {
+            state.occurrences[group] += 1;
+        }
+        for &group in &groups {
+            let occurrence = state.occurrences[group];
+            let in_group = || {
+                self.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.group == group)
+            };
+            let chosen = in_group()
+                .find(|(_, e)| e.key.nth == Some(occurrence))
+                .or_else(|| in_group().find(|(_, e)| e.key.nth.is_none()));
+            let Some((index, entry)) = chosen else {
+                continue;
+            };
+            let chain = &mut state.chains[index];
+            let Some(term) = entry.chain.get(chain.term) else {
                 return Decision::PASS;
+            };
+            if let Some(percent) = term.percent {
+                if !chain.rng.roll(percent) {
+                    return Decision::PASS;
+                }
             }
-        }
-        if let Some(count) = term.count {
-            chain.used += 1;
-            if chain.used >= count {
-                chain.term += 1;
-                chain.used = 0;
+            if let Some(count) = term.count {
+                chain.used += 1;
+                if chain.used >= count {
+                    chain.term += 1;
+                    chain.used = 0;
+                }
             }
+            return match term.action {
+                None => Decision::PASS,
+                Some(fault) => Decision {
+                    fault: Some(fault),
+                    key: Some(entry.label.clone()),
+                },
+            };
         }
-        match term.action {
-            None => Decision::PASS,
-            Some(fault) => Decision {
-                fault: Some(fault),
-                key: Some(entry.label.clone()),
-            },
-        }
+        Decision::PASS
     }
 
     /// Like [`FaultPlan::decide`], for callers that hold a [`Side`].
@@ -756,6 +824,10 @@ pub enum PlanErrorKind {
     BadStep(String),
     /// `#N` with N not a positive integer.
     BadOccurrence(String),
+    /// `@OFFSET[+LENGTH]` that is not a byte count, or a zero length.
+    BadRange(String),
+    /// `@OFFSET` on a key that is not a store key.
+    RangeNotStore(String),
     /// Not one of [`ACTIONS`].
     UnknownAction(String),
     /// `truncate`, `delay` and `slow` need `(N)`.
@@ -808,6 +880,14 @@ impl fmt::Display for PlanError {
             BadOccurrence(s) => write!(
                 f,
                 "expected an occurrence number N >= 1 after '#', got \"{s}\""
+            ),
+            BadRange(s) => write!(
+                f,
+                "expected a byte count (digits, optionally followed by K, M or G; a length above 0) in '@OFFSET[+LENGTH]', got \"{s}\""
+            ),
+            RangeNotStore(k) => write!(
+                f,
+                "a byte range '@OFFSET[+LENGTH]' is only for store.* keys (the bytes of the image an operation touches), not for {k}"
             ),
             UnknownAction(s) => write!(
                 f,
@@ -1039,6 +1119,22 @@ impl<'a> Parser<'a> {
         if !valid {
             return self.err(step_pos, PlanErrorKind::BadStep(step.into()));
         }
+        let mut range = None;
+        if self.eat("@") {
+            if side != Side::Store {
+                return self.err(
+                    start,
+                    PlanErrorKind::RangeNotStore(format!("{side}.{step}")),
+                );
+            }
+            let start = self.bytes(false)?;
+            let len = if self.eat("+") {
+                Some(self.bytes(true)?)
+            } else {
+                None
+            };
+            range = Some(ByteRange { start, len });
+        }
         let mut nth = None;
         if self.eat("#") {
             let (pos, n) = self.word();
@@ -1057,8 +1153,38 @@ impl<'a> Parser<'a> {
         Ok(Key {
             side,
             step: step.into(),
+            range,
             nth,
         })
+    }
+
+    /// `DIGITS ['K' | 'M' | 'G']` (binary multiples); above zero if
+    /// `positive`.
+    fn bytes(&mut self, positive: bool) -> Result<u64, PlanError> {
+        let (pos, word) = self.word();
+        let (digits, unit) = match word.as_bytes().last() {
+            Some(b'K') => (&word[..word.len() - 1], 1u64 << 10),
+            Some(b'M') => (&word[..word.len() - 1], 1 << 20),
+            Some(b'G') => (&word[..word.len() - 1], 1 << 30),
+            _ => (word, 1),
+        };
+        let value = digits
+            .parse::<u64>()
+            .ok()
+            .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.checked_mul(unit))
+            .filter(|&n| !positive || n > 0);
+        match value {
+            Some(n) => Ok(n),
+            None => {
+                let got = if word.is_empty() {
+                    self.describe_here()
+                } else {
+                    word.to_string()
+                };
+                self.err(pos, PlanErrorKind::BadRange(got))
+            }
+        }
     }
 
     fn term(&mut self, key: &Key, label: &str) -> Result<Term, PlanError> {
@@ -1329,6 +1455,7 @@ mod tests {
             Key {
                 side: Side::Server,
                 step: "reply_send.write".into(),
+                range: None,
                 nth: Some(3)
             }
         );
@@ -1705,6 +1832,101 @@ mod tests {
         assert_eq!(run(&p, "mirror", "connect", 3), ["close", "pass", "pass"]);
     }
 
+    fn at(plan: &FaultPlan, step: &str, ops: &[(u64, u64)]) -> Vec<String> {
+        ops.iter()
+            .map(|&op| match plan.decide_at("store", step, Some(op)).fault {
+                Some(f) => f.to_string(),
+                None => "pass".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_ranged_store_key_applies_only_to_operations_touching_its_bytes() {
+        let p = plan("store.read@64K+4K=eio");
+        let k = 64 * 1024;
+        assert_eq!(
+            at(
+                &p,
+                "read",
+                &[
+                    (0, 4096),
+                    (k - 4096, 4096),
+                    (k - 1, 2),
+                    (k + 4095, 1),
+                    (k + 4096, 4096),
+                    (k, 0)
+                ]
+            ),
+            ["pass", "pass", "eio", "eio", "pass", "eio"]
+        );
+        // An operation on no particular bytes (a sync) is never in a range.
+        assert_eq!(p.decide("store", "read").fault, None);
+        // Without a length: from the offset to the end.
+        let p = plan("store.write@1M=enospc");
+        assert_eq!(
+            at(
+                &p,
+                "write",
+                &[(0, 1 << 20), (0, (1 << 20) + 1), (u64::MAX - 1, 1)]
+            ),
+            ["pass", "enospc", "enospc"]
+        );
+    }
+
+    #[test]
+    fn a_ranged_key_counts_only_its_own_operations_and_wins_over_the_plain_key() {
+        let p = plan("store.read@0+4096#2=slow(5); store.read=eio");
+        // In range: 1st passes to the plain key (eio), 2nd is the ranged #2.
+        // Out of range: always the plain key.
+        assert_eq!(
+            at(&p, "read", &[(0, 512), (8192, 512), (100, 1), (0, 4096)]),
+            ["eio", "eio", "slow(5)", "eio"]
+        );
+        let fired = p.decide_at("store", "read", Some((0, 1)));
+        assert_eq!(fired.key.as_deref(), Some("store.read"));
+        let p = plan("store.read@0+4096#1=slow(5)");
+        let fired = p.decide_at("store", "read", Some((0, 1)));
+        assert_eq!(fired.key.as_deref(), Some("store.read@0+4096#1"));
+        assert!(fired
+            .line()
+            .unwrap()
+            .contains("store.read@0+4096#1 -> slow(5)"));
+    }
+
+    #[test]
+    fn ranges_parse_with_units_and_print_back_in_bytes() {
+        let p = plan("store.read@2M+64K=eio; store.write@1G=eio");
+        let shown: Vec<String> = p.entries().iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["store.read@2097152+65536=eio", "store.write@1073741824=eio"]
+        );
+        assert_eq!(plan(&p.to_string()).to_string(), p.to_string());
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_with_what_was_expected() {
+        let e = err("server.reply_send.read@0=drop");
+        assert!(matches!(e.kind, PlanErrorKind::RangeNotStore(_)), "{e}");
+        assert!(e.to_string().contains("only for store.* keys"), "{e}");
+        for text in [
+            "store.read@=eio",
+            "store.read@1X=eio",
+            "store.read@0+0=eio",
+            "store.read@4K+=eio",
+        ] {
+            let e = err(text);
+            assert!(matches!(e.kind, PlanErrorKind::BadRange(_)), "{text}: {e}");
+            assert!(e.to_string().contains("'@OFFSET[+LENGTH]'"), "{text}: {e}");
+        }
+        // The same step with different ranges are different keys.
+        plan("store.read@0+4K=eio; store.read@8K+4K=eio");
+        let e = err("store.read@0+4K=eio; store.read@0+4K=slow(1)");
+        assert!(matches!(e.kind, PlanErrorKind::DuplicateKey(_)), "{e}");
+    }
+
+    #[test]
     #[test]
     fn nth_occurrence_only() {
         let p = plan("server.reply_send.write#3=close");
