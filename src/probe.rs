@@ -179,7 +179,14 @@ impl PlanProbe {
     /// The store's decision for one operation: an error to return, a delay
     /// to add, or nothing.
     pub fn store(&self, step: StoreStep) -> Option<StoreFault> {
-        let decision = self.plan.decide("store", step.name());
+        self.store_at(step, None)
+    }
+
+    /// Like [`PlanProbe::store`], for an operation on the `(offset, length)`
+    /// bytes of the image: keys with a byte range (`store.read@0+4K`) apply
+    /// only when it touches theirs.
+    pub fn store_at(&self, step: StoreStep, at: Option<(u64, u64)>) -> Option<StoreFault> {
+        let decision = self.plan.decide_at("store", step.name(), at);
         if let Some(line) = decision.line() {
             warn!("{line}");
         }

@@ -205,9 +205,25 @@ impl Image {
         }
     }
 
+    /// The store fault for an operation on `len` bytes at `offset`.
+    #[inline]
+    fn store_fault_at(
+        &self,
+        step: crate::probe::StoreStep,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        match self.faults.get() {
+            None => Ok(()),
+            Some(probe) => {
+                crate::probe::apply_store_fault(probe.store_at(step, Some((offset, len))))
+            }
+        }
+    }
+
     /// Fills `buf` from `offset`. The caller has range-checked the request.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.store_fault(crate::probe::StoreStep::Read)?;
+        self.store_fault_at(crate::probe::StoreStep::Read, offset, buf.len() as u64)?;
         self.io().read_at(buf, offset)
     }
 
@@ -231,7 +247,7 @@ impl Image {
         if data.is_empty() {
             return Ok(());
         }
-        self.store_fault(crate::probe::StoreStep::Write)?;
+        self.store_fault_at(crate::probe::StoreStep::Write, offset, data.len() as u64)?;
         self.store_write(data, offset)?;
         if data.len() >= EAGER_WRITEBACK_MIN && self.eager_writeback.load(Ordering::Relaxed) {
             self.io().start_writeback(offset, data.len() as u64);
@@ -303,7 +319,7 @@ impl Image {
         if length == 0 {
             return Ok(());
         }
-        self.store_fault(crate::probe::StoreStep::Write)?;
+        self.store_fault_at(crate::probe::StoreStep::Write, offset, length)?;
         self.store_punch(offset, length, must_zero)?;
         self.mark_dirty(offset, length);
         Ok(())
@@ -337,7 +353,7 @@ impl Image {
 
     /// Writes real zeros over the range (allocating it).
     pub fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.store_fault(crate::probe::StoreStep::Write)?;
+        self.store_fault_at(crate::probe::StoreStep::Write, offset, length)?;
         self.store_zeroes(offset, length)?;
         self.mark_dirty(offset, length);
         Ok(())
