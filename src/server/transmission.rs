@@ -32,8 +32,23 @@ const READ_BUFFER: usize = 256 * 1024;
 /// Requests waiting for the disk at once, per connection. Past this the
 /// connection stops reading until one finishes.
 const MAX_DEFERRED: u32 = 64;
+/// Reads waiting for the disk on their own at once, per connection (their
+/// replies are held in memory: at most this many times `MAX_DEFERRED_READ`).
+const MAX_DEFERRED_READS: usize = 16;
+/// The largest read that may wait for the disk on its own; larger ones
+/// stream in order.
+const MAX_DEFERRED_READ: usize = PIECE;
 /// Most descriptors in one block status reply (the spec asks for <= 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Writes held in a connection's batch at once, and their bytes. A batch is
+/// stored in one trip to the I/O pool (see `Batch`), so these bound both the
+/// memory a pipelining client can pin and how long its first write waits.
+const BATCH_WRITES: usize = 64;
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Payload buffers kept for reuse once a batch is stored, and the largest
+/// kept: enough for a burst of small writes without pinning memory.
+const SPARE_BUFFERS: usize = 64;
+const SPARE_BUFFER_MAX: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -130,7 +145,9 @@ pub async fn serve_client<S: Stream, P: Probe>(
         negotiated,
         probe: shared.probe.clone(),
         deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
+        reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
         payload: Vec::new(),
+        batch: Batch::default(),
         peer,
         stop,
         killswitch: shared.config.killswitch,
@@ -163,8 +180,12 @@ struct Connection<R, W, P> {
     negotiated: Negotiated,
     probe: Arc<P>,
     deferred: Arc<Semaphore>,
-    /// Reused buffer for write payloads that are not already buffered.
+    /// Slots for reads waiting for the disk on their own (`defer_read`).
+    reads: Arc<Semaphore>,
+    /// Reused buffer for the pieces of large write payloads.
     payload: Vec<u8>,
+    /// Small writes received but not yet stored (and so not yet answered).
+    batch: Batch,
     peer: SocketAddr,
     /// Cancelled to end the connection between requests (ACL change,
     /// shutdown, migration cut-off); a request in progress finishes first.
@@ -195,6 +216,10 @@ where
     async fn run(&mut self) -> Result<(), ConnError> {
         loop {
             if self.stop.is_cancelled() {
+                // Writes already taken in are stored and answered: a stop
+                // lets the request in progress finish, and a batch is that.
+                self.store_batch().await?;
+                self.send_replies().await?;
                 info!("client {} stopped between requests", self.peer);
                 return Ok(());
             }
@@ -232,15 +257,53 @@ where
         };
         let next = self.handle(request).await?;
         if self.reader.buffer().is_empty() {
-            // Nothing more is waiting: send what the burst produced.
-            self.writer
-                .lock()
-                .await
-                .send()
-                .await
-                .map_err(ConnError::Send)?;
+            // Nothing more is waiting: store the burst's writes and send
+            // what it produced.
+            self.store_batch().await?;
+            self.send_replies().await?;
         }
         Ok(next)
+    }
+
+    async fn send_replies(&mut self) -> Result<(), ConnError> {
+        self.writer
+            .lock()
+            .await
+            .send()
+            .await
+            .map_err(ConnError::Send)
+    }
+
+    /// Stores the batched writes in one trip to the I/O pool and answers
+    /// each, in the order they arrived. Called before any other request is
+    /// handled, so a read, flush or disconnect sees every earlier write.
+    async fn store_batch(&mut self) -> Result<(), ConnError> {
+        if self.batch.writes.is_empty() {
+            return Ok(());
+        }
+        let mut writes = std::mem::take(&mut self.batch.writes);
+        self.batch.bytes = 0;
+        let image = self.image.clone();
+        let (mut writes, results) = offload::run(move || {
+            let results: Vec<io::Result<()>> = writes
+                .iter_mut()
+                .map(|w| image.write_at(&w.data, w.req.offset))
+                .collect();
+            (writes, results)
+        })
+        .await
+        .map_err(ConnError::Offload)?;
+        for (w, result) in writes.iter().zip(results) {
+            if w.answer {
+                self.after_change(&w.req, result).await?;
+            }
+        }
+        for w in writes.drain(..) {
+            self.batch.recycle(w.data);
+        }
+        // The emptied vector keeps its capacity for the next burst.
+        self.batch.writes = writes;
+        Ok(())
     }
 
     /// Reads a 28-byte header; `None` on a clean end of stream between requests.
@@ -286,6 +349,11 @@ where
     }
 
     async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
+        if !Batch::takes(&req) {
+            // Everything before this request is stored and answered first:
+            // a read sees earlier writes, a flush covers them.
+            self.store_batch().await?;
+        }
         let drop_request = !self
             .received(Step::RequestReceived { kind: req.kind })
             .await?;
@@ -472,8 +540,12 @@ where
         Ok(())
     }
 
-    /// Takes a write's payload piece by piece and stores it.
+    /// Takes a write's payload and stores it: a small one joins the batch,
+    /// a large one is stored piece by piece.
     async fn write(&mut self, req: &Request) -> Result<(), ConnError> {
+        if Batch::takes(req) {
+            return self.batch_write(req).await;
+        }
         let mut pos = req.offset;
         let end = req.end();
         let mut failure: Option<io::Error> = None;
@@ -519,6 +591,43 @@ where
             return Ok(()); // dropped: stored, but never answered
         }
         self.after_change(req, failure.map_or(Ok(()), Err)).await
+    }
+
+    /// Takes a small write's payload into the batch; it is stored, and then
+    /// answered, when the batch is (`store_batch`).
+    async fn batch_write(&mut self, req: &Request) -> Result<(), ConnError> {
+        let n = req.length as usize;
+        let mut data = self.batch.buffer(n);
+        let buffered = self.reader.buffer();
+        if buffered.len() >= n {
+            data.copy_from_slice(&buffered[..n]);
+            self.reader.consume(n);
+        } else {
+            let got = read_full(&mut self.reader, &mut data)
+                .await
+                .map_err(ConnError::Receive)?;
+            if got < n {
+                return Err(ConnError::Vanished {
+                    what: "in the middle of a write payload",
+                    expected: u64::from(req.length),
+                    got: got as u64,
+                });
+            }
+        }
+        // Dropped: stored, but never answered.
+        let answer = self
+            .received(Step::PayloadReceived { kind: req.kind })
+            .await?;
+        self.batch.bytes += n;
+        self.batch.writes.push(BatchedWrite {
+            req: *req,
+            data,
+            answer,
+        });
+        if self.batch.writes.len() >= BATCH_WRITES || self.batch.bytes >= BATCH_BYTES {
+            self.store_batch().await?;
+        }
+        Ok(())
     }
 
     /// Stores the first `n` bytes of the payload buffer at `pos`, on the I/O
@@ -648,13 +757,29 @@ where
         }
         let mark = w.mark();
         let sends = w.sends();
+        // A small read the page cache cannot serve waits for the disk on
+        // its own (`defer_read`), so the requests behind it go on. Not
+        // under a fault verdict (it acts on the reply in order) or a
+        // killswitch (which times each request cycle).
+        let may_defer =
+            stream && self.killswitch.is_none() && req.length as usize <= MAX_DEFERRED_READ;
+        let mode = Mode {
+            stream,
+            defer_unless_sent: may_defer.then_some(sends),
+        };
         let result = if self.negotiated.structured {
-            read_structured(&mut w, &image, req, stream).await
+            read_structured(&mut w, &image, req, mode).await
         } else {
-            read_simple(&mut w, &image, req, stream).await
+            read_simple(&mut w, &image, req, mode).await
         };
         match result {
             Ok(()) => {}
+            Err(ReadError::WouldWait) => {
+                w.rollback(mark);
+                drop(w);
+                self.defer_read(req).await;
+                return Ok(());
+            }
             Err(ReadError::Send(e)) => return Err(ConnError::Send(e)),
             Err(ReadError::Lost(e)) => return Err(ConnError::Offload(e)),
             Err(ReadError::Padded(error)) => {
@@ -690,6 +815,41 @@ where
         }
         finish(&mut w, verdict, Step::ReplySend { kind: req.kind }, mark).await?;
         w.send_if_full().await.map_err(ConnError::Send)
+    }
+
+    /// Runs a read that must wait for the disk in a task of its own: its
+    /// reply is built apart and joins the connection's output when the data
+    /// is in, so requests behind it (other reads, writes) do not queue
+    /// behind the disk. At most `MAX_DEFERRED_READS` per connection at once
+    /// (past that the connection waits, reading nothing more); replies may
+    /// come out of order, as NBD allows: a client that needs an order waits
+    /// for the reply first.
+    async fn defer_read(&mut self, req: &Request) {
+        let slot = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        // Also held by the connection's end, which waits for it.
+        let permit = self
+            .deferred
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        let image = self.image.clone();
+        let writer = self.writer.clone();
+        let structured = self.negotiated.structured;
+        let req = *req;
+        tokio::spawn(async move {
+            let reply = build_read_reply(&image, &req, structured).await;
+            let mut w = writer.lock().await;
+            w.put(&reply);
+            // The reader may be idle waiting for the client, so send now.
+            let _ = w.send().await;
+            drop((slot, permit));
+        });
     }
 
     async fn block_status(&mut self, req: &Request) -> Result<(), ConnError> {
@@ -779,7 +939,115 @@ async fn hang_until_closed<R: AsyncRead + Unpin>(reader: &mut R, stop: &Cancella
     }
 }
 
+/// Small writes taken in but not yet stored. Storing each on its own would
+/// cost two thread hand-offs per write (to the I/O pool and back), which
+/// dominates a 4 KiB write to the page cache; a pipelining client's burst is
+/// instead stored in one hand-off, and answered after it. Nothing is answered
+/// before it is stored, and any other request first waits for the batch.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<BatchedWrite>,
+    /// Payload bytes in `writes`.
+    bytes: usize,
+    spare: Vec<Vec<u8>>,
+}
+
+struct BatchedWrite {
+    req: Request,
+    data: Vec<u8>,
+    /// False when a fault dropped the write: stored, never answered.
+    answer: bool,
+}
+
+impl Batch {
+    /// Whether a request joins the batch: a write of at most one piece.
+    fn takes(req: &Request) -> bool {
+        req.kind == cmd::WRITE && req.length as usize <= PIECE
+    }
+
+    /// A buffer of exactly `n` bytes, reused when one is spare.
+    fn buffer(&mut self, n: usize) -> Vec<u8> {
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.resize(n, 0);
+        data
+    }
+
+    fn recycle(&mut self, data: Vec<u8>) {
+        if data.capacity() <= SPARE_BUFFER_MAX && self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(data);
+        }
+    }
+}
+
+/// The whole reply to a read, built apart from the connection's output: the
+/// data, or the error the client gets instead.
+async fn build_read_reply(image: &Arc<Image>, req: &Request, structured: bool) -> Vec<u8> {
+    let mut w = ReplyWriter::new(tokio::io::sink());
+    let mode = Mode {
+        stream: false,
+        defer_unless_sent: None,
+    };
+    let result = if structured {
+        read_structured(&mut w, image, req, mode).await
+    } else {
+        read_simple(&mut w, image, req, mode).await
+    };
+    let error = match result {
+        Ok(()) => None,
+        // Cannot happen without streaming or deferring; answered as a
+        // failed read rather than trusted.
+        Err(ReadError::WouldWait) => Some(io::Error::other("read was deferred twice")),
+        Err(ReadError::Send(e)) | Err(ReadError::Lost(e)) => Some(e),
+        Err(ReadError::Image { error, .. }) => Some(error),
+        Err(ReadError::Padded(error)) => {
+            error!(
+                "read of {} bytes at {} failed: {error}",
+                req.length, req.offset
+            );
+            // The padded chunk is not DONE: the error chunk ends the reply.
+            w.put_with(|v| {
+                proto::put_error_chunk(v, req.handle, errno::from_io(&error), "read failed")
+            });
+            return w.pending().to_vec();
+        }
+    };
+    let Some(error) = error else {
+        return w.pending().to_vec();
+    };
+    error!(
+        "read of {} bytes at {} failed: {error}",
+        req.length, req.offset
+    );
+    let mut reply = Vec::new();
+    if structured {
+        proto::put_error_chunk(
+            &mut reply,
+            req.handle,
+            errno::from_io(&error),
+            "read failed",
+        );
+    } else {
+        reply.extend_from_slice(&SimpleReply::new(errno::from_io(&error), req.handle).encode());
+    }
+    reply
+}
+
+/// How a read reply is built.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// Sent while it is being read (production), rather than built whole
+    /// before a fault verdict acts on it.
+    stream: bool,
+    /// Give up with `ReadError::WouldWait` at the first piece the page cache
+    /// does not hold, as long as the writer has sent nothing since it had
+    /// sent this many times (nothing of the reply has left): the read is
+    /// then run as a deferred read instead.
+    defer_unless_sent: Option<u64>,
+}
+
 enum ReadError {
+    /// The data is not in memory and the read may be deferred (`Mode`).
+    WouldWait,
     Send(io::Error),
     /// The I/O pool lost the reply buffer (see `read_piece`).
     Lost(io::Error),
@@ -806,9 +1074,13 @@ async fn read_piece<W: AsyncWrite + Unpin>(
     image: &Arc<Image>,
     pos: u64,
     n: usize,
+    mode: Mode,
 ) -> Result<io::Result<()>, ReadError> {
     if image.read_cached(w.space(n), pos) {
         return Ok(Ok(()));
+    }
+    if mode.defer_unless_sent == Some(w.sends()) {
+        return Err(ReadError::WouldWait);
     }
     let start = w.mark();
     let mut buf = w.lend(n);
@@ -839,7 +1111,7 @@ async fn put_data<W: AsyncWrite + Unpin>(
     image: &Arc<Image>,
     offset: u64,
     length: u64,
-    stream: bool,
+    mode: Mode,
     chunk_mark: usize,
     pad: bool,
 ) -> Result<(), ReadError> {
@@ -848,13 +1120,13 @@ async fn put_data<W: AsyncWrite + Unpin>(
     let mut padded: Option<io::Error> = None;
     while pos < end {
         let n = ((end - pos) as usize).min(PIECE);
-        if stream && pos > offset {
+        if mode.stream && pos > offset {
             // Later pieces of a long chunk: the chunk has begun streaming.
             w.make_room(n).await.map_err(ReadError::Send)?;
         }
         if padded.is_some() {
             w.space(n).fill(0);
-        } else if let Err(error) = read_piece(w, image, pos, n).await? {
+        } else if let Err(error) = read_piece(w, image, pos, n, mode).await? {
             if !pad {
                 return Err(ReadError::Image { error, chunk_mark });
             }
@@ -865,7 +1137,7 @@ async fn put_data<W: AsyncWrite + Unpin>(
         }
         w.commit(n);
         pos += n as u64;
-        if stream {
+        if mode.stream {
             w.send_if_full().await.map_err(ReadError::Send)?;
         }
     }
@@ -876,7 +1148,7 @@ async fn read_simple<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
     image: &Arc<Image>,
     req: &Request,
-    stream: bool,
+    mode: Mode,
 ) -> Result<(), ReadError> {
     let mark = w.mark();
     w.put(&SimpleReply::new(0, req.handle).encode());
@@ -885,7 +1157,7 @@ async fn read_simple<W: AsyncWrite + Unpin>(
         image,
         req.offset,
         u64::from(req.length),
-        stream,
+        mode,
         mark,
         false,
     )
@@ -896,7 +1168,7 @@ async fn read_structured<W: AsyncWrite + Unpin>(
     w: &mut ReplyWriter<W>,
     image: &Arc<Image>,
     req: &Request,
-    stream: bool,
+    mode: Mode,
 ) -> Result<(), ReadError> {
     let end = req.end();
     if req.length == 0 {
@@ -931,16 +1203,7 @@ async fn read_structured<W: AsyncWrite + Unpin>(
             chunk_len,
             req.offset,
         );
-        put_data(
-            w,
-            image,
-            req.offset,
-            u64::from(req.length),
-            stream,
-            mark,
-            big,
-        )
-        .await?;
+        put_data(w, image, req.offset, u64::from(req.length), mode, mark, big).await?;
         if big {
             let mut v = Vec::new();
             proto::put_chunk_header(&mut v, true, chunk::NONE, req.handle, 0);
@@ -958,7 +1221,7 @@ async fn read_structured<W: AsyncWrite + Unpin>(
             } else {
                 while pos < run_end {
                     let n = (run_end - pos).min(PIECE as u64);
-                    if stream {
+                    if mode.stream {
                         let room = proto::STRUCTURED_HEADER_LEN + 8 + n as usize;
                         w.make_room(room).await.map_err(ReadError::Send)?;
                     }
@@ -971,12 +1234,12 @@ async fn read_structured<W: AsyncWrite + Unpin>(
                         8 + n as u32,
                         pos,
                     );
-                    put_data(w, image, pos, n, stream, mark, false).await?;
+                    put_data(w, image, pos, n, mode, mark, false).await?;
                     pos += n;
                 }
             }
             pos = run_end;
-            if stream {
+            if mode.stream {
                 w.send_if_full().await.map_err(ReadError::Send)?;
             }
         }

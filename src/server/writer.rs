@@ -89,6 +89,11 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.filled
     }
 
+    /// The output not yet sent.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+
     pub fn sends(&self) -> u64 {
         self.sends
     }
