@@ -1,12 +1,13 @@
 //! A slow disk stalls only the requests waiting for it.
 //!
-//! Simulated: a disk that takes a second for some reads (`store.read#N =
-//! slow(1000)`, which fires on the N-th image read of the process only), hit
-//! by as many clients as the server has async worker threads (pinned with
-//! TOKIO_WORKER_THREADS, so the scenario means the same on any machine:
-//! every worker would be stuck if reads ran on them). While those reads are
-//! stalled, the control socket, a new client reading elsewhere, and SIGTERM
-//! must all be served promptly.
+//! Simulated: a region of the disk that takes a second for every read
+//! (`store.read@OFFSET+4096=slow(1000)`, which fires only on image reads
+//! touching those bytes), hit by as many clients as the server has async
+//! worker threads (pinned with TOKIO_WORKER_THREADS, so the scenario means
+//! the same on any machine: every worker would be stuck if reads ran on
+//! them). While those reads are stalled, the control socket, a new client
+//! reading elsewhere, the stalled client's own next read, a migration and
+//! SIGTERM must all be served promptly.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -34,25 +35,32 @@ struct Stalled {
     file: PathBuf,
     /// The clients whose reads are stalled, replies not yet read.
     clients: Vec<RawClient>,
+    /// Where they read, and how long each of their reads takes.
+    at: u64,
+    slow: Duration,
     /// When the last stalled read's fault fired.
     fired_at: Instant,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
-/// Starts `serve` with a control socket and a plan that slows the first
-/// `WORKERS` image reads, then sends one read from each of `WORKERS`
-/// clients and waits until every one of them is stalled in the disk.
+/// Starts `serve` with a control socket and a plan that slows every image
+/// read of the 4 KiB at `STALLED_AT`, then sends one read there from each of
+/// `WORKERS` clients and waits until every one of them is stalled in the
+/// disk.
 fn stall_the_workers(tag: &str) -> Stalled {
+    stall_the_workers_at(tag, MIB, STALLED_AT, SLOW_MS)
+}
+
+/// Like `stall_the_workers`, on an image of `size` bytes, with the slow
+/// region at `at` taking `slow_ms` per read.
+fn stall_the_workers_at(tag: &str, size: u64, at: u64, slow_ms: u64) -> Stalled {
     let dir = TempDir::new(tag);
-    let file = dir.pattern_file("disk.img", MIB, 5);
+    let file = dir.pattern_file("disk.img", size, 5);
     let sock = dir.join("ctl.sock");
-    let plan = (1..=WORKERS)
-        .map(|n| format!("store.read#{n}=slow({SLOW_MS})"))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let key = format!("store.read@{at}+{LEN}");
     let mut args = server_args("serve", &file, Some(&sock), &[]);
     args.push("--faults".into());
-    args.push(plan);
+    args.push(format!("{key}=slow({slow_ms})"));
     let workers = WORKERS.to_string();
     let server = Flexnbd::spawn_with_env(&dir, &args, &[("TOKIO_WORKER_THREADS", &workers)]);
     wait_for(&format!("control socket {}", sock.display()), WAIT, || {
@@ -62,19 +70,22 @@ fn stall_the_workers(tag: &str) -> Stalled {
     for n in 1..=WORKERS {
         let mut c = server.connect();
         c.oldstyle_greeting();
-        c.request(cmd::READ, 0, n as u64, STALLED_AT, LEN);
+        c.request(cmd::READ, 0, n as u64, at, LEN);
         clients.push(c);
     }
-    for n in 1..=WORKERS {
-        server.wait_log(&format!("fault fired: store.read#{n} -> slow({SLOW_MS})"));
-    }
+    let fired = format!("fault fired: {key} -> slow({slow_ms})");
+    wait_for(&format!("{WORKERS} log lines {fired:?}"), WAIT, || {
+        (server.log().matches(&fired).count() >= WORKERS).then_some(())
+    });
     Stalled {
         server,
         sock,
         file,
         clients,
+        at,
+        slow: Duration::from_millis(slow_ms),
         fired_at: Instant::now(),
-        _dir: dir,
+        dir,
     }
 }
 
@@ -86,15 +97,19 @@ impl Stalled {
             took <= PROMPT,
             "{what} took {took:?} while {WORKERS} reads were stalled in the disk (limit {PROMPT:?})"
         );
+        self.assert_still_stalled(what);
+    }
+
+    fn assert_still_stalled(&self, what: &str) {
         assert!(
-            self.fired_at.elapsed() < Duration::from_millis(SLOW_MS),
+            self.fired_at.elapsed() < self.slow,
             "the stalled reads ended before {what} finished; the machine is too slow for this test"
         );
     }
 
     /// Reads the stalled clients' replies: late, but complete and correct.
     fn finish_stalled_reads(&mut self) {
-        let expected = read_file_range(&self.file, STALLED_AT, LEN as usize);
+        let expected = read_file_range(&self.file, self.at, LEN as usize);
         for (i, c) in self.clients.iter_mut().enumerate() {
             let r = c.simple_reply();
             assert_eq!(
@@ -169,4 +184,64 @@ fn sigterm_is_handled_promptly_and_the_stalled_reads_finish_first() {
     );
     assert!(status.success(), "exit status {status}");
     t.server.assert_no_panic();
+}
+
+#[test]
+fn the_stalled_clients_next_read_elsewhere_is_answered_before_its_stalled_one() {
+    let mut t = stall_the_workers("slow-same-client");
+    // The first stalled client asks for another range on the same
+    // connection: its reply must come first, out of order (NBD matches
+    // replies by handle), instead of queueing behind the disk.
+    let start = Instant::now();
+    let c = &mut t.clients[0];
+    c.request(cmd::READ, 0, 99, ELSEWHERE, LEN);
+    let r = c.simple_reply();
+    let took = start.elapsed();
+    assert_eq!(
+        (r.magic, r.error, r.handle),
+        (proto::SIMPLE_REPLY_MAGIC, 0, 99),
+        "the first reply on the stalled connection is the later read's"
+    );
+    let got = c.read_exact(LEN as usize);
+    t.assert_prompt("the same client's read of another range", took);
+    assert!(
+        got == read_file_range(&t.file, ELSEWHERE, LEN as usize),
+        "the later read's data"
+    );
+    t.finish_stalled_reads();
+    t.server.assert_no_panic();
+}
+
+#[test]
+fn a_migration_progresses_while_reads_are_stalled() {
+    // The slow region is the image's last 4 KiB, which the mirror copies
+    // last: everything before it must reach the destination while every
+    // async worker's client is still waiting for that region.
+    const SIZE: u64 = 8 * MIB;
+    const SLOW_LONG_MS: u64 = 3000;
+    let mut t = stall_the_workers_at("slow-migration", SIZE, SIZE - u64::from(LEN), SLOW_LONG_MS);
+    let dest_file = t.dir.sparse_file("dest.img", SIZE);
+    let mut dest = Flexnbd::spawn(&t.dir, &server_args("listen", &dest_file, None, &[]));
+    let o = run_mirror(&t.sock, dest.port(), &[], WAIT);
+    assert!(o.status.success(), "mirror: {o:?}");
+    let half = SIZE / 2;
+    wait_for(
+        "half the image to reach the destination",
+        t.slow / 2,
+        || (allocated_bytes(&dest_file) >= half).then_some(()),
+    );
+    t.assert_still_stalled("the migration's progress");
+    t.finish_stalled_reads();
+    let status = wait_for("the source to exit after the migration", WAIT, || {
+        t.server.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(status.success(), "source exit status {status}");
+    let status = dest.wait_exit();
+    assert!(status.success(), "destination exit status {status}");
+    assert!(
+        std::fs::read(&dest_file).unwrap() == std::fs::read(&t.file).unwrap(),
+        "the destination holds the source's image"
+    );
+    t.server.assert_no_panic();
+    dest.assert_no_panic();
 }
