@@ -127,10 +127,13 @@ def pid_alive(pid):
 class Server:
     """One server process serving one file on one port."""
 
-    def __init__(self, kind, image, workdir):
+    def __init__(self, kind, image, workdir, cgroup=None):
         self.kind = kind
         self.image = image
         self.workdir = workdir
+        # A memory cgroup the server runs in (cold-cache rows), joined
+        # before exec so every page it touches is charged there.
+        self.cgroup = cgroup
         self.port = free_port()
         self.popen = None
         self.root = None  # pid of the process that serves (the daemon for nbd-server)
@@ -164,8 +167,16 @@ class Server:
                     "--faults", INERT_PLAN]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", "-f", "raw", "-x", "", "-t", "-e", "0", "-b", HOST, "-p", p, self.image]
+        if self.kind == "qemu-nbd-direct":
+            # O_DIRECT through io_uring: qemu-nbd's own way of serving from
+            # cold storage.
+            return ["qemu-nbd", "-f", "raw", "-x", "", "-t", "-e", "0", "--aio=io_uring", "--cache=none",
+                    "-b", HOST, "-p", p, self.image]
         if self.kind == "nbdkit":
             return ["nbdkit", "-f", "-i", HOST, "-p", p, "file", self.image]
+        if self.kind in ("nbdkit-null", "nbdkit-memory"):
+            # No storage at all: the protocol path's ceiling.
+            return ["nbdkit", "-f", "-i", HOST, "-p", p, self.kind.split("-")[1], str(os.path.getsize(self.image))]
         if self.kind == "nbd-server":
             cfg = os.path.join(self.workdir, f"nbd-server-{self.port}.conf")
             with open(cfg, "w") as f:
@@ -183,8 +194,15 @@ class Server:
         self.logfile = open(self.logpath, "ab")
         argv = self.argv()
         t0 = time.perf_counter()
+        cgroup = self.cgroup
+
+        def join_cgroup():
+            if cgroup:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logfile,
-                                      stderr=self.logfile, start_new_session=True)
+                                      stderr=self.logfile, start_new_session=True,
+                                      preexec_fn=join_cgroup if cgroup else None)
         LIVE.append(self)
         if self.kind != "nbd-server":
             self.root = self.popen.pid
@@ -415,8 +433,8 @@ def fio_argv(uri, rw, runtime):
             "--group_reporting", "--output-format=json"]
 
 
-def run_fio(ctx, kind, rw, image):
-    srv = Server(kind, image, ctx.workdir)
+def run_fio(ctx, kind, rw, image, cgroup=None):
+    srv = Server(kind, image, ctx.workdir, cgroup)
     try:
         srv.start()
         srv.wait_ready()
@@ -446,6 +464,93 @@ def w_randwrite(ctx, kind):
     finally:
         if os.path.exists(copy):
             os.unlink(copy)
+
+
+# ---------------------------------------------------------------- cold cache
+
+# The page cache a server in the cold-cache rows may hold: far below the
+# 1 GiB image, so nearly every read goes to the disk for the whole run.
+COLD_CACHE = 64 * MIB
+
+
+def cold_cgroup(ctx):
+    """A memory cgroup capped at COLD_CACHE (v1 or v2), made once per run."""
+    if getattr(ctx, "cgroup", None):
+        return ctx.cgroup
+    if os.geteuid() != 0:
+        raise RuntimeError("cold-cache rows need root (a memory cgroup and drop_caches)")
+    name = f"flexnbd-bench-{os.getpid()}"
+    if os.path.exists("/sys/fs/cgroup/memory"):
+        path = os.path.join("/sys/fs/cgroup/memory", name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(COLD_CACHE))
+    elif os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        path = os.path.join("/sys/fs/cgroup", name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.max"), "w") as f:
+            f.write(str(COLD_CACHE))
+    else:
+        raise RuntimeError("no memory cgroup controller (neither /sys/fs/cgroup/memory nor cgroup v2)")
+    ctx.cgroup = path
+    return path
+
+
+def remove_cgroup(ctx):
+    if getattr(ctx, "cgroup", None):
+        try:
+            os.rmdir(ctx.cgroup)
+        except OSError as e:
+            log(f"cannot remove cgroup {ctx.cgroup}: {e}")
+
+
+def cold_image(ctx):
+    """1 GiB of random data (no holes: every read needs the disk)."""
+    if not getattr(ctx, "cold", None):
+        path = os.path.join(ctx.workdir, "cold.raw")
+        with open(path, "wb") as f:
+            for _ in range(GIB // (4 * MIB)):
+                f.write(os.urandom(4 * MIB))
+            f.flush()
+            os.fsync(f.fileno())
+        ctx.cold = path
+    return ctx.cold
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def w_cold_randread(ctx, kind):
+    image, cgroup = cold_image(ctx), cold_cgroup(ctx)
+    drop_caches()
+    return run_fio(ctx, kind, "randread", image, cgroup)
+
+
+def w_cold_nbdcopy(ctx, kind):
+    image, cgroup = cold_image(ctx), cold_cgroup(ctx)
+    drop_caches()
+    srv = Server(kind, image, ctx.workdir, cgroup)
+    try:
+        srv.start()
+        srv.wait_ready()
+        secs, _ = run_cmd(["nbdcopy", srv.uri, "null:"], timeout=600)
+        return {"gbps": os.path.getsize(image) / secs / 1e9}
+    finally:
+        srv.stop()
+
+
+def w_null(ctx, kind):
+    # flexnbd's fastest path: a file that is all hole, answered from the
+    # allocation map with hole chunks (no pread); nbdkit's null and memory
+    # plugins have no storage behind them at all.
+    path = os.path.join(ctx.workdir, "hole.raw")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.truncate(GIB)
+    return run_fio(ctx, kind, "randread", path)
 
 
 def w_startup(ctx, kind):
@@ -884,6 +989,7 @@ PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
 INERT_PLAN = "server.reply_send.trim#1000000000=close"
 MAIN = ["flexnbd"] + PEERS
 WITH_OLD = ["flexnbd", "flexnbd-oldstyle"] + PEERS
+COLD = ["flexnbd", "qemu-nbd-direct", "nbdkit"]
 
 # name, title, function, servers, metric, unit, higher_is_better
 WORKLOADS = [
@@ -892,6 +998,15 @@ WORKLOADS = [
     ("randread", "fio 4 KiB randread, 4 jobs x iodepth 16", w_randread, MAIN, "iops", "IOPS", True),
     ("randwrite", "fio 4 KiB randwrite, 4 jobs x iodepth 16", w_randwrite, MAIN, "iops", "IOPS", True),
     ("startup", "Start-up: exec to first successful 4 KiB read, 1 TiB sparse file", w_startup, WITH_OLD, "ms", "ms", False),
+    # Cold storage: a 1 GiB random image, page cache dropped before each run
+    # and every server in a memory cgroup capped at 64 MiB (qemu-nbd
+    # bypasses the page cache with O_DIRECT).
+    ("coldread", "Cold cache: fio 4 KiB randread, 4 jobs x iodepth 16, 1 GiB image, page cache capped at 64 MiB",
+     w_cold_randread, COLD, "iops", "IOPS", True),
+    ("coldseq", "Cold cache: sequential read, nbdcopy to null:, 1 GiB image, page cache capped at 64 MiB",
+     w_cold_nbdcopy, COLD, "gbps", "GB/s", True),
+    ("null", "Protocol ceiling: fio 4 KiB randread; flexnbd on a 1 GiB hole vs nbdkit null and memory",
+     w_null, ["flexnbd", "nbdkit-null", "nbdkit-memory"], "iops", "IOPS", True),
     # The cost of the fault-injection seams: the same binary with no plan
     # (production: the probe is a no-op the compiler removes) and with a plan
     # that never fires (every step is looked up in the plan).
@@ -1302,7 +1417,13 @@ def write_report(path, ctx, info, results, failures, started, finished):
             continue  # not a peer comparison; its own section says what it compares
         src = "nbdcopy" if name == "rss" else name
         ours = med(series(results, src, "flexnbd", metric))
-        cells = [fmt_ratio(ratio(ours, med(series(results, src, p, metric)), hib)) for p in PEERS]
+        # A row's peer column: the peer itself, or its variant in that row
+        # (qemu-nbd-direct, nbdkit-null).
+        cells = []
+        for p in PEERS:
+            kind = next((k for k in servers if k == p or k.startswith(p + "-")), None)
+            cells.append(fmt_ratio(ratio(ours, med(series(results, src, kind, metric)), hib))
+                         if kind else "—")
         L.append(f"| {name} ({unit}, {'higher' if hib else 'lower'} is better) | {fmt(ours, unit)} | "
                  + " | ".join(cells) + " |")
     L.append("")
@@ -1496,6 +1617,7 @@ def main():
             ctx.mig_finished = datetime.datetime.now(datetime.timezone.utc)
     finally:
         stop_all()
+        remove_cgroup(ctx)
         shutil.rmtree(ctx.workdir, ignore_errors=True)
     finished = datetime.datetime.now(datetime.timezone.utc)
     outdir = os.path.join(REPO, "bench", "out")
