@@ -6,6 +6,7 @@ mod fault_effects;
 mod faults;
 
 mod bad_input;
+mod batching;
 mod codec_props;
 
 mod cli;
