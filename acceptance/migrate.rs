@@ -281,15 +281,23 @@ fn mirror_unlink_causes_the_source_file_to_go_and_the_destination_to_be_complete
     plain_migration(true, "mig-unlink");
 }
 
-#[test]
-fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
-    let dir = TempDir::new("mig-sparse");
+/// Migrates a 256 MiB source holding 4 MiB of data into a `listen` started
+/// with `dest_extra`, whose plan marks every WRITE_ZEROES it receives.
+/// Returns whether any WRITE_ZEROES reached the destination.
+fn sparse_migration(tag: &str, dest_extra: &[&str]) -> bool {
+    let dir = TempDir::new(tag);
     let size = 256 * MIB;
     let ranges: Vec<(u64, u64)> = (0..4).map(|i| (i * 60 * MIB + 4096, MIB)).collect();
     let src_file = file_with_data(&dir, "src.img", size, &ranges);
     let dest_file = dir.sparse_file("dest.img", size);
     let mut src = serve(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, 0, None);
+    let mut args = server_args("listen", &dest_file, None, dest_extra);
+    // A fault that changes nothing: its `fault fired` line marks each one.
+    args.extend([
+        "--faults".into(),
+        "server.request_received.write_zeroes=delay(1)".into(),
+    ]);
+    let mut dest = Flexnbd::spawn(&dir, &args);
     mirror_ok(&src.sock, dest.port(), &[]);
     assert_exit(&mut src.server, 0, "source");
     assert_exit(&mut dest, 0, "destination");
@@ -303,6 +311,26 @@ fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
     assert!(
         d >= 4 * MIB && d <= s + 2 * MIB,
         "the destination allocated {d} bytes for a source that allocated {s} (of {size})"
+    );
+    dest.log()
+        .contains("fault fired: server.request_received.write_zeroes")
+}
+
+#[test]
+fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
+    // The default greeting (flags 13) does not offer WRITE_ZEROES, so holes
+    // travel as zeros, which the destination keeps as holes.
+    assert!(
+        !sparse_migration("mig-sparse", &[]),
+        "WRITE_ZEROES reached a destination that did not advertise it"
+    );
+}
+
+#[test]
+fn a_destination_with_oldstyle_extra_flags_receives_holes_as_write_zeroes() {
+    assert!(
+        sparse_migration("mig-sparse-extra", &["--oldstyle-extra-flags"]),
+        "the holes should have travelled as WRITE_ZEROES"
     );
 }
 
