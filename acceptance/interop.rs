@@ -426,6 +426,41 @@ fn dest_hello_wrong_magic_causes_rejected_and_no_reconnect() {
 }
 
 #[test]
+fn dest_hello_with_a_bad_magic_is_read_whole_then_closed_cleanly_with_a_clear_error() {
+    // The C source reads all 152 bytes before judging them. Closing after
+    // only part of them would leave the rest unread, and the destination
+    // would see a reset instead of a clean close.
+    let mut bad_password = c_greeting(SIZE);
+    bad_password[0..8].copy_from_slice(b"NBDMAGIX");
+    let cases = [
+        (
+            wrong_magic_greeting(SIZE),
+            "expected 0x0000420281861253 (oldstyle) or 0x49484156454f5054 (newstyle), got 0x0123456789abcdef",
+        ),
+        (
+            bad_password,
+            "expected NBDMAGIC (0x4e42444d41474943), got 0x4e42444d41474958",
+        ),
+    ];
+    for (greeting, message) in cases {
+        let src = source("fake-hello-magic-whole", SIZE, &[]);
+        let (out, _dest, ending) = against_fake(&src, move |mut c| {
+            c.send(&greeting);
+            c.ending_within(WAIT)
+        });
+        assert_mirror_failed(&out, "Mirror was rejected");
+        assert_eq!(
+            ending,
+            Ending::Clean,
+            "the source must take the whole greeting and close cleanly (a read returning 0), not reset the connection"
+        );
+        src.server.wait_log(&format!(
+            "rejected us: bad greeting from the server: bad greeting magic: {message}"
+        ));
+    }
+}
+
+#[test]
 fn dest_hello_wrong_size_causes_size_mismatch_close_and_no_reconnect() {
     let src = source("fake-hello-size", SIZE, &[]);
     let (out, dest, closed) = against_fake(&src, |mut c| {
