@@ -278,12 +278,31 @@ fn trim_write_zeroes_and_cache_are_served_though_the_c_greeting_does_not_offer_t
 #[test]
 fn zero_writes_over_holes_keep_the_file_sparse() {
     let (_dir, file, server) = served(8 * MIB);
+    server.wait_log("allocation map built");
+    zero_writes_keep_holes(&server, &file);
+}
+
+#[test]
+fn zero_writes_over_holes_keep_the_file_sparse_before_the_allocation_map_is_built() {
+    let dir = TempDir::new("wire-zeros-unbuilt");
+    let file = dir.sparse_file("disk.img", 8 * MIB);
+    let server = Flexnbd::serve(&dir, &file, &["--faults", "store.map_scan=slow(600000)"]);
+    server.assert_fired("store.map_scan", "slow(600000)");
+    zero_writes_keep_holes(&server, &file);
+    assert!(
+        !server.log().contains("allocation map built"),
+        "the map must still be unbuilt for this test to mean anything"
+    );
+}
+
+/// All-zero writes over the holes of a sparse 8 MiB `file` allocate
+/// nothing; zeros over data still overwrite it.
+fn zero_writes_keep_holes(server: &Flexnbd, file: &std::path::Path) {
     let mut c = server.connect();
     c.oldstyle_greeting();
-    server.wait_log("allocation map built");
     c.write_ok(0, &vec![0u8; 4 * MIB as usize]);
     assert_eq!(
-        allocated_bytes(&file),
+        allocated_bytes(file),
         0,
         "all-zero writes over holes allocate nothing"
     );
@@ -291,9 +310,15 @@ fn zero_writes_over_holes_keep_the_file_sparse() {
     data[40_000] = 1;
     c.write_ok(MIB, &data);
     assert_eq!(
-        allocated_bytes(&file),
+        allocated_bytes(file),
         4096,
         "only the one non-zero 4 KiB block is allocated"
+    );
+    c.write_ok(MIB + 36_864, &[0u8; 4096]);
+    assert_eq!(
+        c.read_ok(MIB + 36_864, 4096),
+        vec![0u8; 4096],
+        "zeros over data overwrite it"
     );
 }
 
