@@ -550,15 +550,21 @@ fn dest_break_after_hello_as_the_c_fake_does_causes_mirror_stopped_and_no_reconn
     let cli = in_background(move || mirror(&sock, port, false));
     let mut conn = dest.expect_connection(WAIT);
     src.server.signal(libc::SIGSTOP);
-    let sock = src.sock.clone();
-    let breaker = in_background(move || send_break(&sock));
-    // The request must be in the socket before the greeting goes out; the
-    // stopped source cannot have read it, so waiting for the connection to
-    // be queued is enough (a short pause, not a synchronisation).
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for("the source to be stopped", WAIT, || {
+        process_state(src.server.server_pid).filter(|&state| state == 'T')
+    });
+    // A UNIX socket queues the connection and the request without the
+    // (stopped) source's help: once these calls return, `break` is waiting
+    // in the socket, ahead of the greeting.
+    let mut ctl = UnixStream::connect(&src.sock).unwrap();
+    ctl.set_read_timeout(Some(WAIT)).unwrap();
+    ctl.write_all(b"break\n").unwrap();
+    ctl.shutdown(Shutdown::Write).unwrap();
     conn.send_c_greeting(SIZE);
     src.server.signal(libc::SIGCONT);
-    assert_eq!(breaker.join_within(WAIT), "0: mirror stopped\n");
+    let mut response = String::new();
+    ctl.read_to_string(&mut response).unwrap();
+    assert_eq!(response, "0: mirror stopped\n");
     let out = cli.join_within(MIRROR_LIMIT);
     assert!(
         !stderr(&out).contains("failed to connect"),
@@ -572,6 +578,14 @@ fn dest_break_after_hello_as_the_c_fake_does_causes_mirror_stopped_and_no_reconn
     // A deliberate wait: nothing may reconnect during it.
     assert_eq!(dest.connections_during(Duration::from_secs(3)), 0);
     assert!(src.server.is_running(), "break leaves the source serving");
+}
+
+/// The state letter of process `pid` (`T` once SIGSTOP has stopped it), from
+/// /proc/PID/stat; `None` if it cannot be read.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ...`: comm may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 #[test]
