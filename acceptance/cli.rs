@@ -580,6 +580,11 @@ fn help_prints_usage_on_stdout() {
     assert_ok(&out);
     assert!(stdout(&out).contains("--file"), "{}", stdout(&out));
     assert!(
+        stdout(&out).contains("--oldstyle-extra-flags"),
+        "serve's help documents the extra greeting flags:\n{}",
+        stdout(&out)
+    );
+    assert!(
         stdout(&out).contains("flexnbd serve"),
         "the usage line names the command to type:\n{}",
         stdout(&out)

@@ -213,6 +213,49 @@ impl FakeConn {
     pub fn sees_eof_within(&mut self, limit: Duration) -> bool {
         sees_eof_within(&mut self.stream, limit)
     }
+
+    /// How the peer ends the connection within `limit`.
+    pub fn ending_within(&mut self, limit: Duration) -> Ending {
+        ending_within(&mut self.stream, limit)
+    }
+}
+
+/// How a peer ended a connection, as the other end's reads see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// A read returned 0: the peer closed after taking every byte we sent.
+    Clean,
+    /// ECONNRESET: the peer closed with bytes of ours still unread.
+    Reset,
+    /// Still open when the time was up.
+    Open,
+}
+
+/// How `stream`'s peer ends the connection within `limit` (bytes that
+/// arrive meanwhile are discarded). Unlike [`sees_eof_within`] this tells a
+/// clean close from a reset.
+pub fn ending_within(stream: &mut TcpStream, limit: Duration) -> Ending {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Ending::Open;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Ending::Clean,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ending::Reset,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Ending::Open
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("waiting for the peer to close: {e}"),
+        }
+    }
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -558,6 +601,47 @@ mod tests {
     #[should_panic(expected = "scripted failure")]
     fn panicking_script_causes_join_to_panic() {
         in_background(|| panic!("scripted failure")).join_within(Duration::from_secs(5))
+    }
+
+    #[test]
+    fn peer_closing_with_unread_bytes_causes_reset_and_after_reading_them_clean() {
+        let dest = FakeDest::bind();
+        for read_first in [false, true] {
+            let mut s = FakeSource::connect(dest.addr);
+            let mut c = dest.expect_connection(Duration::from_secs(5));
+            s.send(b"unread unless read_first");
+            if read_first {
+                c.read_payload(24);
+            } else {
+                // The bytes must be queued at `c` before it closes.
+                wait_readable(&c.stream);
+            }
+            drop(c);
+            let expected = if read_first {
+                Ending::Clean
+            } else {
+                Ending::Reset
+            };
+            assert_eq!(
+                ending_within(&mut s.stream, Duration::from_secs(5)),
+                expected
+            );
+        }
+        let mut s = FakeSource::connect(dest.addr);
+        let _open = dest.expect_connection(Duration::from_secs(5));
+        assert_eq!(
+            ending_within(&mut s.stream, Duration::from_millis(100)),
+            Ending::Open
+        );
+    }
+
+    /// Waits (bounded) until `stream` has bytes to read, without taking them.
+    fn wait_readable(stream: &TcpStream) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(stream.peek(&mut b).expect("bytes to arrive"), 1);
     }
 
     #[test]

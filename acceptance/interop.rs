@@ -426,6 +426,41 @@ fn dest_hello_wrong_magic_causes_rejected_and_no_reconnect() {
 }
 
 #[test]
+fn dest_hello_with_a_bad_magic_is_read_whole_then_closed_cleanly_with_a_clear_error() {
+    // The C source reads all 152 bytes before judging them. Closing after
+    // only part of them would leave the rest unread, and the destination
+    // would see a reset instead of a clean close.
+    let mut bad_password = c_greeting(SIZE);
+    bad_password[0..8].copy_from_slice(b"NBDMAGIX");
+    let cases = [
+        (
+            wrong_magic_greeting(SIZE),
+            "expected 0x0000420281861253 (oldstyle) or 0x49484156454f5054 (newstyle), got 0x0123456789abcdef",
+        ),
+        (
+            bad_password,
+            "expected NBDMAGIC (0x4e42444d41474943), got 0x4e42444d41474958",
+        ),
+    ];
+    for (greeting, message) in cases {
+        let src = source("fake-hello-magic-whole", SIZE, &[]);
+        let (out, _dest, ending) = against_fake(&src, move |mut c| {
+            c.send(&greeting);
+            c.ending_within(WAIT)
+        });
+        assert_mirror_failed(&out, "Mirror was rejected");
+        assert_eq!(
+            ending,
+            Ending::Clean,
+            "the source must take the whole greeting and close cleanly (a read returning 0), not reset the connection"
+        );
+        src.server.wait_log(&format!(
+            "rejected us: bad greeting from the server: bad greeting magic: {message}"
+        ));
+    }
+}
+
+#[test]
 fn dest_hello_wrong_size_causes_size_mismatch_close_and_no_reconnect() {
     let src = source("fake-hello-size", SIZE, &[]);
     let (out, dest, closed) = against_fake(&src, |mut c| {
@@ -515,15 +550,21 @@ fn dest_break_after_hello_as_the_c_fake_does_causes_mirror_stopped_and_no_reconn
     let cli = in_background(move || mirror(&sock, port, false));
     let mut conn = dest.expect_connection(WAIT);
     src.server.signal(libc::SIGSTOP);
-    let sock = src.sock.clone();
-    let breaker = in_background(move || send_break(&sock));
-    // The request must be in the socket before the greeting goes out; the
-    // stopped source cannot have read it, so waiting for the connection to
-    // be queued is enough (a short pause, not a synchronisation).
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for("the source to be stopped", WAIT, || {
+        process_state(src.server.server_pid).filter(|&state| state == 'T')
+    });
+    // A UNIX socket queues the connection and the request without the
+    // (stopped) source's help: once these calls return, `break` is waiting
+    // in the socket, ahead of the greeting.
+    let mut ctl = UnixStream::connect(&src.sock).unwrap();
+    ctl.set_read_timeout(Some(WAIT)).unwrap();
+    ctl.write_all(b"break\n").unwrap();
+    ctl.shutdown(Shutdown::Write).unwrap();
     conn.send_c_greeting(SIZE);
     src.server.signal(libc::SIGCONT);
-    assert_eq!(breaker.join_within(WAIT), "0: mirror stopped\n");
+    let mut response = String::new();
+    ctl.read_to_string(&mut response).unwrap();
+    assert_eq!(response, "0: mirror stopped\n");
     let out = cli.join_within(MIRROR_LIMIT);
     assert!(
         !stderr(&out).contains("failed to connect"),
@@ -537,6 +578,14 @@ fn dest_break_after_hello_as_the_c_fake_does_causes_mirror_stopped_and_no_reconn
     // A deliberate wait: nothing may reconnect during it.
     assert_eq!(dest.connections_during(Duration::from_secs(3)), 0);
     assert!(src.server.is_running(), "break leaves the source serving");
+}
+
+/// The state letter of process `pid` (`T` once SIGSTOP has stopped it), from
+/// /proc/PID/stat; `None` if it cannot be read.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ...`: comm may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 #[test]

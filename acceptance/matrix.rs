@@ -1156,6 +1156,8 @@ fn listen_args(port: u16, file: &Path, sock: &Path, plan: &str) -> Vec<String> {
         "-s",
         sock.to_str().unwrap(),
         "-v",
+        // So holes travel as WRITE_ZEROES and its steps are in the matrix.
+        "--oldstyle-extra-flags",
     ]
     .iter()
     .map(|s| s.to_string())

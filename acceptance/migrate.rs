@@ -281,15 +281,34 @@ fn mirror_unlink_causes_the_source_file_to_go_and_the_destination_to_be_complete
     plain_migration(true, "mig-unlink");
 }
 
-#[test]
-fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
-    let dir = TempDir::new("mig-sparse");
+/// Migrates a 256 MiB source (`serve` started with `src_extra`) holding
+/// 4 MiB of data into a `listen` started with `dest_extra`, whose plan marks
+/// every WRITE_ZEROES it receives. Returns whether any WRITE_ZEROES reached
+/// the destination, and the source's log.
+fn sparse_migration(tag: &str, src_extra: &[&str], dest_extra: &[&str]) -> (bool, String) {
+    let dir = TempDir::new(tag);
     let size = 256 * MIB;
     let ranges: Vec<(u64, u64)> = (0..4).map(|i| (i * 60 * MIB + 4096, MIB)).collect();
     let src_file = file_with_data(&dir, "src.img", size, &ranges);
     let dest_file = dir.sparse_file("dest.img", size);
-    let mut src = serve(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, 0, None);
+    let sock = dir.join("src.sock");
+    let mut src = Source {
+        server: Flexnbd::spawn(
+            &dir,
+            &server_args("serve", &src_file, Some(&sock), src_extra),
+        ),
+        sock,
+    };
+    wait_for("the source's control socket", WAIT, || {
+        UnixStream::connect(&src.sock).ok().map(|_| ())
+    });
+    let mut args = server_args("listen", &dest_file, None, dest_extra);
+    // A fault that changes nothing: its `fault fired` line marks each one.
+    args.extend([
+        "--faults".into(),
+        "server.request_received.write_zeroes=delay(1)".into(),
+    ]);
+    let mut dest = Flexnbd::spawn(&dir, &args);
     mirror_ok(&src.sock, dest.port(), &[]);
     assert_exit(&mut src.server, 0, "source");
     assert_exit(&mut dest, 0, "destination");
@@ -304,6 +323,48 @@ fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
         d >= 4 * MIB && d <= s + 2 * MIB,
         "the destination allocated {d} bytes for a source that allocated {s} (of {size})"
     );
+    (
+        dest.log()
+            .contains("fault fired: server.request_received.write_zeroes"),
+        src.server.log(),
+    )
+}
+
+#[test]
+fn a_mostly_sparse_source_causes_a_destination_about_as_sparse() {
+    // The default greeting (flags 13) does not offer WRITE_ZEROES, so holes
+    // travel as zeros, which the destination keeps as holes.
+    let (zeroes, _) = sparse_migration("mig-sparse", &[], &[]);
+    assert!(
+        !zeroes,
+        "WRITE_ZEROES reached a destination that did not advertise it"
+    );
+}
+
+#[test]
+fn a_destination_with_oldstyle_extra_flags_receives_holes_as_write_zeroes() {
+    let (zeroes, _) = sparse_migration("mig-sparse-extra", &[], &["--oldstyle-extra-flags"]);
+    assert!(zeroes, "the holes should have travelled as WRITE_ZEROES");
+}
+
+#[test]
+fn a_source_whose_allocation_map_is_not_built_migrates_at_once_with_its_holes_as_holes() {
+    // The source's map scan held back for 10 minutes: the sweep must not
+    // wait for it, and must still tell holes from data (from the file).
+    let (zeroes, src_log) = sparse_migration(
+        "mig-sparse-unbuilt",
+        &["--faults", "store.map_scan=slow(600000)"],
+        &["--oldstyle-extra-flags"],
+    );
+    assert!(
+        src_log.contains("fault fired: store.map_scan -> slow(600000)"),
+        "the scan must have been held back; log:\n{src_log}"
+    );
+    assert!(
+        !src_log.contains("allocation map built"),
+        "the map must still be unbuilt for this test to mean anything"
+    );
+    assert!(zeroes, "the holes should have travelled as WRITE_ZEROES");
 }
 
 #[test]

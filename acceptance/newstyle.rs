@@ -711,6 +711,49 @@ fn block_status_describes_data_and_holes_with_and_without_req_one() {
     let (file, _) = data_and_holes(&dir);
     let server = serve_newstyle(&dir, &file);
     server.wait_log("allocation map built");
+    block_status_of_data_and_holes(&server);
+}
+
+#[test]
+fn block_status_is_exact_while_the_allocation_map_is_being_built() {
+    // The map's scan held back for 10 minutes: every answer must come from
+    // the file itself, from the first request on.
+    let dir = TempDir::new("ns-bs-building");
+    let (file, _) = data_and_holes(&dir);
+    let server = Flexnbd::serve(
+        &dir,
+        &file,
+        &[
+            "--handshake",
+            "newstyle",
+            "--faults",
+            "store.map_scan=slow(600000)",
+        ],
+    );
+    server.assert_fired("store.map_scan", "slow(600000)");
+    block_status_of_data_and_holes(&server);
+    assert!(
+        !server.log().contains("allocation map built"),
+        "the map must still be unbuilt for this test to mean anything"
+    );
+}
+
+#[test]
+fn block_status_is_exact_when_the_allocation_map_cannot_be_built() {
+    let dir = TempDir::new("ns-bs-unbuilt");
+    let (file, _) = data_and_holes(&dir);
+    let server = Flexnbd::serve(
+        &dir,
+        &file,
+        &["--handshake", "newstyle", "--faults", "store.map_scan=eio"],
+    );
+    server.wait_log("allocation map not built");
+    block_status_of_data_and_holes(&server);
+}
+
+/// Block status over `data_and_holes`, with and without REQ_ONE, then after
+/// a write of data and a write of zeros into holes.
+fn block_status_of_data_and_holes(server: &Flexnbd) {
     let mut c = server.connect();
     go(&mut c, true, true);
     let hole = proto::STATE_HOLE | proto::STATE_ZERO;
@@ -741,8 +784,9 @@ fn block_status_describes_data_and_holes_with_and_without_req_one() {
     let (_, d) = block_status_reply(&mut c, 5);
     assert_eq!(d, vec![(1000, hole)]);
 
-    // A write turns a hole into data.
+    // A write turns a hole into data; zeros written over a hole keep it one.
     c.write_ok(128 * KIB, &[1u8; 4096]);
+    c.write_ok(160 * KIB, &[0u8; 8192]);
     c.request(cmd::BLOCK_STATUS, 0, 6, 64 * KIB, k(128));
     let (_, d) = block_status_reply(&mut c, 6);
     assert_eq!(d, vec![(k(64), hole), (k(4), 0), (k(60), hole)]);

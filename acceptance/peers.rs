@@ -62,12 +62,19 @@ over_both_handshakes!(
     fio_short_randrw_with_crc32c_verification_reports_no_errors,
 );
 
+/// Over oldstyle with `--oldstyle-extra-flags`, so the tools see (and use)
+/// TRIM, WRITE_ZEROES, CACHE and MULTI_CONN as over newstyle. The default
+/// greeting (the C flexnbd's flags 13) is
+/// `nbdinfo_over_the_default_oldstyle_greeting_sees_the_c_flexnbd_capabilities`.
 fn serve(dir: &TempDir, file: &Path, hs: Handshake) -> Flexnbd {
-    let style = match hs {
-        Old => "oldstyle",
-        New => "newstyle",
-    };
-    Flexnbd::serve(dir, file, &["--handshake", style])
+    match hs {
+        Old => Flexnbd::serve(
+            dir,
+            file,
+            &["--handshake", "oldstyle", "--oldstyle-extra-flags"],
+        ),
+        New => Flexnbd::serve(dir, file, &["--handshake", "newstyle"]),
+    }
 }
 
 /// A 4 MiB image holding 1 MiB of pattern data followed by a 3 MiB hole;
@@ -281,6 +288,30 @@ fn nbdinfo_reports_the_size_protocol_and_capabilities(hs: Handshake) {
     if hs == New {
         wanted.push("using structured packets".into());
         wanted.push("base:allocation".into());
+    }
+    for w in &wanted {
+        assert!(out.contains(w.as_str()), "nbdinfo lacks {w:?}:\n{out}");
+    }
+    server.assert_no_panic();
+}
+
+/// The default oldstyle greeting is the C flexnbd's: a tool sees FLUSH and
+/// FUA only, exactly as against a C server.
+#[test]
+fn nbdinfo_over_the_default_oldstyle_greeting_sees_the_c_flexnbd_capabilities() {
+    let dir = TempDir::new("peers");
+    let file = dir.sparse_file("disk.img", SIZE);
+    let server = Flexnbd::serve(&dir, &file, &[]);
+    let out = text(&run_ok("nbdinfo", &[&server.uri()], TOOL));
+    let mut wanted = vec![
+        "protocol: oldstyle".to_string(),
+        format!("export-size: {SIZE}"),
+    ];
+    for cap in ["flush", "fua"] {
+        wanted.push(format!("can_{cap}: true"));
+    }
+    for cap in ["cache", "multi_conn", "trim", "zero"] {
+        wanted.push(format!("can_{cap}: false"));
     }
     for w in &wanted {
         assert!(out.contains(w.as_str()), "nbdinfo lacks {w:?}:\n{out}");
@@ -557,7 +588,8 @@ print("ok")
     server.assert_no_panic();
 }
 
-/// Both handshakes advertise CAN_MULTI_CONN: a write completed on one
+/// Both handshakes (oldstyle with `--oldstyle-extra-flags`) advertise
+/// CAN_MULTI_CONN: a write completed on one
 /// connection is visible on another after a flush.
 fn nbdsh_write_on_one_connection_is_seen_by_another_after_flush(hs: Handshake) {
     let dir = TempDir::new("peers");

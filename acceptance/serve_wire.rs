@@ -15,20 +15,64 @@ fn served(size: u64) -> (TempDir, std::path::PathBuf, Flexnbd) {
 }
 
 #[test]
-fn oldstyle_greeting_is_byte_exact_and_advertises_what_we_support() {
+fn oldstyle_greeting_is_byte_exact_with_the_c_flags_13() {
+    // Spec 1.1: NBDMAGIC, INIT_MAGIC, the size, flags exactly 13 (HAS_FLAGS,
+    // SEND_FLUSH, SEND_FUA; tools compare with exactly that), 124 zeros.
     let (_dir, _file, server) = served(MIB);
     let mut c = server.connect();
     let g = c.read_exact(152);
     assert_eq!(&g[0..8], b"NBDMAGIC");
     assert_eq!(&g[8..16], &[0x00, 0x00, 0x42, 0x02, 0x81, 0x86, 0x12, 0x53]);
     assert_eq!(u64::from_be_bytes(g[16..24].try_into().unwrap()), MIB);
-    let flags = u32::from_be_bytes(g[24..28].try_into().unwrap());
-    // The C flags (13: HAS_FLAGS, SEND_FLUSH, SEND_FUA) plus TRIM,
-    // WRITE_ZEROES, MULTI_CONN and CACHE, which we really implement.
-    assert_eq!(flags & 13, 13);
-    assert_eq!(flags, 13 | 32 | 64 | 256 | 1024);
+    assert_eq!(&g[24..28], &[0, 0, 0, 13], "flags must be exactly 13");
     assert!(g[28..].iter().all(|&b| b == 0), "124 reserved zero bytes");
     server.assert_no_panic();
+}
+
+#[test]
+fn oldstyle_extra_flags_adds_trim_write_zeroes_multi_conn_and_cache() {
+    let dir = TempDir::new("wire-extra");
+    let file = dir.sparse_file("disk.img", MIB);
+    let server = Flexnbd::serve(&dir, &file, &["--oldstyle-extra-flags"]);
+    let mut c = server.connect();
+    let (size, flags) = c.oldstyle_greeting();
+    assert_eq!(size, MIB);
+    assert_eq!(
+        flags,
+        13 | 32 | 64 | 256 | 1024,
+        "expected the C flags 13 plus SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN and SEND_CACHE, got {flags}"
+    );
+    c.write_ok(0, b"served as usual");
+    server.assert_no_panic();
+}
+
+#[test]
+fn oldstyle_extra_flags_is_refused_with_the_newstyle_handshake() {
+    let dir = TempDir::new("wire-extra-new");
+    let file = dir.sparse_file("disk.img", MIB);
+    let file_arg = file.display().to_string();
+    let out = run_tool(
+        BIN,
+        &[
+            "serve",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-f",
+            &file_arg,
+            "--handshake",
+            "newstyle",
+            "--oldstyle-extra-flags",
+        ],
+        WAIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "a usage error exits 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--oldstyle-extra-flags needs --handshake oldstyle"),
+        "stderr should explain the conflict: {stderr}"
+    );
 }
 
 #[test]
@@ -198,12 +242,16 @@ fn fua_write_and_flush_are_answered() {
 }
 
 #[test]
-fn trim_and_write_zeroes_punch_holes() {
+fn trim_write_zeroes_and_cache_are_served_though_the_c_greeting_does_not_offer_them() {
+    // The C flexnbd answers them EINVAL; we carry them out, so a client
+    // that sends them anyway gets what it asked for.
     let dir = TempDir::new("punch");
     let file = dir.pattern_file("data.img", 4 * MIB, 3);
     let server = Flexnbd::serve(&dir, &file, &[]);
     let mut c = server.connect();
-    c.oldstyle_greeting();
+    assert_eq!(c.oldstyle_greeting().1, 13, "the default greeting's flags");
+    c.request(cmd::CACHE, 0, 4, 0, MIB as u32);
+    assert_eq!(c.simple_reply().error, 0, "CACHE");
     let before = allocated_bytes(&file);
     c.request(cmd::TRIM, 0, 1, 0, MIB as u32);
     assert_eq!(c.simple_reply().error, 0);
@@ -230,12 +278,31 @@ fn trim_and_write_zeroes_punch_holes() {
 #[test]
 fn zero_writes_over_holes_keep_the_file_sparse() {
     let (_dir, file, server) = served(8 * MIB);
+    server.wait_log("allocation map built");
+    zero_writes_keep_holes(&server, &file);
+}
+
+#[test]
+fn zero_writes_over_holes_keep_the_file_sparse_before_the_allocation_map_is_built() {
+    let dir = TempDir::new("wire-zeros-unbuilt");
+    let file = dir.sparse_file("disk.img", 8 * MIB);
+    let server = Flexnbd::serve(&dir, &file, &["--faults", "store.map_scan=slow(600000)"]);
+    server.assert_fired("store.map_scan", "slow(600000)");
+    zero_writes_keep_holes(&server, &file);
+    assert!(
+        !server.log().contains("allocation map built"),
+        "the map must still be unbuilt for this test to mean anything"
+    );
+}
+
+/// All-zero writes over the holes of a sparse 8 MiB `file` allocate
+/// nothing; zeros over data still overwrite it.
+fn zero_writes_keep_holes(server: &Flexnbd, file: &std::path::Path) {
     let mut c = server.connect();
     c.oldstyle_greeting();
-    server.wait_log("allocation map built");
     c.write_ok(0, &vec![0u8; 4 * MIB as usize]);
     assert_eq!(
-        allocated_bytes(&file),
+        allocated_bytes(file),
         0,
         "all-zero writes over holes allocate nothing"
     );
@@ -243,9 +310,15 @@ fn zero_writes_over_holes_keep_the_file_sparse() {
     data[40_000] = 1;
     c.write_ok(MIB, &data);
     assert_eq!(
-        allocated_bytes(&file),
+        allocated_bytes(file),
         4096,
         "only the one non-zero 4 KiB block is allocated"
+    );
+    c.write_ok(MIB + 36_864, &[0u8; 4096]);
+    assert_eq!(
+        c.read_ok(MIB + 36_864, 4096),
+        vec![0u8; 4096],
+        "zeros over data overwrite it"
     );
 }
 
@@ -372,10 +445,25 @@ fn hex_fixture(name: &str) -> Vec<u8> {
 }
 
 #[test]
-fn oldstyle_greeting_matches_the_golden_bytes() {
+fn oldstyle_greeting_matches_the_c_flexnbd_golden_bytes() {
     let (_dir, _file, server) = served(MIB);
     let mut c = server.connect();
-    assert_eq!(c.read_exact(152), hex_fixture("oldstyle-greeting-1MiB.hex"));
+    assert_eq!(
+        c.read_exact(152),
+        hex_fixture("c-flexnbd-greeting-1MiB.hex")
+    );
+}
+
+#[test]
+fn oldstyle_greeting_with_extra_flags_matches_its_golden_bytes() {
+    let dir = TempDir::new("wire-golden-extra");
+    let file = dir.sparse_file("disk.img", MIB);
+    let server = Flexnbd::serve(&dir, &file, &["--oldstyle-extra-flags"]);
+    let mut c = server.connect();
+    assert_eq!(
+        c.read_exact(152),
+        hex_fixture("oldstyle-extra-flags-greeting-1MiB.hex")
+    );
 }
 
 #[test]

@@ -603,7 +603,12 @@ class FlexProc(Server):
         self.map_built = False
 
     def argv(self):
-        return [FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image, "-s", self.sock, "-v"]
+        argv = [FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image, "-s", self.sock, "-v"]
+        if self.role == "listen":
+            # Without it the greeting is the C one (flags 13), and holes (the
+            # whole 1 TiB case) would travel as zeros instead of WRITE_ZEROES.
+            argv.append("--oldstyle-extra-flags")
+        return argv
 
     def log_text(self):
         try:
@@ -1272,7 +1277,7 @@ def migration_section(ctx, info, results, failures, started, finished):
     L.append("")
     L.append("```sh")
     L.append("# per run: a fresh sparse destination of the source's size, then")
-    L.append("target/bench/release/flexnbd listen -l 127.0.0.1 -p 0 -f DEST -s DSOCK -v   # ready: logs `listening on`, DSOCK exists, `allocation map built`")
+    L.append("target/bench/release/flexnbd listen -l 127.0.0.1 -p 0 -f DEST -s DSOCK -v --oldstyle-extra-flags   # ready: logs `listening on`, DSOCK exists, `allocation map built`")
     L.append("target/bench/release/flexnbd serve  -l 127.0.0.1 -p 0 -f SRC  -s SSOCK -v   # oldstyle (the default)")
     L.append("target/bench/release/flexnbd mirror -s SSOCK -l 127.0.0.1 -p DPORT       # timed from here ...")
     L.append("#   ... to both serve and listen having exited 0 (reaped with wait4, polled every 1 ms, at most "

@@ -36,6 +36,11 @@ pub enum ClientError {
     Greeting(#[from] HandshakeError),
     #[error("the server closed the connection during the handshake: {0}")]
     HandshakeIo(io::Error),
+    #[error(
+        "the server closed the connection after {got} bytes of the {} byte greeting",
+        proto::OLDSTYLE_GREETING_LEN
+    )]
+    ShortGreeting { got: usize },
     #[error("no complete greeting from the server within {} s", GREETING_TIMEOUT.as_secs())]
     GreetingTimeout,
     #[error("the server refused export negotiation: option {option} answered with error 0x{kind:08x}{message}")]
@@ -225,28 +230,67 @@ async fn send_part<S: AsyncWrite + Unpin>(
     }
 }
 
+/// How a server's greeting began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GreetingStart {
+    /// A whole oldstyle greeting: the size and all 32 flag bits.
+    Oldstyle { size: u64, flags: u32 },
+    /// `NBDMAGIC` and `IHAVEOPT`: the newstyle negotiation follows.
+    Newstyle,
+}
+
+/// Reads a greeting far enough to know which handshake follows. Anything
+/// but a newstyle start is read as a whole 152-byte oldstyle greeting
+/// before its magics are judged, as the C flexnbd does: closing a socket
+/// with unread bytes sends a reset, and a peer whose greeting we refuse
+/// must see a clean close instead.
+pub async fn read_greeting_start<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<GreetingStart, ClientError> {
+    let mut greeting = [0u8; proto::OLDSTYLE_GREETING_LEN];
+    stream
+        .read_exact(&mut greeting[..16])
+        .await
+        .map_err(hs_io)?;
+    let start: [u8; 16] = greeting[..16].try_into().expect("16 bytes");
+    let kind = proto::greeting_kind(&start);
+    if kind == Ok(GreetingKind::Newstyle) {
+        return Ok(GreetingStart::Newstyle);
+    }
+    let mut got = 16;
+    while got < greeting.len() {
+        let n = stream.read(&mut greeting[got..]).await.map_err(hs_io)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    // A bad magic is the verdict even when the greeting was cut short.
+    kind?;
+    if got < greeting.len() {
+        return Err(ClientError::ShortGreeting { got });
+    }
+    let rest = greeting[16..].try_into().expect("136 bytes");
+    let (size, flags) = proto::oldstyle_rest(&rest);
+    Ok(GreetingStart::Oldstyle { size, flags })
+}
+
 /// The client side of either handshake.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<Export, ClientError> {
-    let mut start = [0u8; 16];
-    stream.read_exact(&mut start).await.map_err(hs_io)?;
-    match proto::greeting_kind(&start)? {
-        GreetingKind::Oldstyle => {
-            let mut rest = [0u8; proto::OLDSTYLE_GREETING_LEN - 16];
-            stream.read_exact(&mut rest).await.map_err(hs_io)?;
-            let (size, flags) = proto::oldstyle_rest(&rest);
-            Ok(Export {
-                size,
-                flags: flags as u16,
-                handshake: GreetingKind::Oldstyle,
-            })
-        }
-        GreetingKind::Newstyle => newstyle(stream).await,
+    match read_greeting_start(stream).await? {
+        GreetingStart::Oldstyle { size, flags } => Ok(Export {
+            size,
+            flags: flags as u16,
+            handshake: GreetingKind::Oldstyle,
+        }),
+        GreetingStart::Newstyle => newstyle(stream).await,
     }
 }
 
-async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
+/// The newstyle negotiation, after the first 16 bytes of the greeting.
+pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<Export, ClientError> {
     let server_flags = stream.read_u16().await.map_err(hs_io)?;
@@ -539,4 +583,72 @@ where
         Err(_hung) => return Err(ClientError::ReplyTimeout),
     }
     read_reply(stream, handle, cmd::WRITE, 0).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `bytes` (then EOF) to `read_greeting_start`; returns its
+    /// result and how many bytes it left unread.
+    async fn start_of(bytes: &[u8]) -> (Result<GreetingStart, ClientError>, usize) {
+        let mut input = bytes;
+        let result = read_greeting_start(&mut input).await;
+        (result, input.len())
+    }
+
+    fn greeting_then(tail: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let mut g = proto::oldstyle_greeting(1 << 20, 13).to_vec();
+        edit(&mut g);
+        g.extend_from_slice(tail);
+        g
+    }
+
+    #[tokio::test]
+    async fn a_bad_magic_is_judged_only_after_all_152_bytes_are_read() {
+        for edit in [
+            (|g: &mut [u8]| g[8] ^= 0xff) as fn(&mut [u8]),
+            |g: &mut [u8]| g[0] ^= 0xff,
+        ] {
+            let (result, unread) = start_of(&greeting_then(b"next", edit)).await;
+            assert!(
+                matches!(result, Err(ClientError::Greeting(_))),
+                "expected a bad magic error, got {result:?}"
+            );
+            assert_eq!(unread, 4, "exactly the 152 greeting bytes must be read");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_good_oldstyle_greeting_gives_size_and_all_32_flag_bits() {
+        let mut g = proto::oldstyle_greeting(4096, 0x0001_000d).to_vec();
+        g.extend_from_slice(b"next");
+        let (result, unread) = start_of(&g).await;
+        assert_eq!(
+            result.unwrap(),
+            GreetingStart::Oldstyle {
+                size: 4096,
+                flags: 0x0001_000d
+            }
+        );
+        assert_eq!(unread, 4);
+    }
+
+    #[tokio::test]
+    async fn a_greeting_cut_short_is_rejected_with_how_much_came() {
+        let g = proto::oldstyle_greeting(4096, 13);
+        let (result, _) = start_of(&g[..100]).await;
+        assert!(
+            matches!(result, Err(ClientError::ShortGreeting { got: 100 })),
+            "expected a short greeting of 100 bytes, got {result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newstyle_start_leaves_the_rest_for_the_negotiation() {
+        let g = proto::newstyle_greeting(proto::FLAG_FIXED_NEWSTYLE);
+        let (result, unread) = start_of(&g).await;
+        assert_eq!(result.unwrap(), GreetingStart::Newstyle);
+        assert_eq!(unread, 2, "the handshake flags are the negotiation's");
+    }
 }

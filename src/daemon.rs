@@ -453,9 +453,13 @@ pub async fn run<T: Transport, P: Probe>(
     }
 
     let scan_image = options.image.clone();
-    tokio::task::spawn_blocking(move || match scan_image.scan_allocation() {
+    tokio::task::spawn_blocking(move || {
+        match scan_image.scan_allocation() {
         Ok(()) => info!("allocation map built"),
-        Err(e) => warn!("allocation map not built, serving without hole detection: {e}"),
+        Err(e) => warn!(
+            "allocation map not built ({e}): holes are asked of the file system on each request instead"
+        ),
+    }
     });
     let accept = tokio::spawn(server::accept_loop::<T, P>(listener, shared.clone()));
     *daemon.accept_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(accept.abort_handle());

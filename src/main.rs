@@ -109,6 +109,12 @@ struct ServeArgs {
     /// Which greeting to send.
     #[arg(long, value_enum, default_value = "oldstyle")]
     handshake: Handshake,
+    /// Also advertise TRIM, WRITE_ZEROES, MULTI_CONN and CACHE in the
+    /// oldstyle greeting (flags 1389 instead of the C flexnbd's 13). Without
+    /// it the greeting is byte-identical to the C one. A migration source
+    /// sends holes as WRITE_ZEROES only to a destination that advertises it.
+    #[arg(long)]
+    oldstyle_extra_flags: bool,
     /// Most clients served at once (default 16; listen takes exactly 1); more
     /// are closed without a greeting.
     #[arg(long)]
@@ -305,6 +311,12 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
             mode,
         ));
     }
+    if args.oldstyle_extra_flags && matches!(args.handshake, Handshake::Newstyle) {
+        return Err(usage_error(
+            "--oldstyle-extra-flags needs --handshake oldstyle (newstyle always advertises every flag)",
+            mode,
+        ));
+    }
     let acl =
         Acl::parse(&args.acl, args.default_deny).map_err(|e| usage_error(e.to_string(), mode))?;
     log::set_context(file.display().to_string());
@@ -325,6 +337,7 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         max_clients,
         handshake_timeout: std::time::Duration::from_secs_f64(args.handshake_timeout),
         killswitch: args.killswitch.then(daemon::killswitch_limit),
+        oldstyle_extra_flags: args.oldstyle_extra_flags,
     };
     if let Some(path) = &args.sock {
         // Refuse early: a live server there means we must not start at all.

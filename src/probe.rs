@@ -121,6 +121,9 @@ pub enum StoreStep {
     Marker,
     /// The source's `--unlink` of its image.
     Unlink,
+    /// The start of the background scan that builds the allocation map
+    /// (`slow` keeps the map unbuilt that long, `eio` for good).
+    MapScan,
 }
 
 impl StoreStep {
@@ -131,6 +134,7 @@ impl StoreStep {
             StoreStep::Sync => "sync",
             StoreStep::Marker => "marker",
             StoreStep::Unlink => "unlink",
+            StoreStep::MapScan => "map_scan",
         }
     }
 }

@@ -476,10 +476,8 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         export.flags
     );
 
-    // 2. The map must be complete before the sweep relies on its holes.
-    while !image.scan_finished() {
-        or_cancel(cancel, tokio::time::sleep(Duration::from_millis(20))).await?;
-    }
+    // 2. Track changes from here on. The sweep need not wait for the
+    //    allocation map: until it is built, extents come from the file.
     image.start_tracking();
     state.set_phase(Phase::Copying);
     let can_zero = export.flags & proto::flags::SEND_WRITE_ZEROES != 0;

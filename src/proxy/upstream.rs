@@ -4,15 +4,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::key;
 use crate::fault_apply::{self, How, Incoming, Outgoing};
-use crate::proto::{self, cmd, GreetingKind, SimpleReply};
+use crate::proto::{self, cmd, SimpleReply};
 use crate::transport::Transport;
 use crate::{info, warn};
 
@@ -299,75 +297,18 @@ impl<T: Transport> Upstream<T> {
 
 /// Reads a greeting; returns the size and the flags. An oldstyle greeting
 /// keeps all 32 flag bits (passed through unchanged); a newstyle server is
-/// negotiated with by [`crate::client::handshake`].
+/// negotiated with as [`crate::client::handshake`] does.
 async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(u64, u32), String> {
-    let mut start = [0u8; 16];
-    stream
-        .read_exact(&mut start)
+    use crate::client::{self, GreetingStart};
+    match client::read_greeting_start(stream)
         .await
-        .map_err(|e| e.to_string())?;
-    match proto::greeting_kind(&start).map_err(|e| e.to_string())? {
-        GreetingKind::Oldstyle => {
-            let mut rest = [0u8; proto::OLDSTYLE_GREETING_LEN - 16];
-            stream
-                .read_exact(&mut rest)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(proto::oldstyle_rest(&rest))
-        }
-        GreetingKind::Newstyle => {
-            let mut replayed = Prefixed {
-                prefix: start,
-                at: 0,
-                inner: stream,
-            };
-            let export = crate::client::handshake(&mut replayed)
-                .await
-                .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+    {
+        GreetingStart::Oldstyle { size, flags } => Ok((size, flags)),
+        GreetingStart::Newstyle => {
+            let export = client::newstyle(stream).await.map_err(|e| e.to_string())?;
             Ok((export.size, u32::from(export.flags)))
         }
-    }
-}
-
-/// A stream that first yields bytes already read from it.
-struct Prefixed<'a, S> {
-    prefix: [u8; 16],
-    at: usize,
-    inner: &'a mut S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = (self.prefix.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

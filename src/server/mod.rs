@@ -42,6 +42,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// With `--killswitch`: a request cycle longer than this drops the client.
     pub killswitch: Option<Duration>,
+    /// With `--oldstyle-extra-flags`: the oldstyle greeting also advertises
+    /// what we implement beyond the C flexnbd (see [`oldstyle_flags`]).
+    pub oldstyle_extra_flags: bool,
 }
 
 impl Default for Config {
@@ -51,7 +54,24 @@ impl Default for Config {
             max_clients: 16,
             handshake_timeout: Duration::from_secs(10),
             killswitch: None,
+            oldstyle_extra_flags: false,
         }
+    }
+}
+
+/// The flags of the C flexnbd's greeting: HAS_FLAGS, SEND_FLUSH, SEND_FUA.
+/// Tools written against it compare the greeting's flags with exactly this.
+pub const C_OLDSTYLE_FLAGS: u16 = flags::HAS_FLAGS | flags::SEND_FLUSH | flags::SEND_FUA;
+
+/// The transmission flags of the oldstyle greeting: the C flexnbd's by
+/// default, so the greeting is byte-identical to it; with `extra`, also
+/// TRIM, WRITE_ZEROES, MULTI_CONN and CACHE. Requests of those kinds are
+/// served either way: the flags only tell clients they may send them.
+pub fn oldstyle_flags(extra: bool) -> u16 {
+    if extra {
+        transmission_flags(false)
+    } else {
+        C_OLDSTYLE_FLAGS
     }
 }
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::negotiate::{negotiate, NegotiateError, Negotiated};
 use super::writer::ReplyWriter;
-use super::{transmission_flags, HandshakeMode, Shared};
+use super::{oldstyle_flags, HandshakeMode, Shared};
 use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
@@ -103,8 +103,8 @@ pub async fn serve_client<S: Stream, P: Probe>(
     let image = shared.image.clone();
     let negotiated = match shared.config.handshake {
         HandshakeMode::Oldstyle => {
-            let greeting =
-                proto::oldstyle_greeting(image.size(), u32::from(transmission_flags(false)));
+            let flags = oldstyle_flags(shared.config.oldstyle_extra_flags);
+            let greeting = proto::oldstyle_greeting(image.size(), u32::from(flags));
             // Hung: reading and discarding needs the stream, so it is done
             // here rather than by `send`.
             let sent = fault_apply::send(

@@ -17,7 +17,7 @@ pub struct AllocationMap {
     /// Number of 4 KiB blocks (the last may be partial).
     blocks: u64,
     /// Set once the background scan has finished; until then a clear bit
-    /// means nothing and every block must be treated as data.
+    /// means nothing (the image asks the file instead).
     built: AtomicBool,
 }
 

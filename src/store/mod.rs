@@ -56,8 +56,6 @@ pub struct Image {
     can_punch: AtomicBool,
     /// Set to stop a running map scan (shutdown).
     scan_stop: AtomicBool,
-    /// Set once the scan has finished, successfully or not.
-    scan_done: AtomicBool,
     /// Blocks changed since the mirror last took them (only while tracking).
     dirty: AllocationMap,
     /// The number of set bits in `dirty`, kept by construction: whoever
@@ -143,7 +141,6 @@ impl Image {
             punch_lock: RwLock::new(()),
             can_punch: AtomicBool::new(true),
             scan_stop: AtomicBool::new(false),
-            scan_done: AtomicBool::new(false),
             dirty: AllocationMap::new(size),
             dirty_blocks: AtomicI64::new(0),
             tracking: AtomicBool::new(false),
@@ -262,10 +259,7 @@ impl Image {
         let _shared = self.punch_lock.read().unwrap_or_else(|p| p.into_inner());
         let map = &self.map;
         if !map.is_built() {
-            // The scan may already have passed this region: record the whole
-            // range so it is not missed. No zero-skipping without a map.
-            map.set_bytes(offset, data.len() as u64);
-            return self.io().write_at(data, offset);
+            return self.store_write_unmapped(data, offset);
         }
         // Walk the range in runs of blocks sharing an allocation state.
         let end = offset + data.len() as u64;
@@ -313,6 +307,41 @@ impl Image {
         Ok(())
     }
 
+    /// `store_write` while the map is not built: the file itself says where
+    /// its holes are, so all-zero pieces over holes are still not written.
+    /// Every range written is recorded in the map first, since the scan may
+    /// already have passed it.
+    fn store_write_unmapped(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let map = &self.map;
+        let mut holes = FileLayout::new(self.disk.file());
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        let mut pending: Option<u64> = None;
+        let flush = |start: u64, upto: u64| {
+            map.set_bytes(start, upto - start);
+            self.io().write_at(
+                &data[(start - offset) as usize..(upto - offset) as usize],
+                start,
+            )
+        };
+        while pos < end {
+            let piece_end = ((pos / BLOCK_SIZE + 1) * BLOCK_SIZE).min(end);
+            let piece = &data[(pos - offset) as usize..(piece_end - offset) as usize];
+            if is_zero(piece) && holes.is_hole(pos, piece_end) {
+                if let Some(start) = pending.take() {
+                    flush(start, pos)?;
+                }
+            } else {
+                pending.get_or_insert(pos);
+            }
+            pos = piece_end;
+        }
+        match pending {
+            Some(start) => flush(start, end),
+            None => Ok(()),
+        }
+    }
+
     /// Punches a hole over the range (or, where holes are not supported and
     /// `must_zero` is set, writes zeros). The range then reads as zeros.
     pub fn punch(&self, offset: u64, length: u64, must_zero: bool) -> io::Result<()> {
@@ -330,9 +359,11 @@ impl Image {
             let _exclusive = self.punch_lock.write().unwrap_or_else(|p| p.into_inner());
             let err = match self.io().punch_hole(offset, length) {
                 Ok(()) => {
-                    if self.map.is_built() {
-                        self.map.clear_bytes(offset, length, self.size);
-                    }
+                    // Safe before the map is built too: writes are held off,
+                    // so these blocks are holes now. A scan that looked
+                    // before the punch can only set them again (data, which
+                    // is never wrong, only less sparse).
+                    self.map.clear_bytes(offset, length, self.size);
                     return Ok(());
                 }
                 Err(err) => err,
@@ -477,10 +508,6 @@ impl Image {
         out
     }
 
-    pub fn scan_finished(&self) -> bool {
-        self.scan_done.load(Ordering::Acquire)
-    }
-
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         self.store_fault(crate::probe::StoreStep::Sync)?;
@@ -499,16 +526,12 @@ impl Image {
 
     /// Builds the allocation map from the file's data and hole extents
     /// (SEEK_DATA/SEEK_HOLE). Blocking: run it on a worker thread after the
-    /// port listens. On failure the map stays unbuilt and is never consulted.
+    /// port listens. On failure the map stays unbuilt and is never consulted:
+    /// holes are then asked of the file each time.
     pub fn scan_allocation(self: &Arc<Image>) -> io::Result<()> {
-        let result = self.scan_allocation_inner();
-        self.scan_done.store(true, Ordering::Release);
-        result
-    }
-
-    fn scan_allocation_inner(self: &Arc<Image>) -> io::Result<()> {
-        // A separate descriptor: lseek moves the file offset, and nothing
-        // else should share it.
+        self.store_fault(crate::probe::StoreStep::MapScan)?;
+        // A read-only descriptor of its own, so the scan shares nothing
+        // with the serving path.
         let file = File::open(&self.path)?;
         let fd = file.as_raw_fd();
         let mut pos: i64 = 0;
@@ -541,15 +564,18 @@ impl Image {
     }
 
     /// Describes the extents in `offset..offset+length` as runs of
-    /// (length, is_hole), at most `max` of them. Before the map is built
-    /// everything is data.
+    /// (length, is_hole), at most `max` of them. Until the map is built
+    /// (or when it cannot be) the file is asked, with the answer the built
+    /// map would give; if even that fails, everything is data.
     pub fn extents(&self, offset: u64, length: u64, max: usize) -> Vec<(u64, bool)> {
         let end = offset.saturating_add(length).min(self.size);
         if offset >= end {
             return Vec::new();
         }
         if !self.map.is_built() {
-            return vec![(end - offset, false)];
+            return FileLayout::new(self.disk.file())
+                .extents(offset, end, max)
+                .unwrap_or_else(|| vec![(end - offset, false)]);
         }
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset;
@@ -566,6 +592,97 @@ impl Image {
             pos = run_end;
         }
         out
+    }
+}
+
+/// The image file's data and holes as SEEK_DATA/SEEK_HOLE report them,
+/// for when the allocation map is not built yet. It remembers the last run
+/// it learnt, so a walk forward asks about each run once.
+///
+/// The lseeks move the file offset of the image's descriptor, which nothing
+/// uses: every read and write is positional, and each lseek's result does not
+/// depend on the offset it starts from.
+struct FileLayout<'a> {
+    file: &'a File,
+    /// A run learnt from the file: `start..end`, a hole or data.
+    known: Option<(u64, u64, bool)>,
+}
+
+impl<'a> FileLayout<'a> {
+    fn new(file: &'a File) -> FileLayout<'a> {
+        FileLayout { file, known: None }
+    }
+
+    fn seek(&self, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        // SAFETY: integer arguments only, on a descriptor open for the call.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None), // at or past the end of the file
+            _ => Err(err),
+        }
+    }
+
+    /// The run that starts at `pos`: its end and whether it is a hole.
+    fn run_at(&mut self, pos: u64) -> io::Result<(u64, bool)> {
+        if let Some((start, end, hole)) = self.known {
+            if start <= pos && pos < end {
+                return Ok((end, hole));
+            }
+        }
+        let (end, hole) = match self.seek(pos, libc::SEEK_DATA)? {
+            None => (u64::MAX, true),
+            Some(data) if data > pos => (data, true),
+            // Data at `pos`: it goes on to the next hole (there is always
+            // one at the end of the file).
+            Some(_) => (self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(u64::MAX), false),
+        };
+        self.known = Some((pos, end, hole));
+        Ok((end, hole))
+    }
+
+    /// Whether `start..end` holds no data at all. Unsure (an lseek failed)
+    /// means no: the caller then writes, which is never wrong.
+    fn is_hole(&mut self, start: u64, end: u64) -> bool {
+        matches!(self.run_at(start), Ok((run_end, true)) if end <= run_end)
+    }
+
+    /// The extents of `offset..end` as the built map would describe them:
+    /// a 4 KiB block holding any data is data. `None` if the file cannot
+    /// say.
+    fn extents(&mut self, offset: u64, end: u64, max: usize) -> Option<Vec<(u64, bool)>> {
+        let round_up = |x: u64| x.checked_next_multiple_of(BLOCK_SIZE).unwrap_or(u64::MAX);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        // From the start of `offset`'s block: data before `offset` in that
+        // block makes the block data.
+        let mut pos = offset / BLOCK_SIZE * BLOCK_SIZE;
+        while pos < end {
+            let (run_end, hole) = self.run_at(pos).ok()?;
+            let (next, is_hole) = if !hole {
+                (round_up(run_end), false)
+            } else if run_end / BLOCK_SIZE * BLOCK_SIZE > pos {
+                (run_end / BLOCK_SIZE * BLOCK_SIZE, true)
+            } else {
+                // Data begins inside this block: the block is data, up to
+                // the end of that data.
+                let (data_end, _) = self.run_at(run_end).ok()?;
+                (round_up(data_end).max(pos + BLOCK_SIZE), false)
+            };
+            let next = next.min(end);
+            let len = next - pos.max(offset);
+            if out.last().is_some_and(|last| last.1 == is_hole) {
+                out.last_mut().expect("just checked").0 += len;
+            } else if out.len() == max {
+                break;
+            } else {
+                out.push((len, is_hole));
+            }
+            pos = next;
+        }
+        Some(out)
     }
 }
 
@@ -651,16 +768,123 @@ mod tests {
             f.write_all_at(&[1u8; 8192], 65536).unwrap();
         }
         let img = Arc::new(Image::open(&path).unwrap());
-        assert_eq!(
-            img.extents(0, 1 << 20, 10),
-            vec![(1 << 20, false)],
-            "unbuilt map says data"
-        );
         img.scan_allocation().unwrap();
+        assert!(img.map().is_built());
         let e = img.extents(0, 1 << 20, 10);
         assert_eq!(e[0], (65536, true));
         assert!(!e[1].1);
         assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 1 << 20);
+    }
+
+    /// An image of `size` bytes (a hole) with `ranges` of data written
+    /// directly into its file, opened with its map not built.
+    fn image_with_data(size: u64, ranges: &[(u64, u64)]) -> (PathBuf, Arc<Image>) {
+        let (path, _) = temp_image(size);
+        {
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            for &(at, len) in ranges {
+                f.write_all_at(&vec![0xa5; len as usize], at).unwrap();
+            }
+            f.sync_all().unwrap();
+        }
+        (path.clone(), Arc::new(Image::open(&path).unwrap()))
+    }
+
+    #[test]
+    fn extents_before_the_map_is_built_are_those_of_the_built_map() {
+        const B: u64 = BLOCK_SIZE;
+        // Data in whole blocks, in part of a block, in adjacent blocks, at
+        // the very end; an export that ends inside a block (the file is
+        // longer by trailing bytes that are not served).
+        let size = 300 * B + 1024;
+        let ranges = [
+            (0, 2 * B),
+            (10 * B + 100, 50),
+            (11 * B, 3 * B),
+            (40 * B + B - 1, 2),
+            (100 * B, 64 * B),
+            (299 * B, B + 1024),
+        ];
+        let (_, img) = image_with_data(size + 100, &ranges);
+        assert_eq!(img.size(), size);
+        assert!(!img.map().is_built());
+        let probes: Vec<(u64, u64)> = vec![
+            (0, size),
+            (1, size - 1),
+            (B / 2, 3 * B),
+            (10 * B + 200, B),
+            (10 * B + 120, 10),
+            (12 * B + 7, 90 * B),
+            (40 * B + 5, 5),
+            (200 * B, 100 * B + 1024),
+            (size - 1, 1),
+        ];
+        let mut unbuilt = Vec::new();
+        for &(offset, length) in &probes {
+            for max in [1, 2, 3, usize::MAX] {
+                unbuilt.push(img.extents(offset, length, max));
+            }
+        }
+        img.scan_allocation().unwrap();
+        assert!(img.map().is_built());
+        let mut i = 0;
+        for &(offset, length) in &probes {
+            for max in [1, 2, 3, usize::MAX] {
+                assert_eq!(
+                    unbuilt[i],
+                    img.extents(offset, length, max),
+                    "extents({offset}, {length}, {max}) before and after the map was built"
+                );
+                i += 1;
+            }
+        }
+        assert_eq!(
+            img.extents(0, 12 * B, usize::MAX),
+            vec![(2 * B, false), (8 * B, true), (2 * B, false)]
+        );
+    }
+
+    #[test]
+    fn zero_writes_over_holes_stay_holes_before_the_map_is_built() {
+        let (path, img) = image_with_data(1 << 20, &[(8 * BLOCK_SIZE, BLOCK_SIZE)]);
+        assert!(!img.map().is_built());
+        let before = allocated_bytes(&path);
+        img.write_at(&vec![0u8; 64 * 1024], 0).unwrap();
+        assert_eq!(allocated_bytes(&path), before, "zeros over a hole");
+        // Zeros over data overwrite it; a non-zero block among zeros lands.
+        let mut data = vec![0u8; 3 * 4096];
+        data[2 * 4096 + 5] = 7;
+        img.write_at(&data, 8 * BLOCK_SIZE).unwrap();
+        let mut back = vec![1u8; 3 * 4096];
+        img.read_at(&mut back, 8 * BLOCK_SIZE).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(allocated_bytes(&path), before + 4096, "only the new block");
+        // What was written is recorded (the zeros over the hole were not
+        // written), so the built map agrees with the file.
+        assert!(img.map().is_set(8) && !img.map().is_set(9) && img.map().is_set(10));
+        assert!(!img.map().is_set(0));
+        img.scan_allocation().unwrap();
+        assert_eq!(
+            img.extents(0, 16 * BLOCK_SIZE, usize::MAX),
+            vec![
+                (8 * BLOCK_SIZE, true),
+                (BLOCK_SIZE, false),
+                (BLOCK_SIZE, true),
+                (BLOCK_SIZE, false),
+                (5 * BLOCK_SIZE, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_punch_before_the_map_is_built_leaves_the_built_map_a_hole() {
+        let (_, img) = image_with_data(1 << 20, &[]);
+        img.write_at(&[3u8; 4096], 4 * BLOCK_SIZE).unwrap();
+        assert!(img.map().is_set(4), "a write records its block");
+        img.punch(4 * BLOCK_SIZE, BLOCK_SIZE, true).unwrap();
+        assert!(!img.map().is_set(4), "the punch clears it again");
+        img.scan_allocation().unwrap();
+        assert_eq!(img.extents(0, 1 << 20, 10), vec![(1 << 20, true)]);
     }
 
     #[test]
