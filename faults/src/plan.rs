@@ -1928,7 +1928,6 @@ mod tests {
     }
 
     #[test]
-    #[test]
     fn nth_occurrence_only() {
         let p = plan("server.reply_send.write#3=close");
         assert_eq!(
