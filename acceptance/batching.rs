@@ -55,7 +55,7 @@ fn replies(c: &mut RawClient, expect: &HashMap<u64, (u16, u32)>) -> HashMap<u64,
 
 #[test]
 fn reads_pipelined_behind_writes_see_every_write_and_each_request_is_answered_once() {
-    let (_dir, file, mut server, mut c) = served("batch-read-after-write", None);
+    let (_dir, file, server, mut c) = served("batch-read-after-write", None);
     // One send: 40 writes, a read of each block, an overwrite of block 0
     // and a second read of it. The server takes it in as one burst.
     let mut burst = Vec::new();
@@ -110,7 +110,7 @@ fn reads_pipelined_behind_writes_see_every_write_and_each_request_is_answered_on
 fn a_failing_write_in_a_burst_gets_its_own_error_and_the_others_land() {
     const BAD: u64 = 8;
     let key = format!("store.write@{}+{BLOCK}", BAD * BLOCK as u64);
-    let (_dir, file, mut server, mut c) = served("batch-one-fails", Some(&format!("{key}=eio")));
+    let (_dir, file, server, mut c) = served("batch-one-fails", Some(&format!("{key}=eio")));
     let mut burst = Vec::new();
     let mut expect = HashMap::new();
     for i in 0..BLOCKS {

@@ -245,3 +245,62 @@ fn a_migration_progresses_while_reads_are_stalled() {
     t.server.assert_no_panic();
     dest.assert_no_panic();
 }
+
+#[test]
+fn one_connection_has_at_most_16_reads_waiting_for_the_disk() {
+    // 40 pipelined reads of a region where each read takes 300 ms: with at
+    // most 16 waiting at once they need at least three rounds of the disk's
+    // time; without the cap they would all wait together and finish in one.
+    const READS: u64 = 40;
+    const CAP: u64 = 16;
+    const MS: u64 = 300;
+    let dir = TempDir::new("slow-cap");
+    let file = dir.pattern_file("disk.img", MIB, 9);
+    let key = format!("store.read@0+{}", READS * u64::from(LEN));
+    let args = server_args(
+        "serve",
+        &file,
+        None,
+        &["--faults", &format!("{key}=slow({MS})")],
+    );
+    let server = Flexnbd::spawn(&dir, &args);
+    let mut c = server.connect();
+    c.oldstyle_greeting();
+    let start = Instant::now();
+    let mut burst = Vec::new();
+    for i in 0..READS {
+        let r = proto::Request::new(cmd::READ, 0, i, i * u64::from(LEN), LEN);
+        burst.extend_from_slice(&r.encode());
+    }
+    c.send(&burst);
+    let mut seen = vec![false; READS as usize];
+    for _ in 0..READS {
+        let r = c.simple_reply();
+        assert_eq!(
+            (r.magic, r.error),
+            (proto::SIMPLE_REPLY_MAGIC, 0),
+            "read reply"
+        );
+        let i = r.handle;
+        assert!(i < READS && !seen[i as usize], "reply handle {i}");
+        seen[i as usize] = true;
+        let got = c.read_exact(LEN as usize);
+        assert!(
+            got == read_file_range(&file, i * u64::from(LEN), LEN as usize),
+            "data of read {i}"
+        );
+    }
+    let took = start.elapsed();
+    let rounds = READS.div_ceil(CAP);
+    assert!(
+        took >= Duration::from_millis(MS * rounds),
+        "{READS} reads of {MS} ms each took {took:?}: more than {CAP} waited for the disk at once"
+    );
+    let fired = format!("fault fired: {key} -> slow({MS})");
+    assert_eq!(
+        server.log().matches(&fired).count() as u64,
+        READS,
+        "{fired:?} per read"
+    );
+    server.assert_no_panic();
+}

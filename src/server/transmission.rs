@@ -38,6 +38,10 @@ const MAX_DEFERRED_READS: usize = 16;
 /// The largest read that may wait for the disk on its own; larger ones
 /// stream in order.
 const MAX_DEFERRED_READ: usize = PIECE;
+/// Reads waiting for the disk on their own over the whole process, so many
+/// connections together hold at most this many times `MAX_DEFERRED_READ`
+/// of replies (64 MiB); past it a connection waits for a slot.
+static ALL_DEFERRED_READS: Semaphore = Semaphore::const_new(256);
 /// Most descriptors in one block status reply (the spec asks for <= 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
 /// Writes held in a connection's batch at once, and their bytes. A batch is
@@ -831,6 +835,10 @@ where
             .acquire_owned()
             .await
             .expect("semaphore is never closed");
+        let process_slot = ALL_DEFERRED_READS
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
         // Also held by the connection's end, which waits for it.
         let permit = self
             .deferred
@@ -848,7 +856,7 @@ where
             w.put(&reply);
             // The reader may be idle waiting for the client, so send now.
             let _ = w.send().await;
-            drop((slot, permit));
+            drop((slot, process_slot, permit));
         });
     }
 
