@@ -861,7 +861,7 @@ fn strace_shows_fua_and_flush_replies_after_their_fdatasync() {
     assert_eq!((r.handle, r.error), (FLUSH, 0), "expected the FLUSH reply");
     drop(c);
     // Stop the traced server itself (not strace), so the trace is complete.
-    unsafe { libc::kill(server.server_pid as i32, libc::SIGTERM) };
+    send_signal(server.server_pid, libc::SIGTERM);
     let status = server.wait_exit();
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
 

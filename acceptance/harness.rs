@@ -218,7 +218,7 @@ impl Flexnbd {
 
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
-            unsafe { libc::kill(c.id() as i32, sig) };
+            send_signal(c.id(), sig);
         }
     }
 
@@ -252,7 +252,7 @@ impl Drop for Flexnbd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             if self.server_pid != c.id() && self.status.is_none() {
-                unsafe { libc::kill(self.server_pid as i32, libc::SIGKILL) };
+                send_signal(self.server_pid, libc::SIGKILL);
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -265,6 +265,26 @@ impl Drop for Flexnbd {
             );
         }
     }
+}
+
+/// Sends `sig` to the process `pid`: std's `Child::kill` sends only SIGKILL,
+/// and a server run by a wrapper (strace) is not our child at all.
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours, so
+    // it cannot break any Rust invariant; at worst it fails with ESRCH.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// True when the process `pid` ignores `sig` (its `SigIgn` mask in
+/// /proc/PID/status has the signal's bit).
+pub fn ignores_signal(pid: u32, sig: i32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .unwrap_or_else(|| panic!("no SigIgn line in /proc/{pid}/status:\n{status}"));
+    let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+    mask & (1 << (sig - 1)) != 0
 }
 
 /// A command for `program` without the caller's `FLEXNBD_*` variables: a

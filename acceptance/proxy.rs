@@ -26,7 +26,8 @@ use flexnbd::proto::{self, cmd, errno, Request, SimpleReply};
 
 use crate::fakes::{in_background, FakeConn, FakeDest, Seen, C_FLAGS};
 use crate::harness::{
-    pattern, read_file_range, run_tool, wait_for, Flexnbd, RawClient, TempDir, WAIT,
+    ignores_signal, pattern, read_file_range, run_tool, send_signal, wait_for, Flexnbd, RawClient,
+    TempDir, WAIT,
 };
 
 const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
@@ -617,7 +618,7 @@ fn sigterm_causes_exit_0_and_unix_socket_removal() {
     let mut data = vec![0u8; 64];
     s.read_exact(&mut data).unwrap();
     assert_eq!(data, read_file_range(&file, 0, 64));
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    send_signal(child.0.id(), libc::SIGTERM);
     let status = wait_for("the proxy to exit", WAIT, || child.0.try_wait().unwrap());
     assert_eq!(status.code(), Some(0));
     assert!(!Path::new(&sock).exists(), "the socket was removed");
@@ -646,4 +647,55 @@ fn fault_plan_on_proxy_steps_causes_fired_lines_and_effects() {
     c.write_ok(0, b"again");
     assert_eq!(read_file_range(&file, 0, 5), b"again");
     p.assert_no_panic();
+}
+
+#[test]
+fn a_log_reader_that_goes_away_never_kills_the_proxy() {
+    // Log lines go to stderr; when that is a pipe whose reader has gone,
+    // each write raises SIGPIPE. Nothing in the code sets SIGPIPE's
+    // disposition: std's runtime ignores it before main, so the write fails
+    // with EPIPE (the line is lost) and the proxy goes on serving.
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = TempDir::new("proxy-sigpipe");
+    let (upstream, file) = real_upstream(&dir, MIB);
+    let sock = dir.join("proxy.sock");
+    let mut child = Reaped(
+        crate::harness::clean_command(PROXY)
+            .args(["-l", sock.to_str().unwrap(), "-C", "127.0.0.1", "-P"])
+            .arg(upstream.port().to_string())
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The reader goes before the proxy has written its first line (with -v
+    // it logs "listening on" at start and a line per session).
+    drop(child.0.stderr.take());
+    wait_for("the proxy's socket", WAIT, || {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the proxy died with {status} when its log reader went away");
+        }
+        sock.exists().then_some(())
+    });
+    assert!(ignores_signal(child.0.id(), libc::SIGPIPE));
+    let mut s = wait_for("the proxy to accept", WAIT, || {
+        UnixStream::connect(&sock).ok()
+    });
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut g = vec![0u8; proto::OLDSTYLE_GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&Request::new(cmd::READ, 0, 5, 0, 64).encode())
+        .unwrap();
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(SimpleReply::decode(&r).error, 0);
+    let mut data = vec![0u8; 64];
+    s.read_exact(&mut data).unwrap();
+    assert_eq!(data, read_file_range(&file, 0, 64));
+    send_signal(child.0.id(), libc::SIGTERM);
+    let status = wait_for("the proxy to exit", WAIT, || child.0.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0));
 }
