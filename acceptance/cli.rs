@@ -1,5 +1,6 @@
 //! The `flexnbd` command line: the one-shot `read` and `write` client modes,
-//! usage errors, and help (spec sections 3.1, 3.9, 3.10 and 3.15).
+//! usage errors, and help, as the C flexnbd has them (its global options,
+//! `read`/`write`, `help` and exit codes).
 //!
 //! Simulated: real `flexnbd serve` servers in both handshakes, a real
 //! `qemu-nbd` server (to prove our client speaks NBD with someone else's
@@ -11,7 +12,7 @@
 //! `write` stores exactly the bytes from stdin, both exiting 0; every failure
 //! (out-of-range request, refused connection, bad greeting, error reply,
 //! mismatched handle, no reply, short stdin) exits 1 with a message that says
-//! what went wrong; usage errors exit 1 with the spec's messages, `--help`
+//! what went wrong; usage errors exit 1 with the C flexnbd's messages, `--help`
 //! and `help` exit 0 on stdout, and a missing image file is reported before
 //! any port is opened.
 
@@ -406,7 +407,7 @@ fn a_reply_with_another_handle_or_magic_fails() {
 
 #[test]
 fn a_server_that_never_replies_makes_the_client_time_out() {
-    // The client waits 10 s for a reply (spec 1.12), then gives up.
+    // The client waits 10 s for a reply (as the C client does), then gives up.
     let fake = fake_oldstyle(MIB, |_| None);
     let start = std::time::Instant::now();
     let out = run_read(fake.port, 0, 512);

@@ -9,7 +9,7 @@
 //! `server.disconnect_done`, `mirror.disconnect_sent`), the same binaries
 //! under strace, and `store.sync=eio` at entrust, DISCONNECT and FUA.
 //!
-//! What must happen (design/handoff.md, "The sequence of one successful
+//! What must happen (docs/handoff.md, "The sequence of one successful
 //! attempt"): everything a reply vouched for is on disk after the cut (the
 //! image data, an `entrusted` marker, a removed marker, an unlinked source);
 //! a plain unflushed write is not (so the model really takes data away);

@@ -1,7 +1,7 @@
 //! The fault matrix: every protocol step of a migration, on each side, under
 //! every fault that makes sense there, with and without `--unlink`, while
-//! clients keep writing through the source (design/handoff.md, "What the
-//! acceptance suite must prove").
+//! clients keep writing through the source (docs/handoff.md, "What the
+//! acceptance suite proves").
 //!
 //! Each scenario runs a real `flexnbd listen` (destination, on a sparse file)
 //! and a real `flexnbd serve` (source, a small image with data and holes),

@@ -1,5 +1,6 @@
-//! `flexnbd-proxy` (spec section 7), run as the real binary between a raw
-//! NBD client and either a real `flexnbd serve` or a scripted fake upstream.
+//! `flexnbd-proxy`, which behaves as the C flexnbd-proxy does, run as the
+//! real binary between a raw NBD client and either a real `flexnbd serve`
+//! or a scripted fake upstream.
 //!
 //! Simulated: an upstream that closes in the middle of a request or never
 //! answers it, a second client arriving while one is served, oversized

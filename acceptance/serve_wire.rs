@@ -1,5 +1,5 @@
 //! `flexnbd serve` on the wire, oldstyle: the byte layouts, error order and
-//! error codes of the C flexnbd (spec section 1), with its bugs fixed.
+//! error codes of the C flexnbd's wire protocol, with its bugs fixed.
 
 use crate::harness::*;
 use flexnbd::proto::{self, cmd, errno};

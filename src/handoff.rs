@@ -1,4 +1,4 @@
-//! The migration hand-off contract (design/handoff.md): the destination's
+//! The migration hand-off contract (docs/handoff.md): the destination's
 //! `.INCOMPLETE` marker, and the verdict table that tells a person which copy
 //! of a disk is canonical after any failure.
 
