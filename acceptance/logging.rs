@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::harness::*;
+use predicates::prelude::*;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -168,13 +169,12 @@ fn a_log_reader_that_goes_away_never_kills_the_server() {
         sock.exists().then_some(())
     });
     assert!(ignores_signal(child.0.id(), libc::SIGPIPE));
-    let out = run_tool(BIN, &["status", "-s", sock.to_str().unwrap()], WAIT);
-    assert_eq!(out.status.code(), Some(0));
-    let status = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        status.starts_with(&format!("pid={} ", child.0.id())),
-        "{status}"
-    );
+    assert_tool(BIN, &["status", "-s", sock.to_str().unwrap()], WAIT)
+        .code(0)
+        .stdout(predicate::str::starts_with(format!(
+            "pid={} ",
+            child.0.id()
+        )));
     send_signal(child.0.id(), libc::SIGTERM);
     let code = wait_for("serve to exit", WAIT, || child.0.try_wait().unwrap());
     assert_eq!(code.code(), Some(0));

@@ -24,11 +24,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flexnbd::proto::{self, cmd, errno, Request, SimpleReply};
+use predicates::prelude::*;
 
 use crate::fakes::{in_background, FakeConn, FakeDest, Seen, C_FLAGS};
 use crate::harness::{
-    ignores_signal, pattern, read_file_range, run_tool, send_signal, wait_for, Flexnbd, RawClient,
-    TempDir, WAIT,
+    assert_tool, ignores_signal, pattern, read_file_range, send_signal, wait_for, Flexnbd,
+    RawClient, TempDir, WAIT,
 };
 
 const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
@@ -494,7 +495,8 @@ fn unreachable_upstream_causes_exit_1_before_listening() {
         .local_addr()
         .unwrap()
         .port();
-    let out = run_tool(
+    // It never listened.
+    assert_tool(
         PROXY,
         &[
             "-l",
@@ -508,14 +510,12 @@ fn unreachable_upstream_causes_exit_1_before_listening() {
             "-v",
         ],
         WAIT,
-    );
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "log:\n{log}");
-    assert!(
-        log.contains("Couldn't connect to upstream server during initialization"),
-        "{log}"
-    );
-    assert!(!log.contains("listening on"), "it never listened:\n{log}");
+    )
+    .code(1)
+    .stderr(predicate::str::contains(
+        "Couldn't connect to upstream server during initialization",
+    ))
+    .stderr(predicate::str::contains("listening on").not());
 }
 
 #[test]
@@ -538,20 +538,22 @@ fn usage_errors_cause_exit_1_and_help_causes_exit_0() {
         &["-l", "nonsense", "-p", "0", "-C", "127.0.0.1", "-P", "1"],
     ];
     for args in bad {
-        let out = run_tool(PROXY, args, WAIT);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(!out.stderr.is_empty(), "{args:?} explains itself");
+        // Each explains itself on stderr.
+        assert_tool(PROXY, args, WAIT)
+            .code(1)
+            .stderr(predicate::str::is_empty().not());
     }
-    let out = run_tool(
+    assert_tool(
         PROXY,
         &["-l", "127.0.0.1", "-C", "127.0.0.1", "-P", "1"],
         WAIT,
-    );
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("--port is required unless --addr is a UNIX socket path"));
-    let out = run_tool(PROXY, &["--help"], WAIT);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--cache"));
+    )
+    .stderr(predicate::str::contains(
+        "--port is required unless --addr is a UNIX socket path",
+    ));
+    assert_tool(PROXY, &["--help"], WAIT)
+        .code(0)
+        .stdout(predicate::str::contains("--cache"));
 }
 
 #[test]
