@@ -1,5 +1,6 @@
 //! The `flexnbd` command line: the one-shot `read` and `write` client modes,
-//! usage errors, and help (spec sections 3.1, 3.9, 3.10 and 3.15).
+//! usage errors, and help, as the C flexnbd has them (its global options,
+//! `read`/`write`, `help` and exit codes).
 //!
 //! Simulated: real `flexnbd serve` servers in both handshakes, a real
 //! `qemu-nbd` server (to prove our client speaks NBD with someone else's
@@ -11,16 +12,19 @@
 //! `write` stores exactly the bytes from stdin, both exiting 0; every failure
 //! (out-of-range request, refused connection, bad greeting, error reply,
 //! mismatched handle, no reply, short stdin) exits 1 with a message that says
-//! what went wrong; usage errors exit 1 with the spec's messages, `--help`
+//! what went wrong; usage errors exit 1 with the C flexnbd's messages, `--help`
 //! and `help` exit 0 on stdout, and a missing image file is reported before
 //! any port is opened.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use assert_cmd::assert::Assert;
+use predicates::prelude::*;
 
 use crate::harness::*;
 use flexnbd::proto::{self, cmd, Request, SimpleReply};
@@ -29,48 +33,21 @@ const MIB: u64 = 1024 * 1024;
 /// Limit for one CLI run that should finish at once.
 const QUICK: Duration = Duration::from_secs(20);
 
-fn flexnbd(args: &[&str]) -> Output {
-    run_tool(BIN, args, QUICK)
+/// `flexnbd ARGS`, bounded by QUICK, for assertions on its exit status and
+/// output (a failing assertion shows the command line, status and output).
+fn flexnbd(args: &[&str]) -> Assert {
+    assert_tool(BIN, args, QUICK)
 }
 
-fn flexnbd_with_input(args: &[&str], input: &[u8]) -> Output {
-    run_tool_with_input(BIN, args, Some(input), QUICK)
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+fn flexnbd_with_input(args: &[&str], input: &[u8]) -> Assert {
+    assert_tool_with_input(BIN, args, Some(input), QUICK)
 }
 
 /// Asserts exit status 1 and that stderr contains every one of `needles`.
-fn assert_fails_with(o: &Output, needles: &[&str]) {
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected exit 1, got {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-    let err = stderr(o);
-    for n in needles {
-        assert!(
-            err.contains(n),
-            "stderr should contain {n:?}; stderr:\n{err}"
-        );
-    }
-}
-
-fn assert_ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "expected exit 0, got {}\nstderr:\n{}",
-        o.status,
-        stderr(o)
-    );
+fn assert_fails_with(run: Assert, needles: &[&str]) -> Assert {
+    needles.iter().fold(run.code(1), |run, n| {
+        run.stderr(predicate::str::contains(*n))
+    })
 }
 
 /// `flexnbd read` of `len` bytes at `from` from 127.0.0.1:`port`.
@@ -97,12 +74,12 @@ fn write_args(port: u16, from: u64, len: u64) -> Vec<String> {
     a
 }
 
-fn run_read(port: u16, from: u64, len: u64) -> Output {
+fn run_read(port: u16, from: u64, len: u64) -> Assert {
     let a = read_args(port, from, len);
     flexnbd(&a.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-fn run_write(port: u16, from: u64, len: u64, input: &[u8]) -> Output {
+fn run_write(port: u16, from: u64, len: u64, input: &[u8]) -> Assert {
     let a = write_args(port, from, len);
     flexnbd_with_input(&a.iter().map(String::as_str).collect::<Vec<_>>(), input)
 }
@@ -239,33 +216,29 @@ fn read_and_write_round_trip_against_flexnbd_in_both_handshakes() {
         let port = server.port();
 
         // read prints exactly the bytes of the file, nothing else.
-        let out = run_read(port, 12_345, 100_000);
-        assert_ok(&out);
-        assert_eq!(
-            out.stdout,
-            read_file_range(&file, 12_345, 100_000),
-            "{handshake}: read output"
-        );
+        run_read(port, 12_345, 100_000)
+            .success()
+            .stdout(read_file_range(&file, 12_345, 100_000));
 
         // write stores exactly stdin, and a read sees it.
         let data = pattern(300_000, 42);
-        assert_ok(&run_write(port, MIB + 3, 300_000, &data));
+        run_write(port, MIB + 3, 300_000, &data).success();
         assert_eq!(
             read_file_range(&file, MIB + 3, 300_000),
             data,
             "{handshake}"
         );
-        let back = run_read(port, MIB + 3, 300_000);
-        assert_ok(&back);
-        assert_eq!(back.stdout, data, "{handshake}: read after write");
+        run_read(port, MIB + 3, 300_000)
+            .success()
+            .stdout(data.clone());
 
         // The last byte of the export is reachable; a zero-length read is fine.
-        let last = run_read(port, 4 * MIB - 1, 1);
-        assert_ok(&last);
-        assert_eq!(last.stdout, read_file_range(&file, 4 * MIB - 1, 1));
-        let none = run_read(port, 4 * MIB, 0);
-        assert_ok(&none);
-        assert!(none.stdout.is_empty());
+        run_read(port, 4 * MIB - 1, 1)
+            .success()
+            .stdout(read_file_range(&file, 4 * MIB - 1, 1));
+        run_read(port, 4 * MIB, 0)
+            .success()
+            .stdout(predicate::str::is_empty());
         server.assert_no_panic();
     }
 }
@@ -276,20 +249,21 @@ fn read_and_write_interoperate_with_qemu_nbd() {
     let file = dir.pattern_file("disk.img", 2 * MIB, 9);
     let qemu = QemuNbd::serve(&dir, &file);
 
-    let out = run_read(qemu.port, 4096, 65_536);
-    assert_ok(&out);
-    assert_eq!(out.stdout, read_file_range(&file, 4096, 65_536));
+    run_read(qemu.port, 4096, 65_536)
+        .success()
+        .stdout(read_file_range(&file, 4096, 65_536));
 
     let data = pattern(70_001, 5);
-    assert_ok(&run_write(qemu.port, MIB - 17, 70_001, &data));
-    let back = run_read(qemu.port, MIB - 17, 70_001);
-    assert_ok(&back);
-    assert_eq!(back.stdout, data, "qemu-nbd returns what we wrote");
+    run_write(qemu.port, MIB - 17, 70_001, &data).success();
+    // qemu-nbd returns what we wrote.
+    run_read(qemu.port, MIB - 17, 70_001)
+        .success()
+        .stdout(data.clone());
     // qemu-nbd writes through the page cache, so the file shows it too.
     assert_eq!(read_file_range(&file, MIB - 17, 70_001), data);
 
     // The size qemu-nbd reports is honoured for the range check.
-    assert_fails_with(&run_read(qemu.port, 2 * MIB - 10, 11), &["out of range"]);
+    assert_fails_with(run_read(qemu.port, 2 * MIB - 10, 11), &["out of range"]);
 }
 
 // ---- client failures ----------------------------------------------------
@@ -302,11 +276,11 @@ fn out_of_range_requests_fail_before_anything_is_sent() {
     for handshake in ["oldstyle", "newstyle"] {
         let server = Flexnbd::serve(&dir, &file, &["--handshake", handshake]);
         let port = server.port();
-        let out = run_read(port, MIB - 10, 11);
-        assert_fails_with(&out, &["out of range", "1048576"]);
-        assert!(out.stdout.is_empty(), "no data printed for a failed read");
-        assert_fails_with(&run_read(port, u64::MAX, 2), &["out of range"]);
-        assert_fails_with(&run_write(port, MIB, 1, b"x"), &["out of range"]);
+        // No data is printed for a failed read.
+        assert_fails_with(run_read(port, MIB - 10, 11), &["out of range", "1048576"])
+            .stdout(predicate::str::is_empty());
+        assert_fails_with(run_read(port, u64::MAX, 2), &["out of range"]);
+        assert_fails_with(run_write(port, MIB, 1, b"x"), &["out of range"]);
     }
     assert_eq!(std::fs::read(&file).unwrap(), before, "nothing was written");
 }
@@ -314,10 +288,11 @@ fn out_of_range_requests_fail_before_anything_is_sent() {
 #[test]
 fn connection_refused_fails_with_the_address() {
     let port = free_port();
-    let out = run_read(port, 0, 1);
-    assert_fails_with(&out, &[&format!("127.0.0.1:{port}"), "refused"]);
-    let out = run_write(port, 0, 1, b"x");
-    assert_fails_with(&out, &["refused"]);
+    assert_fails_with(
+        run_read(port, 0, 1),
+        &[&format!("127.0.0.1:{port}"), "refused"],
+    );
+    assert_fails_with(run_write(port, 0, 1, b"x"), &["refused"]);
 }
 
 #[test]
@@ -328,7 +303,7 @@ fn a_bad_greeting_fails() {
         s.write_all(&g).unwrap();
         drain_until_closed(&mut s);
     });
-    assert_fails_with(&run_read(fake.port, 0, 512), &["greeting"]);
+    assert_fails_with(run_read(fake.port, 0, 512), &["greeting"]);
     fake.join();
 
     // Right password, wrong magic.
@@ -338,7 +313,7 @@ fn a_bad_greeting_fails() {
         s.write_all(&g).unwrap();
         drain_until_closed(&mut s);
     });
-    assert_fails_with(&run_read(fake.port, 0, 512), &["greeting"]);
+    assert_fails_with(run_read(fake.port, 0, 512), &["greeting"]);
     fake.join();
 }
 
@@ -351,9 +326,8 @@ fn an_error_reply_fails_with_the_error() {
                 .to_vec(),
         )
     });
-    let out = run_read(fake.port, 4096, 512);
-    assert_fails_with(&out, &["error 5", "EIO"]);
-    assert!(out.stdout.is_empty());
+    assert_fails_with(run_read(fake.port, 4096, 512), &["error 5", "EIO"])
+        .stdout(predicate::str::is_empty());
     let req = fake.join();
     assert!(req.magic_ok());
     assert_eq!(
@@ -375,8 +349,10 @@ fn an_error_reply_fails_with_the_error() {
         drain_until_closed(&mut s);
         (req, payload)
     });
-    let out = run_write(fake.port, 100, 5, b"hello");
-    assert_fails_with(&out, &["error 28", "ENOSPC"]);
+    assert_fails_with(
+        run_write(fake.port, 100, 5, b"hello"),
+        &["error 28", "ENOSPC"],
+    );
     let (req, payload) = fake.join();
     assert_eq!((req.kind, req.offset, req.length), (cmd::WRITE, 100, 5));
     assert_eq!(payload, b"hello");
@@ -387,12 +363,9 @@ fn a_reply_with_another_handle_or_magic_fails() {
     let fake = fake_oldstyle(MIB, |req| {
         Some(SimpleReply::new(0, req.handle ^ 1).encode().to_vec())
     });
-    let out = run_read(fake.port, 0, 16);
-    assert_fails_with(&out, &["handle mismatch"]);
-    assert!(
-        out.stdout.is_empty(),
-        "no data is printed for a foreign reply"
-    );
+    // No data is printed for a foreign reply.
+    assert_fails_with(run_read(fake.port, 0, 16), &["handle mismatch"])
+        .stdout(predicate::str::is_empty());
     fake.join();
 
     let fake = fake_oldstyle(MIB, |req| {
@@ -400,17 +373,16 @@ fn a_reply_with_another_handle_or_magic_fails() {
         r.magic = 0xdead_beef;
         Some(r.encode().to_vec())
     });
-    assert_fails_with(&run_read(fake.port, 0, 16), &["bad reply magic"]);
+    assert_fails_with(run_read(fake.port, 0, 16), &["bad reply magic"]);
     fake.join();
 }
 
 #[test]
 fn a_server_that_never_replies_makes_the_client_time_out() {
-    // The client waits 10 s for a reply (spec 1.12), then gives up.
+    // The client waits 10 s for a reply (as the C client does), then gives up.
     let fake = fake_oldstyle(MIB, |_| None);
-    let start = std::time::Instant::now();
-    let out = run_read(fake.port, 0, 512);
-    assert_fails_with(&out, &["timed out"]);
+    let start = Instant::now();
+    assert_fails_with(run_read(fake.port, 0, 512), &["timed out"]);
     assert!(
         start.elapsed() >= Duration::from_secs(9),
         "the client waited for the reply timeout, not less"
@@ -423,10 +395,12 @@ fn write_with_short_stdin_fails_and_the_server_survives() {
     let dir = TempDir::new("cli-short");
     let file = dir.sparse_file("disk.img", MIB);
     let server = Flexnbd::serve(&dir, &file, &[]);
-    let out = run_write(server.port(), 0, 4096, &[0xab; 100]);
-    assert_fails_with(&out, &["100 of 4096"]);
+    assert_fails_with(
+        run_write(server.port(), 0, 4096, &[0xab; 100]),
+        &["100 of 4096"],
+    );
     // The server is still serving.
-    assert_ok(&run_write(server.port(), 0, 3, b"abc"));
+    run_write(server.port(), 0, 3, b"abc").success();
     assert_eq!(read_file_range(&file, 0, 3), b"abc");
     server.assert_no_panic();
 }
@@ -518,18 +492,11 @@ fn missing_or_bad_options_are_usage_errors() {
         ),
     ];
     for (args, message) in cases {
-        let out = flexnbd(&args);
-        assert_fails_with(&out, &[message]);
-        assert!(
-            stderr(&out).contains("Usage"),
-            "{args:?}: the usage follows the message on stderr:\n{}",
-            stderr(&out)
-        );
-        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
-        assert!(
-            !stderr(&out).contains("listening on"),
-            "{args:?} must not start serving"
-        );
+        // The usage follows the message on stderr, nothing is on stdout, and
+        // nothing starts serving.
+        assert_fails_with(flexnbd(&args), &[message, "Usage"])
+            .stdout(predicate::str::is_empty())
+            .stderr(predicate::str::contains("listening on").not());
     }
 }
 
@@ -538,7 +505,7 @@ fn a_missing_image_file_is_reported_before_any_port_opens() {
     let dir = TempDir::new("cli-nofile");
     let missing = dir.join("no-such-image.img");
     let port = free_port();
-    let out = flexnbd(&[
+    let run = flexnbd(&[
         "serve",
         "-l",
         "127.0.0.1",
@@ -548,65 +515,53 @@ fn a_missing_image_file_is_reported_before_any_port_opens() {
         missing.to_str().unwrap(),
         "-v",
     ]);
-    assert_fails_with(&out, &["no-such-image.img"]);
-    // With -v a bind would have logged "listening on": the file is checked first.
-    assert!(
-        !stderr(&out).contains("listening on"),
-        "no port was opened:\n{}",
-        stderr(&out)
-    );
+    // With -v a bind would have logged "listening on": the file is checked
+    // first, so no port was opened.
+    assert_fails_with(run, &["no-such-image.img"])
+        .stderr(predicate::str::contains("listening on").not());
     assert!(!missing.exists(), "the image is never created");
 }
 
 #[test]
 fn no_mode_prints_usage_on_stderr_and_exits_1() {
-    let out = flexnbd(&[]);
-    assert_fails_with(&out, &["Usage", "serve", "read", "write"]);
-    assert!(out.stdout.is_empty());
+    assert_fails_with(flexnbd(&[]), &["Usage", "serve", "read", "write"])
+        .stdout(predicate::str::is_empty());
 
-    let out = flexnbd(&["nosuchmode"]);
-    assert_fails_with(&out, &["nosuchmode"]);
+    assert_fails_with(flexnbd(&["nosuchmode"]), &["nosuchmode"]);
 }
 
 #[test]
 fn help_prints_usage_on_stdout() {
-    let out = flexnbd(&["help"]);
-    assert_ok(&out);
-    for mode in ["serve", "read", "write"] {
-        assert!(stdout(&out).contains(mode), "help lists {mode}");
-    }
-
-    let out = flexnbd(&["help", "serve"]);
-    assert_ok(&out);
-    assert!(stdout(&out).contains("--file"), "{}", stdout(&out));
-    assert!(
-        stdout(&out).contains("--oldstyle-extra-flags"),
-        "serve's help documents the extra greeting flags:\n{}",
-        stdout(&out)
-    );
-    assert!(
-        stdout(&out).contains("flexnbd serve"),
-        "the usage line names the command to type:\n{}",
-        stdout(&out)
+    // help lists the modes.
+    flexnbd(&["help"]).success().stdout(
+        predicate::str::contains("serve")
+            .and(predicate::str::contains("read"))
+            .and(predicate::str::contains("write")),
     );
 
-    let out = flexnbd(&["help", "read"]);
-    assert_ok(&out);
-    assert!(stdout(&out).contains("--from"));
+    // serve's help documents the extra greeting flags, and the usage line
+    // names the command to type.
+    flexnbd(&["help", "serve"]).success().stdout(
+        predicate::str::contains("--file")
+            .and(predicate::str::contains("--oldstyle-extra-flags"))
+            .and(predicate::str::contains("flexnbd serve")),
+    );
 
-    let out = flexnbd(&["help", "nosuchmode"]);
-    assert_fails_with(&out, &["nosuchmode", "Usage"]);
-    assert!(out.stdout.is_empty());
+    flexnbd(&["help", "read"])
+        .success()
+        .stdout(predicate::str::contains("--from"));
+
+    assert_fails_with(flexnbd(&["help", "nosuchmode"]), &["nosuchmode", "Usage"])
+        .stdout(predicate::str::is_empty());
 
     for args in [
         &["serve", "--help"][..],
         &["serve", "-h"],
         &["write", "--help"],
     ] {
-        let out = flexnbd(args);
-        assert_ok(&out);
-        assert!(stdout(&out).contains("Usage"), "{args:?}: {}", stdout(&out));
-        assert!(stdout(&out).contains("--addr"));
+        flexnbd(args)
+            .success()
+            .stdout(predicate::str::contains("Usage").and(predicate::str::contains("--addr")));
     }
 }
 
@@ -712,19 +667,11 @@ fn every_subcommand_without_each_required_flag_is_a_usage_error_never_a_panic() 
                 }
             }
             args.extend(extra.iter());
-            let out = flexnbd(&args);
-            let err = stderr(&out);
-            assert!(
-                !err.contains("panicked"),
-                "{args:?} panicked instead of a usage error:\n{err}"
-            );
-            // The message names the missing flag.
-            assert_fails_with(&out, &[required[left_out].0]);
-            assert!(
-                err.contains("Usage"),
-                "{args:?}: the usage follows the message on stderr:\n{err}"
-            );
-            assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+            // A usage error, not a panic: the message names the missing
+            // flag, the usage follows it on stderr, nothing is on stdout.
+            let run = flexnbd(&args).stderr(predicate::str::contains("panicked").not());
+            assert_fails_with(run, &[required[left_out].0, "Usage"])
+                .stdout(predicate::str::is_empty());
             checked += 1;
         }
     }
@@ -754,16 +701,16 @@ fn harness_probe_spawned_servers_see_no_inherited_flexnbd_variables() {
         "the server inherited a fault plan:\n{}",
         server.log()
     );
-    let env = run_tool("/usr/bin/env", &[], WAIT);
-    let env = stdout(&env);
-    let leaked: Vec<&str> = env.lines().filter(|l| l.starts_with("FLEXNBD_")).collect();
-    assert!(leaked.is_empty(), "tools inherited {leaked:?}");
+    // No line of the environment a tool sees is a FLEXNBD_ variable.
+    let inherited = predicate::function(|env: &str| env.lines().any(|l| l.starts_with("FLEXNBD_")));
+    assert_tool("/usr/bin/env", &[], WAIT).stdout(inherited.not());
 }
 
 #[test]
 fn the_callers_flexnbd_variables_never_reach_spawned_servers() {
     let me = std::env::current_exe().unwrap();
-    let out = run_tool(
+    // The probe passed in an environment with FLEXNBD_FAULTS set.
+    assert_tool(
         "/usr/bin/env",
         &[
             "FLEXNBD_FAULTS=server.accept=close",
@@ -775,11 +722,27 @@ fn the_callers_flexnbd_variables_never_reach_spawned_servers() {
             "--test-threads=1",
         ],
         Duration::from_secs(60),
-    );
+    )
+    .success()
+    .stdout(predicate::str::contains("1 passed"));
+}
+
+#[test]
+fn harness_one_shot_runs_end_at_their_limit() {
+    // A hung tool must fail its test at the limit, not hang the suite.
+    let start = Instant::now();
+    let hung = std::panic::catch_unwind(|| run_tool("sleep", &["60"], Duration::from_secs(1)))
+        .expect_err("a run past its limit fails the test");
+    let message = hung.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("did not finish within 1s"), "{message}");
     assert!(
-        out.status.success() && stdout(&out).contains("1 passed"),
-        "the probe failed in an environment with FLEXNBD_FAULTS set:\n{}\n{}",
-        stdout(&out),
-        stderr(&out)
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
     );
+    // A tool that exits on its own keeps its status and output.
+    assert_tool("sh", &["-c", "echo out; echo err >&2; exit 3"], WAIT)
+        .code(3)
+        .stdout("out\n")
+        .stderr("err\n");
 }

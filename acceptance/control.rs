@@ -1,6 +1,7 @@
 //! The control socket, the operator commands, ACL changes, signals and the
-//! killswitch against the real `flexnbd serve` (spec sections 1.10, 3.2,
-//! 3.4-3.8, 3.11-3.15).
+//! killswitch against the real `flexnbd serve`, as the C flexnbd has them:
+//! its connection handling, `serve` options, control commands and line
+//! protocol, ACLs, start-up and shutdown order, and exit codes.
 //!
 //! Simulated: operators using the `status`, `acl`, `mirror`, `mirror-speed`
 //! and `break` commands and raw UNIX-socket clients sending every command,

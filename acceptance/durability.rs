@@ -9,7 +9,7 @@
 //! `server.disconnect_done`, `mirror.disconnect_sent`), the same binaries
 //! under strace, and `store.sync=eio` at entrust, DISCONNECT and FUA.
 //!
-//! What must happen (design/handoff.md, "The sequence of one successful
+//! What must happen (docs/handoff.md, "The sequence of one successful
 //! attempt"): everything a reply vouched for is on disk after the cut (the
 //! image data, an `entrusted` marker, a removed marker, an unlinked source);
 //! a plain unflushed write is not (so the model really takes data away);
@@ -861,7 +861,7 @@ fn strace_shows_fua_and_flush_replies_after_their_fdatasync() {
     assert_eq!((r.handle, r.error), (FLUSH, 0), "expected the FLUSH reply");
     drop(c);
     // Stop the traced server itself (not strace), so the trace is complete.
-    unsafe { libc::kill(server.server_pid as i32, libc::SIGTERM) };
+    send_signal(server.server_pid, libc::SIGTERM);
     let status = server.wait_exit();
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use flexnbd::proto::{self, cmd, errno};
+use predicates::prelude::*;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -211,11 +212,12 @@ fn control_faults_close_the_control_connection_without_an_answer() {
         &file,
         &["-s", &sock, "--faults", "control.status#1=close"],
     );
-    let first = run_tool(BIN, &["status", "-s", &sock], WAIT);
-    assert_eq!(first.status.code(), Some(1), "no answer is a failure");
+    // No answer is a failure.
+    assert_tool(BIN, &["status", "-s", &sock], WAIT).code(1);
     server.assert_fired("control.status#1", "close");
-    let second = run_ok(BIN, &["status", "-s", &sock], WAIT);
-    assert!(String::from_utf8_lossy(&second.stdout).starts_with("pid="));
+    assert_tool(BIN, &["status", "-s", &sock], WAIT)
+        .success()
+        .stdout(predicate::str::starts_with("pid="));
 }
 
 #[test]
@@ -235,24 +237,20 @@ fn client_faults_make_the_write_command_fail_with_a_message() {
     ];
     let mut args = base.to_vec();
     args.extend(["--faults", "client.reply_received.write=corrupt"]);
-    let out = run_tool_with_input(BIN, &args, Some(b"abcd"), WAIT);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("fault fired: client.reply_received.write -> corrupt"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("bad reply magic"), "{stderr}");
+    assert_tool_with_input(BIN, &args, Some(b"abcd"), WAIT)
+        .code(1)
+        .stderr(predicate::str::contains(
+            "fault fired: client.reply_received.write -> corrupt",
+        ))
+        .stderr(predicate::str::contains("bad reply magic"));
 
     let mut args = base.to_vec();
     args.extend(["--faults", "client.payload_send.write=truncate(2)"]);
-    let out = run_tool_with_input(BIN, &args, Some(b"abcd"), WAIT);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("fault fired: client.payload_send.write -> truncate(2)"),
-        "{stderr}"
-    );
+    assert_tool_with_input(BIN, &args, Some(b"abcd"), WAIT)
+        .code(1)
+        .stderr(predicate::str::contains(
+            "fault fired: client.payload_send.write -> truncate(2)",
+        ));
     server.wait_log("client vanished in the middle of a write payload: expected 4 bytes, got 2");
 }
 
@@ -300,7 +298,7 @@ fn a_bad_plan_is_refused_with_its_position() {
     let dir = TempDir::new("faults-bad");
     let file = dir.sparse_file("d.img", MIB);
     let f = file.display().to_string();
-    let out = run_tool(
+    assert_tool(
         BIN,
         &[
             "serve",
@@ -314,8 +312,7 @@ fn a_bad_plan_is_refused_with_its_position() {
             "server.reply_send.read=explode",
         ],
         WAIT,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("fault plan: at byte 23"), "{stderr}");
+    )
+    .code(1)
+    .stderr(predicate::str::contains("fault plan: at byte 23"));
 }

@@ -14,6 +14,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use assert_cmd::assert::{Assert, OutputAssertExt};
 use flexnbd::proto::{self, Request, SimpleReply};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flexnbd");
@@ -37,22 +38,25 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
     }
 }
 
-/// A directory removed when dropped.
+/// A fresh directory (tempfile's), removed with everything in it when
+/// dropped. Its name starts `flexnbd-test-<tag>-`, so a directory left behind
+/// by a killed run says which test made it.
 pub struct TempDir {
     pub path: PathBuf,
+    /// Removes the directory when dropped.
+    guard: tempfile::TempDir,
 }
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "flexnbd-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("flexnbd-test-{tag}-"))
+            .tempdir()
+            .expect("create temp dir");
+        TempDir {
+            path: dir.path().to_path_buf(),
+            guard: dir,
+        }
     }
 
     pub fn join(&self, name: &str) -> PathBuf {
@@ -71,12 +75,6 @@ impl TempDir {
         let p = self.join(name);
         fs::write(&p, pattern(size as usize, seed)).unwrap();
         p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
@@ -218,7 +216,7 @@ impl Flexnbd {
 
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
-            unsafe { libc::kill(c.id() as i32, sig) };
+            send_signal(c.id(), sig);
         }
     }
 
@@ -252,7 +250,7 @@ impl Drop for Flexnbd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             if self.server_pid != c.id() && self.status.is_none() {
-                unsafe { libc::kill(self.server_pid as i32, libc::SIGKILL) };
+                send_signal(self.server_pid, libc::SIGKILL);
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -265,6 +263,26 @@ impl Drop for Flexnbd {
             );
         }
     }
+}
+
+/// Sends `sig` to the process `pid`: std's `Child::kill` sends only SIGKILL,
+/// and a server run by a wrapper (strace) is not our child at all.
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours, so
+    // it cannot break any Rust invariant; at worst it fails with ESRCH.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// True when the process `pid` ignores `sig` (its `SigIgn` mask in
+/// /proc/PID/status has the signal's bit).
+pub fn ignores_signal(pid: u32, sig: i32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .unwrap_or_else(|| panic!("no SigIgn line in /proc/{pid}/status:\n{status}"));
+    let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+    mask & (1 << (sig - 1)) != 0
 }
 
 /// A command for `program` without the caller's `FLEXNBD_*` variables: a
@@ -281,6 +299,27 @@ pub fn clean_command(program: &str) -> Command {
     cmd
 }
 
+/// Exit statuses of coreutils' timeout when the command ran past its limit
+/// (ended by SIGTERM, or by SIGKILL 5 s later), and when it could not run.
+const TIMED_OUT: i32 = 124;
+const KILLED: i32 = 128 + 9;
+const NOT_RUN: i32 = 127;
+
+/// A one-shot run of `program` (an assert_cmd command: add arguments and
+/// stdin, then `output()` or `assert()`), without the caller's `FLEXNBD_*`
+/// variables (see `clean_command`) and ended after `limit`: exit status 124
+/// (or 137) then means it ran too long. Not assert_cmd's own `timeout()`: that
+/// installs a SIGCHLD handler in this process, and the signal then
+/// interrupts other tests' socket reads that have a timeout (EINTR).
+pub fn one_shot(program: &str, limit: Duration) -> assert_cmd::Command {
+    let mut cmd = clean_command("timeout");
+    // A program that ignores SIGTERM is killed 5 s later.
+    cmd.args(["--kill-after=5"])
+        .arg(format!("{}s", limit.as_secs_f64()))
+        .arg(program);
+    assert_cmd::Command::from_std(cmd)
+}
+
 /// Runs an external program with a time limit, returning its output.
 pub fn run_tool(program: &str, args: &[&str], limit: Duration) -> Output {
     run_tool_with_input(program, args, None, limit)
@@ -292,68 +331,51 @@ pub fn run_tool_with_input(
     input: Option<&[u8]>,
     limit: Duration,
 ) -> Output {
-    let mut child = clean_command(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
-        });
+    let mut cmd = one_shot(program, limit);
+    cmd.args(args);
     if let Some(data) = input {
-        let mut stdin = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&data);
-        });
+        cmd.write_stdin(data.to_vec());
     }
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_thread = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stderr.read_to_end(&mut v);
-        v
-    });
     let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run timeout(1) for {program}: {e}"));
+    match out.status.code() {
+        Some(TIMED_OUT | KILLED) if start.elapsed() >= limit => {
+            panic!("{program} {args:?} did not finish within {limit:?}")
         }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{program} {args:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Output {
-        status,
-        stdout: out_thread.join().unwrap(),
-        stderr: err_thread.join().unwrap(),
+        Some(NOT_RUN) if out.stderr.starts_with(b"timeout: failed to run command") => panic!(
+            "cannot run {program} (is it installed? .ci/run installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        _ => out,
     }
+}
+
+/// Runs a tool like `run_tool` and hands the outcome to assert_cmd's
+/// assertions (`code`, `stdout`, `stderr` with predicates), which on failure
+/// show the command line, its status and its output.
+pub fn assert_tool(program: &str, args: &[&str], limit: Duration) -> Assert {
+    assert_tool_with_input(program, args, None, limit)
+}
+
+pub fn assert_tool_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    limit: Duration,
+) -> Assert {
+    run_tool_with_input(program, args, input, limit)
+        .assert()
+        .append_context("command", format!("{program} {args:?}"))
 }
 
 /// Runs a tool and fails the test unless it exits 0.
 pub fn run_ok(program: &str, args: &[&str], limit: Duration) -> Output {
-    let out = run_tool(program, args, limit);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    assert_tool(program, args, limit)
+        .success()
+        .get_output()
+        .clone()
 }
 
 /// A raw NBD client over std TCP, for byte-level tests.

@@ -1,5 +1,5 @@
 //! Migration interoperability with the C flexnbd, and the fake peers of the
-//! C acceptance suite (spec 8.3) that concern migration.
+//! C acceptance suite (its `tests/acceptance/fakes`) that concern migration.
 //!
 //! Simulated, with the scripted peers of `fakes.rs` (std + the wire codec
 //! only):
@@ -606,7 +606,7 @@ fn break_while_waiting_for_the_greeting_causes_mirror_stopped_and_abandoned_resp
     );
     assert!(
         stderr(&out).contains("Mirroring abandoned"),
-        "`mirror` should say the mirror was abandoned (spec 3.11), not {:?}",
+        "`mirror` should say the mirror was abandoned (the C response), not {:?}",
         stderr(&out)
     );
     assert!(conn.sees_eof_within(Duration::from_secs(2)));
@@ -794,7 +794,7 @@ fn source_bad_request_magic_causes_ebadmsg_close_and_no_completion() {
 }
 
 // ---------------------------------------------------------------------------
-// The entrust fakes of spec 8.3 ("unused" in the C suite, which had dropped
+// The entrust fakes of the C suite ("unused" there, as it had dropped
 // entrust; meaningful again now that the hand-off has it).
 
 /// A source that sends data and ENTRUST, then (after reading the reply when

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::harness::*;
+use predicates::prelude::*;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -84,7 +85,7 @@ fn the_default_threshold_shows_warnings_but_not_info() {
     wait_for("the control socket (ready)", WAIT, || {
         sock.exists().then_some(())
     });
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    send_signal(child.id(), libc::SIGTERM);
     let out = wait_for("serve to exit", WAIT, || child.try_wait().unwrap());
     assert_eq!(out.code(), Some(0));
     let mut stderr = String::new();
@@ -127,4 +128,54 @@ fn the_last_of_v_and_q_wins() {
     let file = dir.sparse_file("disk.img", MIB);
     let server = Flexnbd::serve(&dir, &file, &["-q", "-v"]);
     assert!(levels(&server.log()).contains(&'I'), "-v given last wins");
+}
+
+/// Kills the child when dropped, so a failing test leaves no server behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_log_reader_that_goes_away_never_kills_the_server() {
+    // Log lines go to stderr; when that is a pipe whose reader has gone,
+    // each write raises SIGPIPE. Nothing in the code sets SIGPIPE's
+    // disposition: std's runtime ignores it before main, so the write fails
+    // with EPIPE (the line is lost) and the server goes on serving.
+    let dir = TempDir::new("log-sigpipe");
+    let file = dir.sparse_file("disk.img", MIB);
+    let sock = dir.join("ctl.sock");
+    // With -v the server logs "listening on" before the socket appears.
+    let args = server_args("serve", &file, Some(&sock), &[]);
+    let mut child = KillOnDrop(
+        clean_command(BIN)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The reader goes before the server has written its first line.
+    drop(child.0.stderr.take());
+    wait_for("the control socket (ready)", WAIT, || {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("serve died with {status} when its log reader went away");
+        }
+        sock.exists().then_some(())
+    });
+    assert!(ignores_signal(child.0.id(), libc::SIGPIPE));
+    assert_tool(BIN, &["status", "-s", sock.to_str().unwrap()], WAIT)
+        .code(0)
+        .stdout(predicate::str::starts_with(format!(
+            "pid={} ",
+            child.0.id()
+        )));
+    send_signal(child.0.id(), libc::SIGTERM);
+    let code = wait_for("serve to exit", WAIT, || child.0.try_wait().unwrap());
+    assert_eq!(code.code(), Some(0));
 }

@@ -1,6 +1,8 @@
-//! The acceptance suite: every test here runs the real `flexnbd` binary.
+//! The acceptance suite: every test here runs the real `flexnbd` binary,
+//! except `hygiene`'s checks of the repository's own text.
 
 mod harness;
+mod hygiene;
 
 mod fault_effects;
 mod faults;

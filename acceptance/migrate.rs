@@ -8,10 +8,11 @@
 //! and destinations that refuse the connection, close it, say nothing, or
 //! have the wrong size.
 //!
-//! What must happen (design/handoff.md, spec 3.4-3.8, 3.11, 4): a completed
-//! migration makes both processes exit 0, leaves the destination
-//! byte-identical to the source (holding every write acknowledged to a
-//! client) and sparse where the source is, and removes the destination's
+//! What must happen (docs/handoff.md; the C flexnbd's migration commands,
+//! control responses and retries): a completed migration makes both
+//! processes exit 0, leaves the destination byte-identical to the source
+//! (holding every write acknowledged to a client) and sparse where the
+//! source is, and removes the destination's
 //! `.INCOMPLETE` marker, which exists with `state=receiving` from the moment
 //! `listen` accepts; `--unlink` removes the source file; the control
 //! commands answer their exact texts and status shows the migration's keys;

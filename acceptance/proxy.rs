@@ -1,5 +1,6 @@
-//! `flexnbd-proxy` (spec section 7), run as the real binary between a raw
-//! NBD client and either a real `flexnbd serve` or a scripted fake upstream.
+//! `flexnbd-proxy`, which behaves as the C flexnbd-proxy does, run as the
+//! real binary between a raw NBD client and either a real `flexnbd serve`
+//! or a scripted fake upstream.
 //!
 //! Simulated: an upstream that closes in the middle of a request or never
 //! answers it, a second client arriving while one is served, oversized
@@ -23,10 +24,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flexnbd::proto::{self, cmd, errno, Request, SimpleReply};
+use predicates::prelude::*;
 
 use crate::fakes::{in_background, FakeConn, FakeDest, Seen, C_FLAGS};
 use crate::harness::{
-    pattern, read_file_range, run_tool, wait_for, Flexnbd, RawClient, TempDir, WAIT,
+    assert_tool, ignores_signal, pattern, read_file_range, send_signal, wait_for, Flexnbd,
+    RawClient, TempDir, WAIT,
 };
 
 const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
@@ -492,7 +495,8 @@ fn unreachable_upstream_causes_exit_1_before_listening() {
         .local_addr()
         .unwrap()
         .port();
-    let out = run_tool(
+    // It never listened.
+    assert_tool(
         PROXY,
         &[
             "-l",
@@ -506,14 +510,12 @@ fn unreachable_upstream_causes_exit_1_before_listening() {
             "-v",
         ],
         WAIT,
-    );
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "log:\n{log}");
-    assert!(
-        log.contains("Couldn't connect to upstream server during initialization"),
-        "{log}"
-    );
-    assert!(!log.contains("listening on"), "it never listened:\n{log}");
+    )
+    .code(1)
+    .stderr(predicate::str::contains(
+        "Couldn't connect to upstream server during initialization",
+    ))
+    .stderr(predicate::str::contains("listening on").not());
 }
 
 #[test]
@@ -536,20 +538,22 @@ fn usage_errors_cause_exit_1_and_help_causes_exit_0() {
         &["-l", "nonsense", "-p", "0", "-C", "127.0.0.1", "-P", "1"],
     ];
     for args in bad {
-        let out = run_tool(PROXY, args, WAIT);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(!out.stderr.is_empty(), "{args:?} explains itself");
+        // Each explains itself on stderr.
+        assert_tool(PROXY, args, WAIT)
+            .code(1)
+            .stderr(predicate::str::is_empty().not());
     }
-    let out = run_tool(
+    assert_tool(
         PROXY,
         &["-l", "127.0.0.1", "-C", "127.0.0.1", "-P", "1"],
         WAIT,
-    );
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("--port is required unless --addr is a UNIX socket path"));
-    let out = run_tool(PROXY, &["--help"], WAIT);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--cache"));
+    )
+    .stderr(predicate::str::contains(
+        "--port is required unless --addr is a UNIX socket path",
+    ));
+    assert_tool(PROXY, &["--help"], WAIT)
+        .code(0)
+        .stdout(predicate::str::contains("--cache"));
 }
 
 #[test]
@@ -617,7 +621,7 @@ fn sigterm_causes_exit_0_and_unix_socket_removal() {
     let mut data = vec![0u8; 64];
     s.read_exact(&mut data).unwrap();
     assert_eq!(data, read_file_range(&file, 0, 64));
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    send_signal(child.0.id(), libc::SIGTERM);
     let status = wait_for("the proxy to exit", WAIT, || child.0.try_wait().unwrap());
     assert_eq!(status.code(), Some(0));
     assert!(!Path::new(&sock).exists(), "the socket was removed");
@@ -646,4 +650,55 @@ fn fault_plan_on_proxy_steps_causes_fired_lines_and_effects() {
     c.write_ok(0, b"again");
     assert_eq!(read_file_range(&file, 0, 5), b"again");
     p.assert_no_panic();
+}
+
+#[test]
+fn a_log_reader_that_goes_away_never_kills_the_proxy() {
+    // Log lines go to stderr; when that is a pipe whose reader has gone,
+    // each write raises SIGPIPE. Nothing in the code sets SIGPIPE's
+    // disposition: std's runtime ignores it before main, so the write fails
+    // with EPIPE (the line is lost) and the proxy goes on serving.
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = TempDir::new("proxy-sigpipe");
+    let (upstream, file) = real_upstream(&dir, MIB);
+    let sock = dir.join("proxy.sock");
+    let mut child = Reaped(
+        crate::harness::clean_command(PROXY)
+            .args(["-l", sock.to_str().unwrap(), "-C", "127.0.0.1", "-P"])
+            .arg(upstream.port().to_string())
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The reader goes before the proxy has written its first line (with -v
+    // it logs "listening on" at start and a line per session).
+    drop(child.0.stderr.take());
+    wait_for("the proxy's socket", WAIT, || {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the proxy died with {status} when its log reader went away");
+        }
+        sock.exists().then_some(())
+    });
+    assert!(ignores_signal(child.0.id(), libc::SIGPIPE));
+    let mut s = wait_for("the proxy to accept", WAIT, || {
+        UnixStream::connect(&sock).ok()
+    });
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut g = vec![0u8; proto::OLDSTYLE_GREETING_LEN];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&Request::new(cmd::READ, 0, 5, 0, 64).encode())
+        .unwrap();
+    let mut r = [0u8; 16];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(SimpleReply::decode(&r).error, 0);
+    let mut data = vec![0u8; 64];
+    s.read_exact(&mut data).unwrap();
+    assert_eq!(data, read_file_range(&file, 0, 64));
+    send_signal(child.0.id(), libc::SIGTERM);
+    let status = wait_for("the proxy to exit", WAIT, || child.0.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0));
 }

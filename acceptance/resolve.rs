@@ -1,5 +1,5 @@
 //! `flexnbd resolve`: the verdict table of the hand-off contract
-//! (design/handoff.md) applied for a person.
+//! (docs/handoff.md) applied for a person.
 //!
 //! Simulated: every combination of a source image present or absent
 //! (given as a real path with `--source`, or as `--source-exists yes|no`)

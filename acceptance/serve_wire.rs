@@ -1,5 +1,5 @@
 //! `flexnbd serve` on the wire, oldstyle: the byte layouts, error order and
-//! error codes of the C flexnbd (spec section 1), with its bugs fixed.
+//! error codes of the C flexnbd's wire protocol, with its bugs fixed.
 
 use crate::harness::*;
 use flexnbd::proto::{self, cmd, errno};
@@ -16,7 +16,7 @@ fn served(size: u64) -> (TempDir, std::path::PathBuf, Flexnbd) {
 
 #[test]
 fn oldstyle_greeting_is_byte_exact_with_the_c_flags_13() {
-    // Spec 1.1: NBDMAGIC, INIT_MAGIC, the size, flags exactly 13 (HAS_FLAGS,
+    // The C greeting: NBDMAGIC, INIT_MAGIC, the size, flags exactly 13 (HAS_FLAGS,
     // SEND_FLUSH, SEND_FUA; tools compare with exactly that), 124 zeros.
     let (_dir, _file, server) = served(MIB);
     let mut c = server.connect();

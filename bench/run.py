@@ -573,7 +573,7 @@ def w_startup(ctx, kind):
 
 # ---------------------------------------------------------------- migration
 
-# Published figures for the C flexnbd (design/benchmarks.md), NOT measured in this run.
+# Published figures for the C flexnbd (docs/benchmarks.md), NOT measured in this run.
 C_MIGRATION_S = 3.4            # the same 1 GiB image
 C_LOCKOUT = "1.3-3.2 s"        # clients locked out at the hand-off
 MIGRATION_GOAL_S = 1.0
@@ -1215,7 +1215,7 @@ def migration_section(ctx, info, results, failures, started, finished):
              f"case (a fresh `serve` + `listen` pair per run); flexnbd commit {info['flexnbd_commit']}; "
              f"load average at start {info['loadavg_start']} on {info['nproc']} CPUs. Medians; min and max "
              "over the runs. The C flexnbd was **not** run here: its numbers are the published figures "
-             "from `design/benchmarks.md`.")
+             "from `docs/benchmarks.md`.")
     L.append("")
     L.append("| measurement | median | min | max | runs | goal | met |")
     L.append("|---|---|---|---|---|---|---|")
@@ -1489,7 +1489,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("")
     L.append("Notes:")
     L.append("")
-    L.append("- qemu-nbd runs with `-e 0` (unlimited clients), unlike `design/benchmarks.md`'s command: with "
+    L.append("- qemu-nbd runs with `-e 0` (unlimited clients), unlike `docs/benchmarks.md`'s command: with "
              "the default `-e 1` it accepts one connection at a time, so fio's 4 jobs run one after "
              "another instead of concurrently and it does not advertise multi-conn to nbdcopy.")
     L.append("- nbd-server has no default export; it is reached as `nbd://127.0.0.1:PORT/disk`. Its `-d` "

@@ -1,4 +1,4 @@
-//! The migration hand-off contract (design/handoff.md): the destination's
+//! The migration hand-off contract (docs/handoff.md): the destination's
 //! `.INCOMPLETE` marker, and the verdict table that tells a person which copy
 //! of a disk is canonical after any failure.
 
@@ -289,9 +289,8 @@ mod tests {
 
     #[test]
     fn marker_round_trip() {
-        let dir = std::env::temp_dir().join(format!("flexnbd-marker-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let image = dir.join("dest.img");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
         assert_eq!(read_marker_state(&image).unwrap(), None);
         Marker::new(MarkerState::Receiving)
             .write_durably(&image)
@@ -317,6 +316,5 @@ mod tests {
             Some(MarkerState::Receiving),
             "unknown = receiving"
         );
-        let _ = fs::remove_dir_all(&dir);
     }
 }

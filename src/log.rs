@@ -49,7 +49,13 @@ fn monotonic_ms() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer to a timespec.
+    // Lines start with CLOCK_MONOTONIC in ms, as the C flexnbd's do: one
+    // clock for every process on the host, so the logs of a source and a
+    // destination on one host interleave in order. std's Instant does not
+    // expose its value, hence the direct call.
+    // SAFETY: `ts` is a live, writable timespec for the whole call, and
+    // clock_gettime writes nothing else; CLOCK_MONOTONIC always exists on
+    // Linux, so the call cannot fail and leave `ts` unset (it stays zeroed).
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }

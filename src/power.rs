@@ -549,15 +549,12 @@ impl fmt::Debug for Power {
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "flexnbd-power-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory, removed when dropped (also when a test fails).
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("flexnbd-power-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
     fn recorder(path: &Path, len: u64) -> ImageRecorder {
@@ -588,7 +585,7 @@ mod tests {
     fn a_cut_reverts_exactly_what_was_written_since_the_last_sync() {
         let dir = temp_dir("image");
         for (mode, expect_reverted) in [(PowerLoss::All, true), (PowerLoss::Nothing, false)] {
-            let r = recorder(&dir.join(format!("{mode:?}")), 64 * 1024);
+            let r = recorder(&dir.path().join(format!("{mode:?}")), 64 * 1024);
             r.write_at(&[1u8; 4096], 0).unwrap();
             r.write_at(&[2u8; 1000], 8192 + 100).unwrap();
             r.sync_data().unwrap();
@@ -609,14 +606,13 @@ mod tests {
             // Synced data is never touched.
             assert_eq!(read(&r, 8192 + 100, 1000), vec![2u8; 1000]);
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_torn_cut_reverts_whole_sectors_and_replays_from_its_seed() {
         let dir = temp_dir("torn");
         let run = |name: &str| {
-            let r = recorder(&dir.join(name), 64 * 1024);
+            let r = recorder(&dir.path().join(name), 64 * 1024);
             r.write_at(&[9u8; 32 * 1024], 0).unwrap();
             let (reverted, at_risk) = r.lose(PowerLoss::Torn, &mut SplitMix(42));
             assert_eq!(at_risk, 64);
@@ -631,13 +627,12 @@ mod tests {
             data
         };
         assert_eq!(run("a"), run("b"), "the same seed tears the same sectors");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn every_earlier_content_is_kept_until_its_sync_completes() {
         let dir = temp_dir("epochs");
-        let r = recorder(&dir.join("img"), 8192);
+        let r = recorder(&dir.path().join("img"), 8192);
         r.write_at(&[1u8; 4096], 0).unwrap();
         r.sync_data().unwrap();
         r.write_at(&[2u8; 4096], 0).unwrap();
@@ -649,25 +644,24 @@ mod tests {
         assert_eq!(lock(&r.journal).before[&0].len(), 2);
         r.lose(PowerLoss::All, &mut SplitMix(1));
         assert_eq!(read(&r, 0, 4096), vec![1u8; 4096]);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The marker's durable write, with each of its steps optional.
     fn marker_after_cut(sync_file: bool, sync_dir: bool) -> Option<Vec<u8>> {
         let dir = temp_dir("marker");
-        let marker = dir.join("d.img.INCOMPLETE");
-        let tmp = dir.join("d.img.INCOMPLETE.tmp");
+        let marker = dir.path().join("d.img.INCOMPLETE");
+        let tmp = dir.path().join("d.img.INCOMPLETE.tmp");
         let files = RecordingFiles(Arc::new(FileModel::default()));
         files
             .write_file(&marker, b"state=receiving\n", true)
             .unwrap();
-        files.sync_dir(&dir).unwrap();
+        files.sync_dir(dir.path()).unwrap();
         files
             .write_file(&tmp, b"state=entrusted\n", sync_file)
             .unwrap();
         files.rename(&tmp, &marker).unwrap();
         if sync_dir {
-            files.sync_dir(&dir).unwrap();
+            files.sync_dir(dir.path()).unwrap();
         }
         files.0.lose(PowerLoss::All, &mut SplitMix(3), &[]);
         let after = fs::read(&marker).ok();
@@ -675,7 +669,6 @@ mod tests {
             !tmp.exists(),
             "the temporary file never survives its rename"
         );
-        fs::remove_dir_all(&dir).unwrap();
         after
     }
 
@@ -697,7 +690,7 @@ mod tests {
     #[test]
     fn an_unlink_without_a_directory_sync_is_undone_with_the_image_content() {
         let dir = temp_dir("unlink");
-        let path = dir.join("src.img");
+        let path = dir.path().join("src.img");
         for synced in [true, false] {
             let model = Arc::new(FileModel::default());
             let files = RecordingFiles(model.clone());
@@ -707,7 +700,7 @@ mod tests {
             model.add_image(&path, 0);
             files.remove(&path).unwrap();
             if synced {
-                files.sync_dir(&dir).unwrap();
+                files.sync_dir(dir.path()).unwrap();
             }
             let report = model.lose(PowerLoss::All, &mut SplitMix(1), std::slice::from_ref(&r));
             assert_eq!(path.exists(), !synced, "{report:?}");
@@ -718,6 +711,5 @@ mod tests {
                 fs::remove_file(&path).unwrap();
             }
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

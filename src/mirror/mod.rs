@@ -1,5 +1,5 @@
 //! The migration source: copies the served image to a `flexnbd listen`
-//! while clients keep writing, then hands off (design/handoff.md).
+//! while clients keep writing, then hands off (docs/handoff.md).
 //!
 //! [`supervise`] runs attempts: the first attempt's connection outcome is
 //! reported to the `mirror` caller and never retried; after `Mirror started`

@@ -1,4 +1,5 @@
-//! The proxy's read-ahead cache (`--cache`, spec 7.5), as pure decisions.
+//! The proxy's read-ahead cache (`--cache`, the C flexnbd-proxy's), as pure
+//! decisions.
 //!
 //! For each request from downstream, [`Cache::decide`] says what happens
 //! without touching a socket: serve a READ from the cache, or forward the
@@ -57,8 +58,8 @@ impl Cache {
         self.valid.then_some((self.from, self.data.len()))
     }
 
-    /// Decides what `request` needs (spec 7.5), given the latest upstream
-    /// export size. Invalidates the cache for any non-READ request.
+    /// Decides what `request` needs, given the latest upstream export size.
+    /// Invalidates the cache for any non-READ request.
     pub fn decide(&mut self, request: &Request, export_size: u64) -> Decision {
         let forward = Decision::Forward {
             upstream_length: request.length,

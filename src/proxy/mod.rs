@@ -1,17 +1,20 @@
 //! `flexnbd-proxy`: a single-client NBD proxy that keeps its downstream
 //! client connected while the upstream server goes away and comes back (for
-//! example across a migration), with an optional read-ahead cache
-//! (spec section 7).
+//! example across a migration), with an optional read-ahead cache: the C
+//! flexnbd-proxy's command line and behaviour.
 //!
 //! One downstream client at a time, one request in flight. Downstream the
 //! proxy speaks oldstyle, with a greeting built from the latest upstream
 //! greeting. Each request is saved whole (header and payload) and sent
 //! upstream; after any upstream failure (EOF, I/O error, bad reply magic, or
 //! longer than the upstream timeout in one state) the proxy reconnects and
-//! sends the same bytes again. Differences from the C proxy, all as the spec
-//! recommends: a failed initial connect exits 1; an error reply to a READ is
-//! forwarded at once, without waiting for data; a READ is only doubled for
-//! the cache when the doubled length fits in 32 MiB. Also (not in the C
+//! sends the same bytes again. Differences from the C proxy, each fixing one
+//! of its bugs: a failed initial connect exits 1 (the C proxy exits 0); an
+//! error reply to a READ is forwarded at once, without waiting for data
+//! (the C proxy waits for data that never comes, times out and replays the
+//! request forever); a READ is only doubled for the cache when the doubled
+//! length fits in 32 MiB (the C proxy could overflow its reply buffer with
+//! a cache over 16 MiB). Also (not in the C
 //! proxy): a request with a bad magic ends the session (forwarding it would
 //! make the upstream close, and the proxy would replay it forever), and a
 //! reply whose handle is not the request's counts as an upstream failure;

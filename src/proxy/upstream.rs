@@ -1,6 +1,7 @@
 //! The proxy's upstream connection: connect, greeting, and one request at a
 //! time, replayed from its first byte on a new connection after any failure
-//! (spec 7.3).
+//! or after longer than the upstream timeout in one state, as the C
+//! flexnbd-proxy does.
 
 use std::io;
 use std::net::SocketAddr;

@@ -21,14 +21,18 @@ pub struct AllocationMap {
     built: AtomicBool,
 }
 
-// SAFETY: the words are only ever accessed through atomics.
+// SAFETY: the map owns its allocation (nothing else holds the pointer), so
+// it may move to another thread with it.
 unsafe impl Send for AllocationMap {}
+// SAFETY: shared access only ever reads or writes the words through atomics
+// (`word` hands out `&AtomicU64`), so threads sharing a map cannot race.
 unsafe impl Sync for AllocationMap {}
 
 impl Drop for AllocationMap {
     fn drop(&mut self) {
         if self.word_count > 0 {
-            // SAFETY: allocated in `new` with exactly this layout.
+            // SAFETY: `words` came from `alloc_zeroed` in `new` with exactly
+            // this layout (word_count > 0), and is freed only here, once.
             unsafe { dealloc(self.words as *mut u8, Self::layout(self.word_count)) }
         }
     }
@@ -46,7 +50,9 @@ impl AllocationMap {
         let words = if word_count == 0 {
             std::ptr::NonNull::<AtomicU64>::dangling().as_ptr()
         } else {
-            // SAFETY: non-zero size; an all-zero AtomicU64 is a valid value.
+            // SAFETY: the layout's size is non-zero (word_count > 0), as
+            // alloc_zeroed requires; an all-zero AtomicU64 is a valid value,
+            // so the words are initialised. A null result is handled below.
             let p = unsafe { alloc_zeroed(Self::layout(word_count)) } as *mut AtomicU64;
             if p.is_null() {
                 std::alloc::handle_alloc_error(Self::layout(word_count));
@@ -67,7 +73,9 @@ impl AllocationMap {
             "allocation map word {index} of {}",
             self.word_count
         );
-        // SAFETY: bounds checked above; the allocation lives as long as self.
+        // SAFETY: index < word_count (asserted above), so the pointer stays
+        // inside the allocation, whose words are initialised and which lives
+        // as long as `self`.
         unsafe { &*self.words.add(index) }
     }
 

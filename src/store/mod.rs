@@ -540,6 +540,9 @@ impl Image {
             if self.scan_stop.load(Ordering::Relaxed) {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "scan stopped"));
             }
+            // std's Seek has no SEEK_DATA or SEEK_HOLE.
+            // SAFETY: lseek takes integers only and touches no memory; `fd`
+            // belongs to `file`, which stays open for the whole loop.
             let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
             if data < 0 {
                 let err = io::Error::last_os_error();
@@ -551,6 +554,7 @@ impl Image {
             if data >= size {
                 break;
             }
+            // SAFETY: as for SEEK_DATA above.
             let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
             if hole < 0 {
                 return Err(io::Error::last_os_error());
