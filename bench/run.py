@@ -523,6 +523,27 @@ def drop_caches():
         f.write("3")
 
 
+def disk_baseline(ctx):
+    """fio straight on the cold image (O_DIRECT, no NBD): what the disk itself
+    gives for 4 KiB random reads at queue depth 1 and 64."""
+    out = {}
+    for depth in (1, 64):
+        argv = ["fio", "--name=disk", f"--filename={cold_image(ctx)}", "--rw=randread", "--bs=4k",
+                "--direct=1", "--ioengine=io_uring", f"--iodepth={depth}", "--runtime=5", "--time_based",
+                "--output-format=json"]
+        _, r = run_cmd(argv, timeout=120)
+        out[depth] = json.loads(r.stdout)["jobs"][0]["read"]["iops"]
+    return out
+
+
+def disk_note(ctx):
+    b = getattr(ctx, "disk", None)
+    if not b:
+        return "not measured in this run"
+    return (f"fio on the image itself with O_DIRECT, measured in this run, gives {b[1] / 1000:.1f}k 4 KiB "
+            f"random reads/s at queue depth 1 and {b[64] / 1000:.1f}k at depth 64")
+
+
 def w_cold_randread(ctx, kind):
     image, cgroup = cold_image(ctx), cold_cgroup(ctx)
     drop_caches()
@@ -1515,8 +1536,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
              "runs in a memory cgroup capped at 64 MiB, so nearly every read waits for the disk (the image is "
              "16 times the cap). flexnbd and nbdkit read through that small page cache; qemu-nbd runs as its "
              "operators run it on cold storage, `--aio=io_uring --cache=none` (O_DIRECT, no page cache). "
-             "The disk is this machine's virtual disk; its own limits (measured with fio directly: about 8.5k "
-             "4 KiB random reads/s at queue depth 1, 64k at depth 64) cap every server alike.")
+             "The disk's own limits cap every server alike: " + disk_note(ctx) + ".")
     L.append("- The null row is the protocol path's ceiling: no storage work at all for nbdkit, and only an "
              "allocation-map lookup for flexnbd (it cannot serve without a file).")
     L.append("")
@@ -1615,6 +1635,12 @@ def main():
     try:
         log(f"creating images in {ctx.workdir}")
         ctx.image, ctx.sparse_tib = make_images(ctx.workdir)
+        if not only or only & {"coldread", "coldseq"}:
+            try:
+                ctx.disk = disk_baseline(ctx)
+                log(f"disk baseline (fio O_DIRECT 4 KiB randread): {ctx.disk}")
+            except Exception as e:
+                failures.append(f"disk baseline: {e}"[:500])
         for rnd in range(ctx.rounds):
             for name, title, fn, servers, metric, unit, hib in WORKLOADS:
                 if only and name not in only:
