@@ -227,14 +227,32 @@ impl Image {
     /// Fills `buf` from `offset` if the data is already in memory, so the
     /// read cannot wait for the disk and may run on an async worker: `true`
     /// when done. `false` means "read it with `read_at` on a blocking
-    /// thread". Under a fault plan the answer is always `false`: the plan's
-    /// store is a disk that may be slow or failing, and its faults act in
-    /// `read_at`.
+    /// thread". A range the allocation map knows to be a hole is zeros
+    /// without asking the file (the page cache holds no pages for a hole
+    /// that was never read, so the file would say "wait"). Under a fault
+    /// plan the answer is always `false`: the plan's store is a disk that
+    /// may be slow or failing, and its faults act in `read_at`.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
         if self.faults.get().is_some() || self.recorder.get().is_some() {
             return false;
         }
+        if self.is_known_hole(offset, buf.len() as u64) {
+            buf.fill(0);
+            return true;
+        }
         self.disk.read_cached(buf, offset)
+    }
+
+    /// Whether the built allocation map says every block touching the range
+    /// is a hole (never true while the map is being built: that would need
+    /// the file's SEEK_HOLE, a system call that may wait for the disk).
+    fn is_known_hole(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || !self.map.is_built() {
+            return false;
+        }
+        let first = offset / BLOCK_SIZE;
+        let end = offset.saturating_add(len).div_ceil(BLOCK_SIZE);
+        !self.map.is_set(first) && self.map.next_change(first, end, false) >= end
     }
 
     /// Writes `data` at `offset`, keeping holes: an all-zero 4 KiB piece
@@ -792,6 +810,33 @@ mod tests {
             f.sync_all().unwrap();
         }
         (path.clone(), Arc::new(Image::open(&path).unwrap()))
+    }
+
+    #[test]
+    fn a_known_hole_reads_as_zeros_from_memory_and_data_from_the_file() {
+        const B: u64 = BLOCK_SIZE;
+        let (path, img) = image_with_data(64 * B, &[(8 * B, B), (20 * B + 10, 5)]);
+        let mut buf = vec![0xffu8; 4 * B as usize];
+        // Not known before the map is built: the file is asked (it has no
+        // pages for a hole that was never read, so it says "wait").
+        assert!(!img.is_known_hole(0, 4 * B));
+        img.scan_allocation().unwrap();
+        assert!(img.is_known_hole(0, 4 * B));
+        assert!(img.is_known_hole(9 * B, 11 * B));
+        assert!(!img.is_known_hole(7 * B, 2 * B), "a range ending in data");
+        assert!(!img.is_known_hole(8 * B + 100, 1), "inside a data block");
+        assert!(
+            !img.is_known_hole(20 * B, B),
+            "a block with 5 bytes of data"
+        );
+        assert!(!img.is_known_hole(0, 0));
+        assert!(img.read_cached(&mut buf, 0));
+        assert!(buf.iter().all(|&b| b == 0), "the hole read as zeros");
+        // Data already in the page cache (just written) comes from the file.
+        let mut data = vec![0u8; B as usize];
+        assert!(img.read_cached(&mut data, 8 * B));
+        assert!(data.iter().all(|&b| b == 0xa5), "the data block's bytes");
+        drop(path);
     }
 
     #[test]
