@@ -478,7 +478,7 @@ def cold_cgroup(ctx):
     if getattr(ctx, "cgroup", None):
         return ctx.cgroup
     if os.geteuid() != 0:
-        raise RuntimeError("cold-cache rows need root (a memory cgroup and drop_caches)")
+        raise RuntimeError("cold-cache rows need root (a memory cgroup)")
     name = f"flexnbd-bench-{os.getpid()}"
     if os.path.exists("/sys/fs/cgroup/memory"):
         path = os.path.join("/sys/fs/cgroup/memory", name)
@@ -517,10 +517,16 @@ def cold_image(ctx):
     return ctx.cold
 
 
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
+def evict(path):
+    """Drops `path`'s pages from the page cache (it is clean: fsynced when
+    made). Only that file: dropping every cache would also make the
+    page-cache rows' image cold for the rounds after."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def disk_baseline(ctx):
@@ -546,13 +552,13 @@ def disk_note(ctx):
 
 def w_cold_randread(ctx, kind):
     image, cgroup = cold_image(ctx), cold_cgroup(ctx)
-    drop_caches()
+    evict(image)
     return run_fio(ctx, kind, "randread", image, cgroup)
 
 
 def w_cold_nbdcopy(ctx, kind):
     image, cgroup = cold_image(ctx), cold_cgroup(ctx)
-    drop_caches()
+    evict(image)
     srv = Server(kind, image, ctx.workdir, cgroup)
     try:
         srv.start()
@@ -1024,7 +1030,7 @@ WORKLOADS = [
     ("randread", "fio 4 KiB randread, 4 jobs x iodepth 16", w_randread, MAIN, "iops", "IOPS", True),
     ("randwrite", "fio 4 KiB randwrite, 4 jobs x iodepth 16", w_randwrite, MAIN, "iops", "IOPS", True),
     ("startup", "Start-up: exec to first successful 4 KiB read, 1 TiB sparse file", w_startup, WITH_OLD, "ms", "ms", False),
-    # Cold storage: a 1 GiB random image, page cache dropped before each run
+    # Cold storage: a 1 GiB random image, its pages dropped before each run
     # and every server in a memory cgroup capped at 64 MiB (qemu-nbd
     # bypasses the page cache with O_DIRECT).
     ("coldread", "Cold cache: fio 4 KiB randread, 4 jobs x iodepth 16, 1 GiB image, page cache capped at 64 MiB",
@@ -1504,8 +1510,8 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append(" ".join(fio_argv("URI", "randread", ctx.fio_runtime)))
     L.append("cp --sparse=always image.raw write.img   # fresh copy per randwrite run, not timed")
     L.append(" ".join(fio_argv("URI", "randwrite", ctx.fio_runtime)) + "   # server serving write.img")
-    L.append("# cold rows: cold.raw is 1 GiB of random data (fsynced); before each run:")
-    L.append("sync; echo 3 > /proc/sys/vm/drop_caches")
+    L.append("# cold rows: cold.raw is 1 GiB of random data (fsynced); before each run its pages are")
+    L.append("#   dropped from the page cache: posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)")
     L.append("#   and the server is started inside a memory cgroup limited to 64 MiB (v1 memory.limit_in_bytes")
     L.append("#   or v2 memory.max), so its page cache never holds more than 6% of the image")
     L.append(" ".join(fio_argv("URI", "randread", ctx.fio_runtime)) + "   # coldread, server serving cold.raw")
@@ -1532,9 +1538,9 @@ def write_report(path, ctx, info, results, failures, started, finished):
              "block status, so nbdcopy reads the 512 MiB hole as data from flexnbd-oldstyle.")
     L.append("- Half of the image is a hole, so about half of the fio randread requests fall in it; flexnbd "
              "answers those from its allocation map without a pread, the peers pread the hole.")
-    L.append("- Cold rows: the image has no holes, the page cache is dropped before each run and every server "
+    L.append("- Cold rows: the image has no holes, its pages are dropped from the page cache before each run and every server "
              "runs in a memory cgroup capped at 64 MiB, so nearly every read waits for the disk (the image is "
-             "16 times the cap). flexnbd and nbdkit read through that small page cache; qemu-nbd runs as its "
+             "16 times the cap; only that file's pages are dropped, so the other rows' image stays cached). flexnbd and nbdkit read through that small page cache; qemu-nbd runs as its "
              "operators run it on cold storage, `--aio=io_uring --cache=none` (O_DIRECT, no page cache). "
              "The disk's own limits cap every server alike: " + disk_note(ctx) + ".")
     L.append("- The null row is the protocol path's ceiling: no storage work at all for nbdkit, and only an "
