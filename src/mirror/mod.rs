@@ -690,18 +690,23 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             let n = (end - offset).min(self.piece());
             self.throttle(n).await?;
             let mut data = self.pipe.buffer(n as usize);
-            let image = self.image.clone();
-            // Off the async workers: a slow disk must not stall the
-            // clients' requests or the control socket while the copy runs.
-            let (data, read) = or_cancel(
-                self.cancel,
-                crate::store::offload::run(move || {
-                    let read = image.read_at(&mut data, offset);
-                    (data, read)
-                }),
-            )
-            .await?
-            .map_err(AttemptError::Image)?;
+            // Data in memory is copied here; the rest is read off the async
+            // workers: a slow disk must not stall the clients' requests or
+            // the control socket while the copy runs.
+            let (data, read) = if self.image.read_cached(&mut data, offset) {
+                (data, Ok(()))
+            } else {
+                let image = self.image.clone();
+                or_cancel(
+                    self.cancel,
+                    crate::store::offload::run(move || {
+                        let read = image.read_at(&mut data, offset);
+                        (data, read)
+                    }),
+                )
+                .await?
+                .map_err(AttemptError::Image)?
+            };
             read.map_err(AttemptError::Image)?;
             or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
             // A socket with room never makes this loop wait, so it would

@@ -433,6 +433,14 @@ where
             }
             cmd::ENTRUST if self.destination.is_some() => self.entrust(&req).await?,
             cmd::FLUSH => self.defer_sync(&req).await,
+            cmd::TRIM | cmd::WRITE_ZEROES
+                if req.flags & cmd_flags::NO_HOLE == 0
+                    && self.image.is_no_op_zero(req.offset, u64::from(req.length)) =>
+            {
+                // Already a hole: nothing to store, nothing for a mirror
+                // to copy again.
+                self.after_change(&req, Ok(())).await?;
+            }
             cmd::TRIM | cmd::WRITE_ZEROES => {
                 let image = self.image.clone();
                 let (offset, length) = (req.offset, u64::from(req.length));

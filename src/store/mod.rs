@@ -72,6 +72,11 @@ pub struct Image {
     eager_writeback: AtomicBool,
     /// Store faults from a fault plan (tests and reproductions only).
     faults: std::sync::OnceLock<Arc<crate::probe::PlanProbe>>,
+    /// Set when the plan has `store.read` (`store.write`) keys or can cut
+    /// power: every read (write) must then reach the store, where those act,
+    /// instead of being answered from memory (`read_cached`, `is_no_op_zero`).
+    reads_faulted: AtomicBool,
+    writes_faulted: AtomicBool,
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -145,6 +150,8 @@ impl Image {
             dirty_blocks: AtomicI64::new(0),
             tracking: AtomicBool::new(false),
             faults: std::sync::OnceLock::new(),
+            reads_faulted: AtomicBool::new(false),
+            writes_faulted: AtomicBool::new(false),
             eager_writeback: AtomicBool::new(false),
         })
     }
@@ -180,6 +187,18 @@ impl Image {
             let recorder = power.record_image(self.disk.file().try_clone()?, &self.path)?;
             let _ = self.recorder.set(recorder);
         }
+        let recorded = self.recorder.get().is_some();
+        let has = |step: &str| {
+            probe
+                .plan()
+                .entries()
+                .iter()
+                .any(|e| e.key.side == faults::plan::Side::Store && e.key.step == step)
+        };
+        self.reads_faulted
+            .store(recorded || has("read"), Ordering::Relaxed);
+        self.writes_faulted
+            .store(recorded || has("write"), Ordering::Relaxed);
         files::set_faults(probe.clone());
         let _ = self.faults.set(probe);
         Ok(())
@@ -230,10 +249,11 @@ impl Image {
     /// thread". A range the allocation map knows to be a hole is zeros
     /// without asking the file (the page cache holds no pages for a hole
     /// that was never read, so the file would say "wait"). Under a fault
-    /// plan the answer is always `false`: the plan's store is a disk that
-    /// may be slow or failing, and its faults act in `read_at`.
+    /// plan with `store.read` keys, or one that can cut power, the answer is
+    /// always `false`: the plan's store is a disk that may be slow or
+    /// failing, and its faults (and the power model) act in `read_at`.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        if self.faults.get().is_some() || self.recorder.get().is_some() {
+        if self.reads_faulted.load(Ordering::Relaxed) {
             return false;
         }
         if self.is_known_hole(offset, buf.len() as u64) {
@@ -241,6 +261,15 @@ impl Image {
             return true;
         }
         self.disk.read_cached(buf, offset)
+    }
+
+    /// Whether a TRIM, or a WRITE_ZEROES that may punch, of the range has
+    /// nothing to do: the built map knows it is all hole already. Then it
+    /// needs no trip to the disk (a migration's sweep sends one for every
+    /// hole of the source). Never under a plan with `store.write` keys,
+    /// which must see the operation.
+    pub fn is_no_op_zero(&self, offset: u64, len: u64) -> bool {
+        !self.writes_faulted.load(Ordering::Relaxed) && self.is_known_hole(offset, len)
     }
 
     /// Whether the built allocation map says every block touching the range
@@ -837,6 +866,31 @@ mod tests {
         assert!(img.read_cached(&mut data, 8 * B));
         assert!(data.iter().all(|&b| b == 0xa5), "the data block's bytes");
         drop(path);
+    }
+
+    #[test]
+    fn zeroing_a_known_hole_is_a_no_op_unless_a_plan_fails_writes() {
+        const B: u64 = BLOCK_SIZE;
+        let plan = |text: &str| {
+            Arc::new(crate::probe::PlanProbe::new(
+                faults::plan::FaultPlan::parse(text).unwrap(),
+            ))
+        };
+        let (_, img) = image_with_data(64 * B, &[(8 * B, B)]);
+        assert!(!img.is_no_op_zero(0, 4 * B), "map not built yet");
+        img.scan_allocation().unwrap();
+        assert!(img.is_no_op_zero(0, 4 * B));
+        assert!(!img.is_no_op_zero(0, 9 * B), "a range with data");
+        // A plan without store.write keys leaves it a no-op, and reads
+        // answered from memory.
+        img.set_faults(plan("server.accept#9=close; store.sync=eio")).unwrap();
+        assert!(img.is_no_op_zero(0, 4 * B));
+        assert!(img.read_cached(&mut [0u8; 512], 0));
+        let (_, img) = image_with_data(64 * B, &[]);
+        img.scan_allocation().unwrap();
+        img.set_faults(plan("store.write#3=eio; store.read@0+1=slow(1)")).unwrap();
+        assert!(!img.is_no_op_zero(0, 4 * B), "store.write keys must see every punch");
+        assert!(!img.read_cached(&mut [0u8; 512], 0), "store.read keys must see every read");
     }
 
     #[test]
