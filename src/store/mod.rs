@@ -883,14 +883,22 @@ mod tests {
         assert!(!img.is_no_op_zero(0, 9 * B), "a range with data");
         // A plan without store.write keys leaves it a no-op, and reads
         // answered from memory.
-        img.set_faults(plan("server.accept#9=close; store.sync=eio")).unwrap();
+        img.set_faults(plan("server.accept#9=close; store.sync=eio"))
+            .unwrap();
         assert!(img.is_no_op_zero(0, 4 * B));
         assert!(img.read_cached(&mut [0u8; 512], 0));
         let (_, img) = image_with_data(64 * B, &[]);
         img.scan_allocation().unwrap();
-        img.set_faults(plan("store.write#3=eio; store.read@0+1=slow(1)")).unwrap();
-        assert!(!img.is_no_op_zero(0, 4 * B), "store.write keys must see every punch");
-        assert!(!img.read_cached(&mut [0u8; 512], 0), "store.read keys must see every read");
+        img.set_faults(plan("store.write#3=eio; store.read@0+1=slow(1)"))
+            .unwrap();
+        assert!(
+            !img.is_no_op_zero(0, 4 * B),
+            "store.write keys must see every punch"
+        );
+        assert!(
+            !img.read_cached(&mut [0u8; 512], 0),
+            "store.read keys must see every read"
+        );
     }
 
     #[test]
