@@ -8,10 +8,12 @@ mod fault_effects;
 mod faults;
 
 mod bad_input;
+mod c_interop;
 mod codec_props;
 
 mod cli;
 mod control;
+mod convergence;
 mod durability;
 mod fakes;
 mod interop;
