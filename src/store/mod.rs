@@ -434,15 +434,25 @@ impl Image {
             .min(below)
             .div_ceil(BLOCK_SIZE)
             .min(self.dirty.blocks());
+        // A word at a time: a client may zero or trim the whole export.
         let (mut runs, mut clean) = (0u64, 0u64);
-        let mut in_run = false;
-        for block in first..end {
-            let dirty = self.dirty.is_set(block);
-            if !dirty {
-                clean += 1;
-                runs += u64::from(!in_run);
-            }
-            in_run = !dirty;
+        let mut previous_clean = false;
+        let mut block = first;
+        while block < end {
+            let bit = block % 64;
+            let span = (64 - bit).min(end - block);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let c = !self.dirty.peek_word((block / 64) as usize) & mask;
+            clean += u64::from(c.count_ones());
+            // A run starts at a clean block whose predecessor is not clean.
+            let predecessor_clean = (c << 1) | if previous_clean { 1 << bit } else { 0 };
+            runs += u64::from((c & !predecessor_clean).count_ones());
+            previous_clean = c & (1 << (bit + span - 1)) != 0;
+            block += span;
         }
         self.pace()
             .charge(runs, clean * BLOCK_SIZE, std::time::Instant::now())
@@ -1091,6 +1101,14 @@ mod tests {
             img.pace_write(0, 4096),
             Duration::ZERO,
             "stopping ends pacing"
+        );
+        // Runs are counted across words: blocks 60..70 are one clean run,
+        // 71..131 (past dirty block 70) another.
+        img.set_pace(Some(slow), u64::MAX);
+        img.mark_dirty(70 * 4096, 4096);
+        assert_eq!(
+            img.pace_write(60 * 4096, 71 * 4096),
+            Duration::from_millis(40) - PACE_BURST
         );
     }
 
