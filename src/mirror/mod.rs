@@ -508,8 +508,8 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         image.clear_dirty(window_start, window_len);
         // Clients' changes behind the end of this window will have to be
         // sent again: pace them to what the destination can take, as
-        // measured so far (policy.rs), so that the sweep is not starved and
-        // the dirty passes after it have little to do.
+        // measured so far (policy.rs), so that the dirty passes after the
+        // sweep start with little to do. Changes ahead of it cost nothing.
         image.set_pace(copier.pipe.costs().costs(), window_start + window_len);
         let mut pos = window_start;
         for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
