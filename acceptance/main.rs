@@ -9,10 +9,12 @@ mod faults;
 
 mod bad_input;
 mod batching;
+mod c_interop;
 mod codec_props;
 
 mod cli;
 mod control;
+mod convergence;
 mod durability;
 mod fakes;
 mod interop;

@@ -391,26 +391,26 @@ fn listen_starting_causes_a_receiving_marker_and_no_control_before_anything_conn
 // ------------------------------------------------ clients writing meanwhile
 
 /// One client write: where, what, and whether the server acknowledged it.
-struct ClientWrite {
-    offset: u64,
-    data: Vec<u8>,
+pub(crate) struct ClientWrite {
+    pub offset: u64,
+    pub data: Vec<u8>,
 }
 
 /// What one client thread saw: its acknowledged writes in order, and the
 /// write that was in flight when its connection was cut (maybe applied).
 #[derive(Default)]
-struct ClientLog {
-    acked: Vec<ClientWrite>,
-    in_flight: Option<ClientWrite>,
+pub(crate) struct ClientLog {
+    pub acked: Vec<ClientWrite>,
+    pub in_flight: Option<ClientWrite>,
 }
 
-const BLOCK: u64 = 4096;
-const CLIENTS: u64 = 3;
+pub(crate) const BLOCK: u64 = 4096;
+pub(crate) const CLIENTS: u64 = 3;
 
 /// A client on a persistent connection writing random 4 KiB blocks (only
 /// blocks `b` with `b % CLIENTS == id`, so clients never overlap and each
 /// client's acks are ordered) until its connection is cut.
-fn client_writer(
+pub(crate) fn client_writer(
     addr: std::net::SocketAddr,
     id: u64,
     blocks: u64,
@@ -455,11 +455,43 @@ fn client_writer(
     })
 }
 
+/// Fails unless `file` holds `base` overwritten by every acknowledged write
+/// in `logs`, the last per block winning; the write in flight when a
+/// client was cut off may or may not have landed.
+pub(crate) fn assert_holds_acked_writes(file: &Path, mut base: Vec<u8>, logs: &[ClientLog]) {
+    let data = fs::read(file).unwrap();
+    assert_eq!(data.len(), base.len(), "size of {}", file.display());
+    let mut maybe: HashMap<u64, Vec<u8>> = HashMap::new();
+    for log in logs {
+        for w in &log.acked {
+            let o = w.offset as usize;
+            base[o..o + BLOCK as usize].copy_from_slice(&w.data);
+        }
+        if let Some(w) = &log.in_flight {
+            maybe.insert(w.offset, w.data.clone());
+        }
+    }
+    for block in 0..base.len() as u64 / BLOCK {
+        let o = (block * BLOCK) as usize;
+        let got = &data[o..o + BLOCK as usize];
+        let want = &base[o..o + BLOCK as usize];
+        if got != want && maybe.get(&(o as u64)).map(Vec::as_slice) != Some(got) {
+            panic!(
+                "{} block {block} (offset {o}) lacks the last acknowledged write \
+                 (got {:02x?}.., want {:02x?}..)",
+                file.display(),
+                &got[..16],
+                &want[..16]
+            );
+        }
+    }
+}
+
 fn migration_under_client_writes(unlink: bool, tag: &str) {
     let dir = TempDir::new(tag);
     let size = 16 * MIB;
     let src_file = sixteen_mib_source(&dir);
-    let mut expected = fs::read(&src_file).unwrap();
+    let expected = fs::read(&src_file).unwrap();
     let dest_file = dir.sparse_file("dest.img", size);
     let mut src = serve(&dir, &src_file);
     let mut dest = listen(&dir, &dest_file, 0, None);
@@ -495,32 +527,7 @@ fn migration_under_client_writes(unlink: bool, tag: &str) {
     let logs: Vec<ClientLog> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(marker_state(&dest_file), None);
 
-    // Every acknowledged write, the last per block winning; the write in
-    // flight at the cut-off may or may not have landed.
-    let dest_data = fs::read(&dest_file).unwrap();
-    let mut maybe: HashMap<u64, Vec<u8>> = HashMap::new();
-    for log in &logs {
-        for w in &log.acked {
-            let o = w.offset as usize;
-            expected[o..o + BLOCK as usize].copy_from_slice(&w.data);
-        }
-        if let Some(w) = &log.in_flight {
-            maybe.insert(w.offset, w.data.clone());
-        }
-    }
-    for block in 0..size / BLOCK {
-        let o = (block * BLOCK) as usize;
-        let got = &dest_data[o..o + BLOCK as usize];
-        let want = &expected[o..o + BLOCK as usize];
-        if got != want && maybe.get(&(o as u64)).map(Vec::as_slice) != Some(got) {
-            panic!(
-                "destination block {block} (offset {o}) lacks the last acknowledged write \
-                 (got {:02x?}.., want {:02x?}..)",
-                &got[..16],
-                &want[..16]
-            );
-        }
-    }
+    assert_holds_acked_writes(&dest_file, expected, &logs);
     let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
     assert!(acked > 300, "only {acked} writes were acknowledged");
     if unlink {

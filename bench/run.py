@@ -51,6 +51,9 @@ def _host_triple():
 # scripts/build-release builds for an explicit target (static glibc).
 FLEXNBD = os.path.join(TARGET_DIR, _host_triple(), "release", "flexnbd")
 HOST = "127.0.0.1"
+# A C flexnbd binary (bench/README.md): with it, the migration section also
+# migrates between it and ours, both ways. Not built here.
+C_FLEXNBD = os.environ.get("FLEXNBD_C_BIN") or None
 GIB = 1 << 30
 MIB = 1 << 20
 TIB = 1 << 40
@@ -122,6 +125,28 @@ def pid_alive(pid):
         return state != "Z"
     except OSError:
         return False
+
+
+def listening_port(pid):
+    """The TCP port process `pid` listens on (from /proc), or None."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
 
 
 class Server:
@@ -619,9 +644,10 @@ class FlexProc(Server):
     it replaces, and that is the fork of this (much larger) Python process.
     """
 
-    def __init__(self, role, image, workdir, tag):
+    def __init__(self, role, image, workdir, tag, c=False):
         super().__init__(f"flexnbd-{role}", image, workdir)
         self.role = role
+        self.c = c                 # the C flexnbd (C_FLEXNBD) rather than ours
         self.port = 0
         self.sock = os.path.join(workdir, f"{role}-{tag}.sock")
         self.logpath = os.path.join(workdir, f"{role}-{tag}.log")
@@ -630,8 +656,9 @@ class FlexProc(Server):
         self.map_built = False
 
     def argv(self):
-        argv = [FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image, "-s", self.sock, "-v"]
-        if self.role == "listen":
+        argv = [C_FLEXNBD if self.c else FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image,
+                "-s", self.sock, "-v"]
+        if self.role == "listen" and not self.c:
             # Without it the greeting is the C one (flags 13), and holes (the
             # whole 1 TiB case) would travel as zeros instead of WRITE_ZEROES.
             argv.append("--oldstyle-extra-flags")
@@ -688,11 +715,17 @@ class FlexProc(Server):
             if self.poll() is not None:
                 raise RuntimeError(f"{self.role} exited early ({self.popen.returncode}): {self.log_tail()}")
             text = self.log_text()
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-            if m and os.path.exists(self.sock):
-                self.port = int(m.group(1))
+            if self.c:
+                # The C flexnbd does not log the port it got for -p 0.
+                port = listening_port(self.popen.pid)
+            else:
+                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+                port = int(m.group(1)) if m else None
+            if port and os.path.exists(self.sock):
+                self.port = port
                 listening_at = listening_at or time.monotonic()
-                self.map_built = "allocation map built" in text
+                self.map_built = ("Successfully built allocation map" if self.c
+                                  else "allocation map built") in text
                 if self.map_built or time.monotonic() - listening_at > 5.0:
                     return
             time.sleep(0.005)
@@ -825,17 +858,18 @@ class Writer:
             self.warm.set()
 
 
-def run_migration(ctx, src, size, tag, before_mirror=None):
+def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_dest=False):
     """Migrate src into a fresh sparse file of `size` bytes; returns the measurements
-    and the destination path (the caller removes it)."""
+    and the destination path (the caller removes it). `c_source` / `c_dest` run the
+    C flexnbd (C_FLEXNBD) at that end, and the source's own `mirror` command."""
     dst = os.path.join(ctx.workdir, f"dst-{tag}.raw")
     with open(dst, "wb") as f:
         f.truncate(size)
     # Untimed: write back what setting up left dirty (the image, a copy), so the
     # destination's fsync does not also wait for that.
     subprocess.run(["sync", "-f", ctx.workdir], check=True, timeout=300)
-    listen = FlexProc("listen", dst, ctx.workdir, tag)
-    serve = FlexProc("serve", src, ctx.workdir, tag)
+    listen = FlexProc("listen", dst, ctx.workdir, tag, c=c_dest)
+    serve = FlexProc("serve", src, ctx.workdir, tag, c=c_source)
     mirror_log = os.path.join(ctx.workdir, f"mirror-{tag}.log")
     mirror = None
     try:
@@ -847,7 +881,8 @@ def run_migration(ctx, src, size, tag, before_mirror=None):
             before_mirror(serve)
         with open(mirror_log, "wb") as mlog:
             t0 = time.perf_counter()
-            mirror = subprocess.Popen([FLEXNBD, "mirror", "-s", serve.sock, "-l", HOST, "-p", str(listen.port)],
+            mirror = subprocess.Popen([C_FLEXNBD if c_source else FLEXNBD, "mirror", "-s", serve.sock,
+                                       "-l", HOST, "-p", str(listen.port)],
                                       stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
                                       start_new_session=True)
         deadline = t0 + MIGRATION_TIMEOUT
@@ -875,6 +910,8 @@ def run_migration(ctx, src, size, tag, before_mirror=None):
         m = re.search(r"clients were shut out for (\S+)", serve.log_text())
         res = {
             "seconds": t1 - t0,
+            # The C source exits up to a second after the destination (it polls).
+            "dest_done_s": listen.exit_time - t0,
             "mirror_said": mout,
             "lockout_ms": parse_rust_duration(m.group(1)) if m else None,
             "lockout_raw": m.group(1) if m else None,
@@ -926,9 +963,9 @@ def m_plain(ctx, rnd):
         os.unlink(dst)
 
 
-def m_writes(ctx, rnd):
+def m_writes(ctx, rnd, c_source=False, c_dest=False, name="writes"):
     # The writer changes the source, so each run migrates a fresh sparse copy.
-    src = os.path.join(ctx.workdir, f"src-writes{rnd}.raw")
+    src = os.path.join(ctx.workdir, f"src-{name}{rnd}.raw")
     subprocess.run(["cp", "--sparse=always", ctx.image, src], check=True, timeout=300)
     writer = None
     dst = None
@@ -946,7 +983,8 @@ def m_writes(ctx, rnd):
         writer.mirror_issued_acks = len(writer.acked)
 
     try:
-        res, dst = run_migration(ctx, src, GIB, f"writes{rnd}", before_mirror=start_writer)
+        res, dst = run_migration(ctx, src, GIB, f"{name}{rnd}", before_mirror=start_writer,
+                                 c_source=c_source, c_dest=c_dest)
         writer.thread.join(timeout=WRITE_TIMEOUT + 10)
         if writer.thread.is_alive():
             writer.stop.set()
@@ -994,6 +1032,12 @@ def m_tib(ctx, rnd):
 
 
 MIGRATIONS = [("plain", m_plain), ("writes", m_writes), ("tib", m_tib)]
+if C_FLEXNBD:
+    # Under writes, both ways between ours and the C flexnbd.
+    MIGRATIONS += [
+        ("to_c", lambda ctx, rnd: m_writes(ctx, rnd, c_dest=True, name="to_c")),
+        ("from_c", lambda ctx, rnd: m_writes(ctx, rnd, c_source=True, name="from_c")),
+    ]
 
 
 def run_migrations(ctx, results, failures):
@@ -1214,6 +1258,28 @@ def med(vals):
     return statistics.median(vals) if vals else None
 
 
+def c_rows(M, stat_row, ident_row):
+    """Rows of the migrations between ours and the C flexnbd (the "under writes" case)."""
+    L = []
+    for name, way in (("to_c", "ours → C listen"), ("from_c", "C serve → our listen")):
+        if not M.get(name):
+            continue
+        L.append(stat_row(f"{way}, under writes: migration time", name, "seconds", "s"))
+        if name == "to_c":
+            L.append(stat_row(f"{way}, under writes: clients shut out at the hand-off (our source's log)",
+                              name, "lockout_ms", "ms", goal=f"< {STALL_GOAL_MS:.0f} ms"))
+        else:
+            L.append(stat_row(f"{way}, under writes: until the destination exited (the C source exits "
+                              "up to 1 s later)", name, "dest_done_s", "s"))
+        L.append(stat_row(f"{way}, under writes: longest acknowledged 4 KiB write", name, "max_write_ms", "ms"))
+        L.append(stat_row(f"{way}, under writes: the unacknowledged write at the cut, send to cut",
+                          name, "unacked_wait_ms", "ms"))
+        L.append(stat_row(f"{way}, under writes: writes acknowledged between `mirror` and the cut", name,
+                          "writes_during_migration", "writes"))
+        L.append(ident_row(f"{way}, under writes: destination identical to the (written) source", name))
+    return L
+
+
 def migration_section(ctx, info, results, failures, started, finished):
     """The "## Migration" section of BENCHMARKS.md, as a list of lines."""
     M = results.get("migration", {})
@@ -1232,6 +1298,12 @@ def migration_section(ctx, info, results, failures, started, finished):
     def yesno(ok):
         return "n/a" if ok is None else ("yes" if ok else "**no**")
 
+    def ident_row(label, name):
+        runs = M.get(name, [])
+        same = sum(1 for r in runs if r.get("identical"))
+        return (f"| {label} | {same}/{len(runs)} runs | | | {len(runs)} | all | "
+                f"{yesno(same == len(runs) if runs else None)} |")
+
     plain_s = med(vals("plain", "seconds"))
     worst_stall = max(vals("writes", "max_write_ms"), default=None)
     n_runs = {k: len(M.get(k, [])) for k in ("plain", "writes", "tib")}
@@ -1241,8 +1313,11 @@ def migration_section(ctx, info, results, failures, started, finished):
              f"`bench/run.py{' --only migration' if ctx.only == {'migration'} else ''}`, {ctx.rounds} runs of each "
              f"case (a fresh `serve` + `listen` pair per run); flexnbd commit {info['flexnbd_commit']}; "
              f"load average at start {info['loadavg_start']} on {info['nproc']} CPUs. Medians; min and max "
-             "over the runs. The C flexnbd was **not** run here: its numbers are the published figures "
-             "from `docs/benchmarks.md`.")
+             "over the runs. " + ("The C flexnbd was run only in the rows that say so (`FLEXNBD_C_BIN`); "
+                                  "elsewhere its numbers are the published figures from `docs/benchmarks.md`."
+                                  if M.get("to_c") or M.get("from_c") else
+                                  "The C flexnbd was **not** run here: its numbers are the published figures "
+                                  "from `docs/benchmarks.md`."))
     L.append("")
     L.append("| measurement | median | min | max | runs | goal | met |")
     L.append("|---|---|---|---|---|---|---|")
@@ -1278,6 +1353,8 @@ def migration_section(ctx, info, results, failures, started, finished):
     L.append(f"| under writes: destination identical to the (written) source | {ident['writes']}/{n_runs['writes']} "
              f"runs | | | {n_runs['writes']} | all | "
              f"{yesno(ident['writes'] == n_runs['writes'] if n_runs['writes'] else None)} |")
+    if M.get("to_c") or M.get("from_c"):
+        L.extend(c_rows(M, stat_row, ident_row))
     L.append(stat_row("1 TiB sparse file: migration time", "tib", "seconds", "s"))
     L.append(stat_row("1 TiB sparse file: peak RSS of the source (`serve`)", "tib", "src_rss_kib", "MiB", 1 / 1024))
     L.append(stat_row("1 TiB sparse file: peak RSS of the destination (`listen`)", "tib", "dst_rss_kib", "MiB", 1 / 1024))
@@ -1317,6 +1394,8 @@ def migration_section(ctx, info, results, failures, started, finished):
     L.append("#   greeting, then back-to-back NBD_CMD_WRITE of 4 KiB at uniformly random 4 KiB-aligned offsets")
     L.append("#   (one request in flight), each timed from send to reply; it runs for >= 0.5 s (and >= 200")
     L.append("#   acknowledged writes) before `mirror` and then until the hand-off cuts its connection")
+    L.append("# with FLEXNBD_C_BIN: the \"under writes\" case again with the C flexnbd as listen (to_c) or as")
+    L.append("#   serve and mirror (from_c), same flags but no --oldstyle-extra-flags; its port comes from /proc")
     L.append("# before each run, untimed: sync -f WORKDIR (write back what creating/copying the images left dirty)")
     L.append("# peak RSS: max of VmHWM from /proc/PID/status, polled every 1 ms until the process exits")
     L.append("#   (a peak in its last millisecond could be missed; wait4's ru_maxrss cannot be used, see below)")
@@ -1347,6 +1426,10 @@ def migration_section(ctx, info, results, failures, started, finished):
                         "lockout_ms", "writes_before_mirror", "writes_during_migration", "cut_after_mirror_s",
                         "error_replies", "dst_alloc_mib", "identical"]),
             ("tib", ["seconds", "lockout_ms", "src_rss_kib", "dst_rss_kib", "dst_alloc_mib", "identical"])]
+    for name in ("to_c", "from_c"):
+        if M.get(name):
+            cols.append((name, ["seconds", "dest_done_s", "lockout_ms", "max_write_ms", "unacked_wait_ms",
+                                "writes_during_migration", "identical"]))
     for name, keys in cols:
         L.append(f"**{name}**")
         L.append("")
@@ -1369,7 +1452,7 @@ def migration_section(ctx, info, results, failures, started, finished):
         L.append("")
     odd = [f"run {r['round']} {name}: writer ended with {r.get('writer_end')}; error replies "
            f"{r.get('error_replies')} {r.get('error_codes')}; mirror said {r.get('mirror_said')!r}"
-           for name in ("writes",) for r in M.get(name, [])]
+           for name in ("writes", "to_c", "from_c") for r in M.get(name, [])]
     odd += [f"run {r['round']} {name}: {r['difference']}" for name in M for r in M[name] if r.get("difference")]
     odd += [f"run {r['round']} {name}: marker DEST.INCOMPLETE left behind" for name in M for r in M[name]
             if r.get("marker_left")]

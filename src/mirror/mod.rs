@@ -8,7 +8,11 @@
 //! or a signal. [`attempt`] is one copy: a sweep of the whole image
 //! (allocated ranges as data, holes as WRITE_ZEROES where the destination
 //! offers it), passes over the ranges clients dirtied meanwhile, the client
-//! cut-off once the remainder is small, entrust, and the hand-off.
+//! cut-off once the remainder is small, entrust, and the hand-off. How
+//! small is small, and how fast clients may dirty the image meanwhile, is
+//! decided in [`policy`] from the destination's costs as its replies show
+//! them, so a destination that syncs every write (the C flexnbd) still
+//! converges with a short lock-out.
 
 mod pipe;
 pub mod policy;
@@ -319,6 +323,7 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
                     config.target,
                     RETRY_DELAY.as_secs()
                 );
+                host.image().set_pace(None, u64::MAX);
                 host.allow_clients();
                 state.set_phase(Phase::Retrying);
                 tokio::select! {
@@ -501,6 +506,11 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         // Clear first, then look: a write that lands after the clear is
         // either seen by the reads below or marked dirty again.
         image.clear_dirty(window_start, window_len);
+        // Clients' changes behind the end of this window will have to be
+        // sent again: pace them to what the destination can take, as
+        // measured so far (policy.rs), so that the dirty passes after the
+        // sweep start with little to do. Changes ahead of it cost nothing.
+        image.set_pace(copier.pipe.costs().costs(), window_start + window_len);
         let mut pos = window_start;
         for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
             if hole {
@@ -515,6 +525,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                     copier.send_data(at, n).await?;
                     at += n;
                     state.sweep_offset.store(at, Ordering::Release);
+                    image.set_pace(copier.pipe.costs().costs(), window_start + window_len);
                 }
             }
             pos += len;
@@ -528,20 +539,44 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     //    first time it is, FLUSH: the bulk becomes durable while clients
     //    still run, so the entrust after the cut-off syncs only a little.
     state.set_phase(Phase::Converging);
-    let convergence = Convergence::new(Instant::now());
+    let converging_since = Instant::now();
+    let sweep_time = started.elapsed();
+    let convergence = Convergence::new(converging_since);
     // Flushing repeats until one is quick: then little is left for the
     // destination to make durable at entrust, while clients are shut out.
     let mut flushed = !can_flush;
     let mut flushes = 0;
+    let mut gap;
     loop {
-        let ranges = image.take_dirty(WINDOW, CHUNK);
+        // The destination's speed as measured so far decides how far apart
+        // dirty ranges may be and still go as one write, and how fast
+        // clients may dirty more (policy.rs).
+        let costs = copier.pipe.costs().costs();
+        gap = costs.map_or(0, |c| c.gap(crate::store::BLOCK_SIZE));
+        image.set_pace(costs, u64::MAX);
+        let ranges = image.take_dirty(WINDOW, CHUNK, gap);
         for (offset, len) in &ranges {
             copier.send_data(*offset, *len).await?;
         }
-        let bytes_per_sec = copier.sent as f64 / copier.started.elapsed().as_secs_f64().max(0.001);
-        let remaining = image.dirty_bytes() + copier.pipe.in_flight_bytes();
-        if convergence.ready(remaining, bytes_per_sec, Instant::now()) {
+        let (in_flight, in_flight_bytes) = copier.pipe.in_flight();
+        let remaining = image.dirty_bytes() + in_flight_bytes;
+        let requests =
+            |most: u64| in_flight + image.dirty_runs(gap, most.saturating_sub(in_flight));
+        if convergence.ready(remaining, requests, costs, Instant::now()) {
             if flushed {
+                let per = costs.map_or(String::new(), |c| {
+                    format!(
+                        "; the destination takes {:.3} ms a write plus {:.0} MB/s",
+                        c.per_request * 1e3,
+                        1e-6 / c.per_byte.max(1e-15)
+                    )
+                });
+                info!(
+                    "converged after {:.3} s of dirty passes (the sweep took {:.3} s): \
+                     {remaining} bytes left at the cut-off{per}",
+                    converging_since.elapsed().as_secs_f64(),
+                    sweep_time.as_secs_f64(),
+                );
                 break;
             }
             or_cancel(cancel, copier.pipe.wait_idle()).await??;
@@ -562,9 +597,10 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
 
     // 5. Cut clients off and send the last changes.
     let cut_at = Instant::now();
+    image.set_pace(None, u64::MAX);
     or_cancel(cancel, host.cut_off_clients(CUTOFF_GRACE)).await?;
     loop {
-        let ranges = image.take_dirty(u64::MAX, CHUNK);
+        let ranges = image.take_dirty(u64::MAX, CHUNK, gap);
         if ranges.is_empty() {
             break;
         }
@@ -708,7 +744,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 .map_err(AttemptError::Image)?
             };
             read.map_err(AttemptError::Image)?;
-            or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+            or_cancel(self.cancel, self.pipe.write(offset, data, true)).await??;
             // A socket with room never makes this loop wait, so it would
             // keep its worker thread for many pieces and stall the clients'
             // requests queued there: let them run between pieces.
@@ -732,7 +768,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 let n = (end - offset).min(self.piece());
                 self.throttle(n).await?;
                 let data = self.pipe.zero_buffer(n as usize);
-                or_cancel(self.cancel, self.pipe.write(offset, data)).await??;
+                or_cancel(self.cancel, self.pipe.write(offset, data, false)).await??;
                 // A socket with room never makes this loop wait, so it would
                 // keep its worker thread for many pieces and stall the clients'
                 // requests queued there: let them run between pieces.

@@ -4,13 +4,14 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::policy::CostModel;
 use crate::fault_apply::{self, How, Incoming, Outgoing};
 use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, Request, SimpleReply};
@@ -47,6 +48,11 @@ enum Pending {
         kind: u16,
         offset: u64,
         len: u64,
+        /// When it started going out.
+        sent: Instant,
+        /// Whether its service time goes into the cost model: only writes
+        /// of image data, not zeros for holes (which a destination may skip).
+        measure: bool,
         _slot: OwnedSemaphorePermit,
     },
     /// A request whose error code the caller wants (FLUSH, ENTRUST).
@@ -59,6 +65,8 @@ struct Shared {
     idle: Notify,
     failure: Mutex<Option<PipeError>>,
     failed: CancellationToken,
+    /// The destination's speed, as its replies show it.
+    costs: Mutex<CostModel>,
 }
 
 impl Shared {
@@ -111,6 +119,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             idle: Notify::new(),
             failure: Mutex::new(None),
             failed: CancellationToken::new(),
+            costs: Mutex::new(CostModel::default()),
         });
         let reader = tokio::spawn(read_replies::<S, P>(
             read,
@@ -143,15 +152,24 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         self.zeros[..n].to_vec()
     }
 
-    pub fn in_flight_bytes(&self) -> u64 {
+    /// Data requests in flight: how many, and their bytes.
+    pub fn in_flight(&self) -> (u64, u64) {
         self.shared
             .pending()
             .values()
-            .map(|p| match p {
-                Pending::Data { len, .. } => *len,
-                Pending::Call { .. } => 0,
+            .fold((0, 0), |(n, bytes), p| match p {
+                Pending::Data { len, .. } => (n + 1, bytes + len),
+                Pending::Call { .. } => (n, bytes),
             })
-            .sum()
+    }
+
+    /// What the destination's replies have shown of its speed so far.
+    pub fn costs(&self) -> CostModel {
+        self.shared
+            .costs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn check(&self) -> Result<(), PipeError> {
@@ -250,7 +268,13 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     }
 
     /// Sends a WRITE; returns once it is on its way (the reply comes later).
-    pub async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), PipeError> {
+    /// `measure`: its service time goes into the cost model.
+    pub async fn write(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+        measure: bool,
+    ) -> Result<(), PipeError> {
         let slot = self.slot().await?;
         let handle = self.handle();
         let len = data.len() as u64;
@@ -260,6 +284,8 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 kind: cmd::WRITE,
                 offset,
                 len,
+                sent: Instant::now(),
+                measure,
                 _slot: slot,
             },
         );
@@ -278,6 +304,8 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 kind: cmd::WRITE_ZEROES,
                 offset,
                 len: u64::from(len),
+                sent: Instant::now(),
+                measure: false,
                 _slot: slot,
             },
         );
@@ -338,6 +366,9 @@ async fn read_replies<S: Stream, P: Probe>(
     probe: Arc<P>,
 ) {
     let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+    // When the previous reply came: a destination that handles requests one
+    // at a time starts on the next one then, or when it arrives if later.
+    let mut last_reply: Option<Instant> = None;
     loop {
         // Bytes already read survive an idle timeout: the loop keeps `got`.
         let mut got = 0;
@@ -391,8 +422,22 @@ async fn read_replies<S: Stream, P: Probe>(
                     error: reply.error,
                 })
             }
-            Some(Pending::Data { .. }) => {}
+            Some(Pending::Data {
+                len, sent, measure, ..
+            }) => {
+                let now = Instant::now();
+                if measure {
+                    let began = last_reply.map_or(sent, |r| r.max(sent));
+                    shared
+                        .costs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(len, now.saturating_duration_since(began), now);
+                }
+                last_reply = Some(now);
+            }
             Some(Pending::Call { tx, .. }) => {
+                last_reply = Some(Instant::now());
                 let _ = tx.send(reply.error);
             }
         }

@@ -1,21 +1,171 @@
-//! When to cut clients off: a plain decision that tests drive without
-//! sockets.
+//! When to cut clients off, how fast clients may dirty the image until then,
+//! and how far apart dirty ranges may be and still travel as one write:
+//! plain decisions that tests drive without sockets.
 //!
 //! Clients are locked out from the cut-off until the hand-off, and what is
-//! still dirty at the cut-off is sent during that time; so the cut-off waits
-//! until the remainder would take only a few milliseconds to send. If
-//! clients keep dirtying faster than that, the allowance doubles every
-//! second (up to the C flexnbd's 5 s), so a migration always converges.
+//! still dirty at the cut-off is sent during that time. So the cut-off waits
+//! until the destination would absorb the remainder within [`LOCKOUT_GOAL`].
+//! That time comes from a [`CostModel`] of the destination, measured from
+//! its replies: every write costs it a fixed time plus a time per byte. The
+//! fixed part is what tells destinations apart: a C flexnbd syncs every
+//! write, about half a millisecond or more each, while ours takes
+//! microseconds. A rate in bytes per second alone (what the sweep's big
+//! writes show) would make a remainder of scattered 4 KiB blocks look a
+//! hundred times cheaper than it is to a C destination.
+//!
+//! A destination slower than the clients never catches up by itself: while
+//! the dirty passes run, clients' writes are paced ([`ClientPace`]) so that
+//! the destination time they cause is at most [`CLIENT_SHARE`] of the time
+//! passing; each pass then leaves at most about that share of itself for the
+//! next, and the remainder shrinks geometrically. Clients see slower writes
+//! for a while instead of being shut out for seconds.
+//!
+//! The model can be wrong (a destination whose speed changes, a noisy
+//! machine), so after [`PATIENCE`] of converging the allowance doubles every
+//! second (up to the C flexnbd's 5 s): a migration always converges.
 
 use std::time::{Duration, Instant};
 
-/// The allowance at first: remainders that send within this.
-pub const FIRST_ALLOWANCE: Duration = Duration::from_millis(10);
+/// The longest the remainder at the cut-off should take the destination.
+/// Entrust (or FLUSH), the unlink and closing the server also fall in the
+/// lock-out, so this leaves room for them under 100 ms.
+pub const LOCKOUT_GOAL: Duration = Duration::from_millis(25);
+/// Converging this long without reaching the goal starts the backstop.
+pub const PATIENCE: Duration = Duration::from_secs(4);
 /// The allowance never grows past this (MS_CONVERGE_TIME_SECS in C).
 pub const MAX_ALLOWANCE: Duration = Duration::from_secs(5);
-/// A remainder this small is always ready, whatever the measured speed.
-pub const SMALL_REMAINDER: u64 = 256 * 1024;
+/// The share of the destination's time that clients' new dirt may cost.
+pub const CLIENT_SHARE: f64 = 0.5;
+/// Pacing lets a client run this far ahead of its budget without waiting,
+/// so a write only sleeps when the debt is worth a timer (which has
+/// millisecond resolution).
+pub const PACE_BURST: Duration = Duration::from_millis(5);
+/// A single client write never waits longer than this for pacing.
+pub const MAX_PACE_WAIT: Duration = Duration::from_millis(500);
+/// Gaps between dirty ranges are sent along with them up to this size.
+pub const MAX_GAP: u64 = 1024 * 1024;
 
+/// The destination's cost of one write: `per_request` seconds plus
+/// `per_byte` seconds for each byte.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Costs {
+    pub per_request: f64,
+    pub per_byte: f64,
+}
+
+impl Costs {
+    /// How long the destination takes for `requests` writes of `bytes` in all.
+    pub fn time(&self, requests: u64, bytes: u64) -> Duration {
+        let secs = requests as f64 * self.per_request + bytes as f64 * self.per_byte;
+        Duration::from_secs_f64(secs.clamp(0.0, 1e6))
+    }
+
+    /// The largest clean gap worth sending between two dirty ranges: one
+    /// write over both costs the gap's bytes, two writes cost one more fixed
+    /// part. Whole blocks, at most [`MAX_GAP`].
+    pub fn gap(&self, block: u64) -> u64 {
+        let gap = if self.per_byte > 0.0 {
+            (self.per_request / self.per_byte).min(MAX_GAP as f64) as u64
+        } else {
+            MAX_GAP
+        };
+        gap / block * block
+    }
+}
+
+/// Measurements fade with this time constant: the model follows a
+/// destination that speeds up or slows down within a second or two, and
+/// averages over the bursts in which some destinations answer (the first
+/// reply of a burst carries the time of all of them).
+const MEMORY: Duration = Duration::from_secs(2);
+/// Sizes that vary less than this (relative to their mean) cannot tell the
+/// fixed cost from the cost per byte.
+const MIN_SPREAD: f64 = 0.25;
+/// From this mean size up, writes are big enough that the fixed cost hardly
+/// shows beside their bytes.
+const BIG: f64 = 256.0 * 1024.0;
+
+/// What the destination's replies say about its speed: a least-squares line
+/// through (size, service time) of each data write, with older measurements
+/// fading. The service time is the time from when the destination could
+/// start on a write (the later of its sending and the previous reply) to
+/// its reply.
+#[derive(Clone, Debug, Default)]
+pub struct CostModel {
+    /// Decayed sums of 1, x, y, x*x and x*y (x: bytes, y: seconds).
+    n: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    last: Option<Instant>,
+}
+
+impl CostModel {
+    pub fn record(&mut self, len: u64, service: Duration, now: Instant) {
+        if let Some(last) = self.last {
+            let age = now.saturating_duration_since(last).as_secs_f64();
+            let keep = (-age / MEMORY.as_secs_f64()).exp();
+            self.n *= keep;
+            self.x *= keep;
+            self.y *= keep;
+            self.xx *= keep;
+            self.xy *= keep;
+        }
+        self.last = Some(now);
+        let (x, y) = (len as f64, service.as_secs_f64());
+        self.n += 1.0;
+        self.x += x;
+        self.y += y;
+        self.xx += x * x;
+        self.xy += x * y;
+    }
+
+    /// The costs, once any write was measured.
+    ///
+    /// The fitted line when the sizes measured vary enough. Otherwise one
+    /// point is known, the mean: for big writes everything is taken to be
+    /// per byte (the fixed part is small beside their bytes, and the dirty
+    /// passes' small writes soon measure it); for small ones half of their
+    /// time is taken to be fixed, a guess that merges gaps up to about
+    /// their size.
+    pub fn costs(&self) -> Option<Costs> {
+        if self.n <= 0.0 || self.last.is_none() {
+            return None;
+        }
+        let mean_x = (self.x / self.n).max(1.0);
+        let mean_y = (self.y / self.n).max(0.0);
+        let one_point = if mean_x >= BIG {
+            Costs {
+                per_request: 0.0,
+                per_byte: mean_y / mean_x,
+            }
+        } else {
+            Costs {
+                per_request: mean_y / 2.0,
+                per_byte: mean_y / 2.0 / mean_x,
+            }
+        };
+        let var_x = self.xx / self.n - mean_x * mean_x;
+        if var_x <= (MIN_SPREAD * mean_x).powi(2) {
+            return Some(one_point);
+        }
+        let per_byte = (self.xy / self.n - mean_x * mean_y) / var_x;
+        let per_request = mean_y - per_byte * mean_x;
+        if per_byte <= 0.0 || per_request < 0.0 {
+            // Noise, or a destination whose costs are not of this form: the
+            // mean alone is safer than a line that says something is free.
+            return Some(one_point);
+        }
+        Some(Costs {
+            per_request,
+            per_byte,
+        })
+    }
+}
+
+/// Whether to cut off: the remainder against an allowance that is the goal
+/// until [`PATIENCE`] has passed, then doubles every second.
 #[derive(Clone, Debug)]
 pub struct Convergence {
     started: Instant,
@@ -26,25 +176,87 @@ impl Convergence {
         Convergence { started: now }
     }
 
-    /// The allowance `now`: doubling every second since the dirty passes began.
+    /// The allowance `now`.
     pub fn allowance(&self, now: Instant) -> Duration {
-        let secs = now
-            .saturating_duration_since(self.started)
-            .as_secs()
-            .min(16) as u32;
-        FIRST_ALLOWANCE.saturating_mul(1 << secs).min(MAX_ALLOWANCE)
+        let waited = now.saturating_duration_since(self.started);
+        match waited.checked_sub(PATIENCE) {
+            None => LOCKOUT_GOAL,
+            Some(over) => LOCKOUT_GOAL
+                .saturating_mul(2u32.saturating_pow(over.as_secs().min(16) as u32 + 1))
+                .min(MAX_ALLOWANCE),
+        }
     }
 
-    /// Whether to cut off now, with `remaining` bytes still to send at
-    /// `bytes_per_sec`.
-    pub fn ready(&self, remaining: u64, bytes_per_sec: f64, now: Instant) -> bool {
-        if remaining <= SMALL_REMAINDER {
+    /// Whether to cut off now, with `bytes` still to send, as writes that
+    /// `requests` counts: it is called with the most requests worth
+    /// counting, and may stop counting there.
+    pub fn ready(
+        &self,
+        bytes: u64,
+        requests: impl FnOnce(u64) -> u64,
+        costs: Option<Costs>,
+        now: Instant,
+    ) -> bool {
+        if bytes == 0 {
             return true;
         }
-        if bytes_per_sec <= 0.0 {
+        // Nothing measured yet: the writes in flight will tell.
+        let Some(costs) = costs else {
+            return false;
+        };
+        let allowance = self.allowance(now);
+        if costs.time(0, bytes) > allowance {
             return false;
         }
-        Duration::from_secs_f64(remaining as f64 / bytes_per_sec) <= self.allowance(now)
+        let most = if costs.per_request > 0.0 {
+            (allowance.as_secs_f64() / costs.per_request) as u64 + 1
+        } else {
+            u64::MAX
+        };
+        costs.time(requests(most), bytes) <= allowance
+    }
+}
+
+/// Paces clients' writes while the dirty passes run: each write that dirties
+/// clean blocks is charged what sending them will cost the destination,
+/// divided by [`CLIENT_SHARE`], against a clock; a write ahead of the clock
+/// by more than [`PACE_BURST`] waits for it.
+#[derive(Debug, Default)]
+pub struct ClientPace {
+    costs: Option<Costs>,
+    /// When the writes charged so far have used up their budget.
+    due: Option<Instant>,
+}
+
+impl ClientPace {
+    /// Starts pacing at `costs`, or (`None`) stops.
+    pub fn set(&mut self, costs: Option<Costs>) {
+        if costs.is_none() {
+            self.due = None;
+        }
+        self.costs = costs;
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.costs.is_some()
+    }
+
+    /// Charges a write that dirties `runs` clean ranges of `bytes` in all,
+    /// at `now`; returns how long it must wait first.
+    pub fn charge(&mut self, runs: u64, bytes: u64, now: Instant) -> Duration {
+        let Some(costs) = self.costs else {
+            return Duration::ZERO;
+        };
+        if bytes == 0 {
+            return Duration::ZERO;
+        }
+        let cost = costs.time(runs, bytes).as_secs_f64() / CLIENT_SHARE;
+        let start = self.due.map_or(now, |due| due.max(now));
+        let due = start + Duration::from_secs_f64(cost.min(MAX_PACE_WAIT.as_secs_f64()));
+        self.due = Some(due);
+        due.saturating_duration_since(now)
+            .saturating_sub(PACE_BURST)
+            .min(MAX_PACE_WAIT)
     }
 }
 
@@ -52,34 +264,183 @@ impl Convergence {
 mod tests {
     use super::*;
 
-    #[test]
-    fn small_remainders_are_always_ready() {
+    const MS: f64 = 1e-3;
+
+    /// A C-like destination: 0.5 ms a write plus 2.5 ns a byte (400 MB/s).
+    fn c_like() -> CostModel {
+        let mut m = CostModel::default();
         let t = Instant::now();
-        let c = Convergence::new(t);
-        assert!(c.ready(0, 0.0, t));
-        assert!(c.ready(SMALL_REMAINDER, 1.0, t));
+        for i in 0..100 {
+            let at = t + Duration::from_millis(i);
+            m.record(1 << 20, cost(1 << 20), at);
+            m.record(4096, cost(4096), at);
+        }
+        m
+    }
+
+    fn cost(len: u64) -> Duration {
+        Duration::from_secs_f64(0.5 * MS + 2.5e-9 * len as f64)
     }
 
     #[test]
-    fn large_remainders_wait_for_a_short_eta() {
-        let t = Instant::now();
-        let c = Convergence::new(t);
-        // 100 MiB at 1 GB/s is ~100 ms: too long at first.
-        assert!(!c.ready(100 << 20, 1e9, t));
-        // 5 MiB at 1 GB/s is ~5 ms: fine.
-        assert!(c.ready(5 << 20, 1e9, t));
+    fn the_model_recovers_fixed_and_per_byte_costs() {
+        let c = c_like().costs().unwrap();
+        assert!((c.per_request - 0.5 * MS).abs() < 0.01 * MS, "{c:?}");
+        assert!((c.per_byte - 2.5e-9).abs() < 0.01e-9, "{c:?}");
+        // Merging pays up to a gap of per_request / per_byte = 200 kB.
+        assert_eq!(c.gap(4096), 200_000 / 4096 * 4096);
     }
 
     #[test]
-    fn the_allowance_doubles_until_five_seconds() {
+    fn replies_in_bursts_give_the_same_costs() {
+        // A destination that answers 16 writes at once: the first reply
+        // carries the time of all of them, the others none.
+        let mut m = CostModel::default();
+        let t = Instant::now();
+        for i in 0..64u64 {
+            let len = if i % 2 == 0 { 1 << 20 } else { 4096 };
+            let burst: Duration = (0..16).map(|_| cost(len)).sum();
+            for j in 0..16 {
+                let at = t + Duration::from_millis(10 * i);
+                m.record(len, if j == 0 { burst } else { Duration::ZERO }, at);
+            }
+        }
+        let c = m.costs().unwrap();
+        assert!((c.per_request - 0.5 * MS).abs() < 0.05 * MS, "{c:?}");
+        assert!((c.per_byte - 2.5e-9).abs() < 0.1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn old_measurements_fade() {
+        let mut m = c_like();
+        let later = Instant::now() + Duration::from_secs(60);
+        // The destination became ten times slower per byte, and has no
+        // fixed cost any more.
+        for i in 0..100 {
+            let at = later + Duration::from_millis(i);
+            m.record(
+                1 << 20,
+                Duration::from_secs_f64(25e-9 * (1 << 20) as f64),
+                at,
+            );
+            m.record(4096, Duration::from_secs_f64(25e-9 * 4096.0), at);
+        }
+        let c = m.costs().unwrap();
+        assert!(c.per_request < 0.01 * MS, "{c:?}");
+        assert!((c.per_byte - 25e-9).abs() < 1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn with_one_size_only_the_mean_decides() {
+        let t = Instant::now();
+        let mut m = CostModel::default();
+        assert_eq!(m.costs(), None);
+        m.record(1 << 20, Duration::from_millis(1), t);
+        let c = m.costs().unwrap();
+        assert_eq!(c.per_request, 0.0, "big writes: all per byte");
+        assert_eq!(c.gap(4096), 0);
+        let mut m = CostModel::default();
+        m.record(4096, Duration::from_millis(1), t);
+        let c = m.costs().unwrap();
+        assert_eq!(c.per_request, 0.5 * MS, "small writes: half fixed");
+        assert_eq!(c.gap(4096), 4096);
+    }
+
+    #[test]
+    fn a_scattered_remainder_waits_where_a_byte_rate_alone_would_cut_off() {
+        let t = Instant::now();
+        let conv = Convergence::new(t);
+        let costs = c_like().costs();
+        // 1 MiB in 256 scattered blocks: 2.6 ms of bytes, but 128 ms of
+        // fixed costs to a C destination.
+        assert!(!conv.ready(1 << 20, |_| 256, costs, t));
+        // The same megabyte as one range is cheap.
+        assert!(conv.ready(1 << 20, |_| 1, costs, t));
+        // Counting stops at what the allowance can hold: 25 ms / 0.5 ms.
+        let mut asked = 0;
+        conv.ready(
+            1 << 20,
+            |most| {
+                asked = most;
+                most
+            },
+            costs,
+            t,
+        );
+        assert_eq!(asked, 51);
+        // Nothing left is always ready; nothing measured never is.
+        assert!(conv.ready(0, |_| 0, None, t));
+        assert!(!conv.ready(4096, |_| 1, None, t));
+    }
+
+    #[test]
+    fn the_allowance_is_the_goal_then_doubles_until_five_seconds() {
         let t = Instant::now();
         let c = Convergence::new(t);
-        assert_eq!(c.allowance(t), FIRST_ALLOWANCE);
-        assert_eq!(c.allowance(t + Duration::from_secs(1)), FIRST_ALLOWANCE * 2);
-        assert_eq!(c.allowance(t + Duration::from_secs(3)), FIRST_ALLOWANCE * 8);
+        assert_eq!(c.allowance(t), LOCKOUT_GOAL);
+        assert_eq!(
+            c.allowance(t + PATIENCE - Duration::from_millis(1)),
+            LOCKOUT_GOAL
+        );
+        assert_eq!(c.allowance(t + PATIENCE), LOCKOUT_GOAL * 2);
+        assert_eq!(
+            c.allowance(t + PATIENCE + Duration::from_secs(2)),
+            LOCKOUT_GOAL * 8
+        );
         assert_eq!(c.allowance(t + Duration::from_secs(60)), MAX_ALLOWANCE);
-        // So a busy disc converges eventually: 100 MiB at 100 MB/s (~1 s).
-        assert!(!c.ready(100 << 20, 1e8, t));
-        assert!(c.ready(100 << 20, 1e8, t + Duration::from_secs(7)));
+        // So even a wrong model converges: 100 MiB at 100 MB/s (~1 s).
+        let costs = Some(Costs {
+            per_request: 0.0,
+            per_byte: 1e-8,
+        });
+        assert!(!c.ready(100 << 20, |_| 1, costs, t));
+        assert!(c.ready(
+            100 << 20,
+            |_| 1,
+            costs,
+            t + PATIENCE + Duration::from_secs(6)
+        ));
+    }
+
+    #[test]
+    fn pacing_holds_clients_to_their_share_of_the_destination() {
+        let t = Instant::now();
+        let mut p = ClientPace::default();
+        // Off: never waits.
+        assert_eq!(p.charge(1, 4096, t), Duration::ZERO);
+        p.set(Some(Costs {
+            per_request: MS,
+            per_byte: 0.0,
+        }));
+        assert!(p.is_on());
+        // Each new dirty block costs 1 ms of the destination, so 2 ms of
+        // budget: the first writes run within the burst, then each waits.
+        let mut waited = Duration::ZERO;
+        for _ in 0..100 {
+            waited = p.charge(1, 4096, t);
+        }
+        // 100 writes are due after 200 ms; all but the burst is waiting.
+        assert_eq!(waited, Duration::from_millis(200) - PACE_BURST);
+        // Rewrites of dirty blocks cost nothing.
+        assert_eq!(p.charge(0, 0, t), Duration::ZERO);
+        // Time passing pays the debt off.
+        assert_eq!(
+            p.charge(1, 4096, t + Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        p.set(None);
+        assert_eq!(p.charge(1, 4096, t), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_huge_write_waits_at_most_the_cap() {
+        let t = Instant::now();
+        let mut p = ClientPace::default();
+        p.set(Some(Costs {
+            per_request: 0.0,
+            per_byte: 1e-6,
+        }));
+        assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT - PACE_BURST);
+        assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT);
     }
 }

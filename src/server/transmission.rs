@@ -404,6 +404,13 @@ where
         }
         if matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
             self.mark_receiving().await?;
+            // While a migration converges towards a slower destination,
+            // clients' changes are paced to what it can absorb
+            // (mirror::policy); otherwise this is zero.
+            let wait = self.image.pace_write(req.offset, u64::from(req.length));
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         match req.kind {
             cmd::READ => self.read(&req).await?,

@@ -152,6 +152,11 @@ impl AllocationMap {
         self.word_count
     }
 
+    /// One word of bits, left as it is.
+    pub fn peek_word(&self, index: usize) -> u64 {
+        self.word(index).load(Ordering::Acquire)
+    }
+
     /// Atomically takes (reads and clears) one word of bits.
     pub fn take_word(&self, index: usize) -> u64 {
         let word = self.word(index);

@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use backend::{FileStore, ImageStore};
@@ -66,6 +66,12 @@ pub struct Image {
     dirty_blocks: AtomicI64,
     /// On while a migration attempt runs.
     tracking: AtomicBool,
+    /// Set by the mirror while it converges: holds clients' writes to their
+    /// share of a slow destination (`mirror::policy`).
+    pace: std::sync::Mutex<crate::mirror::policy::ClientPace>,
+    /// Pacing charges only for blocks before this offset: during the sweep,
+    /// changes ahead of it travel with the sweep at no extra cost.
+    pace_below: AtomicU64,
     /// Set on a migration destination: large writes start their writeback at
     /// once, so the syncs at FLUSH and entrust (while the source's clients
     /// wait) find little left to write.
@@ -149,6 +155,8 @@ impl Image {
             dirty: AllocationMap::new(size),
             dirty_blocks: AtomicI64::new(0),
             tracking: AtomicBool::new(false),
+            pace: std::sync::Mutex::new(Default::default()),
+            pace_below: AtomicU64::new(u64::MAX),
             faults: std::sync::OnceLock::new(),
             reads_faulted: AtomicBool::new(false),
             writes_faulted: AtomicBool::new(false),
@@ -464,6 +472,7 @@ impl Image {
     /// Starts recording changed blocks for a migration attempt, from a clean
     /// slate (the attempt's sweep sends everything anyway).
     pub fn start_tracking(&self) {
+        self.set_pace(None, u64::MAX);
         self.tracking.store(true, Ordering::Release);
         // Subtract what was cleared rather than resetting the counter: a
         // write marking blocks at the same time adds its own count, and a
@@ -475,6 +484,55 @@ impl Image {
 
     pub fn stop_tracking(&self) {
         self.tracking.store(false, Ordering::Release);
+        self.set_pace(None, u64::MAX);
+    }
+
+    fn pace(&self) -> std::sync::MutexGuard<'_, crate::mirror::policy::ClientPace> {
+        self.pace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Paces clients' writes by what they will cost the destination
+    /// (`None`: no pacing), for blocks before `below`.
+    pub fn set_pace(&self, costs: Option<crate::mirror::policy::Costs>, below: u64) {
+        self.pace_below.store(below, Ordering::Release);
+        self.pace().set(costs);
+    }
+
+    /// How long a client write (or zeroing, or trim) of `length` bytes at
+    /// `offset` must wait before it is applied, charging it for the clean
+    /// blocks it is about to dirty. Zero unless the mirror is pacing.
+    pub fn pace_write(&self, offset: u64, length: u64) -> std::time::Duration {
+        if length == 0 || !self.tracking.load(Ordering::Acquire) || !self.pace().is_on() {
+            return std::time::Duration::ZERO;
+        }
+        let below = self.pace_below.load(Ordering::Acquire);
+        let first = offset / BLOCK_SIZE;
+        let end = (offset + length)
+            .min(below)
+            .div_ceil(BLOCK_SIZE)
+            .min(self.dirty.blocks());
+        // A word at a time: a client may zero or trim the whole export.
+        let (mut runs, mut clean) = (0u64, 0u64);
+        let mut previous_clean = false;
+        let mut block = first;
+        while block < end {
+            let bit = block % 64;
+            let span = (64 - bit).min(end - block);
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
+            let c = !self.dirty.peek_word((block / 64) as usize) & mask;
+            clean += u64::from(c.count_ones());
+            // A run starts at a clean block whose predecessor is not clean.
+            let predecessor_clean = (c << 1) | if previous_clean { 1 << bit } else { 0 };
+            runs += u64::from((c & !predecessor_clean).count_ones());
+            previous_clean = c & (1 << (bit + span - 1)) != 0;
+            block += span;
+        }
+        self.pace()
+            .charge(runs, clean * BLOCK_SIZE, std::time::Instant::now())
     }
 
     /// Bytes changed and not yet taken by the mirror (block granularity).
@@ -505,8 +563,12 @@ impl Image {
     }
 
     /// Takes changed ranges (clearing them), at most `max_bytes` in all, as
-    /// byte ranges of at most `max_run` each, clipped to the export.
-    pub fn take_dirty(&self, max_bytes: u64, max_run: u64) -> Vec<(u64, u64)> {
+    /// byte ranges of at most `max_run` each, clipped to the export. Ranges
+    /// at most `gap` bytes apart come as one, the clean bytes between them
+    /// included: to a destination whose every write has a high fixed cost,
+    /// resending a little unchanged data is cheaper than another write (and
+    /// always safe, since the data sent is read afterwards).
+    pub fn take_dirty(&self, max_bytes: u64, max_run: u64, gap: u64) -> Vec<(u64, u64)> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut total = 0u64;
         for index in 0..self.dirty.word_count() {
@@ -535,8 +597,8 @@ impl Image {
                 }
                 total += end - start;
                 match ranges.last_mut() {
-                    Some(last) if last.0 + last.1 == start && last.1 + (end - start) <= max_run => {
-                        last.1 += end - start
+                    Some(last) if start - (last.0 + last.1) <= gap && end - last.0 <= max_run => {
+                        last.1 = end - last.0
                     }
                     _ => ranges.push((start, end - start)),
                 }
@@ -553,6 +615,36 @@ impl Image {
             out.push((start, len));
         }
         out
+    }
+
+    /// How many ranges `take_dirty` with this `gap` would give now (runs
+    /// longer than a maximum not split), counting no further than `limit`.
+    pub fn dirty_runs(&self, gap: u64, limit: u64) -> u64 {
+        let gap_blocks = gap / BLOCK_SIZE;
+        let mut runs = 0u64;
+        // The block after the last dirty one seen.
+        let mut last_end: Option<u64> = None;
+        for index in 0..self.dirty.word_count() {
+            let mut rest = self.dirty.peek_word(index);
+            while rest != 0 {
+                let first = rest.trailing_zeros() as u64;
+                let run = (rest >> first).trailing_ones() as u64;
+                rest &= !(if run == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << run) - 1) << first
+                });
+                let start = index as u64 * 64 + first;
+                if last_end.is_none_or(|end| start - end > gap_blocks) {
+                    runs += 1;
+                    if runs >= limit {
+                        return runs;
+                    }
+                }
+                last_end = Some(start + run);
+            }
+        }
+        runs
     }
 
     /// Makes every completed write durable.
@@ -1064,7 +1156,7 @@ mod tests {
                             (1, _) => img.clear_dirty(offset, bytes),
                             (_, 0..=1) => img.start_tracking(),
                             (_, 2..=4) => {
-                                img.take_dirty(next() % (BLOCKS * BLOCK_SIZE), 64 * BLOCK_SIZE);
+                                img.take_dirty(next() % (BLOCKS * BLOCK_SIZE), 64 * BLOCK_SIZE, 0);
                             }
                             _ => {}
                         }
@@ -1082,6 +1174,79 @@ mod tests {
             }
             proptest::prop_assert_eq!(counted, (set * BLOCK_SIZE).min(img.size()));
         }
+    }
+
+    #[test]
+    fn dirty_ranges_close_together_are_taken_as_one_with_the_gap_between() {
+        let (_, img) = temp_image(1 << 20);
+        img.start_tracking();
+        let b = BLOCK_SIZE;
+        // Blocks 0, 2 (a one-block gap), 5 (two blocks on), 70 (past a word).
+        for block in [0, 2, 5, 70] {
+            img.mark_dirty(block * b, b);
+        }
+        assert_eq!(img.dirty_runs(0, u64::MAX), 4);
+        assert_eq!(img.dirty_runs(b, u64::MAX), 3);
+        assert_eq!(img.dirty_runs(2 * b, u64::MAX), 2);
+        assert_eq!(img.dirty_runs(64 * b, u64::MAX), 1);
+        // Counting stops at the limit.
+        assert_eq!(img.dirty_runs(0, 2), 2);
+        // Peeking took nothing.
+        assert_eq!(img.dirty_bytes(), 4 * b);
+        assert_eq!(
+            img.take_dirty(u64::MAX, 1 << 20, 2 * b),
+            vec![(0, 6 * b), (70 * b, b)]
+        );
+        assert_eq!(img.dirty_bytes(), 0);
+        // A merged range never exceeds the largest write asked for.
+        for block in [0, 2, 5] {
+            img.mark_dirty(block * b, b);
+        }
+        assert_eq!(
+            img.take_dirty(u64::MAX, 4 * b, 2 * b),
+            vec![(0, 3 * b), (5 * b, b)]
+        );
+    }
+
+    #[test]
+    fn client_writes_are_paced_only_for_clean_blocks_and_only_while_pacing() {
+        use crate::mirror::policy::{Costs, PACE_BURST};
+        use std::time::Duration;
+        let (_, img) = temp_image(1 << 20);
+        let slow = Costs {
+            per_request: 0.01,
+            per_byte: 0.0,
+        };
+        // Not tracking: no pacing even when asked for.
+        img.set_pace(Some(slow), u64::MAX);
+        assert_eq!(img.pace_write(0, 4096), Duration::ZERO);
+        img.start_tracking();
+        img.set_pace(Some(slow), u64::MAX);
+        // Two clean runs (blocks 0 and 2, around dirty block 1): 2 x 10 ms
+        // of the destination, doubled for the clients' share.
+        img.mark_dirty(4096, 4096);
+        let wait = img.pace_write(0, 3 * 4096);
+        assert_eq!(wait, Duration::from_millis(40) - PACE_BURST);
+        // Rewriting a dirty block costs nothing more.
+        assert_eq!(img.pace_write(4096, 4096), Duration::ZERO);
+        // Blocks at or past the sweep are not charged.
+        img.set_pace(Some(slow), 8 * 4096);
+        assert_eq!(img.pace_write(8 * 4096, 4096), Duration::ZERO);
+        img.stop_tracking();
+        img.start_tracking();
+        assert_eq!(
+            img.pace_write(0, 4096),
+            Duration::ZERO,
+            "stopping ends pacing"
+        );
+        // Runs are counted across words: blocks 60..70 are one clean run,
+        // 71..131 (past dirty block 70) another.
+        img.set_pace(Some(slow), u64::MAX);
+        img.mark_dirty(70 * 4096, 4096);
+        assert_eq!(
+            img.pace_write(60 * 4096, 71 * 4096),
+            Duration::from_millis(40) - PACE_BURST
+        );
     }
 
     #[test]
