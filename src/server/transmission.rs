@@ -693,12 +693,7 @@ where
     /// Syncs the image on a worker thread and replies when it is durable,
     /// without holding up the requests behind this one.
     async fn defer_sync(&mut self, req: &Request) {
-        let permit = self
-            .deferred
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        let permit = slot(&self.deferred).await;
         let image = self.image.clone();
         let writer = self.writer.clone();
         let probe = self.probe.clone();
@@ -844,23 +839,13 @@ where
     /// come out of order, as NBD allows: a client that needs an order waits
     /// for the reply first.
     async fn defer_read(&mut self, req: &Request) {
-        let slot = self
-            .reads
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        let read_slot = slot(&self.reads).await;
         let process_slot = ALL_DEFERRED_READS
             .acquire()
             .await
             .expect("semaphore is never closed");
         // Also held by the connection's end, which waits for it.
-        let permit = self
-            .deferred
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        let permit = slot(&self.deferred).await;
         let image = self.image.clone();
         let writer = self.writer.clone();
         let structured = self.negotiated.structured;
@@ -871,7 +856,7 @@ where
             w.put(&reply);
             // The reader may be idle waiting for the client, so send now.
             let _ = w.send().await;
-            drop((slot, process_slot, permit));
+            drop((read_slot, process_slot, permit));
         });
     }
 
@@ -1000,6 +985,15 @@ impl Batch {
             self.spare.push(data);
         }
     }
+}
+
+/// Waits for a slot of one of the connection's own semaphores (never closed).
+async fn slot(semaphore: &Arc<Semaphore>) -> tokio::sync::OwnedSemaphorePermit {
+    semaphore
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("a connection's semaphores are never closed")
 }
 
 /// The whole reply to a read, built apart from the connection's output: the
