@@ -422,16 +422,16 @@ where
                 debug!("client {} sent DISCONNECT", self.peer);
                 if let Some(destination) = self.destination.clone() {
                     let image = self.image.clone();
-                    match tokio::task::spawn_blocking(move || destination.complete(&image)).await {
-                        Ok(Ok(())) => {
+                    match offload::run(move || destination.complete(&image))
+                        .await
+                        .and_then(|r| r)
+                    {
+                        Ok(()) => {
                             info!(
                                 "migration from {} complete: image durable, marker removed",
                                 self.peer
                             );
                             crate::probe::milestone(&*self.probe, Step::DisconnectDone).await;
-                        }
-                        Ok(Err(e)) => {
-                            error!("cannot complete the migration from {}: {e}", self.peer)
                         }
                         Err(e) => error!("cannot complete the migration from {}: {e}", self.peer),
                     }
@@ -501,16 +501,12 @@ where
             return Ok(());
         }
         let source = self.peer.to_string();
-        let result =
-            tokio::task::spawn_blocking(move || destination.begin_receiving(&source)).await;
-        match result {
-            Ok(Ok(())) => {
-                self.receiving_marked = true;
-                Ok(())
-            }
-            Ok(Err(e)) => Err(ConnError::Marker(e.to_string())),
-            Err(e) => Err(ConnError::Marker(e.to_string())),
-        }
+        offload::run(move || destination.begin_receiving(&source))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ConnError::Marker(e.to_string()))?;
+        self.receiving_marked = true;
+        Ok(())
     }
 
     /// ENTRUST: answered only once the image is durable and the marker
@@ -522,23 +518,20 @@ where
         let image = self.image.clone();
         let source = self.peer.to_string();
         let bytes = self.bytes_received;
-        let result =
-            tokio::task::spawn_blocking(move || destination.entrust(&image, &source, bytes)).await;
+        let result = offload::run(move || destination.entrust(&image, &source, bytes))
+            .await
+            .and_then(|r| r);
         let error = match result {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 info!(
                     "entrusted by {}: image durable, marker says entrusted",
                     self.peer
                 );
                 0
             }
-            Ok(Err(e)) => {
-                error!("entrust from {} failed: {e}", self.peer);
-                errno::from_io(&e)
-            }
             Err(e) => {
                 error!("entrust from {} failed: {e}", self.peer);
-                errno::EIO
+                errno::from_io(&e)
             }
         };
         self.simple_reply(req, error).await
