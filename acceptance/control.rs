@@ -112,7 +112,8 @@ fn shown(request: &[u8]) -> String {
     )
 }
 
-fn ask(sock: &Path, request: &str) -> String {
+/// Sends one control request and reads the whole response (bounded).
+pub fn ask(sock: &Path, request: &str) -> String {
     String::from_utf8(exchange(sock, request.as_bytes(), false)).expect("utf-8 response")
 }
 

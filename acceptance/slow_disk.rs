@@ -9,9 +9,8 @@
 //! reading elsewhere, the stalled client's own next read, a migration and
 //! SIGTERM must all be served promptly.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -122,21 +121,11 @@ impl Stalled {
     }
 }
 
-fn status(sock: &Path) -> String {
-    let mut s = UnixStream::connect(sock).expect("connect to the control socket");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"status\n\n").expect("send status");
-    let mut got = String::new();
-    s.read_to_string(&mut got)
-        .expect("read the status response");
-    got
-}
-
 #[test]
 fn status_answers_promptly_while_reads_are_stalled() {
     let mut t = stall_the_workers("slow-status");
     let start = Instant::now();
-    let response = status(&t.sock);
+    let response = crate::control::ask(&t.sock, "status\n\n");
     let took = start.elapsed();
     assert!(response.starts_with("0: "), "status response {response:?}");
     t.assert_prompt("status", took);
