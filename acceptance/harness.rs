@@ -186,6 +186,15 @@ impl Flexnbd {
         });
         server.addr = addr;
         server.server_pid = server_pid;
+        // The control socket is bound just after the port is reported; a
+        // test that talks to it at once must not race that bind.
+        let daemon = args.iter().any(|a| a == "serve" || a == "listen");
+        let has_sock = args
+            .iter()
+            .any(|a| a == "-s" || a == "--sock" || a.starts_with("--sock="));
+        if daemon && has_sock {
+            server.wait_log("control socket at ");
+        }
         server
     }
 
