@@ -15,6 +15,7 @@ use crate::proto::{
     self, cmd, opt, rep, GreetingKind, HandshakeError, OptionHeader, OptionReplyHeader,
 };
 use crate::proto::{Request, SimpleReply, SIMPLE_REPLY_LEN};
+use crate::tls::{ClientTls, Conn};
 use crate::transport::Transport;
 
 /// Outgoing connections give up after this long.
@@ -49,6 +50,12 @@ pub enum ClientError {
         kind: u32,
         message: String,
     },
+    #[error("the server requires TLS (it answered option {option} with NBD_REP_ERR_TLS_REQD{message}): give --tls-ca")]
+    TlsRequired { option: u32, message: String },
+    #[error("TLS was asked for, but the server {0}; refusing to go on in plaintext")]
+    NoTls(String),
+    #[error("TLS handshake with the server failed (it must present a certificate for {name:?} signed by the --tls-ca): {source}")]
+    TlsHandshake { name: String, source: io::Error },
     #[error("the server sent a {length}-byte option reply; the limit is {MAX_OPTION_REPLY}")]
     OptionReplyTooLong { length: u32 },
     #[error("the server finished GO without telling the export size")]
@@ -124,7 +131,8 @@ pub async fn connect<T: Transport>(
     transport: &T,
     addr: SocketAddr,
     bind: Option<SocketAddr>,
-) -> Result<(T::Stream, Export), ClientError> {
+    tls: Option<&ClientTls>,
+) -> Result<(Conn<T::Stream>, Export), ClientError> {
     let injected = |what: &str| ClientError::Connect {
         addr,
         source: io::Error::new(
@@ -140,11 +148,13 @@ pub async fn connect<T: Transport>(
             _ => "connection refused",
         }));
     }
-    let mut stream = transport
-        .connect(addr, bind, CONNECT_TIMEOUT)
-        .await
-        .map_err(|source| ClientError::Connect { addr, source })?;
-    let export = match tokio::time::timeout(GREETING_TIMEOUT, handshake(&mut stream)).await {
+    let mut stream = Conn::Plain(
+        transport
+            .connect(addr, bind, CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?,
+    );
+    let export = match tokio::time::timeout(GREETING_TIMEOUT, handshake(&mut stream, tls)).await {
         Ok(result) => result?,
         Err(_) => return Err(ClientError::GreetingTimeout),
     };
@@ -275,27 +285,93 @@ pub async fn read_greeting_start<S: AsyncRead + Unpin>(
     Ok(GreetingStart::Oldstyle { size, flags })
 }
 
-/// The client side of either handshake.
+/// The client side of either handshake; with `tls`, only a newstyle
+/// server that starts TLS is accepted.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
+    stream: &mut Conn<S>,
+    tls: Option<&ClientTls>,
 ) -> Result<Export, ClientError> {
     match read_greeting_start(stream).await? {
+        GreetingStart::Oldstyle { .. } if tls.is_some() => Err(ClientError::NoTls(
+            "sent the oldstyle greeting, which cannot start TLS".into(),
+        )),
         GreetingStart::Oldstyle { size, flags } => Ok(Export {
             size,
             flags: flags as u16,
             handshake: GreetingKind::Oldstyle,
         }),
-        GreetingStart::Newstyle => newstyle(stream).await,
+        GreetingStart::Newstyle => newstyle(stream, tls).await,
     }
+}
+
+/// Reads one option reply header and its payload.
+async fn option_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(OptionReplyHeader, Vec<u8>), ClientError> {
+    let mut h = [0u8; 20];
+    stream.read_exact(&mut h).await.map_err(hs_io)?;
+    let reply = OptionReplyHeader::decode(&h)?;
+    if reply.length > MAX_OPTION_REPLY {
+        return Err(ClientError::OptionReplyTooLong {
+            length: reply.length,
+        });
+    }
+    let mut payload = vec![0u8; reply.length as usize];
+    stream.read_exact(&mut payload).await.map_err(hs_io)?;
+    Ok((reply, payload))
+}
+
+/// `: text` for a non-empty error message from the server.
+fn server_message(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// NBD_OPT_STARTTLS and the TLS handshake. Anything but an ACK ends the
+/// session: a client that asked for TLS never falls back to plaintext.
+async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut Conn<S>,
+    tls: &ClientTls,
+) -> Result<(), ClientError> {
+    let header = OptionHeader {
+        option: opt::STARTTLS,
+        length: 0,
+    };
+    stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    let (reply, payload) = option_reply(stream).await?;
+    if reply.kind != rep::ACK {
+        return Err(ClientError::NoTls(format!(
+            "refused NBD_OPT_STARTTLS with reply 0x{:08x}{}",
+            reply.kind,
+            server_message(&payload)
+        )));
+    }
+    stream
+        .connect_tls(tls)
+        .await
+        .map_err(|source| ClientError::TlsHandshake {
+            name: tls.name(),
+            source,
+        })
 }
 
 /// The newstyle negotiation, after the first 16 bytes of the greeting.
 pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
+    stream: &mut Conn<S>,
+    tls: Option<&ClientTls>,
 ) -> Result<Export, ClientError> {
     let server_flags = stream.read_u16().await.map_err(hs_io)?;
     let fixed = server_flags & proto::FLAG_FIXED_NEWSTYLE != 0;
     let no_zeroes = server_flags & proto::FLAG_NO_ZEROES != 0;
+    if tls.is_some() && !fixed {
+        return Err(ClientError::NoTls(
+            "does not speak fixed newstyle, so it cannot start TLS".into(),
+        ));
+    }
     let mut client_flags = 0;
     if fixed {
         client_flags |= proto::CLIENT_FIXED_NEWSTYLE;
@@ -304,6 +380,9 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         client_flags |= proto::CLIENT_NO_ZEROES;
     }
     stream.write_u32(client_flags).await.map_err(hs_io)?;
+    if let Some(tls) = tls {
+        start_tls(stream, tls).await?;
+    }
     if fixed {
         let data = proto::InfoRequest {
             name: Vec::new(),
@@ -318,16 +397,7 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         stream.write_all(&data).await.map_err(hs_io)?;
         let mut export: Option<(u64, u16)> = None;
         loop {
-            let mut h = [0u8; 20];
-            stream.read_exact(&mut h).await.map_err(hs_io)?;
-            let reply = OptionReplyHeader::decode(&h)?;
-            if reply.length > MAX_OPTION_REPLY {
-                return Err(ClientError::OptionReplyTooLong {
-                    length: reply.length,
-                });
-            }
-            let mut payload = vec![0u8; reply.length as usize];
-            stream.read_exact(&mut payload).await.map_err(hs_io)?;
+            let (reply, payload) = option_reply(stream).await?;
             match reply.kind {
                 rep::INFO => {
                     if let Some(info) = proto::decode_info_export(&payload) {
@@ -343,17 +413,17 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
                     });
                 }
                 rep::ERR_UNSUP => break, // an old server: fall back to EXPORT_NAME
+                rep::ERR_TLS_REQD => {
+                    return Err(ClientError::TlsRequired {
+                        option: opt::GO,
+                        message: server_message(&payload),
+                    })
+                }
                 kind if rep::is_error(kind) => {
-                    let text = String::from_utf8_lossy(&payload);
-                    let message = if text.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {text}")
-                    };
                     return Err(ClientError::OptionRefused {
                         option: opt::GO,
                         kind,
-                        message,
+                        message: server_message(&payload),
                     });
                 }
                 _ => {} // replies we did not ask for are ignored

@@ -268,6 +268,18 @@ async fn start_mirror<T: Transport, P: Probe>(
         Ok(a) => a,
         Err(message) => return (Response::fail(message), None),
     };
+    // Certificates are files: read off the async workers.
+    let tls = if args.tls.any() {
+        let files = args.tls.clone();
+        let ip = args.target.ip();
+        match tokio::task::spawn_blocking(move || files.load(ip)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return (Response::fail(format!("cannot use TLS: {e}")), None),
+            Err(e) => return (Response::fail(format!("cannot use TLS: {e}")), None),
+        }
+    } else {
+        None
+    };
     if daemon.role == Role::Listen {
         return (
             Response::fail("a migration destination cannot mirror"),
@@ -296,6 +308,7 @@ async fn start_mirror<T: Transport, P: Probe>(
             bind: args.bind,
             action: args.action,
             request_limit: mirror::request_limit(),
+            tls,
         };
         let task = mirror::supervise(
             daemon.transport.clone(),

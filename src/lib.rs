@@ -18,4 +18,5 @@ pub mod server;
 pub mod signals;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod transport;

@@ -106,9 +106,10 @@ struct ServeArgs {
     /// Drop a client whose request takes longer than 120 seconds.
     #[arg(short = 'k', long)]
     killswitch: bool,
-    /// Which greeting to send.
-    #[arg(long, value_enum, default_value = "oldstyle")]
-    handshake: Handshake,
+    /// Which greeting to send (default oldstyle, as the C flexnbd; newstyle
+    /// when TLS is set up).
+    #[arg(long, value_enum)]
+    handshake: Option<Handshake>,
     /// Also advertise TRIM, WRITE_ZEROES, MULTI_CONN and CACHE in the
     /// oldstyle greeting (flags 1389 instead of the C flexnbd's 13). Without
     /// it the greeting is byte-identical to the C one. A migration source
@@ -127,10 +128,88 @@ struct ServeArgs {
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     handshake_timeout: f64,
     #[command(flatten)]
+    tls: ServerTlsArgs,
+    #[command(flatten)]
     verbosity: Verbosity,
     /// Access control list: clients allowed to connect, as IP or IP/bits.
     #[arg(value_name = "ACL_ENTRY")]
     acl: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TlsPolicyArg {
+    /// Every option but STARTTLS and ABORT is refused with
+    /// NBD_REP_ERR_TLS_REQD until TLS is up.
+    Required,
+    /// STARTTLS is offered; plaintext clients are served too.
+    Optional,
+}
+
+#[derive(Args)]
+struct ServerTlsArgs {
+    /// Certificate chain (PEM) the server presents; turns on STARTTLS.
+    /// TLS needs the newstyle handshake, which it then selects.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the clients' certificates; used with
+    /// --tls-verify-peer.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Require every client to present a certificate signed by --tls-ca.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// Whether plaintext clients are refused (default: required when a
+    /// certificate is given).
+    #[arg(long, value_enum, value_name = "POLICY")]
+    tls: Option<TlsPolicyArg>,
+}
+
+impl ServerTlsArgs {
+    fn files(&self) -> flexnbd::tls::ServerFiles {
+        flexnbd::tls::ServerFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+            verify_peer: self.tls_verify_peer,
+            policy: self.tls.map(|p| match p {
+                TlsPolicyArg::Required => flexnbd::tls::Policy::Required,
+                TlsPolicyArg::Optional => flexnbd::tls::Policy::Optional,
+            }),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ClientTlsArgs {
+    /// CA certificates (PEM) that sign the server's certificate; turns on
+    /// TLS (STARTTLS, newstyle only: nothing is sent in plaintext if the
+    /// server cannot do it).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Our own certificate (PEM), for servers that verify their clients.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the address
+    /// connected to).
+    #[arg(long, value_name = "NAME")]
+    tls_hostname: Option<String>,
+}
+
+impl ClientTlsArgs {
+    fn files(&self) -> flexnbd::tls::ClientFiles {
+        flexnbd::tls::ClientFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            hostname: self.tls_hostname.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -154,6 +233,8 @@ struct TransferArgs {
     /// not given.
     #[arg(long, value_name = "PLAN")]
     faults: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     #[command(flatten)]
     verbosity: Verbosity,
 }
@@ -209,6 +290,10 @@ struct MirrorArgs {
     /// terminal, plain lines otherwise) and exit with its outcome.
     #[arg(short = 'w', long)]
     wait: bool,
+    /// TLS towards the destination (a `listen` with --tls-cert). The
+    /// server that migrates reads these files when the migration starts.
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
 #[derive(Args)]
@@ -311,7 +396,19 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
             mode,
         ));
     }
-    if args.oldstyle_extra_flags && matches!(args.handshake, Handshake::Newstyle) {
+    let tls_files = args.tls.files();
+    let handshake = match (args.handshake, tls_files.any()) {
+        (Some(Handshake::Oldstyle), true) => {
+            return Err(usage_error(
+                "TLS needs --handshake newstyle: the oldstyle greeting cannot start TLS",
+                mode,
+            ))
+        }
+        (Some(h), _) => h,
+        (None, true) => Handshake::Newstyle,
+        (None, false) => Handshake::Oldstyle,
+    };
+    if args.oldstyle_extra_flags && matches!(handshake, Handshake::Newstyle) {
         return Err(usage_error(
             "--oldstyle-extra-flags needs --handshake oldstyle (newstyle always advertises every flag)",
             mode,
@@ -329,8 +426,13 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
             image.trailing_bytes()
         );
     }
+    // Loaded before binding: a port that listens must be able to serve.
+    let tls = tls_files.load().map_err(|e| match e {
+        flexnbd::tls::TlsError::Usage(m) => usage_error(m, mode),
+        other => failure(other.to_string()),
+    })?;
     let config = Config {
-        handshake: match args.handshake {
+        handshake: match handshake {
             Handshake::Oldstyle => HandshakeMode::Oldstyle,
             Handshake::Newstyle => HandshakeMode::Newstyle,
         },
@@ -338,6 +440,7 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         handshake_timeout: std::time::Duration::from_secs_f64(args.handshake_timeout),
         killswitch: args.killswitch.then(daemon::killswitch_limit),
         oldstyle_extra_flags: args.oldstyle_extra_flags,
+        tls,
     };
     if let Some(path) = &args.sock {
         // Refuse early: a live server there means we must not start at all.
@@ -442,6 +545,37 @@ fn mirror(args: MirrorArgs) -> Result<ExitCode, Failure> {
     }
     if let Some(speed) = &args.max_speed {
         lines.push(speed.clone());
+    }
+    // The server may run in another directory: send whole paths.
+    let absolute = |p: &PathBuf| {
+        let text = std::path::absolute(p)
+            .map_err(|e| failure(format!("bad path {}: {e}", p.display())))?
+            .display()
+            .to_string();
+        if text.contains('\n') {
+            // The control protocol is one parameter a line.
+            return Err(failure(format!("bad path {text:?}: it contains a newline")));
+        }
+        Ok(text)
+    };
+    let files = args.tls.files();
+    for (name, path) in [
+        ("ca", &files.ca),
+        ("cert", &files.cert),
+        ("key", &files.key),
+    ] {
+        if let Some(path) = path {
+            lines.push(format!("tls-{name}={}", absolute(path)?));
+        }
+    }
+    if let Some(name) = &files.hostname {
+        lines.push(format!("tls-hostname={name}"));
+    }
+    if files.any() && files.ca.is_none() {
+        return Err(usage_error(
+            "TLS needs --tls-ca: the CA that signed the destination's certificate",
+            "mirror",
+        ));
     }
     if !args.wait {
         return control_request(&args.sock, "mirror", lines, false);
@@ -619,6 +753,10 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
         )),
         None => None,
     };
+    let tls = args.tls.files().load(target.ip()).map_err(|e| match e {
+        flexnbd::tls::TlsError::Usage(m) => usage_error(m, mode),
+        other => failure(other.to_string()),
+    })?;
     if let Some(plan) = fault_plan(args.faults.as_deref(), mode)? {
         client::set_faults(PlanProbe::new(plan));
     }
@@ -627,7 +765,7 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async move {
-        let (mut stream, export) = client::connect(&Tcp, target, bind)
+        let (mut stream, export) = client::connect(&Tcp, target, bind, tls.as_deref())
             .await
             .map_err(|e| failure(e.to_string()))?;
         let result = if write {

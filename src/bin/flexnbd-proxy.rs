@@ -126,6 +126,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
         cache,
         upstream_timeout,
         faults,
+        upstream_tls: None,
     })
 }
 

@@ -111,6 +111,10 @@ pub struct MirrorArgs {
     pub action: MirrorAction,
     pub bind: Option<IpAddr>,
     pub max_bps: Option<u64>,
+    /// `tls-ca=PATH`, `tls-cert=PATH`, `tls-key=PATH`, `tls-hostname=NAME`
+    /// lines after the positional ones (our extension; the C flexnbd has
+    /// no TLS).
+    pub tls: crate::tls::ClientFiles,
 }
 
 /// Parses a bytes-per-second figure strictly: decimal digits only, and
@@ -123,7 +127,28 @@ pub fn parse_bps(text: &str) -> Result<u64, &'static str> {
 }
 
 /// Validates the arguments of `mirror`, answering with the C messages.
-pub fn parse_mirror(args: &[String]) -> Result<MirrorArgs, &'static str> {
+pub fn parse_mirror(all: &[String]) -> Result<MirrorArgs, &'static str> {
+    let mut tls = crate::tls::ClientFiles::default();
+    let mut args = Vec::with_capacity(all.len());
+    for arg in all {
+        let Some(setting) = arg.strip_prefix("tls-") else {
+            args.push(arg.clone());
+            continue;
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or("a TLS parameter to mirror must be tls-NAME=VALUE")?;
+        if value.is_empty() {
+            return Err("a TLS parameter to mirror has an empty value");
+        }
+        match name {
+            "ca" => tls.ca = Some(value.into()),
+            "cert" => tls.cert = Some(value.into()),
+            "key" => tls.key = Some(value.into()),
+            "hostname" => tls.hostname = Some(value.into()),
+            _ => return Err("unrecognised TLS parameter to mirror (known: tls-ca, tls-cert, tls-key, tls-hostname)"),
+        }
+    }
     if args.len() < 2 {
         return Err("mirror takes at least two parameters");
     }
@@ -155,6 +180,7 @@ pub fn parse_mirror(args: &[String]) -> Result<MirrorArgs, &'static str> {
         action,
         bind,
         max_bps,
+        tls,
     })
 }
 

@@ -98,6 +98,8 @@ pub struct MirrorConfig {
     pub bind: Option<IpAddr>,
     pub action: MirrorAction,
     pub request_limit: Duration,
+    /// With `mirror --tls-ca`: STARTTLS, verifying the destination.
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// The phase an attempt is in (for status).
@@ -380,20 +382,25 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
             _ => "connection refused (fault injection)",
         }));
     }
-    let mut stream = or_cancel(
-        cancel,
-        transport.connect(config.target, bind, CONNECT_TIMEOUT),
-    )
-    .await?
-    .map_err(|e| {
-        first_error(
-            FirstOutcome::FailConnect,
-            format!("cannot connect to {}: {e}", config.target),
+    let mut stream = crate::tls::Conn::Plain(
+        or_cancel(
+            cancel,
+            transport.connect(config.target, bind, CONNECT_TIMEOUT),
         )
-    })?;
+        .await?
+        .map_err(|e| {
+            first_error(
+                FirstOutcome::FailConnect,
+                format!("cannot connect to {}: {e}", config.target),
+            )
+        })?,
+    );
     let export = match or_cancel(
         cancel,
-        tokio::time::timeout(HELLO_TIMEOUT, client::handshake(&mut stream)),
+        tokio::time::timeout(
+            HELLO_TIMEOUT,
+            client::handshake(&mut stream, config.tls.as_deref()),
+        ),
     )
     .await?
     {
@@ -474,10 +481,11 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         let _ = tx.send(FirstOutcome::Go);
     }
     info!(
-        "migration attempt {} connected to {} ({:?} handshake, flags 0x{:04x})",
+        "migration attempt {} connected to {} ({:?} handshake{}, flags 0x{:04x})",
         state.attempt.load(Ordering::Acquire),
         config.target,
         export.handshake,
+        if stream.is_tls() { ", TLS" } else { "" },
         export.flags
     );
 

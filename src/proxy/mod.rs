@@ -98,6 +98,8 @@ pub struct Options {
     pub upstream_timeout: Duration,
     /// A fault plan; `None` spends nothing on faults.
     pub faults: Option<PlanProbe>,
+    /// TLS towards the upstream server.
+    pub upstream_tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// The upstream timeout from `FLEXNBD_UPSTREAM_TIMEOUT` (a positive integer
@@ -151,6 +153,7 @@ pub async fn run<T: Transport>(transport: T, options: Options) -> u8 {
         options.bind,
         options.upstream_timeout,
         faults.clone(),
+        options.upstream_tls.clone(),
     );
     tokio::select! {
         result = upstream.connect_initial() => {

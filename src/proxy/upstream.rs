@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -12,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::key;
 use crate::fault_apply::{self, How, Incoming, Outgoing};
 use crate::proto::{self, cmd, SimpleReply};
+use crate::tls::{ClientTls, Conn};
 use crate::transport::Transport;
 use crate::{info, warn};
 
@@ -24,7 +26,9 @@ pub(crate) struct Upstream<T: Transport> {
     bind: Option<SocketAddr>,
     /// Longest time in one upstream state (connect, greeting, write, read).
     timeout: Duration,
-    stream: Option<T::Stream>,
+    stream: Option<Conn<T::Stream>>,
+    /// With `--upstream-tls-ca`: STARTTLS on every upstream connection.
+    tls: Option<Arc<ClientTls>>,
     /// Size and flags of the most recent greeting.
     pub size: u64,
     pub flags: u32,
@@ -47,6 +51,7 @@ impl<T: Transport> Upstream<T> {
         bind: Option<SocketAddr>,
         timeout: Duration,
         faults: Faults,
+        tls: Option<Arc<ClientTls>>,
     ) -> Upstream<T> {
         Upstream {
             transport,
@@ -54,6 +59,7 @@ impl<T: Transport> Upstream<T> {
             bind,
             timeout,
             stream: None,
+            tls,
             size: 0,
             flags: 0,
             reconnected: false,
@@ -85,7 +91,7 @@ impl<T: Transport> Upstream<T> {
                 _ => format!("connection refused ({ended})"),
             });
         }
-        let mut stream = match self
+        let stream = match self
             .transport
             .connect(self.addr, self.bind, connect_timeout)
             .await
@@ -111,17 +117,20 @@ impl<T: Transport> Upstream<T> {
             }
             Err(e) => return Err(format!("cannot connect to {}: {e}", self.addr)),
         };
-        let (size, flags) = match tokio::time::timeout(self.timeout, greeting(&mut stream)).await {
-            Err(_) => {
-                return Err(format!(
-                    "no greeting from {} within {} s",
-                    self.addr,
-                    self.timeout.as_secs()
-                ))
-            }
-            Ok(Err(e)) => return Err(format!("bad greeting from {}: {e}", self.addr)),
-            Ok(Ok(export)) => export,
-        };
+        let mut stream = Conn::Plain(stream);
+        let tls = self.tls.as_deref();
+        let (size, flags) =
+            match tokio::time::timeout(self.timeout, greeting(&mut stream, tls)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "no greeting from {} within {} s",
+                        self.addr,
+                        self.timeout.as_secs()
+                    ))
+                }
+                Ok(Err(e)) => return Err(format!("bad greeting from {}: {e}", self.addr)),
+                Ok(Ok(export)) => export,
+            };
         // Hung: the greeting stalls until the upstream timeout gives up on it.
         let timeout = self.timeout;
         let hang = async { tokio::time::sleep(timeout).await };
@@ -299,15 +308,23 @@ impl<T: Transport> Upstream<T> {
 /// Reads a greeting; returns the size and the flags. An oldstyle greeting
 /// keeps all 32 flag bits (passed through unchanged); a newstyle server is
 /// negotiated with as [`crate::client::handshake`] does.
-async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Result<(u64, u32), String> {
+async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut Conn<S>,
+    tls: Option<&ClientTls>,
+) -> Result<(u64, u32), String> {
     use crate::client::{self, GreetingStart};
     match client::read_greeting_start(stream)
         .await
         .map_err(|e| e.to_string())?
     {
+        GreetingStart::Oldstyle { .. } if tls.is_some() => Err(
+            "the upstream sent the oldstyle greeting, which cannot start TLS; refusing to go on in plaintext".into(),
+        ),
         GreetingStart::Oldstyle { size, flags } => Ok((size, flags)),
         GreetingStart::Newstyle => {
-            let export = client::newstyle(stream).await.map_err(|e| e.to_string())?;
+            let export = client::newstyle(stream, tls)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok((export.size, u32::from(export.flags)))
         }
     }

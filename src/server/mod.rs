@@ -45,6 +45,9 @@ pub struct Config {
     /// With `--oldstyle-extra-flags`: the oldstyle greeting also advertises
     /// what we implement beyond the C flexnbd (see [`oldstyle_flags`]).
     pub oldstyle_extra_flags: bool,
+    /// With `--tls-cert`: STARTTLS is offered (and, by default, required).
+    /// Newstyle only: the oldstyle greeting has no way to start TLS.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             killswitch: None,
             oldstyle_extra_flags: false,
+            tls: None,
         }
     }
 }

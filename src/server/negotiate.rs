@@ -9,6 +9,7 @@ use crate::fault_apply::{self, Ended, Incoming, SendError};
 use crate::probe::{Probe, Step};
 use crate::proto::{self, opt, rep, HandshakeError, InfoRequest, MetaContextRequest, OptionHeader};
 use crate::store::Image;
+use crate::tls::{Conn, Policy, ServerTls};
 use crate::{debug, info, warn};
 
 /// At most this many options before transmission; a client that keeps
@@ -51,6 +52,10 @@ pub enum NegotiateError {
     NotFixed(u32),
     #[error("{0}")]
     Fault(#[from] Ended),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("client chose the export with EXPORT_NAME without starting TLS, which this server requires; closing (a client must send NBD_OPT_STARTTLS first)")]
+    PlaintextExportName,
 }
 
 impl From<SendError> for NegotiateError {
@@ -63,13 +68,16 @@ impl From<SendError> for NegotiateError {
 }
 
 struct Negotiation<'a, S, P> {
-    stream: &'a mut S,
+    stream: &'a mut Conn<S>,
     image: &'a Image,
     probe: &'a P,
     fixed: bool,
     no_zeroes: bool,
     done: Negotiated,
     out: Vec<u8>,
+    tls: Option<&'a ServerTls>,
+    /// A plaintext option was refused with TLS_REQD (warned about once).
+    warned_plaintext: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
@@ -101,6 +109,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
         self.reply(option, kind, why.as_bytes()).await
     }
 
+    /// TLS is required and not started yet.
+    fn tls_missing(&self) -> bool {
+        matches!(self.tls, Some(t) if t.policy == Policy::Required) && !self.stream.is_tls()
+    }
+
+    /// NBD_OPT_STARTTLS: acknowledge, then run the TLS handshake; every
+    /// option after it travels inside TLS.
+    async fn starttls(&mut self, data: &[u8]) -> Result<(), NegotiateError> {
+        let option = opt::STARTTLS;
+        let Some(tls) = self.tls else {
+            return self
+                .error(
+                    option,
+                    rep::ERR_UNSUP,
+                    "TLS is not configured on this server",
+                )
+                .await;
+        };
+        if !data.is_empty() {
+            return self
+                .error(option, rep::ERR_INVALID, "STARTTLS takes no data")
+                .await;
+        }
+        if self.stream.is_tls() {
+            return self
+                .error(option, rep::ERR_INVALID, "TLS is already running")
+                .await;
+        }
+        self.reply(option, rep::ACK, &[]).await?;
+        self.stream
+            .accept_tls(tls)
+            .await
+            .map_err(NegotiateError::Tls)?;
+        // The specification: nothing negotiated before STARTTLS survives it.
+        self.done = Negotiated::default();
+        info!(
+            "TLS started{}",
+            if tls.verify_peer {
+                " (client certificate verified)"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
     fn export_flags(&self) -> u16 {
         transmission_flags(self.done.structured)
     }
@@ -130,9 +184,10 @@ async fn read_all<S: AsyncRead + Unpin>(
 /// Runs the whole newstyle handshake. Returns what was negotiated once the
 /// client enters transmission (EXPORT_NAME or a successful GO).
 pub async fn negotiate<S, P>(
-    stream: &mut S,
+    stream: &mut Conn<S>,
     image: &Image,
     probe: &P,
+    tls: Option<&ServerTls>,
 ) -> Result<Negotiated, NegotiateError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -166,6 +221,8 @@ where
         no_zeroes: client_flags & proto::CLIENT_NO_ZEROES != 0,
         done: Negotiated::default(),
         out: Vec::new(),
+        tls,
+        warned_plaintext: false,
     };
     for _ in 0..MAX_OPTIONS {
         let mut header = [0u8; 16];
@@ -199,6 +256,27 @@ where
             return Err(NegotiateError::NotFixed(option));
         }
         debug!("option {option} with {length} bytes");
+        if option == opt::STARTTLS {
+            n.starttls(&data).await?;
+            continue;
+        }
+        if n.tls_missing() && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                // EXPORT_NAME has no error reply: all we can do is close.
+                return Err(NegotiateError::PlaintextExportName);
+            }
+            if !n.warned_plaintext {
+                n.warned_plaintext = true;
+                warn!("a client sent option {option} without starting TLS, which this server requires; answering NBD_REP_ERR_TLS_REQD");
+            }
+            n.error(
+                option,
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let reply = proto::export_name_reply(n.image.size(), n.export_flags(), n.no_zeroes);

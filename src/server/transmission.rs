@@ -23,6 +23,7 @@ use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
 use crate::store::{offload, Image, BLOCK_SIZE, PIECE};
+use crate::tls::Conn;
 use crate::transport::Stream;
 use crate::{debug, error, info, warn};
 
@@ -99,12 +100,14 @@ type Writer<W> = Arc<Mutex<ReplyWriter<W>>>;
 
 /// Runs one client from greeting to close.
 pub async fn serve_client<S: Stream, P: Probe>(
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared<P>>,
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let image = shared.image.clone();
+    // Plaintext until a newstyle client asks for STARTTLS.
+    let mut stream = Conn::Plain(stream);
     let negotiated = match shared.config.handshake {
         HandshakeMode::Oldstyle => {
             let flags = oldstyle_flags(shared.config.oldstyle_extra_flags);
@@ -133,7 +136,16 @@ pub async fn serve_client<S: Stream, P: Probe>(
         }
         HandshakeMode::Newstyle => {
             let limit = shared.config.handshake_timeout;
-            match tokio::time::timeout(limit, negotiate(&mut stream, &image, &*shared.probe)).await
+            match tokio::time::timeout(
+                limit,
+                negotiate(
+                    &mut stream,
+                    &image,
+                    &*shared.probe,
+                    shared.config.tls.as_deref(),
+                ),
+            )
+            .await
             {
                 Ok(result) => result?,
                 Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs_f64())),

@@ -14,7 +14,7 @@ pub use tcp::{Tcp, TcpListenerHandle};
 
 /// A connected byte stream that can be split into independently owned halves
 /// (a reader task and reply writers work on a connection at the same time).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     type Read: AsyncRead + Unpin + Send + Sync + 'static;
     type Write: AsyncWrite + Unpin + Send + Sync + 'static;
     fn into_split(self) -> (Self::Read, Self::Write);
