@@ -188,11 +188,15 @@ impl Flexnbd {
         server.server_pid = server_pid;
         // The control socket is bound just after the port is reported; a
         // test that talks to it at once must not race that bind.
-        let daemon = args.iter().any(|a| a == "serve" || a == "listen");
-        let has_sock = args
-            .iter()
-            .any(|a| a == "-s" || a == "--sock" || a.starts_with("--sock="));
-        if daemon && has_sock {
+        // Only flexnbd's own arguments count (a wrapper like strace has a
+        // `-s` of its own).
+        let mode = args.iter().position(|a| a == "serve" || a == "listen");
+        let has_sock = mode.is_some_and(|at| {
+            args[at..]
+                .iter()
+                .any(|a| a == "-s" || a == "--sock" || a.starts_with("--sock="))
+        });
+        if has_sock {
             server.wait_log("control socket at ");
         }
         server

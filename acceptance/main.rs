@@ -10,6 +10,7 @@ mod faults;
 mod bad_input;
 mod batching;
 mod c_interop;
+mod certs;
 mod codec_props;
 
 mod cli;
