@@ -56,6 +56,8 @@ pub enum ClientError {
     NoTls(String),
     #[error("TLS handshake with the server failed (it must present a certificate for {name:?} signed by the --tls-ca): {source}")]
     TlsHandshake { name: String, source: io::Error },
+    #[error("the server ended the TLS session before answering (a server that verifies its clients does so when we present no certificate, or one its CA did not sign or that expired: see --tls-cert/--tls-key): {0}")]
+    TlsRefused(io::Error),
     #[error("the server sent a {length}-byte option reply; the limit is {MAX_OPTION_REPLY}")]
     OptionReplyTooLong { length: u32 },
     #[error("the server finished GO without telling the export size")]
@@ -380,9 +382,42 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         client_flags |= proto::CLIENT_NO_ZEROES;
     }
     stream.write_u32(client_flags).await.map_err(hs_io)?;
-    if let Some(tls) = tls {
-        start_tls(stream, tls).await?;
+    let Some(tls) = tls else {
+        return choose_export(stream, fixed, no_zeroes).await;
+    };
+    start_tls(stream, tls).await?;
+    match choose_export(stream, fixed, no_zeroes).await {
+        Err(ClientError::HandshakeIo(e)) => Err(refused_after_tls(stream, e).await),
+        other => other,
     }
+}
+
+/// In TLS 1.3 our side of the handshake is done before a server that
+/// verifies clients has judged our certificate, so its refusal arrives as
+/// the answer to our first option: a TLS alert, or a failed write when it
+/// closed before we wrote. After a failed write the alert may still be
+/// waiting to be read, and it says more than "broken pipe".
+async fn refused_after_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut Conn<S>,
+    error: io::Error,
+) -> ClientError {
+    // rustls reports a received alert as InvalidData.
+    if error.kind() == io::ErrorKind::InvalidData {
+        return ClientError::TlsRefused(error);
+    }
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte).await {
+        Err(alert) if alert.kind() == io::ErrorKind::InvalidData => ClientError::TlsRefused(alert),
+        _ => ClientError::TlsRefused(error),
+    }
+}
+
+/// GO (or EXPORT_NAME on a server without it), once any TLS is up.
+async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut Conn<S>,
+    fixed: bool,
+    no_zeroes: bool,
+) -> Result<Export, ClientError> {
     if fixed {
         let data = proto::InfoRequest {
             name: Vec::new(),
