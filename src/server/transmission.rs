@@ -245,7 +245,16 @@ where
                     biased;
                     _ = self.stop.cancelled() => continue,
                     available = self.reader.fill_buf() => {
-                        if available.map_err(ConnError::Receive)?.is_empty() {
+                        let closed = match available {
+                            Ok(bytes) => bytes.is_empty(),
+                            // A TLS client that closes without close_notify
+                            // between requests cut no message short (NBD's
+                            // framing shows where each ends): as clean an
+                            // end as a plaintext close.
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+                            Err(e) => return Err(ConnError::Receive(e)),
+                        };
+                        if closed {
                             debug!("client {} closed the connection", self.peer);
                             return Ok(());
                         }
