@@ -58,6 +58,14 @@ pub struct Pki {
     /// `ca-cert.pem`, `client-cert.pem`/`-key.pem` with the expired client
     /// certificate.
     pub expired_client_dir: PathBuf,
+    /// Our `ca-cert.pem` with the other CA's client certificate: the client
+    /// trusts our server, and only our server's check of the client can
+    /// fail (qemu refuses to use such a pair before connecting; libnbd and
+    /// rustls present it).
+    pub untrusted_client_dir: PathBuf,
+    /// The other CA's `ca-cert.pem` alone: a client that cannot verify our
+    /// server and has no certificate a local check could reject first.
+    pub other_ca_dir: PathBuf,
     /// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`: a qemu-nbd or
     /// nbdkit server with the same credentials as ours.
     pub server_dir: PathBuf,
@@ -193,6 +201,13 @@ impl Pki {
                 &ca_path,
                 Some(("client", &expired_client)),
             ),
+            untrusted_client_dir: gnutls_dir(
+                &root,
+                "untrusted-client",
+                &ca_path,
+                Some(("client", &other_client)),
+            ),
+            other_ca_dir: gnutls_dir(&root, "other-ca", &other_ca, None),
             server_dir: gnutls_dir(&root, "server", &ca_path, Some(("server", &server))),
             ca: ca_path,
             server,
