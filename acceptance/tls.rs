@@ -545,7 +545,9 @@ fn refused_then_served(tag: &str, reasons: &[&str], refuse: impl FnOnce(&Pki, &F
 fn a_verifying_server_refuses_clients_without_a_certificate_and_keeps_serving() {
     refused_then_served("tls", &["no certificates"], |pki, server| {
         let out = nbdinfo(&nbds(server, &pki.client_dir));
-        assert_failed_saying(&out, "nbdinfo without a certificate", &["tls"]);
+        assert_failed_saying(&out, "nbdinfo without a certificate", &["TLS", "alert"]);
+        // qemu writes its first option before the alert arrives and reports
+        // only the broken pipe: the server's log has the reason.
         let out = qemu_img_info(server, &pki.client_dir);
         assert_failed_saying(&out, "qemu-img without a certificate", &[]);
     });
@@ -631,9 +633,13 @@ fn clients_trusting_another_ca_refuse_the_server() {
     let server = serve_with(&dir, &file, &pki.server_args(), &[]);
 
     let out = qemu_img_info(&server, &pki.other_ca_dir);
-    assert_failed_saying(&out, "qemu-img trusting another CA", &[]);
+    assert_failed_saying(&out, "qemu-img trusting another CA", &["known issuer"]);
     let out = nbdinfo(&nbds(&server, &pki.wrong_ca_dir));
-    assert_failed_saying(&out, "nbdinfo trusting another CA", &["tls"]);
+    assert_failed_saying(
+        &out,
+        "nbdinfo trusting another CA",
+        &["certificate verification"],
+    );
     let out = flexnbd_read(&server, 0, 512, &["--tls-ca".into(), path(&pki.other_ca)]);
     assert_failed_saying(
         &out,
@@ -668,7 +674,11 @@ fn clients_refuse_a_server_with_an_expired_certificate() {
     let out = qemu_img_info(&server, &pki.client_dir);
     assert_failed_saying(&out, "qemu-img against an expired certificate", &[]);
     let out = nbdinfo(&nbds(&server, &pki.client_dir));
-    assert_failed_saying(&out, "nbdinfo against an expired certificate", &["tls"]);
+    assert_failed_saying(
+        &out,
+        "nbdinfo against an expired certificate",
+        &["certificate verification"],
+    );
     let out = flexnbd_read(&server, 0, 512, &pki.client_args());
     assert_failed_saying(
         &out,
@@ -742,10 +752,17 @@ fn plaintext_clients_of_a_required_tls_server_are_told_tls_is_required() {
     let (dir, pki, file, original) = setup("tls", 13);
     let server = serve_with(&dir, &file, &pki.server_args(), &[]);
 
+    // libnbd reports TLS_REQD to GO only as "not supported" (the wire
+    // answer is checked in the next test); qemu passes on the server's
+    // message.
     let out = nbdinfo(&server.uri());
-    assert_failed_saying(&out, "plaintext nbdinfo", &["tls"]);
+    assert_failed_saying(&out, "plaintext nbdinfo", &["opt_go", "not supported"]);
     let out = run_tool("qemu-img", &["info", &server.uri()], TOOL);
-    assert_failed_saying(&out, "plaintext qemu-img", &["tls"]);
+    assert_failed_saying(
+        &out,
+        "plaintext qemu-img",
+        &["TLS negotiation required", "this server requires TLS"],
+    );
     let out = flexnbd_read(&server, 0, 512, &[]);
     assert_failed_saying(
         &out,
