@@ -67,8 +67,9 @@ NEEDED = {
     "nbdcopy": "libnbd-bin",
     "fio": "fio",
     "time": "time",
+    "openssl": "openssl",
 }
-APT_PACKAGES = ["qemu-utils", "nbdkit", "nbd-server", "libnbd-bin", "fio", "time"]
+APT_PACKAGES = ["qemu-utils", "nbdkit", "nbd-server", "libnbd-bin", "fio", "time", "openssl"]
 
 
 def log(msg):
@@ -166,10 +167,25 @@ class Server:
         self.logfile = None
 
     @property
+    def tls(self):
+        return self.kind.endswith("-tls")
+
+    @property
     def uri(self):
+        if self.tls:
+            # libnbd's URI form of STARTTLS: nbds:// with the directory that
+            # holds the CA certificate (ca-cert.pem).
+            return f"nbds://{HOST}:{self.port}/?tls-certificates={TLS.client_dir}"
         # nbd-server has no default ("") export: the export is the section name.
         suffix = "disk" if self.kind == "nbd-server" else ""
         return f"nbd://{HOST}:{self.port}/{suffix}"
+
+    @property
+    def fio_uri(self):
+        """The URI for fio: its nbd engine refuses URIs that name local files
+        (tls-certificates), so for TLS it gets a bare nbds:// URI and libnbd
+        finds the CA in $HOME/.pki/libnbd (TLS.fio_env())."""
+        return f"nbds://{HOST}:{self.port}/" if self.tls else self.uri
 
     @property
     def export_name(self):
@@ -179,6 +195,19 @@ class Server:
         p = str(self.port)
         if self.kind == "flexnbd":
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
+        if self.kind == "flexnbd-tls":
+            # A certificate makes TLS required and the handshake newstyle.
+            return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image,
+                    "--tls-cert", TLS.server_cert, "--tls-key", TLS.server_key]
+        if self.kind == "qemu-nbd-tls":
+            # verify-peer=off: the server asks for no client certificate (as
+            # flexnbd and nbdkit here); qemu's default for a server is to require one.
+            return ["qemu-nbd", "-f", "raw", "-x", "", "-t", "-e", "0", "-b", HOST, "-p", p,
+                    "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={TLS.server_dir},verify-peer=off",
+                    "--tls-creds", "tls0", self.image]
+        if self.kind == "nbdkit-tls":
+            return ["nbdkit", "-f", "-i", HOST, "-p", p, "--tls=require",
+                    f"--tls-certificates={TLS.server_dir}", "file", self.image]
         if self.kind == "flexnbd-oldstyle":
             return [FLEXNBD, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "oldstyle"]
         if self.kind == "flexnbd-preseam":
@@ -402,9 +431,9 @@ def nbd_read_4k(port, export_name=b"", timeout=2.0):
 
 # ---------------------------------------------------------------- workloads
 
-def run_cmd(argv, timeout):
+def run_cmd(argv, timeout, env=None):
     t0 = time.perf_counter()
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): "
@@ -463,7 +492,8 @@ def run_fio(ctx, kind, rw, image, cgroup=None):
     try:
         srv.start()
         srv.wait_ready()
-        _, r = run_cmd(fio_argv(srv.uri, rw, ctx.fio_runtime), timeout=ctx.fio_runtime + 120)
+        _, r = run_cmd(fio_argv(srv.fio_uri, rw, ctx.fio_runtime), timeout=ctx.fio_runtime + 120,
+                       env=TLS.fio_env() if srv.tls else None)
         text = r.stdout.decode(errors="replace")
         data = json.loads(text[text.index("{"):])  # fio's nbd engine prints a line first
         job = data["jobs"][0]
@@ -489,6 +519,77 @@ def w_randwrite(ctx, kind):
     finally:
         if os.path.exists(copy):
             os.unlink(copy)
+
+
+# ---------------------------------------------------------------- TLS credentials
+
+class TlsCreds:
+    """x509 credentials made with the openssl CLI at bench time (never kept):
+    a CA and a server certificate for localhost / 127.0.0.1 that it signed.
+
+    The server directory uses the GnuTLS file names that qemu-nbd
+    (tls-creds-x509 dir=) and nbdkit (--tls-certificates) both read:
+    ca-cert.pem, server-cert.pem, server-key.pem. The client directory holds
+    only ca-cert.pem, which is what libnbd (nbdcopy, fio) reads."""
+
+    def __init__(self):
+        self.root = None
+
+    def make(self, workdir):
+        if self.root:
+            return
+        root = os.path.join(workdir, "tls")
+        self.server_dir = os.path.join(root, "server")
+        self.client_dir = os.path.join(root, "client")
+        self.home = os.path.join(root, "home")
+        libnbd_dir = os.path.join(self.home, ".pki", "libnbd")
+        for d in (self.server_dir, self.client_dir, libnbd_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self.server_cert = os.path.join(self.server_dir, "server-cert.pem")
+        self.server_key = os.path.join(self.server_dir, "server-key.pem")
+        ca_cert = os.path.join(self.server_dir, "ca-cert.pem")
+        ca_key = os.path.join(root, "ca-key.pem")
+        csr = os.path.join(root, "server.csr")
+        # GnuTLS (qemu-nbd, nbdkit, libnbd) is strict: the CA must say it is
+        # one and may sign certificates, and the server certificate needs the
+        # usages of a TLS server and a subjectAltName matching the address.
+        ca_ext = os.path.join(root, "ca.ext")
+        with open(ca_ext, "w") as f:
+            f.write("basicConstraints = critical,CA:TRUE\n"
+                    "keyUsage = critical,keyCertSign,cRLSign\n"
+                    "subjectKeyIdentifier = hash\n")
+        srv_ext = os.path.join(root, "server.ext")
+        with open(srv_ext, "w") as f:
+            f.write("basicConstraints = critical,CA:FALSE\n"
+                    "keyUsage = critical,digitalSignature,keyEncipherment\n"
+                    "extendedKeyUsage = serverAuth\n"
+                    "subjectAltName = DNS:localhost,IP:127.0.0.1\n")
+        steps = [
+            # The CA signs itself, with exactly the extensions above.
+            ["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", csr,
+             "-subj", "/CN=flexnbd bench CA"],
+            ["openssl", "x509", "-req", "-in", csr, "-signkey", ca_key, "-days", "2", "-out", ca_cert,
+             "-extfile", ca_ext],
+            ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", self.server_key, "-out", csr,
+             "-subj", "/CN=localhost"],
+            ["openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-set_serial", "1",
+             "-days", "2", "-out", self.server_cert, "-extfile", srv_ext],
+        ]
+        for argv in steps:
+            run_cmd(argv, timeout=120)
+        os.remove(ca_key)  # nothing is signed after this
+        for d in (self.client_dir, libnbd_dir):
+            shutil.copy(ca_cert, os.path.join(d, "ca-cert.pem"))
+        self.root = root
+        log(f"TLS credentials in {root}")
+
+    def fio_env(self):
+        # libnbd looks for ca-cert.pem in $HOME/.pki/libnbd when the URI
+        # names no directory.
+        return dict(os.environ, HOME=self.home)
+
+
+TLS = TlsCreds()
 
 
 # ---------------------------------------------------------------- cold cache
@@ -1066,6 +1167,16 @@ INERT_PLAN = "server.reply_send.trim#1000000000=close"
 MAIN = ["flexnbd"] + PEERS
 WITH_OLD = ["flexnbd", "flexnbd-oldstyle"] + PEERS
 COLD = ["flexnbd", "qemu-nbd-direct", "nbdkit"]
+# TLS rows: every server with STARTTLS (required), and our plaintext
+# newstyle in the same run for the cost of TLS itself.
+TLS_SERVERS = ["flexnbd-tls", "qemu-nbd-tls", "nbdkit-tls", "flexnbd"]
+TLS_ROWS = ("tlsseq", "tlsrand")
+
+
+def ours_kind(name):
+    """The flexnbd variant a row's ratios are taken from."""
+    return "flexnbd-tls" if name in TLS_ROWS else "flexnbd"
+
 
 # name, title, function, servers, metric, unit, higher_is_better
 WORKLOADS = [
@@ -1073,6 +1184,10 @@ WORKLOADS = [
     ("qemu-img", "Sequential read: qemu-img convert to a raw file", w_qemu_img, MAIN, "gbps", "GB/s", True),
     ("randread", "fio 4 KiB randread, 4 jobs x iodepth 16", w_randread, MAIN, "iops", "IOPS", True),
     ("randwrite", "fio 4 KiB randwrite, 4 jobs x iodepth 16", w_randwrite, MAIN, "iops", "IOPS", True),
+    # TLS (STARTTLS, x509): the same clients and workloads over nbds://.
+    ("tlsseq", "TLS sequential read: nbdcopy nbds:// to null:", w_nbdcopy, TLS_SERVERS, "gbps", "GB/s", True),
+    ("tlsrand", "TLS fio 4 KiB randread, 4 jobs x iodepth 16, nbds://", w_randread, TLS_SERVERS,
+     "iops", "IOPS", True),
     ("startup", "Start-up: exec to first successful 4 KiB read, 1 TiB sparse file", w_startup, WITH_OLD, "ms", "ms", False),
     # Cold storage: a 1 GiB random image, its pages dropped before each run
     # and every server in a memory cgroup capped at 64 MiB (qemu-nbd
@@ -1531,7 +1646,7 @@ def write_report(path, ctx, info, results, failures, started, finished):
         if name == "faultcost" or name in SEAM_ROWS:
             continue  # not a peer comparison; its own section says what it compares
         src = "nbdcopy" if name == "rss" else name
-        ours = med(series(results, src, "flexnbd", metric))
+        ours = med(series(results, src, ours_kind(name), metric))
         # A row's peer column: the peer itself, or its variant in that row
         # (qemu-nbd-direct, nbdkit-null).
         cells = []
@@ -1546,9 +1661,11 @@ def write_report(path, ctx, info, results, failures, started, finished):
         src = "nbdcopy" if name == "rss" else name
         L.append(f"## {name}: {title}")
         L.append("")
-        ours = med(series(results, src, "flexnbd", metric))
+        tls_row = name in TLS_ROWS
+        ours = med(series(results, src, ours_kind(name), metric))
         old = med(series(results, src, "flexnbd-oldstyle", metric)) if "flexnbd-oldstyle" in servers else None
-        head = f"| server | median {unit} | min | max | runs | ratio (flexnbd newstyle) |"
+        head = (f"| server | median {unit} | min | max | runs | "
+                f"{'ratio (flexnbd-tls)' if tls_row else 'ratio (flexnbd newstyle)'} |")
         sep = "|---|---|---|---|---|---|"
         if "flexnbd-oldstyle" in servers:
             head += " ratio (flexnbd-oldstyle) |"
@@ -1560,7 +1677,9 @@ def write_report(path, ctx, info, results, failures, started, finished):
             m = med(vals)
             line = (f"| {kind} | {fmt(m, unit)} | {fmt(min(vals) if vals else None, unit)} | "
                     f"{fmt(max(vals) if vals else None, unit)} | {len(vals)} | ")
-            compared = kind in ("flexnbd-faultplan", "flexnbd-preseam") or not kind.startswith("flexnbd")
+            # In the TLS rows our plaintext line shows the cost of TLS: flexnbd-tls ÷ flexnbd.
+            compared = (kind in ("flexnbd-faultplan", "flexnbd-preseam") or not kind.startswith("flexnbd")
+                        or (tls_row and kind == "flexnbd"))
             line += fmt_ratio(ratio(ours, m, hib)) if compared else "—"
             line += " |"
             if "flexnbd-oldstyle" in servers:
@@ -1584,6 +1703,24 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("qemu-nbd -f raw -x '' -t -e 0 -b 127.0.0.1 -p PORT FILE                               # uri nbd://127.0.0.1:PORT/")
     L.append("nbdkit -f -i 127.0.0.1 -p PORT file FILE                                              # uri nbd://127.0.0.1:PORT/")
     L.append("nbd-server -C nbd-server.conf -p PIDFILE   # daemon, forks per client; uri nbd://127.0.0.1:PORT/disk")
+    L.append("# TLS rows (tlsseq, tlsrand): credentials made per run with openssl into a temporary directory;")
+    L.append("#   SRV holds ca-cert.pem, server-cert.pem, server-key.pem; CLI holds ca-cert.pem only")
+    L.append("openssl req -new -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.csr -subj '/CN=flexnbd bench CA'")
+    L.append("openssl x509 -req -in ca.csr -signkey ca-key.pem -days 2 -out SRV/ca-cert.pem -extfile ca.ext")
+    L.append("#   ca.ext: basicConstraints=critical,CA:TRUE  keyUsage=critical,keyCertSign,cRLSign  subjectKeyIdentifier=hash")
+    L.append("openssl req -newkey rsa:2048 -nodes -keyout SRV/server-key.pem -out server.csr -subj /CN=localhost")
+    L.append("openssl x509 -req -in server.csr -CA SRV/ca-cert.pem -CAkey ca-key.pem -set_serial 1 -days 2 "
+             "-out SRV/server-cert.pem -extfile server.ext")
+    L.append("#   server.ext: basicConstraints=critical,CA:FALSE  keyUsage=critical,digitalSignature,keyEncipherment")
+    L.append("#               extendedKeyUsage=serverAuth  subjectAltName=DNS:localhost,IP:127.0.0.1")
+    L.append("target/bench/release/flexnbd serve -l 127.0.0.1 -p PORT -f FILE --tls-cert SRV/server-cert.pem "
+             "--tls-key SRV/server-key.pem   # flexnbd-tls (newstyle, TLS required)")
+    L.append("qemu-nbd -f raw -x '' -t -e 0 -b 127.0.0.1 -p PORT --object "
+             "tls-creds-x509,id=tls0,endpoint=server,dir=SRV,verify-peer=off --tls-creds tls0 FILE   # qemu-nbd-tls")
+    L.append("nbdkit -f -i 127.0.0.1 -p PORT --tls=require --tls-certificates=SRV file FILE   # nbdkit-tls")
+    L.append("#   TLS uri for nbdcopy: nbds://127.0.0.1:PORT/?tls-certificates=CLI")
+    L.append("#   for fio: nbds://127.0.0.1:PORT/ with HOME=H, H/.pki/libnbd/ca-cert.pem (fio's nbd engine")
+    L.append("#   refuses URIs naming local files; libnbd then reads the CA from $HOME/.pki/libnbd)")
     L.append("qemu-nbd -f raw -x '' -t -e 0 --aio=io_uring --cache=none -b 127.0.0.1 -p PORT FILE   # qemu-nbd-direct (cold rows)")
     L.append("nbdkit -f -i 127.0.0.1 -p PORT null 1073741824     # nbdkit-null; nbdkit-memory likewise with 'memory'")
     L.append("#   nbd-server.conf:  [generic] listenaddr = 127.0.0.1, port = PORT;  [disk] exportname = FILE")
@@ -1626,6 +1763,11 @@ def write_report(path, ctx, info, results, failures, started, finished):
              "16 times the cap; only that file's pages are dropped, so the other rows' image stays cached). flexnbd and nbdkit read through that small page cache; qemu-nbd runs as its "
              "operators run it on cold storage, `--aio=io_uring --cache=none` (O_DIRECT, no page cache). "
              "The disk's own limits cap every server alike: " + disk_note(ctx) + ".")
+    L.append("- TLS rows: every server requires TLS (STARTTLS on fixed newstyle, x509, no client "
+             "certificate); the client is the same (nbdcopy, or fio's nbd engine) with the same image, "
+             "connections and queue depth as the plaintext rows. The cipher suite is whatever the server and "
+             "libnbd's GnuTLS agree on. `flexnbd` (plaintext newstyle) runs in the same rounds; its ratio "
+             "column is flexnbd-tls ÷ flexnbd, the cost of TLS on our own server.")
     L.append("- The null row is the protocol path's ceiling: no storage work at all for nbdkit, and only an "
              "allocation-map lookup for flexnbd (it cannot serve without a file).")
     L.append("")
@@ -1724,6 +1866,8 @@ def main():
     try:
         log(f"creating images in {ctx.workdir}")
         ctx.image, ctx.sparse_tib = make_images(ctx.workdir)
+        if not only or only & set(TLS_ROWS):
+            TLS.make(ctx.workdir)
         if not only or only & {"coldread", "coldseq"}:
             try:
                 ctx.disk = disk_baseline(ctx)

@@ -196,6 +196,14 @@ async fn outgoing_fault(
     })
 }
 
+/// Writes all of `message` and flushes: over TLS, `write_all` may leave the
+/// last records queued in the session when the socket is full, and the peer
+/// would wait for them forever. A plain socket's flush does nothing.
+async fn write_flushed<W: AsyncWrite + Unpin>(out: &mut W, message: &[u8]) -> io::Result<()> {
+    out.write_all(message).await?;
+    out.flush().await
+}
+
 /// Sends `message` on `out` under a send step's verdict. A cut message
 /// (`close`, `truncate`) shuts `out` down after its prefix.
 pub async fn send<W: AsyncWrite + Unpin>(
@@ -206,7 +214,7 @@ pub async fn send<W: AsyncWrite + Unpin>(
     hang: impl Future<Output = ()>,
 ) -> Result<Sent, SendError> {
     if action.is_pass() {
-        out.write_all(message).await?;
+        write_flushed(out, message).await?;
         return Ok(Sent::Sent);
     }
     let verdict = outgoing_fault(action, key, hang).await?;
@@ -219,7 +227,7 @@ pub async fn send<W: AsyncWrite + Unpin>(
     }
     match verdict.bytes(message) {
         Some(bytes) => {
-            out.write_all(&bytes).await?;
+            write_flushed(out, &bytes).await?;
             Ok(Sent::Sent)
         }
         None => Ok(Sent::Dropped),

@@ -244,6 +244,11 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             if !payload.is_empty() {
                 self.writer.write_all(payload).await?;
             }
+            // Over TLS the last records may still be queued in the session
+            // after write_all (the socket was full): flush them, or the
+            // destination could wait for them while we wait for its reply.
+            // A plain socket's flush does nothing.
+            self.writer.flush().await?;
             Ok::<(), std::io::Error>(())
         };
         match tokio::time::timeout(self.limit, io).await {

@@ -122,6 +122,12 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         if self.filled > 0 {
             self.out.write_all(&self.buf[..self.filled]).await?;
+            // Over TLS, write_all can return with the last records still
+            // queued inside the session (the socket was full); only a flush
+            // pushes them out, and nothing else would before the client's
+            // next request, which may wait for this very reply. On a plain
+            // socket it does nothing.
+            self.out.flush().await?;
             self.filled = 0;
             self.sends += 1;
             // Don't keep a huge buffer alive after one large reply.
@@ -154,6 +160,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         let n = n.min(self.filled);
         self.out.write_all(&self.buf[..n]).await?;
+        self.out.flush().await?;
         self.filled = 0;
         Ok(())
     }
@@ -166,5 +173,63 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.send().await?;
         self.out.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    /// A TLS session over a pipe far smaller than the reply: the socket is
+    /// full for most of the send, so rustls still holds records when the
+    /// last plaintext is accepted.
+    #[tokio::test]
+    async fn a_reply_sent_over_tls_reaches_the_peer_in_full() {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = CertificateDer::from(made.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let (near, far) = tokio::io::duplex(4096);
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near);
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(ServerName::try_from("localhost").unwrap(), far);
+        let (ours, theirs) = tokio::join!(accept, connect);
+        let (ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+
+        let reply: Vec<u8> = (0..1024 * 1024u32).map(|i| i as u8).collect();
+        let expected = reply.clone();
+        let peer = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            theirs.read_exact(&mut got).await.map(|_| got == expected)
+        });
+        let mut w = ReplyWriter::new(ours);
+        w.put(&reply);
+        w.send().await.unwrap();
+        // The writer is kept open: only what `send` pushed out may arrive.
+        let got = tokio::time::timeout(Duration::from_secs(10), peer).await;
+        assert!(
+            matches!(got, Ok(Ok(Ok(true)))),
+            "the peer did not get the whole reply: {got:?}"
+        );
+        drop(w);
     }
 }
