@@ -28,3 +28,4 @@ mod proxy;
 mod resolve;
 mod serve_wire;
 mod slow_disk;
+mod tls_migrate;

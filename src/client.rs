@@ -56,6 +56,8 @@ pub enum ClientError {
     NoTls(String),
     #[error("TLS handshake with the server failed (it must present a certificate for {name:?} signed by the --tls-ca): {source}")]
     TlsHandshake { name: String, source: io::Error },
+    #[error("the server ended the TLS session just after its handshake ({source}); a server that verifies its clients does so when it rejects our certificate or we gave none (--tls-cert/--tls-key)")]
+    TlsRefused { source: io::Error },
     #[error("the server sent a {length}-byte option reply; the limit is {MAX_OPTION_REPLY}")]
     OptionReplyTooLong { length: u32 },
     #[error("the server finished GO without telling the export size")]
@@ -342,6 +344,7 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
         length: 0,
     };
     stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    stream.flush().await.map_err(hs_io)?;
     let (reply, payload) = option_reply(stream).await?;
     if reply.kind != rep::ACK {
         return Err(ClientError::NoTls(format!(
@@ -380,9 +383,29 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         client_flags |= proto::CLIENT_NO_ZEROES;
     }
     stream.write_u32(client_flags).await.map_err(hs_io)?;
-    if let Some(tls) = tls {
-        start_tls(stream, tls).await?;
-    }
+    let Some(tls) = tls else {
+        return choose_export(stream, fixed, no_zeroes).await;
+    };
+    start_tls(stream, tls).await?;
+    // In TLS 1.3 our side of the handshake ends before the server has
+    // checked our certificate: a server that refuses it (or wants one we
+    // do not have) only says so after, by an alert and a close, which may
+    // reach us as a broken pipe rather than as the alert itself.
+    choose_export(stream, fixed, no_zeroes)
+        .await
+        .map_err(|e| match e {
+            ClientError::HandshakeIo(source) => ClientError::TlsRefused { source },
+            other => other,
+        })
+}
+
+/// GO (or EXPORT_NAME when the server is not fixed newstyle) for the
+/// default export.
+async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut Conn<S>,
+    fixed: bool,
+    no_zeroes: bool,
+) -> Result<Export, ClientError> {
     if fixed {
         let data = proto::InfoRequest {
             name: Vec::new(),
@@ -395,6 +418,8 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         };
         stream.write_all(&header.encode()).await.map_err(hs_io)?;
         stream.write_all(&data).await.map_err(hs_io)?;
+        // Over TLS the option may sit in the session's buffer until flushed.
+        stream.flush().await.map_err(hs_io)?;
         let mut export: Option<(u64, u16)> = None;
         loop {
             let (reply, payload) = option_reply(stream).await?;
@@ -435,6 +460,7 @@ pub(crate) async fn newstyle<S: AsyncRead + AsyncWrite + Unpin>(
         length: 0,
     };
     stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    stream.flush().await.map_err(hs_io)?;
     let size = stream.read_u64().await.map_err(hs_io)?;
     let flags = stream.read_u16().await.map_err(hs_io)?;
     if !no_zeroes {

@@ -207,6 +207,8 @@ pub async fn send<W: AsyncWrite + Unpin>(
 ) -> Result<Sent, SendError> {
     if action.is_pass() {
         out.write_all(message).await?;
+        // A TLS stream may hold what it took until flushed.
+        out.flush().await?;
         return Ok(Sent::Sent);
     }
     let verdict = outgoing_fault(action, key, hang).await?;
@@ -220,6 +222,7 @@ pub async fn send<W: AsyncWrite + Unpin>(
     match verdict.bytes(message) {
         Some(bytes) => {
             out.write_all(&bytes).await?;
+            out.flush().await?;
             Ok(Sent::Sent)
         }
         None => Ok(Sent::Dropped),

@@ -244,6 +244,10 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             if !payload.is_empty() {
                 self.writer.write_all(payload).await?;
             }
+            // Over TLS, written bytes may wait in the session's buffer
+            // (taken while the socket was full) until a flush; the reply
+            // this request is waited for by would never come.
+            self.writer.flush().await?;
             Ok::<(), std::io::Error>(())
         };
         match tokio::time::timeout(self.limit, io).await {

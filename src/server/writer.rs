@@ -122,6 +122,10 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         if self.filled > 0 {
             self.out.write_all(&self.buf[..self.filled]).await?;
+            // TLS takes bytes into its own buffer when the socket is full
+            // and sends them only on a later write or a flush: without one,
+            // the last replies of a burst could wait there for good.
+            self.out.flush().await?;
             self.filled = 0;
             self.sends += 1;
             // Don't keep a huge buffer alive after one large reply.
@@ -154,6 +158,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         let n = n.min(self.filled);
         self.out.write_all(&self.buf[..n]).await?;
+        self.out.flush().await?;
         self.filled = 0;
         Ok(())
     }
