@@ -245,8 +245,8 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 self.writer.write_all(payload).await?;
             }
             // Over TLS, written bytes may wait in the session's buffer
-            // (taken while the socket was full) until a flush; the reply
-            // this request is waited for by would never come.
+            // (taken while the socket was full) until a flush: the
+            // destination would never see the request, nor answer it.
             self.writer.flush().await?;
             Ok::<(), std::io::Error>(())
         };
