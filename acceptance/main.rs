@@ -29,3 +29,4 @@ mod resolve;
 mod serve_wire;
 mod slow_disk;
 mod tls;
+mod tls_migrate;

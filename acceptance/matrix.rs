@@ -106,6 +106,7 @@ use flexnbd::proto::{self, Request, SimpleReply};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{Rng, RngExt, SeedableRng};
 
+use crate::certs::Pki;
 use crate::harness::*;
 
 const KIB: u64 = 1024;
@@ -494,6 +495,9 @@ struct Scenario {
     seed: u64,
     /// How long the source may take to finish the migration.
     settle: Duration,
+    /// Both ends on TLS: `listen` presents a certificate (and so speaks
+    /// newstyle, TLS required) and `mirror` verifies it with `--tls-ca`.
+    tls: bool,
 }
 
 fn classify(spec: &StepSpec, occurrence: u32, act: Act, unlink: bool) -> Expect {
@@ -584,6 +588,7 @@ fn matrix(side: Side) -> Vec<Scenario> {
                         hot_blocks: 0,
                         seed,
                         settle: Duration::from_secs(10) + stall_cost(spec.key, act),
+                        tls: false,
                     });
                 }
             }
@@ -1141,7 +1146,7 @@ fn terminate(p: &mut Flexnbd, what: &str) -> Result<(i32, bool), String> {
     }
 }
 
-fn listen_args(port: u16, file: &Path, sock: &Path, plan: &str) -> Vec<String> {
+fn listen_args(port: u16, file: &Path, sock: &Path, plan: &str, tls: Option<&Pki>) -> Vec<String> {
     let mut args: Vec<String> = [
         "listen",
         "-l",
@@ -1153,12 +1158,16 @@ fn listen_args(port: u16, file: &Path, sock: &Path, plan: &str) -> Vec<String> {
         "-s",
         sock.to_str().unwrap(),
         "-v",
-        // So holes travel as WRITE_ZEROES and its steps are in the matrix.
-        "--oldstyle-extra-flags",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match tls {
+        // TLS means newstyle, which advertises WRITE_ZEROES anyway.
+        Some(pki) => args.extend(pki.server_args()),
+        // So holes travel as WRITE_ZEROES and its steps are in the matrix.
+        None => args.push("--oldstyle-extra-flags".into()),
+    }
     if !plan.is_empty() {
         args.push("--faults".into());
         args.push(plan.into());
@@ -1192,11 +1201,12 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
     let dsock = dir.join("dst.sock");
     let ssock = dir.join("src.sock");
     let marker = PathBuf::from(format!("{}.INCOMPLETE", dst.display()));
+    let pki = s.tls.then(|| Pki::new(&dir.path));
 
     let mut notes: Vec<String> = Vec::new();
     let mut dests: Vec<Flexnbd> = vec![Flexnbd::spawn(
         &dir,
-        &listen_args(0, &dst, &dsock, &s.dest_plan),
+        &listen_args(0, &dst, &dsock, &s.dest_plan, pki.as_ref()),
     )];
     let port = dests[0].port();
     let mut sargs = server_args("serve", &src, Some(&ssock), &[]);
@@ -1233,6 +1243,8 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
     if s.unlink {
         margs.push("--unlink");
     }
+    let tls_args = pki.as_ref().map(Pki::client_args).unwrap_or_default();
+    margs.extend(tls_args.iter().map(String::as_str));
     let mirror = run_tool(BIN, &margs, Duration::from_secs(60));
     let mirror_code = mirror.status.code().unwrap_or(-1);
     let mirror_out = format!(
@@ -1270,7 +1282,10 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
                     // file, without faults, so the source's retries land.
                     restarts += 1;
                     notes.push(format!("destination restarted after {st}"));
-                    dests.push(Flexnbd::spawn(&dir, &listen_args(port, &dst, &dsock, "")));
+                    dests.push(Flexnbd::spawn(
+                        &dir,
+                        &listen_args(port, &dst, &dsock, "", pki.as_ref()),
+                    ));
                     continue;
                 }
             }
@@ -1508,6 +1523,21 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         }
     }
 
+    // Over TLS, every attempt that got through its handshake did so in TLS
+    // (the destination requires it, and the source never falls back).
+    if s.tls {
+        let connected = source_log.matches(" handshake, TLS, flags").count();
+        let any = source_log
+            .lines()
+            .filter(|l| l.contains("migration attempt") && l.contains(" connected to "))
+            .count();
+        if connected != any || (mirror_code == 0 && connected == 0) {
+            failures.push(format!(
+                "{any} migration attempts connected but {connected} of them over TLS (mirror exit {mirror_code})"
+            ));
+        }
+    }
+
     // (5) no panic; exit statuses.
     if source_log.contains("panicked") || dest_log_all.contains("panicked") {
         failures.push("a process panicked".into());
@@ -1736,6 +1766,53 @@ fn matrix_source_faults() {
     run_all("source", matrix(Side::Source));
 }
 
+/// Scenarios of each side run again with both ends on TLS. A fixed
+/// selection (by a hash of the name, so it stays put as steps are added
+/// elsewhere) of the quick ones: a stalled connection step only waits out
+/// the same timeouts over TLS as without it.
+fn tls_subset() -> Vec<Scenario> {
+    [Side::Dest, Side::Source]
+        .into_iter()
+        .flat_map(matrix)
+        .filter(|s| s.settle <= Duration::from_secs(10) && fnv(&s.name).is_multiple_of(TLS_ONE_IN))
+        .map(|mut s| {
+            s.name = format!("tls {}", s.name);
+            s.tls = true;
+            s
+        })
+        .collect()
+}
+
+/// One quick scenario in this many runs over TLS as well.
+const TLS_ONE_IN: u64 = 11;
+
+#[test]
+fn matrix_over_tls() {
+    let subset = tls_subset();
+    let of = |side: &str| {
+        subset
+            .iter()
+            .filter(|s| s.name.starts_with(&format!("tls {side} ")))
+            .count()
+    };
+    let power = subset
+        .iter()
+        .filter(|s| s.dest_plan.contains("powercut") || s.source_plan.contains("powercut"))
+        .count();
+    println!(
+        "matrix over TLS: {} scenarios ({} destination, {} source, {power} with power loss)",
+        subset.len(),
+        of("dest"),
+        of("source")
+    );
+    assert!(
+        (40..=60).contains(&subset.len()) && of("dest") >= 15 && of("source") >= 15,
+        "the TLS subset should hold 40 to 60 scenarios from both sides"
+    );
+    assert!(power >= 8, "only {power} TLS scenarios with power loss");
+    run_all("over TLS", subset);
+}
+
 // ---------------------------------------------------------------- sweep
 
 mod sweep {
@@ -1933,6 +2010,7 @@ mod sweep {
             hot_blocks: if r.hot { 64 } else { 0 },
             seed: r.data_seed,
             settle: budget.unwrap_or(Duration::from_secs(12)),
+            tls: false,
         }
     }
 

@@ -344,6 +344,7 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
         length: 0,
     };
     stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    stream.flush().await.map_err(hs_io)?;
     let (reply, payload) = option_reply(stream).await?;
     if reply.kind != rep::ACK {
         return Err(ClientError::NoTls(format!(
@@ -430,6 +431,8 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
         };
         stream.write_all(&header.encode()).await.map_err(hs_io)?;
         stream.write_all(&data).await.map_err(hs_io)?;
+        // Over TLS the option may sit in the session's buffer until flushed.
+        stream.flush().await.map_err(hs_io)?;
         let mut export: Option<(u64, u16)> = None;
         loop {
             let (reply, payload) = option_reply(stream).await?;
@@ -470,6 +473,7 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
         length: 0,
     };
     stream.write_all(&header.encode()).await.map_err(hs_io)?;
+    stream.flush().await.map_err(hs_io)?;
     let size = stream.read_u64().await.map_err(hs_io)?;
     let flags = stream.read_u16().await.map_err(hs_io)?;
     if !no_zeroes {

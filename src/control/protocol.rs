@@ -263,4 +263,63 @@ mod tests {
         assert_eq!(ok.target, "[::1]:10809".parse().unwrap());
         assert_eq!((ok.action, ok.max_bps), (MirrorAction::Unlink, Some(1000)));
     }
+
+    #[test]
+    fn mirror_tls_lines_fill_the_client_files_and_do_not_count_as_positional() {
+        let ok = parse_mirror(&v(&[
+            "127.0.0.1",
+            "10809",
+            "exit",
+            "0",
+            "1000",
+            "tls-ca=/pki/ca.pem",
+            "tls-cert=/pki/client cert.pem",
+            "tls-key=/pki/client-key.pem",
+            "tls-hostname=dest.example",
+        ]))
+        .unwrap();
+        assert_eq!(ok.max_bps, Some(1000));
+        assert_eq!(
+            ok.tls,
+            crate::tls::ClientFiles {
+                ca: Some("/pki/ca.pem".into()),
+                cert: Some("/pki/client cert.pem".into()),
+                key: Some("/pki/client-key.pem".into()),
+                hostname: Some("dest.example".into()),
+            }
+        );
+        // Only what is given is set; a value may itself hold '='.
+        let ca_only = parse_mirror(&v(&["127.0.0.1", "1", "tls-ca=/a=b.pem"])).unwrap();
+        assert_eq!(
+            ca_only.tls,
+            crate::tls::ClientFiles {
+                ca: Some("/a=b.pem".into()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(ca_only.action, MirrorAction::Exit);
+        let plain = parse_mirror(&v(&["127.0.0.1", "1"])).unwrap();
+        assert!(!plain.tls.any(), "no tls- line means no TLS: {plain:?}");
+    }
+
+    #[test]
+    fn bad_mirror_tls_lines_are_refused_with_what_was_expected() {
+        assert_eq!(
+            parse_mirror(&v(&["127.0.0.1", "1", "tls-ca"])),
+            Err("a TLS parameter to mirror must be tls-NAME=VALUE")
+        );
+        assert_eq!(
+            parse_mirror(&v(&["127.0.0.1", "1", "tls-key="])),
+            Err("a TLS parameter to mirror has an empty value")
+        );
+        assert_eq!(
+            parse_mirror(&v(&["127.0.0.1", "1", "tls-crl=/x"])),
+            Err("unrecognised TLS parameter to mirror (known: tls-ca, tls-cert, tls-key, tls-hostname)")
+        );
+        // TLS lines cannot stand in for the two positional parameters.
+        assert_eq!(
+            parse_mirror(&v(&["127.0.0.1", "tls-ca=/ca.pem"])),
+            Err("mirror takes at least two parameters")
+        );
+    }
 }
