@@ -122,6 +122,9 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         if self.filled > 0 {
             self.out.write_all(&self.buf[..self.filled]).await?;
+            // TLS keeps what the socket did not take yet until a flush, and
+            // the client waits for all of it (free on a plain socket).
+            self.out.flush().await?;
             self.filled = 0;
             self.sends += 1;
             // Don't keep a huge buffer alive after one large reply.
@@ -154,6 +157,7 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         self.drop_lost();
         let n = n.min(self.filled);
         self.out.write_all(&self.buf[..n]).await?;
+        self.out.flush().await?;
         self.filled = 0;
         Ok(())
     }
