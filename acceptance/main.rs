@@ -25,6 +25,7 @@ mod migrate;
 mod newstyle;
 mod peers;
 mod proxy;
+mod proxy_tls;
 mod resolve;
 mod serve_wire;
 mod slow_disk;

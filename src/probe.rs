@@ -142,6 +142,13 @@ impl StoreStep {
 /// Receives every protocol step and decides what happens to its message.
 pub trait Probe: Send + Sync + 'static {
     fn step(&self, step: Step) -> Action;
+
+    /// The key under which this probe decides `step`, for the message of a
+    /// fault that fired (a probe that announces the steps for another side
+    /// names them its own way).
+    fn key(&self, step: Step) -> String {
+        step.key()
+    }
 }
 
 /// The production probe: every step passes.

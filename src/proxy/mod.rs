@@ -5,7 +5,12 @@
 //!
 //! One downstream client at a time, one request in flight. Downstream the
 //! proxy speaks oldstyle, with a greeting built from the latest upstream
-//! greeting. Each request is saved whole (header and payload) and sent
+//! greeting; with downstream TLS (`--tls-cert`) it speaks fixed newstyle
+//! instead, through the server's own negotiation, offering the upstream's
+//! size and flags less CAN_MULTI_CONN (one client at a time: a second
+//! connection would wait for the first to leave) and only simple replies.
+//! Upstream TLS (`--upstream-tls-ca`) starts TLS on every connection to the
+//! upstream, reconnections included, and never falls back to plaintext. Each request is saved whole (header and payload) and sent
 //! upstream; after any upstream failure (EOF, I/O error, bad reply magic, or
 //! longer than the upstream timeout in one state) the proxy reconnects and
 //! sends the same bytes again. Differences from the C proxy, each fixing one
@@ -26,7 +31,8 @@
 //! the current session ends.
 //!
 //! Fault plans (`proxy.*` keys) are announced at each step. Downstream:
-//! `accept`, `greeting_send`, `request_received.<cmd>`,
+//! `accept`, `greeting_send`, with newstyle `option_received.<n>` and
+//! `option_reply_send.<n>`, `request_received.<cmd>`,
 //! `payload_received.<cmd>`, `reply_send.<cmd>`; upstream: `connect`,
 //! `greeting_received`, `request_send.<cmd>`, `reply_received.<cmd>`. What
 //! each action does:
@@ -38,7 +44,8 @@
 //!   `drop` skips the message (a dropped greeting or reply is never sent, a
 //!   dropped request is read and ignored: it gets no reply); `corrupt` sends
 //!   a message with its magic damaged, and on a receive step acts as a bad
-//!   request magic (the session ends).
+//!   request magic (the session ends). During a newstyle negotiation the
+//!   server's rules apply: `hang` lasts until the handshake timeout.
 //! * Upstream `close`, `truncate(N)` (N bytes sent first) and `corrupt` on a
 //!   received message count as an upstream failure: reconnect and resend.
 //!   `corrupt` on `request_send` sends the request with a damaged magic.
@@ -56,12 +63,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::fault_apply::{self, How, Incoming, SendError};
-use crate::probe::{Action, PlanProbe};
-use crate::proto::{self, cmd, Request, SimpleReply};
+use crate::probe::{Action, PlanProbe, Probe, Step};
+use crate::proto::{self, cmd, flags, Request, SimpleReply};
+use crate::server::{negotiate, NegotiateError, Offer};
 use crate::signals::Signals;
+use crate::tls::{ClientTls, Conn, ServerTls};
 use crate::transport::{Listener, Transport};
 use crate::{error, info, warn};
 
@@ -77,6 +86,11 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause after a failed upstream connection attempt.
 pub const COOL_DOWN: Duration = Duration::from_secs(3);
+/// A downstream client that has not chosen the export by then is dropped
+/// (newstyle only; the server's default).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a TLS client to take our close_notify.
+const TLS_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The environment variable that overrides the upstream timeout.
 pub const UPSTREAM_TIMEOUT_ENV: &str = "FLEXNBD_UPSTREAM_TIMEOUT";
 
@@ -99,7 +113,10 @@ pub struct Options {
     /// A fault plan; `None` spends nothing on faults.
     pub faults: Option<PlanProbe>,
     /// TLS towards the upstream server.
-    pub upstream_tls: Option<Arc<crate::tls::ClientTls>>,
+    pub upstream_tls: Option<Arc<ClientTls>>,
+    /// TLS for the downstream client; the downstream greeting is then
+    /// fixed newstyle.
+    pub downstream_tls: Option<Arc<ServerTls>>,
 }
 
 /// The upstream timeout from `FLEXNBD_UPSTREAM_TIMEOUT` (a positive integer
@@ -128,6 +145,28 @@ impl Faults {
             Some(probe) => probe.named("proxy", &step()),
         }
     }
+}
+
+/// The server's negotiation announces its steps through this: they are
+/// the proxy's (`proxy.greeting_send`, `proxy.option_received.<n>`, ...).
+impl Probe for Faults {
+    fn step(&self, step: Step) -> Action {
+        self.at(|| step.name())
+    }
+
+    fn key(&self, step: Step) -> String {
+        key(|| step.name())
+    }
+}
+
+/// The transmission flags of a newstyle downstream: the upstream's, less
+/// what this proxy cannot honour. One client at a time means no
+/// multi-connection (a client opening a second connection would wait for
+/// a greeting forever), and simple replies only mean no DF.
+pub fn newstyle_flags(upstream: u32) -> u16 {
+    // Oldstyle upstream flags are 32 bits; the transmission flags are the
+    // low 16.
+    (upstream as u16 | flags::HAS_FLAGS) & !(flags::CAN_MULTI_CONN | flags::SEND_DF)
 }
 
 /// A `proxy.*` step's whole key, for fault messages (only built once a
@@ -179,6 +218,7 @@ pub async fn run<T: Transport>(transport: T, options: Options) -> u8 {
         upstream,
         cache: Cache::new(options.cache),
         faults,
+        tls: options.downstream_tls,
     };
     let signal = match listener {
         DownListener::Tcp(mut l) => {
@@ -259,16 +299,49 @@ struct Proxy<T: Transport> {
     upstream: Upstream<T>,
     cache: Cache,
     faults: Faults,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl<T: Transport> Proxy<T> {
-    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(&mut self, mut down: S, peer: &str) {
+    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: S, peer: &str) {
         info!("client {peer} connected");
+        let mut down = Conn::Plain(down);
         match self.session(&mut down).await {
             End::Normal(why) => info!("session with {peer} ended: {why}"),
             End::Abnormal(why) => warn!("session with {peer} ended: {why}"),
         }
+        if down.is_tls() {
+            // TLS peers expect close_notify before the socket closes; one
+            // that does not read does not get to hold the proxy.
+            let _ = tokio::time::timeout(TLS_CLOSE_TIMEOUT, down.shutdown()).await;
+        }
         // Dropping `down` closes the downstream socket; upstream stays.
+    }
+
+    /// The greeting, or with TLS the whole newstyle negotiation; `Some`
+    /// when the session must end before transmission.
+    async fn greet<S: AsyncRead + AsyncWrite + Unpin>(&self, down: &mut Conn<S>) -> Option<End> {
+        let Some(tls) = &self.tls else {
+            let greeting = proto::oldstyle_greeting(self.upstream.size, self.upstream.flags);
+            return send_message(down, &self.faults, || "greeting_send".into(), &greeting).await;
+        };
+        let offer = Offer {
+            size: self.upstream.size,
+            flags: newstyle_flags(self.upstream.flags),
+            structured: false,
+        };
+        let negotiation = negotiate(down, offer, &self.faults, Some(tls));
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiation).await {
+            Ok(Ok(_simple_replies_only)) => None,
+            Ok(Err(NegotiateError::Aborted)) => {
+                Some(End::Normal("the client aborted the negotiation".into()))
+            }
+            Ok(Err(e)) => Some(End::Abnormal(format!("negotiation failed: {e}"))),
+            Err(_) => Some(End::Abnormal(format!(
+                "the client chose no export within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// The plan's verdict on a message just received from the client:
@@ -291,7 +364,7 @@ impl<T: Transport> Proxy<T> {
         }
     }
 
-    async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut S) -> End {
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut Conn<S>) -> End {
         let accept = || "accept".to_string();
         let verdict = self.faults.at(accept);
         // Hung: reading and discarding needs `down`, so it is done here.
@@ -303,10 +376,7 @@ impl<T: Transport> Proxy<T> {
                 _ => End::Abnormal(format!("closed at accept ({ended})")),
             };
         }
-        let greeting = proto::oldstyle_greeting(self.upstream.size, self.upstream.flags);
-        if let Some(end) =
-            send_message(down, &self.faults, || "greeting_send".into(), &greeting).await
-        {
+        if let Some(end) = self.greet(down).await {
             return end;
         }
         loop {
@@ -443,7 +513,12 @@ async fn send_message<S: AsyncWrite + AsyncRead + Unpin>(
     )
     .await
     {
-        Ok(_sent_or_dropped) => None,
+        // TLS keeps what the socket did not take yet until a flush; the
+        // client waits for all of it before it sends anything more.
+        Ok(_sent_or_dropped) => match down.flush().await {
+            Ok(()) => None,
+            Err(e) => Some(End::Abnormal(format!("writing to the client: {e}"))),
+        },
         Err(SendError::Io(e)) => Some(End::Abnormal(format!("writing to the client: {e}"))),
         Err(SendError::Fault(ended)) if ended.how == How::Hung => Some(hang(down).await),
         Err(SendError::Fault(ended)) => Some(End::Abnormal(ended.to_string())),

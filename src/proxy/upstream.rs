@@ -233,14 +233,23 @@ impl<T: Transport> Upstream<T> {
             Ok(Outgoing::Cut { keep, ended }) => {
                 // The caller drops the stream, which closes it.
                 let prefix = &request[..keep.min(request.len())];
-                let _ = tokio::time::timeout(timeout, stream.write_all(prefix)).await;
+                let send = async {
+                    stream.write_all(prefix).await?;
+                    stream.flush().await
+                };
+                let _ = tokio::time::timeout(timeout, send).await;
                 return Err(ended.to_string());
             }
             // Dropped: the reply never comes and the timeout notices.
             Ok(verdict) => verdict.bytes(request),
         };
         if let Some(message) = message {
-            match tokio::time::timeout(timeout, stream.write_all(&message)).await {
+            // TLS keeps what the socket did not take yet until a flush.
+            let send = async {
+                stream.write_all(&message).await?;
+                stream.flush().await
+            };
+            match tokio::time::timeout(timeout, send).await {
                 Err(_) => {
                     return Err(format!(
                         "sending the request took longer than {} s",
@@ -312,7 +321,7 @@ async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut Conn<S>,
     tls: Option<&ClientTls>,
 ) -> Result<(u64, u32), String> {
-    use crate::client::{self, GreetingStart};
+    use crate::client::{self, ClientError, GreetingStart};
     match client::read_greeting_start(stream)
         .await
         .map_err(|e| e.to_string())?
@@ -322,9 +331,16 @@ async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(
         ),
         GreetingStart::Oldstyle { size, flags } => Ok((size, flags)),
         GreetingStart::Newstyle => {
-            let export = client::newstyle(stream, tls)
-                .await
-                .map_err(|e| e.to_string())?;
+            let export = client::newstyle(stream, tls).await.map_err(|e| match e {
+                // The client's own wording names `flexnbd read`'s flags.
+                ClientError::TlsRequired { option, message } => format!(
+                    "the upstream requires TLS (it answered option {option} with NBD_REP_ERR_TLS_REQD{message}): give --upstream-tls-ca"
+                ),
+                ClientError::TlsHandshake { name, source } => format!(
+                    "TLS handshake with the upstream failed (it must present a certificate for {name:?} signed by the --upstream-tls-ca): {source}"
+                ),
+                other => other.to_string(),
+            })?;
             Ok((export.size, u32::from(export.flags)))
         }
     }

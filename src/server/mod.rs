@@ -22,6 +22,7 @@ use crate::transport::{Listener, Transport};
 use crate::{debug, error, info, warn};
 
 pub use negotiate::Negotiated;
+pub(crate) use negotiate::{negotiate, NegotiateError, Offer};
 
 /// Which greeting the server sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

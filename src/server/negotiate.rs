@@ -8,13 +8,36 @@ use super::transmission_flags;
 use crate::fault_apply::{self, Ended, Incoming, SendError};
 use crate::probe::{Probe, Step};
 use crate::proto::{self, opt, rep, HandshakeError, InfoRequest, MetaContextRequest, OptionHeader};
-use crate::store::Image;
 use crate::tls::{Conn, Policy, ServerTls};
 use crate::{debug, info, warn};
 
 /// At most this many options before transmission; a client that keeps
 /// sending options forever is dropped.
 pub const MAX_OPTIONS: u32 = 256;
+
+/// What the negotiation offers: the export, and whether the transmission
+/// phase can speak more than simple replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub size: u64,
+    /// Transmission flags; SEND_DF is added when structured replies are
+    /// negotiated.
+    pub flags: u16,
+    /// Structured replies and `base:allocation` can be negotiated. A proxy
+    /// that forwards simple replies only answers them as unsupported.
+    pub structured: bool,
+}
+
+impl Offer {
+    /// An image served by this server: every flag and option we implement.
+    pub fn image(size: u64) -> Offer {
+        Offer {
+            size,
+            flags: transmission_flags(false),
+            structured: true,
+        }
+    }
+}
 
 /// What a client negotiated for its transmission phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,7 +92,7 @@ impl From<SendError> for NegotiateError {
 
 struct Negotiation<'a, S, P> {
     stream: &'a mut Conn<S>,
-    image: &'a Image,
+    offer: Offer,
     probe: &'a P,
     fixed: bool,
     no_zeroes: bool,
@@ -89,7 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
         // on. A hung handshake is ended by the handshake timeout around it.
         let _sent_or_dropped = fault_apply::send(
             self.probe.step(step),
-            || step.key(),
+            || self.probe.key(step),
             self.stream,
             &out,
             std::future::pending(),
@@ -156,7 +179,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
     }
 
     fn export_flags(&self) -> u16 {
-        transmission_flags(self.done.structured)
+        if self.done.structured {
+            self.offer.flags | proto::flags::SEND_DF
+        } else {
+            self.offer.flags
+        }
     }
 }
 
@@ -185,7 +212,7 @@ async fn read_all<S: AsyncRead + Unpin>(
 /// client enters transmission (EXPORT_NAME or a successful GO).
 pub async fn negotiate<S, P>(
     stream: &mut Conn<S>,
-    image: &Image,
+    offer: Offer,
     probe: &P,
     tls: Option<&ServerTls>,
 ) -> Result<Negotiated, NegotiateError>
@@ -198,7 +225,7 @@ where
     // handshake is ended by the handshake timeout around it.
     let _sent_or_dropped = fault_apply::send(
         probe.step(Step::GreetingSend),
-        || Step::GreetingSend.key(),
+        || probe.key(Step::GreetingSend),
         stream,
         &greeting,
         std::future::pending(),
@@ -215,7 +242,7 @@ where
     }
     let mut n = Negotiation {
         stream,
-        image,
+        offer,
         probe,
         fixed: client_flags & proto::CLIENT_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & proto::CLIENT_NO_ZEROES != 0,
@@ -247,7 +274,8 @@ where
         .await?;
         let step = Step::OptionReceived { option };
         let verdict =
-            fault_apply::incoming(probe.step(step), || step.key(), std::future::pending()).await?;
+            fault_apply::incoming(probe.step(step), || probe.key(step), std::future::pending())
+                .await?;
         if verdict == Incoming::Ignore {
             debug!("option {option} ignored (fault injection)");
             continue;
@@ -279,7 +307,7 @@ where
         }
         match option {
             opt::EXPORT_NAME => {
-                let reply = proto::export_name_reply(n.image.size(), n.export_flags(), n.no_zeroes);
+                let reply = proto::export_name_reply(n.offer.size, n.export_flags(), n.no_zeroes);
                 n.out.extend_from_slice(&reply);
                 n.send(option).await?;
                 info!(
@@ -310,7 +338,7 @@ where
                         continue;
                     }
                 };
-                let export = proto::info_export(n.image.size(), n.export_flags());
+                let export = proto::info_export(n.offer.size, n.export_flags());
                 proto::put_option_reply(&mut n.out, option, rep::INFO, &export);
                 let sizes = proto::info_block_size(
                     proto::MIN_BLOCK,
@@ -331,6 +359,16 @@ where
                     );
                     return Ok(n.done);
                 }
+            }
+            opt::STRUCTURED_REPLY | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT
+                if !n.offer.structured =>
+            {
+                n.error(
+                    option,
+                    rep::ERR_UNSUP,
+                    "only simple replies are offered here",
+                )
+                .await?;
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {

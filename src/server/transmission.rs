@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader}
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::negotiate::{negotiate, NegotiateError, Negotiated};
+use super::negotiate::{negotiate, NegotiateError, Negotiated, Offer};
 use super::writer::ReplyWriter;
 use super::{oldstyle_flags, HandshakeMode, Shared};
 use crate::fault_apply::{self, Ended, How, Incoming, SendError};
@@ -140,7 +140,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
                 limit,
                 negotiate(
                     &mut stream,
-                    &image,
+                    Offer::image(image.size()),
                     &*shared.probe,
                     shared.config.tls.as_deref(),
                 ),
