@@ -24,7 +24,7 @@ use predicates::prelude::*;
 use crate::certs::Pki;
 use crate::harness::{
     assert_tool, pattern, read_file_range, run_ok, run_tool, run_tool_with_input, send_option,
-    Flexnbd, RawClient, TempDir, BIN, WAIT,
+    wait_for, Flexnbd, RawClient, TempDir, BIN, WAIT,
 };
 
 const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
@@ -615,6 +615,16 @@ impl SlowTlsClient {
         c
     }
 
+    /// Waits until the proxy's side of this connection holds at least
+    /// 64 KiB the kernel could not deliver (our 4 KiB window is full).
+    fn wait_for_backed_up_proxy(&self) {
+        let ours = self.tls.sock.local_addr().expect("local address").port();
+        let theirs = self.tls.sock.peer_addr().expect("peer address").port();
+        wait_for("the proxy's send queue to back up", WAIT, || {
+            (send_queue(theirs, ours)? >= 64 * 1024).then_some(())
+        });
+    }
+
     fn send(&mut self, bytes: &[u8]) {
         use std::io::Write;
         self.tls.write_all(bytes).expect("send over TLS");
@@ -629,6 +639,20 @@ impl SlowTlsClient {
             .unwrap_or_else(|e| panic!("reading {n} bytes over TLS: {e}"));
         b
     }
+}
+
+/// Bytes queued for sending on the loopback IPv4 connection from
+/// `local_port` to `remote_port`, from /proc/net/tcp (`tx_queue`, hex).
+fn send_queue(local_port: u16, remote_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || port(f[1])? != local_port || port(f[2])? != remote_port {
+            return None;
+        }
+        u64::from_str_radix(f[4].split(':').next()?, 16).ok()
+    })
 }
 
 #[test]
@@ -647,11 +671,11 @@ fn large_reads_reach_a_slow_tls_client_whole() {
     {
         let handle = 0x1000 + i as u64;
         c.send(&proto::Request::new(proto::cmd::READ, 0, handle, offset, len).encode());
-        // Not a synchronisation: nothing waits for anything here, and the
-        // outcome is the same for any pause. Reading late makes the proxy's
-        // socket full when it hands over the end of the reply, the case in
-        // which the end stays in its TLS session unless it is flushed.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Read only once the proxy's socket is backed up, so that its
+        // writes meet a full socket (a 4 KiB reply fits in the window).
+        if u64::from(len) > MIB {
+            c.wait_for_backed_up_proxy();
+        }
         let h: [u8; 16] = c.read(16).try_into().unwrap();
         let reply = proto::SimpleReply::decode(&h);
         assert_eq!((reply.error, reply.handle), (0, handle), "read {i}");

@@ -319,6 +319,34 @@ mod tests {
         (r, out)
     }
 
+    /// Over TLS a message bigger than the pipe leaves records inside the
+    /// session when `write_all` returns; `send` must push them out, or a
+    /// peer waiting for the whole message waits for good. Both the plain
+    /// path and a fault's changed bytes (`corrupt`) go through it.
+    #[tokio::test]
+    async fn a_message_sent_over_tls_reaches_the_peer_in_full() {
+        use tokio::io::AsyncReadExt;
+        for action in [Action::Pass, Action::Corrupt] {
+            let (mut ours, mut theirs) = crate::tls::test_pair(4096).await;
+            let message: Vec<u8> = (0..1024 * 1024u32).map(|i| i as u8).collect();
+            let len = message.len();
+            let peer = tokio::spawn(async move {
+                let mut got = vec![0; len];
+                theirs.read_exact(&mut got).await.map(|_| got)
+            });
+            let r = send(action, key, &mut ours, &message, std::future::ready(())).await;
+            assert_eq!(r.unwrap(), Sent::Sent);
+            // `ours` stays open: only what `send` pushed out may arrive.
+            let got = tokio::time::timeout(Duration::from_secs(10), peer).await;
+            let got = match got {
+                Ok(Ok(Ok(bytes))) => bytes,
+                other => panic!("{action:?}: the peer did not get the whole message: {other:?}"),
+            };
+            assert_eq!(got[1..], message[1..], "{action:?}");
+            drop(ours);
+        }
+    }
+
     #[tokio::test]
     async fn send_does_what_each_action_says() {
         let (r, out) = sent(Action::Pass).await;

@@ -505,3 +505,37 @@ impl<S: Stream> AsyncWrite for ConnWrite<S> {
         }
     }
 }
+
+/// A TLS session between two ends of an in-memory pipe of `capacity`
+/// bytes, for tests of what a sender leaves inside the session.
+#[cfg(test)]
+pub(crate) async fn test_pair(
+    capacity: usize,
+) -> (
+    tokio_rustls::server::TlsStream<tokio::io::DuplexStream>,
+    tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+) {
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = CertificateDer::from(made.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (near, far) = tokio::io::duplex(capacity);
+    let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near);
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("localhost").unwrap(), far);
+    let (ours, theirs) = tokio::join!(accept, connect);
+    (ours.unwrap(), theirs.unwrap())
+}

@@ -513,12 +513,8 @@ async fn send_message<S: AsyncWrite + AsyncRead + Unpin>(
     )
     .await
     {
-        // TLS keeps what the socket did not take yet until a flush; the
-        // client waits for all of it before it sends anything more.
-        Ok(_sent_or_dropped) => match down.flush().await {
-            Ok(()) => None,
-            Err(e) => Some(End::Abnormal(format!("writing to the client: {e}"))),
-        },
+        // (`send` flushes, so nothing stays inside a TLS session.)
+        Ok(_sent_or_dropped) => None,
         Err(SendError::Io(e)) => Some(End::Abnormal(format!("writing to the client: {e}"))),
         Err(SendError::Fault(ended)) if ended.how == How::Hung => Some(hang(down).await),
         Err(SendError::Fault(ended)) => Some(End::Abnormal(ended.to_string())),

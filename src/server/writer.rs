@@ -179,10 +179,8 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     use tokio::io::AsyncReadExt;
 
     /// A TLS session over a pipe far smaller than the reply: the socket is
@@ -190,30 +188,7 @@ mod tests {
     /// last plaintext is accepted.
     #[tokio::test]
     async fn a_reply_sent_over_tls_reaches_the_peer_in_full() {
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let cert = CertificateDer::from(made.cert.der().to_vec());
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-
-        let (near, far) = tokio::io::duplex(4096);
-        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near);
-        let connect = tokio_rustls::TlsConnector::from(Arc::new(client))
-            .connect(ServerName::try_from("localhost").unwrap(), far);
-        let (ours, theirs) = tokio::join!(accept, connect);
-        let (ours, mut theirs) = (ours.unwrap(), theirs.unwrap());
+        let (ours, mut theirs) = crate::tls::test_pair(4096).await;
 
         let reply: Vec<u8> = (0..1024 * 1024u32).map(|i| i as u8).collect();
         let expected = reply.clone();
