@@ -74,26 +74,22 @@ pub const C_OLDSTYLE_FLAGS: u16 = flags::HAS_FLAGS | flags::SEND_FLUSH | flags::
 /// served either way: the flags only tell clients they may send them.
 pub fn oldstyle_flags(extra: bool) -> u16 {
     if extra {
-        transmission_flags(false)
+        transmission_flags()
     } else {
         C_OLDSTYLE_FLAGS
     }
 }
 
-/// The transmission flags we really support, for a connection that did
-/// (or did not) negotiate structured replies.
-pub fn transmission_flags(structured: bool) -> u16 {
-    let mut f = flags::HAS_FLAGS
+/// The transmission flags we really support with simple replies (the
+/// negotiation adds SEND_DF once structured replies are chosen).
+pub fn transmission_flags() -> u16 {
+    flags::HAS_FLAGS
         | flags::SEND_FLUSH
         | flags::SEND_FUA
         | flags::SEND_TRIM
         | flags::SEND_WRITE_ZEROES
         | flags::CAN_MULTI_CONN
-        | flags::SEND_CACHE;
-    if structured {
-        f |= flags::SEND_DF;
-    }
-    f
+        | flags::SEND_CACHE
 }
 
 /// One connected client, as the registry sees it.

@@ -33,7 +33,7 @@ impl Offer {
     pub fn image(size: u64) -> Offer {
         Offer {
             size,
-            flags: transmission_flags(false),
+            flags: transmission_flags(),
             structured: true,
         }
     }
