@@ -34,6 +34,12 @@ const MAX: u32 = 32 * 1024 * 1024;
 /// Starts `flexnbd-proxy -l 127.0.0.1 -p 0 -C UPSTREAM -v EXTRA` and waits
 /// until it listens.
 fn proxy(dir: &TempDir, upstream: SocketAddr, extra: &[String]) -> Flexnbd {
+    Flexnbd::spawn_program(dir, PROXY, &proxy_args(upstream, extra))
+}
+
+/// The proxy's arguments: listen on any port of 127.0.0.1, forward to
+/// `upstream`, log verbosely, then `extra`.
+fn proxy_args(upstream: SocketAddr, extra: &[String]) -> Vec<String> {
     let mut args: Vec<String> = ["-l", "127.0.0.1", "-p", "0", "-C"]
         .iter()
         .map(|s| s.to_string())
@@ -43,7 +49,7 @@ fn proxy(dir: &TempDir, upstream: SocketAddr, extra: &[String]) -> Flexnbd {
     args.push(upstream.port().to_string());
     args.push("-v".into());
     args.extend(extra.iter().cloned());
-    Flexnbd::spawn_program(dir, PROXY, &args)
+    args
 }
 
 /// `--upstream-tls-ca CA`: the proxy verifies a TLS upstream.
@@ -173,54 +179,33 @@ fn tls_only_upstream_and_a_proxy_without_upstream_tls_cause_exit_1_before_listen
     let pki = Pki::new(&dir.path);
     let file = dir.sparse_file("image", MIB);
     let upstream = tls_upstream(&dir, &file, &pki, 0);
-    let port = upstream.port().to_string();
-    assert_tool(
-        PROXY,
-        &[
-            "-l",
-            "127.0.0.1",
-            "-p",
-            "0",
-            "-C",
-            "127.0.0.1",
-            "-P",
-            &port,
-            "-v",
-        ],
-        WAIT,
-    )
-    .code(1)
-    .stderr(predicate::str::contains("the upstream requires TLS"))
-    .stderr(predicate::str::contains("NBD_REP_ERR_TLS_REQD"))
-    .stderr(predicate::str::contains("give --upstream-tls-ca"))
-    .stderr(predicate::str::contains(
-        "Couldn't connect to upstream server during initialization",
-    ))
-    .stderr(predicate::str::contains("listening on").not());
+    let plain = proxy_args(upstream.addr, &[]);
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    assert_tool(PROXY, &plain, WAIT)
+        .code(1)
+        .stderr(predicate::str::contains("the upstream requires TLS"))
+        .stderr(predicate::str::contains("NBD_REP_ERR_TLS_REQD"))
+        .stderr(predicate::str::contains("give --upstream-tls-ca"))
+        .stderr(predicate::str::contains(
+            "Couldn't connect to upstream server during initialization",
+        ))
+        .stderr(predicate::str::contains("listening on").not());
     // And with TLS asked for, an upstream whose certificate another CA
     // signed is refused just as early.
-    let other = pki.other_ca.display().to_string();
-    assert_tool(
-        PROXY,
+    let wrong = proxy_args(
+        upstream.addr,
         &[
-            "-l",
-            "127.0.0.1",
-            "-p",
-            "0",
-            "-C",
-            "127.0.0.1",
-            "-P",
-            &port,
-            "--upstream-tls-ca",
-            &other,
+            "--upstream-tls-ca".into(),
+            pki.other_ca.display().to_string(),
         ],
-        WAIT,
-    )
-    .code(1)
-    .stderr(predicate::str::contains(
-        "TLS handshake with the upstream failed",
-    ))
-    .stderr(predicate::str::contains("listening on").not());
+    );
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    assert_tool(PROXY, &wrong, WAIT)
+        .code(1)
+        .stderr(predicate::str::contains(
+            "TLS handshake with the upstream failed",
+        ))
+        .stderr(predicate::str::contains("listening on").not());
 }
 
 #[test]
