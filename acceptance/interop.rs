@@ -49,11 +49,11 @@ const RECONNECT: Duration = Duration::from_secs(5);
 /// Seconds the hang_after_write source waits for progress.
 const REQUEST_LIMIT_SECS: u64 = 2;
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 

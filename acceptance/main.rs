@@ -29,5 +29,6 @@ mod proxy_tls;
 mod resolve;
 mod serve_wire;
 mod slow_disk;
+mod stall;
 mod tls;
 mod tls_migrate;

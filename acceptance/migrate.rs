@@ -402,6 +402,8 @@ pub(crate) struct ClientWrite {
 pub(crate) struct ClientLog {
     pub acked: Vec<ClientWrite>,
     pub in_flight: Option<ClientWrite>,
+    /// The longest time an acknowledged write took, request to reply.
+    pub longest: Duration,
 }
 
 pub(crate) const BLOCK: u64 = 4096;
@@ -433,6 +435,7 @@ pub(crate) fn client_writer(
             let req = Request::new(proto::cmd::WRITE, 0, handle, offset, BLOCK as u32).encode();
             log.in_flight = Some(ClientWrite { offset, data });
             let payload = &log.in_flight.as_ref().unwrap().data;
+            let sent = std::time::Instant::now();
             if c.stream.write_all(&req).is_err() || c.stream.write_all(payload).is_err() {
                 break;
             }
@@ -448,6 +451,7 @@ pub(crate) fn client_writer(
                 log.in_flight = None;
                 break;
             }
+            log.longest = log.longest.max(sent.elapsed());
             log.acked.push(log.in_flight.take().unwrap());
             acks.fetch_add(1, Ordering::Relaxed);
         }

@@ -101,6 +101,7 @@ impl<T: Transport, P: Probe> Daemon<T, P> {
             status
                 .extra
                 .push(("migration_state".into(), m.state.phase().name().into()));
+            status.extra.extend(m.state.convergence_keys());
         }
         status
     }

@@ -667,17 +667,28 @@ fn follow_migration(path: &std::path::Path, lines: &[String]) -> Result<ExitCode
         } else {
             100.0
         };
+        // While converging, why it has not cut off yet (status.rs keys).
+        let waiting = match (
+            field("migration_remainder_ms"),
+            field("migration_cutoff_ms"),
+            field("migration_bottleneck"),
+        ) {
+            (Some(r), Some(c), Some(b)) => {
+                format!(" remainder_ms={r} cutoff_ms={c} bottleneck={b}")
+            }
+            _ => String::new(),
+        };
         if terminal {
             let width = 30;
             let filled = (done / 100.0 * width as f64) as usize;
             eprint!(
-                "\r[{}{}] {done:5.1}% {state} attempt {attempt} {speed} B/s   ",
+                "\r[{}{}] {done:5.1}% {state} attempt {attempt} {speed} B/s{waiting}   ",
                 "#".repeat(filled),
                 " ".repeat(width - filled)
             );
             let _ = std::io::stderr().flush();
         } else {
-            let line = format!("migration {done:.1}% state={state} attempt={attempt} bytes_left={left} speed={speed}");
+            let line = format!("migration {done:.1}% state={state} attempt={attempt} bytes_left={left} speed={speed}{waiting}");
             if line != last_line {
                 println!("{line}");
                 last_line = line;

@@ -36,7 +36,7 @@ use crate::store::Image;
 use crate::transport::Transport;
 use crate::{info, warn};
 use pipe::{Pipe, PipeError};
-use policy::Convergence;
+use policy::{Bottleneck, Capacity, Convergence, Estimate};
 
 /// Outgoing connections give up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -161,6 +161,12 @@ pub struct MirrorState {
     pub completing: AtomicBool,
     /// The longest time clients were shut out at a cut-off, in microseconds.
     pub lockout_us: AtomicU64,
+    /// The last cut-off decision while converging ([`Estimate`]): the
+    /// remainder's time (`u64::MAX`: not measured yet) and the allowance,
+    /// in microseconds, and the [`Bottleneck`].
+    remainder_us: AtomicU64,
+    allowance_us: AtomicU64,
+    bottleneck: AtomicU8,
 }
 
 impl MirrorState {
@@ -174,7 +180,47 @@ impl MirrorState {
             max_bps: AtomicU64::new(max_bps.unwrap_or(u64::MAX)),
             completing: AtomicBool::new(false),
             lockout_us: AtomicU64::new(0),
+            remainder_us: AtomicU64::new(u64::MAX),
+            allowance_us: AtomicU64::new(0),
+            bottleneck: AtomicU8::new(Bottleneck::Unknown as u8),
         }
+    }
+
+    fn set_estimate(&self, e: &Estimate) {
+        let us = e
+            .remainder
+            .map_or(u64::MAX, |r| r.as_micros().min(u64::MAX as u128 - 1) as u64);
+        self.remainder_us.store(us, Ordering::Release);
+        self.allowance_us
+            .store(e.allowance.as_micros() as u64, Ordering::Release);
+        self.bottleneck.store(e.bottleneck as u8, Ordering::Release);
+    }
+
+    /// Why a converging migration has not cut off yet, as status keys:
+    /// how long the remainder would shut clients out at the current
+    /// capacity, what the cut-off allows, and what limits the copy. Empty
+    /// in other phases.
+    pub fn convergence_keys(&self) -> Vec<(String, String)> {
+        if self.phase() != Phase::Converging {
+            return Vec::new();
+        }
+        let remainder = match self.remainder_us.load(Ordering::Acquire) {
+            u64::MAX => "unknown".to_string(),
+            us => us.div_ceil(1000).to_string(),
+        };
+        let bottleneck = Bottleneck::from_u8(self.bottleneck.load(Ordering::Acquire))
+            .unwrap_or(Bottleneck::Unknown);
+        vec![
+            ("migration_remainder_ms".into(), remainder),
+            (
+                "migration_cutoff_ms".into(),
+                self.allowance_us
+                    .load(Ordering::Acquire)
+                    .div_ceil(1000)
+                    .to_string(),
+            ),
+            ("migration_bottleneck".into(), bottleneck.name().into()),
+        ]
     }
 
     pub fn phase(&self) -> Phase {
@@ -502,8 +548,8 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         image: &image,
         state,
         cancel,
-        started,
         sent: 0,
+        link_free: None,
     };
 
     // 3. The sweep: every byte once.
@@ -518,7 +564,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         // sent again: pace them to what the destination can take, as
         // measured so far (policy.rs), so that the dirty passes after the
         // sweep start with little to do. Changes ahead of it cost nothing.
-        image.set_pace(copier.pipe.costs().costs(), window_start + window_len);
+        image.set_pace(copier.capacity(), window_start + window_len);
         let mut pos = window_start;
         for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
             if hole {
@@ -533,7 +579,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                     copier.send_data(at, n).await?;
                     at += n;
                     state.sweep_offset.store(at, Ordering::Release);
-                    image.set_pace(copier.pipe.costs().costs(), window_start + window_len);
+                    image.set_pace(copier.capacity(), window_start + window_len);
                 }
             }
             pos += len;
@@ -555,13 +601,16 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     let mut flushed = !can_flush;
     let mut flushes = 0;
     let mut gap;
+    // When the next "not converging" warning is due (then every minute).
+    let mut warn_at = converging_since + policy::PATIENCE * 2;
     loop {
-        // The destination's speed as measured so far decides how far apart
-        // dirty ranges may be and still go as one write, and how fast
-        // clients may dirty more (policy.rs).
-        let costs = copier.pipe.costs().costs();
-        gap = costs.map_or(0, |c| c.gap(crate::store::BLOCK_SIZE));
-        image.set_pace(costs, u64::MAX);
+        // The migration's speed as measured so far (the destination's
+        // costs, the speed limit, the connection's throughput) decides how
+        // far apart dirty ranges may be and still go as one write, and how
+        // fast clients may dirty more (policy.rs).
+        let capacity = copier.capacity();
+        gap = capacity.map_or(0, |c| c.gap(crate::store::BLOCK_SIZE));
+        image.set_pace(capacity, u64::MAX);
         let ranges = image.take_dirty(WINDOW, CHUNK, gap);
         for (offset, len) in &ranges {
             copier.send_data(*offset, *len).await?;
@@ -570,13 +619,38 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         let remaining = image.dirty_bytes() + in_flight_bytes;
         let requests =
             |most: u64| in_flight + image.dirty_runs(gap, most.saturating_sub(in_flight));
-        if convergence.ready(remaining, requests, costs, Instant::now()) {
+        let now = Instant::now();
+        let estimate = convergence.estimate(remaining, requests, capacity, now);
+        state.set_estimate(&estimate);
+        if !estimate.ready() && now >= warn_at {
+            warn_at = now + Duration::from_secs(60);
+            warn!(
+                "migration to {} not converging after {:.0} s: {}",
+                config.target,
+                converging_since.elapsed().as_secs_f64(),
+                not_converging_reason(&estimate, remaining, state.max_bps())
+            );
+        }
+        if estimate.ready() {
             if flushed {
-                let per = costs.map_or(String::new(), |c| {
+                let per = capacity.map_or(String::new(), |c| {
                     format!(
-                        "; the destination takes {:.3} ms a write plus {:.0} MB/s",
-                        c.per_request * 1e3,
-                        1e-6 / c.per_byte.max(1e-15)
+                        "; the destination takes {:.3} ms a write plus {:.0} MB/s{}",
+                        c.destination.per_request * 1e3,
+                        1e-6 / c.destination.per_byte.max(1e-15),
+                        if c.rate.is_finite() {
+                            format!(
+                                ", the {} {:.1} MB/s",
+                                if estimate.bottleneck == Bottleneck::Link {
+                                    "connection carries"
+                                } else {
+                                    "copy is held to"
+                                },
+                                c.rate * 1e-6
+                            )
+                        } else {
+                            String::new()
+                        }
                     )
                 });
                 info!(
@@ -681,21 +755,61 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     }
 }
 
+/// Why a converging migration has not cut off, in words for the log.
+fn not_converging_reason(e: &Estimate, remaining: u64, limit: Option<u64>) -> String {
+    let Some(remainder) = e.remainder else {
+        return "the destination's speed is not measured yet".into();
+    };
+    let limit = limit.map_or(String::new(), |l| format!(" ({l} B/s)"));
+    let what = match e.bottleneck {
+        Bottleneck::SpeedLimit => format!("the speed limit{limit}"),
+        Bottleneck::Link => "the connection's throughput".into(),
+        Bottleneck::Destination | Bottleneck::Unknown => "the destination's speed".into(),
+    };
+    format!(
+        "{remaining} bytes still dirty would shut clients out for {} ms at {what}, \
+         over the {} ms the cut-off allows; clients write faster than that lets the copy \
+         catch up even paced, so clients stay paced and the migration keeps trying \
+         (raise the limit with mirror-speed, or stop it with break)",
+        remainder.as_millis(),
+        e.allowance.as_millis()
+    )
+}
+
+/// How far behind the speed limit's schedule the copy may fall and still
+/// catch up at once: the most it ever sends above the limit in a burst.
+const THROTTLE_SLACK: Duration = Duration::from_millis(10);
+
 /// Sends image ranges through the pipe, honouring the speed limit.
 struct Copier<'a, S: crate::transport::Stream, P: Probe> {
     pipe: &'a mut Pipe<S, P>,
     image: &'a Arc<Image>,
     state: &'a MirrorState,
     cancel: &'a CancellationToken,
-    started: Instant,
     sent: u64,
+    /// When the speed limit lets the next piece go: each piece moves it on
+    /// by its own time at the limit then in force. Never earlier than the
+    /// last send, so idle time earns no burst, and a limit lowered in the
+    /// middle costs at most one piece at the old rate, not the whole
+    /// migration's average.
+    link_free: Option<Instant>,
 }
 
 impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
+    /// What the migration can move now: the destination's costs, the
+    /// speed limit and the connection's measured throughput.
+    fn capacity(&self) -> Option<Capacity> {
+        let model = self.pipe.costs();
+        model
+            .costs()
+            .map(|c| Capacity::new(c, self.state.max_bps(), model.throughput()))
+    }
+
     /// Waits until sending `n` more bytes keeps within the speed limit.
     async fn throttle(&mut self, n: u64) -> Result<(), AttemptError> {
         loop {
             let Some(limit) = self.state.max_bps() else {
+                self.link_free = None;
                 return Ok(());
             };
             if limit == 0 {
@@ -703,14 +817,21 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 or_cancel(self.cancel, tokio::time::sleep(Duration::from_millis(100))).await?;
                 continue;
             }
-            let due = Duration::from_secs_f64((self.sent + n) as f64 / limit as f64);
-            let elapsed = self.started.elapsed();
-            if due <= elapsed {
-                return Ok(());
+            let now = Instant::now();
+            // Credit of up to THROTTLE_SLACK is kept: timers wake up to a
+            // millisecond late, and a piece of 4 KiB at 10 MB/s is due every
+            // 0.4 ms, so without it every oversleep would be lost and the
+            // copy would run at a fraction of its limit.
+            let earliest = now.checked_sub(THROTTLE_SLACK).unwrap_or(now);
+            let free = self.link_free.map_or(earliest, |f| f.max(earliest));
+            if free > now {
+                // Sleep in short steps so a changed limit takes effect at once.
+                let wait = (free - now).min(Duration::from_millis(100));
+                or_cancel(self.cancel, tokio::time::sleep(wait)).await?;
+                continue;
             }
-            // Sleep in short steps so a raised limit takes effect at once.
-            let wait = (due - elapsed).min(Duration::from_millis(100));
-            or_cancel(self.cancel, tokio::time::sleep(wait)).await?;
+            self.link_free = Some(free + Duration::from_secs_f64(n as f64 / limit as f64));
+            return Ok(());
         }
     }
 

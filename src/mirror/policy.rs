@@ -20,9 +20,22 @@
 //! next, and the remainder shrinks geometrically. Clients see slower writes
 //! for a while instead of being shut out for seconds.
 //!
+//! The destination is not the only bottleneck: a speed limit (`--max-speed`,
+//! or `mirror-speed` in the middle of a migration) or a link slower than the
+//! destination's disk caps how fast the remainder can travel. So every
+//! decision uses a [`Capacity`]: the slowest of the destination's costs, the
+//! speed limit, and the throughput measured on the connection. A model that
+//! ignored the limit would let clients dirty faster than the limit sends,
+//! and then cut off with seconds of data left.
+//!
 //! The model can be wrong (a destination whose speed changes, a noisy
 //! machine), so after [`PATIENCE`] of converging the allowance doubles every
-//! second (up to the C flexnbd's 5 s): a migration always converges.
+//! second, but only up to [`MAX_ALLOWANCE`]: a lock-out stays short whatever
+//! happens. A migration whose clients write faster than the capacity allows
+//! (even paced) does not cut off: it keeps pacing and says why in `status`
+//! ([`Estimate`]); `break` still ends it. (The C flexnbd instead cuts off
+//! after 5 s whatever is left, which is what turns a speed limit into
+//! seconds of shut-out.)
 
 use std::time::{Duration, Instant};
 
@@ -32,16 +45,19 @@ use std::time::{Duration, Instant};
 pub const LOCKOUT_GOAL: Duration = Duration::from_millis(25);
 /// Converging this long without reaching the goal starts the backstop.
 pub const PATIENCE: Duration = Duration::from_secs(4);
-/// The allowance never grows past this (MS_CONVERGE_TIME_SECS in C).
-pub const MAX_ALLOWANCE: Duration = Duration::from_secs(5);
+/// The allowance never grows past this: with entrust, the unlink and a
+/// client's reconnection on top, a lock-out stays well under 250 ms.
+pub const MAX_ALLOWANCE: Duration = Duration::from_millis(100);
 /// The share of the destination's time that clients' new dirt may cost.
 pub const CLIENT_SHARE: f64 = 0.5;
 /// Pacing lets a client run this far ahead of its budget without waiting,
 /// so a write only sleeps when the debt is worth a timer (which has
 /// millisecond resolution).
 pub const PACE_BURST: Duration = Duration::from_millis(5);
-/// A single client write never waits longer than this for pacing.
-pub const MAX_PACE_WAIT: Duration = Duration::from_millis(500);
+/// A single client write never waits longer than this for pacing: pacing
+/// exists to keep client writes from stalling, so it must not stall them
+/// itself.
+pub const MAX_PACE_WAIT: Duration = Duration::from_millis(100);
 /// Gaps between dirty ranges are sent along with them up to this size.
 pub const MAX_GAP: u64 = 1024 * 1024;
 
@@ -64,12 +80,125 @@ impl Costs {
     /// write over both costs the gap's bytes, two writes cost one more fixed
     /// part. Whole blocks, at most [`MAX_GAP`].
     pub fn gap(&self, block: u64) -> u64 {
-        let gap = if self.per_byte > 0.0 {
+        let gap = if self.per_byte.is_infinite() {
+            0
+        } else if self.per_byte > 0.0 {
             (self.per_request / self.per_byte).min(MAX_GAP as f64) as u64
         } else {
             MAX_GAP
         };
         gap / block * block
+    }
+}
+
+/// What limits the migration's speed for a given remainder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Bottleneck {
+    /// Nothing measured yet.
+    Unknown = 0,
+    /// The destination's own costs.
+    Destination = 1,
+    /// The speed limit (`--max-speed`, `mirror-speed`).
+    SpeedLimit = 2,
+    /// The throughput measured on the connection.
+    Link = 3,
+}
+
+impl Bottleneck {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bottleneck::Unknown => "unknown",
+            Bottleneck::Destination => "destination",
+            Bottleneck::SpeedLimit => "speed_limit",
+            Bottleneck::Link => "link",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Bottleneck> {
+        [
+            Bottleneck::Unknown,
+            Bottleneck::Destination,
+            Bottleneck::SpeedLimit,
+            Bottleneck::Link,
+        ]
+        .into_iter()
+        .find(|b| *b as u8 == v)
+    }
+}
+
+/// How fast the migration can move data: the destination's costs, and a
+/// rate in bytes per second that no write goes faster than (the lower of
+/// the speed limit and the connection's measured throughput). A write's
+/// time is the larger of the two: the destination and the link work at
+/// the same time, so the slower one decides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Capacity {
+    pub destination: Costs,
+    /// Bytes per second; infinite when neither a limit nor a measurement
+    /// says otherwise, 0 when a limit of 0 pauses the copy.
+    pub rate: f64,
+    /// Whether `rate` is the speed limit (else the measured throughput).
+    rate_is_limit: bool,
+}
+
+impl Capacity {
+    /// The slowest of `destination`, the speed limit `limit` (bytes per
+    /// second) and the `measured` throughput (bytes per second).
+    pub fn new(destination: Costs, limit: Option<u64>, measured: Option<f64>) -> Capacity {
+        let limit = limit.map_or(f64::INFINITY, |l| l as f64);
+        let measured = measured
+            .filter(|m| m.is_finite() && *m > 0.0)
+            .unwrap_or(f64::INFINITY);
+        Capacity {
+            destination,
+            rate: limit.min(measured),
+            rate_is_limit: limit <= measured,
+        }
+    }
+
+    /// How long `requests` writes of `bytes` in all take to reach the
+    /// destination and be stored there.
+    pub fn time(&self, requests: u64, bytes: u64) -> Duration {
+        self.time_and_bottleneck(requests, bytes).0
+    }
+
+    /// [`Capacity::time`], and which limit set it.
+    pub fn time_and_bottleneck(&self, requests: u64, bytes: u64) -> (Duration, Bottleneck) {
+        let at_destination = self.destination.time(requests, bytes);
+        if bytes == 0 || self.rate.is_infinite() {
+            return (at_destination, Bottleneck::Destination);
+        }
+        let on_link = if self.rate > 0.0 {
+            Duration::from_secs_f64((bytes as f64 / self.rate).clamp(0.0, 1e6))
+        } else {
+            Duration::from_secs(1_000_000)
+        };
+        if on_link > at_destination {
+            let which = if self.rate_is_limit {
+                Bottleneck::SpeedLimit
+            } else {
+                Bottleneck::Link
+            };
+            (on_link, which)
+        } else {
+            (at_destination, Bottleneck::Destination)
+        }
+    }
+
+    /// The largest clean gap worth sending between two dirty ranges, with
+    /// each byte costing the slower of the destination and the link.
+    pub fn gap(&self, block: u64) -> u64 {
+        let per_byte = if self.rate > 0.0 {
+            self.destination.per_byte.max(1.0 / self.rate)
+        } else {
+            f64::INFINITY
+        };
+        Costs {
+            per_request: self.destination.per_request,
+            per_byte,
+        }
+        .gap(block)
     }
 }
 
@@ -121,6 +250,13 @@ impl CostModel {
         self.xy += x * y;
     }
 
+    /// Bytes per second over the time the destination was busy with the
+    /// writes measured (older ones fading): what the connection carried,
+    /// link and destination together.
+    pub fn throughput(&self) -> Option<f64> {
+        (self.y > 0.0 && self.x > 0.0).then(|| self.x / self.y)
+    }
+
     /// The costs, once any write was measured.
     ///
     /// The fitted line when the sizes measured vary enough. Otherwise one
@@ -164,8 +300,29 @@ impl CostModel {
     }
 }
 
+/// What the cut-off decision saw: how long the remainder would take, what
+/// it may take, and what limits it. `status` shows it while a migration
+/// converges, so an operator can see why it has not cut off yet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// The remainder's time at the current capacity (`None`: nothing
+    /// measured yet). When many scattered writes remain this counts only
+    /// as many as the allowance could hold, so it is a lower bound.
+    pub remainder: Option<Duration>,
+    pub allowance: Duration,
+    pub bottleneck: Bottleneck,
+}
+
+impl Estimate {
+    /// Whether to cut off now.
+    pub fn ready(&self) -> bool {
+        self.remainder.is_some_and(|r| r <= self.allowance)
+    }
+}
+
 /// Whether to cut off: the remainder against an allowance that is the goal
-/// until [`PATIENCE`] has passed, then doubles every second.
+/// until [`PATIENCE`] has passed, then doubles every second up to
+/// [`MAX_ALLOWANCE`].
 #[derive(Clone, Debug)]
 pub struct Convergence {
     started: Instant,
@@ -190,30 +347,60 @@ impl Convergence {
     /// Whether to cut off now, with `bytes` still to send, as writes that
     /// `requests` counts: it is called with the most requests worth
     /// counting, and may stop counting there.
+    pub fn estimate(
+        &self,
+        bytes: u64,
+        requests: impl FnOnce(u64) -> u64,
+        capacity: Option<Capacity>,
+        now: Instant,
+    ) -> Estimate {
+        let allowance = self.allowance(now);
+        if bytes == 0 {
+            return Estimate {
+                remainder: Some(Duration::ZERO),
+                allowance,
+                bottleneck: capacity.map_or(Bottleneck::Unknown, |_| Bottleneck::Destination),
+            };
+        }
+        // Nothing measured yet: the writes in flight will tell.
+        let Some(capacity) = capacity else {
+            return Estimate {
+                remainder: None,
+                allowance,
+                bottleneck: Bottleneck::Unknown,
+            };
+        };
+        let (bytes_only, bottleneck) = capacity.time_and_bottleneck(0, bytes);
+        if bytes_only > allowance {
+            return Estimate {
+                remainder: Some(bytes_only),
+                allowance,
+                bottleneck,
+            };
+        }
+        let per_request = capacity.destination.per_request;
+        let most = if per_request > 0.0 {
+            (allowance.as_secs_f64() / per_request) as u64 + 1
+        } else {
+            u64::MAX
+        };
+        let (remainder, bottleneck) = capacity.time_and_bottleneck(requests(most), bytes);
+        Estimate {
+            remainder: Some(remainder),
+            allowance,
+            bottleneck,
+        }
+    }
+
+    /// [`Convergence::estimate`]'s verdict alone.
     pub fn ready(
         &self,
         bytes: u64,
         requests: impl FnOnce(u64) -> u64,
-        costs: Option<Costs>,
+        capacity: Option<Capacity>,
         now: Instant,
     ) -> bool {
-        if bytes == 0 {
-            return true;
-        }
-        // Nothing measured yet: the writes in flight will tell.
-        let Some(costs) = costs else {
-            return false;
-        };
-        let allowance = self.allowance(now);
-        if costs.time(0, bytes) > allowance {
-            return false;
-        }
-        let most = if costs.per_request > 0.0 {
-            (allowance.as_secs_f64() / costs.per_request) as u64 + 1
-        } else {
-            u64::MAX
-        };
-        costs.time(requests(most), bytes) <= allowance
+        self.estimate(bytes, requests, capacity, now).ready()
     }
 }
 
@@ -223,36 +410,41 @@ impl Convergence {
 /// by more than [`PACE_BURST`] waits for it.
 #[derive(Debug, Default)]
 pub struct ClientPace {
-    costs: Option<Costs>,
+    capacity: Option<Capacity>,
     /// When the writes charged so far have used up their budget.
     due: Option<Instant>,
 }
 
 impl ClientPace {
-    /// Starts pacing at `costs`, or (`None`) stops.
-    pub fn set(&mut self, costs: Option<Costs>) {
-        if costs.is_none() {
+    /// Starts pacing at `capacity`, or (`None`) stops.
+    pub fn set(&mut self, capacity: Option<Capacity>) {
+        if capacity.is_none() {
             self.due = None;
         }
-        self.costs = costs;
+        self.capacity = capacity;
     }
 
     pub fn is_on(&self) -> bool {
-        self.costs.is_some()
+        self.capacity.is_some()
     }
 
     /// Charges a write that dirties `runs` clean ranges of `bytes` in all,
     /// at `now`; returns how long it must wait first.
     pub fn charge(&mut self, runs: u64, bytes: u64, now: Instant) -> Duration {
-        let Some(costs) = self.costs else {
+        let Some(capacity) = self.capacity else {
             return Duration::ZERO;
         };
         if bytes == 0 {
             return Duration::ZERO;
         }
-        let cost = costs.time(runs, bytes).as_secs_f64() / CLIENT_SHARE;
+        let cost = capacity.time(runs, bytes).as_secs_f64() / CLIENT_SHARE;
         let start = self.due.map_or(now, |due| due.max(now));
-        let due = start + Duration::from_secs_f64(cost.min(MAX_PACE_WAIT.as_secs_f64()));
+        // The debt is capped where the waits are: clients that write faster
+        // than the migration can carry (it then cannot converge) must not
+        // run up a debt that keeps pacing them long after the capacity grew
+        // (a raised speed limit) or they slowed down.
+        let due = (start + Duration::from_secs_f64(cost.min(MAX_PACE_WAIT.as_secs_f64())))
+            .min(now + MAX_PACE_WAIT + PACE_BURST);
         self.due = Some(due);
         due.saturating_duration_since(now)
             .saturating_sub(PACE_BURST)
@@ -350,7 +542,7 @@ mod tests {
     fn a_scattered_remainder_waits_where_a_byte_rate_alone_would_cut_off() {
         let t = Instant::now();
         let conv = Convergence::new(t);
-        let costs = c_like().costs();
+        let costs = c_like().costs().map(|c| Capacity::new(c, None, None));
         // 1 MiB in 256 scattered blocks: 2.6 ms of bytes, but 128 ms of
         // fixed costs to a C destination.
         assert!(!conv.ready(1 << 20, |_| 256, costs, t));
@@ -374,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn the_allowance_is_the_goal_then_doubles_until_five_seconds() {
+    fn the_allowance_is_the_goal_then_doubles_up_to_its_cap() {
         let t = Instant::now();
         let c = Convergence::new(t);
         assert_eq!(c.allowance(t), LOCKOUT_GOAL);
@@ -384,22 +576,114 @@ mod tests {
         );
         assert_eq!(c.allowance(t + PATIENCE), LOCKOUT_GOAL * 2);
         assert_eq!(
-            c.allowance(t + PATIENCE + Duration::from_secs(2)),
-            LOCKOUT_GOAL * 8
+            c.allowance(t + PATIENCE + Duration::from_secs(1)),
+            LOCKOUT_GOAL * 4
         );
         assert_eq!(c.allowance(t + Duration::from_secs(60)), MAX_ALLOWANCE);
-        // So even a wrong model converges: 100 MiB at 100 MB/s (~1 s).
-        let costs = Some(Costs {
-            per_request: 0.0,
-            per_byte: 1e-8,
-        });
-        assert!(!c.ready(100 << 20, |_| 1, costs, t));
-        assert!(c.ready(
-            100 << 20,
-            |_| 1,
-            costs,
-            t + PATIENCE + Duration::from_secs(6)
+        assert_eq!(c.allowance(t + Duration::from_secs(86_400)), MAX_ALLOWANCE);
+        // A model that is a little off still converges: 8 MiB at 100 MB/s
+        // (84 ms) is over the goal but within the grown allowance.
+        let capacity = Some(Capacity::new(
+            Costs {
+                per_request: 0.0,
+                per_byte: 1e-8,
+            },
+            None,
+            None,
         ));
+        assert!(!c.ready(8 << 20, |_| 1, capacity, t));
+        assert!(c.ready(8 << 20, |_| 1, capacity, t + Duration::from_secs(60)));
+        // But a remainder of a second never cuts off, however long it waits.
+        assert!(!c.ready(100 << 20, |_| 1, capacity, t + Duration::from_secs(86_400)));
+    }
+
+    /// The destination measured in the field: 0.171 ms a write plus 493 MB/s.
+    fn fast_destination() -> Costs {
+        Costs {
+            per_request: 0.171 * MS,
+            per_byte: 1.0 / 493e6,
+        }
+    }
+
+    #[test]
+    fn a_speed_limit_slower_than_the_destination_decides_the_cut_off() {
+        let t = Instant::now();
+        let c = Convergence::new(t);
+        let limited = Some(Capacity::new(fast_destination(), Some(10_000_000), None));
+        // 60 MB left: 0.12 s to this destination, but 6 s at 10 MB/s. The
+        // destination alone would cut off once the allowance grew; with
+        // the limit it never does.
+        let unlimited = Some(Capacity::new(fast_destination(), None, None));
+        let later = t + Duration::from_secs(3600);
+        assert!(
+            c.estimate(60_000_000, |_| 1, unlimited, later).remainder < Some(MAX_ALLOWANCE * 2)
+        );
+        let e = c.estimate(60_000_000, |_| 1, limited, later);
+        assert!(!e.ready());
+        assert_eq!(e.bottleneck, Bottleneck::SpeedLimit);
+        assert_eq!(e.remainder, Some(Duration::from_secs(6)));
+        // 200 kB is 20 ms at the limit: within the goal.
+        let e = c.estimate(200_000, |_| 1, limited, t);
+        assert!(e.ready(), "{e:?}");
+        assert_eq!(e.bottleneck, Bottleneck::SpeedLimit);
+        // Many scattered writes: the destination's fixed costs decide.
+        let e = c.estimate(4096, |_| 1000, limited, t);
+        assert_eq!(e.bottleneck, Bottleneck::Destination);
+        assert!(!e.ready());
+        // A limit of 0 pauses the copy: nothing but an empty remainder is
+        // ever ready.
+        let paused = Some(Capacity::new(fast_destination(), Some(0), None));
+        assert!(!c.ready(4096, |_| 1, paused, later));
+        assert!(c.ready(0, |_| 0, paused, t));
+    }
+
+    #[test]
+    fn a_link_slower_than_the_destination_and_the_limit_decides() {
+        let t = Instant::now();
+        let c = Convergence::new(t);
+        // The connection carried 1 MB/s although the limit allows 10.
+        let capacity = Capacity::new(fast_destination(), Some(10_000_000), Some(1e6));
+        assert_eq!(capacity.rate, 1e6);
+        let e = c.estimate(100_000, |_| 1, Some(capacity), t);
+        assert_eq!(e.bottleneck, Bottleneck::Link);
+        assert_eq!(e.remainder, Some(Duration::from_millis(100)));
+        assert!(!e.ready());
+        // Gaps worth merging shrink with the slower bytes: the fixed cost
+        // of 0.171 ms buys 171 bytes at 1 MB/s, less than a block.
+        assert_eq!(capacity.gap(4096), 0);
+        assert!(Capacity::new(fast_destination(), None, None).gap(4096) > 4096);
+    }
+
+    #[test]
+    fn the_measured_throughput_is_bytes_over_busy_time() {
+        let t = Instant::now();
+        let mut m = CostModel::default();
+        assert_eq!(m.throughput(), None);
+        m.record(1_000_000, Duration::from_millis(100), t);
+        m.record(1_000_000, Duration::from_millis(100), t);
+        assert!((m.throughput().unwrap() - 10e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn pacing_under_a_speed_limit_charges_the_limit() {
+        let t = Instant::now();
+        let mut p = ClientPace::default();
+        p.set(Some(Capacity::new(
+            fast_destination(),
+            Some(10_000_000),
+            None,
+        )));
+        // A new dirty 4 KiB block costs 0.41 ms at 10 MB/s, so 0.82 ms of
+        // the budget; 100 of them are due after 82 ms.
+        let mut waited = Duration::ZERO;
+        for _ in 0..100 {
+            waited = p.charge(1, 4096, t);
+        }
+        let due = Duration::from_secs_f64(100.0 * 4096.0 / 10e6 / CLIENT_SHARE);
+        assert!(
+            (waited.as_secs_f64() - (due - PACE_BURST).as_secs_f64()).abs() < 1e-6,
+            "{waited:?}"
+        );
     }
 
     #[test]
@@ -408,19 +692,23 @@ mod tests {
         let mut p = ClientPace::default();
         // Off: never waits.
         assert_eq!(p.charge(1, 4096, t), Duration::ZERO);
-        p.set(Some(Costs {
-            per_request: MS,
-            per_byte: 0.0,
-        }));
+        p.set(Some(Capacity::new(
+            Costs {
+                per_request: MS,
+                per_byte: 0.0,
+            },
+            None,
+            None,
+        )));
         assert!(p.is_on());
         // Each new dirty block costs 1 ms of the destination, so 2 ms of
         // budget: the first writes run within the burst, then each waits.
         let mut waited = Duration::ZERO;
-        for _ in 0..100 {
+        for _ in 0..40 {
             waited = p.charge(1, 4096, t);
         }
-        // 100 writes are due after 200 ms; all but the burst is waiting.
-        assert_eq!(waited, Duration::from_millis(200) - PACE_BURST);
+        // 40 writes are due after 80 ms; all but the burst is waiting.
+        assert_eq!(waited, Duration::from_millis(80) - PACE_BURST);
         // Rewrites of dirty blocks cost nothing.
         assert_eq!(p.charge(0, 0, t), Duration::ZERO);
         // Time passing pays the debt off.
@@ -436,11 +724,30 @@ mod tests {
     fn a_huge_write_waits_at_most_the_cap() {
         let t = Instant::now();
         let mut p = ClientPace::default();
-        p.set(Some(Costs {
-            per_request: 0.0,
-            per_byte: 1e-6,
-        }));
+        p.set(Some(Capacity::new(
+            Costs {
+                per_request: 0.0,
+                per_byte: 1e-6,
+            },
+            None,
+            None,
+        )));
         assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT - PACE_BURST);
         assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT);
+        // Many more run up no debt past the cap: a moment after the cap's
+        // time has passed, writes run freely again.
+        for _ in 0..1000 {
+            assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT);
+        }
+        let later = t + MAX_PACE_WAIT + PACE_BURST;
+        p.set(Some(Capacity::new(
+            Costs {
+                per_request: 0.0,
+                per_byte: 1e-12,
+            },
+            None,
+            None,
+        )));
+        assert_eq!(p.charge(1, 4096, later), Duration::ZERO);
     }
 }

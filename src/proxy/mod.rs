@@ -23,9 +23,11 @@
 //! proxy): a request with a bad magic ends the session (forwarding it would
 //! make the upstream close, and the proxy would replay it forever), and a
 //! reply whose handle is not the request's counts as an upstream failure;
-//! the first resend after a failure is immediate, but when the same request
-//! fails again the proxy pauses 3 s (the connect cool-down) before each
-//! further attempt instead of spinning; the TCP listening socket comes from
+//! the first reconnection and resend after a failure are immediate, and
+//! each further failure doubles the pause before the next attempt, from
+//! 5 ms up to 3 s (the C proxy waits a fixed 3 s after every failed connect,
+//! which across a migration turns a server restart of milliseconds into a
+//! 3 s stall for the client's write); the TCP listening socket comes from
 //! the shared [`Tcp`](crate::transport::Tcp) transport, whose backlog is 10
 //! (the C proxy used 1): either way a waiting client gets no greeting until
 //! the current session ends.
@@ -53,7 +55,7 @@
 //!   expires); `drop` and `hang` on `reply_received`, and `hang` elsewhere,
 //!   wait out the upstream timeout and then count as a failure. On
 //!   `connect` and `greeting_received` every action but pass/delay/crash is
-//!   a failed connection attempt (3 s cool-down, then another).
+//!   a failed connection attempt (then another, after the growing pause).
 
 pub mod cache;
 mod upstream;
@@ -84,8 +86,47 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for an upstream connect (capped at the upstream timeout).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Pause after a failed upstream connection attempt.
+/// The longest pause between upstream attempts while the upstream stays
+/// away ([`Backoff`]).
 pub const COOL_DOWN: Duration = Duration::from_secs(3);
+/// The pause after the first failed reconnection; it doubles with every
+/// further failure up to [`COOL_DOWN`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Pauses between upstream attempts while the upstream is away. The first
+/// attempt after a failure is immediate: across a migration the new server
+/// is usually up within milliseconds, and a client's write must not wait
+/// out a fixed cool-down for it. Each further failure doubles the pause,
+/// from [`FIRST_BACKOFF`] up to [`COOL_DOWN`], so an upstream that stays
+/// away (or keeps dropping the same request) is not hammered. A success
+/// starts over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// The pause before the next attempt: none after the first failure,
+    /// then [`FIRST_BACKOFF`] doubling up to [`COOL_DOWN`].
+    pub fn next_pause(&self) -> Duration {
+        match self.failures {
+            0 | 1 => Duration::ZERO,
+            n => FIRST_BACKOFF
+                .saturating_mul(1u32 << (n - 2).min(16))
+                .min(COOL_DOWN),
+        }
+    }
+
+    /// An attempt failed.
+    pub fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// An attempt worked: the next failure is retried at once.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
 /// A downstream client that has not chosen the export by then is dropped
 /// (newstyle only; the server's default).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -531,5 +572,30 @@ async fn hang<S: AsyncRead + Unpin>(down: &mut S) -> End {
             }
             Ok(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_retries_at_once_then_doubles_up_to_the_cool_down() {
+        let mut b = Backoff::default();
+        let mut pauses = Vec::new();
+        for _ in 0..14 {
+            pauses.push(b.next_pause().as_millis());
+            b.failed();
+        }
+        assert_eq!(
+            pauses,
+            [0, 0, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3000, 3000]
+        );
+        for _ in 0..100 {
+            b.failed();
+        }
+        assert_eq!(b.next_pause(), COOL_DOWN, "the pause never passes the cap");
+        b.reset();
+        assert_eq!(b.next_pause(), Duration::ZERO);
     }
 }

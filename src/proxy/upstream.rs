@@ -17,7 +17,7 @@ use crate::tls::{ClientTls, Conn};
 use crate::transport::Transport;
 use crate::{info, warn};
 
-use super::{Faults, CONNECT_TIMEOUT, COOL_DOWN};
+use super::{Backoff, Faults, CONNECT_TIMEOUT};
 
 /// The upstream server as the proxy knows it.
 pub(crate) struct Upstream<T: Transport> {
@@ -172,12 +172,13 @@ impl<T: Transport> Upstream<T> {
         Ok(())
     }
 
-    /// Connects until it works: 3 s cool-down after each failed attempt.
-    async fn ensure_connected(&mut self) {
+    /// Connects until it works, pausing as `backoff` says between attempts.
+    async fn ensure_connected(&mut self, backoff: &mut Backoff) {
         while self.stream.is_none() {
+            tokio::time::sleep(backoff.next_pause()).await;
             if let Err(e) = self.connect_once(false).await {
-                warn!("{e}; retrying in {} s", COOL_DOWN.as_secs());
-                tokio::time::sleep(COOL_DOWN).await;
+                backoff.failed();
+                warn!("{e}; retrying in {} ms", backoff.next_pause().as_millis());
             }
         }
     }
@@ -193,19 +194,16 @@ impl<T: Transport> Upstream<T> {
         handle: u64,
         data_len: u32,
     ) -> Reply {
-        let mut failures = 0u32;
+        // One backoff for failed connects and failed exchanges alike: a
+        // server that keeps dropping this request is paced as one that
+        // refuses connections.
+        let mut backoff = Backoff::default();
         loop {
-            if failures >= 2 {
-                // The request failed again on a fresh connection: pause as
-                // after a failed connect, rather than hammer a server that
-                // keeps dropping it. The first retry is immediate.
-                tokio::time::sleep(COOL_DOWN).await;
-            }
-            self.ensure_connected().await;
+            self.ensure_connected(&mut backoff).await;
             match self.try_exchange(request, kind, handle, data_len).await {
                 Ok(reply) => return reply,
                 Err(e) => {
-                    failures += 1;
+                    backoff.failed();
                     warn!("upstream failed: {e}; reconnecting to resend the request");
                     // Closing: dropping the stream closes the socket.
                     self.stream = None;

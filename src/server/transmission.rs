@@ -429,9 +429,7 @@ where
             // clients' changes are paced to what it can absorb
             // (mirror::policy); otherwise this is zero.
             let wait = self.image.pace_write(req.offset, u64::from(req.length));
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+            self.image.pace_sleep(wait).await;
         }
         match req.kind {
             cmd::READ => self.read(&req).await?,

@@ -72,6 +72,10 @@ pub struct Image {
     /// Pacing charges only for blocks before this offset: during the sweep,
     /// changes ahead of it travel with the sweep at no extra cost.
     pace_below: AtomicU64,
+    /// Whether pacing is on, for writes asleep in their pacing wait: they
+    /// wake when it goes off (at the cut-off), so the cut-off never waits
+    /// out a pacing delay while clients are shut out.
+    pacing: tokio::sync::watch::Sender<bool>,
     /// Set on a migration destination: large writes start their writeback at
     /// once, so the syncs at FLUSH and entrust (while the source's clients
     /// wait) find little left to write.
@@ -157,6 +161,7 @@ impl Image {
             tracking: AtomicBool::new(false),
             pace: std::sync::Mutex::new(Default::default()),
             pace_below: AtomicU64::new(u64::MAX),
+            pacing: tokio::sync::watch::Sender::new(false),
             faults: std::sync::OnceLock::new(),
             reads_faulted: AtomicBool::new(false),
             writes_faulted: AtomicBool::new(false),
@@ -491,11 +496,31 @@ impl Image {
         self.pace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Paces clients' writes by what they will cost the destination
+    /// Paces clients' writes by what they will cost the migration
     /// (`None`: no pacing), for blocks before `below`.
-    pub fn set_pace(&self, costs: Option<crate::mirror::policy::Costs>, below: u64) {
+    pub fn set_pace(&self, capacity: Option<crate::mirror::policy::Capacity>, below: u64) {
         self.pace_below.store(below, Ordering::Release);
-        self.pace().set(costs);
+        self.pace().set(capacity);
+        self.pacing.send_if_modified(|on| {
+            let changed = *on != capacity.is_some();
+            *on = capacity.is_some();
+            changed
+        });
+    }
+
+    /// Sleeps for a pacing `wait` ([`Image::pace_write`]), or less if
+    /// pacing ends meanwhile.
+    pub async fn pace_sleep(&self, wait: std::time::Duration) {
+        if wait.is_zero() {
+            return;
+        }
+        let mut on = self.pacing.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // The current value is checked first: pacing that ended before
+            // this call ends the wait at once.
+            _ = on.wait_for(|on| !on) => {}
+        }
     }
 
     /// How long a client write (or zeroing, or trim) of `length` bytes at
@@ -1210,13 +1235,17 @@ mod tests {
 
     #[test]
     fn client_writes_are_paced_only_for_clean_blocks_and_only_while_pacing() {
-        use crate::mirror::policy::{Costs, PACE_BURST};
+        use crate::mirror::policy::{Capacity, Costs, PACE_BURST};
         use std::time::Duration;
         let (_, img) = temp_image(1 << 20);
-        let slow = Costs {
-            per_request: 0.01,
-            per_byte: 0.0,
-        };
+        let slow = Capacity::new(
+            Costs {
+                per_request: 0.01,
+                per_byte: 0.0,
+            },
+            None,
+            None,
+        );
         // Not tracking: no pacing even when asked for.
         img.set_pace(Some(slow), u64::MAX);
         assert_eq!(img.pace_write(0, 4096), Duration::ZERO);
@@ -1247,6 +1276,47 @@ mod tests {
             img.pace_write(60 * 4096, 71 * 4096),
             Duration::from_millis(40) - PACE_BURST
         );
+    }
+
+    #[test]
+    fn a_pacing_wait_ends_when_pacing_does() {
+        use crate::mirror::policy::{Capacity, Costs};
+        use std::time::{Duration, Instant};
+        let (_, img) = temp_image(1 << 20);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let slow = Capacity::new(
+            Costs {
+                per_request: 0.0,
+                per_byte: 0.0,
+            },
+            None,
+            None,
+        );
+        img.set_pace(Some(slow), u64::MAX);
+        let started = Instant::now();
+        rt.block_on(async {
+            let sleeper = {
+                let img = img.clone();
+                tokio::spawn(async move { img.pace_sleep(Duration::from_secs(60)).await })
+            };
+            tokio::task::yield_now().await;
+            img.set_pace(None, u64::MAX);
+            tokio::time::timeout(Duration::from_secs(10), sleeper)
+                .await
+                .expect("the wait ended with pacing")
+                .unwrap();
+            // Pacing already off: no wait at all.
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                img.pace_sleep(Duration::from_secs(60)),
+            )
+            .await
+            .expect("no wait once pacing is off");
+        });
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[test]
