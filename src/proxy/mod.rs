@@ -24,8 +24,8 @@
 //! make the upstream close, and the proxy would replay it forever), and a
 //! reply whose handle is not the request's counts as an upstream failure;
 //! the first reconnection and resend after a failure are immediate, and
-//! each further failure doubles the pause before the next attempt, from
-//! 5 ms up to 3 s (the C proxy waits a fixed 3 s after every failed connect,
+//! each further failure makes the pause before the next attempt half as
+//! long again, from 5 ms up to 3 s (the C proxy waits a fixed 3 s after every failed connect,
 //! which across a migration turns a server restart of milliseconds into a
 //! 3 s stall for the client's write); the TCP listening socket comes from
 //! the shared [`Tcp`](crate::transport::Tcp) transport, whose backlog is 10
@@ -89,15 +89,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest pause between upstream attempts while the upstream stays
 /// away ([`Backoff`]).
 pub const COOL_DOWN: Duration = Duration::from_secs(3);
-/// The pause after the first failed reconnection; it doubles with every
-/// further failure up to [`COOL_DOWN`].
+/// The pause after the first failed reconnection; it grows by
+/// [`BACKOFF_GROWTH`] with every further failure up to [`COOL_DOWN`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+pub const BACKOFF_GROWTH: f64 = 1.5;
 
 /// Pauses between upstream attempts while the upstream is away. The first
 /// attempt after a failure is immediate: across a migration the new server
 /// is usually up within milliseconds, and a client's write must not wait
-/// out a fixed cool-down for it. Each further failure doubles the pause,
-/// from [`FIRST_BACKOFF`] up to [`COOL_DOWN`], so an upstream that stays
+/// out a fixed cool-down for it. Each further failure makes the pause half
+/// as long again, from [`FIRST_BACKOFF`] up to [`COOL_DOWN`], so an upstream that stays
 /// away (or keeps dropping the same request) is not hammered. A success
 /// starts over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -107,12 +108,14 @@ pub struct Backoff {
 
 impl Backoff {
     /// The pause before the next attempt: none after the first failure,
-    /// then [`FIRST_BACKOFF`] doubling up to [`COOL_DOWN`].
+    /// then [`FIRST_BACKOFF`] growing up to [`COOL_DOWN`].
     pub fn next_pause(&self) -> Duration {
         match self.failures {
             0 | 1 => Duration::ZERO,
+            // Growing by half, not doubling: the pause after the server is
+            // back is at most about half of the time it was away.
             n => FIRST_BACKOFF
-                .saturating_mul(1u32 << (n - 2).min(16))
+                .mul_f64(BACKOFF_GROWTH.powi((n - 2).min(64) as i32))
                 .min(COOL_DOWN),
         }
     }
@@ -580,17 +583,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_retries_at_once_then_doubles_up_to_the_cool_down() {
+    fn backoff_retries_at_once_then_grows_by_half_up_to_the_cool_down() {
         let mut b = Backoff::default();
         let mut pauses = Vec::new();
-        for _ in 0..14 {
-            pauses.push(b.next_pause().as_millis());
+        for _ in 0..30 {
+            pauses.push(b.next_pause().as_micros());
             b.failed();
         }
-        assert_eq!(
-            pauses,
-            [0, 0, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3000, 3000]
-        );
+        assert_eq!(&pauses[..5], [0, 0, 5000, 7500, 11250]);
+        for pair in pauses[2..].windows(2) {
+            let (a, b) = (pair[0] as f64, pair[1] as f64);
+            assert!(b == 3e6 || (b - 1.5 * a).abs() <= 1.0, "{pauses:?}");
+        }
+        // The cap is reached after 18 failures, some 6.6 s of outage.
+        assert_eq!(pauses.iter().position(|p| *p == 3_000_000), Some(18));
+        assert!(pauses.iter().take(18).sum::<u128>() < 7_000_000);
         for _ in 0..100 {
             b.failed();
         }
