@@ -655,6 +655,23 @@ mod tests {
     }
 
     #[test]
+    fn every_bottleneck_round_trips_and_the_readme_names_it() {
+        let readme = include_str!("../../README.md");
+        for v in 0..=u8::MAX {
+            let Some(b) = Bottleneck::from_u8(v) else {
+                continue;
+            };
+            assert_eq!(b as u8, v);
+            assert!(
+                readme.contains(&format!("`{}`", b.name())),
+                "README.md must explain migration_bottleneck={}",
+                b.name()
+            );
+        }
+        assert_eq!(Bottleneck::from_u8(Bottleneck::Link as u8 + 1), None);
+    }
+
+    #[test]
     fn the_measured_throughput_is_bytes_over_busy_time() {
         let t = Instant::now();
         let mut m = CostModel::default();
