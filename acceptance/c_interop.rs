@@ -218,6 +218,25 @@ pub(crate) fn join_writers(threads: Vec<JoinHandle<ClientLog>>) -> Vec<ClientLog
         .collect()
 }
 
+/// Waits (up to `limit`) for a migration's source and destination to exit,
+/// checks both exited 0 and the source did not panic, and returns what the
+/// client writers saw.
+pub(crate) fn await_handoff(
+    src: &mut Flexnbd,
+    dest: &mut Flexnbd,
+    writers: Vec<JoinHandle<ClientLog>>,
+    limit: Duration,
+) -> Vec<ClientLog> {
+    wait_for("the migration to end", limit, || {
+        (!src.is_running() && !dest.is_running()).then_some(())
+    });
+    assert_eq!(interop::exit_code(src), Some(0), "source exit status");
+    assert_eq!(interop::exit_code(dest), Some(0), "destination exit status");
+    let logs = join_writers(writers);
+    src.assert_no_panic();
+    logs
+}
+
 /// The canonical copy after a completed migration, checked per
 /// docs/handoff.md: with `--unlink` the source file is gone (the destination
 /// is canonical); without it the source stays and both files are identical.

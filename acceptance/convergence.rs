@@ -13,7 +13,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use crate::c_interop::{join_writers, logged_lockout, start_writers};
+use crate::c_interop::{await_handoff, logged_lockout, start_writers};
 use crate::harness::*;
 use crate::interop;
 use crate::migrate::assert_holds_acked_writes;
@@ -44,22 +44,8 @@ fn a_destination_slower_than_the_clients_causes_a_short_lockout_and_a_prompt_mig
     interop::assert_mirror_started(&interop::mirror(&src.sock, dest.port(), false));
     // Longer than the usual bound, so that a migration that is merely too
     // slow fails below with its figures rather than here.
-    wait_for("the migration to end", Duration::from_secs(90), || {
-        (!src.server.is_running() && !dest.is_running()).then_some(())
-    });
+    let logs = await_handoff(&mut src.server, &mut dest, writers, Duration::from_secs(90));
     let took = started.elapsed();
-    assert_eq!(
-        interop::exit_code(&mut src.server),
-        Some(0),
-        "source exit status"
-    );
-    assert_eq!(
-        interop::exit_code(&mut dest),
-        Some(0),
-        "destination exit status"
-    );
-    let logs = join_writers(writers);
-    src.server.assert_no_panic();
     assert_eq!(marker_state(&dest_file), None, "the marker must be removed");
     assert_holds_acked_writes(&dest_file, original, &logs);
     assert!(

@@ -499,7 +499,20 @@ impl Flexnbd {
 /// with `-v` (the harness reads the port from the log), an optional control
 /// socket, and `extra` flags.
 pub fn server_args(mode: &str, file: &Path, sock: Option<&Path>, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [mode, "-l", "127.0.0.1", "-p", "0", "-v", "-f"]
+    server_args_on(mode, 0, file, sock, extra)
+}
+
+/// [`server_args`] on a given port (a supervisor restarting a server at
+/// the address its clients know).
+pub fn server_args_on(
+    mode: &str,
+    port: u16,
+    file: &Path,
+    sock: Option<&Path>,
+    extra: &[&str],
+) -> Vec<String> {
+    let port = port.to_string();
+    let mut args: Vec<String> = [mode, "-l", "127.0.0.1", "-p", &port, "-v", "-f"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -512,10 +525,10 @@ pub fn server_args(mode: &str, file: &Path, sock: Option<&Path>, extra: &[&str])
     args
 }
 
-/// Runs `flexnbd mirror -s SOCK -l 127.0.0.1 -p PORT EXTRA...` within `limit`.
-pub fn run_mirror(sock: &Path, port: u16, extra: &[&str], limit: Duration) -> Output {
+/// `mirror -s SOCK -l 127.0.0.1 -p PORT EXTRA...`
+pub fn mirror_args(sock: &Path, port: u16, extra: &[&str]) -> Vec<String> {
     let port = port.to_string();
-    let mut args = vec![
+    let mut args: Vec<String> = [
         "mirror",
         "-s",
         sock.to_str().unwrap(),
@@ -523,8 +536,18 @@ pub fn run_mirror(sock: &Path, port: u16, extra: &[&str], limit: Duration) -> Ou
         "127.0.0.1",
         "-p",
         &port,
-    ];
-    args.extend_from_slice(extra);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Runs `flexnbd mirror -s SOCK -l 127.0.0.1 -p PORT EXTRA...` within `limit`.
+pub fn run_mirror(sock: &Path, port: u16, extra: &[&str], limit: Duration) -> Output {
+    let args = mirror_args(sock, port, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_tool(BIN, &args, limit)
 }
 

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::c_interop::{join_writers, logged_lockout, start_writers};
+use crate::c_interop::{await_handoff, join_writers, logged_lockout, start_writers};
 use crate::harness::*;
 use crate::interop::{self, stderr, stdout};
 use crate::migrate::{assert_holds_acked_writes, ClientLog};
@@ -93,21 +93,7 @@ fn migrate_with_writers(
     let o = run_mirror(&src.sock, dest.port(), mirror_args, Duration::from_secs(60));
     interop::assert_mirror_started(&o);
     during(&src.sock);
-    wait_for("the migration to end", MIGRATION_LIMIT, || {
-        (!src.server.is_running() && !dest.is_running()).then_some(())
-    });
-    assert_eq!(
-        interop::exit_code(&mut src.server),
-        Some(0),
-        "source exit status"
-    );
-    assert_eq!(
-        interop::exit_code(&mut dest),
-        Some(0),
-        "destination exit status"
-    );
-    let logs = join_writers(writers);
-    src.server.assert_no_panic();
+    let logs = await_handoff(&mut src.server, &mut dest, writers, MIGRATION_LIMIT);
     assert!(
         !src_file.exists(),
         "with --unlink the source file must be gone"
@@ -220,19 +206,11 @@ fn a_migration_that_cannot_converge_keeps_pacing_says_why_and_can_be_broken() {
     let sock = src.sock.clone();
     let out_path = src.dir.join("mirror-wait.out");
     let mut wait = Command::new(BIN)
-        .args([
-            "mirror",
-            "-s",
-            sock.to_str().unwrap(),
-            "-l",
-            "127.0.0.1",
-            "-p",
-            &dest.port().to_string(),
-            "--unlink",
-            "--max-speed",
-            "20000",
-            "--wait",
-        ])
+        .args(mirror_args(
+            &sock,
+            dest.port(),
+            &["--unlink", "--max-speed", "20000", "--wait"],
+        ))
         .stdin(Stdio::null())
         .stdout(fs::File::create(&out_path).unwrap())
         .stderr(Stdio::null())
@@ -408,19 +386,7 @@ fn a_client_through_the_proxy_sees_a_short_stall_across_a_hand_off_and_a_supervi
         dest.log()
     );
     let restarted = Instant::now();
-    let args: Vec<String> = [
-        "serve",
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-f",
-        dest_file.to_str().unwrap(),
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = server_args_on("serve", port, &dest_file, None, &[]);
     let mut served = Flexnbd::spawn(&src.dir, &args);
     let startup = restarted.elapsed();
     assert_eq!(served.port(), port);
