@@ -1487,11 +1487,17 @@ def stall_run(ctx, case, path, rnd):
             if sup_ready is not None and serve.exit_time is not None and mirror.returncode is not None:
                 break
             time.sleep(POLL)
-        # The client goes on until it has written on the new server for STALL_WARMUP.
+        # The client goes on until it has written for STALL_WARMUP after the hand-off: after
+        # the new serve greeted and after every write sent before that was answered.
+        resume, seen = sup_ready, 0
         until = time.perf_counter() + STALL_WRITE_TIMEOUT + RECONNECT_WINDOW
         while time.perf_counter() < until and client.thread.is_alive():
-            last = client.acked[-1] if client.acked else None
-            if last and last[0] + last[1] >= sup_ready + STALL_WARMUP:
+            acked = client.acked[seen:]   # appended by the client thread, never changed
+            seen += len(acked)
+            for a in acked:
+                if a[0] <= sup_ready:
+                    resume = max(resume, a[0] + a[1])
+            if acked and acked[-1][0] >= resume + STALL_WARMUP:
                 break
             time.sleep(0.005)
         client.stop.set()
@@ -2169,8 +2175,8 @@ def stall_section(ctx, info, results, failures, started, finished):
     L.append("# supervisor (run.py, polling every 1 ms): as soon as listen has exited 0")
     L.append("target/bench/release/flexnbd serve -l 127.0.0.1 -p SPORT -f DEST -v"
              "   # started again at once if SPORT is still in use")
-    L.append("#   ready when a connection to SPORT gets the greeting; the client then writes for "
-             f">= {STALL_WARMUP} s more")
+    L.append("#   ready when a connection to SPORT gets the greeting; the client goes on until it sends a write")
+    L.append(f"#   >= {STALL_WARMUP} s after that greeting and after the replies to all the writes sent before it")
     L.append("# with FLEXNBD_C_BIN: c_dest runs the C listen and the supervisor starts the C serve; c_source")
     L.append("#   runs the C serve and the C mirror (-s SSOCK -l 127.0.0.1 -p DPORT --unlink), into our listen")
     L.append("```")
