@@ -15,6 +15,9 @@ root and the raw results to bench/out/results.json.
 It also migrates images between two flexnbd processes (serve -> listen) and
 reports migration time, client write stalls and peak RSS; `--only migration`
 runs just that and rewrites only the "## Migration" section of BENCHMARKS.md.
+The stall section (`--only stall`, "## Stall") times client writes across the
+hand-off, through flexnbd-proxy and directly, with a supervisor that starts
+`serve` on the migrated image.
 
 See bench/README.md for what each workload measures.
 """
@@ -755,15 +758,17 @@ class FlexProc(Server):
         self.exit_time = None
         self.hwm_kib = 0           # max VmHWM seen while polling
         self.map_built = False
+        self.extra = []            # more arguments (TLS)
 
     def argv(self):
         argv = [C_FLEXNBD if self.c else FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image,
                 "-s", self.sock, "-v"]
-        if self.role == "listen" and not self.c:
+        if self.role == "listen" and not self.c and not self.extra:
             # Without it the greeting is the C one (flags 13), and holes (the
             # whole 1 TiB case) would travel as zeros instead of WRITE_ZEROES.
+            # (With TLS the greeting is newstyle.)
             argv.append("--oldstyle-extra-flags")
-        return argv
+        return argv + self.extra
 
     def log_text(self):
         try:
@@ -1162,6 +1167,465 @@ def run_migrations(ctx, results, failures):
             log(f"round {rnd + 1}/{ctx.rounds} migration {name:6} {shown}")
 
 
+# ---------------------------------------------------------------- stall across the hand-off
+
+# How long one client write may take across a hand-off on loopback, not
+# counting the supervisor's own start-up time (reported beside it).
+HANDOFF_GOAL_MS = 250.0
+STALL_IMAGE_SIZE = 64 * MIB
+STALL_DATA = 32 * MIB          # random data in scattered extents; the rest is holes
+STALL_EXTENT = 512 * 1024
+IDLE_INTERVAL = 0.010          # the idle client: one write every 10 ms
+STALL_WARMUP = 0.5             # writes before `mirror`, and at least this long on the new server after
+RECONNECT_WINDOW = 30.0        # the direct client's bound on reconnecting for one write
+STALL_WRITE_TIMEOUT = 40.0     # one request attempt waiting longer than this ends the client
+SPEED_SWITCH_LEFT = 0.75       # mirror-speed lowered once this share of the data is left to send
+
+
+def proxy_bin():
+    return os.path.join(os.path.dirname(FLEXNBD), "flexnbd-proxy")
+
+
+class ProxyProc(Server):
+    """`flexnbd-proxy` listening on a UNIX socket, upstream 127.0.0.1:PORT."""
+
+    def __init__(self, workdir, tag, upstream_port):
+        super().__init__("flexnbd-proxy", "", workdir)
+        self.port = upstream_port
+        self.path = os.path.join(workdir, f"proxy-{tag}.sock")
+        self.logpath = os.path.join(workdir, f"proxy-{tag}.log")
+
+    def argv(self):
+        return [proxy_bin(), "--addr", self.path, "--conn-addr", HOST, "--conn-port", str(self.port), "-v"]
+
+    def wait_ready(self, timeout=20.0):
+        """Ready once it logs `listening on PATH` (it connects upstream first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"flexnbd-proxy exited early ({self.popen.returncode}): {self.log_tail()}")
+            try:
+                with open(self.logpath, "rb") as f:
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            if f"listening on {self.path}" in text and os.path.exists(self.path):
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f"flexnbd-proxy not ready after {timeout} s: {self.log_tail()}")
+
+
+class SupervisedServe(FlexProc):
+    """The supervisor's `serve` of the migrated image, on the port the source had."""
+
+    def __init__(self, image, workdir, tag, port, c=False):
+        super().__init__("serve", image, workdir, f"{tag}-new", c=c)
+        self.port = port
+
+    def argv(self):
+        return [C_FLEXNBD if self.c else FLEXNBD, "serve", "-l", HOST, "-p", str(self.port),
+                "-f", self.image, "-v"]
+
+
+def oldstyle_greeting(s):
+    g = recv_exact(s, 152)
+    if g[:8] != NBD_MAGIC or struct.unpack(">Q", g[8:16])[0] != OLDSTYLE_MAGIC:
+        raise ConnectionError("not an oldstyle greeting")
+    return struct.unpack(">Q", g[16:24])[0]
+
+
+def greets(port, timeout=2.0):
+    """True once a server on `port` accepts a connection and sends its greeting."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            oldstyle_greeting(s)
+        return True
+    except (OSError, ConnectionError):
+        return False
+
+
+class StallClient:
+    """One NBD client writing 4 KiB at random aligned offsets, one request in flight:
+    back-to-back (busy) or one write every IDLE_INTERVAL (idle). Each write is timed from
+    its first send to its acknowledgement. With `unix`, it talks to the proxy and never
+    reconnects (a cut is an error); otherwise it talks to 127.0.0.1:port and, when the
+    connection fails, reconnects to the same address (every 1 ms, for at most
+    RECONNECT_WINDOW) and sends the same write again."""
+
+    def __init__(self, seed, busy, port=None, unix=None):
+        self.seed, self.busy, self.port, self.unix = seed, busy, port, unix
+        # (first send, latency s, attempts, first failure or None, reconnected or None)
+        self.acked = []
+        self.errors = []
+        self.connects = 0
+        self.end_reason = None
+        self.stop = threading.Event()
+        self.warm = threading.Event()
+        self.deadline = time.perf_counter() + MIGRATION_TIMEOUT + 120.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect_once(self):
+        if self.unix:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5.0)
+            s.connect(self.unix)
+        else:
+            s = socket.create_connection((HOST, self.port), timeout=5.0)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            size = oldstyle_greeting(s)
+        except BaseException:
+            s.close()
+            raise
+        s.settimeout(STALL_WRITE_TIMEOUT)
+        self.connects += 1
+        return s, size
+
+    def _reconnect(self):
+        """Connect again (direct client only), retrying every 1 ms within RECONNECT_WINDOW."""
+        until = time.perf_counter() + RECONNECT_WINDOW
+        last = None
+        while time.perf_counter() < until and not self.stop.is_set():
+            try:
+                return self._connect_once()[0]
+            except (OSError, ConnectionError) as e:
+                last = e
+                time.sleep(0.001)
+        raise ConnectionError(f"no server to reconnect to within {RECONNECT_WINDOW:.0f} s ({last!r})")
+
+    def _run(self):
+        s = None
+        try:
+            s, size = self._connect_once()
+            rnd = random.Random(self.seed)
+            payloads = [os.urandom(4096) for _ in range(64)]
+            blocks = size // 4096
+            handle = 0
+            next_at = time.perf_counter()
+            while not self.stop.is_set() and time.perf_counter() < self.deadline:
+                if not self.busy:
+                    # Pacing of the idle client, not synchronisation.
+                    wait = next_at - time.perf_counter()
+                    if wait > 0 and self.stop.wait(wait):
+                        break
+                    next_at = max(next_at + IDLE_INTERVAL, time.perf_counter())
+                handle += 1
+                off = rnd.randrange(blocks) * 4096
+                msg = struct.pack(">IHHQQI", 0x25609513, 0, 1, handle, off, 4096) + payloads[handle % 64]
+                t = time.perf_counter()
+                attempts, failed_at, reconnected_at = 0, None, None
+                while True:
+                    attempts += 1
+                    try:
+                        if s is None:
+                            s = self._reconnect()
+                            reconnected_at = time.perf_counter()
+                        s.sendall(msg)
+                        magic, err, h = struct.unpack(">IIQ", recv_exact(s, 16))
+                        break
+                    except (OSError, ConnectionError) as e:
+                        if self.unix or self.stop.is_set() or attempts > 100:
+                            raise
+                        if failed_at is None:
+                            failed_at = time.perf_counter()
+                        if s is not None:
+                            s.close()
+                        s = None
+                        if "no server to reconnect" in str(e):
+                            raise
+                dt = time.perf_counter() - t
+                if magic != 0x67446698 or h != handle:
+                    raise RuntimeError(f"bad reply magic={magic:#x} handle={h} (sent {handle})")
+                if err:
+                    self.errors.append((t, dt, err))
+                else:
+                    self.acked.append((t, dt, attempts, failed_at, reconnected_at))
+                if len(self.acked) >= 20:
+                    self.warm.set()
+            self.end_reason = "stopped" if self.stop.is_set() else "deadline"
+        except (OSError, ConnectionError) as e:
+            self.end_reason = f"connection ended: {e!r}"
+        except Exception as e:
+            self.end_reason = f"client error: {e!r}"
+        finally:
+            if s is not None:
+                s.close()
+            self.warm.set()
+
+
+def make_stall_image(workdir):
+    """64 MiB: 32 MiB of random data in 512 KiB extents scattered over the file, the rest holes."""
+    path = os.path.join(workdir, "stall.raw")
+    slots = list(range(STALL_IMAGE_SIZE // STALL_EXTENT))
+    chosen = sorted(random.Random(16).sample(slots, STALL_DATA // STALL_EXTENT))
+    with open(path, "wb") as f:
+        f.truncate(STALL_IMAGE_SIZE)
+        for slot in chosen:
+            f.seek(slot * STALL_EXTENT)
+            f.write(os.urandom(STALL_EXTENT))
+    return path
+
+
+def status_of(sock):
+    """`flexnbd status` of a server as a dict (empty if it does not answer)."""
+    try:
+        r = subprocess.run([FLEXNBD, "status", "--sock", sock], capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return {}
+    return dict(p.split("=", 1) for p in r.stdout.decode(errors="replace").split() if "=" in p)
+
+
+# name, label, client busy?, `mirror` extra arguments, mid-sweep speed, C source, C destination, TLS
+STALL_CASES = [
+    ("idle", "idle (one write every 10 ms)", False, [], None, False, False, False),
+    ("busy", "busy writer (back-to-back 4 KiB random writes)", True, [], None, False, False, False),
+    ("speed10", "busy, `mirror --max-speed 10000000` (10 MB/s)", True, ["--max-speed", "10000000"],
+     None, False, False, False),
+    ("speed100", "busy, `mirror --max-speed 100000000` (100 MB/s)", True, ["--max-speed", "100000000"],
+     None, False, False, False),
+    ("speedchange", "busy, 100 MB/s lowered to 10 MB/s by `mirror-speed` during the sweep", True,
+     ["--max-speed", "100000000"], 10000000, False, False, False),
+    ("c_dest", "busy, C flexnbd destination (`listen`, then the supervisor's C `serve`)", True, [],
+     None, False, True, False),
+    ("tls", "busy, migration over TLS (`listen --tls-cert/--tls-key`, `mirror --tls-ca`)", True, [],
+     None, False, False, True),
+    ("c_source", "busy, C flexnbd source (`serve` and its `mirror`)", True, [], None, True, False, False),
+]
+STALL_PATHS = ("proxy", "direct")
+
+
+def stall_run(ctx, case, path, rnd):
+    """One hand-off with a client writing, through the proxy or directly; returns its measurements."""
+    name, _, busy, mirror_extra, speed_to, c_source, c_dest, tls = case
+    tag = f"stall-{name}-{path}{rnd}"
+    src = os.path.join(ctx.workdir, f"src-{tag}.raw")
+    dst = os.path.join(ctx.workdir, f"dst-{tag}.raw")
+    subprocess.run(["cp", "--sparse=always", ctx.stall_image, src], check=True, timeout=120)
+    with open(dst, "wb") as f:
+        f.truncate(STALL_IMAGE_SIZE)
+    subprocess.run(["sync", "-f", ctx.workdir], check=True, timeout=300)
+    listen = FlexProc("listen", dst, ctx.workdir, tag, c=c_dest)
+    if tls:
+        listen.extra = ["--tls-cert", TLS.server_cert, "--tls-key", TLS.server_key]
+    serve = FlexProc("serve", src, ctx.workdir, tag, c=c_source)
+    proxy = sup = mirror = client = None
+    mirror_log = os.path.join(ctx.workdir, f"mirror-{tag}.log")
+    try:
+        listen.start()
+        serve.start()
+        listen.wait_ready()
+        serve.wait_ready()
+        port = serve.port
+        if path == "proxy":
+            proxy = ProxyProc(ctx.workdir, tag, port)
+            proxy.start()
+            proxy.wait_ready()
+            client = StallClient(rnd, busy, unix=proxy.path)
+        else:
+            client = StallClient(rnd, busy, port=port)
+        client.thread.start()
+        if not client.warm.wait(timeout=30) or not client.acked:
+            raise RuntimeError(f"client did not get going: {client.end_reason}")
+        time.sleep(max(0.0, STALL_WARMUP - (time.perf_counter() - client.acked[0][0])))
+        if client.end_reason:
+            raise RuntimeError(f"client stopped before mirror: {client.end_reason}")
+        argv = [C_FLEXNBD if c_source else FLEXNBD, "mirror", "-s", serve.sock, "-l", HOST,
+                "-p", str(listen.port), "--unlink"]
+        if not c_source:
+            argv += ["--wait"] + mirror_extra
+        if tls:
+            argv += ["--tls-ca", os.path.join(TLS.client_dir, "ca-cert.pem")]
+        with open(mirror_log, "wb") as mlog:
+            t0 = time.perf_counter()
+            mirror = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
+                                      start_new_session=True)
+        deadline = t0 + MIGRATION_TIMEOUT
+        sup_ready = speed_at = last_restart_at = None
+        port_retries = 0
+        next_status = t0
+        while True:
+            now = time.perf_counter()
+            if now > deadline:
+                raise RuntimeError(f"hand-off not finished {MIGRATION_TIMEOUT:.0f} s after mirror")
+            for p in (listen, serve):
+                rc = p.poll()
+                if rc not in (None, 0):
+                    raise RuntimeError(f"{p.role} exited with {rc} during the migration")
+            if listen.exit_time is not None and sup is None:
+                # The supervisor: serve the migrated image on the source's port at once.
+                sup_start = time.perf_counter()
+                sup = SupervisedServe(dst, ctx.workdir, tag, port, c=c_dest)
+                sup.start()
+            if sup is not None and sup_ready is None:
+                if sup.poll() is not None:
+                    # It could not bind the port while the source still held it (the C
+                    # flexnbd exits up to a second after the destination): start it again.
+                    if (sup.popen.returncode != 0 and "in use" in sup.log_text()
+                            and port_retries < 2000):
+                        port_retries += 1
+                        last_restart_at = time.perf_counter()
+                        sup.stop()
+                        with open(sup.logpath, "wb"):
+                            pass  # a fresh log: the next attempt's "in use" is its own
+                        sup = SupervisedServe(dst, ctx.workdir, tag, port, c=c_dest)
+                        sup.start()
+                        continue
+                    raise RuntimeError(f"the supervisor's serve exited ({sup.popen.returncode}): "
+                                       f"{sup.log_tail()}")
+                if greets(port):
+                    sup_ready = time.perf_counter()
+            if mirror.poll() not in (None, 0):
+                raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
+            if speed_to and speed_at is None and serve.exit_time is None and now >= next_status:
+                # Lower the speed once the sweep is under way (a quarter of the data sent).
+                next_status = now + 0.02
+                left = status_of(serve.sock).get("migration_bytes_left")
+                if left is not None and left.isdigit() and 0 < int(left) <= SPEED_SWITCH_LEFT * STALL_DATA:
+                    run_cmd([FLEXNBD, "mirror-speed", "--sock", serve.sock, "--max-speed", str(speed_to)],
+                            timeout=10)
+                    speed_at = time.perf_counter()
+            if sup_ready is not None and serve.exit_time is not None and mirror.returncode is not None:
+                break
+            time.sleep(POLL)
+        # The client goes on until it has written for STALL_WARMUP after the hand-off: after
+        # the new serve greeted and after every write sent before that was answered.
+        resume, seen = sup_ready, 0
+        until = time.perf_counter() + STALL_WRITE_TIMEOUT + RECONNECT_WINDOW
+        while time.perf_counter() < until and client.thread.is_alive():
+            acked = client.acked[seen:]   # appended by the client thread, never changed
+            seen += len(acked)
+            for a in acked:
+                if a[0] <= sup_ready:
+                    resume = max(resume, a[0] + a[1])
+            if acked and acked[-1][0] >= resume + STALL_WARMUP:
+                break
+            time.sleep(0.005)
+        client.stop.set()
+        client.thread.join(timeout=STALL_WRITE_TIMEOUT + 10)
+        if client.thread.is_alive():
+            raise RuntimeError("client still running after stop")
+        if client.end_reason != "stopped":
+            raise RuntimeError(f"client ended with {client.end_reason}")
+        mout = open(mirror_log, "rb").read().decode(errors="replace").strip()
+        m = re.search(r"clients were shut out for (\S+)", serve.log_text())
+        after = [a for a in client.acked if a[0] >= t0]
+        before = [a for a in client.acked if a[0] < t0]
+        if not after:
+            raise RuntimeError("no write acknowledged after mirror")
+        lat = sorted(a[1] for a in after)
+        worst = max(after, key=lambda a: a[1])
+        # The hand-off write: the longest of those waiting at some point between the exit of
+        # `listen` and the new serve's first greeting (then nothing served the port).
+        handoff = max((a for a in after if a[0] <= sup_ready and a[0] + a[1] >= listen.exit_time),
+                      key=lambda a: a[1], default=None)
+        lockout_ms = parse_rust_duration(m.group(1)) if m else None
+        res = {
+            "max_write_ms": lat[-1] * 1000.0,
+            "p99_write_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000.0,
+            "p50_write_ms": lat[len(lat) // 2] * 1000.0,
+            "writes": len(after),
+            "max_write_before_mirror_ms": max(a[1] for a in before) * 1000.0 if before else None,
+            "supervisor_ms": (sup_ready - listen.exit_time) * 1000.0,
+            # Restarts of the supervisor's serve because the port was still in use, and the
+            # time of the last of them from the exit of `listen`.
+            "port_retries": port_retries,
+            "port_wait_ms": (last_restart_at - listen.exit_time) * 1000.0 if last_restart_at else 0.0,
+            "supervisor_exec_ms": (sup_start - listen.exit_time) * 1000.0,
+            "lockout_ms": lockout_ms,
+            "seconds": max(listen.exit_time, serve.exit_time) - t0,
+            # Where the longest write sat, relative to the hand-off.
+            "worst_sent_s": worst[0] - t0,
+            "worst_is_handoff": worst is handoff,
+            "listen_exit_to_source_exit_ms": (serve.exit_time - listen.exit_time) * 1000.0,
+            # The hand-off write, split at the exit of `listen` and at the new serve's first greeting.
+            "handoff_write_ms": handoff[1] * 1000.0 if handoff else None,
+            "handoff_to_listen_exit_ms": (listen.exit_time - handoff[0]) * 1000.0 if handoff else None,
+            "handoff_after_new_serve_ms": (handoff[0] + handoff[1] - sup_ready) * 1000.0 if handoff else None,
+            "handoff_before_cut_ms": (handoff[3] - handoff[0]) * 1000.0 if handoff and handoff[3] else None,
+            "max_other_write_ms": max((a[1] for a in after if a is not handoff), default=0.0) * 1000.0,
+            "resent_writes": sum(1 for a in after if a[2] > 1),
+            "connects": client.connects,
+            "error_replies": len(client.errors),
+            "speed_lowered_at_s": (speed_at - t0) if speed_at else None,
+            "mirror_said": mout[-200:],
+        }
+        if speed_to and speed_at is None:
+            res["note"] = "the sweep ended before mirror-speed could be issued"
+        if proxy is not None:
+            plog = proxy.log_tail()
+            res["proxy_retry_waits"] = len(re.findall(r"retrying in", plog))
+        res["over_goal"] = res["max_write_ms"] > HANDOFF_GOAL_MS + res["supervisor_ms"]
+        return res
+    except BaseException as e:
+        logs = []
+        for p in (serve, listen, sup, proxy):
+            if p is not None:
+                logs.append(f"--- {p.kind} log:\n" + p.log_tail())
+        try:
+            with open(mirror_log, "rb") as f:
+                logs.append("--- mirror log:\n" + f.read()[-2000:].decode(errors="replace"))
+        except OSError:
+            pass
+        if isinstance(e, Exception):
+            raise RuntimeError(f"{e}\n" + "\n".join(logs)) from e
+        raise
+    finally:
+        if client is not None:
+            client.stop.set()
+            client.thread.join(timeout=STALL_WRITE_TIMEOUT + 10)
+        if mirror is not None and mirror.poll() is None:
+            try:
+                os.killpg(mirror.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            mirror.wait(timeout=5)
+        for p in (proxy, sup, serve, listen):
+            if p is not None:
+                p.stop()
+        for f in (src, dst, dst + ".INCOMPLETE"):
+            if os.path.exists(f):
+                os.unlink(f)
+
+
+def stall_cases():
+    """The cases this run measures (the C ones only with FLEXNBD_C_BIN)."""
+    return [c for c in STALL_CASES if C_FLEXNBD or not (c[5] or c[6])]
+
+
+def run_stalls(ctx, results, failures):
+    ctx.stall_image = make_stall_image(ctx.workdir)
+    TLS.make(ctx.workdir)
+    for rnd in range(ctx.rounds):
+        for case in stall_cases():
+            for path in STALL_PATHS:
+                key = f"{case[0]}/{path}"
+                try:
+                    res = stall_run(ctx, case, path, rnd + 1)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    msg = f"round {rnd + 1} stall {key}: {e}"
+                    log("FAILED " + msg[:3000])
+                    failures.append(msg[:12000])
+                    continue
+                res["round"] = rnd + 1
+                results.setdefault("stall", {}).setdefault(key, []).append(res)
+                keys = ("max_write_ms", "p99_write_ms", "writes", "handoff_write_ms", "supervisor_ms",
+                        "lockout_ms", "seconds", "handoff_after_new_serve_ms", "max_other_write_ms")
+                shown = {k: (round(res[k], 1) if isinstance(res[k], float) else res[k]) for k in keys}
+                log(f"round {rnd + 1}/{ctx.rounds} stall {key:20} {shown}")
+
+
+# The sections that `--only` can rewrite in place, with their headings' names.
+SECTIONS = {"migration": "Migration", "stall": "Stall"}
+
+
+def failure_section(msg):
+    """The workload or section a failure message ("round N NAME ...") belongs to."""
+    m = re.match(r"round \d+ (\S+) ", msg)
+    return m.group(1) if m else None
+
+
 PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
 INERT_PLAN = "server.reply_send.trim#1000000000=close"
 MAIN = ["flexnbd"] + PEERS
@@ -1479,7 +1943,7 @@ def migration_section(ctx, info, results, failures, started, finished):
     L.append(stat_row("1 GiB image, idle: peak RSS of the source", "plain", "src_rss_kib", "MiB", 1 / 1024))
     L.append(stat_row("1 GiB image, idle: peak RSS of the destination", "plain", "dst_rss_kib", "MiB", 1 / 1024))
     L.append("")
-    mig_fail = [f for f in failures if " migration " in f]
+    mig_fail = [f for f in failures if failure_section(f) == "migration"]
     if mig_fail:
         L.append("### Failed migration runs")
         L.append("")
@@ -1579,11 +2043,200 @@ def migration_section(ctx, info, results, failures, started, finished):
     return L
 
 
-def splice_migration(text, section):
-    """Replace the "## Migration" section of a report (up to the next "## " heading),
-    or insert it before "## Commands" (else before the raw numbers, else at the end)."""
+def stall_section(ctx, info, results, failures, started, finished):
+    """The "## Stall" section of BENCHMARKS.md, as a list of lines."""
+    S = results.get("stall", {})
+    goal = HANDOFF_GOAL_MS
+
+    def vals(key, field):
+        return [r[field] for r in S.get(key, []) if r.get(field) is not None]
+
+    def ms(v):
+        return "n/a" if v is None else (f"{v:.0f}" if v >= 100 else f"{v:.1f}")
+
+    def med_max(key, field):
+        v = vals(key, field)
+        return "n/a" if not v else f"{ms(med(v))} ({ms(max(v))})"
+
+    L = ["## Stall", ""]
+    L.append(f"Measured on {started:%Y-%m-%d} ({started:%H:%M}-{finished:%H:%M} UTC) by "
+             f"`bench/run.py{' --only stall' if ctx.only == {'stall'} else ''}`, {ctx.rounds} "
+             f"run{'s' if ctx.rounds != 1 else ''} of each case and path (fresh processes per run); flexnbd commit {info['flexnbd_commit']}; load average "
+             f"at start {info['loadavg_start']} on {info['nproc']} CPUs.")
+    L.append("")
+    L.append(f"**Goal: every client write completes within {goal:.0f} ms across the hand-off on loopback, plus "
+             "the supervisor's own start-up time** (the last column: the longest write of every run against "
+             f"{goal:.0f} ms + that run's supervisor start-up). A write is timed from its first send to its "
+             "acknowledgement, resends and reconnections included. **Through the proxy**: the client writes "
+             "to `flexnbd-proxy` (UNIX socket), whose upstream is the source; the proxy reconnects and replays. "
+             "**Directly**: the client writes to the source's port and, when the hand-off cuts it, reconnects "
+             "to the same address (now the supervisor's `serve` of the migrated image) and resends. Each cell: "
+             "median over the runs, the largest in brackets; times in ms unless marked.")
+    L.append("")
+    L.append("| case | path | longest write | p99 | writes | hand-off write | supervisor start-up (listen exit "
+             "→ new serve greets) | source's lock-out (its log) | migration (s) | runs | within goal |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in STALL_CASES:
+        name, label = case[0], case[1]
+        for path in STALL_PATHS:
+            key = f"{name}/{path}"
+            runs = S.get(key, [])
+            pname = "through the proxy" if path == "proxy" else "directly"
+            if not runs:
+                why = ("not measured (`FLEXNBD_C_BIN` not set)" if (case[5] or case[6]) and not C_FLEXNBD
+                       else "not measured (every run failed, see below)")
+                L.append(f"| {label} | {pname} | {why} | | | | | | | 0 | |")
+                continue
+            over = sum(1 for r in runs if r["over_goal"])
+            longest = med_max(key, "max_write_ms")
+            if over:
+                longest = f"**{longest}**"
+            lock = med_max(key, "lockout_ms") if vals(key, "lockout_ms") else "n/a (not logged)"
+            secs = vals(key, "seconds")
+            L.append(f"| {label} | {pname} | {longest} | {ms(med(vals(key, 'p99_write_ms')))} | "
+                     f"{med(vals(key, 'writes')):.0f} | {med_max(key, 'handoff_write_ms')} | "
+                     f"{med_max(key, 'supervisor_ms')} | {lock} | "
+                     f"{med(secs):.2f} ({max(secs):.2f}) | {len(runs)} | "
+                     f"{'**no**: ' + str(over) + '/' + str(len(runs)) + ' runs over' if over else 'yes'} |")
+    L.append("")
+    L.append("The hand-off write is the longest of the writes that were waiting at some moment between the "
+             "exit of `listen` and the new `serve`'s first greeting (then nothing serves the port); an idle "
+             "client may have none. Its time splits into: from its send to the exit of `listen` (pacing, the "
+             "source's lock-out, the destination making the image durable; negative when it was sent after), "
+             "the supervisor's start-up, and from the new `serve`'s first greeting to its reply (the client's "
+             "or the proxy's reconnection and the resend; the client can get in just before the supervisor's "
+             "own check, hence values around 0). Directly, the client also sees when its connection "
+             "was cut. `port wait`: from the exit of `listen` to the start of a `serve` that could bind the "
+             "port (0 when the first one could; the supervisor starts it again at once while the source "
+             "still holds the port); `longest other` is the longest of all the other "
+             "writes (pacing during the copy). Medians over the runs, the largest in brackets, ms.")
+    L.append("")
+    L.append("| case | path | hand-off write | send → listen exit | supervisor start-up | new serve greets → "
+             "reply | send → connection cut | proxy reconnect failures (3 s cool-down each) | supervisor: port "
+             "wait | longest other write |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for case in STALL_CASES:
+        for path in STALL_PATHS:
+            key = f"{case[0]}/{path}"
+            runs = S.get(key, [])
+            if not runs:
+                continue
+            direct = path == "direct"
+            retries = vals(key, "proxy_retry_waits")
+            L.append(f"| {case[0]} | {path} | {med_max(key, 'handoff_write_ms')} | "
+                     f"{med_max(key, 'handoff_to_listen_exit_ms')} | {med_max(key, 'supervisor_ms')} | "
+                     f"{med_max(key, 'handoff_after_new_serve_ms')} | "
+                     f"{med_max(key, 'handoff_before_cut_ms') if direct else '—'} | "
+                     f"{f'{med(retries):g} ({max(retries)})' if retries else '—'} | "
+                     f"{med_max(key, 'port_wait_ms')} | {med_max(key, 'max_other_write_ms')} |")
+    L.append("")
+    missing = [f"{k} run {r['round']}" for k, runs in S.items() for r in runs if r.get("handoff_write_ms") is None]
+    if missing:
+        L.append("No write waited across the hand-off (the idle client was between writes) in: "
+                 + ", ".join(missing) + ".")
+        L.append("")
+    st_fail = [f for f in failures if failure_section(f) == "stall"]
+    if st_fail:
+        L.append("### Failed stall runs")
+        L.append("")
+        for f in st_fail:
+            first, _, rest = f.partition("\n")
+            L.append(f"- {first}")
+            if rest:
+                L.append("")
+                L.append("```")
+                L.extend(rest.splitlines()[-60:])
+                L.append("```")
+        L.append("")
+    L.append("### How the stall is measured")
+    L.append("")
+    L.append("```sh")
+    L.append(f"# image: {STALL_IMAGE_SIZE // MIB} MiB, {STALL_DATA // MIB} MiB of random data in "
+             f"{STALL_EXTENT // 1024} KiB extents at random places, the rest holes;")
+    L.append("#   per run a cp --sparse=always copy SRC and a fresh sparse DEST of the same size; sync -f (untimed)")
+    L.append("target/bench/release/flexnbd listen -l 127.0.0.1 -p 0 -f DEST -s DSOCK -v --oldstyle-extra-flags")
+    L.append("#   tls case: ... -v --tls-cert SRV/server-cert.pem --tls-key SRV/server-key.pem (the bench's "
+             "openssl credentials)")
+    L.append("target/bench/release/flexnbd serve  -l 127.0.0.1 -p 0 -f SRC  -s SSOCK -v   # got port SPORT")
+    L.append("target/bench/release/flexnbd-proxy --addr PSOCK --conn-addr 127.0.0.1 --conn-port SPORT -v"
+             "   # through the proxy only")
+    L.append("# client (run.py): oldstyle greeting, then 4 KiB NBD_CMD_WRITEs at random 4 KiB-aligned offsets,")
+    L.append(f"#   one in flight, back-to-back (busy) or one every {IDLE_INTERVAL * 1000:.0f} ms (idle); "
+             f">= {STALL_WARMUP} s of writes before mirror")
+    L.append("#   through the proxy: on PSOCK, never reconnects; directly: on 127.0.0.1:SPORT, and after a "
+             "failure it")
+    L.append(f"#   reconnects to 127.0.0.1:SPORT every 1 ms (at most {RECONNECT_WINDOW:.0f} s) and sends the "
+             "same write again")
+    L.append("target/bench/release/flexnbd mirror -s SSOCK -l 127.0.0.1 -p DPORT --unlink --wait [--max-speed BPS]"
+             " [--tls-ca CLI/ca-cert.pem]")
+    L.append("target/bench/release/flexnbd mirror-speed --sock SSOCK --max-speed 10000000   # speedchange: once "
+             "`status` shows")
+    L.append(f"#   migration_bytes_left <= {SPEED_SWITCH_LEFT:.0%} of the data (polled every 20 ms)")
+    L.append("# supervisor (run.py, polling every 1 ms): as soon as listen has exited 0")
+    L.append("target/bench/release/flexnbd serve -l 127.0.0.1 -p SPORT -f DEST -v"
+             "   # started again at once if SPORT is still in use")
+    L.append("#   ready when a connection to SPORT gets the greeting; the client goes on until it sends a write")
+    L.append(f"#   >= {STALL_WARMUP} s after that greeting and after the replies to all the writes sent before it")
+    L.append("# with FLEXNBD_C_BIN: c_dest runs the C listen and the supervisor starts the C serve; c_source")
+    L.append("#   runs the C serve and the C mirror (-s SSOCK -l 127.0.0.1 -p DPORT --unlink), into our listen")
+    L.append("```")
+    L.append("")
+    L.append("Notes:")
+    L.append("")
+    L.append("- Counted: every write sent from `mirror` on until the client stops (the p99 and the write count "
+             "are over those writes). `migration` is from `mirror` to both the source and `listen` exited.")
+    L.append("- The lock-out is the source's own figure (from its cut-off until it sent DISCONNECT). A client "
+             "also waits for the destination to make the image durable and exit, for the supervisor's "
+             "`serve` to start, and for its own (or the proxy's) reconnection.")
+    L.append("- Supervisor start-up is timed from the exit of `listen` (reaped with wait4, polled every 1 ms) "
+             "to the first greeting on the source's port; it includes any time the source still held that "
+             "port (`port wait`), since nothing can bind it before.")
+    L.append("- Directly, the client's reconnection attempts (every 1 ms) reach the source while it shuts "
+             "clients out: it accepts and closes each at once, so a long lock-out means thousands of such "
+             "connections.")
+    L.append("- The client is a Python thread in the benchmark process, as are the supervisor and the polling; "
+             "they share 2 CPUs with flexnbd and other work on the machine.")
+    L.append("")
+    L.append("<details><summary>every stall run</summary>")
+    L.append("")
+    keys = ["max_write_ms", "p99_write_ms", "writes", "handoff_write_ms", "handoff_to_listen_exit_ms",
+            "supervisor_ms", "supervisor_exec_ms", "port_wait_ms", "port_retries",
+            "handoff_after_new_serve_ms", "handoff_before_cut_ms",
+            "max_other_write_ms", "lockout_ms", "seconds", "listen_exit_to_source_exit_ms", "worst_sent_s",
+            "worst_is_handoff", "worst_attempts", "max_write_before_mirror_ms", "resent_writes", "connects",
+            "proxy_retry_waits", "speed_lowered_at_s", "error_replies", "over_goal"]
+    L.append("| case | run | " + " | ".join(keys) + " |")
+    L.append("|---|---|" + "---|" * len(keys))
+    for key, runs in S.items():
+        for r in runs:
+            cells = []
+            for k in keys:
+                v = r.get(k)
+                if isinstance(v, bool):
+                    cells.append(("**yes**" if k == "over_goal" else "yes") if v else "no")
+                elif isinstance(v, float):
+                    cells.append(f"{v:.3f}" if k in ("seconds", "worst_sent_s", "speed_lowered_at_s")
+                                 else f"{v:.1f}")
+                elif v is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(str(v))
+            L.append(f"| {key} | {r['round']} | " + " | ".join(cells) + " |")
+    notes = [f"run {r['round']} {key}: {r['note']}" for key, runs in S.items() for r in runs if r.get("note")]
+    if notes:
+        L.append("")
+        L.extend(f"- {n}" for n in notes)
+    L.append("")
+    L.append("</details>")
+    L.append("")
+    return L
+
+
+def splice_section(text, heading, section):
+    """Replace the `heading` section of a report (up to the next "## " heading), or insert
+    it before "## Commands" (else before the raw numbers, else at the end)."""
     lines = text.split("\n")
-    start = next((i for i, l in enumerate(lines) if l == "## Migration"), None)
+    start = next((i for i, l in enumerate(lines) if l == heading), None)
     if start is not None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         return "\n".join(lines[:start] + section + lines[end:])
@@ -1594,18 +2247,26 @@ def splice_migration(text, section):
     return "\n".join(lines + [""] + section)
 
 
-def existing_migration(path):
-    """The "## Migration" section of an existing report, or None."""
+def existing_section(path, heading):
+    """The `heading` section of an existing report, or None."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
     except OSError:
         return None
-    if "## Migration" not in lines:
+    if heading not in lines:
         return None
-    start = lines.index("## Migration")
+    start = lines.index(heading)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     return lines[start:end]
+
+
+def splice_migration(text, section):
+    return splice_section(text, "## Migration", section)
+
+
+def existing_migration(path):
+    return existing_section(path, "## Migration")
 
 
 def write_report(path, ctx, info, results, failures, started, finished):
@@ -1771,7 +2432,8 @@ def write_report(path, ctx, info, results, failures, started, finished):
     L.append("- The null row is the protocol path's ceiling: no storage work at all for nbdkit, and only an "
              "allocation-map lookup for flexnbd (it cannot serve without a file).")
     L.append("")
-    other_failures = [f for f in failures if " migration " not in f]  # those are in "## Migration"
+    # Those are in "## Migration" and "## Stall".
+    other_failures = [f for f in failures if failure_section(f) not in SECTIONS]
     if other_failures:
         L.append("## Failed runs")
         L.append("")
@@ -1806,20 +2468,31 @@ def write_report(path, ctx, info, results, failures, started, finished):
                if "migration" in results or ctx.mig_started else existing_migration(path))
     if section:
         text = splice_migration(text, section)
+    # Likewise the stall section.
+    section = (stall_section(ctx, info, results, failures, ctx.stall_started, ctx.stall_finished)
+               if "stall" in results or ctx.stall_started else existing_section(path, "## Stall"))
+    if section:
+        text = splice_section(text, "## Stall", section)
     with open(path, "w") as f:
         f.write(text)
 
 
-def update_migration_only(path, ctx, info, results, failures):
-    """--only migration: replace just the "## Migration" section of an existing report."""
-    section = migration_section(ctx, info, results, failures, ctx.mig_started, ctx.mig_finished)
+def update_sections_only(path, ctx, info, results, failures):
+    """--only migration and/or stall: replace just those sections of an existing report."""
     try:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
-        text = "# Benchmarks\n\nOnly the migration section has been generated; run `bench/run.py` for the rest.\n"
+        text = ("# Benchmarks\n\nOnly the migration and stall sections are generated here; run "
+                "`bench/run.py` for the rest.\n")
+    if "migration" in ctx.only:
+        text = splice_migration(text, migration_section(ctx, info, results, failures,
+                                                        ctx.mig_started, ctx.mig_finished))
+    if "stall" in ctx.only:
+        text = splice_section(text, "## Stall", stall_section(ctx, info, results, failures,
+                                                               ctx.stall_started, ctx.stall_finished))
     with open(path, "w") as f:
-        f.write(splice_migration(text, section))
+        f.write(text)
 
 
 # ---------------------------------------------------------------- main
@@ -1843,18 +2516,21 @@ def main():
     ctx.rounds = max(1, min(args.rounds or (2 if args.quick else 5), 50))
     ctx.fio_runtime = max(1, min(args.fio_runtime or (3 if args.quick else 10), 600))
     only = set(args.only.split(",")) if args.only else None
-    known = {w[0] for w in WORKLOADS} | {"migration"}
+    known = {w[0] for w in WORKLOADS} | set(SECTIONS)
     if only and not only <= known:
         ap.error(f"unknown workload(s) {', '.join(sorted(only - known))}; known: {', '.join(sorted(known))}")
     ctx.only = only
     ctx.mig_started = ctx.mig_finished = None
+    ctx.stall_started = ctx.stall_finished = None
+    # Only sections that are rewritten in place (migration, stall)?
+    sections_only = bool(only) and only <= set(SECTIONS)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    if only != {"migration"}:
+    if not sections_only or ("stall" in only and not shutil.which("openssl")):
         ensure_peers()
     if not args.skip_build:
         build()
@@ -1898,6 +2574,10 @@ def main():
             ctx.mig_started = datetime.datetime.now(datetime.timezone.utc)
             run_migrations(ctx, results, failures)
             ctx.mig_finished = datetime.datetime.now(datetime.timezone.utc)
+        if not only or "stall" in only:
+            ctx.stall_started = datetime.datetime.now(datetime.timezone.utc)
+            run_stalls(ctx, results, failures)
+            ctx.stall_finished = datetime.datetime.now(datetime.timezone.utc)
     finally:
         stop_all()
         remove_cgroup(ctx)
@@ -1905,22 +2585,24 @@ def main():
     finished = datetime.datetime.now(datetime.timezone.utc)
     outdir = os.path.join(REPO, "bench", "out")
     os.makedirs(outdir, exist_ok=True)
-    if only == {"migration"}:
-        # Keep the other workloads' raw results; replace only the migration ones.
+    if sections_only:
+        # Keep the other workloads' raw results; replace only the ones of these sections.
         raw_path = os.path.join(outdir, "results.json")
         try:
             with open(raw_path) as f:
                 raw = json.load(f)
         except (OSError, ValueError):
             raw = {"results": {}, "failures": []}
-        raw.setdefault("results", {})["migration"] = results.get("migration", {})
-        raw["migration_machine"] = info
-        raw["migration_rounds"] = ctx.rounds
-        raw["failures"] = [f for f in raw.get("failures", []) if " migration " not in f] + failures
+        for name in sorted(only):
+            raw.setdefault("results", {})[name] = results.get(name, {})
+            raw[f"{name}_machine"] = info
+            raw[f"{name}_rounds"] = ctx.rounds
+            raw["failures"] = [f for f in raw.get("failures", []) if failure_section(f) != name]
+        raw["failures"] += failures
         with open(raw_path, "w") as f:
             json.dump(raw, f, indent=1)
-        update_migration_only(args.output, ctx, info, results, failures)
-        log(f"updated the Migration section of {args.output}")
+        update_sections_only(args.output, ctx, info, results, failures)
+        log(f"updated the {' and '.join(SECTIONS[n] for n in sorted(only))} section(s) of {args.output}")
         return 1 if failures else 0
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump({"machine": info, "rounds": ctx.rounds, "fio_runtime": ctx.fio_runtime,
