@@ -392,9 +392,7 @@ impl Verdict {
             Verdict::Impossible => "impossible",
         }
     }
-}
 
-impl Verdict {
     /// Whether `resolve --apply` removes the marker: the rows where the
     /// destination is canonical and the marker is all that is left to undo.
     pub fn marker_to_remove(self) -> bool {
