@@ -372,3 +372,40 @@ fn overwrite_complete_is_refused_by_serve() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_record_for_the_same_inode_number_born_at_another_time_does_not_block_listen() {
+    // An image deleted and created again can get its old inode number
+    // back; its creation time tells it apart, where the file system keeps
+    // one.
+    let dir = TempDir::new("complete-reborn");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let meta = fs::metadata(&dest).unwrap();
+    let Ok(born) = meta.created() else {
+        eprintln!("this file system keeps no creation time: nothing to tell apart");
+        return;
+    };
+    let born = born
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    fs::write(
+        record_path(&dest),
+        format!(
+            "state=complete\nsource=127.0.0.1:40000\ncompleted_at=1700000000\nbytes_received=4096\npid=1\ndev={}\nino={}\nsize={}\nborn={}\n",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            born + 1
+        ),
+    )
+    .unwrap();
+    let mut server = crate::interop::listen(&dir, &dest, &[]);
+    assert_eq!(marker_state(&dest).as_deref(), Some("receiving"));
+    assert!(
+        !record_path(&dest).exists(),
+        "expected listen to remove the record of another file"
+    );
+    server.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut server), Some(1));
+}

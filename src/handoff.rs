@@ -158,6 +158,11 @@ pub struct Identity {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
+    /// The file's creation time (statx birth time, nanoseconds since the
+    /// epoch), where the file system keeps one: an image deleted and
+    /// created again can get its old inode number back, but not its birth
+    /// time.
+    pub born: Option<u128>,
 }
 
 impl Identity {
@@ -166,6 +171,11 @@ impl Identity {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
+            born: meta
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos()),
         }
     }
 
@@ -174,11 +184,27 @@ impl Identity {
     pub fn at(path: &Path) -> io::Result<Identity> {
         fs::metadata(path).map(|m| Identity::of(&m))
     }
+
+    /// Whether both name the same file: device, inode and size equal, and
+    /// the birth times too when both are known.
+    pub fn same_file(&self, other: &Identity) -> bool {
+        self.dev == other.dev
+            && self.ino == other.ino
+            && self.size == other.size
+            && match (self.born, other.born) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dev={} ino={} size={}", self.dev, self.ino, self.size)
+        write!(f, "dev={} ino={} size={}", self.dev, self.ino, self.size)?;
+        if let Some(born) = self.born {
+            write!(f, " born={born}")?;
+        }
+        Ok(())
     }
 }
 
@@ -198,7 +224,7 @@ pub struct Record {
 
 impl Record {
     pub fn render(&self) -> String {
-        format!(
+        let mut text = format!(
             "state=complete\nsource={}\ncompleted_at={}\nbytes_received={}\npid={}\ndev={}\nino={}\nsize={}\n",
             self.source.as_deref().unwrap_or("none"),
             self.completed_at,
@@ -207,7 +233,11 @@ impl Record {
             self.image.dev,
             self.image.ino,
             self.image.size
-        )
+        );
+        if let Some(born) = self.image.born {
+            text.push_str(&format!("born={born}\n"));
+        }
+        text
     }
 
     /// Reads a record's text. `None` unless it says `state=complete` and
@@ -234,6 +264,7 @@ impl Record {
                 dev: number("dev")?,
                 ino: number("ino")?,
                 size: number("size")?,
+                born: field("born").and_then(|v| v.parse().ok()),
             },
         })
     }
@@ -333,7 +364,7 @@ pub fn read_record(image: &Path) -> io::Result<RecordFound> {
         }
         Err(e) => return Err(e),
     };
-    if now != record.image {
+    if !now.same_file(&record.image) {
         return Ok(RecordFound::Stale(format!(
             "it names {}, but the file at {} is {now}",
             record.image,
@@ -665,6 +696,22 @@ mod tests {
             "a record for another inode is stale"
         );
         record_for(&image).write_durably(&image).unwrap();
+        assert!(read_record(&image).unwrap().matching().is_some());
+        // The same inode number, but born at another time: an image
+        // deleted and created again that got its old inode back.
+        let mut reborn = record_for(&image);
+        reborn.image.born = Some(reborn.image.born.unwrap_or(0) + 1);
+        reborn.write_durably(&image).unwrap();
+        assert_eq!(
+            read_record(&image).unwrap().matching().is_some(),
+            Identity::at(&image).unwrap().born.is_none(),
+            "a record for another birth time is stale where the file system keeps one"
+        );
+        // A record without a birth time (a file system without one) still
+        // matches on dev, ino and size.
+        let mut unborn = record_for(&image);
+        unborn.image.born = None;
+        unborn.write_durably(&image).unwrap();
         assert!(read_record(&image).unwrap().matching().is_some());
         // Resized: stale too.
         fs::OpenOptions::new()
