@@ -345,6 +345,185 @@ fn power_cut_after_a_completed_disconnect_keeps_the_writes_and_no_marker() {
         None,
         "expected the marker's removal to survive the cut"
     );
+    // A C-style sender still completes, with a record.
+    assert_record_of(&dest, LEN);
+    assert_restarted_listen_refuses(&dir, &dest);
+    let (code, out) = resolve(&dir.join("gone.img"), &dest);
+    assert_eq!(code, Some(11), "expected verdict destination, got {out}");
+}
+
+/// `<dest>.COMPLETE`, spelled out here so the tests check the name.
+fn record_path(dest: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.COMPLETE", dest.display()))
+}
+
+/// Fails unless the completion record names the file at `dest` and says
+/// `bytes` were received.
+fn assert_record_of(dest: &Path, bytes: usize) {
+    use std::os::unix::fs::MetadataExt;
+    let text = fs::read_to_string(record_path(dest)).unwrap_or_else(|e| {
+        panic!(
+            "expected the completion record {} after the cut: {e}",
+            record_path(dest).display()
+        )
+    });
+    let m = fs::metadata(dest).unwrap();
+    for line in [
+        "state=complete".to_string(),
+        format!("bytes_received={bytes}"),
+        format!("dev={}", m.dev()),
+        format!("ino={}", m.ino()),
+        format!("size={}", m.size()),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "expected the line {line:?} in the record after the cut, got {text:?}"
+        );
+    }
+}
+
+/// A supervisor starting `listen` again on `dest`: it must refuse (exit 1)
+/// before its port opens, and change neither the image nor the marker.
+fn assert_restarted_listen_refuses(dir: &TempDir, dest: &Path) {
+    let image = fs::read(dest).unwrap();
+    let marker = fs::read(marker_path(dest)).ok();
+    let o = run_tool(
+        BIN,
+        &server_args("listen", dest, None, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        WAIT,
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected the restarted listen to refuse (exit 1), got {}; log:\n{log}",
+        o.status
+    );
+    assert!(
+        log.contains("refusing to receive") && !log.contains("listening on"),
+        "expected a refusal before the port opens; log:\n{log}"
+    );
+    assert!(
+        fs::read(dest).unwrap() == image,
+        "expected the restarted listen to leave the image unchanged"
+    );
+    assert_eq!(
+        fs::read(marker_path(dest)).ok(),
+        marker,
+        "expected the restarted listen to leave the marker as it was"
+    );
+    let _ = dir;
+}
+
+#[test]
+fn power_cut_between_the_record_and_the_marker_removal_keeps_both_and_listen_refuses() {
+    // store.marker#4 is the marker's removal (#1 creates it, #2 says
+    // receiving, #3 entrusted): the record is written and synced before
+    // it, so the cut must leave the whole record.
+    let dir = TempDir::new("dur-record-marker");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let mut server = start(
+        &dir,
+        "listen",
+        &dest,
+        None,
+        Some("store.marker#4=powercut(all)"),
+    );
+    let data = pattern(LEN, 11);
+    let mut s = write_then_entrust(&server, &data);
+    let r = s.read_reply();
+    assert_eq!(
+        (r.handle, r.error),
+        (2, 0),
+        "expected the entrust to succeed"
+    );
+    s.disconnect(3);
+    assert_no_reply_then_eof(&mut s, "disconnect");
+    assert_power_cut(&mut server, "store.marker#4");
+    assert_range(&dest, &data, "the migrated write after the cut");
+    assert_record_of(&dest, LEN);
+    assert_eq!(marker_state(&dest).as_deref(), Some("entrusted"));
+    let (code, out) = resolve(&dir.join("gone.img"), &dest);
+    assert_eq!(
+        (code, out.lines().next()),
+        (Some(12), Some("verdict: destination-leftover-marker")),
+        "expected the destination canonical with a leftover marker, got {out}"
+    );
+    assert_restarted_listen_refuses(&dir, &dest);
+}
+
+#[test]
+fn power_cut_between_the_record_and_the_marker_removal_of_a_c_style_sender_is_not_the_forbidden_state(
+) {
+    // A C-style sender never entrusts: the marker says receiving until its
+    // removal (#3 here), and only the record tells this destination from
+    // one that lost data.
+    let dir = TempDir::new("dur-record-c");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let mut server = start(
+        &dir,
+        "listen",
+        &dest,
+        None,
+        Some("store.marker#3=powercut(all)"),
+    );
+    let data = pattern(LEN, 12);
+    let mut s = c_style_write_then_disconnect(&server, &data);
+    assert_no_reply_then_eof(&mut s, "disconnect");
+    assert_power_cut(&mut server, "store.marker#3");
+    assert_range(&dest, &data, "the migrated write after the cut");
+    assert_record_of(&dest, LEN);
+    assert_eq!(marker_state(&dest).as_deref(), Some("receiving"));
+    let (code, out) = resolve(&dir.join("gone.img"), &dest);
+    assert_eq!(
+        (code, out.lines().next()),
+        (Some(12), Some("verdict: destination-leftover-marker")),
+        "expected the destination canonical with a leftover marker, got {out}"
+    );
+    assert_restarted_listen_refuses(&dir, &dest);
+}
+
+#[test]
+fn power_cut_before_the_record_keeps_the_marker_entrusted_and_no_record() {
+    let dir = TempDir::new("dur-record-before");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let mut server = start(
+        &dir,
+        "listen",
+        &dest,
+        None,
+        Some("store.record#1=powercut(all)"),
+    );
+    let data = pattern(LEN, 13);
+    let mut s = write_then_entrust(&server, &data);
+    let r = s.read_reply();
+    assert_eq!(
+        (r.handle, r.error),
+        (2, 0),
+        "expected the entrust to succeed"
+    );
+    s.disconnect(3);
+    assert_no_reply_then_eof(&mut s, "disconnect");
+    assert_power_cut(&mut server, "store.record#1");
+    assert_range(&dest, &data, "the entrusted write after the cut");
+    assert!(!record_path(&dest).exists(), "expected no record");
+    assert_eq!(marker_state(&dest).as_deref(), Some("entrusted"));
+    let (code, out) = resolve(&dir.join("gone.img"), &dest);
+    assert_eq!(
+        code,
+        Some(12),
+        "expected verdict destination-entrusted, got {out}"
+    );
+    // Without a record a restarted listen waits for its sender, and keeps
+    // the entrusted marker as it is.
+    let mut again = start(&dir, "listen", &dest, None, None);
+    assert_eq!(marker_state(&dest).as_deref(), Some("entrusted"));
+    again.signal(libc::SIGTERM);
+    assert_eq!(again.wait_exit().code(), Some(1));
+    assert_range(&dest, &data, "the entrusted write after the restart");
 }
 
 #[test]
@@ -736,6 +915,83 @@ fn check_destination_order(t: &Trace, dest: &Path) {
     }
 }
 
+/// The destination's completion: the image's fdatasync after its last
+/// write, then the completion record (its temporary file written and
+/// fsynced, renamed, the directory fsynced), then the marker's unlink and
+/// the directory's fsync.
+fn check_completion_order(t: &Trace, dest: &Path) {
+    let record = record_path(dest);
+    let tmp = PathBuf::from(format!("{}.tmp", record.display()));
+    let marker = marker_path(dest);
+    let dir = dest.parent().unwrap();
+    let written = t
+        .named(&["write"])
+        .find(|c| t.on(c, &tmp) && c.strings().concat().starts_with(b"state=complete"))
+        .unwrap_or_else(|| {
+            t.fail("expected a write of state=complete to the record's temporary file")
+        });
+    let tmp_fsync = t
+        .named(&["fsync", "fdatasync"])
+        .find(|c| t.on(c, &tmp) && written.done_before(c))
+        .unwrap_or_else(|| t.fail("expected an fsync of the record's temporary file"));
+    let rename = t
+        .named(&["rename", "renameat", "renameat2"])
+        .find(|c| {
+            c.strings()
+                == vec![
+                    tmp.clone().into_os_string().into_encoded_bytes(),
+                    record.clone().into_os_string().into_encoded_bytes(),
+                ]
+        })
+        .unwrap_or_else(|| t.fail("expected the temporary record to be renamed over the record"));
+    if !tmp_fsync.done_before(rename) {
+        t.fail(&format!(
+            "expected the record's fsync (line {}) to complete before its rename (line {})",
+            tmp_fsync.end + 1,
+            rename.start + 1
+        ));
+    }
+    let dir_fsync = t
+        .named(&["fsync"])
+        .find(|c| t.on(c, dir) && rename.done_before(c))
+        .unwrap_or_else(|| t.fail("expected an fsync of the directory after the record's rename"));
+    let marker_bytes = marker.clone().into_os_string().into_encoded_bytes();
+    let unlink = t
+        .named(&["unlink", "unlinkat"])
+        .find(|c| c.strings().contains(&marker_bytes))
+        .unwrap_or_else(|| t.fail("expected the marker to be unlinked"));
+    if !dir_fsync.done_before(unlink) {
+        t.fail(&format!(
+            "expected the directory fsync after the record's rename (line {}) to complete before the marker's unlink (line {})",
+            dir_fsync.end + 1,
+            unlink.start + 1
+        ));
+    }
+    t.named(&["fsync"])
+        .find(|c| t.on(c, dir) && unlink.done_before(c))
+        .unwrap_or_else(|| t.fail("expected an fsync of the directory after the marker's unlink"));
+    let last_change = t
+        .named(&["pwrite64", "fallocate"])
+        .filter(|c| t.on(c, dest))
+        .map(|c| c.end)
+        .max()
+        .unwrap_or_else(|| t.fail("expected the destination image to be written"));
+    let image_sync = t
+        .named(&["fdatasync"])
+        .filter(|c| t.on(c, dest) && c.start > last_change)
+        .last()
+        .unwrap_or_else(|| {
+            t.fail("expected an fdatasync of the destination image after its last write")
+        });
+    if !image_sync.done_before(written) {
+        t.fail(&format!(
+            "expected the image fdatasync (line {}) to complete before the record is written (line {})",
+            image_sync.end + 1,
+            written.start + 1
+        ));
+    }
+}
+
 /// The source's side: the unlink, then its directory's fsync, then the
 /// DISCONNECT.
 fn check_source_order(t: &Trace, src: &Path) {
@@ -799,6 +1055,7 @@ fn strace_shows_each_migration_sync_before_what_relies_on_it() {
     }
     assert!(!src.exists(), "expected --unlink to remove the source");
     check_destination_order(&Trace::read(&dest_trace), &dest);
+    check_completion_order(&Trace::read(&dest_trace), &dest);
     check_source_order(&Trace::read(&src_trace), &src);
 }
 
@@ -831,6 +1088,7 @@ fn strace_shows_the_entrust_fdatasync_before_the_marker_and_the_reply() {
         destination.log()
     );
     check_destination_order(&Trace::read(&trace), &dest);
+    check_completion_order(&Trace::read(&trace), &dest);
 }
 
 #[test]

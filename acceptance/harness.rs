@@ -144,6 +144,17 @@ impl Flexnbd {
 
     /// Like `spawn`, but runs `program` (e.g. strace wrapping the binary).
     pub fn spawn_program(dir: &TempDir, program: &str, args: &[String]) -> Flexnbd {
+        let mut server = Flexnbd::spawn_or_exit(dir, program, args);
+        if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("flexnbd exited early with {status}; log:\n{}", server.log());
+        }
+        server
+    }
+
+    /// Like `spawn_program`, but a process that exits before it reports its
+    /// port (a `listen` refusing to start) is returned as it is, exited,
+    /// for the caller to judge; its `addr` is then 127.0.0.1:0.
+    pub fn spawn_or_exit(dir: &TempDir, program: &str, args: &[String]) -> Flexnbd {
         static N: AtomicU64 = AtomicU64::new(0);
         let log_path = dir.join(&format!(
             "flexnbd-{}.log",
@@ -165,9 +176,11 @@ impl Flexnbd {
             server_pid: pid,
             status: None,
         };
-        let (addr, server_pid) = wait_for("flexnbd to report its port", WAIT, || {
+        let reported = wait_for("flexnbd to report its port or exit", WAIT, || {
             if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("flexnbd exited early with {status}; log:\n{}", server.log());
+                // Kept, so that later waits see the status again.
+                server.status = Some(status);
+                return Some(None);
             }
             let log = server.log();
             let at = log.find("listening on ")?;
@@ -182,8 +195,11 @@ impl Flexnbd {
                 .ok()?;
             let rest = &log[at + "listening on ".len()..];
             let end = rest.find('\n')?;
-            Some((rest[..end].trim().parse::<SocketAddr>().ok()?, pid))
+            Some(Some((rest[..end].trim().parse::<SocketAddr>().ok()?, pid)))
         });
+        let Some((addr, server_pid)) = reported else {
+            return server;
+        };
         server.addr = addr;
         server.server_pid = server_pid;
         // The control socket is bound just after the port is reported; a

@@ -12,6 +12,7 @@ mod batching;
 mod c_interop;
 mod certs;
 mod codec_props;
+mod complete;
 
 mod cli;
 mod control;

@@ -32,13 +32,25 @@
 //! 5. no log says "panicked" and every process exited within its bounded wait,
 //!    with the status its outcome calls for;
 //! 6. where the fault is transient, the migration completed: both processes
-//!    exited 0, the marker is gone, and the destination is byte-identical to
-//!    the source file (without `--unlink`) or to the expected image (with it).
+//!    exited 0, the marker is gone, the completion record names the
+//!    destination file, and the destination is byte-identical to the source
+//!    file (without `--unlink`) or to the expected image (with it);
+//! 7. a supervisor that starts `listen` again on the destination once
+//!    everything has stopped (after every scenario, so after every
+//!    completing step, with and without a power cut) changes nothing: over a
+//!    completed image (its completion record names the file) it refuses at
+//!    once, exit 1, before its port opens; anywhere else it starts, is
+//!    SIGTERMed, exits 1; the image, the marker and the record are as they
+//!    were, and checks 1 to 3 run on what it left.
 //!
 //! Which actions make sense where (the generation rule):
-//! * store steps the hand-off depends on (`store.marker#2..4` on the
-//!   destination, `store.unlink` on the source with `--unlink`): crash and
-//!   the three power cuts only;
+//! * store steps the hand-off depends on (`store.marker#2..4` and
+//!   `store.record#1`, the completion record's write, on the destination,
+//!   `store.unlink` on the source with `--unlink`): crash and the three
+//!   power cuts only;
+//! * `server.disconnect_done` (the destination completed: record written,
+//!   marker removed): crash, the three power cuts and delay, the only
+//!   actions a plan allows there;
 //! * everywhere a `crash` runs, a power cut runs too, three times:
 //!   `powercut(all)` (everything not yet durable is lost), `powercut(none)`
 //!   (nothing is) and `powercut(torn)` (a seeded subset of sectors); each
@@ -76,7 +88,11 @@
 //!   1), nothing is retried, the source keeps serving its clients and owns the
 //!   image;
 //! * faults on the disconnect (other than delay) come after the hand-off:
-//!   the destination keeps `state=entrusted` and holds everything;
+//!   the destination keeps `state=entrusted` and holds everything (beside
+//!   its completion record when the fault struck after the record's write);
+//! * a crash or power cut at `server.disconnect_done` comes after the
+//!   completion: the marker is gone, the record stays, and the supervisor's
+//!   restart of the destination refuses to start (exit 1);
 //! * everything else is transient (a destination crash included: the
 //!   supervisor restarts it and the source's retries complete the migration).
 //!
@@ -153,9 +169,12 @@ enum Carries {
     /// A write's payload about to be sent.
     Payload,
     /// A store operation on a file the hand-off depends on (the marker, the
-    /// unlink): only a crash or a power cut means something there (the
-    /// errors are the store tests' business).
+    /// record, the unlink): only a crash or a power cut means something
+    /// there (the errors are the store tests' business).
     Store,
+    /// After the connection's last message (`disconnect_done`): the plan
+    /// language allows only delay, crash and power cuts there.
+    Milestone,
 }
 
 /// Where in a migration a step is.
@@ -169,6 +188,8 @@ enum Phase {
     Entrust,
     /// The DISCONNECT, after the hand-off.
     Disconnect,
+    /// After the destination completed (`disconnect_done`).
+    Done,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -285,7 +306,7 @@ const STEPS: &[StepSpec] = &[
     ),
     // The marker's rewrites and removal: #1 creates it at start-up (before
     // the port listens), #2 says `receiving` before the first data, #3 says
-    // `entrusted`, #4 removes it after the DISCONNECT.
+    // `entrusted`, #4 removes it after the DISCONNECT (after the record).
     step(
         Side::Dest,
         "store.marker",
@@ -299,6 +320,23 @@ const STEPS: &[StepSpec] = &[
         Carries::Store,
         Phase::Disconnect,
         &[4],
+    ),
+    // The completion record's write, after the DISCONNECT and the image's
+    // fdatasync, before the marker's removal.
+    step(
+        Side::Dest,
+        "store.record",
+        Carries::Store,
+        Phase::Disconnect,
+        &[1],
+    ),
+    // The destination completed and goes on to exit.
+    step(
+        Side::Dest,
+        "server.disconnect_done",
+        Carries::Milestone,
+        Phase::Done,
+        &[1],
     ),
     // The source (`flexnbd serve`, whose mirror connects out).
     step(
@@ -446,11 +484,16 @@ fn actions_for(carries: Carries) -> Vec<Act> {
         v.extend(POWER_LOSSES);
         return v;
     }
+    if carries == Carries::Milestone {
+        let mut v = vec![Act::Crash, Act::Delay(DELAY_MS)];
+        v.extend(POWER_LOSSES);
+        return v;
+    }
     let mut v = vec![Act::Close, Act::Crash, Act::Hang, Act::Delay(DELAY_MS)];
     // Wherever a crash can happen, so can a power cut.
     v.extend(POWER_LOSSES);
     match carries {
-        Carries::Store | Carries::Nothing => {}
+        Carries::Store | Carries::Milestone | Carries::Nothing => {}
         Carries::Received => v.push(Act::Drop),
         Carries::Sent => v.extend([Act::Drop, Act::Truncate(10), Act::Corrupt]),
         Carries::Payload => v.extend([Act::Drop, Act::Truncate(2048)]),
@@ -473,6 +516,9 @@ enum Expect {
     /// The hand-off happened but the DISCONNECT was lost: the destination
     /// keeps `state=entrusted` and holds everything.
     LostDisconnect,
+    /// The migration completed, then the destination died: no marker, a
+    /// completion record, and its restart refuses to start.
+    CompletedThenDied,
     /// Random plans (the sweep): only the safety properties are checked.
     Unknown { transient: bool },
 }
@@ -517,6 +563,7 @@ fn classify(spec: &StepSpec, occurrence: u32, act: Act, unlink: bool) -> Expect 
     match spec.phase {
         Phase::Connect if occurrence == 1 => Expect::FirstAttemptFailed,
         Phase::Disconnect => Expect::LostDisconnect,
+        Phase::Done => Expect::CompletedThenDied,
         _ => Expect::Complete,
     }
 }
@@ -1282,8 +1329,11 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
                     // file, without faults, so the source's retries land.
                     restarts += 1;
                     notes.push(format!("destination restarted after {st}"));
-                    dests.push(Flexnbd::spawn(
+                    // It may refuse at once (a completion record), and
+                    // then counts as a destination that exited.
+                    dests.push(Flexnbd::spawn_or_exit(
                         &dir,
+                        BIN,
                         &listen_args(port, &dst, &dsock, "", pki.as_ref()),
                     ));
                     continue;
@@ -1349,8 +1399,19 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         }
     }
 
+    // (7) A supervisor starts `listen` again on the destination, now that
+    // everything has stopped.
+    let restart_log = match supervisor_restart(&dir, &dst, &marker, pki.as_ref()) {
+        Ok(log) => log,
+        Err((problem, log)) => {
+            failures.push(problem);
+            log
+        }
+    };
+
     // What a person sees.
     let src_exists = src.exists();
+    let record = record_matches(&dst);
     let marker_state = fs::read_to_string(&marker).ok().map(|t| {
         t.lines()
             .find_map(|l| l.strip_prefix("state="))
@@ -1358,11 +1419,13 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
             .trim()
             .to_string()
     });
-    let verdict = match (src_exists, marker_state.as_deref()) {
-        (true, _) => "source",
-        (false, None) => "destination",
-        (false, Some("entrusted")) => "destination-entrusted",
-        (false, Some(_)) => "impossible",
+    let verdict = match (src_exists, record, marker_state.as_deref()) {
+        (true, _, _) => "source",
+        (false, true, None) => "destination",
+        (false, true, Some(_)) => "destination-leftover-marker",
+        (false, false, None) => "destination",
+        (false, false, Some("entrusted")) => "destination-entrusted",
+        (false, false, Some(_)) => "impossible",
     };
     let resolve = run_tool(
         BIN,
@@ -1399,6 +1462,7 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
             Some(Some(if entrusted { "entrusted" } else { "receiving" })),
         ),
         Expect::LostDisconnect => (Some(!s.unlink), Some(Some("entrusted"))),
+        Expect::CompletedThenDied => (Some(!s.unlink), Some(None)),
         Expect::Unknown { transient: true } => (Some(!s.unlink), Some(None)),
         Expect::Unknown { transient: false } => (None, None),
     };
@@ -1418,11 +1482,29 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
         ));
     }
 
+    // Every completion leaves its record, naming this very file.
+    let want_record = match s.expect {
+        Expect::Complete | Expect::CompletedThenDied | Expect::Unknown { transient: true } => {
+            Some(true)
+        }
+        // Lost after the record's write (store.marker#4) or before it.
+        Expect::LostDisconnect | Expect::Unknown { transient: false } => None,
+        Expect::FirstAttemptFailed | Expect::SourceCrashed { .. } => Some(false),
+    };
+    if want_record.is_some_and(|w| w != record) {
+        failures.push(format!(
+            "expected {} completion record for the destination file, found {}: {:?}",
+            if want_record == Some(true) { "a" } else { "no" },
+            if record { "one" } else { "none that matches" },
+            fs::read_to_string(record_path(&dst)).ok()
+        ));
+    }
+
     // (2) resolve names the same copy.
     let want_code = match verdict {
         "source" => 10,
         "destination" => 11,
-        "destination-entrusted" => 12,
+        "destination-entrusted" | "destination-leftover-marker" => 12,
         _ => 13,
     };
     if resolve.status.code() != Some(want_code)
@@ -1452,7 +1534,7 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
                 },
             )
         }),
-        "destination" | "destination-entrusted" => Some((
+        "destination" | "destination-entrusted" | "destination-leftover-marker" => Some((
             "the destination file",
             &dst_bytes[..],
             Promise::Acknowledged,
@@ -1467,10 +1549,14 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
     // An entrusted or completed destination holds everything the source had.
     let dest_must_be_whole = matches!(
         s.expect,
-        Expect::Complete | Expect::LostDisconnect | Expect::Unknown { transient: true }
+        Expect::Complete
+            | Expect::LostDisconnect
+            | Expect::CompletedThenDied
+            | Expect::Unknown { transient: true }
     ) || (marker_state.as_deref() == Some("entrusted")
         && !source_was_running)
-        || (marker_state.is_none() && !src_exists);
+        || (marker_state.is_none() && !src_exists)
+        || record;
     if dest_must_be_whole {
         match &src_bytes {
             Some(sb) if !source_power_cut => {
@@ -1637,6 +1723,27 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
                 ));
             }
         }
+        Expect::CompletedThenDied => {
+            if mirror_code != 0 {
+                failures.push(format!(
+                    "mirror did not start: exit {mirror_code}: {mirror_out}"
+                ));
+            }
+            if source_termed || source_code != 0 {
+                failures.push(format!(
+                    "the source should have completed the migration (exit 0), got {source_code}{}",
+                    if source_termed { " after SIGTERM" } else { "" }
+                ));
+            }
+            let refused = dest_logs
+                .last()
+                .is_some_and(|l| l.contains("refusing to receive"));
+            if dests.len() < 2 || final_dest != 1 || !refused {
+                failures.push(format!(
+                    "the destination restarted after its death should refuse to start over the completed image (exit 1), got exits {dest_codes:?}"
+                ));
+            }
+        }
         Expect::LostDisconnect => {
             if mirror_code != 0 {
                 failures.push(format!(
@@ -1696,7 +1803,123 @@ fn run_scenario(s: &Scenario) -> Result<usize, String> {
             tail(log, 20_000)
         );
     }
+    let _ = write!(
+        report,
+        "\n---- the supervisor's restart of the destination ----\n{}",
+        tail(&restart_log, 5_000)
+    );
     Err(report)
+}
+
+/// `<dest>.COMPLETE`.
+fn record_path(dst: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.COMPLETE", dst.display()))
+}
+
+/// Whether a completion record names the file at `dst` (its dev, ino and
+/// size): one that does not is stale and counts as none.
+fn record_matches(dst: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(text), Ok(m)) = (fs::read_to_string(record_path(dst)), fs::metadata(dst)) else {
+        return false;
+    };
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    text.lines().any(|l| l == "state=complete")
+        && field("dev") == Some(m.dev())
+        && field("ino") == Some(m.ino())
+        && field("size") == Some(m.size())
+}
+
+/// How long the supervisor's restarted `listen` may take to refuse, or to
+/// start and then exit on SIGTERM.
+const RESTART_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts `listen` again on `dst` (port 0, no faults) as a supervisor would
+/// once the scenario has ended, and checks that it changed nothing: over a
+/// completed image (a record names the file) it must refuse at once with
+/// exit 1 before its port opens; otherwise it starts and is SIGTERMed
+/// (exit 1). Either way the image is unchanged, and so are the marker and
+/// the record where the image was complete. Returns its log, or a problem
+/// and its log.
+fn supervisor_restart(
+    dir: &TempDir,
+    dst: &Path,
+    marker: &Path,
+    pki: Option<&Pki>,
+) -> Result<String, (String, String)> {
+    let complete = record_matches(dst);
+    let image = fs::read(dst).unwrap_or_default();
+    let marker_before = fs::read(marker).ok();
+    let record_before = fs::read(record_path(dst)).ok();
+    let sock = dir.join("dst-restart.sock");
+    let mut p = Flexnbd::spawn_or_exit(dir, BIN, &listen_args(0, dst, &sock, "", pki));
+    let started = Instant::now();
+    let refused = try_status(&mut p);
+    let mut problems = Vec::new();
+    match (complete, refused) {
+        (true, Some(st)) => {
+            if exit_code(st) != 1 || !p.log().contains("refusing to receive") {
+                problems.push(format!(
+                    "the restarted listen over a completed image should refuse with exit 1, got {st}"
+                ));
+            }
+        }
+        (true, None) => {
+            problems.push(
+                "the restarted listen started over a completed image (its record names the file)"
+                    .into(),
+            );
+        }
+        (false, Some(st)) => {
+            problems.push(format!(
+                "the restarted listen exited {st} without a completion record to refuse over"
+            ));
+        }
+        (false, None) => {}
+    }
+    if refused.is_none() {
+        match terminate(&mut p, "the restarted destination") {
+            Ok((code, _)) if code != 1 => problems.push(format!(
+                "the restarted listen exited {code} on SIGTERM, expected 1"
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(e),
+        }
+    }
+    let log = p.log();
+    if started.elapsed() > RESTART_WAIT {
+        problems.push(format!(
+            "the restarted listen took {:?} to refuse or to stop",
+            started.elapsed()
+        ));
+    }
+    if log.contains("panicked") {
+        problems.push("the restarted listen panicked".into());
+    }
+    if fs::read(dst).unwrap_or_default() != image {
+        problems.push("the restarted listen changed the destination image".into());
+    }
+    if complete {
+        if fs::read(marker).ok() != marker_before {
+            problems.push(format!(
+                "the restarted listen changed the marker of a completed image: {:?} -> {:?}",
+                marker_before.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                fs::read_to_string(marker).ok()
+            ));
+        }
+        if fs::read(record_path(dst)).ok() != record_before {
+            problems.push("the restarted listen changed the completion record".into());
+        }
+    }
+    if problems.is_empty() {
+        Ok(log)
+    } else {
+        Err((problems.join("; "), log))
+    }
 }
 
 // ------------------------------------------------------------- helpers

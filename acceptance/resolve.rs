@@ -2,16 +2,20 @@
 //! (docs/handoff.md) applied for a person.
 //!
 //! Simulated: every combination of a source image present or absent
-//! (given as a real path with `--source`, or as `--source-exists yes|no`)
-//! and a destination marker absent, `state=receiving` or `state=entrusted`;
-//! `--apply` on each; malformed invocations; and the states real migrations
-//! leave behind (after `mirror --unlink`, after `mirror` without it, and
-//! while a `listen` waits for its sender).
+//! (given as a real path with `--source`, or as `--source-exists yes|no`),
+//! a completion record for the destination file absent, present or stale
+//! (written for another inode), and a destination marker absent,
+//! `state=receiving` or `state=entrusted`; `--apply` on each; malformed
+//! invocations; and the states real migrations leave behind (after `mirror
+//! --unlink`, after `mirror` without it, and while a `listen` waits for its
+//! sender).
 //!
 //! What must happen: the three lines `verdict:`, `reason:`, `action:` with
 //! the table's verdict and exit status 10 (source), 11 (destination), 12
-//! (destination-entrusted) or 13 (impossible); `--apply` removes an
-//! entrusted marker (and says so) and touches nothing in any other row;
+//! (destination-entrusted, or destination-leftover-marker: a marker beside a
+//! record) or 13 (impossible); a stale record counts as none; `--apply`
+//! removes the marker in the rows that exit 12 (and says so), never the
+//! record, and touches nothing in any other row;
 //! usage errors exit 1 without a verdict; a completed `--unlink` migration
 //! resolves to the destination, one without `--unlink` (source file kept)
 //! and a destination still receiving resolve to the source.
@@ -103,6 +107,138 @@ const TABLE: [(bool, Marker, &str, i32); 6] = [
 
 fn marker_contents(dest: &Path) -> Option<String> {
     fs::read_to_string(marker_path(dest)).ok()
+}
+
+/// `<dest>.COMPLETE`, spelled out here so the tests check the name.
+fn record_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".COMPLETE");
+    PathBuf::from(s)
+}
+
+/// Writes a completion record for the file at `dest` (its dev, ino and
+/// size), or for another inode when `stale`.
+fn write_record(dest: &Path, stale: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(dest).unwrap();
+    let ino = if stale { m.ino() + 1 } else { m.ino() };
+    fs::write(
+        record_path(dest),
+        format!(
+            "state=complete\nsource=127.0.0.1:40000\ncompleted_at=1700000000\nbytes_received=4096\npid=1\ndev={}\nino={ino}\nsize={}\n",
+            m.dev(),
+            m.size()
+        ),
+    )
+    .unwrap();
+}
+
+/// The rows with a completion record that belongs to the destination file:
+/// (source present, marker) -> (verdict, exit status).
+const RECORD_TABLE: [(bool, Marker, &str, i32); 6] = [
+    (true, Marker::Absent, "source", 10),
+    (true, Marker::Receiving, "source", 10),
+    (true, Marker::Entrusted, "source", 10),
+    (false, Marker::Absent, "destination", 11),
+    (false, Marker::Receiving, "destination-leftover-marker", 12),
+    (false, Marker::Entrusted, "destination-leftover-marker", 12),
+];
+
+#[test]
+fn every_row_with_a_completion_record_causes_its_verdict_and_exit_status() {
+    for (present, m, verdict, code) in RECORD_TABLE {
+        for flag in [false, true] {
+            let what = format!("record, source present={present} (flag {flag}), marker {m:?}");
+            let (_dir, src, dest) = scene("resolve-record", present && !flag, m);
+            write_record(&dest, false);
+            let record = fs::read(record_path(&dest)).unwrap();
+            let before = marker_contents(&dest);
+            let o = if flag {
+                resolve(&[
+                    "--source-exists",
+                    if present { "yes" } else { "no" },
+                    "--dest",
+                    dest.to_str().unwrap(),
+                ])
+            } else {
+                resolve(&[
+                    "--source",
+                    src.to_str().unwrap(),
+                    "--dest",
+                    dest.to_str().unwrap(),
+                ])
+            };
+            assert_verdict(&o, verdict, code, &what);
+            if !present {
+                assert!(
+                    text(&o).contains(&record_path(&dest).display().to_string()),
+                    "{what}: the reason names the record: {}",
+                    text(&o)
+                );
+            }
+            assert_eq!(marker_contents(&dest), before, "{what}: marker untouched");
+            assert_eq!(
+                fs::read(record_path(&dest)).unwrap(),
+                record,
+                "{what}: record untouched"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_marker_beside_a_record_with_apply_causes_marker_removed_and_record_kept() {
+    for m in [Marker::Receiving, Marker::Entrusted] {
+        let what = format!("--apply, record and marker {m:?}");
+        let (_dir, src, dest) = scene("resolve-record-apply", false, m);
+        write_record(&dest, false);
+        let args = [
+            "--source",
+            src.to_str().unwrap(),
+            "--dest",
+            dest.to_str().unwrap(),
+        ];
+        let mut with_apply = args.to_vec();
+        with_apply.push("--apply");
+        let o = resolve(&with_apply);
+        assert_verdict(&o, "destination-leftover-marker", 12, &what);
+        assert!(
+            text(&o).contains(&format!(
+                "applied: removed {}",
+                marker_path(&dest).display()
+            )),
+            "{what}: {}",
+            text(&o)
+        );
+        assert!(!marker_path(&dest).exists(), "{what}: marker removed");
+        assert!(record_path(&dest).exists(), "{what}: the record is kept");
+        assert_verdict(&resolve(&args), "destination", 11, &what);
+    }
+}
+
+#[test]
+fn a_stale_record_counts_as_none() {
+    for (m, verdict, code) in [
+        (Marker::Receiving, "impossible", 13),
+        (Marker::Entrusted, "destination-entrusted", 12),
+        (Marker::Absent, "destination", 11),
+    ] {
+        let what = format!("stale record, marker {m:?}");
+        let (_dir, src, dest) = scene("resolve-record-stale", false, m);
+        write_record(&dest, true);
+        let o = resolve(&[
+            "--source",
+            src.to_str().unwrap(),
+            "--dest",
+            dest.to_str().unwrap(),
+        ]);
+        assert_verdict(&o, verdict, code, &what);
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("stale completion record"),
+            "{what}: says it ignored the record: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
 
 #[test]

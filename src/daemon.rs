@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub sock: Option<PathBuf>,
     pub acl: Acl,
     pub config: Config,
+    /// `listen --overwrite-complete`: receive even over an image whose
+    /// completion record says it holds a completed migration.
+    pub overwrite_complete: bool,
 }
 
 /// A running mirror, as the daemon holds it.
@@ -413,15 +416,18 @@ pub async fn run<T: Transport, P: Probe>(
         Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let destination = match role {
         Role::Serve => None,
-        // The marker exists, durably, before the port accepts anything.
-        Role::Listen => Some(Arc::new(
-            Destination::prepare(options.image.path()).map_err(|e| {
-                format!(
-                    "cannot create the marker {}: {e}",
-                    crate::handoff::marker_path(options.image.path()).display()
-                )
-            })?,
-        )),
+        // The completion record is checked, and the marker exists durably,
+        // before the port accepts anything. File operations: off the async
+        // workers, like every marker change.
+        Role::Listen => {
+            let path = options.image.path().to_owned();
+            let overwrite = options.overwrite_complete;
+            let prepared =
+                crate::store::offload::run(move || Destination::prepare(&path, overwrite))
+                    .await
+                    .map_err(|e| format!("cannot prepare the destination: {e}"))??;
+            Some(Arc::new(prepared))
+        }
     };
     if role == Role::Listen {
         options.image.set_eager_writeback(true);

@@ -1,13 +1,16 @@
 //! The migration hand-off contract (docs/handoff.md): the destination's
-//! `.INCOMPLETE` marker, and the verdict table that tells a person which copy
-//! of a disk is canonical after any failure.
+//! `.INCOMPLETE` marker, its `.COMPLETE` completion record, and the verdict
+//! table that tells a person which copy of a disk is canonical after any
+//! failure.
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::probe::StoreStep;
 use crate::store::files;
+use crate::warn;
 
 /// What the marker says about the destination image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +35,20 @@ pub fn marker_path(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".INCOMPLETE");
     PathBuf::from(name)
+}
+
+/// The completion record's path: `<dest-file>.COMPLETE`, next to the image.
+pub fn record_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".COMPLETE");
+    PathBuf::from(name)
+}
+
+/// `path` with `.tmp` appended: where a durable write stages its content.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
 }
 
 /// Fsyncs the directory holding `path`, so a create, rename or unlink in it
@@ -88,9 +105,7 @@ impl Marker {
     /// never a torn one.
     pub fn write_durably(&self, image: &Path) -> io::Result<()> {
         let path = marker_path(image);
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = tmp_path(&path);
         files::fault(StoreStep::Marker)?;
         let ops = files::ops();
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
@@ -135,6 +150,241 @@ pub fn remove_marker(image: &Path) -> io::Result<()> {
     }
 }
 
+/// Which file an image path names: the completion record holds it, so a
+/// record can be told from one left beside a file that has since been
+/// replaced (a new inode) or resized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// The file's creation time (statx birth time, nanoseconds since the
+    /// epoch), where the file system keeps one: an image deleted and
+    /// created again can get its old inode number back, but not its birth
+    /// time.
+    pub born: Option<u128>,
+}
+
+impl Identity {
+    pub fn of(meta: &fs::Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            born: meta
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos()),
+        }
+    }
+
+    /// The identity of the file now at `path` (following symlinks, as
+    /// opening the image does).
+    pub fn at(path: &Path) -> io::Result<Identity> {
+        fs::metadata(path).map(|m| Identity::of(&m))
+    }
+
+    /// Whether both name the same file: device, inode and size equal, and
+    /// the birth times too when both are known.
+    pub fn same_file(&self, other: &Identity) -> bool {
+        self.dev == other.dev
+            && self.ino == other.ino
+            && self.size == other.size
+            && match (self.born, other.born) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dev={} ino={} size={}", self.dev, self.ino, self.size)?;
+        if let Some(born) = self.born {
+            write!(f, " born={born}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The completion record: written durably when a migration into the image
+/// completed, so that an absent marker is never the only sign of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The sender's address, when one is known.
+    pub source: Option<String>,
+    /// When the migration completed (seconds since the epoch).
+    pub completed_at: u64,
+    pub bytes_received: u64,
+    pub pid: u32,
+    /// The image file the record was written for.
+    pub image: Identity,
+}
+
+impl Record {
+    pub fn render(&self) -> String {
+        let mut text = format!(
+            "state=complete\nsource={}\ncompleted_at={}\nbytes_received={}\npid={}\ndev={}\nino={}\nsize={}\n",
+            self.source.as_deref().unwrap_or("none"),
+            self.completed_at,
+            self.bytes_received,
+            self.pid,
+            self.image.dev,
+            self.image.ino,
+            self.image.size
+        );
+        if let Some(born) = self.image.born {
+            text.push_str(&format!("born={born}\n"));
+        }
+        text
+    }
+
+    /// Reads a record's text. `None` unless it says `state=complete` and
+    /// names the file it belongs to (`dev`, `ino`, `size`): a record that
+    /// cannot be tied to a file proves nothing about it.
+    pub fn parse(text: &str) -> Option<Record> {
+        let field = |key: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(str::trim)
+            })
+        };
+        let number = |key: &str| field(key).and_then(|v| v.parse::<u64>().ok());
+        if field("state") != Some("complete") {
+            return None;
+        }
+        Some(Record {
+            source: field("source").filter(|s| *s != "none").map(str::to_string),
+            completed_at: number("completed_at").unwrap_or(0),
+            bytes_received: number("bytes_received").unwrap_or(0),
+            pid: field("pid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            image: Identity {
+                dev: number("dev")?,
+                ino: number("ino")?,
+                size: number("size")?,
+                born: field("born").and_then(|v| v.parse().ok()),
+            },
+        })
+    }
+
+    /// Writes the record durably, like the marker: a temporary file, fsync,
+    /// rename, fsync the directory. A crash leaves no record or the whole
+    /// one.
+    pub fn write_durably(&self, image: &Path) -> io::Result<()> {
+        let path = record_path(image);
+        let tmp = tmp_path(&path);
+        files::fault(StoreStep::Record)?;
+        let ops = files::ops();
+        ops.write_file(&tmp, self.render().as_bytes(), true)?;
+        ops.rename(&tmp, &path)?;
+        sync_parent(&path)
+    }
+
+    /// One line for a person: where the migration came from and when it
+    /// completed.
+    pub fn describe(&self) -> String {
+        format!(
+            "a migration from {} completed at {} ({} bytes received, by pid {})",
+            self.source.as_deref().unwrap_or("an unknown source"),
+            utc(self.completed_at),
+            self.bytes_received,
+            self.pid
+        )
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD hh:mm:ss UTC` (the civil calendar
+/// from a day count, H. Hinnant's algorithm), so no time zone database is
+/// needed.
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// What is found at an image's record path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordFound {
+    /// No record.
+    Absent,
+    /// A record for the file now at the image path: it holds a completed
+    /// migration.
+    Matching(Record),
+    /// A record that does not belong to the file now at the image path (or
+    /// cannot be read as a record); it counts as absent. The text says why.
+    Stale(String),
+}
+
+impl RecordFound {
+    pub fn matching(&self) -> Option<&Record> {
+        match self {
+            RecordFound::Matching(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the completion record of `image` and checks that it belongs to the
+/// file now at that path.
+pub fn read_record(image: &Path) -> io::Result<RecordFound> {
+    let text = match fs::read(record_path(image)) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RecordFound::Absent),
+        Err(e) => return Err(e),
+    };
+    let Some(record) = Record::parse(&text) else {
+        return Ok(RecordFound::Stale(
+            "it is not a completion record (no state=complete with dev, ino and size)".into(),
+        ));
+    };
+    let now = match Identity::at(image) {
+        Ok(id) => id,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(RecordFound::Stale(format!(
+                "it names {}, and there is no file at {}",
+                record.image,
+                image.display()
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    if !now.same_file(&record.image) {
+        return Ok(RecordFound::Stale(format!(
+            "it names {}, but the file at {} is {now}",
+            record.image,
+            image.display()
+        )));
+    }
+    Ok(RecordFound::Matching(record))
+}
+
+/// Removes the completion record durably.
+pub fn remove_record(image: &Path) -> io::Result<()> {
+    let path = record_path(image);
+    files::fault(StoreStep::Record)?;
+    match files::ops().remove(&path) {
+        Ok(()) => sync_parent(&path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Which copy is canonical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -145,6 +395,10 @@ pub enum Verdict {
     /// No source, marker `entrusted`: the destination holds everything; only
     /// the disconnect was lost.
     DestinationEntrusted,
+    /// No source, a completion record and a marker beside it: the migration
+    /// completed; the marker is a leftover of a crash between writing the
+    /// record and removing the marker.
+    DestinationLeftoverMarker,
     /// No source, marker `receiving`: the forbidden row (data loss).
     Impossible,
 }
@@ -155,7 +409,7 @@ impl Verdict {
         match self {
             Verdict::Source => 10,
             Verdict::Destination => 11,
-            Verdict::DestinationEntrusted => 12,
+            Verdict::DestinationEntrusted | Verdict::DestinationLeftoverMarker => 12,
             Verdict::Impossible => 13,
         }
     }
@@ -165,23 +419,38 @@ impl Verdict {
             Verdict::Source => "source",
             Verdict::Destination => "destination",
             Verdict::DestinationEntrusted => "destination-entrusted",
+            Verdict::DestinationLeftoverMarker => "destination-leftover-marker",
             Verdict::Impossible => "impossible",
         }
     }
-}
 
-/// Applies the verdict table.
-pub fn verdict(source_exists: bool, marker: Option<MarkerState>) -> Verdict {
-    match (source_exists, marker) {
-        (true, _) => Verdict::Source,
-        (false, None) => Verdict::Destination,
-        (false, Some(MarkerState::Entrusted)) => Verdict::DestinationEntrusted,
-        (false, Some(MarkerState::Receiving)) => Verdict::Impossible,
+    /// Whether `resolve --apply` removes the marker: the rows where the
+    /// destination is canonical and the marker is all that is left to undo.
+    pub fn marker_to_remove(self) -> bool {
+        matches!(
+            self,
+            Verdict::DestinationEntrusted | Verdict::DestinationLeftoverMarker
+        )
     }
 }
 
-/// The reason and the one action to take, for a person.
-pub fn explain(v: Verdict, dest: &Path) -> (String, String) {
+/// Applies the verdict table. `complete` is whether a completion record
+/// that belongs to the destination image exists (a stale one counts as
+/// absent).
+pub fn verdict(source_exists: bool, complete: bool, marker: Option<MarkerState>) -> Verdict {
+    match (source_exists, complete, marker) {
+        (true, _, _) => Verdict::Source,
+        (false, true, None) => Verdict::Destination,
+        (false, true, Some(_)) => Verdict::DestinationLeftoverMarker,
+        (false, false, None) => Verdict::Destination,
+        (false, false, Some(MarkerState::Entrusted)) => Verdict::DestinationEntrusted,
+        (false, false, Some(MarkerState::Receiving)) => Verdict::Impossible,
+    }
+}
+
+/// The reason and the one action to take, for a person. `record` is the
+/// destination's completion record, when it has one.
+pub fn explain(v: Verdict, dest: &Path, record: Option<&Record>) -> (String, String) {
     let marker = marker_path(dest);
     match v {
         Verdict::Source => (
@@ -189,8 +458,23 @@ pub fn explain(v: Verdict, dest: &Path) -> (String, String) {
             format!("keep serving the source; discard the destination copy {} (or retry the migration)", dest.display()),
         ),
         Verdict::Destination => (
-            "the source image is gone and the destination has no .INCOMPLETE marker: the migration completed".into(),
+            match record {
+                Some(r) => format!(
+                    "the source image is gone and the destination's completion record {} says {}",
+                    record_path(dest).display(),
+                    r.describe()
+                ),
+                None => "the source image is gone and the destination has no .INCOMPLETE marker: the migration completed".into(),
+            },
             format!("serve the destination {}", dest.display()),
+        ),
+        Verdict::DestinationLeftoverMarker => (
+            format!(
+                "the source image is gone and the destination's completion record {} says {}; the marker beside it is a leftover of a crash before its removal",
+                record_path(dest).display(),
+                record.map(Record::describe).unwrap_or_else(|| "the migration completed".into())
+            ),
+            format!("remove the marker {} and serve the destination {}", marker.display(), dest.display()),
         ),
         Verdict::DestinationEntrusted => (
             "the source image is gone and the destination marker says entrusted: all data was durable before the source unlinked; only the disconnect was lost".into(),
@@ -211,11 +495,60 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Creates the marker durably (`state=receiving`) unless one exists.
-    /// Must run before the port accepts anything.
-    pub fn prepare(image_path: &Path) -> io::Result<Destination> {
-        if read_marker_state(image_path)?.is_none() {
-            Marker::new(MarkerState::Receiving).write_durably(image_path)?;
+    /// Start-up: refuses an image that holds a completed migration (its
+    /// completion record belongs to it) unless `overwrite_complete`; creates
+    /// the marker durably (`state=receiving`) unless one exists; only then
+    /// removes a record (the overridden one, or a stale one), so that a
+    /// changing image is never without both. Must run before the port
+    /// accepts anything.
+    pub fn prepare(image_path: &Path, overwrite_complete: bool) -> Result<Destination, String> {
+        let record_file = record_path(image_path);
+        let found = read_record(image_path).map_err(|e| {
+            format!(
+                "cannot read the completion record {}: {e}",
+                record_file.display()
+            )
+        })?;
+        if let (RecordFound::Matching(record), false) = (&found, overwrite_complete) {
+            return Err(format!(
+                "refusing to receive a migration into {}: it already holds a completed one; its completion record {} says {}. Serve the image with `flexnbd serve` instead; to receive a new migration over it anyway (losing what it holds), start listen with --overwrite-complete",
+                image_path.display(),
+                record_file.display(),
+                record.describe()
+            ));
+        }
+        let marker_file = marker_path(image_path);
+        let marker = read_marker_state(image_path)
+            .map_err(|e| format!("cannot read the marker {}: {e}", marker_file.display()))?;
+        if marker.is_none() {
+            Marker::new(MarkerState::Receiving)
+                .write_durably(image_path)
+                .map_err(|e| format!("cannot create the marker {}: {e}", marker_file.display()))?;
+        }
+        match &found {
+            RecordFound::Absent => {}
+            RecordFound::Matching(record) => {
+                warn!(
+                    "--overwrite-complete: receiving over {}, which holds {}; removing its completion record {}",
+                    image_path.display(),
+                    record.describe(),
+                    record_file.display()
+                );
+            }
+            RecordFound::Stale(why) => {
+                warn!(
+                    "removing the stale completion record {}: {why}",
+                    record_file.display()
+                );
+            }
+        }
+        if found != RecordFound::Absent {
+            remove_record(image_path).map_err(|e| {
+                format!(
+                    "cannot remove the completion record {}: {e}",
+                    record_file.display()
+                )
+            })?;
         }
         Ok(Destination {
             image_path: image_path.to_owned(),
@@ -247,10 +580,24 @@ impl Destination {
         m.write_durably(&self.image_path)
     }
 
-    /// DISCONNECT: the image is made durable, the marker removed (durably),
-    /// and the migration is complete.
-    pub fn complete(&self, image: &crate::store::Image) -> io::Result<()> {
+    /// DISCONNECT: the image is made durable, the completion record written
+    /// (durably), the marker removed (durably), and the migration is
+    /// complete.
+    pub fn complete(
+        &self,
+        image: &crate::store::Image,
+        source: &str,
+        bytes_received: u64,
+    ) -> io::Result<()> {
         image.sync()?;
+        Record {
+            source: Some(source.to_string()),
+            completed_at: now_secs(),
+            bytes_received,
+            pid: std::process::id(),
+            image: image.identity()?,
+        }
+        .write_durably(&self.image_path)?;
         remove_marker(&self.image_path)?;
         self.completed.cancel();
         Ok(())
@@ -263,28 +610,152 @@ mod tests {
 
     #[test]
     fn verdict_table() {
-        assert_eq!(verdict(true, None), Verdict::Source);
-        assert_eq!(verdict(true, Some(MarkerState::Receiving)), Verdict::Source);
-        assert_eq!(verdict(true, Some(MarkerState::Entrusted)), Verdict::Source);
-        assert_eq!(verdict(false, None), Verdict::Destination);
+        let markers = [
+            None,
+            Some(MarkerState::Receiving),
+            Some(MarkerState::Entrusted),
+        ];
+        for complete in [false, true] {
+            for m in markers {
+                assert_eq!(verdict(true, complete, m), Verdict::Source);
+            }
+        }
+        assert_eq!(verdict(false, false, None), Verdict::Destination);
         assert_eq!(
-            verdict(false, Some(MarkerState::Entrusted)),
+            verdict(false, false, Some(MarkerState::Entrusted)),
             Verdict::DestinationEntrusted
         );
         assert_eq!(
-            verdict(false, Some(MarkerState::Receiving)),
+            verdict(false, false, Some(MarkerState::Receiving)),
             Verdict::Impossible
         );
-        let codes: std::collections::HashSet<u8> = [
+        // A completion record: complete, whatever marker was left beside it.
+        assert_eq!(verdict(false, true, None), Verdict::Destination);
+        for m in [MarkerState::Receiving, MarkerState::Entrusted] {
+            assert_eq!(
+                verdict(false, true, Some(m)),
+                Verdict::DestinationLeftoverMarker
+            );
+        }
+        let all = [
             Verdict::Source,
             Verdict::Destination,
             Verdict::DestinationEntrusted,
+            Verdict::DestinationLeftoverMarker,
             Verdict::Impossible,
-        ]
-        .iter()
-        .map(|v| v.exit_code())
-        .collect();
-        assert_eq!(codes.len(), 4, "every verdict has its own exit status");
+        ];
+        // One exit status per outcome a script acts on: 12 is "the
+        // destination is canonical, remove its marker", for both rows.
+        let codes: std::collections::HashSet<u8> = all.iter().map(|v| v.exit_code()).collect();
+        assert_eq!(codes.len(), 4);
+        for v in all {
+            assert_eq!(v.marker_to_remove(), v.exit_code() == 12, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn utc_renders_the_civil_date() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_798_761_599), "2026-12-31 23:59:59 UTC");
+    }
+
+    fn record_for(image: &Path) -> Record {
+        Record {
+            source: Some("127.0.0.1:5555".into()),
+            completed_at: 1_700_000_000,
+            bytes_received: 4096,
+            pid: 42,
+            image: Identity::at(image).unwrap(),
+        }
+    }
+
+    #[test]
+    fn record_round_trip_and_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, b"image").unwrap();
+        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+        let record = record_for(&image);
+        record.write_durably(&image).unwrap();
+        let text = fs::read_to_string(record_path(&image)).unwrap();
+        assert!(
+            text.starts_with("state=complete\nsource=127.0.0.1:5555\ncompleted_at=1700000000\n"),
+            "{text}"
+        );
+        assert_eq!(
+            read_record(&image).unwrap(),
+            RecordFound::Matching(record.clone())
+        );
+        // A new file at the path (both exist at once: a new inode).
+        let new = dir.path().join("new.img");
+        fs::write(&new, b"image").unwrap();
+        fs::rename(&new, &image).unwrap();
+        assert!(
+            matches!(read_record(&image).unwrap(), RecordFound::Stale(why) if why.contains("ino=")),
+            "a record for another inode is stale"
+        );
+        record_for(&image).write_durably(&image).unwrap();
+        assert!(read_record(&image).unwrap().matching().is_some());
+        // The same inode number, but born at another time: an image
+        // deleted and created again that got its old inode back.
+        let mut reborn = record_for(&image);
+        reborn.image.born = Some(reborn.image.born.unwrap_or(0) + 1);
+        reborn.write_durably(&image).unwrap();
+        assert_eq!(
+            read_record(&image).unwrap().matching().is_some(),
+            Identity::at(&image).unwrap().born.is_none(),
+            "a record for another birth time is stale where the file system keeps one"
+        );
+        // A record without a birth time (a file system without one) still
+        // matches on dev, ino and size.
+        let mut unborn = record_for(&image);
+        unborn.image.born = None;
+        unborn.write_durably(&image).unwrap();
+        assert!(read_record(&image).unwrap().matching().is_some());
+        // Resized: stale too.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert!(matches!(
+            read_record(&image).unwrap(),
+            RecordFound::Stale(_)
+        ));
+        // Not a record at all.
+        fs::write(record_path(&image), "state=complete\n").unwrap();
+        assert!(matches!(
+            read_record(&image).unwrap(),
+            RecordFound::Stale(_)
+        ));
+        remove_record(&image).unwrap();
+        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+    }
+
+    #[test]
+    fn prepare_refuses_a_completed_image_and_overwrites_it_only_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, b"image").unwrap();
+        record_for(&image).write_durably(&image).unwrap();
+        let err = match Destination::prepare(&image, false) {
+            Err(e) => e,
+            Ok(_) => panic!("prepare accepted a completed image"),
+        };
+        assert!(
+            err.contains("--overwrite-complete") && err.contains("flexnbd serve"),
+            "{err}"
+        );
+        assert!(!marker_path(&image).exists(), "refused before the marker");
+        assert!(record_path(&image).exists(), "the record stays");
+        Destination::prepare(&image, true).unwrap();
+        assert_eq!(
+            read_marker_state(&image).unwrap(),
+            Some(MarkerState::Receiving)
+        );
+        assert!(!record_path(&image).exists(), "the record is removed");
     }
 
     #[test]

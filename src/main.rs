@@ -127,6 +127,12 @@ struct ServeArgs {
     /// Seconds a newstyle client may take to finish negotiating before it is dropped.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     handshake_timeout: f64,
+    /// listen only: receive even over an image whose completion record
+    /// (FILE.COMPLETE) says a migration into it already completed; without
+    /// it listen refuses to start there (exit 1). What the image holds is
+    /// overwritten by the new migration.
+    #[arg(long)]
+    overwrite_complete: bool,
     #[command(flatten)]
     tls: ServerTlsArgs,
     #[command(flatten)]
@@ -304,11 +310,13 @@ struct ResolveArgs {
     /// Whether the source image exists, when it lives on another host.
     #[arg(long, value_parser = ["yes", "no"])]
     source_exists: Option<String>,
-    /// The destination image path (its marker is DEST.INCOMPLETE).
+    /// The destination image path (its marker is DEST.INCOMPLETE, its
+    /// completion record DEST.COMPLETE).
     #[arg(long)]
     dest: Option<PathBuf>,
-    /// Perform the action where it is safe to automate (removing an
-    /// `entrusted` marker).
+    /// Perform the action where it is safe to automate (removing the marker
+    /// of a destination found canonical: an `entrusted` one, or any marker
+    /// beside a completion record).
     #[arg(long)]
     apply: bool,
 }
@@ -384,6 +392,9 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
     if role == Role::Listen && args.killswitch {
         return Err(usage_error("--killswitch is for serve only", mode));
     }
+    if role == Role::Serve && args.overwrite_complete {
+        return Err(usage_error("--overwrite-complete is for listen only", mode));
+    }
     if !(args.handshake_timeout.is_finite()
         && args.handshake_timeout > 0.0
         && args.handshake_timeout <= 3600.0)
@@ -452,6 +463,7 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         sock: args.sock.clone(),
         acl,
         config,
+        overwrite_complete: args.overwrite_complete,
     };
     let plan = fault_plan(args.faults.as_deref(), mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -728,18 +740,31 @@ fn resolve(args: ResolveArgs) -> Result<ExitCode, Failure> {
             handoff::marker_path(dest).display()
         ))
     })?;
-    let verdict = handoff::verdict(source_exists, marker);
-    let (reason, action) = handoff::explain(verdict, dest);
+    let record = handoff::read_record(dest).map_err(|e| {
+        failure(format!(
+            "cannot read {}: {e}",
+            handoff::record_path(dest).display()
+        ))
+    })?;
+    if let handoff::RecordFound::Stale(why) = &record {
+        // Counted as absent; said on stderr so the three lines stay three.
+        eprintln!(
+            "flexnbd: ignoring the stale completion record {}: {why}",
+            handoff::record_path(dest).display()
+        );
+    }
+    let verdict = handoff::verdict(source_exists, record.matching().is_some(), marker);
+    let (reason, action) = handoff::explain(verdict, dest, record.matching());
     println!("verdict: {}", verdict.name());
     println!("reason: {reason}");
     println!("action: {action}");
     if args.apply {
-        if verdict == handoff::Verdict::DestinationEntrusted {
+        if verdict.marker_to_remove() {
             handoff::remove_marker(dest)
                 .map_err(|e| failure(format!("cannot remove the marker: {e}")))?;
             println!("applied: removed {}", handoff::marker_path(dest).display());
         } else {
-            println!("applied: nothing (only removing an entrusted marker is automated)");
+            println!("applied: nothing (only removing the marker of a canonical destination is automated)");
         }
     }
     Ok(ExitCode::from(verdict.exit_code()))

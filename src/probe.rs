@@ -119,6 +119,9 @@ pub enum StoreStep {
     Sync,
     /// A rewrite or removal of a destination's `.INCOMPLETE` marker.
     Marker,
+    /// The write or removal of a destination's `.COMPLETE` completion
+    /// record.
+    Record,
     /// The source's `--unlink` of its image.
     Unlink,
     /// The start of the background scan that builds the allocation map
@@ -133,6 +136,7 @@ impl StoreStep {
             StoreStep::Write => "write",
             StoreStep::Sync => "sync",
             StoreStep::Marker => "marker",
+            StoreStep::Record => "record",
             StoreStep::Unlink => "unlink",
             StoreStep::MapScan => "map_scan",
         }
@@ -303,6 +307,41 @@ mod tests {
                 "{}",
                 step.key()
             );
+        }
+    }
+
+    #[test]
+    fn store_steps_are_the_plan_vocabulary() {
+        let all = [
+            StoreStep::Read,
+            StoreStep::Write,
+            StoreStep::Sync,
+            StoreStep::Marker,
+            StoreStep::Record,
+            StoreStep::Unlink,
+            StoreStep::MapScan,
+        ];
+        for step in all {
+            // A new variant must be listed above: the match fails to
+            // compile otherwise.
+            match step {
+                StoreStep::Read
+                | StoreStep::Write
+                | StoreStep::Sync
+                | StoreStep::Marker
+                | StoreStep::Record
+                | StoreStep::Unlink
+                | StoreStep::MapScan => {}
+            }
+            assert!(
+                faults::plan::is_known_step("store", step.name()),
+                "store.{}",
+                step.name()
+            );
+        }
+        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
+        for name in faults::plan::STORE_STEPS {
+            assert!(names.contains(name), "store.{name} is announced by nothing");
         }
     }
 

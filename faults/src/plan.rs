@@ -111,10 +111,13 @@ pub const CONTROL_COMMANDS: &[&str] = &["acl", "mirror", "mirror_speed", "break"
 
 /// The steps of the store (`store.<step>` keys).
 /// `read`, `write` and `sync` are the image's; `marker` is a rewrite or
-/// removal of a migration destination's `.INCOMPLETE` marker, `unlink` the
+/// removal of a migration destination's `.INCOMPLETE` marker, `record` the
+/// write or removal of its `.COMPLETE` completion record, `unlink` the
 /// source's `--unlink` of its image, `map_scan` the start of the background
 /// scan that builds the allocation map.
-pub const STORE_STEPS: &[&str] = &["read", "write", "sync", "marker", "unlink", "map_scan"];
+pub const STORE_STEPS: &[&str] = &[
+    "read", "write", "sync", "marker", "record", "unlink", "map_scan",
+];
 
 /// The protocol steps announced on connections (keys of the `server`,
 /// `mirror`, `client` and `proxy` sides), for documentation and warnings.

@@ -260,7 +260,19 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "powercut_after_disconnect_done",
         plan: "server.disconnect_done=powercut(all)",
         simulates: "the destination loses power just after completing the migration",
-        must_happen: "the marker's removal and the image are durable: the destination is complete and canonical",
+        must_happen: "the completion record, the marker's removal and the image are durable: the destination is complete and canonical",
+    },
+    Scenario {
+        name: "powercut_before_completion_record",
+        plan: "store.record#1=powercut(all)",
+        simulates: "the destination loses power after the DISCONNECT and the image's fdatasync, before its completion record is written",
+        must_happen: "no record; the marker survives as entrusted beside every acknowledged write; resolve names the destination (entrusted); a restarted listen waits for a sender and changes nothing",
+    },
+    Scenario {
+        name: "crash_after_disconnect_done",
+        plan: "server.disconnect_done=crash",
+        simulates: "the destination is killed right after completing, before its supervisor saw it exit",
+        must_happen: "the completion record names the image and the marker is gone; a listen started again on the image refuses to start (exit 1) and changes nothing; resolve names the destination",
     },
     Scenario {
         name: "powercut_after_disconnect_sent",

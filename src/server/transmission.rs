@@ -441,13 +441,14 @@ where
                 debug!("client {} sent DISCONNECT", self.peer);
                 if let Some(destination) = self.destination.clone() {
                     let image = self.image.clone();
-                    match offload::run(move || destination.complete(&image))
+                    let (source, bytes) = (self.peer.to_string(), self.bytes_received);
+                    match offload::run(move || destination.complete(&image, &source, bytes))
                         .await
                         .and_then(|r| r)
                     {
                         Ok(()) => {
                             info!(
-                                "migration from {} complete: image durable, marker removed",
+                                "migration from {} complete: image durable, completion record written, marker removed",
                                 self.peer
                             );
                             crate::probe::milestone(&*self.probe, Step::DisconnectDone).await;

@@ -1,10 +1,11 @@
 //! The storage seam for whole files: the destination's `.INCOMPLETE` marker
-//! and the source's `--unlink`. Production uses [`Disk`]; a fault plan that
+//! and `.COMPLETE` record, and the source's `--unlink`. Production uses [`Disk`]; a fault plan that
 //! can cut power swaps in a recording implementation (`crate::power`), which
 //! knows which of these changes a power cut would undo.
 //!
 //! Store faults reach these operations too: `store.marker` before each
-//! rewrite or removal of a marker, `store.unlink` before the unlink.
+//! rewrite or removal of a marker, `store.record` before the write or
+//! removal of a completion record, `store.unlink` before the unlink.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

@@ -182,6 +182,12 @@ impl Image {
         &self.path
     }
 
+    /// The identity (device, inode, length) of the open file, for the
+    /// completion record: the file served, whatever its path names now.
+    pub fn identity(&self) -> io::Result<crate::handoff::Identity> {
+        Ok(crate::handoff::Identity::of(&self.disk.file().metadata()?))
+    }
+
     pub fn map(&self) -> &AllocationMap {
         &self.map
     }
