@@ -1430,7 +1430,7 @@ def stall_run(ctx, case, path, rnd):
         if client.end_reason:
             raise RuntimeError(f"client stopped before mirror: {client.end_reason}")
         argv = [C_FLEXNBD if c_source else FLEXNBD, "mirror", "-s", serve.sock, "-l", HOST,
-                "-p", str(listen.port), "--unlink"]
+                "-p", str(listen.port), "-u"]
         if not c_source:
             argv += ["--wait"] + mirror_extra
         if tls:
@@ -2112,7 +2112,7 @@ def stall_section(ctx, info, results, failures, started, finished):
              "writes (pacing during the copy). Medians over the runs, the largest in brackets, ms.")
     L.append("")
     L.append("| case | path | hand-off write | send → listen exit | supervisor start-up | new serve greets → "
-             "reply | send → connection cut | proxy reconnect failures (3 s cool-down each) | supervisor: port "
+             "reply | send → connection cut | proxy reconnect failures (pauses from 0 ms, growing by half up to 3 s) | supervisor: port "
              "wait | longest other write |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for case in STALL_CASES:
@@ -2167,7 +2167,7 @@ def stall_section(ctx, info, results, failures, started, finished):
              "failure it")
     L.append(f"#   reconnects to 127.0.0.1:SPORT every 1 ms (at most {RECONNECT_WINDOW:.0f} s) and sends the "
              "same write again")
-    L.append("target/bench/release/flexnbd mirror -s SSOCK -l 127.0.0.1 -p DPORT --unlink --wait [--max-speed BPS]"
+    L.append("target/bench/release/flexnbd mirror -s SSOCK -l 127.0.0.1 -p DPORT -u --wait [--max-speed BPS]"
              " [--tls-ca CLI/ca-cert.pem]")
     L.append("target/bench/release/flexnbd mirror-speed --sock SSOCK --max-speed 10000000   # speedchange: once "
              "`status` shows")
@@ -2178,7 +2178,7 @@ def stall_section(ctx, info, results, failures, started, finished):
     L.append("#   ready when a connection to SPORT gets the greeting; the client goes on until it sends a write")
     L.append(f"#   >= {STALL_WARMUP} s after that greeting and after the replies to all the writes sent before it")
     L.append("# with FLEXNBD_C_BIN: c_dest runs the C listen and the supervisor starts the C serve; c_source")
-    L.append("#   runs the C serve and the C mirror (-s SSOCK -l 127.0.0.1 -p DPORT --unlink), into our listen")
+    L.append("#   runs the C serve and the C mirror (-s SSOCK -l 127.0.0.1 -p DPORT -u; its long --unlink takes an argument), into our listen")
     L.append("```")
     L.append("")
     L.append("Notes:")
