@@ -45,19 +45,18 @@ pub fn enabled(level: Level) -> bool {
 }
 
 fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
     // Lines start with CLOCK_MONOTONIC in ms, as the C flexnbd's do: one
     // clock for every process on the host, so the logs of a source and a
     // destination on one host interleave in order. std's Instant does not
-    // expose its value, hence the direct call.
-    // SAFETY: `ts` is a live, writable timespec for the whole call, and
-    // clock_gettime writes nothing else; CLOCK_MONOTONIC always exists on
-    // Linux, so the call cannot fail and leave `ts` unset (it stays zeroed).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    // expose its value, hence rustix. CLOCK_MONOTONIC always exists on
+    // Linux; should the call fail anyway, the time reads as 0 rather than
+    // taking the process down (rustix's infallible `clock_gettime` would
+    // panic).
+    use rustix::time::{clock_gettime_dynamic, ClockId, DynamicClockId};
+    match clock_gettime_dynamic(DynamicClockId::Known(ClockId::Monotonic)) {
+        Ok(ts) => ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000,
+        Err(_) => 0,
+    }
 }
 
 fn task_name() -> String {

@@ -98,13 +98,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         source,
     };
     // Create it private from the start: no window where others may connect.
-    // std has no safe way to set the file creation mask.
-    // SAFETY: umask(2) takes an integer, returns the old mask and touches no
-    // memory, so it cannot break any Rust invariant; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
+    // std has no way to set the file creation mask; rustix does.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let result = UnixListener::bind(path);
-    // SAFETY: as above; this puts back the mask read by the first call.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = result.map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)

@@ -48,17 +48,19 @@ impl FileStore {
     /// (RWF_NOWAIT unsupported); the caller then reads on a blocking thread,
     /// where any real error shows.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        let Ok(offset) = libc::off_t::try_from(offset) else {
+        // Offsets past i64::MAX are not file offsets (and u64::MAX would
+        // mean "the current offset" to preadv2).
+        if i64::try_from(offset).is_err() {
             return false;
-        };
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: one iovec over `buf`, which is valid for writes of its
-        // length for the whole call; the descriptor is owned by `self.file`.
-        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-        usize::try_from(n).is_ok_and(|n| n == buf.len())
+        }
+        let len = buf.len();
+        rustix::io::preadv2(
+            &self.file,
+            &mut [io::IoSliceMut::new(buf)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        )
+        .is_ok_and(|n| n == len)
     }
 }
 
@@ -74,21 +76,14 @@ impl ImageStore for FileStore {
     }
 
     fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
-        // SAFETY: fallocate only reads its integer arguments; the descriptor
-        // is owned by `self.file` and open for the whole call.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        use rustix::fs::FallocateFlags;
+        rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            length,
+        )
+        .map_err(io::Error::from)
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -97,7 +92,9 @@ impl ImageStore for FileStore {
 
     fn start_writeback(&self, offset: u64, length: u64) {
         // Only starts the I/O; errors surface at the next sync.
-        // SAFETY: integer arguments only, on a descriptor we own.
+        // Neither std nor rustix wraps sync_file_range, hence libc.
+        // SAFETY: sync_file_range takes integers only and touches no memory;
+        // the descriptor is owned by `self.file` and open for the whole call.
         unsafe {
             libc::sync_file_range(
                 self.file.as_raw_fd(),
@@ -109,19 +106,14 @@ impl ImageStore for FileStore {
     }
 
     fn will_need(&self, offset: u64, length: u64) -> io::Result<()> {
-        // SAFETY: integer arguments only, on a descriptor we own.
-        let rc = unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                length as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+        // A length of 0 (None) means "to the end of the file", as in
+        // posix_fadvise.
+        rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(length),
+            rustix::fs::Advice::WillNeed,
+        )
+        .map_err(io::Error::from)
     }
 }

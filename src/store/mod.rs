@@ -8,10 +8,11 @@ pub mod offload;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+
+use rustix::fs::SeekFrom;
 
 pub use backend::{FileStore, ImageStore};
 pub use map::{AllocationMap, BLOCK_SIZE};
@@ -703,34 +704,24 @@ impl Image {
         // A read-only descriptor of its own, so the scan shares nothing
         // with the serving path.
         let file = File::open(&self.path)?;
-        let fd = file.as_raw_fd();
-        let mut pos: i64 = 0;
-        let size = self.size as i64;
+        let mut pos: u64 = 0;
+        let size = self.size;
         while pos < size {
             if self.scan_stop.load(Ordering::Relaxed) {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "scan stopped"));
             }
             // std's Seek has no SEEK_DATA or SEEK_HOLE.
-            // SAFETY: lseek takes integers only and touches no memory; `fd`
-            // belongs to `file`, which stays open for the whole loop.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data after pos
-                }
-                return Err(err);
-            }
+            let data = match rustix::fs::seek(&file, SeekFrom::Data(pos)) {
+                Ok(data) => data,
+                Err(rustix::io::Errno::NXIO) => break, // no data after pos
+                Err(e) => return Err(e.into()),
+            };
             if data >= size {
                 break;
             }
-            // SAFETY: as for SEEK_DATA above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let hole = rustix::fs::seek(&file, SeekFrom::Hole(data))?;
             let hole = hole.min(size);
-            self.map.set_bytes(data as u64, (hole - data) as u64);
+            self.map.set_bytes(data, hole - data);
             pos = hole;
         }
         self.map.mark_built();
@@ -787,16 +778,11 @@ impl<'a> FileLayout<'a> {
         FileLayout { file, known: None }
     }
 
-    fn seek(&self, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-        // SAFETY: integer arguments only, on a descriptor open for the call.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as libc::off_t, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None), // at or past the end of the file
-            _ => Err(err),
+    fn seek(&self, to: SeekFrom) -> io::Result<Option<u64>> {
+        match rustix::fs::seek(self.file, to) {
+            Ok(r) => Ok(Some(r)),
+            Err(rustix::io::Errno::NXIO) => Ok(None), // at or past the end of the file
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -807,12 +793,12 @@ impl<'a> FileLayout<'a> {
                 return Ok((end, hole));
             }
         }
-        let (end, hole) = match self.seek(pos, libc::SEEK_DATA)? {
+        let (end, hole) = match self.seek(SeekFrom::Data(pos))? {
             None => (u64::MAX, true),
             Some(data) if data > pos => (data, true),
             // Data at `pos`: it goes on to the next hole (there is always
             // one at the end of the file).
-            Some(_) => (self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(u64::MAX), false),
+            Some(_) => (self.seek(SeekFrom::Hole(pos))?.unwrap_or(u64::MAX), false),
         };
         self.known = Some((pos, end, hole));
         Ok((end, hole))
