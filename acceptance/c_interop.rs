@@ -15,11 +15,12 @@
 //! in a few seconds.
 //!
 //! The C binary comes from `FLEXNBD_C_BIN` (bench/README.md says what it
-//! is). Without it every test here says `SKIPPED` on the test output and
-//! returns.
+//! is). Every test here is ignored unless asked for, so that a run without
+//! the binary reports them as ignored rather than passed:
+//! `FLEXNBD_C_BIN=/path/to/flexnbd cargo test --test acceptance c_interop --
+//! --include-ignored`. Asked for without `FLEXNBD_C_BIN`, they fail.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -38,16 +39,14 @@ const MIB: u64 = 1024 * 1024;
 const SIZE: u64 = 32 * MIB;
 const DATA: u64 = 16 * MIB;
 
-/// The C flexnbd to run, from `FLEXNBD_C_BIN`; `None` when it is not set,
-/// after saying so where a test run's output shows it.
-pub(crate) fn c_binary(test: &str) -> Option<PathBuf> {
+/// The C flexnbd to run, from `FLEXNBD_C_BIN`. A test asked for without it
+/// fails: it cannot run, and must not pass for one that did.
+fn c_binary() -> PathBuf {
     let Some(path) = std::env::var_os("FLEXNBD_C_BIN").filter(|p| !p.is_empty()) else {
-        // libtest keeps what print! and eprint! say in a passing test to
-        // itself; a write to the stderr handle always reaches the output,
-        // so a skip never passes for a pass.
-        let line = format!("SKIPPED: {test}: FLEXNBD_C_BIN not set; see bench/README.md\n");
-        let _ = std::io::stderr().write_all(line.as_bytes());
-        return None;
+        panic!(
+            "FLEXNBD_C_BIN is not set: this test needs a C flexnbd binary (see bench/README.md); run it as \
+             `FLEXNBD_C_BIN=/path/to/flexnbd cargo test --test acceptance c_interop -- --include-ignored`"
+        );
     };
     let path = PathBuf::from(path);
     let mode = fs::metadata(&path)
@@ -59,7 +58,7 @@ pub(crate) fn c_binary(test: &str) -> Option<PathBuf> {
         "FLEXNBD_C_BIN={}: expected an executable, got mode {mode:o}",
         path.display()
     );
-    Some(path)
+    path
 }
 
 /// The TCP port that process `pid` listens on: the C flexnbd does not log
@@ -258,8 +257,8 @@ fn assert_handed_off(src: &Path, dest: &Path, unlink: bool) {
 // ---------------------------------------------------------------------------
 // A C source into our listen.
 
-fn c_source_into_our_listen(unlink: bool, test: &str, tag: &str) {
-    let Some(c) = c_binary(test) else { return };
+fn c_source_into_our_listen(unlink: bool, tag: &str) {
+    let c = c_binary();
     let dir = TempDir::new(tag);
     let src_file = source_image(&dir);
     let original = fs::read(&src_file).unwrap();
@@ -307,21 +306,15 @@ fn c_source_into_our_listen(unlink: bool, test: &str, tag: &str) {
 }
 
 #[test]
+#[ignore = "needs FLEXNBD_C_BIN, a C flexnbd binary; see bench/README.md"]
 fn a_c_source_with_writing_clients_migrates_into_our_listen() {
-    c_source_into_our_listen(
-        false,
-        "c_interop::a_c_source_with_writing_clients_migrates_into_our_listen",
-        "c-src",
-    );
+    c_source_into_our_listen(false, "c-src");
 }
 
 #[test]
+#[ignore = "needs FLEXNBD_C_BIN, a C flexnbd binary; see bench/README.md"]
 fn a_c_source_with_writing_clients_migrates_into_our_listen_with_unlink() {
-    c_source_into_our_listen(
-        true,
-        "c_interop::a_c_source_with_writing_clients_migrates_into_our_listen_with_unlink",
-        "c-src-unlink",
-    );
+    c_source_into_our_listen(true, "c-src-unlink");
 }
 
 // ---------------------------------------------------------------------------
@@ -352,8 +345,8 @@ pub(crate) fn logged_lockout(log: &str) -> Duration {
     Duration::from_secs_f64(value * scale)
 }
 
-fn our_source_into_c_listen(unlink: bool, test: &str, tag: &str) {
-    let Some(c) = c_binary(test) else { return };
+fn our_source_into_c_listen(unlink: bool, tag: &str) {
+    let c = c_binary();
     let dir = TempDir::new(tag);
     let src_file = source_image(&dir);
     let original = fs::read(&src_file).unwrap();
@@ -411,19 +404,13 @@ fn our_source_into_c_listen(unlink: bool, test: &str, tag: &str) {
 }
 
 #[test]
+#[ignore = "needs FLEXNBD_C_BIN, a C flexnbd binary; see bench/README.md"]
 fn our_source_with_writing_clients_migrates_into_a_c_listen_quickly() {
-    our_source_into_c_listen(
-        false,
-        "c_interop::our_source_with_writing_clients_migrates_into_a_c_listen_quickly",
-        "c-dest",
-    );
+    our_source_into_c_listen(false, "c-dest");
 }
 
 #[test]
+#[ignore = "needs FLEXNBD_C_BIN, a C flexnbd binary; see bench/README.md"]
 fn our_source_with_writing_clients_migrates_into_a_c_listen_with_unlink_quickly() {
-    our_source_into_c_listen(
-        true,
-        "c_interop::our_source_with_writing_clients_migrates_into_a_c_listen_with_unlink_quickly",
-        "c-dest-unlink",
-    );
+    our_source_into_c_listen(true, "c-dest-unlink");
 }
