@@ -250,6 +250,120 @@ pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Every kind of step the server and the mirror announce, with sample
+    /// commands and options.
+    fn every_step() -> Vec<Step> {
+        let kinds = [
+            cmd::READ,
+            cmd::WRITE,
+            cmd::DISC,
+            cmd::FLUSH,
+            cmd::TRIM,
+            cmd::CACHE,
+            cmd::WRITE_ZEROES,
+            cmd::BLOCK_STATUS,
+            cmd::ENTRUST,
+            0x77,
+        ];
+        let mut steps = vec![
+            Step::Accept,
+            Step::GreetingSend,
+            Step::MirrorConnect,
+            Step::MirrorGreetingReceived,
+            Step::DisconnectDone,
+            Step::MirrorDisconnectSent,
+        ];
+        for option in [1, 5, 7] {
+            steps.push(Step::OptionReceived { option });
+            steps.push(Step::OptionReplySend { option });
+        }
+        for kind in kinds {
+            steps.extend([
+                Step::RequestReceived { kind },
+                Step::PayloadReceived { kind },
+                Step::ReplySend { kind },
+                Step::MirrorRequestSend { kind },
+                Step::MirrorPayloadSend { kind },
+                Step::MirrorReplyReceived { kind },
+            ]);
+        }
+        // A variant added to Step fails to compile here until it is listed
+        // above too (control commands are checked by their own list).
+        for step in &steps {
+            match step {
+                Step::Accept
+                | Step::GreetingSend
+                | Step::OptionReceived { .. }
+                | Step::OptionReplySend { .. }
+                | Step::RequestReceived { .. }
+                | Step::PayloadReceived { .. }
+                | Step::ReplySend { .. }
+                | Step::MirrorConnect
+                | Step::MirrorGreetingReceived
+                | Step::MirrorRequestSend { .. }
+                | Step::MirrorPayloadSend { .. }
+                | Step::MirrorReplyReceived { .. }
+                | Step::DisconnectDone
+                | Step::MirrorDisconnectSent
+                | Step::Control { .. } => {}
+            }
+        }
+        steps
+    }
+
+    #[test]
+    fn every_step_the_code_announces_is_in_the_plan_vocabulary() {
+        for step in every_step() {
+            assert!(
+                faults::plan::is_known_step(step.side(), &step.name()),
+                "{} is announced but the plan parser does not know it",
+                step.key()
+            );
+        }
+    }
+
+    /// The read/write commands and the proxy announce steps by name: each
+    /// name they use appears in their source as a string literal.
+    fn named_step_literals() -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut text = String::new();
+        for file in ["client.rs", "proxy/mod.rs", "proxy/upstream.rs"] {
+            text += &std::fs::read_to_string(root.join(file)).expect(file);
+        }
+        text
+    }
+
+    #[test]
+    fn every_step_in_the_plan_vocabulary_is_announced_somewhere() {
+        let announced: Vec<(String, String)> = every_step()
+            .iter()
+            .map(|s| (s.side().to_string(), s.name()))
+            .collect();
+        let literals = named_step_literals();
+        for pattern in faults::plan::KNOWN_STEPS {
+            let by_step = announced.iter().any(|(side, name)| {
+                faults::plan::is_known_step(side, name)
+                    && (name == pattern
+                        || pattern
+                            .strip_suffix("<n>")
+                            .or_else(|| pattern.strip_suffix("<cmd>"))
+                            .is_some_and(|prefix| name.starts_with(prefix)))
+            });
+            let by_name = match pattern
+                .strip_suffix("<n>")
+                .or_else(|| pattern.strip_suffix("<cmd>"))
+            {
+                Some(prefix) => literals.contains(&format!("\"{prefix}")),
+                None => literals.contains(&format!("\"{pattern}\"")),
+            };
+            assert!(
+                by_step || by_name,
+                "{pattern} is in the plan vocabulary but nothing announces it: \
+                 a plan naming it would never fire"
+            );
+        }
+    }
+
     #[test]
     fn keys_match_the_plan_vocabulary() {
         assert_eq!(

@@ -131,8 +131,8 @@ pub const STORE_STEPS: &[&str] = &[
 /// it exits).
 ///
 /// Client side (the mirror, i.e. the source of a migration, and the
-/// read/write commands): `connect`, `greeting_received`, `option_send.<n>`,
-/// `option_reply_received.<n>`, `request_send.<cmd>`, `payload_send.<cmd>`,
+/// read/write commands): `connect`, `greeting_received`,
+/// `request_send.<cmd>`, `payload_send.<cmd>`,
 /// `reply_received.<cmd>`, `entrust_send`, `entrust_reply_received`,
 /// `disconnect_send`, `disconnect_sent` (the source after its DISCONNECT went
 /// out, just before it exits).
@@ -157,8 +157,6 @@ pub const KNOWN_STEPS: &[&str] = &[
     "disconnect_done",
     "connect",
     "greeting_received",
-    "option_send.<n>",
-    "option_reply_received.<n>",
     "request_send.<cmd>",
     "payload_send.<cmd>",
     "reply_received.<cmd>",
