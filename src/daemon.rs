@@ -398,11 +398,42 @@ pub fn killswitch_limit() -> Duration {
 }
 
 /// What ended the main loop.
+#[derive(Debug)]
 enum End {
     Signal(&'static str),
     HandedOff,
     HandOffFailed(String),
     MigratedIn,
+}
+
+/// Where a migration from this server stood when a signal ended it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MirrorAtSignal {
+    /// None was running.
+    None,
+    /// One was running and was stopped.
+    Stopped,
+    /// One was past the point of no return; it was let finish, and this is
+    /// whether it handed the image off.
+    HandedOff(bool),
+}
+
+/// The exit status, from one table: 0 only for a server stopped with
+/// nothing left undone (a `serve` stopped by a signal with no migration
+/// running), a source that handed its image off, or a destination that
+/// received one. A supervisor must never take an aborted or failed
+/// migration for a completed one.
+fn exit_code(role: Role, end: &End, mirror: MirrorAtSignal) -> u8 {
+    match (end, role, mirror) {
+        (End::HandedOff | End::MigratedIn, _, _) => 0,
+        (End::HandOffFailed(_), _, _) => 1,
+        // A hand-off under way when the signal came decides by its outcome.
+        (End::Signal(_), _, MirrorAtSignal::HandedOff(done)) => u8::from(!done),
+        (End::Signal(_), _, MirrorAtSignal::Stopped) => 1,
+        // A destination stopped before a completed migration.
+        (End::Signal(_), Role::Listen, MirrorAtSignal::None) => 1,
+        (End::Signal(_), Role::Serve, MirrorAtSignal::None) => 0,
+    }
 }
 
 /// Runs `serve` or `listen` until it ends; returns the exit code.
@@ -505,34 +536,21 @@ pub async fn run<T: Transport, P: Probe>(
         }
     };
 
-    let mut code = match &end {
-        End::Signal(signal) => {
-            info!("received {signal}, shutting down");
-            match role {
-                // A destination stopped before a completed migration.
-                Role::Listen => 1,
-                Role::Serve => 0,
-            }
-        }
-        End::HandedOff => {
-            info!("server closed, quitting after successful migration");
-            0
-        }
-        End::HandOffFailed(why) => {
-            error!("hand-off failed: {why}");
-            1
-        }
+    match &end {
+        End::Signal(signal) => info!("received {signal}, shutting down"),
+        End::HandedOff => info!("server closed, quitting after successful migration"),
+        End::HandOffFailed(why) => error!("hand-off failed: {why}"),
         End::MigratedIn => {
             daemon.has_control.store(true, Ordering::Release);
             info!("migration received; quitting");
-            0
         }
-    };
+    }
     {
         // No mirror may start from here on.
         let _slot = daemon.slot();
         daemon.shutting_down.store(true, Ordering::Release);
     }
+    let mut mirror_at_signal = MirrorAtSignal::None;
     if let End::Signal(_) = end {
         let running = daemon
             .slot()
@@ -543,18 +561,17 @@ pub async fn run<T: Transport, P: Probe>(
                 // Inside the hand-off: let it finish; its outcome decides.
                 info!("a migration is handing off; waiting for it");
                 let _ = tokio::time::timeout(mirror::request_limit() * 2, done.cancelled()).await;
-                code = match outcomes.try_recv() {
-                    Ok((_, Outcome::HandedOff)) => 0,
-                    _ => 1,
-                };
+                mirror_at_signal = MirrorAtSignal::HandedOff(matches!(
+                    outcomes.try_recv(),
+                    Ok((_, Outcome::HandedOff))
+                ));
             } else {
-                // So a supervisor never takes an aborted migration for a
-                // completed one.
-                code = 1;
+                mirror_at_signal = MirrorAtSignal::Stopped;
                 daemon.stop_mirror().await;
             }
         }
     }
+    let code = exit_code(role, &end, mirror_at_signal);
     // The shutdown order: clients, control socket, listening socket, map scan.
     shared.close_to_clients();
     daemon.control_stop.cancel();
@@ -573,4 +590,28 @@ pub async fn run<T: Transport, P: Probe>(
     }
     info!("shut down with exit code {code}");
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_table() {
+        use MirrorAtSignal as M;
+        let signal = || End::Signal("SIGTERM");
+        for role in [Role::Serve, Role::Listen] {
+            for m in [M::None, M::Stopped, M::HandedOff(true), M::HandedOff(false)] {
+                assert_eq!(exit_code(role, &End::HandedOff, m), 0);
+                assert_eq!(exit_code(role, &End::MigratedIn, m), 0);
+                assert_eq!(exit_code(role, &End::HandOffFailed("x".into()), m), 1);
+            }
+            assert_eq!(exit_code(role, &signal(), M::Stopped), 1);
+            assert_eq!(exit_code(role, &signal(), M::HandedOff(true)), 0);
+            assert_eq!(exit_code(role, &signal(), M::HandedOff(false)), 1);
+        }
+        // A destination stopped early never looks like a completed one.
+        assert_eq!(exit_code(Role::Listen, &signal(), M::None), 1);
+        assert_eq!(exit_code(Role::Serve, &signal(), M::None), 0);
+    }
 }
