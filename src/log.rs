@@ -44,7 +44,9 @@ pub fn enabled(level: Level) -> bool {
     level as u8 >= THRESHOLD.load(Ordering::Relaxed)
 }
 
-fn monotonic_ms() -> u64 {
+/// Milliseconds on CLOCK_MONOTONIC: what log lines start with, and the one
+/// clock the mirror's status figures (duration, speed) are measured on.
+pub(crate) fn monotonic_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

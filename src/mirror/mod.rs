@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
 use crate::fault_apply::{self, How, Incoming};
+use crate::log::monotonic_ms;
 use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, errno};
 use crate::status::MigrationStatus;
@@ -160,11 +161,6 @@ const _: () = {
         i += 1;
     }
 };
-
-fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// A mirror's live figures, read by status and written by the attempt.
 pub struct MirrorState {
