@@ -893,7 +893,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 .map_err(AttemptError::Image)?
             };
             read.map_err(AttemptError::Image)?;
-            or_cancel(self.cancel, self.pipe.write(offset, data, true)).await??;
+            or_cancel(self.cancel, self.pipe.write(offset, &data, true)).await??;
             // A socket with room never makes this loop wait, so it would
             // keep its worker thread for many pieces and stall the clients'
             // requests queued there: let them run between pieces.
@@ -916,8 +916,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             while offset < end {
                 let n = (end - offset).min(self.piece());
                 self.throttle(n).await?;
-                let data = self.pipe.zero_buffer(n as usize);
-                or_cancel(self.cancel, self.pipe.write(offset, data, false)).await??;
+                or_cancel(self.cancel, self.pipe.write_zeros(offset, n as usize)).await??;
                 // A socket with room never makes this loop wait, so it would
                 // keep its worker thread for many pieces and stall the clients'
                 // requests queued there: let them run between pieces.
