@@ -11,9 +11,6 @@
 //! `tls-creds-x509,dir=` and libnbd's `tls-certificates=` read
 //! (`ca-cert.pem`, `server-cert.pem`/`-key.pem`, `client-cert.pem`/`-key.pem`).
 
-// Not every test uses every credential.
-#![allow(dead_code)]
-
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -37,12 +34,11 @@ pub struct Pki {
     pub ca: PathBuf,
     pub server: Pair,
     pub client: Pair,
-    /// Signed by `ca`, but valid only in 2000.
+    /// Signed by `ca`, but valid only in 2000 (the expired client
+    /// certificate is in `expired_client_dir`).
     pub expired_server: Pair,
-    pub expired_client: Pair,
-    /// A CA that signed `other_server` and `other_client` only.
+    /// A CA that signed `other_client` only.
     pub other_ca: PathBuf,
-    pub other_server: Pair,
     pub other_client: Pair,
     /// `ca-cert.pem` alone: a client that verifies the server and has no
     /// certificate of its own (libnbd `tls-certificates=`, qemu client).
@@ -178,7 +174,6 @@ impl Pki {
         let client = issue(&ca, Role::Client, false, &root, "client");
         let expired_server = issue(&ca, Role::Server, true, &root, "expired-server");
         let expired_client = issue(&ca, Role::Client, true, &root, "expired-client");
-        let other_server = issue(&other, Role::Server, false, &root, "other-server");
         let other_client = issue(&other, Role::Client, false, &root, "other-client");
         Pki {
             client_dir: gnutls_dir(&root, "client", &ca_path, None),
@@ -213,9 +208,7 @@ impl Pki {
             server,
             client,
             expired_server,
-            expired_client,
             other_ca,
-            other_server,
             other_client,
         }
     }

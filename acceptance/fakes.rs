@@ -15,10 +15,8 @@
 //! Every blocking call here has a time limit, so a peer that misbehaves
 //! fails the test instead of hanging it.
 
-#![allow(dead_code)]
-
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -435,11 +433,6 @@ impl FakeSource {
     /// DISCONNECT (type 2, offset 0, length 0); no reply is expected.
     pub fn disconnect(&mut self, handle: u64) {
         self.request(cmd::DISC, handle, 0, 0);
-    }
-
-    /// Half-closes: the peer sees EOF, we can still read.
-    pub fn shutdown_write(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Write);
     }
 
     pub fn sees_eof_within(&mut self, limit: Duration) -> bool {

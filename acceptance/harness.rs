@@ -3,8 +3,6 @@
 //! waits, external tools with time limits, and a raw NBD client built on the
 //! project's codec.
 
-#![allow(dead_code)]
-
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -43,8 +41,8 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 /// by a killed run says which test made it.
 pub struct TempDir {
     pub path: PathBuf,
-    /// Removes the directory when dropped.
-    guard: tempfile::TempDir,
+    /// Never read: held for its Drop, which removes the directory.
+    _guard: tempfile::TempDir,
 }
 
 impl TempDir {
@@ -55,7 +53,7 @@ impl TempDir {
             .expect("create temp dir");
         TempDir {
             path: dir.path().to_path_buf(),
-            guard: dir,
+            _guard: dir,
         }
     }
 

@@ -1,6 +1,6 @@
-//! Checks on the repository's own text: every `unsafe` says why it is sound,
-//! and the documentation and comments cite only files that are in the
-//! repository.
+//! Checks on the repository's own text: clippy is told to make every
+//! `unsafe` say why it is sound, and the documentation and comments cite only
+//! files that are in the repository.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,167 +36,57 @@ fn files_under(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// The 1-based line of every `unsafe` keyword in Rust source `text`: code
-/// only, not comments, strings or character literals.
-fn unsafe_keyword_lines(text: &str) -> Vec<usize> {
-    let b = text.as_bytes();
-    let mut lines = Vec::new();
-    let mut line = 1;
-    let mut i = 0;
-    // Counts newlines in b[from..to].
-    let newlines = |from: usize, to: usize| b[from..to].iter().filter(|&&c| c == b'\n').count();
-    while i < b.len() {
-        let c = b[i];
-        if c == b'\n' {
-            line += 1;
-            i += 1;
-        } else if b[i..].starts_with(b"//") {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
-        } else if b[i..].starts_with(b"/*") {
-            // Block comments nest in Rust.
-            let start = i;
-            let mut depth = 0;
-            while i < b.len() {
-                if b[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if b[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            line += newlines(start, i);
-        } else if c == b'r' && (b.get(i + 1) == Some(&b'"') || b.get(i + 1) == Some(&b'#')) {
-            // A raw string, r"..." or r#"..."#; `r#ident` is a raw identifier.
-            let mut j = i + 1;
-            while b.get(j) == Some(&b'#') {
-                j += 1;
-            }
-            if b.get(j) != Some(&b'"') {
-                i = j;
-                continue;
-            }
-            let mut close = vec![b'"'];
-            close.extend(std::iter::repeat_n(b'#', j - i - 1));
-            let start = i;
-            i = j + 1;
-            while i < b.len() && !b[i..].starts_with(&close) {
-                i += 1;
-            }
-            i = (i + close.len()).min(b.len());
-            line += newlines(start, i);
-        } else if c == b'"' {
-            let start = i;
-            i += 1;
-            while i < b.len() && b[i] != b'"' {
-                i += if b[i] == b'\\' { 2 } else { 1 };
-            }
-            i = (i + 1).min(b.len());
-            line += newlines(start, i.min(b.len()));
-        } else if c == b'\'' {
-            // A character literal ('x', '\n', '"') or a lifetime ('a).
-            if b.get(i + 1) == Some(&b'\\') {
-                // Past the quote, the backslash and the escaped character.
-                i += 3;
-                while i < b.len() && b[i] != b'\'' {
-                    i += 1;
-                }
-                i += 1;
-            } else if b.get(i + 2) == Some(&b'\'') {
-                i += 3;
-            } else {
-                i += 1;
-            }
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let start = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                i += 1;
-            }
-            if &b[start..i] == b"unsafe" {
-                lines.push(line);
-            }
-        } else {
-            i += 1;
-        }
-    }
-    lines
-}
-
-/// The `unsafe` keywords in `text` whose line has no `SAFETY:` comment
-/// directly above it (in the run of `//` lines that ends on the line before).
-fn unjustified_unsafe(text: &str) -> Vec<usize> {
-    let all: Vec<&str> = text.lines().collect();
-    unsafe_keyword_lines(text)
-        .into_iter()
-        .filter(|&n| {
-            let justified = all[..n - 1]
-                .iter()
-                .rev()
-                .map(|l| l.trim_start())
-                .take_while(|l| l.starts_with("//"))
-                .any(|l| l.contains("SAFETY:"));
-            !justified
-        })
+/// The settings under `header` (e.g. `[lints]`) in Cargo.toml `text`: its
+/// lines up to the next header, trimmed, without blanks and comments.
+fn toml_section<'a>(text: &'a str, header: &str) -> Vec<&'a str> {
+    text.lines()
+        .map(str::trim)
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect()
 }
 
 #[test]
-fn the_unsafe_scanner_finds_code_and_skips_comments_and_strings() {
-    let text = r##"
-fn a() {
-    // SAFETY: says why.
-    unsafe { x() };
-    let s = "unsafe { in a string }";
-    let r = r#"unsafe { in a raw "string" }"#;
-    let c = '"'; let e = '\''; let l: &'static str = "";
-    /* unsafe { in a /* nested */ block comment } */
-    // unsafe in a line comment
-    let y = unsafe { z() };
-}
-// SAFETY: one comment per impl.
-unsafe impl Send for T {}
-unsafe impl Sync for T {}
-"##;
-    assert_eq!(unsafe_keyword_lines(text), vec![4, 10, 13, 14]);
-    assert_eq!(unjustified_unsafe(text), vec![10, 14]);
+fn the_toml_section_reader_stops_at_the_next_header() {
+    let text = "[a]\nx = 1\n\n# note\n[b]\ny = 2\n";
+    assert_eq!(toml_section(text, "[a]"), vec!["x = 1"]);
+    assert_eq!(toml_section(text, "[b]"), vec!["y = 2"]);
+    assert!(toml_section(text, "[c]").is_empty());
 }
 
+/// Clippy's `undocumented_unsafe_blocks`, denied for the whole workspace,
+/// is what makes every `unsafe` block and impl say why it is sound in a
+/// `// SAFETY:` comment directly above it: dropping the lint, or a member
+/// not taking the workspace's lints, fails here.
 #[test]
-fn every_unsafe_has_a_safety_comment_directly_above() {
+fn clippy_denies_unsafe_without_a_safety_comment() {
     let root = root();
-    let mut scanned = 0;
-    let mut found = 0;
-    let mut offenders = Vec::new();
-    for path in files_under(&root, &[".rs"]) {
+    let manifest = fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(
+        toml_section(&manifest, "[workspace.lints.clippy]")
+            .contains(&r#"undocumented_unsafe_blocks = "deny""#),
+        "Cargo.toml's [workspace.lints.clippy] must deny undocumented_unsafe_blocks"
+    );
+    let members: Vec<&str> = toml_section(&manifest, "[workspace]")
+        .into_iter()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("a members list in [workspace]")
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    assert!(members.len() >= 2, "members: {members:?}");
+    for member in members {
+        let path = root.join(member).join("Cargo.toml");
         let text = fs::read_to_string(&path).unwrap();
-        scanned += 1;
-        found += unsafe_keyword_lines(&text).len();
-        for n in unjustified_unsafe(&text) {
-            let shown = path.strip_prefix(&root).unwrap().display();
-            offenders.push(format!(
-                "{shown}:{n}: {}",
-                text.lines().nth(n - 1).unwrap().trim()
-            ));
-        }
+        assert!(
+            toml_section(&text, "[lints]").contains(&"workspace = true"),
+            "{} must take the workspace's lints ([lints] workspace = true)",
+            path.display()
+        );
     }
-    assert!(
-        scanned > 40,
-        "only {scanned} Rust files under {}",
-        root.display()
-    );
-    assert!(found > 0, "no unsafe found at all: is the scanner broken?");
-    assert!(
-        offenders.is_empty(),
-        "put a `// SAFETY:` comment saying why it is sound directly above:\n{}",
-        offenders.join("\n")
-    );
 }
 
 /// Ways of citing a document that lives outside the repository: design notes

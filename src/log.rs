@@ -44,7 +44,9 @@ pub fn enabled(level: Level) -> bool {
     level as u8 >= THRESHOLD.load(Ordering::Relaxed)
 }
 
-fn monotonic_ms() -> u64 {
+/// Milliseconds on CLOCK_MONOTONIC: what log lines start with, and the one
+/// clock the mirror's status figures (duration, speed) are measured on.
+pub(crate) fn monotonic_ms() -> u64 {
     // Lines start with CLOCK_MONOTONIC in ms, as the C flexnbd's do: one
     // clock for every process on the host, so the logs of a source and a
     // destination on one host interleave in order. std's Instant does not

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 pub use faults::PowerLoss;
+use faults::SplitMix64;
 
 use crate::store::backend::{FileStore, ImageStore};
 use crate::store::files::{self, Disk, FileOps};
@@ -91,9 +92,9 @@ impl Power {
     }
 
     fn lose(&self, loss: PowerLoss) {
-        let mut rng = SplitMix(self.seed ^ 0x9e37_79b9_7f4a_7c15);
+        let mut rng = SplitMix64::new(self.seed ^ 0x9e37_79b9_7f4a_7c15);
         let mode = match loss {
-            PowerLoss::Seeded => match rng.next() % 3 {
+            PowerLoss::Seeded => match rng.next_u64() % 3 {
                 0 => PowerLoss::All,
                 1 => PowerLoss::Nothing,
                 _ => PowerLoss::Torn,
@@ -123,23 +124,6 @@ impl Power {
             }
         );
         std::mem::forget(images);
-    }
-}
-
-/// splitmix64: small, fast and deterministic for a seed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 1
     }
 }
 
@@ -210,7 +194,7 @@ impl ImageRecorder {
 
     /// Reverts what a power cut loses; returns (sectors reverted, sectors at
     /// risk). Keeps every lock held: the process is about to die.
-    fn lose(&self, mode: PowerLoss, rng: &mut SplitMix) -> (u64, u64) {
+    fn lose(&self, mode: PowerLoss, rng: &mut SplitMix64) -> (u64, u64) {
         let barrier = self.barrier.write().unwrap_or_else(|p| p.into_inner());
         let journal = lock(&self.journal);
         let mut blocks: Vec<_> = journal.before.iter().collect();
@@ -380,7 +364,7 @@ impl FileModel {
     fn lose(
         &self,
         mode: PowerLoss,
-        rng: &mut SplitMix,
+        rng: &mut SplitMix64,
         images: &[Arc<ImageRecorder>],
     ) -> Vec<String> {
         let state = lock(&self.state);
@@ -592,7 +576,7 @@ mod tests {
             // After the sync: a new write over synced data, one over a hole.
             r.write_at(&[3u8; 4096], 0).unwrap();
             r.write_at(&[4u8; 512], 16384).unwrap();
-            let (reverted, at_risk) = r.lose(mode, &mut SplitMix(7));
+            let (reverted, at_risk) = r.lose(mode, &mut SplitMix64::new(7));
             assert_eq!(at_risk, 16, "two 4 KiB blocks of 8 sectors");
             if expect_reverted {
                 assert_eq!(reverted, 9, "8 sectors of block 0, one of block 4");
@@ -614,7 +598,7 @@ mod tests {
         let run = |name: &str| {
             let r = recorder(&dir.path().join(name), 64 * 1024);
             r.write_at(&[9u8; 32 * 1024], 0).unwrap();
-            let (reverted, at_risk) = r.lose(PowerLoss::Torn, &mut SplitMix(42));
+            let (reverted, at_risk) = r.lose(PowerLoss::Torn, &mut SplitMix64::new(42));
             assert_eq!(at_risk, 64);
             assert!(reverted > 0 && reverted < 64, "a subset: {reverted}");
             let data = read(&r, 0, 32 * 1024);
@@ -642,7 +626,7 @@ mod tests {
         lock(&r.journal).epoch += 1;
         r.write_at(&[3u8; 4096], 0).unwrap();
         assert_eq!(lock(&r.journal).before[&0].len(), 2);
-        r.lose(PowerLoss::All, &mut SplitMix(1));
+        r.lose(PowerLoss::All, &mut SplitMix64::new(1));
         assert_eq!(read(&r, 0, 4096), vec![1u8; 4096]);
     }
 
@@ -663,7 +647,7 @@ mod tests {
         if sync_dir {
             files.sync_dir(dir.path()).unwrap();
         }
-        files.0.lose(PowerLoss::All, &mut SplitMix(3), &[]);
+        files.0.lose(PowerLoss::All, &mut SplitMix64::new(3), &[]);
         let after = fs::read(&marker).ok();
         assert!(
             !tmp.exists(),
@@ -702,7 +686,11 @@ mod tests {
             if synced {
                 files.sync_dir(dir.path()).unwrap();
             }
-            let report = model.lose(PowerLoss::All, &mut SplitMix(1), std::slice::from_ref(&r));
+            let report = model.lose(
+                PowerLoss::All,
+                &mut SplitMix64::new(1),
+                std::slice::from_ref(&r),
+            );
             assert_eq!(path.exists(), !synced, "{report:?}");
             if !synced {
                 let back = fs::read(&path).unwrap();

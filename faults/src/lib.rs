@@ -13,12 +13,14 @@
 use std::time::Duration;
 
 pub mod plan;
+mod rng;
 pub mod scenarios;
 
 pub use plan::{
     fired_line, is_known_step, Decision, Fault, FaultPlan, PlanError, PlanErrorKind, Side,
     StoreFault, KNOWN_STEPS,
 };
+pub use rng::SplitMix64;
 pub use scenarios::{Scenario, SCENARIOS};
 
 /// What to do at a protocol step.

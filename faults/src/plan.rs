@@ -78,7 +78,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Action, PowerLoss};
+use crate::{Action, PowerLoss, SplitMix64};
 
 /// The environment variable [`FaultPlan::from_env`] reads.
 pub const ENV_VAR: &str = "FLEXNBD_FAULTS";
@@ -771,30 +771,6 @@ impl fmt::Display for FaultPlan {
 
 // ---------------------------------------------------------------------------
 // Randomness
-
-/// splitmix64: tiny, fast, and good enough for fault rolls.
-#[derive(Clone, Debug, Default)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// True with probability `percent`/100: 0 never, 100 always.
-    fn roll(&mut self, percent: f64) -> bool {
-        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-        unit * 100.0 < percent
-    }
-}
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
 use crate::fault_apply::{self, How, Incoming};
+use crate::log::monotonic_ms;
 use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, errno};
 use crate::status::MigrationStatus;
@@ -116,17 +117,24 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn from_u8(v: u8) -> Phase {
-        match v {
-            1 => Phase::Copying,
-            2 => Phase::Converging,
-            3 => Phase::Entrusting,
-            4 => Phase::HandingOff,
-            5 => Phase::Retrying,
-            6 => Phase::Done,
-            _ => Phase::Connecting,
-        }
+    /// Every phase, each at the index of its discriminant: the one table
+    /// [`Phase::from_u8`] decodes with (checked below when compiling).
+    const ALL: [Phase; 7] = [
+        Phase::Connecting,
+        Phase::Copying,
+        Phase::Converging,
+        Phase::Entrusting,
+        Phase::HandingOff,
+        Phase::Retrying,
+        Phase::Done,
+    ];
+
+    /// The phase stored as `v` by [`MirrorState::set_phase`]; `None` for a
+    /// byte no phase is stored as (a variant missing from [`Phase::ALL`]).
+    fn from_u8(v: u8) -> Option<Phase> {
+        Phase::ALL.get(usize::from(v)).copied()
     }
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::Connecting => "connecting",
@@ -140,10 +148,19 @@ impl Phase {
     }
 }
 
-fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+// A phase is stored as its discriminant and decoded by indexing ALL, so each
+// must sit at its own index. A variant left out of ALL decodes as None, which
+// `MirrorState::phase` reports as a bug rather than reading as another phase.
+const _: () = {
+    let mut i = 0;
+    while i < Phase::ALL.len() {
+        assert!(
+            Phase::ALL[i] as usize == i,
+            "Phase::ALL out of discriminant order"
+        );
+        i += 1;
+    }
+};
 
 /// A mirror's live figures, read by status and written by the attempt.
 pub struct MirrorState {
@@ -224,7 +241,10 @@ impl MirrorState {
     }
 
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Acquire))
+        let v = self.phase.load(Ordering::Acquire);
+        // Only set_phase writes the byte, always from a Phase: anything else
+        // is a bug (a variant left out of Phase::ALL), never a phase to guess.
+        Phase::from_u8(v).unwrap_or_else(|| panic!("mirror phase byte {v} is no Phase"))
     }
 
     fn set_phase(&self, p: Phase) {
@@ -873,7 +893,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 .map_err(AttemptError::Image)?
             };
             read.map_err(AttemptError::Image)?;
-            or_cancel(self.cancel, self.pipe.write(offset, data, true)).await??;
+            or_cancel(self.cancel, self.pipe.write(offset, &data, true)).await??;
             // A socket with room never makes this loop wait, so it would
             // keep its worker thread for many pieces and stall the clients'
             // requests queued there: let them run between pieces.
@@ -896,8 +916,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             while offset < end {
                 let n = (end - offset).min(self.piece());
                 self.throttle(n).await?;
-                let data = self.pipe.zero_buffer(n as usize);
-                or_cancel(self.cancel, self.pipe.write(offset, data, false)).await??;
+                or_cancel(self.cancel, self.pipe.write_zeros(offset, n as usize)).await??;
                 // A socket with room never makes this loop wait, so it would
                 // keep its worker thread for many pieces and stall the clients'
                 // requests queued there: let them run between pieces.
@@ -914,5 +933,57 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             offset += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_phase_round_trips_through_its_byte() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::from_u8(p as u8), Some(p));
+            let state = MirrorState::new(None);
+            state.set_phase(p);
+            assert_eq!(state.phase(), p);
+        }
+        // No other byte decodes: nothing unknown maps to a phase silently.
+        let decoded = (0..=u8::MAX).filter_map(Phase::from_u8).count();
+        assert_eq!(decoded, Phase::ALL.len());
+    }
+
+    #[test]
+    fn every_variant_is_in_the_table() {
+        // No wildcard arm: a new variant stops this compiling until it is
+        // listed here, and the assertion then wants it in Phase::ALL.
+        let listed = |p: Phase| match p {
+            Phase::Connecting
+            | Phase::Copying
+            | Phase::Converging
+            | Phase::Entrusting
+            | Phase::HandingOff
+            | Phase::Retrying
+            | Phase::Done => Phase::ALL.contains(&p),
+        };
+        for p in [
+            Phase::Connecting,
+            Phase::Copying,
+            Phase::Converging,
+            Phase::Entrusting,
+            Phase::HandingOff,
+            Phase::Retrying,
+            Phase::Done,
+        ] {
+            assert!(listed(p), "{p:?} is not in Phase::ALL");
+        }
+    }
+
+    #[test]
+    fn phase_names_are_unique() {
+        let mut names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Phase::ALL.len(), "{names:?}");
     }
 }

@@ -144,14 +144,6 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         vec![0u8; n]
     }
 
-    /// `n` zero bytes to send.
-    pub fn zero_buffer(&mut self, n: usize) -> Vec<u8> {
-        if self.zeros.len() < n {
-            self.zeros = vec![0u8; n];
-        }
-        self.zeros[..n].to_vec()
-    }
-
     /// Data requests in flight: how many, and their bytes.
     pub fn in_flight(&self) -> (u64, u64) {
         self.shared
@@ -277,7 +269,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     pub async fn write(
         &mut self,
         offset: u64,
-        data: Vec<u8>,
+        data: &[u8],
         measure: bool,
     ) -> Result<(), PipeError> {
         let slot = self.slot().await?;
@@ -295,8 +287,23 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             },
         );
         let header = Request::new(cmd::WRITE, 0, handle, offset, data.len() as u32).encode();
-        self.send(cmd::WRITE, &header, &data).await?;
+        self.send(cmd::WRITE, &header, data).await?;
         self.check()
+    }
+
+    /// Sends a WRITE of `n` zero bytes (not measured: zeros for a hole,
+    /// which a destination may skip), from zeros kept between calls rather
+    /// than allocated and filled for each.
+    pub async fn write_zeros(&mut self, offset: u64, n: usize) -> Result<(), PipeError> {
+        // Out of the pipe while `write` borrows it; a call cancelled part-way
+        // drops them, and the next call makes them again.
+        let mut zeros = std::mem::take(&mut self.zeros);
+        if zeros.len() < n {
+            zeros = vec![0u8; n];
+        }
+        let sent = self.write(offset, &zeros[..n], false).await;
+        self.zeros = zeros;
+        sent
     }
 
     /// Sends a WRITE_ZEROES (which may punch a hole).
