@@ -347,7 +347,7 @@ fn power_cut_after_a_completed_disconnect_keeps_the_writes_and_no_marker() {
     );
     // A C-style sender still completes, with a record.
     assert_record_of(&dest, LEN);
-    assert_restarted_listen_refuses(&dir, &dest);
+    assert_restarted_listen_refuses(&dest);
     let (code, out) = resolve(&dir.join("gone.img"), &dest);
     assert_eq!(code, Some(11), "expected verdict destination, got {out}");
 }
@@ -384,7 +384,7 @@ fn assert_record_of(dest: &Path, bytes: usize) {
 
 /// A supervisor starting `listen` again on `dest`: it must refuse (exit 1)
 /// before its port opens, and change neither the image nor the marker.
-fn assert_restarted_listen_refuses(dir: &TempDir, dest: &Path) {
+fn assert_restarted_listen_refuses(dest: &Path) {
     let image = fs::read(dest).unwrap();
     let marker = fs::read(marker_path(dest)).ok();
     let o = run_tool(
@@ -415,24 +415,20 @@ fn assert_restarted_listen_refuses(dir: &TempDir, dest: &Path) {
         marker,
         "expected the restarted listen to leave the marker as it was"
     );
-    let _ = dir;
 }
 
-#[test]
-fn power_cut_between_the_record_and_the_marker_removal_keeps_both_and_listen_refuses() {
-    // store.marker#4 is the marker's removal (#1 creates it, #2 says
-    // receiving, #3 entrusted): the record is written and synced before
-    // it, so the cut must leave the whole record.
-    let dir = TempDir::new("dur-record-marker");
-    let dest = dir.sparse_file("dest.img", MIB);
-    let mut server = start(
-        &dir,
-        "listen",
-        &dest,
-        None,
-        Some("store.marker#4=powercut(all)"),
-    );
-    let data = pattern(LEN, 11);
+/// A sender writes `seed`'s pattern, entrusts and disconnects, into a
+/// `listen` whose `plan` cuts the power at `key`; returns the data, checked
+/// to be in the image after the cut.
+fn entrusted_migration_cut_at(
+    dir: &TempDir,
+    dest: &Path,
+    plan: &str,
+    key: &str,
+    seed: u8,
+) -> Vec<u8> {
+    let mut server = start(dir, "listen", dest, None, Some(plan));
+    let data = pattern(LEN, seed);
     let mut s = write_then_entrust(&server, &data);
     let r = s.read_reply();
     assert_eq!(
@@ -442,8 +438,25 @@ fn power_cut_between_the_record_and_the_marker_removal_keeps_both_and_listen_ref
     );
     s.disconnect(3);
     assert_no_reply_then_eof(&mut s, "disconnect");
-    assert_power_cut(&mut server, "store.marker#4");
-    assert_range(&dest, &data, "the migrated write after the cut");
+    assert_power_cut(&mut server, key);
+    assert_range(dest, &data, "the entrusted write after the cut");
+    data
+}
+
+#[test]
+fn power_cut_between_the_record_and_the_marker_removal_keeps_both_and_listen_refuses() {
+    // store.marker#4 is the marker's removal (#1 creates it, #2 says
+    // receiving, #3 entrusted): the record is written and synced before
+    // it, so the cut must leave the whole record.
+    let dir = TempDir::new("dur-record-marker");
+    let dest = dir.sparse_file("dest.img", MIB);
+    entrusted_migration_cut_at(
+        &dir,
+        &dest,
+        "store.marker#4=powercut(all)",
+        "store.marker#4",
+        11,
+    );
     assert_record_of(&dest, LEN);
     assert_eq!(marker_state(&dest).as_deref(), Some("entrusted"));
     let (code, out) = resolve(&dir.join("gone.img"), &dest);
@@ -452,7 +465,7 @@ fn power_cut_between_the_record_and_the_marker_removal_keeps_both_and_listen_ref
         (Some(12), Some("verdict: destination-leftover-marker")),
         "expected the destination canonical with a leftover marker, got {out}"
     );
-    assert_restarted_listen_refuses(&dir, &dest);
+    assert_restarted_listen_refuses(&dest);
 }
 
 #[test]
@@ -483,32 +496,20 @@ fn power_cut_between_the_record_and_the_marker_removal_of_a_c_style_sender_is_no
         (Some(12), Some("verdict: destination-leftover-marker")),
         "expected the destination canonical with a leftover marker, got {out}"
     );
-    assert_restarted_listen_refuses(&dir, &dest);
+    assert_restarted_listen_refuses(&dest);
 }
 
 #[test]
 fn power_cut_before_the_record_keeps_the_marker_entrusted_and_no_record() {
     let dir = TempDir::new("dur-record-before");
     let dest = dir.sparse_file("dest.img", MIB);
-    let mut server = start(
+    let data = entrusted_migration_cut_at(
         &dir,
-        "listen",
         &dest,
-        None,
-        Some("store.record#1=powercut(all)"),
+        "store.record#1=powercut(all)",
+        "store.record#1",
+        13,
     );
-    let data = pattern(LEN, 13);
-    let mut s = write_then_entrust(&server, &data);
-    let r = s.read_reply();
-    assert_eq!(
-        (r.handle, r.error),
-        (2, 0),
-        "expected the entrust to succeed"
-    );
-    s.disconnect(3);
-    assert_no_reply_then_eof(&mut s, "disconnect");
-    assert_power_cut(&mut server, "store.record#1");
-    assert_range(&dest, &data, "the entrusted write after the cut");
     assert!(!record_path(&dest).exists(), "expected no record");
     assert_eq!(marker_state(&dest).as_deref(), Some("entrusted"));
     let (code, out) = resolve(&dir.join("gone.img"), &dest);
