@@ -227,6 +227,10 @@ pub struct CostModel {
     y: f64,
     xx: f64,
     xy: f64,
+    /// Decayed sums of bytes and seconds of the big writes alone (at least
+    /// [`BIG`]), for [`CostModel::throughput`].
+    big_x: f64,
+    big_y: f64,
     last: Option<Instant>,
 }
 
@@ -240,6 +244,8 @@ impl CostModel {
             self.y *= keep;
             self.xx *= keep;
             self.xy *= keep;
+            self.big_x *= keep;
+            self.big_y *= keep;
         }
         self.last = Some(now);
         let (x, y) = (len as f64, service.as_secs_f64());
@@ -248,13 +254,19 @@ impl CostModel {
         self.y += y;
         self.xx += x * x;
         self.xy += x * y;
+        if x >= BIG {
+            self.big_x += x;
+            self.big_y += y;
+        }
     }
 
-    /// Bytes per second over the time the destination was busy with the
-    /// writes measured (older ones fading): what the connection carried,
-    /// link and destination together.
+    /// Bytes per second over the time the destination was busy with big
+    /// writes (older ones fading): what the connection carries, link and
+    /// destination together. Only big writes count: over small ones the
+    /// fixed cost per write would pass for slow bytes, and a remainder sent
+    /// as large ranges would be charged for it twice.
     pub fn throughput(&self) -> Option<f64> {
-        (self.y > 0.0 && self.x > 0.0).then(|| self.x / self.y)
+        (self.big_y > 0.0 && self.big_x > 0.0).then(|| self.big_x / self.big_y)
     }
 
     /// The costs, once any write was measured.
@@ -672,12 +684,19 @@ mod tests {
     }
 
     #[test]
-    fn the_measured_throughput_is_bytes_over_busy_time() {
+    fn the_measured_throughput_is_bytes_over_busy_time_of_big_writes() {
         let t = Instant::now();
         let mut m = CostModel::default();
         assert_eq!(m.throughput(), None);
+        // Small writes alone say nothing about the rate of bytes.
+        m.record(4096, Duration::from_millis(1), t);
+        assert_eq!(m.throughput(), None);
         m.record(1_000_000, Duration::from_millis(100), t);
         m.record(1_000_000, Duration::from_millis(100), t);
+        // The small write's fixed cost is not taken for slow bytes.
+        assert!((m.throughput().unwrap() - 10e6).abs() < 1.0);
+        // Fading keeps the rate: both sums fade alike.
+        m.record(4096, Duration::from_millis(1), t + Duration::from_secs(3));
         assert!((m.throughput().unwrap() - 10e6).abs() < 1.0);
     }
 
