@@ -568,7 +568,6 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         image: &image,
         state,
         cancel,
-        sent: 0,
         link_free: None,
     };
 
@@ -806,7 +805,6 @@ struct Copier<'a, S: crate::transport::Stream, P: Probe> {
     image: &'a Arc<Image>,
     state: &'a MirrorState,
     cancel: &'a CancellationToken,
-    sent: u64,
     /// When the speed limit lets the next piece go: each piece moves it on
     /// by its own time at the limit then in force. Never earlier than the
     /// last send, so idle time earns no burst, and a limit lowered in the
@@ -865,7 +863,6 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
     }
 
     fn count(&mut self, n: u64) {
-        self.sent += n;
         self.state.sent.fetch_add(n, Ordering::AcqRel);
     }
 
@@ -951,32 +948,6 @@ mod tests {
         // No other byte decodes: nothing unknown maps to a phase silently.
         let decoded = (0..=u8::MAX).filter_map(Phase::from_u8).count();
         assert_eq!(decoded, Phase::ALL.len());
-    }
-
-    #[test]
-    fn every_variant_is_in_the_table() {
-        // No wildcard arm: a new variant stops this compiling until it is
-        // listed here, and the assertion then wants it in Phase::ALL.
-        let listed = |p: Phase| match p {
-            Phase::Connecting
-            | Phase::Copying
-            | Phase::Converging
-            | Phase::Entrusting
-            | Phase::HandingOff
-            | Phase::Retrying
-            | Phase::Done => Phase::ALL.contains(&p),
-        };
-        for p in [
-            Phase::Connecting,
-            Phase::Copying,
-            Phase::Converging,
-            Phase::Entrusting,
-            Phase::HandingOff,
-            Phase::Retrying,
-            Phase::Done,
-        ] {
-            assert!(listed(p), "{p:?} is not in Phase::ALL");
-        }
     }
 
     #[test]

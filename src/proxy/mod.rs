@@ -99,8 +99,8 @@ pub const BACKOFF_GROWTH: f64 = 1.5;
 /// is usually up within milliseconds, and a client's write must not wait
 /// out a fixed cool-down for it. Each further failure makes the pause half
 /// as long again, from [`FIRST_BACKOFF`] up to [`COOL_DOWN`], so an upstream that stays
-/// away (or keeps dropping the same request) is not hammered. A success
-/// starts over.
+/// away (or keeps dropping the same request) is not hammered. Each
+/// request starts with a fresh one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Backoff {
     failures: u32,
@@ -123,11 +123,6 @@ impl Backoff {
     /// An attempt failed.
     pub fn failed(&mut self) {
         self.failures = self.failures.saturating_add(1);
-    }
-
-    /// An attempt worked: the next failure is retried at once.
-    pub fn reset(&mut self) {
-        self.failures = 0;
     }
 }
 /// A downstream client that has not chosen the export by then is dropped
@@ -602,7 +597,5 @@ mod tests {
             b.failed();
         }
         assert_eq!(b.next_pause(), COOL_DOWN, "the pause never passes the cap");
-        b.reset();
-        assert_eq!(b.next_pause(), Duration::ZERO);
     }
 }
