@@ -351,20 +351,9 @@ fn a_stale_record_beside_a_new_image_file_does_not_block_listen() {
 fn overwrite_complete_is_refused_by_serve() {
     let dir = TempDir::new("complete-serve-flag");
     let file = dir.sparse_file("disk.img", MIB);
-    let o = run_tool(
-        BIN,
-        &[
-            "serve",
-            "-l",
-            "127.0.0.1",
-            "-p",
-            "0",
-            "-f",
-            file.to_str().unwrap(),
-            "--overwrite-complete",
-        ],
-        REFUSAL_LIMIT,
-    );
+    let args = server_args("serve", &file, None, &["--overwrite-complete"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_tool(BIN, &args, REFUSAL_LIMIT);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("--overwrite-complete is for listen only"),

@@ -286,10 +286,11 @@ impl Record {
     /// completed.
     pub fn describe(&self) -> String {
         format!(
-            "a migration from {} completed at {} ({} bytes received, by pid {})",
+            "a migration from {} completed at {} ({} byte{} received, by pid {})",
             self.source.as_deref().unwrap_or("an unknown source"),
             utc(self.completed_at),
             self.bytes_received,
+            if self.bytes_received == 1 { "" } else { "s" },
             self.pid
         )
     }
