@@ -106,6 +106,17 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 
 /// A running `flexnbd` process. Killed when dropped; its log is printed if
 /// the test is failing.
+/// A child process (a client, a proxy on a UNIX socket, `mirror --wait`)
+/// killed and reaped when dropped, so a failing test leaves nothing behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Flexnbd {
     pub child: Option<Child>,
     pub log_path: PathBuf,

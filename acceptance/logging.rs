@@ -130,16 +130,6 @@ fn the_last_of_v_and_q_wins() {
     assert!(levels(&server.log()).contains(&'I'), "-v given last wins");
 }
 
-/// Kills the child when dropped, so a failing test leaves no server behind.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_log_reader_that_goes_away_never_kills_the_server() {
     // Log lines go to stderr; when that is a pipe whose reader has gone,

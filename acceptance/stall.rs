@@ -29,7 +29,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::c_interop::{await_handoff, join_writers, logged_lockout, start_writers};
@@ -205,17 +205,19 @@ fn a_migration_that_cannot_converge_keeps_pacing_says_why_and_can_be_broken() {
     let writers = start_writers(src.server.addr, 8 * 4096);
     let sock = src.sock.clone();
     let out_path = src.dir.join("mirror-wait.out");
-    let mut wait = Command::new(BIN)
-        .args(mirror_args(
-            &sock,
-            dest.port(),
-            &["--unlink", "--max-speed", "20000", "--wait"],
-        ))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut wait = KillOnDrop(
+        Command::new(BIN)
+            .args(mirror_args(
+                &sock,
+                dest.port(),
+                &["--unlink", "--max-speed", "20000", "--wait"],
+            ))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     // `status` says why it waits: what the remainder would cost, what the
     // cut-off allows, and that the speed limit is what holds it back.
@@ -254,7 +256,7 @@ fn a_migration_that_cannot_converge_keeps_pacing_says_why_and_can_be_broken() {
     let o = run_ok(BIN, &["break", "-s", sock.to_str().unwrap()], WAIT);
     assert!(o.status.success(), "break: {}", stderr(&o));
     let status = wait_for("mirror --wait to end after break", WAIT, || {
-        wait.try_wait().unwrap()
+        wait.0.try_wait().unwrap()
     });
     assert_eq!(status.code(), Some(1), "mirror --wait after break");
     let s = status_of(&sock);
@@ -296,7 +298,7 @@ print("done", flush=True)
 "#;
 
 struct Writer {
-    child: Child,
+    child: KillOnDrop,
     out: PathBuf,
     stop: PathBuf,
 }
@@ -314,7 +316,11 @@ impl Writer {
             .stderr(fs::File::create(dir.join("writer.err")).unwrap())
             .spawn()
             .expect("run /usr/bin/python3");
-        Writer { child, out, stop }
+        Writer {
+            child: KillOnDrop(child),
+            out,
+            stop,
+        }
     }
 
     /// (block, sequence, milliseconds) of each acknowledged write so far.
@@ -336,13 +342,6 @@ impl Writer {
     }
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_client_through_the_proxy_sees_a_short_stall_across_a_hand_off_and_a_supervisors_restart() {
     let dir = TempDir::new("stall-proxy");
@@ -357,15 +356,17 @@ fn a_client_through_the_proxy_sees_a_short_stall_across_a_hand_off_and_a_supervi
 
     // The VM's side: the proxy on a UNIX socket, the source upstream.
     let proxy_log = src.dir.join("proxy.log");
-    let mut proxy = Command::new(PROXY)
-        .args(["-l", proxy_sock.to_str().unwrap(), "-C", "127.0.0.1", "-P"])
-        .arg(port.to_string())
-        .arg("-v")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&proxy_log).unwrap())
-        .spawn()
-        .unwrap();
+    let proxy = KillOnDrop(
+        Command::new(PROXY)
+            .args(["-l", proxy_sock.to_str().unwrap(), "-C", "127.0.0.1", "-P"])
+            .arg(port.to_string())
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&proxy_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_for("the proxy's socket", WAIT, || {
         proxy_sock.exists().then_some(())
     });
@@ -400,7 +401,7 @@ fn a_client_through_the_proxy_sees_a_short_stall_across_a_hand_off_and_a_supervi
     fs::write(&writer.stop, b"").unwrap();
     let mut child = writer;
     let exit = wait_for("the client to finish", WAIT, || {
-        child.child.try_wait().unwrap()
+        child.child.0.try_wait().unwrap()
     });
     assert!(
         exit.success(),
@@ -409,8 +410,7 @@ fn a_client_through_the_proxy_sees_a_short_stall_across_a_hand_off_and_a_supervi
     );
     served.signal(libc::SIGTERM);
     served.wait_exit();
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
 
     // Every acknowledged write is on the destination.
     assert!(
