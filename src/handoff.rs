@@ -60,10 +60,10 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
 /// Removes the source image for `--unlink`, durably: the unlink, then an
 /// fsync of its directory, so a power cut cannot bring the file back after
 /// the destination was told to take over.
-pub fn unlink_durably(path: &Path) -> io::Result<()> {
+pub fn unlink_durably(ops: &dyn files::FileOps, path: &Path) -> io::Result<()> {
     files::fault(StoreStep::Unlink)?;
-    files::ops().remove(path)?;
-    sync_parent(path)
+    ops.remove(path)?;
+    ops.sync_dir(files::parent_dir(path))
 }
 
 /// The marker's fields, written as `key=value` lines a person can read.
@@ -129,14 +129,20 @@ pub fn read_marker_state(image: &Path) -> io::Result<Option<MarkerState>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    Ok(Some(parse_marker_state(&text)))
+}
+
+/// The state a marker's text says (`receiving` unless it says `entrusted`:
+/// the safe answer).
+pub fn parse_marker_state(text: &str) -> MarkerState {
     let state = text
         .lines()
         .find_map(|l| l.strip_prefix("state="))
         .map(str::trim);
-    Ok(Some(match state {
+    match state {
         Some("entrusted") => MarkerState::Entrusted,
         _ => MarkerState::Receiving,
-    }))
+    }
 }
 
 /// Removes the marker durably (after the image itself is durable).

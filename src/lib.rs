@@ -16,6 +16,7 @@ pub mod proto;
 pub mod proxy;
 pub mod server;
 pub mod signals;
+pub mod sim;
 pub mod status;
 pub mod store;
 pub mod tls;

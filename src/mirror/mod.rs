@@ -745,7 +745,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     host.close_server().await;
     if config.action == MirrorAction::Unlink {
         let path = image.path().to_owned();
-        if let Err(e) = crate::handoff::unlink_durably(&path) {
+        if let Err(e) = crate::handoff::unlink_durably(crate::store::files::ops(), &path) {
             // The source stays canonical (table row 1): do not hand off.
             return Ok(Outcome::DisconnectFailed(format!(
                 "cannot unlink {}: {e}",

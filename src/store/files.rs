@@ -26,6 +26,14 @@ pub trait FileOps: Send + Sync {
     /// Fsyncs the directory `dir`, making its creates, renames and removals
     /// durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The content of `path`, or `None` if there is no such file.
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The production implementation: plain system calls.

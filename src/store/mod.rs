@@ -38,7 +38,9 @@ pub enum OpenError {
 /// An image file served as an export.
 pub struct Image {
     /// The image file, through the storage seam.
-    disk: FileStore,
+    disk: Option<FileStore>,
+    /// Or, without a file, the store the image lives in (a simulated disk).
+    other: Option<Arc<dyn ImageStore>>,
     /// With a fault plan that can cut power: the store that records what a
     /// power cut would lose, in front of `disk`. Unset in production.
     recorder: std::sync::OnceLock<Arc<crate::power::ImageRecorder>>,
@@ -148,7 +150,8 @@ impl Image {
         };
         let size = full - full % 512;
         Ok(Image {
-            disk: FileStore::new(file),
+            disk: Some(FileStore::new(file)),
+            other: None,
             recorder: std::sync::OnceLock::new(),
             path: path.to_owned(),
             size,
@@ -170,6 +173,43 @@ impl Image {
         })
     }
 
+    /// An image whose bytes live in `store` (a simulated disk), with no
+    /// file behind it: every block counts as data.
+    pub fn with_store(path: PathBuf, size: u64, store: Arc<dyn ImageStore>) -> Image {
+        let image = Image {
+            disk: None,
+            other: Some(store),
+            recorder: std::sync::OnceLock::new(),
+            path,
+            size,
+            trailing: 0,
+            map: AllocationMap::new(size),
+            punch_lock: RwLock::new(()),
+            can_punch: AtomicBool::new(true),
+            scan_stop: AtomicBool::new(false),
+            dirty: AllocationMap::new(size),
+            dirty_blocks: AtomicI64::new(0),
+            tracking: AtomicBool::new(false),
+            pace: std::sync::Mutex::new(Default::default()),
+            pace_below: AtomicU64::new(u64::MAX),
+            pacing: tokio::sync::watch::Sender::new(false),
+            faults: std::sync::OnceLock::new(),
+            reads_faulted: AtomicBool::new(false),
+            writes_faulted: AtomicBool::new(false),
+            eager_writeback: AtomicBool::new(false),
+        };
+        image.map.set_bytes(0, size);
+        image.map.mark_built();
+        image
+    }
+
+    fn file(&self) -> io::Result<&File> {
+        match &self.disk {
+            Some(d) => Ok(d.file()),
+            None => Err(io::Error::other("the image has no file")),
+        }
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -186,7 +226,7 @@ impl Image {
     /// The identity (device, inode, length) of the open file, for the
     /// completion record: the file served, whatever its path names now.
     pub fn identity(&self) -> io::Result<crate::handoff::Identity> {
-        Ok(crate::handoff::Identity::of(&self.disk.file().metadata()?))
+        Ok(crate::handoff::Identity::of(&self.file()?.metadata()?))
     }
 
     pub fn map(&self) -> &AllocationMap {
@@ -204,7 +244,7 @@ impl Image {
     pub fn set_faults(&self, probe: Arc<crate::probe::PlanProbe>) -> io::Result<()> {
         if probe.plan().can_cut_power() && self.recorder.get().is_none() {
             let power = crate::power::install(probe.plan().seed());
-            let recorder = power.record_image(self.disk.file().try_clone()?, &self.path)?;
+            let recorder = power.record_image(self.file()?.try_clone()?, &self.path)?;
             let _ = self.recorder.set(recorder);
         }
         let recorded = self.recorder.get().is_some();
@@ -228,7 +268,11 @@ impl Image {
     #[inline]
     fn io(&self) -> &dyn ImageStore {
         match self.recorder.get() {
-            None => &self.disk,
+            None => match (&self.disk, &self.other) {
+                (Some(disk), _) => disk,
+                (None, Some(other)) => other.as_ref(),
+                (None, None) => unreachable!("an image has a file or a store"),
+            },
             Some(recorder) => recorder.as_ref(),
         }
     }
@@ -280,7 +324,9 @@ impl Image {
             buf.fill(0);
             return true;
         }
-        self.disk.read_cached(buf, offset)
+        self.disk
+            .as_ref()
+            .is_some_and(|d| d.read_cached(buf, offset))
     }
 
     /// Whether a TRIM, or a WRITE_ZEROES that may punch, of the range has
@@ -380,7 +426,10 @@ impl Image {
     /// already have passed it.
     fn store_write_unmapped(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let map = &self.map;
-        let mut holes = FileLayout::new(self.disk.file());
+        let Some(disk) = &self.disk else {
+            return self.io().write_at(data, offset);
+        };
+        let mut holes = FileLayout::new(disk.file());
         let end = offset + data.len() as u64;
         let mut pos = offset;
         let mut pending: Option<u64> = None;
@@ -738,7 +787,10 @@ impl Image {
             return Vec::new();
         }
         if !self.map.is_built() {
-            return FileLayout::new(self.disk.file())
+            let Some(disk) = &self.disk else {
+                return vec![(end - offset, false)];
+            };
+            return FileLayout::new(disk.file())
                 .extents(offset, end, max)
                 .unwrap_or_else(|| vec![(end - offset, false)]);
         }

@@ -1,0 +1,635 @@
+//! The processes of the simulated hosts, and what the world does with each
+//! event.
+
+use std::sync::Arc;
+
+use crate::handoff::{self, MarkerState, Verdict};
+use crate::store::files::FileOps;
+use crate::store::{Image, ImageStore};
+
+use super::disk::SECTOR;
+use super::ledger::{self, HOSTS};
+use super::scenario::{Action, FaultKind, Mark, DEST, SOURCE};
+use super::source::SourceRun;
+use super::world::{image_path, Client, ClientOp, Core, Ev, Host, Micros, Msg};
+
+/// The mirror's no-progress limit in the simulation.
+pub const REQUEST_LIMIT: Micros = 2_000_000;
+/// How long a connection attempt into a blackhole takes to fail.
+pub const CONNECT_TIMEOUT: Micros = 1_000_000;
+
+/// `flexnbd serve` on the source host, with its mirror when one runs.
+pub struct Serve {
+    pub image: Arc<Image>,
+    /// No client write is acknowledged while set (the mirror's cut-off).
+    pub cut_off: bool,
+    /// The listening socket is closed for good (hand-off).
+    pub closed: bool,
+    pub mirror: Option<SourceRun>,
+    /// The mirror ended by handing off: the process exits.
+    pub exited: bool,
+}
+
+/// `flexnbd listen` on the destination host, then, once it completed,
+/// `flexnbd serve` there (a supervisor starts it at once).
+pub enum DestProc {
+    Down,
+    Listen(super::dest::Listen),
+    /// `listen` refused to start (a completed image): the supervisor
+    /// starts `serve` instead.
+    Serve(Arc<Image>),
+}
+
+pub struct World {
+    pub core: Core,
+    pub hosts: [Host; HOSTS],
+    pub clients: Vec<Client>,
+    /// The source's initial tag per sector.
+    pub initial: Vec<u64>,
+    pub serve: Option<Serve>,
+    pub dest: DestProc,
+    /// What each side reported at its end.
+    pub source_outcome: Option<String>,
+    pub handed_off: bool,
+    pub dest_completed: bool,
+    /// Snapshot of the source's tags when the destination answered the last
+    /// ENTRUST: what an `entrusted` marker vouches for.
+    pub entrusted: Option<Vec<u64>>,
+    pub mirrors_started: u32,
+    /// The source sent DISCONNECT: as far as it knows, migrated.
+    pub disconnect_sent: bool,
+}
+
+impl World {
+    pub fn assemble(
+        core: Core,
+        hosts: [Host; HOSTS],
+        clients: Vec<Client>,
+        initial: Vec<u64>,
+    ) -> World {
+        World {
+            core,
+            hosts,
+            clients,
+            initial,
+            serve: None,
+            dest: DestProc::Down,
+            source_outcome: None,
+            handed_off: false,
+            dest_completed: false,
+            entrusted: None,
+            mirrors_started: 0,
+            disconnect_sent: false,
+        }
+    }
+
+    fn image_on(&self, host: usize) -> Arc<Image> {
+        let size = self.core.sc.sectors * SECTOR;
+        let store: Arc<dyn ImageStore> = self.hosts[host].disk.clone();
+        Arc::new(Image::with_store(image_path(host), size, store))
+    }
+
+    pub fn start(&mut self) {
+        self.start_serve();
+        self.start_listen();
+        self.core.at(1_000, Ev::Mirror);
+        for c in 0..self.clients.len() {
+            let t = 100 + c as u64 * 37;
+            self.core.at(t, Ev::Client { client: c });
+        }
+    }
+
+    fn start_serve(&mut self) {
+        let host = &mut self.hosts[SOURCE];
+        host.life += 1;
+        host.up = true;
+        if !host.fs.exists(&image_path(SOURCE)) {
+            self.core
+                .note("serve: the source image is gone; not started");
+            self.serve = None;
+            return;
+        }
+        let image = self.image_on(SOURCE);
+        self.core.note("serve started on the source");
+        self.serve = Some(Serve {
+            image,
+            cut_off: false,
+            closed: false,
+            mirror: None,
+            exited: false,
+        });
+    }
+
+    fn start_listen(&mut self) {
+        let host = &mut self.hosts[DEST];
+        host.life += 1;
+        host.up = true;
+        let ops: Arc<dyn FileOps> = host.fs.clone();
+        match super::dest::Listen::start(self.image_on(DEST), ops) {
+            Ok(l) => {
+                self.core.note("listen started on the destination");
+                self.dest = DestProc::Listen(l);
+            }
+            Err(why) => {
+                self.core
+                    .note(format!("listen refused: {why}; serve started instead"));
+                self.dest = DestProc::Serve(self.image_on(DEST));
+            }
+        }
+    }
+
+    pub fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Mirror => self.mirror_command(),
+            Ev::Status => {}
+            Ev::Client { client } => self.client_op(client),
+            Ev::ClientReply { client, op } => self.client_reply(client, op),
+            Ev::Fault { index } => self.fault(index),
+            Ev::Restart { host } => {
+                if host == SOURCE {
+                    if self.disconnect_sent {
+                        // Migrated: nobody starts the source again.
+                        return;
+                    }
+                    self.start_serve();
+                    // The operator starts the migration again.
+                    self.core.at(1_000, Ev::Mirror);
+                } else {
+                    self.start_listen();
+                }
+            }
+            Ev::Connect { conn, ok } => {
+                self.with_mirror(|w, run| run.connected(w, conn, ok));
+            }
+            Ev::Deliver { conn, to_dest, msg } => {
+                if to_dest {
+                    self.dest_deliver(conn, msg);
+                } else if let Msg::Reply { handle, error } = msg {
+                    self.with_mirror(|w, run| run.reply(w, conn, handle, error));
+                }
+            }
+            Ev::Closed { conn, to_dest } => {
+                if to_dest {
+                    if let DestProc::Listen(l) = &mut self.dest {
+                        l.closed(&mut self.core, conn);
+                    }
+                    self.dest_pump();
+                } else {
+                    self.with_mirror(|w, run| {
+                        run.lost(w, conn, "the destination closed the connection")
+                    });
+                }
+            }
+            Ev::SourceStep { life } => {
+                if life == self.hosts[SOURCE].life {
+                    self.with_mirror(|w, run| run.step(w));
+                }
+            }
+            Ev::SourceTimer { life, what } => {
+                if life == self.hosts[SOURCE].life {
+                    self.with_mirror(|w, run| run.timer(w, what));
+                }
+            }
+            Ev::DestStep { life } => {
+                if life == self.hosts[DEST].life {
+                    self.dest_step();
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the mirror, if one runs, with the world at hand.
+    fn with_mirror(&mut self, f: impl FnOnce(&mut SourceCtx, &mut SourceRun)) {
+        let Some(serve) = &mut self.serve else { return };
+        let Some(mut run) = serve.mirror.take() else {
+            return;
+        };
+        let mut ctx = SourceCtx { world: self };
+        f(&mut ctx, &mut run);
+        if let Some(serve) = &mut self.serve {
+            if run.ended() {
+                let outcome = run.outcome().unwrap_or_default();
+                self.core.note(format!("mirror ended: {outcome}"));
+                self.source_outcome = Some(outcome.clone());
+                if outcome.starts_with("HandedOff") || outcome.starts_with("DisconnectFailed") {
+                    serve.exited = true;
+                    self.handed_off |= outcome.starts_with("HandedOff");
+                }
+                if outcome.starts_with("FirstAttemptFailed") && self.mirrors_started < 20 {
+                    // The operator tries again a little later.
+                    self.core.at(500_000, Ev::Mirror);
+                }
+            } else {
+                serve.mirror = Some(run);
+            }
+        }
+        if self.serve.as_ref().is_some_and(|s| s.exited) {
+            self.core.note("serve exited after the hand-off");
+            self.serve = None;
+        }
+    }
+
+    fn mirror_command(&mut self) {
+        let Some(serve) = &mut self.serve else { return };
+        if serve.mirror.is_some() || serve.exited || self.handed_off {
+            return;
+        }
+        self.mirrors_started += 1;
+        let sc = &self.core.sc;
+        let run = SourceRun::new(sc, serve.image.clone(), self.hosts[SOURCE].life);
+        serve.mirror = Some(run);
+        self.core.note("mirror started");
+        self.with_mirror(|w, run| run.begin(w));
+    }
+
+    // ----- clients ---------------------------------------------------------
+
+    /// Where clients' requests go now: the source's `serve`, or after the
+    /// hand-off the destination's; `None` while neither takes them.
+    fn serving(&self) -> Option<(usize, Arc<Image>)> {
+        // Once the destination completed, the clients' proxy points there.
+        if let DestProc::Serve(image) = &self.dest {
+            return Some((DEST, image.clone()));
+        }
+        if let Some(s) = &self.serve {
+            if !s.cut_off && !s.closed && !s.exited {
+                return Some((SOURCE, s.image.clone()));
+            }
+            return None;
+        }
+        None
+    }
+
+    fn client_op(&mut self, client: usize) {
+        if self.clients[client].waiting.is_some() || self.clients[client].ops_left == 0 {
+            return;
+        }
+        let Some((host, image)) = self.serving() else {
+            // The proxy keeps trying to reconnect.
+            if self.core.now < super::world::DEADLINE {
+                self.core.at(5_000, Ev::Client { client });
+            }
+            return;
+        };
+        self.clients[client].ops_left -= 1;
+        let op_no = World::next_client_op(&mut self.clients[client]);
+        let sc = &self.core.sc;
+        let (fua_p, flush_p, sectors) = (sc.fua_percent, sc.flush_percent, sc.sectors);
+        let op = if self.core.rng.roll(flush_p) {
+            ClientOp::Flush { covers: 0 }
+        } else {
+            let id = ((client as u64 + 1) << 32) | op_no;
+            ClientOp::Write {
+                id,
+                fua: self.core.rng.roll(fua_p),
+            }
+        };
+        let plan = match op {
+            ClientOp::Flush { .. } => super::plan::plan_flush(),
+            ClientOp::Write { fua, .. } => super::plan::plan_write(fua),
+        };
+        let mut op = op;
+        match &mut op {
+            ClientOp::Write { id, .. } => {
+                let n = 1 + self.core.rng.next_u64() % 16;
+                let first = self.core.rng.next_u64() % (sectors - n + 1);
+                let mut data = vec![0u8; (n * SECTOR) as usize];
+                ledger::fill(&mut data, *id);
+                self.core.ledger.issue(*id, first, first + n);
+                for step in plan {
+                    let r = match step {
+                        super::plan::Step::Apply => image.write_at(&data, first * SECTOR),
+                        super::plan::Step::Sync => image.sync(),
+                    };
+                    if let Err(e) = r {
+                        self.core
+                            .violation(format!("client write failed on host {host}: {e}"));
+                        return;
+                    }
+                }
+            }
+            ClientOp::Flush { covers } => {
+                let volatile = self.core.ledger.volatile_on(host);
+                *covers = volatile.len();
+                for step in plan {
+                    if let super::plan::Step::Sync = step {
+                        if let Err(e) = image.sync() {
+                            self.core
+                                .violation(format!("client flush failed on host {host}: {e}"));
+                            return;
+                        }
+                    }
+                }
+                self.core.ledger.durable(host, &volatile);
+            }
+        }
+        // Acknowledged by the server now; the client hears it a latency on.
+        if let ClientOp::Write { id, fua } = op {
+            self.core.ledger.ack(id, host, fua);
+        }
+        if host == DEST {
+            self.core.mark(Mark::ServedOnDestination);
+        }
+        self.core
+            .note(format!("client {client} op {op_no} {op:?} on host {host}"));
+        self.clients[client].waiting = Some((op_no, op, host));
+        let lat = self.core.sc.latency_us.min(500);
+        self.core.at(lat, Ev::ClientReply { client, op: op_no });
+    }
+
+    fn client_reply(&mut self, client: usize, op: u64) {
+        let c = &mut self.clients[client];
+        if c.waiting.is_some_and(|(n, _, _)| n == op) {
+            c.waiting = None;
+            let think =
+                self.core.sc.think_us / 2 + self.core.rng.next_u64() % self.core.sc.think_us;
+            self.core.at(think, Ev::Client { client });
+        }
+    }
+
+    // ----- the destination --------------------------------------------------
+
+    fn dest_deliver(&mut self, conn: u64, msg: Msg) {
+        let Msg::Req { handle, req } = msg else {
+            return;
+        };
+        match &mut self.dest {
+            DestProc::Listen(l) => {
+                l.request(&mut self.core, conn, handle, req);
+                self.dest_pump();
+            }
+            _ => {
+                // Nobody listens: the connection is refused/reset.
+                self.core.reset(conn);
+            }
+        }
+    }
+
+    /// Schedules the destination's next step if it has work.
+    pub fn dest_pump(&mut self) {
+        if let DestProc::Listen(l) = &mut self.dest {
+            if l.wants_step() {
+                let delay = l.next_cost(&self.core);
+                let life = self.hosts[DEST].life;
+                self.core.at(delay, Ev::DestStep { life });
+            }
+        }
+    }
+
+    fn dest_step(&mut self) {
+        let DestProc::Listen(l) = &mut self.dest else {
+            return;
+        };
+        l.scheduled = false;
+        let done = l.step(&mut self.core);
+        if let Some(snapshot) = l.take_entrust_answered() {
+            let _ = snapshot;
+            // What the source held when it sent ENTRUST: its clients were
+            // cut off, so it is the source image now.
+            if let Some(s) = &self.serve {
+                let mut content = vec![0u8; (self.core.sc.sectors * SECTOR) as usize];
+                if s.image.read_at(&mut content, 0).is_ok() {
+                    self.entrusted = Some(ledger::tags(&content));
+                }
+            }
+            // The destination vouches that everything acknowledged is
+            // durable on it.
+            let all = self.core.ledger.volatile_on(DEST);
+            self.core.ledger.durable(DEST, &all);
+        }
+        if done {
+            self.dest_completed = true;
+            let all = self.core.ledger.volatile_on(DEST);
+            self.core.ledger.durable(DEST, &all);
+            self.core
+                .note("listen completed; serve started on the destination");
+            self.hosts[DEST].life += 1;
+            self.dest = DestProc::Serve(self.image_on(DEST));
+            return;
+        }
+        self.dest_pump();
+    }
+
+    // ----- faults -----------------------------------------------------------
+
+    fn fault(&mut self, index: usize) {
+        let f = self.core.sc.faults[index];
+        self.core.note(format!("fault {index}: {:?}", f.what));
+        match f.what {
+            FaultKind::Reset => {
+                let up: Vec<u64> = self
+                    .core
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.up)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for c in up {
+                    self.core.reset(c);
+                }
+            }
+            FaultKind::Blackhole { us } => {
+                self.core.blackhole_until = self.core.now + us;
+            }
+            FaultKind::Crash { host, restart_us } => {
+                self.kill(host);
+                self.core.at(restart_us, Ev::Restart { host });
+            }
+            FaultKind::PowerCut {
+                host,
+                loss,
+                restart_us,
+            } => {
+                self.kill(host);
+                let reverted = self.hosts[host].disk.power_cut(loss, &mut self.core.rng);
+                self.hosts[host].fs.power_cut(loss, &mut self.core.rng);
+                self.core.ledger.power_cut();
+                self.core.note(format!(
+                    "power cut on host {host}: {reverted} sectors reverted"
+                ));
+                self.core.at(restart_us, Ev::Restart { host });
+            }
+            FaultKind::Break { again_us } => {
+                self.with_mirror(|w, run| run.cancel(w));
+                self.core.at(again_us, Ev::Mirror);
+            }
+        }
+    }
+
+    /// The process on `host` dies: its connections close (the kernel
+    /// resets them), its state is gone.
+    fn kill(&mut self, host: usize) {
+        self.hosts[host].life += 1;
+        self.hosts[host].up = false;
+        let conns: Vec<u64> = self
+            .core
+            .conns
+            .iter()
+            .filter(|(_, c)| c.up)
+            .map(|(id, _)| *id)
+            .collect();
+        for c in conns {
+            self.core.close(c, host == DEST);
+        }
+        if host == SOURCE {
+            if self.serve.is_some() {
+                self.source_outcome = Some("crashed".into());
+            }
+            self.serve = None;
+        } else {
+            self.dest = DestProc::Down;
+        }
+    }
+
+    // ----- the end ----------------------------------------------------------
+
+    pub fn summary(&self) -> String {
+        format!(
+            "source: {}; destination: {}; {} writes acknowledged; {} mirror commands",
+            self.source_outcome.as_deref().unwrap_or("no outcome"),
+            if self.dest_completed {
+                "completed"
+            } else {
+                "not completed"
+            },
+            self.core.ledger.acked(),
+            self.mirrors_started
+        )
+    }
+
+    /// The checks: first on the state as it is (processes may have crashed,
+    /// page caches intact), then after a power cut of both hosts that loses
+    /// everything not durable.
+    pub fn finish(&mut self) {
+        self.check_state("at the end");
+        for host in 0..HOSTS {
+            let mut rng = faults::SplitMix64::new(0);
+            self.hosts[host]
+                .disk
+                .power_cut(faults::PowerLoss::All, &mut rng);
+            self.hosts[host]
+                .fs
+                .power_cut(faults::PowerLoss::All, &mut rng);
+        }
+        self.core.ledger.power_cut();
+        self.check_state("after a final power cut");
+        if self.dest_completed {
+            // What `listen` reported done is durable.
+            let fs = &self.hosts[DEST].fs;
+            let dest = image_path(DEST);
+            if !fs.exists(&handoff::record_path(&dest)) || fs.exists(&handoff::marker_path(&dest)) {
+                self.core.violation(
+                    "listen reported the migration complete, but after a power cut the completion record is missing or the marker is back".into(),
+                );
+            }
+        }
+        if self.handed_off
+            && self.core.sc.action == Action::Unlink
+            && self.hosts[SOURCE].fs.exists(&image_path(SOURCE))
+        {
+            self.core.violation("the source reported the hand-off with --unlink, but after a power cut its image is back".into());
+        }
+        // No fault lasts: the migration must have ended, by completing or
+        // by a failure the source reports (its exit status says so).
+        let reported = matches!(
+            self.source_outcome.as_deref(),
+            Some(o) if o == "CopiedAndKept" || o.starts_with("DisconnectFailed")
+        );
+        let source_gone = !self.hosts[SOURCE].fs.exists(&image_path(SOURCE));
+        if !(self.dest_completed || self.handed_off || reported || source_gone) {
+            self.core.violation(format!(
+                "the migration did not finish within {} s of virtual time ({})",
+                super::world::DEADLINE / 1_000_000,
+                self.summary()
+            ));
+        }
+    }
+
+    fn tags_of(&self, host: usize) -> Vec<u64> {
+        ledger::tags(&self.hosts[host].disk.content())
+    }
+
+    fn check_state(&mut self, when: &str) {
+        let src_fs = &self.hosts[SOURCE].fs;
+        let dst_fs = &self.hosts[DEST].fs;
+        let dest = image_path(DEST);
+        let source_exists = src_fs.exists(&image_path(SOURCE));
+        let record = dst_fs
+            .read(&handoff::record_path(&dest))
+            .and_then(|b| handoff::Record::parse(&String::from_utf8_lossy(&b)))
+            .is_some();
+        let marker = dst_fs
+            .read(&handoff::marker_path(&dest))
+            .map(|b| handoff::parse_marker_state(&String::from_utf8_lossy(&b)));
+        let verdict = handoff::verdict(source_exists, record, marker);
+        self.core.note(format!(
+            "{when}: source {}, record {record}, marker {marker:?}: verdict {}",
+            if source_exists { "present" } else { "absent" },
+            verdict.name()
+        ));
+        if verdict == Verdict::Impossible {
+            self.core.violation(format!(
+                "{when}: the forbidden verdict (source gone, marker receiving)"
+            ));
+            return;
+        }
+        // The canonical copy. Without --unlink a completed hand-off moves
+        // the clients to the destination while the source file stays.
+        let canonical = if verdict == Verdict::Source && !self.dest_completed {
+            SOURCE
+        } else {
+            DEST
+        };
+        let tags = self.tags_of(canonical);
+        let name = format!(
+            "{when}, the canonical copy ({})",
+            if canonical == SOURCE {
+                "source"
+            } else {
+                "destination"
+            }
+        );
+        let found = self
+            .core
+            .ledger
+            .check(&name, canonical, &tags, &self.initial);
+        for v in found {
+            self.core.violation(v);
+        }
+        // An `entrusted` marker vouches for the whole image.
+        if marker == Some(MarkerState::Entrusted) && !record {
+            if let Some(snapshot) = &self.entrusted {
+                let dst = self.tags_of(DEST);
+                if let Some(s) = (0..dst.len()).find(|&s| dst[s] != snapshot[s]) {
+                    self.core.violation(format!(
+                        "{when}: the marker says entrusted but sector {s} holds {:#x}, not {:#x} as entrusted",
+                        dst[s], snapshot[s]
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// What the source's mirror may touch while it handles an event.
+pub struct SourceCtx<'a> {
+    pub world: &'a mut World,
+}
+
+impl SourceCtx<'_> {
+    pub fn core(&mut self) -> &mut Core {
+        &mut self.world.core
+    }
+    pub fn serve(&mut self) -> &mut Serve {
+        self.world
+            .serve
+            .as_mut()
+            .expect("the mirror runs inside serve")
+    }
+    pub fn fs(&self) -> Arc<dyn FileOps> {
+        self.world.hosts[SOURCE].fs.clone()
+    }
+    pub fn dest_listening(&self) -> bool {
+        matches!(self.world.dest, DestProc::Listen(_))
+    }
+}
