@@ -58,6 +58,8 @@ pub struct World {
     pub mirrors_started: u32,
     /// The source sent DISCONNECT: as far as it knows, migrated.
     pub disconnect_sent: bool,
+    /// Clients were moved to the destination (it served them).
+    pub dest_served: bool,
 }
 
 impl World {
@@ -80,6 +82,7 @@ impl World {
             entrusted: None,
             mirrors_started: 0,
             disconnect_sent: false,
+            dest_served: false,
         }
     }
 
@@ -93,6 +96,7 @@ impl World {
         self.start_serve();
         self.start_listen();
         self.core.at(1_000, Ev::Mirror);
+        self.core.at(2_000, Ev::Status);
         for c in 0..self.clients.len() {
             let t = 100 + c as u64 * 37;
             self.core.at(t, Ev::Client { client: c });
@@ -141,7 +145,20 @@ impl World {
     pub fn dispatch(&mut self, ev: Ev) {
         match ev {
             Ev::Mirror => self.mirror_command(),
-            Ev::Status => {}
+            Ev::Status => {
+                // `status` answers from state the mirror keeps; it must
+                // answer whatever the mirror is doing.
+                let phase = self
+                    .serve
+                    .as_ref()
+                    .and_then(|s| s.mirror.as_ref())
+                    .map_or("none".to_string(), |m| m.phase());
+                self.core.note(format!("status: mirror phase {phase}"));
+                if self.core.now < 30_000_000 {
+                    let every = 50_000 + self.core.rng.next_u64() % 200_000;
+                    self.core.at(every, Ev::Status);
+                }
+            }
             Ev::Client { client } => self.client_op(client),
             Ev::ClientReply { client, op } => self.client_reply(client, op),
             Ev::Fault { index } => self.fault(index),
@@ -328,6 +345,7 @@ impl World {
             self.core.ledger.ack(id, host, fua);
         }
         if host == DEST {
+            self.dest_served = true;
             self.core.mark(Mark::ServedOnDestination);
         }
         self.core
@@ -575,7 +593,7 @@ impl World {
         }
         // The canonical copy. Without --unlink a completed hand-off moves
         // the clients to the destination while the source file stays.
-        let canonical = if verdict == Verdict::Source && !self.dest_completed {
+        let canonical = if verdict == Verdict::Source && !self.dest_served {
             SOURCE
         } else {
             DEST

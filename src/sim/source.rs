@@ -191,6 +191,11 @@ impl SourceRun {
         }
     }
 
+    /// The phase `status` would show.
+    pub fn phase(&self) -> String {
+        format!("{}", self.machine.phase)
+    }
+
     pub fn ended(&self) -> bool {
         self.outcome.is_some()
     }

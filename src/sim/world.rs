@@ -245,7 +245,8 @@ impl Core {
     /// Sends `msg` on `conn`; false if the connection is known to be down
     /// (the sender sees an error at once, as from a reset socket).
     pub fn send(&mut self, conn: u64, to_dest: bool, msg: Msg) -> bool {
-        let lat = self.sc.latency_us;
+        // Latency with up to half again of jitter; order is kept below.
+        let lat = self.sc.latency_us + self.rng.next_u64() % (self.sc.latency_us / 2 + 1);
         let now = self.now;
         let black = self.blackholed();
         let Some(c) = self.conns.get_mut(&conn) else {
