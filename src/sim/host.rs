@@ -554,7 +554,12 @@ impl World {
             Some(o) if o == "CopiedAndKept" || o.starts_with("DisconnectFailed")
         );
         let source_gone = !self.hosts[SOURCE].fs.exists(&image_path(SOURCE));
-        if !(self.dest_completed || self.handed_off || reported || source_gone) {
+        if !(self.dest_completed
+            || self.handed_off
+            || self.disconnect_sent
+            || reported
+            || source_gone)
+        {
             self.core.violation(format!(
                 "the migration did not finish within {} s of virtual time ({})",
                 super::world::DEADLINE / 1_000_000,

@@ -90,6 +90,8 @@ impl Machine {
                 }
             }
             V::RetryDue => vec![],
+            // Past the hand-off's start nothing is abandoned.
+            V::Cancel if self.phase >= 3 => vec![],
             V::Cancel => vec![
                 E::StopTracking,
                 E::AllowClients,
@@ -118,6 +120,9 @@ impl Machine {
                 if error != 0 {
                     self.phase = 0;
                     return vec![E::AllowClients, E::Retry];
+                }
+                if self.action != Action::Nothing {
+                    self.phase = 3;
                 }
                 match self.action {
                     Action::Nothing => vec![
@@ -287,12 +292,19 @@ impl SourceRun {
     }
 
     pub fn cancel(&mut self, ctx: &mut SourceCtx) {
+        ctx.core().note("source <- Cancel");
+        let out = self.machine.handle(SourceEvent::Cancel);
+        if out.is_empty() {
+            return; // not abandoned (the hand-off has begun)
+        }
         if let Some(c) = self.conn.take() {
             ctx.core().close(c, false);
         }
         self.in_flight.clear();
         self.effects.clear();
-        self.feed(ctx, SourceEvent::Cancel);
+        self.effects.extend(out);
+        self.wait = Wait::Nothing;
+        self.schedule(ctx);
     }
 
     pub fn timer(&mut self, ctx: &mut SourceCtx, what: Timer) {
