@@ -389,6 +389,13 @@ pub const STEPS: &[StepDef] = &[
     step(Control, "mirror", Incoming, &[], "the mirror command arrived"),
     step(Control, "mirror_speed", Incoming, &[], "the mirror_speed command arrived"),
     step(Control, "break", Incoming, &[], "the break command arrived"),
+    step(
+        Control,
+        "mirror_wait",
+        Incoming,
+        &[],
+        "the mirror_wait command arrived (a caller following a migration to its end)",
+    ),
     step(Control, "status", Incoming, &[], "the status command arrived"),
     // The store: faults act before the operation.
     step(Side::Store, "read", Store, &[], "a read of the image"),
