@@ -1,5 +1,9 @@
 //! The NBD server: accept loop, client slots, ACL, and per-connection tasks.
 
+mod batch;
+mod dest_hook;
+mod exec;
+mod framing;
 mod negotiate;
 mod transmission;
 pub(crate) mod writer;
