@@ -226,3 +226,120 @@ pub(super) async fn slot(semaphore: &Arc<Semaphore>) -> tokio::sync::OwnedSemaph
         .await
         .expect("a connection's semaphores are never closed")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::cmd_flags;
+    use crate::server::testkit::kit;
+
+    #[test]
+    fn only_writes_of_at_most_one_piece_join_a_batch() {
+        let req = |kind, length| Request::new(kind, 0, 1, 0, length);
+        assert!(Batch::takes(&req(cmd::WRITE, 4096)));
+        assert!(Batch::takes(&req(cmd::WRITE, PIECE as u32)));
+        assert!(!Batch::takes(&req(cmd::WRITE, PIECE as u32 + 1)));
+        for kind in [
+            cmd::READ,
+            cmd::FLUSH,
+            cmd::TRIM,
+            cmd::WRITE_ZEROES,
+            cmd::DISC,
+        ] {
+            assert!(!Batch::takes(&req(kind, 4096)), "{kind}");
+        }
+    }
+
+    #[test]
+    fn spare_buffers_are_reused_within_bounds() {
+        let mut b = Batch::default();
+        let data = b.buffer(100);
+        assert_eq!(data.len(), 100);
+        let ptr = data.as_ptr();
+        b.recycle(data);
+        let again = b.buffer(50);
+        assert_eq!(
+            (again.len(), again.as_ptr()),
+            (50, ptr),
+            "the spare is reused"
+        );
+        // A large buffer is not kept.
+        b.recycle(vec![0; SPARE_BUFFER_MAX + 1]);
+        assert!(b.spare.is_empty());
+        for _ in 0..SPARE_BUFFERS + 5 {
+            b.recycle(Vec::with_capacity(16));
+        }
+        assert_eq!(b.spare.len(), SPARE_BUFFERS);
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_burst_is_stored_then_answered_in_order() {
+        let mut k = kit(64 * 1024, false);
+        for i in 0..3u64 {
+            let req = Request::new(cmd::WRITE, 0, 100 + i, i * 4096, 4096);
+            k.send(req, &[i as u8 + 1; 4096]).await;
+        }
+        // The burst is waiting: the first two cycles keep their writes
+        // batched, the last stores them and answers.
+        for _ in 0..3 {
+            k.conn.request_cycle().await.unwrap();
+        }
+        assert!(k.conn.batch.writes.is_empty(), "the batch was stored");
+        for i in 0..3u64 {
+            let reply = k.reply().await;
+            assert_eq!((reply.error, reply.handle), (0, 100 + i));
+        }
+        let data = k.contents();
+        for i in 0..3usize {
+            assert!(data[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&b| b == i as u8 + 1));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_stored_before_a_request_that_does_not_join_it() {
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 512), &[7; 512])
+            .await;
+        k.send(Request::new(cmd::READ, 0, 2, 0, 512), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.conn.batch.writes.len(), 1, "held while the read waits");
+        k.conn.request_cycle().await.unwrap();
+        let write = k.reply().await;
+        assert_eq!((write.error, write.handle), (0, 1));
+        let read = k.reply().await;
+        assert_eq!((read.error, read.handle), (0, 2));
+        assert_eq!(k.bytes(512).await, vec![7; 512], "the read saw the write");
+    }
+
+    #[tokio::test]
+    async fn flush_and_fua_are_answered_after_a_deferred_sync() {
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::FLUSH, 0, 5, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 5));
+        k.send(
+            Request::new(cmd::WRITE, cmd_flags::FUA, 6, 0, 512),
+            &[1; 512],
+        )
+        .await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 6));
+        // Every deferred request gave its slot back.
+        assert_eq!(k.conn.deferred.available_permits(), MAX_DEFERRED as usize);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_read_answers_with_the_data() {
+        let mut k = kit(64 * 1024, false);
+        std::fs::write(&k.path, vec![9u8; 64 * 1024]).unwrap();
+        let req = Request::new(cmd::READ, 0, 11, 4096, 1024);
+        k.conn.defer_read(&req).await;
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 11));
+        assert_eq!(k.bytes(1024).await, vec![9; 1024]);
+    }
+}

@@ -580,3 +580,124 @@ pub(super) fn put_chunk<W: AsyncWrite + Unpin>(
     v[proto::STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
     w.put(&v);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::testkit::kit;
+
+    #[tokio::test]
+    async fn a_large_write_is_stored_in_pieces_and_answered() {
+        let len = PIECE + 3 * 4096;
+        let mut k = kit(2 * PIECE as u64, false);
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let req = Request::new(cmd::WRITE, 0, 3, 4096, len as u32);
+        k.send(req, &payload).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 3));
+        assert_eq!(&k.contents()[4096..4096 + len], &payload[..]);
+    }
+
+    #[tokio::test]
+    async fn zeroes_and_trims_clear_the_range() {
+        let mut k = kit(64 * 1024, false);
+        std::fs::write(&k.path, vec![5u8; 64 * 1024]).unwrap();
+        for (kind, flags, handle, offset) in [
+            (cmd::WRITE_ZEROES, 0, 1, 0),
+            (cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 2, 8192),
+            (cmd::TRIM, cmd_flags::FUA, 3, 16384),
+        ] {
+            k.send(Request::new(kind, flags, handle, offset, 8192), &[])
+                .await;
+            k.conn.request_cycle().await.unwrap();
+            let reply = k.reply().await;
+            assert_eq!((reply.error, reply.handle), (0, handle));
+        }
+        let data = k.contents();
+        assert!(data[..16384].iter().all(|&b| b == 0), "zeroed");
+        assert!(data[24576..].iter().all(|&b| b == 5), "untouched");
+    }
+
+    #[tokio::test]
+    async fn a_simple_read_returns_the_data_and_a_structured_one_chunks() {
+        let mut k = kit(64 * 1024, false);
+        let mut data = vec![0u8; 64 * 1024];
+        data[4096..8192].fill(0x42);
+        std::fs::write(&k.path, &data).unwrap();
+        k.send(Request::new(cmd::READ, 0, 8, 4096, 4096), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 8));
+        assert_eq!(k.bytes(4096).await, vec![0x42; 4096]);
+
+        k.conn.negotiated.structured = true;
+        k.send(Request::new(cmd::READ, cmd_flags::DF, 9, 4096, 16), &[])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        let header = k.bytes(proto::STRUCTURED_HEADER_LEN).await;
+        let header = proto::ChunkHeader::decode(&header.try_into().unwrap()).unwrap();
+        assert_eq!(
+            (header.flags, header.kind, header.handle, header.length),
+            (chunk::FLAG_DONE, chunk::OFFSET_DATA, 9, 8 + 16)
+        );
+        let body = k.bytes(8 + 16).await;
+        assert_eq!(&body[..8], &4096u64.to_be_bytes());
+        assert_eq!(&body[8..], &[0x42; 16]);
+    }
+
+    #[tokio::test]
+    async fn block_status_without_a_context_is_einval() {
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::BLOCK_STATUS, 0, 4, 0, 4096), &[])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (errno::EINVAL, 4));
+    }
+
+    #[tokio::test]
+    async fn a_read_beyond_the_end_is_refused_and_a_write_beyond_drained() {
+        let mut k = kit(4096, false);
+        k.send(Request::new(cmd::WRITE, 0, 1, 4096, 512), &[1; 512])
+            .await;
+        k.send(Request::new(cmd::READ, 0, 2, 0, 8), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (errno::ENOSPC, 1));
+        let reply = k.reply().await;
+        assert_eq!(
+            (reply.error, reply.handle),
+            (0, 2),
+            "the payload was drained"
+        );
+    }
+
+    #[tokio::test]
+    async fn put_chunk_encodes_a_header_and_offset() {
+        let mut w = ReplyWriter::new(tokio::io::sink());
+        put_chunk(&mut w, true, chunk::OFFSET_HOLE, 77, 12, 4096);
+        let v = w.pending().to_vec();
+        let header =
+            proto::ChunkHeader::decode(&v[..proto::STRUCTURED_HEADER_LEN].try_into().unwrap())
+                .unwrap();
+        assert_eq!(
+            (header.flags, header.kind, header.handle, header.length),
+            (chunk::FLAG_DONE, chunk::OFFSET_HOLE, 77, 12)
+        );
+        assert_eq!(&v[proto::STRUCTURED_HEADER_LEN..], &4096u64.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_built_read_reply_is_whole() {
+        let k = kit(8192, false);
+        std::fs::write(&k.path, vec![3u8; 8192]).unwrap();
+        let req = Request::new(cmd::READ, 0, 12, 0, 100);
+        let reply = build_read_reply(&k.image, &req, false).await;
+        assert_eq!(reply.len(), proto::SIMPLE_REPLY_LEN + 100);
+        let head = SimpleReply::decode(&reply[..proto::SIMPLE_REPLY_LEN].try_into().unwrap());
+        assert_eq!((head.error, head.handle), (0, 12));
+        assert!(reply[proto::SIMPLE_REPLY_LEN..].iter().all(|&b| b == 3));
+    }
+}

@@ -126,3 +126,111 @@ pub(super) async fn hang_until_closed<R: AsyncRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::cmd;
+    use crate::server::testkit::kit;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_header_split_across_sends_is_read_whole() {
+        let mut k = kit(4096, false);
+        let req = Request::new(cmd::READ, 0, 7, 512, 1024);
+        let bytes = req.encode();
+        k.client.write_all(&bytes[..5]).await.unwrap();
+        let (got, ()) = tokio::join!(k.conn.read_header(), async {
+            tokio::task::yield_now().await;
+            k.client.write_all(&bytes[5..]).await.unwrap();
+        });
+        assert_eq!(got.unwrap(), Some(req));
+    }
+
+    #[tokio::test]
+    async fn a_clean_end_between_requests_is_none_and_mid_header_is_vanished() {
+        let mut k = kit(4096, false);
+        k.client.shutdown().await.unwrap();
+        assert_eq!(k.conn.read_header().await.unwrap(), None);
+
+        let mut k = kit(4096, false);
+        k.client.write_all(&[0u8; 10]).await.unwrap();
+        k.client.shutdown().await.unwrap();
+        match k.conn.read_header().await {
+            Err(ConnError::Vanished { expected, got, .. }) => {
+                assert_eq!((expected, got), (REQUEST_LEN as u64, 10))
+            }
+            other => panic!("expected Vanished after 10 header bytes, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn drain_discards_exactly_the_payload() {
+        let mut k = kit(4096, false);
+        let next = Request::new(cmd::FLUSH, 0, 9, 0, 0);
+        k.client.write_all(&[0xaa; 300]).await.unwrap();
+        k.client.write_all(&next.encode()).await.unwrap();
+        k.conn.drain(300).await.unwrap();
+        assert_eq!(k.conn.read_header().await.unwrap(), Some(next));
+
+        let mut k = kit(4096, false);
+        k.client.write_all(&[0xaa; 100]).await.unwrap();
+        k.client.shutdown().await.unwrap();
+        match k.conn.drain(300).await {
+            Err(ConnError::Vanished { expected, got, .. }) => {
+                assert_eq!((expected, got), (300, 100))
+            }
+            other => panic!("expected Vanished after 100 of 300 bytes, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn read_full_stops_at_the_end_of_the_stream() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"abc").await.unwrap();
+        drop(a);
+        let mut buf = [0u8; 8];
+        assert_eq!(read_full(&mut b, &mut buf).await.unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+    }
+
+    #[tokio::test]
+    async fn a_hung_connection_waits_until_its_peer_leaves_or_it_is_stopped() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let stop = CancellationToken::new();
+        let hang = hang_until_closed(&mut b, &stop);
+        tokio::pin!(hang);
+        a.write_all(b"ignored").await.unwrap();
+        // Still hung after reading what the peer sent.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), &mut hang)
+                .await
+                .is_err(),
+            "returned while the peer was still there"
+        );
+        drop(a);
+        tokio::time::timeout(std::time::Duration::from_secs(10), hang)
+            .await
+            .expect("returns once the peer closed");
+
+        let (_a, mut b) = tokio::io::duplex(64);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            hang_until_closed(&mut b, &stop),
+        )
+        .await
+        .expect("returns once stopped");
+    }
+
+    #[tokio::test]
+    async fn a_message_the_probe_passes_is_acted_on() {
+        let k = kit(4096, false);
+        assert!(k
+            .conn
+            .received(Step::RequestReceived { kind: cmd::READ })
+            .await
+            .unwrap());
+    }
+}

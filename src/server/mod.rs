@@ -5,6 +5,8 @@ mod dest_hook;
 mod exec;
 mod framing;
 mod negotiate;
+#[cfg(test)]
+mod testkit;
 mod transmission;
 pub(crate) mod writer;
 

@@ -263,7 +263,7 @@ where
 
     /// One request: header, payload, execution, and (when no further
     /// request is already waiting) sending the replies.
-    async fn request_cycle(&mut self) -> Result<Next, ConnError> {
+    pub(super) async fn request_cycle(&mut self) -> Result<Next, ConnError> {
         let Some(request) = self.read_header().await? else {
             return Ok(Next::Stop);
         };
@@ -277,7 +277,7 @@ where
         Ok(next)
     }
 
-    async fn send_replies(&mut self) -> Result<(), ConnError> {
+    pub(super) async fn send_replies(&mut self) -> Result<(), ConnError> {
         self.writer
             .lock()
             .await
@@ -286,7 +286,7 @@ where
             .map_err(ConnError::Send)
     }
 
-    async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
+    pub(super) async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
         if !Batch::takes(&req) {
             // Everything before this request is stored and answered first:
             // a read sees earlier writes, a flush covers them.
