@@ -857,4 +857,56 @@ mod tests {
             "unknown = receiving"
         );
     }
+
+    #[test]
+    fn the_executor_carries_the_machine_through_entrust_and_disconnect() {
+        use machine::{Effect, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 8192]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(&path, false).unwrap();
+        let conn = dest.open("10.1.1.1:99".into());
+        let change = dest.handle(Event::Change { conn, bytes: 8192 });
+        assert_eq!(dest.run(&image, change), vec![Effect::Apply { conn }]);
+        let text = fs::read_to_string(marker_path(&path)).unwrap();
+        assert!(
+            text.starts_with("state=receiving\nsource=10.1.1.1:99\n"),
+            "{text}"
+        );
+        let entrust = dest.handle(Event::Entrust { conn });
+        let left = dest.run(&image, entrust);
+        assert!(
+            matches!(left.last(), Some(Effect::Reply { errno: 0, .. })),
+            "{left:?}"
+        );
+        assert_eq!(
+            read_marker_state(&path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        assert!(!dest.completed.is_cancelled());
+        let disconnect = dest.handle(Event::Disconnect { conn });
+        let left = dest.run(&image, disconnect);
+        assert!(left.contains(&Effect::Complete), "{left:?}");
+        assert!(
+            matches!(left.last(), Some(Effect::Close { .. })),
+            "{left:?}"
+        );
+        assert!(dest.completed.is_cancelled());
+        assert_eq!(read_marker_state(&path).unwrap(), None);
+        let record = read_record(&path).unwrap();
+        assert_eq!(record.matching().map(|r| r.bytes_received), Some(8192));
+        // A later connection changes nothing of a completed image.
+        let late = dest.open("10.1.1.2:99".into());
+        let change = dest.handle(Event::Change {
+            conn: late,
+            bytes: 1,
+        });
+        let left = dest.run(&image, change);
+        assert!(
+            !left.iter().any(|e| matches!(e, Effect::Apply { .. })),
+            "{left:?}"
+        );
+        assert_eq!(left.last(), Some(&Effect::Close { conn: late }));
+    }
 }

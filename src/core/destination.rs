@@ -333,10 +333,10 @@ impl Destination {
     fn change(&mut self, conn: ConnId, bytes: u64, now: u64) -> Vec<Effect> {
         if self.completed {
             // Nothing changes a completed image.
-            return vec![Effect::Close { conn }];
+            return self.refuse(conn, "a change");
         }
         let Some(c) = self.conns.get_mut(&conn) else {
-            return vec![Effect::Close { conn }];
+            return self.refuse(conn, "a change");
         };
         c.bytes_received += bytes;
         if self.sender == Some(conn) {
@@ -356,13 +356,33 @@ impl Destination {
 
     fn start(&mut self, conn: ConnId, first: Pending) -> Vec<Effect> {
         if self.completed {
-            return vec![Effect::Close { conn }];
+            return self.refuse(conn, "an ENTRUST or DISCONNECT");
         }
         let Some(c) = self.conns.get_mut(&conn) else {
-            return vec![Effect::Close { conn }];
+            return self.refuse(conn, "an ENTRUST or DISCONNECT");
         };
         c.pending = first;
         vec![Effect::Sync { conn }]
+    }
+
+    /// A request after completion, or on a connection never opened: the
+    /// connection ends and nothing changes.
+    fn refuse(&self, conn: ConnId, what: &str) -> Vec<Effect> {
+        let why = if self.completed {
+            "the migration is complete"
+        } else {
+            "the connection was never opened"
+        };
+        vec![
+            Effect::Log {
+                level: Level::Error,
+                message: format!(
+                    "{what} from {} refused: {why}; closing the connection",
+                    self.source(conn)
+                ),
+            },
+            Effect::Close { conn },
+        ]
     }
 
     fn sync_done(&mut self, conn: ConnId, now: u64) -> Vec<Effect> {

@@ -191,3 +191,139 @@ where
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handoff::{marker_path, read_marker_state, read_record, record_path, MarkerState};
+    use crate::proto::{cmd, errno, REQUEST_MAGIC};
+    use crate::server::testkit::kit;
+
+    fn marker_text(path: &std::path::Path) -> String {
+        std::fs::read_to_string(marker_path(path)).expect("a marker")
+    }
+
+    #[tokio::test]
+    async fn the_first_write_of_a_connection_marks_receiving_with_its_source() {
+        let mut k = kit(64 * 1024, true);
+        // prepare's marker names no source; the first write's does.
+        assert!(marker_text(&k.path).contains("source=none"));
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 512), &[1; 512])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        let text = marker_text(&k.path);
+        assert!(
+            text.starts_with("state=receiving\nsource=127.0.0.1:4000\n"),
+            "{text}"
+        );
+        // Not rewritten by the next write of the same connection.
+        std::fs::write(marker_path(&k.path), "state=receiving\nsource=sentinel\n").unwrap();
+        k.send(Request::new(cmd::WRITE, 0, 2, 0, 512), &[2; 512])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        assert!(marker_text(&k.path).contains("source=sentinel"));
+    }
+
+    #[tokio::test]
+    async fn entrust_then_disconnect_completes_with_a_record() {
+        let mut k = kit(64 * 1024, true);
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 4096), &[3; 4096])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 2));
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        assert!(marker_text(&k.path).contains("bytes_received=4096"));
+        k.send(Request::new(cmd::DISC, 0, 3, 0, 0), &[]).await;
+        assert!(matches!(k.conn.request_cycle().await, Ok(Next::Stop)));
+        let destination = k.destination.as_ref().unwrap();
+        assert!(destination.completed.is_cancelled());
+        assert!(!marker_path(&k.path).exists());
+        let record = read_record(&k.path).unwrap();
+        let record = record.matching().expect("a completion record");
+        assert_eq!(record.bytes_received, 4096);
+        assert_eq!(record.source.as_deref(), Some("127.0.0.1:4000"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_disconnect_does_not_complete() {
+        let mut k = kit(64 * 1024, true);
+        // The record cannot be written: a directory is in its way.
+        std::fs::create_dir(record_path(&k.path)).unwrap();
+        k.send(Request::new(cmd::DISC, 0, 3, 0, 0), &[]).await;
+        assert!(matches!(k.conn.request_cycle().await, Ok(Next::Stop)));
+        assert!(!k.destination.as_ref().unwrap().completed.is_cancelled());
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Receiving)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_magic_is_answered_and_completes_nothing() {
+        let mut k = kit(64 * 1024, true);
+        let mut req = Request::new(cmd::DISC, 0, 4, 0, 0);
+        req.magic = REQUEST_MAGIC ^ 1;
+        k.send(req, &[]).await;
+        assert!(matches!(
+            k.conn.request_cycle().await,
+            Err(ConnError::BadMagic(_))
+        ));
+        assert_eq!(k.reply().await.error, errno::EBADMSG);
+        assert!(!k.destination.as_ref().unwrap().completed.is_cancelled());
+        assert!(marker_path(&k.path).exists());
+    }
+
+    #[tokio::test]
+    async fn entrust_is_unknown_outside_listen() {
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, errno::EINVAL);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_after_entrust_marks_receiving_again() {
+        let mut k = kit(64 * 1024, true);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        // The connection ends (EOF after entrust): nothing changes.
+        let destination = k.destination.clone().unwrap();
+        drop(k.conn);
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        let image = k.image.clone();
+        let session = Session::open(destination, "127.0.0.1:4001".into());
+        let effects = session
+            .feed(
+                &image,
+                Event::Change {
+                    conn: session.conn,
+                    bytes: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(effects, vec![Effect::Apply { conn: session.conn }]);
+        let text = marker_text(&k.path);
+        assert!(
+            text.starts_with("state=receiving\nsource=127.0.0.1:4001\n"),
+            "{text}"
+        );
+    }
+}

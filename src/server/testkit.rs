@@ -76,11 +76,6 @@ impl Kit {
         self.client.write_all(payload).await.expect("send");
     }
 
-    /// Flushes the connection's pending replies to the client.
-    pub async fn flush_replies(&mut self) {
-        self.conn.send_replies().await.expect("replies sent");
-    }
-
     /// Reads one simple reply, waiting at most 10 s.
     pub async fn reply(&mut self) -> SimpleReply {
         let mut b = [0u8; SIMPLE_REPLY_LEN];
