@@ -5,7 +5,13 @@
 //! waiting (so a pipelined burst costs one send). Requests that must wait for
 //! the disk (FLUSH, and writes with FUA) finish on their own tasks and may be
 //! answered out of order. Every payload is handled in pieces of at most
-//! [`PIECE`](crate::store::PIECE) bytes, so memory stays bounded whatever length a client sends.
+//! [`PIECE`](crate::store::PIECE) bytes, so memory stays bounded whatever
+//! length a client sends.
+//!
+//! This file holds the request loop; its parts live beside it: reading
+//! requests and the fault probe's verdicts (`framing`), carrying them out
+//! (`exec`), grouping writes, syncs and reads (`batch`), and in `listen`
+//! the hand-off (`dest_hook`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -286,7 +292,7 @@ where
             .map_err(ConnError::Send)
     }
 
-    pub(super) async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
+    async fn handle(&mut self, req: Request) -> Result<Next, ConnError> {
         if !Batch::takes(&req) {
             // Everything before this request is stored and answered first:
             // a read sees earlier writes, a flush covers them.
