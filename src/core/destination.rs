@@ -470,6 +470,9 @@ impl Destination {
             "migration from {} complete: image durable, completion record written, marker removed",
             c.source
         );
+        if c.closed {
+            self.conns.remove(&conn);
+        }
         self.completed = true;
         self.sender = None;
         vec![
@@ -876,6 +879,26 @@ mod tests {
         );
         assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![]);
         assert!(!m.0.is_complete());
+    }
+
+    #[test]
+    fn a_disconnect_received_completes_even_if_the_connection_then_ends() {
+        let mut m = M::new();
+        m.open(1);
+        first_change(&mut m, 1, 3);
+        m.on(Event::Disconnect { conn: 1 });
+        m.on(Event::Closed {
+            conn: 1,
+            why: CloseReason::Eof,
+        });
+        assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![record(1, 3)]);
+        m.on(Event::RecordWritten { conn: 1 });
+        assert_eq!(
+            m.on(Event::MarkerRemoved { conn: 1 }),
+            vec![Effect::Complete, Effect::Close { conn: 1 }]
+        );
+        assert!(m.0.is_complete());
+        assert_eq!(m.0.bytes_received(1), None, "forgotten once done");
     }
 
     #[test]
