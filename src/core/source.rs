@@ -1176,3 +1176,914 @@ impl fmt::Display for Phase {
         f.write_str(self.name())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::policy::Costs;
+    use crate::proto::flags::{SEND_FLUSH, SEND_WRITE_ZEROES};
+
+    const PATH: &str = "/images/source.img";
+    const TARGET: &str = "10.0.0.2:4777";
+
+    fn config(action: MirrorAction) -> SourceConfig {
+        SourceConfig {
+            window: 200,
+            chunk: 100,
+            zero_chunk: 100,
+            ..SourceConfig::new(TARGET.into(), PATH.into(), 300, action, 1)
+        }
+    }
+
+    fn capacity() -> Capacity {
+        Capacity::new(
+            Costs {
+                per_request: 1e-4,
+                per_byte: 1e-9,
+            },
+            None,
+            None,
+        )
+    }
+
+    /// Plays the driver with a world that answers every effect the plain
+    /// way unless `over` answers it first, one millisecond per answer.
+    /// Returns every effect in order, and checks the protocol: only the
+    /// last effect of a batch awaits, and a batch ends awaiting or
+    /// finishing.
+    struct World {
+        machine: Source,
+        now: Instant,
+        effects: Vec<Effect>,
+        /// What the dirty passes take, in turn (then nothing).
+        dirty: VecDeque<Vec<(u64, u64)>>,
+        /// What the final passes after the cut-off take, in turn.
+        final_dirty: VecDeque<Vec<(u64, u64)>>,
+        flags: u16,
+    }
+
+    impl World {
+        fn new(action: MirrorAction) -> World {
+            World {
+                machine: Source::new(config(action)),
+                now: Instant::now(),
+                effects: Vec::new(),
+                dirty: VecDeque::new(),
+                final_dirty: VecDeque::new(),
+                flags: SEND_FLUSH | SEND_WRITE_ZEROES,
+            }
+        }
+
+        fn plain(&mut self, effect: &Effect) -> Event {
+            let cut = self.effects.iter().any(|e| {
+                *e == Effect::CutOffClients {
+                    grace: CUTOFF_GRACE,
+                }
+            });
+            match effect {
+                Effect::Connect => Event::Connected {
+                    flags: self.flags,
+                    link: "NewStyle handshake".into(),
+                },
+                Effect::MeasureCapacity => Event::Capacity {
+                    capacity: Some(capacity()),
+                    speed_limit: None,
+                },
+                // The first half of every window is data, the rest a hole.
+                Effect::AskExtents { len, .. } if *len > 50 => {
+                    Event::Extents(vec![(50, false), (len - 50, true)])
+                }
+                Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, false)]),
+                Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
+                Effect::TakeDirty { .. } if cut => {
+                    Event::DirtyTaken(self.final_dirty.pop_front().unwrap_or_default())
+                }
+                Effect::TakeDirty { .. } => {
+                    Event::DirtyTaken(self.dirty.pop_front().unwrap_or_default())
+                }
+                Effect::Measure => Event::Measured {
+                    dirty_bytes: 0,
+                    in_flight: 0,
+                    in_flight_bytes: 0,
+                },
+                Effect::CountRuns { .. } => Event::Runs(1),
+                Effect::WaitIdle => Event::Idle,
+                Effect::Flush | Effect::Entrust => Event::Reply { error: 0 },
+                Effect::CutOffClients { .. } => Event::ClientsCutOff,
+                Effect::CloseServer => Event::ServerClosed,
+                Effect::Unlink => Event::Unlinked(Ok(())),
+                Effect::Disconnect => Event::DisconnectSent(Ok(())),
+                Effect::ArmRetry { .. } => Event::RetryTimerFired,
+                other => panic!("{other:?} awaits no answer"),
+            }
+        }
+
+        /// Runs to the end; `over` may answer an effect (given with how
+        /// many effects came before it) in place of the plain world.
+        fn run(&mut self, mut over: impl FnMut(&Effect, usize) -> Option<Event>) -> Outcome {
+            let mut batch = self.machine.start(self.now);
+            for _ in 0..10_000 {
+                assert!(
+                    !batch.is_empty(),
+                    "an empty batch after {:?}",
+                    self.effects.last()
+                );
+                let last = batch.len() - 1;
+                for (i, e) in batch.iter().enumerate() {
+                    assert!(
+                        !e.awaits() || i == last,
+                        "{e:?} awaits but is not last in {batch:?}"
+                    );
+                    assert!(
+                        !matches!(e, Effect::Finish(_)) || i == last,
+                        "Finish is not last in {batch:?}"
+                    );
+                }
+                let effect = batch[last].clone();
+                self.effects.extend(batch);
+                if let Effect::Finish(outcome) = effect {
+                    assert!(self.machine.is_finished());
+                    return outcome;
+                }
+                assert!(
+                    effect.awaits(),
+                    "batch ends with {effect:?}, which awaits nothing"
+                );
+                let event =
+                    over(&effect, self.effects.len() - 1).unwrap_or_else(|| self.plain(&effect));
+                self.now += Duration::from_millis(1);
+                batch = self.machine.handle(self.now, event);
+            }
+            panic!(
+                "no end after 10000 answers: {:?}",
+                &self.effects[self.effects.len() - 40..]
+            );
+        }
+
+        /// The effects as short words, logs and measurements left out.
+        fn script(&self) -> Vec<String> {
+            script(&self.effects)
+        }
+
+        fn position(&self, what: &str) -> usize {
+            self.script()
+                .iter()
+                .position(|s| s == what)
+                .unwrap_or_else(|| panic!("no {what} in {:#?}", self.script()))
+        }
+
+        fn logs(&self) -> Vec<String> {
+            self.effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Log(_, line) => Some(line.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn script(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| {
+                Some(match e {
+                    Effect::Log(..) | Effect::MeasureCapacity | Effect::SetEstimate(_) => {
+                        return None
+                    }
+                    Effect::BeginAttempt { attempt } => format!("begin {attempt}"),
+                    Effect::Connect => "connect".into(),
+                    Effect::ReportFirst(o) => format!("first {o:?}"),
+                    Effect::StartTracking => "track".into(),
+                    Effect::StopTracking => "untrack".into(),
+                    Effect::SetPhase(p) => format!("phase {p}"),
+                    Effect::ClearDirty { offset, len } => format!("clear {offset}+{len}"),
+                    Effect::SetPace { capacity, below } => match (capacity, *below) {
+                        (None, _) => "unpace".into(),
+                        (Some(_), u64::MAX) => "pace all".into(),
+                        (Some(_), b) => format!("pace <{b}"),
+                    },
+                    Effect::AskExtents { offset, len } => format!("extents {offset}+{len}"),
+                    Effect::SendData { offset, len } => format!("data {offset}+{len}"),
+                    Effect::SendHole {
+                        offset,
+                        len,
+                        zeroes,
+                    } => format!(
+                        "{} {offset}+{len}",
+                        if *zeroes { "zeroes" } else { "zero-writes" }
+                    ),
+                    Effect::SweepProgress(o) => format!("swept {o}"),
+                    Effect::TakeDirty { max_bytes, .. } if *max_bytes == u64::MAX => {
+                        "take all".into()
+                    }
+                    Effect::TakeDirty { .. } => "take".into(),
+                    Effect::Measure => "measure".into(),
+                    Effect::CountRuns { .. } => "runs".into(),
+                    Effect::WaitIdle => "idle".into(),
+                    Effect::Flush => "FLUSH".into(),
+                    Effect::Entrust => "ENTRUST".into(),
+                    Effect::CutOffClients { .. } => "cut off".into(),
+                    Effect::AllowClients => "allow".into(),
+                    Effect::Completing => "completing".into(),
+                    Effect::CloseServer => "close server".into(),
+                    Effect::Unlink => "unlink".into(),
+                    Effect::RecordLockout(_) => "lockout".into(),
+                    Effect::Disconnect => "DISCONNECT".into(),
+                    Effect::Milestone(m) => format!("milestone {m:?}"),
+                    Effect::ArmRetry { delay } => format!("retry in {delay:?}"),
+                    Effect::Finish(o) => format!("finish {o:?}"),
+                })
+            })
+            .collect()
+    }
+
+    /// A whole attempt up to the cut-off, as `script` shows it.
+    const SWEEP_AND_CONVERGE: &[&str] = &[
+        "track",
+        "phase copying",
+        "clear 0+200",
+        "pace <200",
+        "extents 0+200",
+        "data 0+50",
+        "swept 50",
+        "pace <200",
+        "zeroes 50+100",
+        "zeroes 150+50",
+        "swept 200",
+        "clear 200+100",
+        "pace <300",
+        "extents 200+100",
+        "data 200+50",
+        "swept 250",
+        "pace <300",
+        "zeroes 250+50",
+        "swept 300",
+        "swept 300",
+        "phase converging",
+        // Nothing dirty and nothing left: ready, but flushed first.
+        "pace all",
+        "take",
+        "measure",
+        "idle",
+        "FLUSH",
+        // The flush was quick: cut off.
+        "pace all",
+        "take",
+        "measure",
+        "unpace",
+        "cut off",
+        "take all",
+        "idle",
+        "phase entrusting",
+        "ENTRUST",
+    ];
+
+    fn expect(head: &[&str], tail: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = vec!["begin 1".into(), "connect".into(), "first Go".into()];
+        all.extend(head.iter().map(|s| s.to_string()));
+        all.extend(SWEEP_AND_CONVERGE.iter().map(|s| s.to_string()));
+        all.extend(tail.iter().map(|s| s.to_string()));
+        all
+    }
+
+    #[test]
+    fn a_successful_attempt_with_exit_hands_off_in_order() {
+        let mut w = World::new(MirrorAction::Exit);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "completing",
+                    "phase handing_off",
+                    "close server",
+                    "lockout",
+                    "DISCONNECT",
+                    "milestone DisconnectSent",
+                    "untrack",
+                    "phase done",
+                    "finish HandedOff",
+                ]
+            )
+        );
+        let logs = w.logs();
+        assert!(
+            logs[0].starts_with(
+                "migration attempt 1 connected to 10.0.0.2:4777 (NewStyle handshake, flags 0x"
+            ),
+            "{logs:?}"
+        );
+        assert!(
+            logs.iter().any(|l| l.starts_with("converged after ")),
+            "{logs:?}"
+        );
+        assert!(
+            logs.last()
+                .unwrap()
+                .starts_with("migration complete: DISCONNECT sent to 10.0.0.2:4777"),
+            "{logs:?}"
+        );
+        // The lockout runs from the cut-off decision to the DISCONNECT: five
+        // answers of a millisecond each (cut off, take, idle, entrust,
+        // close).
+        let lockout = w.effects.iter().find_map(|e| match e {
+            Effect::RecordLockout(d) => Some(*d),
+            _ => None,
+        });
+        assert_eq!(lockout, Some(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn a_successful_attempt_with_unlink_unlinks_after_the_entrust_reply_and_before_disconnect() {
+        let mut w = World::new(MirrorAction::Unlink);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "completing",
+                    "phase handing_off",
+                    "close server",
+                    "unlink",
+                    "lockout",
+                    "DISCONNECT",
+                    "milestone DisconnectSent",
+                    "untrack",
+                    "phase done",
+                    "finish HandedOff",
+                ]
+            )
+        );
+        assert!(w.logs().contains(&format!("unlinked {PATH}")));
+    }
+
+    #[test]
+    fn a_successful_attempt_with_nothing_lets_clients_in_and_keeps_serving() {
+        let mut w = World::new(MirrorAction::Nothing);
+        assert_eq!(w.run(|_, _| None), Outcome::CopiedAndKept);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "untrack",
+                    "allow",
+                    "lockout",
+                    "untrack",
+                    "phase done",
+                    "finish CopiedAndKept",
+                ]
+            )
+        );
+        assert!(w
+            .logs()
+            .contains(&"migration copied everything; action 'nothing': serving on".to_string()));
+    }
+
+    #[test]
+    fn a_destination_without_write_zeroes_gets_holes_as_one_zero_write_each() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.flags = SEND_FLUSH;
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let sends: Vec<String> = w
+            .script()
+            .into_iter()
+            .filter(|s| s.starts_with("data") || s.starts_with("zero"))
+            .collect();
+        assert_eq!(
+            sends,
+            [
+                "data 0+50",
+                "zero-writes 50+150",
+                "data 200+50",
+                "zero-writes 250+50"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_destination_without_flush_is_not_flushed_before_the_cut_off() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.flags = SEND_WRITE_ZEROES;
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        assert!(!script.contains(&"FLUSH".to_string()), "{script:#?}");
+        assert!(script.contains(&"cut off".to_string()));
+    }
+
+    #[test]
+    fn a_write_error_mid_sweep_retries_from_scratch_after_the_delay() {
+        let mut w = World::new(MirrorAction::Exit);
+        let mut failed = false;
+        let outcome = w.run(|e, _| match e {
+            Effect::SendHole { offset: 50, .. } if !failed => {
+                failed = true;
+                Some(Event::Failed {
+                    reason: "the destination closed the connection".into(),
+                })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let retry = w.position("phase retrying");
+        assert_eq!(
+            script[retry - 3..retry + 6],
+            [
+                "zeroes 50+100",
+                "unpace",
+                "allow",
+                "phase retrying",
+                "retry in 1s",
+                "begin 2",
+                "connect",
+                // Fresh: tracking again, the sweep from 0, the caller not
+                // told again.
+                "track",
+                "phase copying",
+            ]
+        );
+        assert_eq!(script[retry + 6], "clear 0+200");
+        assert_eq!(script.iter().filter(|s| *s == "first Go").count(), 1);
+        assert!(w.logs().contains(
+            &"migration attempt 1 to 10.0.0.2:4777 failed: the destination closed the connection; retrying in 1 s"
+                .to_string()
+        ));
+        assert!(w
+            .logs()
+            .iter()
+            .any(|l| l.starts_with("migration attempt 2 connected")));
+    }
+
+    #[test]
+    fn entrust_refused_with_einval_falls_back_to_flush() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome =
+            w.run(|e, _| (*e == Effect::Entrust).then_some(Event::Reply { error: EINVAL }));
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let entrust = w.position("ENTRUST");
+        assert_eq!(
+            script[entrust..entrust + 4],
+            ["ENTRUST", "FLUSH", "completing", "phase handing_off"]
+        );
+        assert!(w
+            .logs()
+            .contains(&"destination does not know entrust; sending FLUSH instead".to_string()));
+    }
+
+    #[test]
+    fn entrust_refused_otherwise_retries_and_hands_nothing_off() {
+        let mut w = World::new(MirrorAction::Unlink);
+        let mut refused = false;
+        let outcome = w.run(|e, _| match e {
+            Effect::Entrust if !refused => {
+                refused = true;
+                Some(Event::Reply { error: 5 })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let entrust = w.position("ENTRUST");
+        assert_eq!(
+            script[entrust..entrust + 5],
+            [
+                "ENTRUST",
+                "unpace",
+                "allow",
+                "phase retrying",
+                "retry in 1s"
+            ]
+        );
+        // Nothing of the hand-off before the retry.
+        let unlink = w.position("unlink");
+        assert!(unlink > w.position("begin 2"));
+        assert!(w
+            .logs()
+            .iter()
+            .any(|l| l.contains("failed: the destination answered entrust with error 5;")));
+    }
+
+    #[test]
+    fn a_refused_flush_retries() {
+        // Before the cut-off, and as entrust's fallback.
+        for fallback in [false, true] {
+            let mut w = World::new(MirrorAction::Exit);
+            let (mut entrusted, mut refused) = (false, false);
+            let outcome = w.run(|e, _| match e {
+                Effect::Entrust if fallback => {
+                    entrusted = true;
+                    Some(Event::Reply { error: EINVAL })
+                }
+                Effect::Flush if !refused && entrusted == fallback => {
+                    refused = true;
+                    Some(Event::Reply { error: 28 })
+                }
+                _ => None,
+            });
+            assert!(refused);
+            assert_eq!(outcome, Outcome::HandedOff);
+            let script = w.script();
+            let retry = w.position("phase retrying");
+            assert_eq!(
+                script[retry - 3..retry],
+                ["FLUSH", "unpace", "allow"],
+                "fallback {fallback}"
+            );
+            // Before the cut-off, clients were never shut out.
+            assert_eq!(w.position("cut off") > retry, !fallback, "{script:#?}");
+            assert!(w
+                .logs()
+                .iter()
+                .any(|l| l
+                    .contains("failed: the destination answered the final flush with error 28;")));
+        }
+    }
+
+    #[test]
+    fn an_unlink_failure_sends_no_disconnect() {
+        let mut w = World::new(MirrorAction::Unlink);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Unlink).then(|| Event::Unlinked(Err("Permission denied".into())))
+        });
+        assert_eq!(
+            outcome,
+            Outcome::DisconnectFailed(format!("cannot unlink {PATH}: Permission denied"))
+        );
+        let script = w.script();
+        assert!(!script.contains(&"DISCONNECT".to_string()), "{script:#?}");
+        assert_eq!(
+            script[script.len() - 4..],
+            [
+                "unlink",
+                "untrack",
+                "phase done",
+                "finish DisconnectFailed(\"cannot unlink /images/source.img: Permission denied\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_disconnect_failure_is_disconnect_failed() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Disconnect).then(|| Event::DisconnectSent(Err("broken pipe".into())))
+        });
+        assert_eq!(
+            outcome,
+            Outcome::DisconnectFailed(format!(
+                "sending DISCONNECT to {TARGET} failed: broken pipe"
+            ))
+        );
+        assert!(!w.script().iter().any(|s| s.starts_with("milestone")));
+    }
+
+    #[test]
+    fn cancel_in_every_phase_abandons_with_clients_allowed() {
+        let cancellable = [
+            "connect",
+            "data 0+50",
+            "zeroes 50+100",
+            "idle",
+            "FLUSH",
+            "cut off",
+            "ENTRUST",
+        ];
+        for at in cancellable {
+            let mut w = World::new(MirrorAction::Exit);
+            let outcome = w.run(|e, _| {
+                (script(std::slice::from_ref(e)).first().map(String::as_str) == Some(at))
+                    .then_some(Event::Cancel)
+            });
+            assert_eq!(outcome, Outcome::Abandoned, "cancel at {at}");
+            let script = w.script();
+            assert_eq!(
+                script[script.len() - 4..],
+                [at, "untrack", "allow", "finish Abandoned"],
+                "cancel at {at}"
+            );
+        }
+        // While waiting to retry: clients were let in when the attempt failed.
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| match e {
+            Effect::SendData { .. } => Some(Event::Failed {
+                reason: "reset".into(),
+            }),
+            Effect::ArmRetry { .. } => Some(Event::Cancel),
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::Abandoned);
+        let script = w.script();
+        assert_eq!(
+            script[script.len() - 5..],
+            [
+                "allow",
+                "phase retrying",
+                "retry in 1s",
+                "untrack",
+                "finish Abandoned"
+            ]
+        );
+    }
+
+    #[test]
+    fn past_the_point_of_no_return_cancel_is_ignored() {
+        for step in [Effect::CloseServer, Effect::Unlink, Effect::Disconnect] {
+            assert!(!step.cancellable());
+            let mut m = Source::new(config(MirrorAction::Unlink));
+            let mut world = World::new(MirrorAction::Unlink);
+            let now = Instant::now();
+            let mut b = m.start(now);
+            while *b.last().unwrap() != step {
+                let event = world.plain(b.last().unwrap());
+                b = m.handle(now, event);
+            }
+            // A cancel (or a stray failure) with the step outstanding does
+            // nothing; its answer carries the hand-off on.
+            assert_eq!(m.handle(now, Event::Cancel), []);
+            assert_eq!(m.handle(now, Event::Failed { reason: "x".into() }), []);
+            let event = world.plain(&step);
+            let next = m.handle(now, event);
+            assert!(!next.is_empty(), "{step:?} answered: nothing followed");
+        }
+    }
+
+    #[test]
+    fn a_failed_first_attempt_is_reported_and_not_retried() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Connect).then(|| Event::ConnectFailed {
+                outcome: FirstOutcome::SizeMismatch,
+                message: "remote size 4096 does not match local size 300".into(),
+            })
+        });
+        assert_eq!(
+            outcome,
+            Outcome::FirstAttemptFailed(FirstOutcome::SizeMismatch)
+        );
+        assert_eq!(
+            w.script(),
+            [
+                "begin 1",
+                "connect",
+                "untrack",
+                "first SizeMismatch",
+                "finish FirstAttemptFailed(SizeMismatch)"
+            ]
+        );
+        assert_eq!(
+            w.logs(),
+            [format!(
+                "migration to {TARGET} failed: remote size 4096 does not match local size 300"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_later_connect_failure_is_retried() {
+        let mut w = World::new(MirrorAction::Exit);
+        let mut connects = 0;
+        let outcome = w.run(|e, _| match e {
+            Effect::SendData { .. } if connects == 1 => Some(Event::Failed {
+                reason: "reset".into(),
+            }),
+            Effect::Connect => {
+                connects += 1;
+                (connects == 2).then(|| Event::ConnectFailed {
+                    outcome: FirstOutcome::FailConnect,
+                    message: "cannot connect: refused".into(),
+                })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        assert_eq!(connects, 3);
+        assert!(w.logs().contains(
+            &"migration attempt 2 to 10.0.0.2:4777 failed: cannot connect: refused; retrying in 1 s"
+                .to_string()
+        ));
+    }
+
+    #[test]
+    fn client_writes_during_convergence_are_sent_before_the_cut_off() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.dirty = VecDeque::from([vec![(10, 5), (120, 7)], vec![(10, 1)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        let converging = w.position("phase converging");
+        let cut = w.position("cut off");
+        let sends: Vec<&str> = script[converging..cut]
+            .iter()
+            .filter(|s| s.starts_with("data"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(sends, ["data 10+5", "data 120+7", "data 10+1"]);
+    }
+
+    #[test]
+    fn the_final_pass_after_the_cut_off_sends_everything_dirty_before_entrust() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.final_dirty = VecDeque::from([vec![(20, 4), (90, 3)], vec![(30, 4)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        let cut = w.position("cut off");
+        assert_eq!(
+            script[cut..w.position("ENTRUST") + 1],
+            [
+                "cut off",
+                "take all",
+                "data 20+4",
+                "data 90+3",
+                "take all",
+                "data 30+4",
+                "take all",
+                "idle",
+                "phase entrusting",
+                "ENTRUST",
+            ]
+        );
+    }
+
+    #[test]
+    fn flushes_repeat_until_one_is_quick_or_four_were_sent() {
+        // Every flush takes 20 ms, over the 10 ms that counts as quick:
+        // four, then the cut-off anyway. (The plain world's 1 ms flush
+        // is quick: the full-attempt tests show one flush.)
+        let slow = Duration::from_millis(20);
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            if matches!(last, Effect::CutOffClients { .. }) {
+                break;
+            }
+            t += if last == Effect::Flush {
+                slow
+            } else {
+                Duration::from_millis(1)
+            };
+            let ev = world.plain(&last);
+            b = m.handle(t, ev);
+        }
+        let s = script(&seen);
+        assert_eq!(
+            s.iter().filter(|x| *x == "FLUSH").count(),
+            MAX_FLUSHES as usize,
+            "{s:#?}"
+        );
+        assert_eq!(s.last().unwrap(), "cut off");
+    }
+
+    #[test]
+    fn a_remainder_too_big_to_cut_off_keeps_passing_and_warns_after_patience() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        // 10 GB dirty at 1 GB/s: ten seconds, never within the allowance.
+        for _ in 0..2000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            let ev = match last {
+                Effect::Measure => Event::Measured {
+                    dirty_bytes: 10_000_000_000,
+                    in_flight: 0,
+                    in_flight_bytes: 0,
+                },
+                _ => world.plain(&last),
+            };
+            t += Duration::from_millis(10);
+            b = m.handle(t, ev);
+        }
+        let s = script(&seen);
+        assert!(!s.contains(&"cut off".to_string()));
+        // Nothing was taken: each pass waits for the writes in flight.
+        let converging = s.iter().position(|x| x == "phase converging").unwrap();
+        assert_eq!(
+            s[converging + 1..converging + 6],
+            ["pace all", "take", "measure", "idle", "pace all"]
+        );
+        // Too many bytes for the allowance: runs are not counted.
+        assert!(!s.contains(&"runs".to_string()));
+        let warnings: Vec<&String> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Log(Level::Warn, l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("migration to 10.0.0.2:4777 not converging after 8 s: 10000000000 bytes still dirty"), "{warnings:?}");
+    }
+
+    #[test]
+    fn runs_are_counted_when_the_bytes_alone_fit_the_allowance() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let t = Instant::now();
+        let mut b = m.start(t);
+        // Up to the first measurement of the dirty passes.
+        while *b.last().unwrap() != Effect::Measure {
+            let event = world.plain(b.last().unwrap());
+            b = m.handle(t, event);
+        }
+        let b = m.handle(
+            t,
+            Event::Measured {
+                dirty_bytes: 4096,
+                in_flight: 3,
+                in_flight_bytes: 12288,
+            },
+        );
+        // 25 ms at 0.1 ms a write: 251 writes are worth counting, 3 of
+        // them in flight.
+        let gap = capacity().gap(1);
+        assert_eq!(b, [Effect::CountRuns { gap, limit: 248 }]);
+        // More writes than the allowance holds: not ready, and with
+        // nothing taken this pass, wait for what is in flight.
+        let b = m.handle(t, Event::Runs(1000));
+        match &b[..] {
+            [Effect::SetEstimate(e), Effect::WaitIdle] => assert!(!e.ready(), "{e:?}"),
+            other => panic!("expected the estimate and a wait, got {other:?}"),
+        }
+        // Few writes: ready (after the first flush).
+        let mut m2 = Source::new(config(MirrorAction::Exit));
+        let mut b = m2.start(t);
+        while *b.last().unwrap() != Effect::Measure {
+            let event = world.plain(b.last().unwrap());
+            b = m2.handle(t, event);
+        }
+        m2.handle(
+            t,
+            Event::Measured {
+                dirty_bytes: 4096,
+                in_flight: 0,
+                in_flight_bytes: 0,
+            },
+        );
+        match &m2.handle(t, Event::Runs(1))[..] {
+            [Effect::SetEstimate(e), Effect::WaitIdle] => assert!(e.ready(), "{e:?}"),
+            other => panic!("expected the estimate and a wait to flush, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tick_before_the_retry_delay_does_nothing_and_one_after_it_retries() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let t = Instant::now();
+        m.start(t);
+        m.handle(
+            t,
+            Event::Connected {
+                flags: 0,
+                link: "x".into(),
+            },
+        );
+        let b = m.handle(
+            t,
+            Event::Failed {
+                reason: "reset".into(),
+            },
+        );
+        assert_eq!(b.last(), Some(&Effect::ArmRetry { delay: RETRY_DELAY }));
+        assert!(m
+            .handle(t + Duration::from_millis(999), Event::Tick)
+            .is_empty());
+        assert_eq!(
+            m.handle(t + RETRY_DELAY, Event::Tick),
+            [Effect::BeginAttempt { attempt: 2 }, Effect::Connect]
+        );
+    }
+
+    #[test]
+    fn the_machine_can_move_between_threads() {
+        fn send<T: Send + 'static>(_: &T) {}
+        send(&Source::new(config(MirrorAction::Exit)));
+        send(&Effect::Connect);
+        send(&Event::Tick);
+    }
+
+    #[test]
+    fn every_phase_round_trips_through_its_byte_and_has_its_own_name() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::from_u8(p as u8), Some(p));
+        }
+        assert_eq!(
+            (0..=u8::MAX).filter_map(Phase::from_u8).count(),
+            Phase::ALL.len()
+        );
+        let mut names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Phase::ALL.len());
+    }
+}
