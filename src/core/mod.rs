@@ -3,4 +3,7 @@
 //! effects they get back.
 
 pub mod destination;
+pub mod exit;
+pub mod policy;
 pub mod request;
+pub mod source;
