@@ -171,8 +171,9 @@ fn mirror_unlink(sock: &Path, port: u16) {
 
 #[test]
 fn power_cut_at_the_entrust_reply_keeps_the_unflushed_writes() {
-    // The fdatasync in Destination::entrust is the only sync this
-    // destination ever runs: without it the cut takes the write away.
+    // The fdatasync of the destination's ENTRUST (core::destination) is
+    // the only sync this destination ever runs: without it the cut takes
+    // the write away.
     let dir = TempDir::new("dur-entrust-data");
     let dest = dir.sparse_file("dest.img", MIB);
     let mut server = start(
@@ -324,8 +325,9 @@ fn c_style_write_then_disconnect(server: &Flexnbd, data: &[u8]) -> FakeSource {
 
 #[test]
 fn power_cut_after_a_completed_disconnect_keeps_the_writes_and_no_marker() {
-    // Destination::complete syncs the image and removes the marker
-    // durably before the migration counts as complete.
+    // The destination's DISCONNECT (core::destination) syncs the image
+    // and removes the marker durably before the migration counts as
+    // complete.
     let dir = TempDir::new("dur-disconnect");
     let dest = dir.sparse_file("dest.img", MIB);
     let mut server = start(

@@ -43,7 +43,11 @@
 //!    SIGTERMed, exits 1; the image, the marker and the record are as they
 //!    were, and checks 1 to 3 run on what it left.
 //!
-//! Which actions make sense where (the generation rule):
+//! The steps are those the fault vocabulary (`faults::steps::STEPS`, the
+//! table in fixtures/faults/README.md) marks for the matrix, placed in the
+//! migration by `PLACEMENTS` below; the actions at each are the table's
+//! (without `pass`, and without the store's errors, which the store tests
+//! cover). Which actions make sense where (the generation rule):
 //! * store steps the hand-off depends on (`store.marker#2..4` and
 //!   `store.record#1`, the completion record's write, on the destination,
 //!   `store.unlink` on the source with `--unlink`): crash and the three
@@ -116,13 +120,16 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use flexnbd::proto::{self, Request, SimpleReply};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{Rng, RngExt, SeedableRng};
+
+use faults::steps::Act as FaultAct;
+use faults::StepDef;
 
 use crate::certs::Pki;
 use crate::harness::*;
@@ -159,26 +166,6 @@ impl Side {
     }
 }
 
-/// What a step carries, which decides the actions that make sense there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Carries {
-    /// No message of its own (accept, connect).
-    Nothing,
-    /// A message that has just been received.
-    Received,
-    /// A header or greeting about to be sent.
-    Sent,
-    /// A write's payload about to be sent.
-    Payload,
-    /// A store operation on a file the hand-off depends on (the marker, the
-    /// record, the unlink): only a crash or a power cut means something
-    /// there (the errors are the store tests' business).
-    Store,
-    /// After the connection's last message (`disconnect_done`): the plan
-    /// language allows only delay, crash and power cuts there.
-    Milestone,
-}
-
 /// Where in a migration a step is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -198,242 +185,173 @@ enum Phase {
 struct StepSpec {
     side: Side,
     key: &'static str,
-    carries: Carries,
+    /// The step's entry in the fault vocabulary: what it carries, which
+    /// actions make sense there.
+    def: &'static StepDef,
     phase: Phase,
     occurrences: &'static [u32],
 }
 
-const fn step(
-    side: Side,
-    key: &'static str,
-    carries: Carries,
-    phase: Phase,
-    occurrences: &'static [u32],
-) -> StepSpec {
-    StepSpec {
-        side,
-        key,
-        carries,
-        phase,
-        occurrences,
-    }
-}
-
-/// Every step a migration announces, on both sides.
-const STEPS: &[StepSpec] = &[
+/// Where each step the vocabulary marks for the matrix
+/// (`faults::steps::STEPS`, its `matrix` names) falls in a migration: the
+/// process announcing it, the phase, and the occurrences faulted.
+const PLACEMENTS: &[(&str, Side, Phase, &[u32])] = &[
     // The destination (`flexnbd listen`).
-    step(
-        Side::Dest,
-        "server.accept",
-        Carries::Nothing,
-        Phase::Connect,
-        &[1, 2],
-    ),
-    step(
-        Side::Dest,
-        "server.greeting_send",
-        Carries::Sent,
-        Phase::Connect,
-        &[1, 2],
-    ),
-    step(
-        Side::Dest,
+    ("server.accept", Side::Dest, Phase::Connect, &[1, 2]),
+    ("server.greeting_send", Side::Dest, Phase::Connect, &[1, 2]),
+    (
         "server.request_received.write",
-        Carries::Received,
+        Side::Dest,
         Phase::Copy,
         &[1, 3],
     ),
-    step(
-        Side::Dest,
+    (
         "server.payload_received.write",
-        Carries::Received,
+        Side::Dest,
         Phase::Copy,
         &[1, 3],
     ),
-    step(
-        Side::Dest,
-        "server.reply_send.write",
-        Carries::Sent,
-        Phase::Copy,
-        &[1, 3],
-    ),
-    step(
-        Side::Dest,
+    ("server.reply_send.write", Side::Dest, Phase::Copy, &[1, 3]),
+    (
         "server.request_received.write_zeroes",
-        Carries::Received,
+        Side::Dest,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Dest,
+    (
         "server.reply_send.write_zeroes",
-        Carries::Sent,
+        Side::Dest,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Dest,
+    (
         "server.request_received.flush",
-        Carries::Received,
+        Side::Dest,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Dest,
-        "server.reply_send.flush",
-        Carries::Sent,
-        Phase::Copy,
-        &[1],
-    ),
-    step(
-        Side::Dest,
-        "server.entrust_received",
-        Carries::Received,
-        Phase::Entrust,
-        &[1],
-    ),
-    step(
-        Side::Dest,
+    ("server.reply_send.flush", Side::Dest, Phase::Copy, &[1]),
+    ("server.entrust_received", Side::Dest, Phase::Entrust, &[1]),
+    (
         "server.entrust_reply_send",
-        Carries::Sent,
+        Side::Dest,
         Phase::Entrust,
         &[1],
     ),
-    step(
-        Side::Dest,
+    (
         "server.disconnect_received",
-        Carries::Received,
+        Side::Dest,
         Phase::Disconnect,
         &[1],
     ),
     // The marker's rewrites and removal: #1 creates it at start-up (before
     // the port listens), #2 says `receiving` before the first data, #3 says
     // `entrusted`, #4 removes it after the DISCONNECT (after the record).
-    step(
-        Side::Dest,
-        "store.marker",
-        Carries::Store,
-        Phase::Copy,
-        &[2, 3],
-    ),
-    step(
-        Side::Dest,
-        "store.marker",
-        Carries::Store,
-        Phase::Disconnect,
-        &[4],
-    ),
+    ("store.marker", Side::Dest, Phase::Copy, &[2, 3]),
+    ("store.marker", Side::Dest, Phase::Disconnect, &[4]),
     // The completion record's write, after the DISCONNECT and the image's
     // fdatasync, before the marker's removal.
-    step(
-        Side::Dest,
-        "store.record",
-        Carries::Store,
-        Phase::Disconnect,
-        &[1],
-    ),
+    ("store.record", Side::Dest, Phase::Disconnect, &[1]),
     // The destination completed and goes on to exit.
-    step(
-        Side::Dest,
-        "server.disconnect_done",
-        Carries::Milestone,
-        Phase::Done,
-        &[1],
-    ),
+    ("server.disconnect_done", Side::Dest, Phase::Done, &[1]),
     // The source (`flexnbd serve`, whose mirror connects out).
-    step(
-        Side::Source,
-        "mirror.connect",
-        Carries::Nothing,
-        Phase::Connect,
-        &[1, 2],
-    ),
-    step(
-        Side::Source,
+    ("mirror.connect", Side::Source, Phase::Connect, &[1, 2]),
+    (
         "mirror.greeting_received",
-        Carries::Received,
+        Side::Source,
         Phase::Connect,
         &[1, 2],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.request_send.write",
-        Carries::Sent,
+        Side::Source,
         Phase::Copy,
         &[1, 3],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.payload_send.write",
-        Carries::Payload,
+        Side::Source,
         Phase::Copy,
         &[1, 3],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.reply_received.write",
-        Carries::Received,
+        Side::Source,
         Phase::Copy,
         &[1, 3],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.request_send.write_zeroes",
-        Carries::Sent,
+        Side::Source,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.reply_received.write_zeroes",
-        Carries::Received,
+        Side::Source,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Source,
-        "mirror.request_send.flush",
-        Carries::Sent,
-        Phase::Copy,
-        &[1],
-    ),
-    step(
-        Side::Source,
+    ("mirror.request_send.flush", Side::Source, Phase::Copy, &[1]),
+    (
         "mirror.reply_received.flush",
-        Carries::Received,
+        Side::Source,
         Phase::Copy,
         &[1],
     ),
-    step(
-        Side::Source,
-        "mirror.entrust_send",
-        Carries::Sent,
-        Phase::Entrust,
-        &[1],
-    ),
-    step(
-        Side::Source,
+    ("mirror.entrust_send", Side::Source, Phase::Entrust, &[1]),
+    (
         "mirror.entrust_reply_received",
-        Carries::Received,
+        Side::Source,
         Phase::Entrust,
         &[1],
     ),
-    step(
-        Side::Source,
+    (
         "mirror.disconnect_send",
-        Carries::Sent,
+        Side::Source,
         Phase::Disconnect,
         &[1],
     ),
     // `--unlink`, after the entrust reply (only with --unlink).
-    step(
-        Side::Source,
-        "store.unlink",
-        Carries::Store,
-        Phase::Entrust,
-        &[1],
-    ),
+    ("store.unlink", Side::Source, Phase::Entrust, &[1]),
 ];
+
+/// Every step a migration announces, on both sides: the vocabulary's
+/// matrix steps, each placed by [`PLACEMENTS`]. A step the vocabulary marks
+/// for the matrix without a placement, or a placement of a step it does not
+/// mark, fails every matrix test.
+fn steps() -> &'static [StepSpec] {
+    static STEPS: OnceLock<Vec<StepSpec>> = OnceLock::new();
+    STEPS.get_or_init(|| {
+        let mut out = Vec::new();
+        for (def, name) in faults::steps::matrix() {
+            let key: &'static str = Box::leak(format!("{}.{name}", def.side).into_boxed_str());
+            let before = out.len();
+            for &(_, side, phase, occurrences) in PLACEMENTS.iter().filter(|p| p.0 == key) {
+                out.push(StepSpec {
+                    side,
+                    key,
+                    def,
+                    phase,
+                    occurrences,
+                });
+            }
+            assert!(
+                out.len() > before,
+                "{key}: faults::steps::STEPS marks it for the matrix, \
+                 expected a placement for it in PLACEMENTS (acceptance/matrix.rs)"
+            );
+        }
+        for (key, ..) in PLACEMENTS {
+            assert!(
+                out.iter().any(|s| s.key == *key),
+                "{key} is placed in PLACEMENTS but faults::steps::STEPS does not mark it \
+                 for the matrix (its `matrix` names)"
+            );
+        }
+        out
+    })
+}
 
 /// The helper fault that makes the first attempt fail after `Mirror
 /// started`, so that `#2` of a connection step is a retry.
@@ -479,26 +397,27 @@ impl Act {
     }
 }
 
-/// The actions that make sense at a step (see the module comment).
-fn actions_for(carries: Carries) -> Vec<Act> {
-    if carries == Carries::Store {
-        let mut v = vec![Act::Crash];
-        v.extend(POWER_LOSSES);
-        return v;
-    }
-    if carries == Carries::Milestone {
-        let mut v = vec![Act::Crash, Act::Delay(DELAY_MS)];
-        v.extend(POWER_LOSSES);
-        return v;
-    }
-    let mut v = vec![Act::Close, Act::Crash, Act::Hang, Act::Delay(DELAY_MS)];
-    // Wherever a crash can happen, so can a power cut.
-    v.extend(POWER_LOSSES);
-    match carries {
-        Carries::Store | Carries::Milestone | Carries::Nothing => {}
-        Carries::Received => v.push(Act::Drop),
-        Carries::Sent => v.extend([Act::Drop, Act::Truncate(10), Act::Corrupt]),
-        Carries::Payload => v.extend([Act::Drop, Act::Truncate(2048)]),
+/// The actions the matrix runs at a step: those the vocabulary says make
+/// sense there (see the module comment), with their arguments; `pass` is no
+/// fault, and the store's errors are the store tests' business.
+fn actions_for(def: &StepDef) -> Vec<Act> {
+    let mut v = Vec::new();
+    for &act in def.actions {
+        match act {
+            FaultAct::Pass | FaultAct::Eio | FaultAct::Enospc | FaultAct::Slow => {}
+            FaultAct::Drop => v.push(Act::Drop),
+            FaultAct::Close => v.push(Act::Close),
+            // A header is cut inside its magic and fields; a payload well
+            // past its start.
+            FaultAct::Truncate if def.allows(FaultAct::Corrupt) => v.push(Act::Truncate(10)),
+            FaultAct::Truncate => v.push(Act::Truncate(2048)),
+            FaultAct::Hang => v.push(Act::Hang),
+            FaultAct::Delay => v.push(Act::Delay(DELAY_MS)),
+            FaultAct::Corrupt => v.push(Act::Corrupt),
+            FaultAct::Crash => v.push(Act::Crash),
+            // Wherever a crash can happen, so can a power cut.
+            FaultAct::PowerCut => v.extend(POWER_LOSSES),
+        }
     }
     v
 }
@@ -587,9 +506,9 @@ static TAGS: AtomicU64 = AtomicU64::new(1);
 
 fn matrix(side: Side) -> Vec<Scenario> {
     let mut out = Vec::new();
-    for spec in STEPS.iter().filter(|s| s.side == side) {
+    for spec in steps().iter().filter(|s| s.side == side) {
         for &occurrence in spec.occurrences {
-            for act in actions_for(spec.carries) {
+            for act in actions_for(spec.def) {
                 for unlink in [false, true] {
                     if spec.key == "store.unlink" && !unlink {
                         // Never reached without --unlink.
@@ -2060,17 +1979,17 @@ mod sweep {
         chain: Vec<Term>,
     }
 
-    fn act_strategy(carries: Carries) -> impl Strategy<Value = Act> {
-        proptest::sample::select(actions_for(carries))
+    fn act_strategy(def: &StepDef) -> impl Strategy<Value = Act> {
+        proptest::sample::select(actions_for(def))
     }
 
     fn entry_strategy() -> impl Strategy<Value = Entry> {
-        (0..STEPS.len()).prop_flat_map(|step| {
-            let carries = STEPS[step].carries;
+        (0..steps().len()).prop_flat_map(|step| {
+            let def = steps()[step].def;
             let term = (
                 proptest::option::weighted(0.5, proptest::sample::select(vec![10u32, 25, 50, 100])),
                 proptest::option::weighted(0.7, 1u32..=3),
-                act_strategy(carries),
+                act_strategy(def),
             )
                 .prop_map(|(percent, count, act)| Term {
                     percent,
@@ -2096,7 +2015,7 @@ mod sweep {
         }
         let mut text = format!("seed={seed}");
         for e in entries {
-            let spec = &STEPS[e.step];
+            let spec = &steps()[e.step];
             let key = match e.occurrence {
                 Some(n) => format!("{}#{n}", spec.key),
                 None => spec.key.to_string(),
@@ -2124,7 +2043,7 @@ mod sweep {
     fn transient_budget(entries: &[Entry]) -> Option<Duration> {
         let mut budget = Duration::from_secs(10);
         for e in entries {
-            let spec = &STEPS[e.step];
+            let spec = &steps()[e.step];
             let delay_only = e.chain.iter().all(|t| matches!(t.act, Act::Delay(_)));
             if e.chain.iter().any(|t| t.act.kills()) {
                 return None;
@@ -2209,11 +2128,11 @@ mod sweep {
             .collect();
         let dest: Vec<&Entry> = entries
             .iter()
-            .filter(|e| STEPS[e.step].side == Side::Dest)
+            .filter(|e| steps()[e.step].side == Side::Dest)
             .collect();
         let source: Vec<&Entry> = entries
             .iter()
-            .filter(|e| STEPS[e.step].side == Side::Source)
+            .filter(|e| steps()[e.step].side == Side::Source)
             .collect();
         let budget = transient_budget(&entries);
         let dest_plan = plan_text(r.dest_seed, &dest);

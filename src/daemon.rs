@@ -30,14 +30,9 @@ pub const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// `break` and shutdown wait this long for a mirror to stop.
 pub const MIRROR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Which server this process is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Holds the canonical image and may migrate it away.
-    Serve,
-    /// A migration destination: exits 0 once a sender completes.
-    Listen,
-}
+/// Which server this process is (decided on with the exit table).
+pub use crate::core::exit::Role;
+use crate::core::exit::{exit_code, End, MirrorAtSignal};
 
 /// Everything a server needs, parsed and checked.
 pub struct ServeOptions {
@@ -397,45 +392,6 @@ pub fn killswitch_limit() -> Duration {
         .unwrap_or(Duration::from_secs(120))
 }
 
-/// What ended the main loop.
-#[derive(Debug)]
-enum End {
-    Signal(&'static str),
-    HandedOff,
-    HandOffFailed(String),
-    MigratedIn,
-}
-
-/// Where a migration from this server stood when a signal ended it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MirrorAtSignal {
-    /// None was running.
-    None,
-    /// One was running and was stopped.
-    Stopped,
-    /// One was past the point of no return; it was let finish, and this is
-    /// whether it handed the image off.
-    HandedOff(bool),
-}
-
-/// The exit status, from one table: 0 only for a server stopped with
-/// nothing left undone (a `serve` stopped by a signal with no migration
-/// running), a source that handed its image off, or a destination that
-/// received one. A supervisor must never take an aborted or failed
-/// migration for a completed one.
-fn exit_code(role: Role, end: &End, mirror: MirrorAtSignal) -> u8 {
-    match (end, role, mirror) {
-        (End::HandedOff | End::MigratedIn, _, _) => 0,
-        (End::HandOffFailed(_), _, _) => 1,
-        // A hand-off under way when the signal came decides by its outcome.
-        (End::Signal(_), _, MirrorAtSignal::HandedOff(done)) => u8::from(!done),
-        (End::Signal(_), _, MirrorAtSignal::Stopped) => 1,
-        // A destination stopped before a completed migration.
-        (End::Signal(_), Role::Listen, MirrorAtSignal::None) => 1,
-        (End::Signal(_), Role::Serve, MirrorAtSignal::None) => 0,
-    }
-}
-
 /// Runs `serve` or `listen` until it ends; returns the exit code.
 pub async fn run<T: Transport, P: Probe>(
     transport: T,
@@ -590,28 +546,4 @@ pub async fn run<T: Transport, P: Probe>(
     }
     info!("shut down with exit code {code}");
     Ok(code)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes_follow_the_table() {
-        use MirrorAtSignal as M;
-        let signal = || End::Signal("SIGTERM");
-        for role in [Role::Serve, Role::Listen] {
-            for m in [M::None, M::Stopped, M::HandedOff(true), M::HandedOff(false)] {
-                assert_eq!(exit_code(role, &End::HandedOff, m), 0);
-                assert_eq!(exit_code(role, &End::MigratedIn, m), 0);
-                assert_eq!(exit_code(role, &End::HandOffFailed("x".into()), m), 1);
-            }
-            assert_eq!(exit_code(role, &signal(), M::Stopped), 1);
-            assert_eq!(exit_code(role, &signal(), M::HandedOff(true)), 0);
-            assert_eq!(exit_code(role, &signal(), M::HandedOff(false)), 1);
-        }
-        // A destination stopped early never looks like a completed one.
-        assert_eq!(exit_code(Role::Listen, &signal(), M::None), 1);
-        assert_eq!(exit_code(Role::Serve, &signal(), M::None), 0);
-    }
 }

@@ -8,27 +8,16 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::core::destination as machine;
 use crate::probe::StoreStep;
+use crate::proto::errno;
 use crate::store::files;
+use crate::store::Image;
 use crate::warn;
 
-/// What the marker says about the destination image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MarkerState {
-    /// Data may be partial: the destination must not be served.
-    Receiving,
-    /// Every byte the source sent is durable; only the disconnect is missing.
-    Entrusted,
-}
-
-impl MarkerState {
-    pub fn name(self) -> &'static str {
-        match self {
-            MarkerState::Receiving => "receiving",
-            MarkerState::Entrusted => "entrusted",
-        }
-    }
-}
+/// What the marker says about the destination image (decided by the pure
+/// hand-off machine, which names it).
+pub use crate::core::destination::MarkerState;
 
 /// The marker's path: `<dest-file>.INCOMPLETE`, next to the image.
 pub fn marker_path(image: &Path) -> PathBuf {
@@ -494,11 +483,17 @@ pub fn explain(v: Verdict, dest: &Path, record: Option<&Record>) -> (String, Str
     }
 }
 
-/// The destination's side of the contract, shared by its connections.
+/// The destination's side of the contract, shared by its connections: the
+/// pure hand-off machine (`core::destination`) and the I/O that carries out
+/// its effects.
 pub struct Destination {
     image_path: PathBuf,
     /// Cancelled once a valid DISCONNECT completed the migration.
     pub completed: tokio_util::sync::CancellationToken,
+    /// Locked only to feed it one event, never across I/O.
+    machine: std::sync::Mutex<machine::Destination>,
+    /// Names each connection once: a new connection is a new sender.
+    next_conn: std::sync::atomic::AtomicU64,
 }
 
 impl Destination {
@@ -560,54 +555,127 @@ impl Destination {
         Ok(Destination {
             image_path: image_path.to_owned(),
             completed: tokio_util::sync::CancellationToken::new(),
+            machine: std::sync::Mutex::new(machine::Destination::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
-    /// The first data-changing request of a sender connection: the marker
-    /// says `receiving` (durably) before any of its data is applied, so an
-    /// `entrusted` marker never sits beside half-overwritten data.
-    pub fn begin_receiving(&self, source: &str) -> io::Result<()> {
-        let mut m = Marker::new(MarkerState::Receiving);
-        m.source = Some(source.to_string());
-        m.write_durably(&self.image_path)
+    /// A sender connection from `source` began transmission: its id for
+    /// the events that follow.
+    pub fn open(&self, source: String) -> machine::ConnId {
+        let conn = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let effects = self.handle(machine::Event::Opened { conn, source });
+        debug_assert!(effects.is_empty(), "opening asks for nothing: {effects:?}");
+        conn
     }
 
-    /// ENTRUST: the image is made durable, then the marker says `entrusted`.
-    /// The caller replies only after this returns Ok.
-    pub fn entrust(
-        &self,
-        image: &crate::store::Image,
-        source: &str,
-        bytes_received: u64,
-    ) -> io::Result<()> {
-        image.sync()?;
-        let mut m = Marker::new(MarkerState::Entrusted);
-        m.source = Some(source.to_string());
-        m.bytes_received = bytes_received;
-        m.write_durably(&self.image_path)
+    /// Feeds the machine one event (the time read here); no I/O. Returns the
+    /// effects to carry out, in order.
+    pub fn handle(&self, event: machine::Event) -> Vec<machine::Effect> {
+        self.machine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .handle(event, now_secs())
     }
 
-    /// DISCONNECT: the image is made durable, the completion record written
-    /// (durably), the marker removed (durably), and the migration is
-    /// complete.
-    pub fn complete(
-        &self,
-        image: &crate::store::Image,
-        source: &str,
-        bytes_received: u64,
-    ) -> io::Result<()> {
-        image.sync()?;
-        Record {
-            source: Some(source.to_string()),
-            completed_at: now_secs(),
-            bytes_received,
-            pid: std::process::id(),
-            image: image.identity()?,
+    /// Carries out one effect that needs I/O, blocking (run it on the I/O
+    /// pool): writes or removes the marker, syncs the image, writes the
+    /// completion record. Returns the outcome as the event to feed back;
+    /// `None` for the effects that are the caller's (apply, reply, close,
+    /// log). `Complete` cancels `completed`, and gives `None` too.
+    pub fn execute(&self, effect: &machine::Effect, image: &Image) -> Option<machine::Event> {
+        use machine::{Effect, Event};
+        let failure = |e: io::Error| machine::Failure::new(errno::from_io(&e), e.to_string());
+        match effect {
+            Effect::PersistMarker { conn, marker } => {
+                let conn = *conn;
+                let m = Marker {
+                    state: marker.state,
+                    source: marker.source.clone(),
+                    attempt_started: marker.attempt_started,
+                    bytes_received: marker.bytes_received,
+                    pid: std::process::id(),
+                };
+                Some(match m.write_durably(&self.image_path) {
+                    Ok(()) => Event::MarkerPersisted { conn },
+                    Err(e) => Event::MarkerFailed {
+                        conn,
+                        failure: failure(e),
+                    },
+                })
+            }
+            Effect::Sync { conn } => {
+                let conn = *conn;
+                Some(match image.sync() {
+                    Ok(()) => Event::SyncDone { conn },
+                    Err(e) => Event::SyncFailed {
+                        conn,
+                        failure: failure(e),
+                    },
+                })
+            }
+            Effect::WriteRecord { conn, record } => {
+                let conn = *conn;
+                let written = image.identity().and_then(|identity| {
+                    Record {
+                        source: record.source.clone(),
+                        completed_at: record.completed_at,
+                        bytes_received: record.bytes_received,
+                        pid: std::process::id(),
+                        image: identity,
+                    }
+                    .write_durably(&self.image_path)
+                });
+                Some(match written {
+                    Ok(()) => Event::RecordWritten { conn },
+                    Err(e) => Event::RecordFailed {
+                        conn,
+                        failure: failure(e),
+                    },
+                })
+            }
+            Effect::RemoveMarker { conn } => {
+                let conn = *conn;
+                Some(match remove_marker(&self.image_path) {
+                    Ok(()) => Event::MarkerRemoved { conn },
+                    Err(e) => Event::MarkerRemoveFailed {
+                        conn,
+                        failure: failure(e),
+                    },
+                })
+            }
+            Effect::Complete => {
+                self.completed.cancel();
+                None
+            }
+            Effect::Apply { .. }
+            | Effect::Reply { .. }
+            | Effect::Close { .. }
+            | Effect::Log { .. } => None,
         }
-        .write_durably(&self.image_path)?;
-        remove_marker(&self.image_path)?;
-        self.completed.cancel();
-        Ok(())
+    }
+
+    /// Carries out `effects` in order (blocking), feeding each outcome back
+    /// to the machine and carrying out what it answers, until only the
+    /// caller's effects are left; returns those, in order.
+    pub fn run(&self, image: &Image, effects: Vec<machine::Effect>) -> Vec<machine::Effect> {
+        let mut queue: std::collections::VecDeque<machine::Effect> = effects.into();
+        let mut outward = Vec::new();
+        while let Some(effect) = queue.pop_front() {
+            match self.execute(&effect, image) {
+                Some(outcome) => {
+                    // What an outcome leads to comes before the effects
+                    // queued after the one that produced it.
+                    for next in self.handle(outcome).into_iter().rev() {
+                        queue.push_front(next);
+                    }
+                }
+                None => outward.push(effect),
+            }
+        }
+        outward
     }
 }
 
@@ -794,5 +862,57 @@ mod tests {
             Some(MarkerState::Receiving),
             "unknown = receiving"
         );
+    }
+
+    #[test]
+    fn the_executor_carries_the_machine_through_entrust_and_disconnect() {
+        use machine::{Effect, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 8192]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(&path, false).unwrap();
+        let conn = dest.open("10.1.1.1:99".into());
+        let change = dest.handle(Event::Change { conn, bytes: 8192 });
+        assert_eq!(dest.run(&image, change), vec![Effect::Apply { conn }]);
+        let text = fs::read_to_string(marker_path(&path)).unwrap();
+        assert!(
+            text.starts_with("state=receiving\nsource=10.1.1.1:99\n"),
+            "{text}"
+        );
+        let entrust = dest.handle(Event::Entrust { conn });
+        let left = dest.run(&image, entrust);
+        assert!(
+            matches!(left.last(), Some(Effect::Reply { errno: 0, .. })),
+            "{left:?}"
+        );
+        assert_eq!(
+            read_marker_state(&path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        assert!(!dest.completed.is_cancelled());
+        let disconnect = dest.handle(Event::Disconnect { conn });
+        let left = dest.run(&image, disconnect);
+        assert!(left.contains(&Effect::Complete), "{left:?}");
+        assert!(
+            matches!(left.last(), Some(Effect::Close { .. })),
+            "{left:?}"
+        );
+        assert!(dest.completed.is_cancelled());
+        assert_eq!(read_marker_state(&path).unwrap(), None);
+        let record = read_record(&path).unwrap();
+        assert_eq!(record.matching().map(|r| r.bytes_received), Some(8192));
+        // A later connection changes nothing of a completed image.
+        let late = dest.open("10.1.1.2:99".into());
+        let change = dest.handle(Event::Change {
+            conn: late,
+            bytes: 1,
+        });
+        let left = dest.run(&image, change);
+        assert!(
+            !left.iter().any(|e| matches!(e, Effect::Apply { .. })),
+            "{left:?}"
+        );
+        assert_eq!(left.last(), Some(&Effect::Close { conn: late }));
     }
 }

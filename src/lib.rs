@@ -7,6 +7,7 @@ pub mod fault_apply;
 pub mod acl;
 pub mod client;
 pub mod control;
+pub mod core;
 pub mod daemon;
 pub mod handoff;
 pub mod mirror;

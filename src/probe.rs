@@ -221,7 +221,7 @@ impl Probe for PlanProbe {
 
 /// Announces a step after a connection's last message (`disconnect_done`,
 /// `disconnect_sent`). The plan language admits only `delay`, `crash` and
-/// `powercut` there (`faults::plan::MILESTONE_STEPS`), and
+/// `powercut` there (`faults::steps::Kind::Milestone`), and
 /// [`crate::fault_apply::event`] applies them like at any step without a
 /// message; its error (which those actions never cause) has nothing left to
 /// close.
@@ -249,6 +249,8 @@ pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use faults::steps::Kind;
+    use faults::Side;
 
     /// Every kind of step the server and the mirror announce, with sample
     /// commands and options.
@@ -311,56 +313,153 @@ mod tests {
         steps
     }
 
+    const STORE_STEPS: [StoreStep; 7] = [
+        StoreStep::Read,
+        StoreStep::Write,
+        StoreStep::Sync,
+        StoreStep::Marker,
+        StoreStep::Record,
+        StoreStep::Unlink,
+        StoreStep::MapScan,
+    ];
+
+    /// A new StoreStep variant fails to compile here until it is listed in
+    /// [`STORE_STEPS`] too.
+    #[allow(dead_code)]
+    fn store_steps_are_all_listed(step: StoreStep) {
+        match step {
+            StoreStep::Read
+            | StoreStep::Write
+            | StoreStep::Sync
+            | StoreStep::Marker
+            | StoreStep::Record
+            | StoreStep::Unlink
+            | StoreStep::MapScan => {}
+        }
+    }
+
+    fn source(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The control commands the control socket announces: the literals of
+    /// its `Request => Some("command")` table.
+    fn control_commands() -> Vec<String> {
+        let text = source("control/mod.rs");
+        let commands: Vec<String> = text
+            .lines()
+            .filter_map(|line| {
+                let (_, rest) = line.trim().split_once("=> Some(\"")?;
+                Some(rest.split_once('"')?.0.to_string())
+            })
+            .collect();
+        assert!(
+            commands.iter().any(|c| c == "status"),
+            "src/control/mod.rs: expected its `Request::Status => Some(\"status\")` table, \
+             found the commands {commands:?}"
+        );
+        commands
+    }
+
+    fn side(name: &str) -> Side {
+        Side::from_name(name).unwrap_or_else(|| panic!("expected a plan side, got {name}"))
+    }
+
+    /// Every (side, step name) announced through [`Step`], [`StoreStep`]
+    /// and the control socket. The proxy's downstream negotiation is the
+    /// server's, announced through the proxy's probe under its own side.
+    fn announced() -> Vec<(Side, String)> {
+        let mut out: Vec<(Side, String)> = every_step()
+            .iter()
+            .map(|s| (side(s.side()), s.name()))
+            .collect();
+        for step in [
+            Step::GreetingSend,
+            Step::OptionReceived { option: 7 },
+            Step::OptionReplySend { option: 7 },
+        ] {
+            out.push((Side::Proxy, step.name()));
+        }
+        for step in STORE_STEPS {
+            out.push((Side::Store, step.name().to_string()));
+        }
+        for command in control_commands() {
+            out.push((Side::Control, command));
+        }
+        out
+    }
+
+    /// The `read`/`write` commands and the proxy announce steps by name: the
+    /// source files where each side's names are string literals.
+    fn named_step_files(side: Side) -> &'static [&'static str] {
+        match side {
+            Side::Client => &["client.rs"],
+            Side::Proxy => &["proxy/mod.rs", "proxy/upstream.rs"],
+            _ => &[],
+        }
+    }
+
     #[test]
-    fn every_step_the_code_announces_is_in_the_plan_vocabulary() {
-        for step in every_step() {
+    fn every_step_the_code_announces_is_in_the_step_table() {
+        for (side, name) in announced() {
             assert!(
-                faults::plan::is_known_step(step.side(), &step.name()),
-                "{} is announced but the plan parser does not know it",
-                step.key()
+                faults::steps::find(side, &name).is_some(),
+                "{side}.{name} is announced but is not in faults::steps::STEPS: \
+                 a plan naming it would be warned about as a step that never fires"
             );
         }
     }
 
-    /// The read/write commands and the proxy announce steps by name: each
-    /// name they use appears in their source as a string literal.
-    fn named_step_literals() -> String {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut text = String::new();
-        for file in ["client.rs", "proxy/mod.rs", "proxy/upstream.rs"] {
-            text += &std::fs::read_to_string(root.join(file)).expect(file);
-        }
-        text
-    }
-
     #[test]
-    fn every_step_in_the_plan_vocabulary_is_announced_somewhere() {
-        let announced: Vec<(String, String)> = every_step()
-            .iter()
-            .map(|s| (s.side().to_string(), s.name()))
-            .collect();
-        let literals = named_step_literals();
-        for pattern in faults::plan::KNOWN_STEPS {
-            let by_step = announced.iter().any(|(side, name)| {
-                faults::plan::is_known_step(side, name)
-                    && (name == pattern
-                        || pattern
-                            .strip_suffix("<n>")
-                            .or_else(|| pattern.strip_suffix("<cmd>"))
-                            .is_some_and(|prefix| name.starts_with(prefix)))
-            });
-            let by_name = match pattern
-                .strip_suffix("<n>")
-                .or_else(|| pattern.strip_suffix("<cmd>"))
-            {
+    fn every_step_in_the_table_is_announced() {
+        let announced = announced();
+        for def in faults::STEPS {
+            let by_step = announced
+                .iter()
+                .any(|(side, name)| *side == def.side && def.matches(name));
+            let literals: String = named_step_files(def.side)
+                .iter()
+                .map(|file| source(file))
+                .collect();
+            let by_name = match def.prefix() {
                 Some(prefix) => literals.contains(&format!("\"{prefix}")),
-                None => literals.contains(&format!("\"{pattern}\"")),
+                None => literals.contains(&format!("\"{}\"", def.pattern)),
             };
             assert!(
                 by_step || by_name,
-                "{pattern} is in the plan vocabulary but nothing announces it: \
-                 a plan naming it would never fire"
+                "{} is in faults::steps::STEPS but nothing announces it: \
+                 a plan naming it would never fire",
+                def.key()
             );
+        }
+    }
+
+    #[test]
+    fn announced_steps_have_the_kind_of_the_table() {
+        for (step, kind) in [
+            (Step::Accept, Kind::Event),
+            (Step::MirrorConnect, Kind::Event),
+            (Step::GreetingSend, Kind::Outgoing),
+            (Step::MirrorGreetingReceived, Kind::Incoming),
+            (Step::RequestReceived { kind: cmd::WRITE }, Kind::Incoming),
+            (Step::PayloadReceived { kind: cmd::WRITE }, Kind::Incoming),
+            (Step::ReplySend { kind: cmd::ENTRUST }, Kind::Outgoing),
+            (Step::MirrorRequestSend { kind: cmd::DISC }, Kind::Outgoing),
+            (Step::MirrorPayloadSend { kind: cmd::WRITE }, Kind::Outgoing),
+            (
+                Step::MirrorReplyReceived { kind: cmd::ENTRUST },
+                Kind::Incoming,
+            ),
+            (Step::Control { command: "status" }, Kind::Incoming),
+            (Step::DisconnectDone, Kind::Milestone),
+            (Step::MirrorDisconnectSent, Kind::Milestone),
+        ] {
+            let def = faults::steps::find(side(step.side()), &step.name())
+                .unwrap_or_else(|| panic!("{} is not in the table", step.key()));
+            assert_eq!(def.kind, kind, "{}", step.key());
         }
     }
 
@@ -401,62 +500,6 @@ mod tests {
         assert_eq!(Step::Control { command: "status" }.key(), "control.status");
         assert_eq!(Step::DisconnectDone.key(), "server.disconnect_done");
         assert_eq!(Step::MirrorDisconnectSent.key(), "mirror.disconnect_sent");
-        // Every key we announce is one the plan language knows.
-        for step in [
-            Step::Accept,
-            Step::GreetingSend,
-            Step::RequestReceived { kind: cmd::WRITE },
-            Step::PayloadReceived { kind: cmd::WRITE },
-            Step::MirrorConnect,
-            Step::MirrorGreetingReceived,
-            Step::MirrorRequestSend {
-                kind: cmd::WRITE_ZEROES,
-            },
-            Step::MirrorReplyReceived { kind: cmd::FLUSH },
-            Step::DisconnectDone,
-            Step::MirrorDisconnectSent,
-        ] {
-            assert!(
-                faults::plan::is_known_step(step.side(), &step.name()),
-                "{}",
-                step.key()
-            );
-        }
-    }
-
-    #[test]
-    fn store_steps_are_the_plan_vocabulary() {
-        let all = [
-            StoreStep::Read,
-            StoreStep::Write,
-            StoreStep::Sync,
-            StoreStep::Marker,
-            StoreStep::Record,
-            StoreStep::Unlink,
-            StoreStep::MapScan,
-        ];
-        for step in all {
-            // A new variant must be listed above: the match fails to
-            // compile otherwise.
-            match step {
-                StoreStep::Read
-                | StoreStep::Write
-                | StoreStep::Sync
-                | StoreStep::Marker
-                | StoreStep::Record
-                | StoreStep::Unlink
-                | StoreStep::MapScan => {}
-            }
-            assert!(
-                faults::plan::is_known_step("store", step.name()),
-                "store.{}",
-                step.name()
-            );
-        }
-        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
-        for name in faults::plan::STORE_STEPS {
-            assert!(names.contains(name), "store.{name} is announced by nothing");
-        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!
 //! [`plan`] is the fault plan language (`FLEXNBD_FAULTS`), which turns a text
 //! like `server.reply_send.write#3=close` into decisions at each step;
+//! [`steps`] is the one table of the steps a plan may name;
 //! [`scenarios`] is a catalogue of named plans covering both sides of a
 //! migration and the store.
 
@@ -15,13 +16,15 @@ use std::time::Duration;
 pub mod plan;
 mod rng;
 pub mod scenarios;
+pub mod steps;
 
 pub use plan::{
     fired_line, is_known_step, Decision, Fault, FaultPlan, PlanError, PlanErrorKind, Side,
-    StoreFault, KNOWN_STEPS,
+    StoreFault,
 };
 pub use rng::SplitMix64;
 pub use scenarios::{Scenario, SCENARIOS};
+pub use steps::{StepDef, STEPS};
 
 /// What to do at a protocol step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

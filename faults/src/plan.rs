@@ -92,106 +92,7 @@ pub const ACTIONS: &[&str] = &[
     "enospc", "slow",
 ];
 
-/// The NBD command names a `<cmd>` placeholder in [`KNOWN_STEPS`] stands for.
-pub const COMMANDS: &[&str] = &[
-    "read",
-    "write",
-    "disconnect",
-    "flush",
-    "trim",
-    "cache",
-    "write_zeroes",
-    "block_status",
-    "entrust",
-    "unknown",
-];
-
-/// The control socket commands (`control.<command>` keys).
-pub const CONTROL_COMMANDS: &[&str] = &["acl", "mirror", "mirror_speed", "break", "status"];
-
-/// The steps of the store (`store.<step>` keys).
-/// `read`, `write` and `sync` are the image's; `marker` is a rewrite or
-/// removal of a migration destination's `.INCOMPLETE` marker, `record` the
-/// write or removal of its `.COMPLETE` completion record, `unlink` the
-/// source's `--unlink` of its image, `map_scan` the start of the background
-/// scan that builds the allocation map.
-pub const STORE_STEPS: &[&str] = &[
-    "read", "write", "sync", "marker", "record", "unlink", "map_scan",
-];
-
-/// The protocol steps announced on connections (keys of the `server`,
-/// `mirror`, `client` and `proxy` sides), for documentation and warnings.
-/// `<n>` stands for a decimal option number, `<cmd>` for one of [`COMMANDS`].
-///
-/// Server side (NBD server, and the destination of a migration): `accept`,
-/// `greeting_send`, `option_received.<n>`, `option_reply_send.<n>`,
-/// `request_received.<cmd>`, `payload_received.<cmd>`, `reply_send.<cmd>`,
-/// `entrust_received`, `entrust_reply_send`, `disconnect_received`,
-/// `disconnect_done` (a destination that completed a migration, just before
-/// it exits).
-///
-/// Client side (the mirror, i.e. the source of a migration, and the
-/// read/write commands): `connect`, `greeting_received`,
-/// `request_send.<cmd>`, `payload_send.<cmd>`,
-/// `reply_received.<cmd>`, `entrust_send`, `entrust_reply_received`,
-/// `disconnect_send`, `disconnect_sent` (the source after its DISCONNECT went
-/// out, just before it exits).
-/// Steps announced after a connection's last message, just before the
-/// process goes on to exit (`disconnect_done`, `disconnect_sent`). Nothing is
-/// left there to drop, close, truncate, corrupt or hang, so a plan may only
-/// delay, crash or cut the power there: any other action is a parse error,
-/// never a `fault fired` line for a fault that could not happen.
-pub const MILESTONE_STEPS: &[&str] = &["disconnect_done", "disconnect_sent"];
-
-pub const KNOWN_STEPS: &[&str] = &[
-    "accept",
-    "greeting_send",
-    "option_received.<n>",
-    "option_reply_send.<n>",
-    "request_received.<cmd>",
-    "payload_received.<cmd>",
-    "reply_send.<cmd>",
-    "entrust_received",
-    "entrust_reply_send",
-    "disconnect_received",
-    "disconnect_done",
-    "connect",
-    "greeting_received",
-    "request_send.<cmd>",
-    "payload_send.<cmd>",
-    "reply_received.<cmd>",
-    "entrust_send",
-    "entrust_reply_received",
-    "disconnect_send",
-    "disconnect_sent",
-];
-
-/// Whether `step` is a step the code is known to announce for `side`
-/// (see [`KNOWN_STEPS`], [`STORE_STEPS`], [`CONTROL_COMMANDS`]). A plan may
-/// name other steps, for code not written yet; callers should warn about
-/// them (see [`FaultPlan::warnings`]), since such an entry never fires.
-pub fn is_known_step(side: &str, step: &str) -> bool {
-    match side {
-        "store" => STORE_STEPS.contains(&step),
-        "control" => CONTROL_COMMANDS.contains(&step),
-        "server" | "mirror" | "client" | "proxy" => KNOWN_STEPS
-            .iter()
-            .any(|pattern| step_matches(pattern, step)),
-        _ => false,
-    }
-}
-
-fn step_matches(pattern: &str, step: &str) -> bool {
-    if let Some(prefix) = pattern.strip_suffix("<n>") {
-        step.strip_prefix(prefix)
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    } else if let Some(prefix) = pattern.strip_suffix("<cmd>") {
-        step.strip_prefix(prefix)
-            .is_some_and(|c| COMMANDS.contains(&c))
-    } else {
-        pattern == step
-    }
-}
+pub use crate::steps::{is_known_step, COMMANDS};
 
 /// The line to log when a fault fires: `fault fired: <key> -> <action>`,
 /// e.g. `fault fired: server.reply_send.write#3 -> close`.
@@ -466,6 +367,34 @@ pub struct Term {
     pub count: Option<u64>,
     /// The fault, `None` for `pass`.
     pub action: Option<Fault>,
+}
+
+impl Term {
+    /// The term's action without its argument, as the step table names it.
+    pub fn act(&self) -> crate::steps::Act {
+        use crate::steps::Act;
+        match self.action {
+            None => Act::Pass,
+            Some(Fault::Net(a)) => match a {
+                Action::Pass => Act::Pass,
+                Action::Drop => Act::Drop,
+                Action::Close => Act::Close,
+                Action::Truncate(_) => Act::Truncate,
+                Action::Hang => Act::Hang,
+                Action::Delay(_) => Act::Delay,
+                Action::Corrupt => Act::Corrupt,
+                Action::Crash => Act::Crash,
+                Action::PowerCut(_) => Act::PowerCut,
+            },
+            Some(Fault::Store(f)) => match f {
+                StoreFault::Eio => Act::Eio,
+                StoreFault::Enospc => Act::Enospc,
+                StoreFault::Slow(_) => Act::Slow,
+                StoreFault::Crash => Act::Crash,
+                StoreFault::PowerCut(_) => Act::PowerCut,
+            },
+        }
+    }
 }
 
 impl fmt::Display for Term {
@@ -821,7 +750,7 @@ pub enum PlanErrorKind {
     /// A store fault on a network key, or a network action on a store key.
     WrongSide { action: &'static str, key: String },
     /// An action that cannot happen at a step with no message and no
-    /// connection left to act on (see [`MILESTONE_STEPS`]).
+    /// connection left to act on (see [`crate::steps::is_milestone`]).
     NoEffectAt { action: &'static str, key: String },
     /// The same key twice.
     DuplicateKey(String),
@@ -1315,7 +1244,7 @@ impl<'a> Parser<'a> {
                 },
             );
         }
-        let at_milestone = !is_store_key && MILESTONE_STEPS.contains(&key.step.as_str());
+        let at_milestone = !is_store_key && crate::steps::is_milestone(&key.step);
         if at_milestone
             && !matches!(
                 action,

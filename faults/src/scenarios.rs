@@ -4,8 +4,10 @@
 //! run. Names read `<action>_<when>_<step>`, like `close_after_greeting_send`.
 //!
 //! The table in `fixtures/faults/README.md` is generated from this list by
-//! [`markdown_table`]; a test keeps the two in step (run the `faults` tests
-//! with `FLEXNBD_UPDATE_README=1` to rewrite it).
+//! [`markdown_table`]; a test keeps the two in step (rewrite it with
+//! `FLEXNBD_UPDATE_DOCS=1 cargo test -p faults docs`). Every step a plan
+//! here names is in [`crate::steps::STEPS`], with an action that makes sense
+//! there.
 
 use crate::plan::{FaultPlan, PlanError};
 
@@ -316,6 +318,38 @@ mod tests {
         }
     }
 
+    /// Each entry of each scenario names a step of the table
+    /// ([`crate::steps::STEPS`]) with an action that makes sense there: a
+    /// scenario that "corrupts" a received message would describe a fault
+    /// that cannot happen.
+    #[test]
+    fn every_step_and_action_is_in_the_step_table() {
+        for s in SCENARIOS {
+            let plan = s.fault_plan().expect("checked above");
+            for entry in plan.entries() {
+                let def =
+                    crate::steps::find(entry.key.side, &entry.key.step).unwrap_or_else(|| {
+                        panic!(
+                            "scenario {}: {} is not in faults::steps::STEPS",
+                            s.name, entry.key
+                        )
+                    });
+                for term in &entry.chain {
+                    let act = term.act();
+                    assert!(
+                        def.allows(act),
+                        "scenario {}: {} at {}: expected one of {:?} (the table's actions for {})",
+                        s.name,
+                        act,
+                        entry.key,
+                        def.actions,
+                        def.key()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn names_are_unique_and_well_formed() {
         let mut seen = HashSet::new();
@@ -363,7 +397,7 @@ mod tests {
     const END: &str = "<!-- scenarios:end -->";
 
     #[test]
-    fn readme_table_matches_the_catalogue() {
+    fn docs_scenario_table_matches_the_catalogue() {
         let text = std::fs::read_to_string(README).expect("fixtures/faults/README.md");
         let table = markdown_table();
         let (before, rest) = text
@@ -371,11 +405,13 @@ mod tests {
             .expect("README lacks the begin marker");
         let (current, after) = rest.split_once(END).expect("README lacks the end marker");
         if current != table {
-            if std::env::var_os("FLEXNBD_UPDATE_README").is_some() {
+            if std::env::var_os("FLEXNBD_UPDATE_DOCS").is_some() {
                 std::fs::write(README, format!("{before}{BEGIN}{table}{END}{after}")).unwrap();
             } else {
                 panic!(
-                    "fixtures/faults/README.md is out of date; rerun with FLEXNBD_UPDATE_README=1"
+                    "fixtures/faults/README.md: the scenario table differs from SCENARIOS.\n\
+                     Expected:\n{table}\nFound:\n{current}\n\
+                     Update it with: FLEXNBD_UPDATE_DOCS=1 cargo test -p faults docs"
                 );
             }
         }

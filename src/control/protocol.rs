@@ -94,16 +94,9 @@ impl Response {
     }
 }
 
-/// What the source does once a migration has copied everything.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MirrorAction {
-    /// Hand off and exit.
-    Exit,
-    /// Hand off, unlinking the source file first, and exit.
-    Unlink,
-    /// Keep serving; no hand-off.
-    Nothing,
-}
+/// What the source does once a migration has copied everything (the
+/// source's state machine decides with it).
+pub use crate::core::source::MirrorAction;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MirrorArgs {

@@ -5,7 +5,7 @@
 //! reported to the `mirror` caller and never retried; after `Mirror started`
 //! every failure is retried from scratch, forever, one second apart, each
 //! attempt with a fresh connection and fresh state, until success, `break`
-//! or a signal. [`attempt`] is one copy: a sweep of the whole image
+//! or a signal. An attempt is one copy: a sweep of the whole image
 //! (allocated ranges as data, holes as WRITE_ZEROES where the destination
 //! offers it), passes over the ranges clients dirtied meanwhile, the client
 //! cut-off once the remainder is small, entrust, and the hand-off. How
@@ -13,9 +13,18 @@
 //! decided in [`policy`] from the destination's costs as its replies show
 //! them, so a destination that syncs every write (the C flexnbd) still
 //! converges with a short lock-out.
+//!
+//! What happens next and in which order is decided by the sans-IO machine
+//! [`crate::core::source::Source`]; this module is its driver: it connects
+//! (the handshake and its fault points are I/O), then carries out each
+//! effect the machine returns with the real pipe, image and host, and
+//! feeds the outcome back as the next event.
 
 mod pipe;
-pub mod policy;
+pub use crate::core::policy;
+pub use crate::core::source::{
+    FirstOutcome, Outcome, Phase, CHUNK, CUTOFF_GRACE, RETRY_DELAY, ZERO_CHUNK,
+};
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -28,56 +37,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
+use crate::core::source::{Effect, Event, Level, Milestone, Source, SourceConfig};
 use crate::fault_apply::{self, How, Incoming};
 use crate::log::monotonic_ms;
 use crate::probe::{Probe, Step};
-use crate::proto::{self, cmd, errno};
+use crate::proto::cmd;
 use crate::status::MigrationStatus;
 use crate::store::Image;
 use crate::transport::Transport;
 use crate::{info, warn};
 use pipe::{Pipe, PipeError};
-use policy::{Bottleneck, Capacity, Convergence, Estimate};
+use policy::{Bottleneck, Capacity, Estimate};
 
 /// Outgoing connections give up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The whole greeting must arrive within this.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Between a failed attempt and the next.
-pub const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Largest data write the sweep sends.
-pub const CHUNK: u64 = 1024 * 1024;
-/// Largest WRITE_ZEROES the sweep sends for a hole.
-pub const ZERO_CHUNK: u64 = 1024 * 1024 * 1024;
-/// The sweep clears dirty bits and reads extents a window at a time.
-const WINDOW: u64 = 64 * 1024 * 1024;
-/// A flush this quick means the destination has little left to sync.
-const QUICK_FLUSH: Duration = Duration::from_millis(10);
-/// Flushes before the cut-off, at most (clients keep dirtying meanwhile).
-const MAX_FLUSHES: u32 = 4;
-/// At the cut-off, clients get this long to finish their current request
-/// before their connections are torn down.
-pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
 
 /// The no-progress timeout: 60 s, or `FLEXNBD_MS_REQUEST_LIMIT_SECS`
 /// (seconds, a float).
+/// The no-progress limit unless `FLEXNBD_MS_REQUEST_LIMIT_SECS` says
+/// otherwise.
+pub const REQUEST_LIMIT_DEFAULT: Duration = Duration::from_secs(60);
+
 pub fn request_limit() -> Duration {
     std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(60))
-}
-
-/// How the first attempt ended, as the `mirror` caller is told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FirstOutcome {
-    Go,
-    FailConnect,
-    Rejected,
-    NoHello,
-    SizeMismatch,
+        .unwrap_or(REQUEST_LIMIT_DEFAULT)
 }
 
 impl FirstOutcome {
@@ -102,65 +91,6 @@ pub struct MirrorConfig {
     /// With `mirror --tls-ca`: STARTTLS, verifying the destination.
     pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
-
-/// The phase an attempt is in (for status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Phase {
-    Connecting = 0,
-    Copying = 1,
-    Converging = 2,
-    Entrusting = 3,
-    HandingOff = 4,
-    Retrying = 5,
-    Done = 6,
-}
-
-impl Phase {
-    /// Every phase, each at the index of its discriminant: the one table
-    /// [`Phase::from_u8`] decodes with (checked below when compiling).
-    const ALL: [Phase; 7] = [
-        Phase::Connecting,
-        Phase::Copying,
-        Phase::Converging,
-        Phase::Entrusting,
-        Phase::HandingOff,
-        Phase::Retrying,
-        Phase::Done,
-    ];
-
-    /// The phase stored as `v` by [`MirrorState::set_phase`]; `None` for a
-    /// byte no phase is stored as (a variant missing from [`Phase::ALL`]).
-    fn from_u8(v: u8) -> Option<Phase> {
-        Phase::ALL.get(usize::from(v)).copied()
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Connecting => "connecting",
-            Phase::Copying => "copying",
-            Phase::Converging => "converging",
-            Phase::Entrusting => "entrusting",
-            Phase::HandingOff => "handing_off",
-            Phase::Retrying => "retrying",
-            Phase::Done => "done",
-        }
-    }
-}
-
-// A phase is stored as its discriminant and decoded by indexing ALL, so each
-// must sit at its own index. A variant left out of ALL decodes as None, which
-// `MirrorState::phase` reports as a bug rather than reading as another phase.
-const _: () = {
-    let mut i = 0;
-    while i < Phase::ALL.len() {
-        assert!(
-            Phase::ALL[i] as usize == i,
-            "Phase::ALL out of discriminant order"
-        );
-        i += 1;
-    }
-};
 
 /// A mirror's live figures, read by status and written by the attempt.
 pub struct MirrorState {
@@ -302,23 +232,6 @@ pub trait Host: Send + Sync + 'static {
     fn close_server(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// How a mirror ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The first attempt failed; the caller was told and nothing is retried.
-    FirstAttemptFailed(FirstOutcome),
-    /// `break` or shutdown.
-    Abandoned,
-    /// Everything was copied and action `nothing` was asked: keep serving.
-    CopiedAndKept,
-    /// The destination was handed the image: the source must exit 0.
-    HandedOff,
-    /// Everything was durable at the destination but the DISCONNECT could
-    /// not be sent: exit non-zero so nobody takes this for a completed
-    /// migration.
-    DisconnectFailed(String),
-}
-
 /// Why an attempt ended without completing.
 #[derive(Debug, thiserror::Error)]
 enum AttemptError {
@@ -330,10 +243,6 @@ enum AttemptError {
     Pipe(#[from] PipeError),
     #[error("reading the source image failed: {0}")]
     Image(std::io::Error),
-    #[error("the destination answered entrust with error {0}")]
-    EntrustRefused(u32),
-    #[error("the destination answered the final flush with error {0}")]
-    FlushRefused(u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,52 +267,27 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     cancel: CancellationToken,
     first: oneshot::Sender<FirstOutcome>,
 ) -> Outcome {
-    let mut first = Some(first);
-    loop {
-        state.begin_attempt();
-        let n = state.attempt.load(Ordering::Acquire);
-        let result = attempt(
-            &transport, &*host, &probe, &config, &state, &cancel, &mut first,
-        )
-        .await;
-        match result {
-            Ok(outcome) => {
-                host.image().stop_tracking();
-                state.set_phase(Phase::Done);
-                return outcome;
-            }
-            Err(AttemptError::First(e)) if first.is_some() => {
-                warn!("migration to {} failed: {}", config.target, e.message);
-                host.image().stop_tracking();
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(e.outcome);
-                }
-                return Outcome::FirstAttemptFailed(e.outcome);
-            }
-            Err(AttemptError::Cancelled) => {
-                host.image().stop_tracking();
-                host.allow_clients();
-                return Outcome::Abandoned;
-            }
-            Err(e) => {
-                warn!(
-                    "migration attempt {n} to {} failed: {e}; retrying in {} s",
-                    config.target,
-                    RETRY_DELAY.as_secs()
-                );
-                host.image().set_pace(None, u64::MAX);
-                host.allow_clients();
-                state.set_phase(Phase::Retrying);
-                tokio::select! {
-                    _ = cancel.cancelled() => {
-                        host.image().stop_tracking();
-                        return Outcome::Abandoned;
-                    }
-                    _ = tokio::time::sleep(RETRY_DELAY) => {}
-                }
-            }
-        }
-    }
+    let image = host.image().clone();
+    let machine = Source::new(SourceConfig::new(
+        config.target.to_string(),
+        image.path().display().to_string(),
+        image.size(),
+        config.action,
+        crate::store::BLOCK_SIZE,
+    ));
+    let mut driver = Driver {
+        transport: &transport,
+        host: &*host,
+        probe: &probe,
+        config: &config,
+        state: &state,
+        cancel: &cancel,
+        image: &image,
+        first: Some(first),
+        copier: None,
+        machine,
+    };
+    driver.run().await
 }
 
 /// Races `fut` against cancellation.
@@ -418,381 +302,330 @@ async fn or_cancel<F: Future>(
     }
 }
 
-async fn attempt<T: Transport, H: Host, P: Probe>(
-    transport: &T,
-    host: &H,
-    probe: &Arc<P>,
-    config: &MirrorConfig,
-    state: &MirrorState,
-    cancel: &CancellationToken,
-    first: &mut Option<oneshot::Sender<FirstOutcome>>,
-) -> Result<Outcome, AttemptError> {
-    let image = host.image().clone();
-    // 1. Connect and check the greeting.
-    let bind = config.bind.map(|ip| SocketAddr::new(ip, 0));
-    let refused = |why: &str| {
-        first_error(
-            FirstOutcome::FailConnect,
-            format!("cannot connect to {}: {why}", config.target),
-        )
-    };
-    // Hung: no connection until the connect timeout would have given up.
-    let verdict = fault_apply::event(
-        probe.step(Step::MirrorConnect),
-        || Step::MirrorConnect.key(),
-        async { tokio::time::sleep(CONNECT_TIMEOUT).await },
-    );
-    if let Err(ended) = or_cancel(cancel, verdict).await? {
-        return Err(refused(match ended.how {
-            How::Hung => "connection timed out (fault injection)",
-            _ => "connection refused (fault injection)",
-        }));
+/// Carries out the machine's effects with the real connection, image and
+/// host, and feeds their outcomes back to it.
+struct Driver<'a, T: Transport, H: Host, P: Probe> {
+    transport: &'a T,
+    host: &'a H,
+    probe: &'a Arc<P>,
+    config: &'a MirrorConfig,
+    state: &'a MirrorState,
+    cancel: &'a CancellationToken,
+    image: &'a Arc<Image>,
+    first: Option<oneshot::Sender<FirstOutcome>>,
+    /// The current attempt's connection.
+    copier: Option<Copier<'a, crate::tls::Conn<T::Stream>, P>>,
+    machine: Source,
+}
+
+impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
+    async fn run(&mut self) -> Outcome {
+        let mut batch = self.machine.start(Instant::now());
+        loop {
+            let mut answer = None;
+            let count = batch.len();
+            for (i, effect) in batch.into_iter().enumerate() {
+                if effect.awaits() {
+                    debug_assert_eq!(i + 1, count, "an effect that awaits ends its batch");
+                    answer = Some(self.answer(effect).await);
+                    break;
+                }
+                if let Some(outcome) = self.apply(effect).await {
+                    return outcome;
+                }
+            }
+            let event = answer.expect("every batch ends awaiting an answer or finishing");
+            if matches!(
+                event,
+                Event::Failed { .. } | Event::ConnectFailed { .. } | Event::Cancel
+            ) {
+                // The attempt is over: close its connection at once.
+                self.copier = None;
+            }
+            batch = self.machine.handle(Instant::now(), event);
+        }
     }
-    let mut stream = crate::tls::Conn::Plain(
-        or_cancel(
-            cancel,
-            transport.connect(config.target, bind, CONNECT_TIMEOUT),
-        )
-        .await?
-        .map_err(|e| {
+
+    /// Carries out an effect that answers nothing; `Some` ends the mirror.
+    async fn apply(&mut self, effect: Effect) -> Option<Outcome> {
+        let (image, state) = (self.image, self.state);
+        match effect {
+            Effect::BeginAttempt { .. } => state.begin_attempt(),
+            Effect::ReportFirst(outcome) => {
+                if let Some(tx) = self.first.take() {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Effect::StartTracking => image.start_tracking(),
+            Effect::StopTracking => image.stop_tracking(),
+            Effect::SetPhase(phase) => state.set_phase(phase),
+            Effect::ClearDirty { offset, len } => image.clear_dirty(offset, len),
+            Effect::SetPace { capacity, below } => image.set_pace(capacity, below),
+            Effect::SweepProgress(offset) => state.sweep_offset.store(offset, Ordering::Release),
+            Effect::SetEstimate(estimate) => state.set_estimate(&estimate),
+            Effect::AllowClients => self.host.allow_clients(),
+            Effect::Completing => state.completing.store(true, Ordering::Release),
+            Effect::RecordLockout(lockout) => {
+                state
+                    .lockout_us
+                    .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
+            }
+            Effect::Milestone(Milestone::DisconnectSent) => {
+                crate::probe::milestone(&**self.probe, Step::MirrorDisconnectSent).await;
+            }
+            Effect::Log(Level::Info, line) => info!("{line}"),
+            Effect::Log(Level::Warn, line) => warn!("{line}"),
+            Effect::Finish(outcome) => {
+                self.copier = None;
+                return Some(outcome);
+            }
+            other => unreachable!("{other:?} awaits an answer"),
+        }
+        None
+    }
+
+    /// Carries out an effect that awaits an answer, and returns it.
+    async fn answer(&mut self, effect: Effect) -> Event {
+        let image = self.image;
+        let cancel = self.cancel;
+        let result: Result<Event, AttemptError> = match effect {
+            Effect::Connect => match self.connect().await {
+                Ok((flags, link)) => Ok(Event::Connected { flags, link }),
+                Err(AttemptError::First(e)) => Ok(Event::ConnectFailed {
+                    outcome: e.outcome,
+                    message: e.message,
+                }),
+                Err(e) => Err(e),
+            },
+            Effect::MeasureCapacity => Ok(Event::Capacity {
+                capacity: self.copier().capacity(),
+                speed_limit: self.state.max_bps(),
+            }),
+            Effect::AskExtents { offset, len } => {
+                Ok(Event::Extents(image.extents(offset, len, usize::MAX)))
+            }
+            Effect::SendData { offset, len } => self
+                .copier()
+                .send_data(offset, len)
+                .await
+                .map(|()| Event::Sent),
+            Effect::SendHole {
+                offset,
+                len,
+                zeroes,
+            } => self
+                .copier()
+                .send_hole(offset, len, zeroes)
+                .await
+                .map(|()| Event::Sent),
+            Effect::TakeDirty {
+                max_bytes,
+                max_run,
+                gap,
+            } => Ok(Event::DirtyTaken(image.take_dirty(max_bytes, max_run, gap))),
+            Effect::Measure => {
+                let (in_flight, in_flight_bytes) = self.copier().pipe.in_flight();
+                Ok(Event::Measured {
+                    dirty_bytes: image.dirty_bytes(),
+                    in_flight,
+                    in_flight_bytes,
+                })
+            }
+            Effect::CountRuns { gap, limit } => Ok(Event::Runs(image.dirty_runs(gap, limit))),
+            Effect::WaitIdle => {
+                let pipe = &mut self.copier().pipe;
+                match or_cancel(cancel, pipe.wait_idle()).await {
+                    Ok(done) => done.map(|()| Event::Idle).map_err(AttemptError::from),
+                    Err(e) => Err(e),
+                }
+            }
+            Effect::Flush | Effect::Entrust => {
+                let kind = if effect == Effect::Flush {
+                    cmd::FLUSH
+                } else {
+                    cmd::ENTRUST
+                };
+                let pipe = &mut self.copier().pipe;
+                match or_cancel(cancel, pipe.call(kind)).await {
+                    Ok(reply) => reply
+                        .map(|error| Event::Reply { error })
+                        .map_err(AttemptError::from),
+                    Err(e) => Err(e),
+                }
+            }
+            Effect::CutOffClients { grace } => or_cancel(cancel, self.host.cut_off_clients(grace))
+                .await
+                .map(|()| Event::ClientsCutOff),
+            Effect::CloseServer => {
+                self.host.close_server().await;
+                Ok(Event::ServerClosed)
+            }
+            Effect::Unlink => Ok(Event::Unlinked(
+                crate::handoff::unlink_durably(crate::store::files::ops(), image.path())
+                    .map_err(|e| e.to_string()),
+            )),
+            Effect::Disconnect => {
+                let copier = self.copier.take().expect("connected before DISCONNECT");
+                Ok(Event::DisconnectSent(
+                    copier.pipe.disconnect().await.map_err(|e| e.to_string()),
+                ))
+            }
+            Effect::ArmRetry { delay } => {
+                tokio::select! {
+                    _ = cancel.cancelled() => Err(AttemptError::Cancelled),
+                    _ = tokio::time::sleep(delay) => Ok(Event::RetryTimerFired),
+                }
+            }
+            other => unreachable!("{other:?} answers nothing"),
+        };
+        match result {
+            Ok(event) => event,
+            Err(AttemptError::Cancelled) => Event::Cancel,
+            Err(e) => Event::Failed {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn copier(&mut self) -> &mut Copier<'a, crate::tls::Conn<T::Stream>, P> {
+        self.copier
+            .as_mut()
+            .expect("the machine asks for the connection only while connected")
+    }
+
+    /// Connects, reads the greeting and checks the size: on success the
+    /// export's flags and how the link was made (for the log).
+    async fn connect(&mut self) -> Result<(u16, String), AttemptError> {
+        let (config, probe, cancel, image) = (self.config, self.probe, self.cancel, self.image);
+        // 1. Connect and check the greeting.
+        let bind = config.bind.map(|ip| SocketAddr::new(ip, 0));
+        let refused = |why: &str| {
             first_error(
                 FirstOutcome::FailConnect,
-                format!("cannot connect to {}: {e}", config.target),
+                format!("cannot connect to {}: {why}", config.target),
             )
-        })?,
-    );
-    let export = match or_cancel(
-        cancel,
-        tokio::time::timeout(
-            HELLO_TIMEOUT,
-            client::handshake(&mut stream, config.tls.as_deref()),
-        ),
-    )
-    .await?
-    {
-        Err(_) => {
-            return Err(first_error(
-                FirstOutcome::NoHello,
-                format!(
-                    "no complete greeting from {} within {} s",
-                    config.target,
-                    HELLO_TIMEOUT.as_secs()
-                ),
-            ))
+        };
+        // Hung: no connection until the connect timeout would have given up.
+        let verdict = fault_apply::event(
+            probe.step(Step::MirrorConnect),
+            || Step::MirrorConnect.key(),
+            async { tokio::time::sleep(CONNECT_TIMEOUT).await },
+        );
+        if let Err(ended) = or_cancel(cancel, verdict).await? {
+            return Err(refused(match ended.how {
+                How::Hung => "connection timed out (fault injection)",
+                _ => "connection refused (fault injection)",
+            }));
         }
-        Ok(Err(e)) => {
-            return Err(first_error(
-                FirstOutcome::Rejected,
-                format!("{} rejected us: {e}", config.target),
-            ))
-        }
-        Ok(Ok(export)) => export,
-    };
-    let rejected = |why: &str| {
-        first_error(
-            FirstOutcome::Rejected,
-            format!("{} rejected us: {why}", config.target),
+        let mut stream = crate::tls::Conn::Plain(
+            or_cancel(
+                cancel,
+                self.transport.connect(config.target, bind, CONNECT_TIMEOUT),
+            )
+            .await?
+            .map_err(|e| {
+                first_error(
+                    FirstOutcome::FailConnect,
+                    format!("cannot connect to {}: {e}", config.target),
+                )
+            })?,
+        );
+        let export = match or_cancel(
+            cancel,
+            tokio::time::timeout(
+                HELLO_TIMEOUT,
+                client::handshake(&mut stream, config.tls.as_deref()),
+            ),
         )
-    };
-    // Hung: the greeting stalls until the hello timeout gives up on it.
-    let verdict = fault_apply::incoming(
-        probe.step(Step::MirrorGreetingReceived),
-        || Step::MirrorGreetingReceived.key(),
-        async { tokio::time::sleep(HELLO_TIMEOUT).await },
-    );
-    match or_cancel(cancel, verdict).await? {
-        Ok(Incoming::Proceed) => {}
-        Ok(Incoming::Ignore) => {
-            // As if the greeting never came: read on for one. The
-            // destination sends nothing more before we speak, so this ends
-            // at the hello timeout (or when it closes).
-            use tokio::io::AsyncReadExt;
-            let mut byte = [0u8; 1];
-            let more = tokio::time::timeout(HELLO_TIMEOUT, stream.read(&mut byte));
-            return Err(match or_cancel(cancel, more).await? {
-                Err(_) => first_error(
+        .await?
+        {
+            Err(_) => {
+                return Err(first_error(
                     FirstOutcome::NoHello,
                     format!(
-                        "no greeting from {} within {} s (fault injection ignored the one that came)",
+                        "no complete greeting from {} within {} s",
                         config.target,
                         HELLO_TIMEOUT.as_secs()
                     ),
-                ),
-                Ok(_) => rejected("no greeting in what followed an ignored one (fault injection)"),
-            });
-        }
-        Err(ended) => {
-            return Err(match ended.how {
-                How::Hung => first_error(
-                    FirstOutcome::NoHello,
-                    "greeting stalled (fault injection)".into(),
-                ),
-                How::Damaged => rejected("bad greeting magic (fault injection)"),
-                _ => rejected("connection closed (fault injection)"),
-            })
-        }
-    }
-    if export.size != image.size() {
-        // Dropping the stream closes it, so the destination's slot is free.
-        return Err(first_error(
-            FirstOutcome::SizeMismatch,
-            format!(
-                "remote size {} does not match local size {}",
-                export.size,
-                image.size()
-            ),
-        ));
-    }
-    if let Some(tx) = first.take() {
-        let _ = tx.send(FirstOutcome::Go);
-    }
-    info!(
-        "migration attempt {} connected to {} ({:?} handshake{}, flags 0x{:04x})",
-        state.attempt.load(Ordering::Acquire),
-        config.target,
-        export.handshake,
-        if stream.is_tls() { ", TLS" } else { "" },
-        export.flags
-    );
-
-    // 2. Track changes from here on. The sweep need not wait for the
-    //    allocation map: until it is built, extents come from the file.
-    image.start_tracking();
-    state.set_phase(Phase::Copying);
-    let can_zero = export.flags & proto::flags::SEND_WRITE_ZEROES != 0;
-    let can_flush = export.flags & proto::flags::SEND_FLUSH != 0;
-    let mut pipe = Pipe::new(stream, config.request_limit, probe.clone());
-    let started = Instant::now();
-    let mut copier = Copier {
-        pipe: &mut pipe,
-        image: &image,
-        state,
-        cancel,
-        link_free: None,
-    };
-
-    // 3. The sweep: every byte once.
-    let size = image.size();
-    let mut window_start = 0u64;
-    while window_start < size {
-        let window_len = WINDOW.min(size - window_start);
-        // Clear first, then look: a write that lands after the clear is
-        // either seen by the reads below or marked dirty again.
-        image.clear_dirty(window_start, window_len);
-        // Clients' changes behind the end of this window will have to be
-        // sent again: pace them to what the destination can take, as
-        // measured so far (policy.rs), so that the dirty passes after the
-        // sweep start with little to do. Changes ahead of it cost nothing.
-        image.set_pace(copier.capacity(), window_start + window_len);
-        let mut pos = window_start;
-        for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
-            if hole {
-                copier.send_hole(pos, len, can_zero).await?;
-            } else {
-                // A chunk at a time, so status shows progress inside a long
-                // extent (a throttled 8 MiB extent would otherwise show none).
-                let end = pos + len;
-                let mut at = pos;
-                while at < end {
-                    let n = (end - at).min(CHUNK);
-                    copier.send_data(at, n).await?;
-                    at += n;
-                    state.sweep_offset.store(at, Ordering::Release);
-                    image.set_pace(copier.capacity(), window_start + window_len);
-                }
+                ))
             }
-            pos += len;
-            state.sweep_offset.store(pos, Ordering::Release);
-        }
-        window_start += window_len;
-    }
-    state.sweep_offset.store(size, Ordering::Release);
-
-    // 4. Dirty passes until the remainder is small enough to cut off. The
-    //    first time it is, FLUSH: the bulk becomes durable while clients
-    //    still run, so the entrust after the cut-off syncs only a little.
-    state.set_phase(Phase::Converging);
-    let converging_since = Instant::now();
-    let sweep_time = started.elapsed();
-    let convergence = Convergence::new(converging_since);
-    // Flushing repeats until one is quick: then little is left for the
-    // destination to make durable at entrust, while clients are shut out.
-    let mut flushed = !can_flush;
-    let mut flushes = 0;
-    let mut gap;
-    // When the next "not converging" warning is due (then every minute).
-    let mut warn_at = converging_since + policy::PATIENCE * 2;
-    loop {
-        // The migration's speed as measured so far (the destination's
-        // costs, the speed limit, the connection's throughput) decides how
-        // far apart dirty ranges may be and still go as one write, and how
-        // fast clients may dirty more (policy.rs).
-        let capacity = copier.capacity();
-        gap = capacity.map_or(0, |c| c.gap(crate::store::BLOCK_SIZE));
-        image.set_pace(capacity, u64::MAX);
-        let ranges = image.take_dirty(WINDOW, CHUNK, gap);
-        for (offset, len) in &ranges {
-            copier.send_data(*offset, *len).await?;
-        }
-        let (in_flight, in_flight_bytes) = copier.pipe.in_flight();
-        let remaining = image.dirty_bytes() + in_flight_bytes;
-        let requests =
-            |most: u64| in_flight + image.dirty_runs(gap, most.saturating_sub(in_flight));
-        let now = Instant::now();
-        let estimate = convergence.estimate(remaining, requests, capacity, now);
-        state.set_estimate(&estimate);
-        if !estimate.ready() && now >= warn_at {
-            warn_at = now + Duration::from_secs(60);
-            warn!(
-                "migration to {} not converging after {:.0} s: {}",
-                config.target,
-                converging_since.elapsed().as_secs_f64(),
-                not_converging_reason(&estimate, remaining, state.max_bps())
-            );
-        }
-        if estimate.ready() {
-            if flushed {
-                let per = capacity.map_or(String::new(), |c| {
-                    format!(
-                        "; the destination takes {:.3} ms a write plus {:.0} MB/s{}",
-                        c.destination.per_request * 1e3,
-                        1e-6 / c.destination.per_byte.max(1e-15),
-                        if c.rate.is_finite() {
-                            format!(
-                                ", the {} {:.1} MB/s",
-                                if estimate.bottleneck == Bottleneck::Link {
-                                    "connection carries"
-                                } else {
-                                    "copy is held to"
-                                },
-                                c.rate * 1e-6
-                            )
-                        } else {
-                            String::new()
-                        }
-                    )
+            Ok(Err(e)) => {
+                return Err(first_error(
+                    FirstOutcome::Rejected,
+                    format!("{} rejected us: {e}", config.target),
+                ))
+            }
+            Ok(Ok(export)) => export,
+        };
+        let rejected = |why: &str| {
+            first_error(
+                FirstOutcome::Rejected,
+                format!("{} rejected us: {why}", config.target),
+            )
+        };
+        // Hung: the greeting stalls until the hello timeout gives up on it.
+        let verdict = fault_apply::incoming(
+            probe.step(Step::MirrorGreetingReceived),
+            || Step::MirrorGreetingReceived.key(),
+            async { tokio::time::sleep(HELLO_TIMEOUT).await },
+        );
+        match or_cancel(cancel, verdict).await? {
+            Ok(Incoming::Proceed) => {}
+            Ok(Incoming::Ignore) => {
+                // As if the greeting never came: read on for one. The
+                // destination sends nothing more before we speak, so this ends
+                // at the hello timeout (or when it closes).
+                use tokio::io::AsyncReadExt;
+                let mut byte = [0u8; 1];
+                let more = tokio::time::timeout(HELLO_TIMEOUT, stream.read(&mut byte));
+                return Err(match or_cancel(cancel, more).await? {
+                    Err(_) => first_error(
+                        FirstOutcome::NoHello,
+                        format!(
+                            "no greeting from {} within {} s (fault injection ignored the one that came)",
+                            config.target,
+                            HELLO_TIMEOUT.as_secs()
+                        ),
+                    ),
+                    Ok(_) => rejected("no greeting in what followed an ignored one (fault injection)"),
                 });
-                info!(
-                    "converged after {:.3} s of dirty passes (the sweep took {:.3} s): \
-                     {remaining} bytes left at the cut-off{per}",
-                    converging_since.elapsed().as_secs_f64(),
-                    sweep_time.as_secs_f64(),
-                );
-                break;
             }
-            or_cancel(cancel, copier.pipe.wait_idle()).await??;
-            let flush_started = Instant::now();
-            let error = or_cancel(cancel, copier.pipe.call(cmd::FLUSH)).await??;
-            if error != 0 {
-                return Err(AttemptError::FlushRefused(error));
-            }
-            flushes += 1;
-            flushed = flush_started.elapsed() <= QUICK_FLUSH || flushes >= MAX_FLUSHES;
-            continue;
-        }
-        if ranges.is_empty() {
-            // Nothing dirty right now: wait for the writes in flight, then look again.
-            or_cancel(cancel, copier.pipe.wait_idle()).await??;
-        }
-    }
-
-    // 5. Cut clients off and send the last changes.
-    let cut_at = Instant::now();
-    image.set_pace(None, u64::MAX);
-    or_cancel(cancel, host.cut_off_clients(CUTOFF_GRACE)).await?;
-    loop {
-        let ranges = image.take_dirty(u64::MAX, CHUNK, gap);
-        if ranges.is_empty() {
-            break;
-        }
-        for (offset, len) in ranges {
-            copier.send_data(offset, len).await?;
-        }
-    }
-    or_cancel(cancel, copier.pipe.wait_idle()).await??;
-
-    // 6. Entrust: answered only once the destination has everything durable.
-    state.set_phase(Phase::Entrusting);
-    let error = or_cancel(cancel, copier.pipe.call(cmd::ENTRUST)).await??;
-    match error {
-        0 => {}
-        errno::EINVAL => {
-            // An old (C) destination: it syncs every write, and FLUSH covers
-            // anything else.
-            info!("destination does not know entrust; sending FLUSH instead");
-            let error = or_cancel(cancel, copier.pipe.call(cmd::FLUSH)).await??;
-            if error != 0 {
-                return Err(AttemptError::FlushRefused(error));
+            Err(ended) => {
+                return Err(match ended.how {
+                    How::Hung => first_error(
+                        FirstOutcome::NoHello,
+                        "greeting stalled (fault injection)".into(),
+                    ),
+                    How::Damaged => rejected("bad greeting magic (fault injection)"),
+                    _ => rejected("connection closed (fault injection)"),
+                })
             }
         }
-        other => return Err(AttemptError::EntrustRefused(other)),
-    }
-
-    if config.action == MirrorAction::Nothing {
-        info!("migration copied everything; action 'nothing': serving on");
-        image.stop_tracking();
-        host.allow_clients();
-        let lockout = cut_at.elapsed();
-        state
-            .lockout_us
-            .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
-        return Ok(Outcome::CopiedAndKept);
-    }
-
-    // 7. The hand-off. Past this point nothing is abandoned.
-    state.completing.store(true, Ordering::Release);
-    state.set_phase(Phase::HandingOff);
-    host.close_server().await;
-    if config.action == MirrorAction::Unlink {
-        let path = image.path().to_owned();
-        if let Err(e) = crate::handoff::unlink_durably(crate::store::files::ops(), &path) {
-            // The source stays canonical (table row 1): do not hand off.
-            return Ok(Outcome::DisconnectFailed(format!(
-                "cannot unlink {}: {e}",
-                path.display()
-            )));
+        if export.size != image.size() {
+            // Dropping the stream closes it, so the destination's slot is free.
+            return Err(first_error(
+                FirstOutcome::SizeMismatch,
+                format!(
+                    "remote size {} does not match local size {}",
+                    export.size,
+                    image.size()
+                ),
+            ));
         }
-        info!("unlinked {}", path.display());
+        let link = format!(
+            "{:?} handshake{}",
+            export.handshake,
+            if stream.is_tls() { ", TLS" } else { "" }
+        );
+        self.copier = Some(Copier {
+            pipe: Pipe::new(stream, config.request_limit, probe.clone()),
+            image,
+            state: self.state,
+            cancel,
+            link_free: None,
+        });
+        Ok((export.flags, link))
     }
-    let lockout = cut_at.elapsed();
-    state
-        .lockout_us
-        .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
-    match pipe.disconnect().await {
-        Ok(()) => {
-            info!(
-                "migration complete: DISCONNECT sent to {}; clients were shut out for {:?}",
-                config.target, lockout
-            );
-            crate::probe::milestone(&**probe, Step::MirrorDisconnectSent).await;
-            Ok(Outcome::HandedOff)
-        }
-        Err(e) => Ok(Outcome::DisconnectFailed(format!(
-            "sending DISCONNECT to {} failed: {e}",
-            config.target
-        ))),
-    }
-}
-
-/// Why a converging migration has not cut off, in words for the log.
-fn not_converging_reason(e: &Estimate, remaining: u64, limit: Option<u64>) -> String {
-    let Some(remainder) = e.remainder else {
-        return "the destination's speed is not measured yet".into();
-    };
-    let limit = limit.map_or(String::new(), |l| format!(" ({l} B/s)"));
-    let what = match e.bottleneck {
-        Bottleneck::SpeedLimit => format!("the speed limit{limit}"),
-        Bottleneck::Link => "the connection's throughput".into(),
-        Bottleneck::Destination | Bottleneck::Unknown => "the destination's speed".into(),
-    };
-    format!(
-        "{remaining} bytes still dirty would shut clients out for {} ms at {what}, \
-         over the {} ms the cut-off allows; clients write faster than that lets the copy \
-         catch up even paced, so clients stay paced and the migration keeps trying \
-         (raise the limit with mirror-speed, or stop it with break)",
-        remainder.as_millis(),
-        e.allowance.as_millis()
-    )
 }
 
 /// How far behind the speed limit's schedule the copy may fall and still
@@ -801,7 +634,7 @@ const THROTTLE_SLACK: Duration = Duration::from_millis(10);
 
 /// Sends image ranges through the pipe, honouring the speed limit.
 struct Copier<'a, S: crate::transport::Stream, P: Probe> {
-    pipe: &'a mut Pipe<S, P>,
+    pipe: Pipe<S, P>,
     image: &'a Arc<Image>,
     state: &'a MirrorState,
     cancel: &'a CancellationToken,
@@ -948,13 +781,5 @@ mod tests {
         // No other byte decodes: nothing unknown maps to a phase silently.
         let decoded = (0..=u8::MAX).filter_map(Phase::from_u8).count();
         assert_eq!(decoded, Phase::ALL.len());
-    }
-
-    #[test]
-    fn phase_names_are_unique() {
-        let mut names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), Phase::ALL.len(), "{names:?}");
     }
 }

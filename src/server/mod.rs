@@ -1,6 +1,12 @@
 //! The NBD server: accept loop, client slots, ACL, and per-connection tasks.
 
+mod batch;
+mod dest_hook;
+mod exec;
+mod framing;
 mod negotiate;
+#[cfg(test)]
+mod testkit;
 mod transmission;
 pub(crate) mod writer;
 

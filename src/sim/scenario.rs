@@ -159,8 +159,10 @@ impl Scenario {
             let host = pick(2) as usize;
             let what = match pick(6) {
                 0 => FaultKind::Reset,
+                // Some outlast the source's 60 s no-progress limit.
                 1 => FaultKind::Blackhole {
-                    us: 100_000 + pick(3_000_000),
+                    us: [100_000 + pick(3_000_000), 20_000_000 + pick(80_000_000)]
+                        [pick(2) as usize],
                 },
                 2 => FaultKind::Crash {
                     host,

@@ -1,204 +1,110 @@
-//! The source's mirror in the simulation: the hand-off machine, with the
-//! simulated network and the source's real `Image` carrying out its
-//! effects.
+//! The source's mirror in the simulation: the real hand-off machine
+//! (`core::source`), with the simulated network and the source's real
+//! `Image` carrying out its effects, one effect per event so that a fault
+//! can fall between any two.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::store::Image;
+use crate::core::policy::{Capacity, CostModel};
+use crate::core::source::{
+    Effect, Event, FirstOutcome, MirrorAction, Outcome, Source, SourceConfig,
+};
+use crate::proto::flags;
+use crate::store::{Image, BLOCK_SIZE};
 
-use super::host::{SourceCtx, CONNECT_TIMEOUT, REQUEST_LIMIT};
+use super::host::SourceCtx;
 use super::scenario::{Action, Mark, Scenario};
 use super::world::{Ev, Micros, Msg, Req, Timer};
 
-/// Requests in flight at once.
+/// Requests in flight at once (the real pipe allows 64; a small image
+/// needs fewer to show every interleaving).
 const WINDOW: usize = 8;
-/// The sweep's and the dirty passes' largest write.
+/// The sweep's and the dirty passes' largest write, and the sweep's window:
+/// small, so that a small image still takes many of each.
 pub const CHUNK: u64 = 16 * 1024;
+const SWEEP_WINDOW: u64 = 64 * 1024;
 
-/// What the machine is told.
-#[derive(Debug)]
-pub enum SourceEvent {
-    Connected,
-    ConnectFailed(String),
-    Idle,
-    Dirty(Vec<(u64, u64)>),
-    Replied { error: u32 },
-    CutOff,
-    Unlinked(Result<(), String>),
-    DisconnectSent(Result<(), String>),
-    Lost(String),
-    RetryDue,
-    Cancel,
+/// The real timeouts of the source (`mirror`).
+fn micros(d: Duration) -> Micros {
+    d.as_micros() as Micros
 }
 
-/// What the machine asks for.
-#[derive(Debug)]
-pub enum SourceEffect {
-    StartTracking,
-    StopTracking,
-    Send(u64, u64),
-    WaitIdle,
-    TakeDirty,
-    Entrust,
-    CutOffClients,
-    AllowClients,
-    CloseServer,
-    Unlink,
-    Disconnect,
-    Retry,
-    Finish(String),
-}
-
-/// A stand-in hand-off machine.
-struct Machine {
-    size: u64,
-    action: Action,
-    phase: u8,
-    first: bool,
-    passes: u32,
-}
-
-impl Machine {
-    fn handle(&mut self, ev: SourceEvent) -> Vec<SourceEffect> {
-        use SourceEffect as E;
-        use SourceEvent as V;
-        match ev {
-            V::Connected => {
-                self.first = false;
-                self.phase = 1;
-                self.passes = 0;
-                let mut out = vec![E::StartTracking];
-                let mut at = 0;
-                while at < self.size {
-                    let n = CHUNK.min(self.size - at);
-                    out.push(E::Send(at, n));
-                    at += n;
-                }
-                out.push(E::WaitIdle);
-                out
-            }
-            V::ConnectFailed(why) | V::Lost(why) => {
-                if self.first {
-                    vec![
-                        E::StopTracking,
-                        E::Finish(format!("FirstAttemptFailed: {why}")),
-                    ]
-                } else {
-                    self.phase = 0;
-                    vec![E::AllowClients, E::Retry]
-                }
-            }
-            V::RetryDue => vec![],
-            // Past the hand-off's start nothing is abandoned.
-            V::Cancel if self.phase >= 3 => vec![],
-            V::Cancel => vec![
-                E::StopTracking,
-                E::AllowClients,
-                E::Finish("Abandoned".into()),
-            ],
-            V::Idle => match self.phase {
-                1 => vec![E::TakeDirty],
-                2 => vec![E::Entrust],
-                _ => vec![],
-            },
-            V::Dirty(ranges) => {
-                self.passes += 1;
-                let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-                let mut out: Vec<SourceEffect> =
-                    ranges.iter().map(|&(o, l)| E::Send(o, l)).collect();
-                if self.phase == 1 && (bytes < 64 * 1024 || self.passes > 20) {
-                    self.phase = 2;
-                    out.push(E::CutOffClients);
-                } else {
-                    out.push(E::WaitIdle);
-                }
-                out
-            }
-            V::CutOff => vec![E::TakeDirty],
-            V::Replied { error } => {
-                if error != 0 {
-                    self.phase = 0;
-                    return vec![E::AllowClients, E::Retry];
-                }
-                if self.action != Action::Nothing {
-                    self.phase = 3;
-                }
-                match self.action {
-                    Action::Nothing => vec![
-                        E::StopTracking,
-                        E::AllowClients,
-                        E::Finish("CopiedAndKept".into()),
-                    ],
-                    Action::Unlink => vec![E::CloseServer, E::Unlink],
-                    Action::Exit => vec![E::CloseServer, E::Disconnect],
-                }
-            }
-            V::Unlinked(Ok(())) => vec![E::Disconnect],
-            V::Unlinked(Err(e)) => vec![E::Finish(format!("DisconnectFailed: {e}"))],
-            V::DisconnectSent(Ok(())) => vec![E::Finish("HandedOff".into())],
-            V::DisconnectSent(Err(e)) => vec![E::Finish(format!("DisconnectFailed: {e}"))],
-        }
-    }
-}
-
-/// What the driver waits for before carrying out the next effect.
-#[derive(Debug, PartialEq)]
-enum Wait {
-    Nothing,
-    Connect,
-    Window,
-    Idle,
-    Reply(u64),
-    Retry,
+/// A request in flight: what it was, when it went, whether its service
+/// time counts in the cost model.
+struct InFlight {
+    kind: &'static str,
+    len: u64,
+    sent: Micros,
+    measure: bool,
 }
 
 pub struct SourceRun {
-    machine: Machine,
+    machine: Source,
     image: Arc<Image>,
     life: u64,
     conn: Option<u64>,
-    effects: VecDeque<SourceEffect>,
-    wait: Wait,
-    in_flight: BTreeMap<u64, (&'static str, Micros)>,
+    /// Effects of the current batch not yet carried out.
+    pending: VecDeque<Effect>,
+    /// The effect whose answer the machine waits for.
+    awaiting: Option<Effect>,
+    /// The connection broke (why), not yet told to the machine.
+    broken: Option<String>,
+    /// `break` was run: every cancellable wait from now on ends at once,
+    /// as the real cancellation token stays cancelled.
+    cancelled: bool,
+    in_flight: BTreeMap<u64, InFlight>,
     next_handle: u64,
+    last_reply: Option<Micros>,
     last_progress: Micros,
+    costs: CostModel,
     step_scheduled: bool,
-    outcome: Option<String>,
+    outcome: Option<Outcome>,
+    phase: String,
     legacy: bool,
-    /// The final dirty pass after the cut-off: its dirty ranges go out,
-    /// then everything waits for idle before ENTRUST.
-    final_pass: bool,
 }
 
 impl SourceRun {
     pub fn new(sc: &Scenario, image: Arc<Image>, life: u64) -> SourceRun {
+        let action = match sc.action {
+            Action::Exit => MirrorAction::Exit,
+            Action::Unlink => MirrorAction::Unlink,
+            Action::Nothing => MirrorAction::Nothing,
+        };
+        let mut config = SourceConfig::new(
+            "destination".into(),
+            image.path().display().to_string(),
+            image.size(),
+            action,
+            BLOCK_SIZE,
+        );
+        config.chunk = CHUNK;
+        config.window = SWEEP_WINDOW;
         SourceRun {
-            machine: Machine {
-                size: image.size(),
-                action: sc.action,
-                phase: 0,
-                first: true,
-                passes: 0,
-            },
+            machine: Source::new(config),
             image,
             life,
             conn: None,
-            effects: VecDeque::new(),
-            wait: Wait::Nothing,
+            pending: VecDeque::new(),
+            awaiting: None,
+            broken: None,
+            cancelled: false,
             in_flight: BTreeMap::new(),
             next_handle: 1,
+            last_reply: None,
             last_progress: 0,
+            costs: CostModel::default(),
             step_scheduled: false,
             outcome: None,
+            phase: "connecting".into(),
             legacy: sc.legacy_source,
-            final_pass: false,
         }
     }
 
-    /// The phase `status` would show.
+    /// The phase `status` shows.
     pub fn phase(&self) -> String {
-        format!("{}", self.machine.phase)
+        self.phase.clone()
     }
 
     pub fn ended(&self) -> bool {
@@ -206,42 +112,63 @@ impl SourceRun {
     }
 
     pub fn outcome(&self) -> Option<String> {
-        self.outcome.clone()
+        self.outcome.as_ref().map(|o| format!("{o:?}"))
     }
 
-    fn feed(&mut self, ctx: &mut SourceCtx, ev: SourceEvent) {
-        ctx.core().note(format!("source <- {ev:?}"));
-        let effects = self.machine.handle(ev);
-        self.effects.extend(effects);
-        self.wait = Wait::Nothing;
+    /// Begins the mirror.
+    pub fn begin(&mut self, ctx: &mut SourceCtx) {
+        let now = ctx.core().instant();
+        let batch = self.machine.start(now);
+        self.take(ctx, batch);
+    }
+
+    fn take(&mut self, ctx: &mut SourceCtx, batch: Vec<Effect>) {
+        self.pending.extend(batch);
         self.schedule(ctx);
     }
 
     fn schedule(&mut self, ctx: &mut SourceCtx) {
-        if !self.step_scheduled && self.wait == Wait::Nothing && !self.effects.is_empty() {
+        if !self.step_scheduled && self.awaiting.is_none() && !self.pending.is_empty() {
             self.step_scheduled = true;
             let life = self.life;
             ctx.core().at(1, Ev::SourceStep { life });
         }
     }
 
-    /// Connects to the destination.
-    pub fn begin(&mut self, ctx: &mut SourceCtx) {
-        let conn = ctx.core().open_conn();
-        self.conn = Some(conn);
-        self.wait = Wait::Connect;
-        let lat = ctx.core().sc.latency_us;
-        if ctx.core().blackholed() {
-            ctx.core()
-                .at(CONNECT_TIMEOUT, Ev::Connect { conn, ok: false });
-        } else {
-            let ok = ctx.dest_listening();
-            ctx.core().at(2 * lat, Ev::Connect { conn, ok });
+    /// Answers the outstanding effect.
+    fn answer(&mut self, ctx: &mut SourceCtx, event: Event) {
+        self.awaiting = None;
+        if matches!(
+            event,
+            Event::Failed { .. } | Event::ConnectFailed { .. } | Event::Cancel
+        ) {
+            // The attempt is over: its connection closes at once.
+            self.drop_connection(ctx);
         }
+        ctx.core().note(format!("source <- {event:?}"));
+        let now = ctx.core().instant();
+        let batch = self.machine.handle(now, event);
+        self.take(ctx, batch);
     }
 
+    fn drop_connection(&mut self, ctx: &mut SourceCtx) {
+        if let Some(c) = self.conn.take() {
+            ctx.core().close(c, false);
+        }
+        self.in_flight.clear();
+        self.broken = None;
+        self.last_reply = None;
+        self.costs = CostModel::default();
+    }
+
+    fn fail(&mut self, ctx: &mut SourceCtx, why: &str) {
+        self.answer(ctx, Event::Failed { reason: why.into() });
+    }
+
+    // ----- what the world tells the mirror ----------------------------------
+
     pub fn connected(&mut self, ctx: &mut SourceCtx, conn: u64, ok: bool) {
-        if self.conn != Some(conn) || self.wait != Wait::Connect {
+        if self.conn != Some(conn) || self.awaiting != Some(Effect::Connect) {
             return;
         }
         // The handshake needs the destination to still be there.
@@ -251,10 +178,22 @@ impl SourceRun {
             ctx.core()
                 .ledger
                 .copy_restarts(super::scenario::SOURCE, super::scenario::DEST);
-            self.feed(ctx, SourceEvent::Connected);
+            let flags = flags::HAS_FLAGS | flags::SEND_FLUSH | flags::SEND_WRITE_ZEROES;
+            self.answer(
+                ctx,
+                Event::Connected {
+                    flags,
+                    link: "simulated".into(),
+                },
+            );
         } else {
-            self.conn = None;
-            self.feed(ctx, SourceEvent::ConnectFailed("cannot connect".into()));
+            self.answer(
+                ctx,
+                Event::ConnectFailed {
+                    outcome: FirstOutcome::FailConnect,
+                    message: "cannot connect to the destination: connection refused".into(),
+                },
+            );
         }
     }
 
@@ -262,232 +201,412 @@ impl SourceRun {
         if self.conn != Some(conn) {
             return;
         }
-        let Some((kind, _sent)) = self.in_flight.remove(&handle) else {
+        let now = ctx.core().now;
+        let Some(req) = self.in_flight.remove(&handle) else {
             return self.lost(ctx, conn, "a reply to no request in flight");
         };
-        self.last_progress = ctx.core().now;
-        if matches!(kind, "write" | "zeroes") && error != 0 {
-            return self.lost(ctx, conn, "the destination answered a write with an error");
-        }
-        match self.wait {
-            Wait::Reply(h) if h == handle => self.feed(ctx, SourceEvent::Replied { error }),
-            Wait::Window => {
-                self.wait = Wait::Nothing;
-                self.schedule(ctx);
+        self.last_progress = now;
+        if matches!(req.kind, "write" | "zeroes") {
+            if error != 0 {
+                return self.lost(ctx, conn, "the destination answered a write with an error");
             }
-            Wait::Idle if self.in_flight.is_empty() => self.feed(ctx, SourceEvent::Idle),
+            if req.measure {
+                let began = self.last_reply.map_or(req.sent, |r| r.max(req.sent));
+                let origin = ctx.core().origin;
+                self.costs.record(
+                    req.len,
+                    Duration::from_micros(now - began),
+                    origin + Duration::from_micros(now),
+                );
+            }
+        }
+        self.last_reply = Some(now);
+        match &self.awaiting {
+            Some(Effect::Flush | Effect::Entrust) if matches!(req.kind, "flush" | "entrust") => {
+                self.answer(ctx, Event::Reply { error })
+            }
+            Some(Effect::SendData { .. } | Effect::SendHole { .. }) => {
+                // A slot in the window is free: send what waited for it.
+                let effect = self.awaiting.take().expect("just matched");
+                self.start(ctx, effect);
+            }
+            Some(Effect::WaitIdle) if self.in_flight.is_empty() => self.answer(ctx, Event::Idle),
             _ => {}
         }
     }
 
+    /// The connection broke.
     pub fn lost(&mut self, ctx: &mut SourceCtx, conn: u64, why: &str) {
         if self.conn != Some(conn) {
             return;
         }
-        ctx.core().close(conn, false);
-        self.conn = None;
-        self.in_flight.clear();
-        self.effects.clear();
-        self.feed(ctx, SourceEvent::Lost(why.into()));
-    }
-
-    pub fn cancel(&mut self, ctx: &mut SourceCtx) {
-        ctx.core().note("source <- Cancel");
-        let out = self.machine.handle(SourceEvent::Cancel);
-        if out.is_empty() {
-            return; // not abandoned (the hand-off has begun)
-        }
-        if let Some(c) = self.conn.take() {
+        ctx.core().note(format!("source: connection lost: {why}"));
+        if let Some(c) = self.conn {
             ctx.core().close(c, false);
         }
         self.in_flight.clear();
-        self.effects.clear();
-        self.effects.extend(out);
-        self.wait = Wait::Nothing;
-        self.schedule(ctx);
+        self.broken = Some(why.to_string());
+        // An effect waiting on the connection learns it now; any other
+        // effect runs on and the next one that uses the connection fails.
+        if matches!(
+            self.awaiting,
+            Some(
+                Effect::SendData { .. }
+                    | Effect::SendHole { .. }
+                    | Effect::WaitIdle
+                    | Effect::Flush
+                    | Effect::Entrust
+            )
+        ) {
+            self.fail(ctx, why);
+        }
+    }
+
+    pub fn cancel(&mut self, ctx: &mut SourceCtx) {
+        ctx.core().note("source: break");
+        self.cancelled = true;
+        if self.awaiting.as_ref().is_some_and(|e| e.cancellable()) {
+            self.answer(ctx, Event::Cancel);
+        }
     }
 
     pub fn timer(&mut self, ctx: &mut SourceCtx, what: Timer) {
         match what {
-            Timer::Retry if self.wait == Wait::Retry => {
-                self.wait = Wait::Nothing;
-                self.begin(ctx);
+            Timer::Retry
+                if self
+                    .awaiting
+                    .as_ref()
+                    .is_some_and(|e| matches!(e, Effect::ArmRetry { .. })) =>
+            {
+                self.answer(ctx, Event::RetryTimerFired);
             }
             Timer::Progress => {
                 let now = ctx.core().now;
+                let limit = micros(crate::mirror::REQUEST_LIMIT_DEFAULT);
                 if let Some(conn) = self.conn {
-                    if !self.in_flight.is_empty() && now >= self.last_progress + REQUEST_LIMIT {
-                        return self.lost(ctx, conn, "no progress (request timeout)");
+                    if self.in_flight.is_empty() {
+                        return;
                     }
-                    if !self.in_flight.is_empty() {
-                        let life = self.life;
-                        let at = self.last_progress + REQUEST_LIMIT - now;
-                        ctx.core().at(
-                            at.max(1),
-                            Ev::SourceTimer {
-                                life,
-                                what: Timer::Progress,
-                            },
+                    if now >= self.last_progress + limit {
+                        let why = format!(
+                            "no progress for {:.1} s (request timeout)",
+                            limit as f64 / 1e6
                         );
+                        return self.lost(ctx, conn, &why);
                     }
+                    let life = self.life;
+                    let at = self.last_progress + limit - now;
+                    ctx.core().at(
+                        at,
+                        Ev::SourceTimer {
+                            life,
+                            what: Timer::Progress,
+                        },
+                    );
+                }
+            }
+            Timer::Connect => {
+                if self.awaiting == Some(Effect::Connect) {
+                    self.answer(
+                        ctx,
+                        Event::ConnectFailed {
+                            outcome: FirstOutcome::FailConnect,
+                            message: "cannot connect to the destination: connection timed out"
+                                .into(),
+                        },
+                    );
                 }
             }
             _ => {}
         }
     }
 
-    fn send(&mut self, ctx: &mut SourceCtx, req: Req) -> Option<u64> {
+    // ----- carrying out effects ----------------------------------------------
+
+    /// Sends `req`; `None` if the connection is gone.
+    fn send(&mut self, ctx: &mut SourceCtx, req: Req, measure: bool) -> Option<u64> {
         let conn = self.conn?;
+        if self.broken.is_some() {
+            return None;
+        }
         let handle = self.next_handle;
         self.next_handle += 1;
-        let kind = req.name();
-        let was_idle = self.in_flight.is_empty();
+        let (kind, len) = match &req {
+            Req::Write { data, .. } => ("write", data.len() as u64),
+            Req::Zeroes { len, .. } => ("zeroes", *len),
+            other => (other.name(), 0),
+        };
         if !ctx.core().send(conn, true, Msg::Req { handle, req }) {
             return None;
         }
         let now = ctx.core().now;
-        self.in_flight.insert(handle, (kind, now));
-        if was_idle {
+        if self.in_flight.is_empty() {
             self.last_progress = now;
             let life = self.life;
+            let limit = micros(crate::mirror::REQUEST_LIMIT_DEFAULT);
             ctx.core().at(
-                REQUEST_LIMIT,
+                limit,
                 Ev::SourceTimer {
                     life,
                     what: Timer::Progress,
                 },
             );
         }
+        self.in_flight.insert(
+            handle,
+            InFlight {
+                kind,
+                len,
+                sent: now,
+                measure,
+            },
+        );
         Some(handle)
     }
 
-    /// Carries out the next effect.
+    /// Carries out the next effect of the batch.
     pub fn step(&mut self, ctx: &mut SourceCtx) {
         self.step_scheduled = false;
-        if self.wait != Wait::Nothing {
+        if self.awaiting.is_some() {
             return;
         }
-        let Some(effect) = self.effects.pop_front() else {
+        let Some(effect) = self.pending.pop_front() else {
             return;
         };
         ctx.core().note(format!("source -> {effect:?}"));
-        use SourceEffect as E;
+        if effect.awaits() {
+            return self.start(ctx, effect);
+        }
         match effect {
-            E::StartTracking => self.image.start_tracking(),
-            E::StopTracking => self.image.stop_tracking(),
-            E::Send(offset, len) => {
-                if self.in_flight.len() >= WINDOW {
-                    self.effects.push_front(E::Send(offset, len));
-                    self.wait = Wait::Window;
-                    return;
-                }
-                // Clear, then read: a client write after the clear is seen
-                // by the read or marked again.
-                self.image.clear_dirty(offset, len);
-                let mut data = vec![0u8; len as usize];
-                if let Err(e) = self.image.read_at(&mut data, offset) {
-                    ctx.core()
-                        .violation(format!("the source image cannot be read: {e}"));
-                    return;
-                }
-                let conn = self.conn;
-                if self.send(ctx, Req::Write { offset, data }).is_none() {
-                    if let Some(conn) = conn {
-                        return self.lost(ctx, conn, "send failed");
-                    }
-                    return;
-                }
-                ctx.core().mark(Mark::SentWrite);
-            }
-            E::WaitIdle => {
-                if self.in_flight.is_empty() {
-                    return self.feed(ctx, SourceEvent::Idle);
-                }
-                self.wait = Wait::Idle;
+            Effect::StartTracking => self.image.start_tracking(),
+            Effect::StopTracking => self.image.stop_tracking(),
+            Effect::SetPhase(p) => self.phase = p.name().to_string(),
+            Effect::ClearDirty { offset, len } => self.image.clear_dirty(offset, len),
+            Effect::SetPace { capacity, below } => self.image.set_pace(capacity, below),
+            Effect::AllowClients => ctx.serve().cut_off = false,
+            Effect::Finish(outcome) => {
+                self.drop_connection(ctx);
+                self.outcome = Some(outcome);
                 return;
             }
-            E::TakeDirty => {
-                let ranges = self.image.take_dirty(u64::MAX, CHUNK, 0);
-                if self.final_pass {
-                    // Handled by the machine's phase.
-                }
-                return self.feed(ctx, SourceEvent::Dirty(ranges));
+            // Status, log lines and milestones change nothing here; the
+            // trace has them.
+            _ => {}
+        }
+        self.schedule(ctx);
+    }
+
+    /// Starts an effect that awaits an answer.
+    fn start(&mut self, ctx: &mut SourceCtx, effect: Effect) {
+        if self.cancelled && effect.cancellable() {
+            self.awaiting = Some(effect);
+            return self.answer(ctx, Event::Cancel);
+        }
+        let uses_connection = matches!(
+            effect,
+            Effect::SendData { .. }
+                | Effect::SendHole { .. }
+                | Effect::WaitIdle
+                | Effect::Flush
+                | Effect::Entrust
+        );
+        if uses_connection {
+            if let Some(why) = self.broken.clone() {
+                self.awaiting = Some(effect);
+                return self.fail(ctx, &why);
             }
-            E::Entrust => {
-                ctx.core().mark(Mark::SentEntrust);
-                if self.legacy {
-                    // An old source sends no ENTRUST.
-                    return self.feed(ctx, SourceEvent::Replied { error: 0 });
+        }
+        match effect {
+            Effect::Connect => {
+                let conn = ctx.core().open_conn();
+                self.conn = Some(conn);
+                self.awaiting = Some(Effect::Connect);
+                let lat = ctx.core().sc.latency_us;
+                let life = self.life;
+                if ctx.core().blackholed() {
+                    let t = micros(crate::mirror::CONNECT_TIMEOUT);
+                    ctx.core().at(
+                        t,
+                        Ev::SourceTimer {
+                            life,
+                            what: Timer::Connect,
+                        },
+                    );
+                } else {
+                    let ok = ctx.dest_listening();
+                    ctx.core().at(2 * lat, Ev::Connect { conn, ok });
                 }
-                let conn = self.conn;
-                match self.send(ctx, Req::Entrust) {
-                    Some(h) => {
-                        self.wait = Wait::Reply(h);
-                        return;
-                    }
-                    None => {
-                        if let Some(conn) = conn {
-                            return self.lost(ctx, conn, "send failed");
+            }
+            Effect::MeasureCapacity => {
+                let capacity = self
+                    .costs
+                    .costs()
+                    .map(|c| Capacity::new(c, None, self.costs.throughput()));
+                self.awaiting = Some(effect);
+                self.answer(
+                    ctx,
+                    Event::Capacity {
+                        capacity,
+                        speed_limit: None,
+                    },
+                );
+            }
+            Effect::AskExtents { offset, len } => {
+                self.awaiting = Some(effect);
+                let extents = self.image.extents(offset, len, usize::MAX);
+                self.answer(ctx, Event::Extents(extents));
+            }
+            Effect::SendData { offset, len } | Effect::SendHole { offset, len, .. } => {
+                if self.in_flight.len() >= WINDOW {
+                    // Wait for a slot (a reply).
+                    self.awaiting = Some(effect);
+                    return;
+                }
+                let req = match effect {
+                    Effect::SendHole { zeroes: true, .. } => Req::Zeroes { offset, len },
+                    Effect::SendHole { .. } => Req::Write {
+                        offset,
+                        data: vec![0u8; len as usize],
+                    },
+                    _ => {
+                        let mut data = vec![0u8; len as usize];
+                        if let Err(e) = self.image.read_at(&mut data, offset) {
+                            self.awaiting = Some(effect);
+                            return self
+                                .fail(ctx, &format!("reading the source image failed: {e}"));
                         }
-                        return;
+                        Req::Write { offset, data }
                     }
+                };
+                let measure = matches!(effect, Effect::SendData { .. });
+                self.awaiting = Some(effect);
+                match self.send(ctx, req, measure) {
+                    Some(_) => {
+                        ctx.core().mark(Mark::SentWrite);
+                        self.answer(ctx, Event::Sent);
+                    }
+                    None => self.fail(ctx, "the destination closed the connection"),
                 }
             }
-            E::CutOffClients => {
+            Effect::TakeDirty {
+                max_bytes,
+                max_run,
+                gap,
+            } => {
+                self.awaiting = Some(effect);
+                let ranges = self.image.take_dirty(max_bytes, max_run, gap);
+                self.answer(ctx, Event::DirtyTaken(ranges));
+            }
+            Effect::Measure => {
+                self.awaiting = Some(effect);
+                let in_flight_bytes = self
+                    .in_flight
+                    .values()
+                    .filter(|r| matches!(r.kind, "write" | "zeroes"))
+                    .map(|r| r.len)
+                    .sum();
+                let in_flight = self
+                    .in_flight
+                    .values()
+                    .filter(|r| matches!(r.kind, "write" | "zeroes"))
+                    .count() as u64;
+                let dirty_bytes = self.image.dirty_bytes();
+                self.answer(
+                    ctx,
+                    Event::Measured {
+                        dirty_bytes,
+                        in_flight,
+                        in_flight_bytes,
+                    },
+                );
+            }
+            Effect::CountRuns { gap, limit } => {
+                self.awaiting = Some(effect);
+                let runs = self.image.dirty_runs(gap, limit);
+                self.answer(ctx, Event::Runs(runs));
+            }
+            Effect::WaitIdle => {
+                self.awaiting = Some(effect);
+                if self.in_flight.is_empty() {
+                    self.answer(ctx, Event::Idle);
+                }
+            }
+            Effect::Flush | Effect::Entrust => {
+                let entrust = effect == Effect::Entrust;
+                self.awaiting = Some(effect);
+                if entrust {
+                    ctx.core().mark(Mark::SentEntrust);
+                    if self.legacy {
+                        // An old source sends no ENTRUST.
+                        return self.answer(ctx, Event::Reply { error: 0 });
+                    }
+                }
+                let req = if entrust { Req::Entrust } else { Req::Flush };
+                if self.send(ctx, req, false).is_none() {
+                    self.fail(ctx, "the destination closed the connection");
+                }
+            }
+            Effect::CutOffClients { .. } => {
+                // Client requests are atomic here: none is half done.
                 ctx.serve().cut_off = true;
                 ctx.core().mark(Mark::CutOff);
-                return self.feed(ctx, SourceEvent::CutOff);
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::ClientsCutOff);
             }
-            E::AllowClients => ctx.serve().cut_off = false,
-            E::CloseServer => ctx.serve().closed = true,
-            E::Unlink => {
+            Effect::CloseServer => {
+                ctx.serve().closed = true;
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::ServerClosed);
+            }
+            Effect::Unlink => {
                 let path = self.image.path().to_owned();
                 let ops = ctx.fs();
                 let r = crate::handoff::unlink_durably(&*ops, &path).map_err(|e| e.to_string());
                 if r.is_ok() {
                     ctx.core().mark(Mark::Unlinked);
                 }
-                return self.feed(ctx, SourceEvent::Unlinked(r));
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::Unlinked(r));
             }
-            E::Disconnect => {
-                let r = match self.conn {
-                    Some(conn)
-                        if ctx.core().send(
-                            conn,
-                            true,
-                            Msg::Req {
-                                handle: 0,
-                                req: Req::Disconnect,
-                            },
-                        ) =>
-                    {
-                        Ok(())
-                    }
-                    _ => Err("the connection is gone".to_string()),
+            Effect::Disconnect => {
+                let sent = match (self.conn, &self.broken) {
+                    (Some(conn), None) => ctx.core().send(
+                        conn,
+                        true,
+                        Msg::Req {
+                            handle: 0,
+                            req: Req::Disconnect,
+                        },
+                    ),
+                    _ => false,
                 };
-                if r.is_ok() {
+                let r = if sent {
                     ctx.world.disconnect_sent = true;
                     ctx.core().mark(Mark::SentDisconnect);
+                    Ok(())
+                } else {
+                    Err("the connection to the destination is gone".to_string())
+                };
+                // The pipe is given up after DISCONNECT: closing it is the
+                // end of the connection.
+                if let Some(c) = self.conn.take() {
+                    ctx.core().close(c, false);
                 }
-                return self.feed(ctx, SourceEvent::DisconnectSent(r));
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::DisconnectSent(r));
             }
-            E::Retry => {
-                self.wait = Wait::Retry;
+            Effect::ArmRetry { delay } => {
+                self.awaiting = Some(effect);
                 let life = self.life;
                 ctx.core().at(
-                    1_000_000,
+                    micros(delay).max(1),
                     Ev::SourceTimer {
                         life,
                         what: Timer::Retry,
                     },
                 );
-                return;
             }
-            E::Finish(outcome) => {
-                self.outcome = Some(outcome);
-                return;
-            }
+            other => unreachable!("{other:?} answers nothing"),
         }
-        self.schedule(ctx);
     }
 }

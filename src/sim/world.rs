@@ -21,7 +21,7 @@ pub type Micros = u64;
 
 /// How long a run may take, in virtual time: past it, a migration that
 /// should have completed is stuck.
-pub const DEADLINE: Micros = 120_000_000;
+pub const DEADLINE: Micros = 600_000_000;
 
 /// A request on the wire from the source to the destination.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,14 +111,14 @@ pub enum Timer {
     Retry,
     /// Check the no-progress limit on the connection.
     Progress,
+    /// A connection attempt into a blackhole gives up.
+    Connect,
 }
 
 /// The network: at most a few connections, each a pair of ordered queues.
 #[derive(Debug)]
 pub struct Conn {
     pub up: bool,
-    /// Until then, whatever is sent vanishes.
-    pub blackhole_until: Micros,
     /// Delivery times so far per direction (TCP keeps order).
     last_to_dest: Micros,
     last_to_source: Micros,
@@ -229,7 +229,6 @@ impl Core {
             id,
             Conn {
                 up: true,
-                blackhole_until: 0,
                 last_to_dest: 0,
                 last_to_source: 0,
             },
@@ -237,77 +236,92 @@ impl Core {
         id
     }
 
-    /// Whether a packet sent now would vanish.
+    /// Whether the link is blackholed now: packets sent vanish, and TCP
+    /// delivers them only after it heals (by retransmission).
     pub fn blackholed(&self) -> bool {
         self.now < self.blackhole_until
     }
 
-    /// Sends `msg` on `conn`; false if the connection is known to be down
-    /// (the sender sees an error at once, as from a reset socket).
-    pub fn send(&mut self, conn: u64, to_dest: bool, msg: Msg) -> bool {
-        // Latency with up to half again of jitter; order is kept below.
+    /// When something sent now arrives: a latency (with up to half again
+    /// of jitter) later, or after the blackhole heals.
+    fn arrival(&mut self) -> Micros {
         let lat = self.sc.latency_us + self.rng.next_u64() % (self.sc.latency_us / 2 + 1);
+        if self.blackholed() {
+            // The retransmission after the heal.
+            self.blackhole_until + lat + 200_000
+        } else {
+            self.now + lat
+        }
+    }
+
+    /// Schedules `ev` on `conn` in direction `to_dest`, after everything
+    /// sent before it that way (TCP keeps order).
+    fn in_order(&mut self, conn: u64, to_dest: bool, ev: Ev) {
+        let t = self.arrival();
         let now = self.now;
-        let black = self.blackholed();
         let Some(c) = self.conns.get_mut(&conn) else {
-            return false;
+            return;
         };
-        if !c.up {
-            return false;
-        }
-        if black || now < c.blackhole_until {
-            return true; // vanishes; the sender cannot tell
-        }
         let last = if to_dest {
             &mut c.last_to_dest
         } else {
             &mut c.last_to_source
         };
-        let t = (now + lat).max(*last + 1);
+        let t = t.max(*last + 1);
         *last = t;
-        self.at(t - now, Ev::Deliver { conn, to_dest, msg });
+        self.at(t - now, ev);
+    }
+
+    /// Sends `msg` on `conn`; false if the connection is known to be down
+    /// (the sender sees an error at once, as from a reset socket).
+    pub fn send(&mut self, conn: u64, to_dest: bool, msg: Msg) -> bool {
+        match self.conns.get(&conn) {
+            Some(c) if c.up => {}
+            _ => return false,
+        }
+        self.in_order(conn, to_dest, Ev::Deliver { conn, to_dest, msg });
         true
     }
 
-    /// Resets `conn`: both ends learn of it one latency later.
+    /// Resets `conn`: both ends learn of it (after what was sent before).
     pub fn reset(&mut self, conn: u64) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.up {
+        if self.conns.get(&conn).is_some_and(|c| c.up) {
+            self.in_order(
+                conn,
+                true,
+                Ev::Closed {
+                    conn,
+                    to_dest: true,
+                },
+            );
+            self.in_order(
+                conn,
+                false,
+                Ev::Closed {
+                    conn,
+                    to_dest: false,
+                },
+            );
+            if let Some(c) = self.conns.get_mut(&conn) {
                 c.up = false;
-                let lat = self.sc.latency_us;
-                self.at(
-                    lat,
-                    Ev::Closed {
-                        conn,
-                        to_dest: true,
-                    },
-                );
-                self.at(
-                    lat,
-                    Ev::Closed {
-                        conn,
-                        to_dest: false,
-                    },
-                );
             }
         }
     }
 
     /// Closes `conn` from one side, as a process that exits or closes it:
-    /// the other end sees EOF after a latency; the closing end is told at
-    /// once.
+    /// the other end sees EOF after what was sent before it.
     pub fn close(&mut self, conn: u64, by_dest: bool) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.up {
+        if self.conns.get(&conn).is_some_and(|c| c.up) {
+            self.in_order(
+                conn,
+                !by_dest,
+                Ev::Closed {
+                    conn,
+                    to_dest: !by_dest,
+                },
+            );
+            if let Some(c) = self.conns.get_mut(&conn) {
                 c.up = false;
-                let lat = self.sc.latency_us;
-                self.at(
-                    lat,
-                    Ev::Closed {
-                        conn,
-                        to_dest: !by_dest,
-                    },
-                );
             }
         }
     }

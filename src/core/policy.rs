@@ -390,18 +390,32 @@ impl Convergence {
                 bottleneck,
             };
         }
-        let per_request = capacity.destination.per_request;
-        let most = if per_request > 0.0 {
-            (allowance.as_secs_f64() / per_request) as u64 + 1
-        } else {
-            u64::MAX
-        };
+        let most = most_requests(allowance, &capacity);
         let (remainder, bottleneck) = capacity.time_and_bottleneck(requests(most), bytes);
         Estimate {
             remainder: Some(remainder),
             allowance,
             bottleneck,
         }
+    }
+
+    /// The `most` that [`Convergence::estimate`] would call its `requests`
+    /// with, for the same `bytes`, `capacity` and `now`; `None` when it
+    /// would not count requests at all. Code that cannot hand `estimate` a
+    /// closure over the dirty map (the sans-IO source) asks for the count
+    /// first, and only when it is needed: counting may scan the whole map.
+    pub fn requests_wanted(
+        &self,
+        bytes: u64,
+        capacity: Option<Capacity>,
+        now: Instant,
+    ) -> Option<u64> {
+        let capacity = capacity?;
+        let allowance = self.allowance(now);
+        if bytes == 0 || capacity.time_and_bottleneck(0, bytes).0 > allowance {
+            return None;
+        }
+        Some(most_requests(allowance, &capacity))
     }
 
     /// [`Convergence::estimate`]'s verdict alone.
@@ -413,6 +427,17 @@ impl Convergence {
         now: Instant,
     ) -> bool {
         self.estimate(bytes, requests, capacity, now).ready()
+    }
+}
+
+/// The most requests worth counting: as many as `allowance` holds at the
+/// destination's per-request cost (more could not make the estimate ready).
+fn most_requests(allowance: Duration, capacity: &Capacity) -> u64 {
+    let per_request = capacity.destination.per_request;
+    if per_request > 0.0 {
+        (allowance.as_secs_f64() / per_request) as u64 + 1
+    } else {
+        u64::MAX
     }
 }
 
@@ -785,5 +810,44 @@ mod tests {
             None,
         )));
         assert_eq!(p.charge(1, 4096, later), Duration::ZERO);
+    }
+
+    #[test]
+    fn requests_wanted_is_what_estimate_counts_with() {
+        let t = Instant::now();
+        let c = Convergence::new(t);
+        let slow = Capacity::new(
+            Costs {
+                per_request: 1e-3,
+                per_byte: 1e-9,
+            },
+            None,
+            None,
+        );
+        for (bytes, capacity) in [
+            (0, Some(slow)),
+            (4096, None),
+            (4096, Some(slow)),
+            (10_000_000_000, Some(slow)),
+            (4096, Some(Capacity::new(fast_destination(), None, None))),
+        ] {
+            let mut asked = None;
+            c.estimate(
+                bytes,
+                |most| {
+                    asked = Some(most);
+                    0
+                },
+                capacity,
+                t,
+            );
+            assert_eq!(
+                c.requests_wanted(bytes, capacity, t),
+                asked,
+                "{bytes} bytes at {capacity:?}"
+            );
+        }
+        // 25 ms at 1 ms a request: 25 requests and one more are worth counting.
+        assert_eq!(c.requests_wanted(4096, Some(slow), t), Some(26));
     }
 }

@@ -1,0 +1,2089 @@
+//! The source's side of the hand-off (docs/handoff.md, source steps 1-6) as
+//! a plain state machine: it decides what happens next and in which order,
+//! and a driver carries each decision out. The machine does no I/O, reads
+//! no clock (every input comes with `now`), keeps no globals and needs no
+//! runtime, so the same machine runs under tokio (`mirror::supervise`) and
+//! under a simulator playing the network, disks and clients on virtual time.
+//!
+//! # Protocol
+//!
+//! [`Source::start`] begins the first attempt; after that the driver calls
+//! [`Source::handle`] with each event and the time it happened. Both return
+//! a batch of [`Effect`]s, to be carried out in order. Every batch ends with
+//! exactly one effect that waits for an answer ([`Effect::awaits`]) or with
+//! [`Effect::Finish`]; all effects before it are done at once and answer
+//! nothing. The answer to the last effect is the next event:
+//!
+//! | effect | answering event |
+//! |---|---|
+//! | [`Effect::Connect`] | [`Event::Connected`] or [`Event::ConnectFailed`] |
+//! | [`Effect::MeasureCapacity`] | [`Event::Capacity`] |
+//! | [`Effect::AskExtents`] | [`Event::Extents`] |
+//! | [`Effect::SendData`], [`Effect::SendHole`] | [`Event::Sent`] |
+//! | [`Effect::TakeDirty`] | [`Event::DirtyTaken`] |
+//! | [`Effect::Measure`] | [`Event::Measured`] |
+//! | [`Effect::CountRuns`] | [`Event::Runs`] |
+//! | [`Effect::WaitIdle`] | [`Event::Idle`] |
+//! | [`Effect::Flush`], [`Effect::Entrust`] | [`Event::Reply`] |
+//! | [`Effect::CutOffClients`] | [`Event::ClientsCutOff`] |
+//! | [`Effect::CloseServer`] | [`Event::ServerClosed`] |
+//! | [`Effect::Unlink`] | [`Event::Unlinked`] |
+//! | [`Effect::Disconnect`] | [`Event::DisconnectSent`] |
+//! | [`Effect::ArmRetry`] | [`Event::RetryTimerFired`] (or a [`Event::Tick`] at or past the delay) |
+//!
+//! Any effect that does I/O on the connection or the image may instead be
+//! answered with [`Event::Failed`] (the connection broke, a request timed
+//! out, the image could not be read): the attempt is then retried from
+//! scratch. While an effect marked [`Effect::cancellable`] is outstanding,
+//! `break` or a signal is [`Event::Cancel`]; once the hand-off is past the
+//! point of no return (from [`Effect::Completing`] on) nothing is
+//! cancellable and a cancel is ignored. An event that answers nothing
+//! outstanding is ignored (no effects).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::policy::{self, Bottleneck, Capacity, Convergence, Estimate};
+
+/// Largest data write the sweep sends.
+pub const CHUNK: u64 = 1024 * 1024;
+/// Largest WRITE_ZEROES the sweep sends for a hole.
+pub const ZERO_CHUNK: u64 = 1024 * 1024 * 1024;
+/// The sweep clears dirty bits and reads extents a window at a time.
+pub const WINDOW: u64 = 64 * 1024 * 1024;
+/// A flush this quick means the destination has little left to sync.
+pub const QUICK_FLUSH: Duration = Duration::from_millis(10);
+/// Flushes before the cut-off, at most (clients keep dirtying meanwhile).
+pub const MAX_FLUSHES: u32 = 4;
+/// At the cut-off, clients get this long to finish their current request
+/// before their connections are torn down.
+pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
+/// Between a failed attempt and the next.
+pub const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// After the first "not converging" warning, the next comes this much later.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+/// NBD's EINVAL: what an old destination answers entrust with.
+const EINVAL: u32 = crate::proto::errno::EINVAL;
+
+/// How the first attempt ended, as the `mirror` caller is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstOutcome {
+    Go,
+    FailConnect,
+    Rejected,
+    NoHello,
+    SizeMismatch,
+}
+
+/// What the source does once a migration has copied everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorAction {
+    /// Hand off and exit.
+    Exit,
+    /// Hand off, unlinking the source file first, and exit.
+    Unlink,
+    /// Keep serving; no hand-off.
+    Nothing,
+}
+
+/// How a mirror ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The first attempt failed; the caller was told and nothing is retried.
+    FirstAttemptFailed(FirstOutcome),
+    /// `break` or shutdown.
+    Abandoned,
+    /// Everything was copied and action `nothing` was asked: keep serving.
+    CopiedAndKept,
+    /// The destination was handed the image: the source must exit 0.
+    HandedOff,
+    /// Everything was durable at the destination but the DISCONNECT could
+    /// not be sent: exit non-zero so nobody takes this for a completed
+    /// migration.
+    DisconnectFailed(String),
+}
+
+/// The phase an attempt is in (for status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Connecting = 0,
+    Copying = 1,
+    Converging = 2,
+    Entrusting = 3,
+    HandingOff = 4,
+    Retrying = 5,
+    Done = 6,
+}
+
+impl Phase {
+    /// Every phase, each at the index of its discriminant: the one table
+    /// [`Phase::from_u8`] decodes with (checked below when compiling).
+    pub const ALL: [Phase; 7] = [
+        Phase::Connecting,
+        Phase::Copying,
+        Phase::Converging,
+        Phase::Entrusting,
+        Phase::HandingOff,
+        Phase::Retrying,
+        Phase::Done,
+    ];
+
+    /// The phase stored as `v`; `None` for a byte no phase is stored as (a
+    /// variant missing from [`Phase::ALL`]).
+    pub fn from_u8(v: u8) -> Option<Phase> {
+        Phase::ALL.get(usize::from(v)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Copying => "copying",
+            Phase::Converging => "converging",
+            Phase::Entrusting => "entrusting",
+            Phase::HandingOff => "handing_off",
+            Phase::Retrying => "retrying",
+            Phase::Done => "done",
+        }
+    }
+}
+
+// A phase is stored as its discriminant and decoded by indexing ALL, so each
+// must sit at its own index. A variant left out of ALL decodes as None, which
+// is reported as a bug rather than read as another phase.
+const _: () = {
+    let mut i = 0;
+    while i < Phase::ALL.len() {
+        assert!(
+            Phase::ALL[i] as usize == i,
+            "Phase::ALL out of discriminant order"
+        );
+        i += 1;
+    }
+};
+
+/// How loud a log line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// A point of the hand-off that fault plans may name; the driver announces
+/// it to its probe when the effect comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Milestone {
+    /// The DISCONNECT went out (`mirror.disconnect_sent`).
+    DisconnectSent,
+}
+
+/// What one mirror is, and the rules it keeps.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The destination, as log lines name it.
+    pub target: String,
+    /// The source image's path, as log lines name it.
+    pub path: String,
+    /// The export size in bytes.
+    pub size: u64,
+    pub action: MirrorAction,
+    /// The dirty-tracking block size (dirty ranges' granularity).
+    pub block: u64,
+    pub window: u64,
+    pub chunk: u64,
+    pub zero_chunk: u64,
+    pub quick_flush: Duration,
+    pub max_flushes: u32,
+    pub cutoff_grace: Duration,
+    pub retry_delay: Duration,
+}
+
+impl SourceConfig {
+    /// A mirror with the standard rules (the constants above).
+    pub fn new(target: String, path: String, size: u64, action: MirrorAction, block: u64) -> Self {
+        SourceConfig {
+            target,
+            path,
+            size,
+            action,
+            block,
+            window: WINDOW,
+            chunk: CHUNK,
+            zero_chunk: ZERO_CHUNK,
+            quick_flush: QUICK_FLUSH,
+            max_flushes: MAX_FLUSHES,
+            cutoff_grace: CUTOFF_GRACE,
+            retry_delay: RETRY_DELAY,
+        }
+    }
+}
+
+/// What happened: the answer to the effect outstanding, or something from
+/// outside (cancel, time passing).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Connected, greeted, size checked: the export's transmission `flags`,
+    /// and how the link was made (`link`, for the log: handshake, TLS).
+    Connected { flags: u16, link: String },
+    /// The connection, the greeting or the size check failed.
+    ConnectFailed {
+        outcome: FirstOutcome,
+        message: String,
+    },
+    /// The migration's capacity now (`None`: nothing measured yet), and the
+    /// speed limit in bytes per second (`None`: unlimited).
+    Capacity {
+        capacity: Option<Capacity>,
+        speed_limit: Option<u64>,
+    },
+    /// The extents asked for, as (length, is a hole) from its start.
+    Extents(Vec<(u64, bool)>),
+    /// The data or hole went out (written to the connection; its reply
+    /// comes later and is awaited by [`Effect::WaitIdle`]).
+    Sent,
+    /// The dirty ranges taken (their bits are cleared), as (offset, length).
+    DirtyTaken(Vec<(u64, u64)>),
+    /// What is left: bytes still dirty, and requests and bytes in flight.
+    Measured {
+        dirty_bytes: u64,
+        in_flight: u64,
+        in_flight_bytes: u64,
+    },
+    /// How many separate writes the dirty map would take (as counted for
+    /// [`Effect::CountRuns`]).
+    Runs(u64),
+    /// Every request sent has been answered.
+    Idle,
+    /// A FLUSH's or entrust's reply, with its NBD error (0: success).
+    Reply { error: u32 },
+    /// No client write will be acknowledged any more.
+    ClientsCutOff,
+    /// The control and NBD listening sockets are closed.
+    ServerClosed,
+    /// The source image was unlinked and its directory synced, or why not.
+    Unlinked(Result<(), String>),
+    /// The DISCONNECT was sent, or why not.
+    DisconnectSent(Result<(), String>),
+    /// The connection or the image failed; `reason` says how.
+    Failed { reason: String },
+    /// `break` or a signal.
+    Cancel,
+    /// The retry delay has passed.
+    RetryTimerFired,
+    /// Time passed (`now` is the time); nothing else happened.
+    Tick,
+}
+
+/// What the driver is to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// A new attempt begins (its number, from 1): status starts afresh
+    /// (attempt count, start time, bytes sent, sweep offset, phase
+    /// `connecting`).
+    BeginAttempt {
+        attempt: u64,
+    },
+    /// Connect, read the greeting, check the size.
+    Connect,
+    /// Tell the `mirror` caller how the first attempt went.
+    ReportFirst(FirstOutcome),
+    StartTracking,
+    StopTracking,
+    SetPhase(Phase),
+    /// Forget dirty marks in the range (the sweep sends it next).
+    ClearDirty {
+        offset: u64,
+        len: u64,
+    },
+    MeasureCapacity,
+    /// Pace client writes to `capacity` (`None`: stop pacing), those below
+    /// `below` only.
+    SetPace {
+        capacity: Option<Capacity>,
+        below: u64,
+    },
+    AskExtents {
+        offset: u64,
+        len: u64,
+    },
+    /// Send the image's bytes in the range (paced by the speed limit).
+    SendData {
+        offset: u64,
+        len: u64,
+    },
+    /// Send a hole: WRITE_ZEROES if `zeroes`, else zero-filled WRITEs.
+    SendHole {
+        offset: u64,
+        len: u64,
+        zeroes: bool,
+    },
+    /// The sweep has sent everything before `offset` (for status).
+    SweepProgress(u64),
+    /// Take (and clear) dirty ranges: up to `max_bytes` in all, none longer
+    /// than `max_run`, ranges less than `gap` apart joined into one.
+    TakeDirty {
+        max_bytes: u64,
+        max_run: u64,
+        gap: u64,
+    },
+    Measure,
+    /// Count the dirty map's writes with `gap`, stopping at `limit`.
+    CountRuns {
+        gap: u64,
+        limit: u64,
+    },
+    /// The cut-off decision just made (for status).
+    SetEstimate(Estimate),
+    WaitIdle,
+    Flush,
+    Entrust,
+    CutOffClients {
+        grace: Duration,
+    },
+    AllowClients,
+    /// Past the point of no return: `break` now answers "completed", a
+    /// signal waits for the end.
+    Completing,
+    CloseServer,
+    /// Unlink the source image and sync its directory.
+    Unlink,
+    /// Clients were shut out this long (status keeps the longest).
+    RecordLockout(Duration),
+    Disconnect,
+    Milestone(Milestone),
+    /// Answer with [`Event::RetryTimerFired`] after `delay`.
+    ArmRetry {
+        delay: Duration,
+    },
+    Log(Level, String),
+    /// The mirror is over.
+    Finish(Outcome),
+}
+
+impl Effect {
+    /// Whether the driver must answer this effect with an event (it is then
+    /// the last of its batch).
+    pub fn awaits(&self) -> bool {
+        matches!(
+            self,
+            Effect::Connect
+                | Effect::MeasureCapacity
+                | Effect::AskExtents { .. }
+                | Effect::SendData { .. }
+                | Effect::SendHole { .. }
+                | Effect::TakeDirty { .. }
+                | Effect::Measure
+                | Effect::CountRuns { .. }
+                | Effect::WaitIdle
+                | Effect::Flush
+                | Effect::Entrust
+                | Effect::CutOffClients { .. }
+                | Effect::CloseServer
+                | Effect::Unlink
+                | Effect::Disconnect
+                | Effect::ArmRetry { .. }
+        )
+    }
+
+    /// Whether `break` or a signal may interrupt this effect (then answered
+    /// with [`Event::Cancel`]). The hand-off's own steps are not: past the
+    /// point of no return the hand-off runs to its end.
+    pub fn cancellable(&self) -> bool {
+        matches!(
+            self,
+            Effect::Connect
+                | Effect::SendData { .. }
+                | Effect::SendHole { .. }
+                | Effect::WaitIdle
+                | Effect::Flush
+                | Effect::Entrust
+                | Effect::CutOffClients { .. }
+                | Effect::ArmRetry { .. }
+        )
+    }
+}
+
+/// The answer the machine waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Not started.
+    Start,
+    Connect,
+    /// The sweep's window start: its capacity, then its extents.
+    WindowCapacity,
+    WindowExtents,
+    /// A piece of the sweep went out; `data` tells which kind.
+    SweepSent {
+        data: bool,
+    },
+    /// The capacity after a data chunk of the sweep.
+    ChunkCapacity,
+    PassCapacity,
+    PassTake,
+    PassSent,
+    PassMeasure,
+    PassRuns,
+    /// Idle before a flush (`true`) or with nothing dirty (`false`).
+    PassIdle {
+        flush: bool,
+    },
+    PassFlush,
+    CutOff,
+    FinalTake,
+    FinalSent,
+    FinalIdle,
+    Entrust,
+    EntrustFlush,
+    CloseServer,
+    Unlink,
+    Disconnect,
+    Retry,
+    Done,
+}
+
+/// The state of one attempt; a retry starts from a fresh one.
+#[derive(Clone, Debug)]
+struct Attempt {
+    can_zero: bool,
+    started: Instant,
+    window_start: u64,
+    window_end: u64,
+    extents: VecDeque<(u64, bool)>,
+    /// The current extent: where it starts, ends, whether a hole, and how
+    /// far it has been sent.
+    extent: Option<(u64, u64, bool, u64)>,
+    /// Where the next extent starts.
+    pos: u64,
+    convergence: Option<Convergence>,
+    converging_since: Option<Instant>,
+    sweep_time: Duration,
+    flushed: bool,
+    flushes: u32,
+    flush_started: Option<Instant>,
+    warn_at: Option<Instant>,
+    gap: u64,
+    capacity: Option<Capacity>,
+    speed_limit: Option<u64>,
+    ranges: VecDeque<(u64, u64)>,
+    took_any: bool,
+    remaining: u64,
+    in_flight: u64,
+    measured_at: Option<Instant>,
+    cut_at: Option<Instant>,
+    lockout: Duration,
+}
+
+impl Attempt {
+    fn new(flags: u16, now: Instant) -> Attempt {
+        let can_flush = flags & crate::proto::flags::SEND_FLUSH != 0;
+        Attempt {
+            can_zero: flags & crate::proto::flags::SEND_WRITE_ZEROES != 0,
+            started: now,
+            window_start: 0,
+            window_end: 0,
+            extents: VecDeque::new(),
+            extent: None,
+            pos: 0,
+            convergence: None,
+            converging_since: None,
+            sweep_time: Duration::ZERO,
+            // Flushing repeats until one is quick: then little is left for
+            // the destination to make durable at entrust, while clients are
+            // shut out. A destination without FLUSH syncs every write.
+            flushed: !can_flush,
+            flushes: 0,
+            flush_started: None,
+            warn_at: None,
+            gap: 0,
+            capacity: None,
+            speed_limit: None,
+            ranges: VecDeque::new(),
+            took_any: false,
+            remaining: 0,
+            in_flight: 0,
+            measured_at: None,
+            cut_at: None,
+            lockout: Duration::ZERO,
+        }
+    }
+}
+
+/// The source's hand-off, across attempts.
+#[derive(Clone, Debug)]
+pub struct Source {
+    config: SourceConfig,
+    wait: Wait,
+    /// Attempts begun so far.
+    attempts: u64,
+    /// Whether the `mirror` caller has been told how the first attempt went.
+    reported_first: bool,
+    retry_at: Option<Instant>,
+    attempt: Option<Attempt>,
+}
+
+impl Source {
+    pub fn new(config: SourceConfig) -> Source {
+        Source {
+            config,
+            wait: Wait::Start,
+            attempts: 0,
+            reported_first: false,
+            retry_at: None,
+            attempt: None,
+        }
+    }
+
+    pub fn config(&self) -> &SourceConfig {
+        &self.config
+    }
+
+    /// Whether the mirror is over (a [`Effect::Finish`] was returned).
+    pub fn is_finished(&self) -> bool {
+        self.wait == Wait::Done
+    }
+
+    /// Begins the first attempt.
+    pub fn start(&mut self, _now: Instant) -> Vec<Effect> {
+        if self.wait != Wait::Start {
+            return Vec::new();
+        }
+        self.begin_attempt()
+    }
+
+    /// Takes `event`, which happened at `now`; returns what to do next.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Effect> {
+        match (self.wait, event) {
+            (Wait::Start | Wait::Done, _) => Vec::new(),
+            (Wait::Retry, Event::Cancel) => {
+                self.finish(vec![Effect::StopTracking], Outcome::Abandoned)
+            }
+            (Wait::Retry, Event::RetryTimerFired) => self.begin_attempt(),
+            (Wait::Retry, Event::Tick) if self.retry_at.is_some_and(|at| now >= at) => {
+                self.begin_attempt()
+            }
+            (Wait::CloseServer | Wait::Unlink | Wait::Disconnect, Event::Cancel) => Vec::new(),
+            (_, Event::Cancel) => self.finish(
+                vec![Effect::StopTracking, Effect::AllowClients],
+                Outcome::Abandoned,
+            ),
+            (Wait::Connect, Event::Connected { flags, link }) => self.connected(now, flags, link),
+            (Wait::Connect, Event::ConnectFailed { outcome, message }) => {
+                self.connect_failed(now, outcome, message)
+            }
+            (Wait::Connect, Event::Failed { reason }) => {
+                self.connect_failed(now, FirstOutcome::FailConnect, reason)
+            }
+            (
+                Wait::Retry | Wait::CloseServer | Wait::Unlink | Wait::Disconnect,
+                Event::Failed { .. },
+            ) => Vec::new(),
+            (_, Event::Failed { reason }) => self.retry(now, reason),
+            (Wait::WindowCapacity, Event::Capacity { capacity, .. }) => {
+                let a = self.attempt_mut();
+                let (offset, len, below) =
+                    (a.window_start, a.window_end - a.window_start, a.window_end);
+                // Clients' changes behind the end of this window will have
+                // to be sent again: pace them to what the destination can
+                // take, as measured so far (policy.rs), so that the dirty
+                // passes after the sweep start with little to do. Changes
+                // ahead of it cost nothing.
+                self.wait = Wait::WindowExtents;
+                vec![
+                    Effect::SetPace { capacity, below },
+                    Effect::AskExtents { offset, len },
+                ]
+            }
+            (Wait::WindowExtents, Event::Extents(extents)) => {
+                let a = self.attempt_mut();
+                a.extents = extents.into();
+                a.pos = a.window_start;
+                self.sweep_next(now, Vec::new())
+            }
+            (Wait::SweepSent { data }, Event::Sent) => self.sweep_sent(now, data),
+            (Wait::ChunkCapacity, Event::Capacity { capacity, .. }) => {
+                let below = self.attempt_mut().window_end;
+                self.sweep_next(now, vec![Effect::SetPace { capacity, below }])
+            }
+            (
+                Wait::PassCapacity,
+                Event::Capacity {
+                    capacity,
+                    speed_limit,
+                },
+            ) => {
+                // The migration's speed as measured so far (the
+                // destination's costs, the speed limit, the connection's
+                // throughput) decides how far apart dirty ranges may be and
+                // still go as one write, and how fast clients may dirty more
+                // (policy.rs).
+                let (window, chunk, block) =
+                    (self.config.window, self.config.chunk, self.config.block);
+                let a = self.attempt_mut();
+                a.capacity = capacity;
+                a.speed_limit = speed_limit;
+                a.gap = capacity.map_or(0, |c| c.gap(block));
+                let gap = a.gap;
+                self.wait = Wait::PassTake;
+                vec![
+                    Effect::SetPace {
+                        capacity,
+                        below: u64::MAX,
+                    },
+                    Effect::TakeDirty {
+                        max_bytes: window,
+                        max_run: chunk,
+                        gap,
+                    },
+                ]
+            }
+            (Wait::PassTake, Event::DirtyTaken(ranges)) => {
+                let a = self.attempt_mut();
+                a.took_any = !ranges.is_empty();
+                a.ranges = ranges.into();
+                self.pass_next()
+            }
+            (Wait::PassSent, Event::Sent) => self.pass_next(),
+            (
+                Wait::PassMeasure,
+                Event::Measured {
+                    dirty_bytes,
+                    in_flight,
+                    in_flight_bytes,
+                },
+            ) => {
+                let a = self.attempt_mut();
+                a.remaining = dirty_bytes + in_flight_bytes;
+                a.in_flight = in_flight;
+                a.measured_at = Some(now);
+                let convergence = a.convergence.as_ref().expect("converging");
+                match convergence.requests_wanted(a.remaining, a.capacity, now) {
+                    Some(most) => {
+                        let gap = a.gap;
+                        self.wait = Wait::PassRuns;
+                        vec![Effect::CountRuns {
+                            gap,
+                            limit: most.saturating_sub(in_flight),
+                        }]
+                    }
+                    None => self.decide(0),
+                }
+            }
+            (Wait::PassRuns, Event::Runs(runs)) => self.decide(runs),
+            (Wait::PassIdle { flush: true }, Event::Idle) => {
+                self.attempt_mut().flush_started = Some(now);
+                self.wait = Wait::PassFlush;
+                vec![Effect::Flush]
+            }
+            (Wait::PassIdle { flush: false }, Event::Idle) => self.pass_top(Vec::new()),
+            (Wait::PassFlush, Event::Reply { error }) => {
+                if error != 0 {
+                    return self.retry(
+                        now,
+                        format!("the destination answered the final flush with error {error}"),
+                    );
+                }
+                let (quick, max) = (self.config.quick_flush, self.config.max_flushes);
+                let a = self.attempt_mut();
+                a.flushes += 1;
+                let took = now.saturating_duration_since(a.flush_started.unwrap_or(now));
+                a.flushed = took <= quick || a.flushes >= max;
+                self.pass_top(Vec::new())
+            }
+            (Wait::CutOff, Event::ClientsCutOff) => self.final_take(),
+            (Wait::FinalTake, Event::DirtyTaken(ranges)) => {
+                if ranges.is_empty() {
+                    self.wait = Wait::FinalIdle;
+                    return vec![Effect::WaitIdle];
+                }
+                self.attempt_mut().ranges = ranges.into();
+                self.final_next()
+            }
+            (Wait::FinalSent, Event::Sent) => self.final_next(),
+            (Wait::FinalIdle, Event::Idle) => {
+                // Entrust: answered only once the destination has
+                // everything durable.
+                self.wait = Wait::Entrust;
+                vec![Effect::SetPhase(Phase::Entrusting), Effect::Entrust]
+            }
+            (Wait::Entrust, Event::Reply { error: 0 }) => self.entrusted(now),
+            (Wait::Entrust, Event::Reply { error: EINVAL }) => {
+                // An old (C) destination: it syncs every write, and FLUSH
+                // covers anything else.
+                self.wait = Wait::EntrustFlush;
+                vec![
+                    Effect::Log(
+                        Level::Info,
+                        "destination does not know entrust; sending FLUSH instead".into(),
+                    ),
+                    Effect::Flush,
+                ]
+            }
+            (Wait::Entrust, Event::Reply { error }) => self.retry(
+                now,
+                format!("the destination answered entrust with error {error}"),
+            ),
+            (Wait::EntrustFlush, Event::Reply { error: 0 }) => self.entrusted(now),
+            (Wait::EntrustFlush, Event::Reply { error }) => self.retry(
+                now,
+                format!("the destination answered the final flush with error {error}"),
+            ),
+            (Wait::CloseServer, Event::ServerClosed) => {
+                if self.config.action == MirrorAction::Unlink {
+                    self.wait = Wait::Unlink;
+                    return vec![Effect::Unlink];
+                }
+                self.disconnect(now, Vec::new())
+            }
+            (Wait::Unlink, Event::Unlinked(Err(e))) => {
+                // The source stays canonical (table row 1): do not hand off.
+                let why = format!("cannot unlink {}: {e}", self.config.path);
+                self.done(Vec::new(), Outcome::DisconnectFailed(why))
+            }
+            (Wait::Unlink, Event::Unlinked(Ok(()))) => {
+                let line = format!("unlinked {}", self.config.path);
+                self.disconnect(now, vec![Effect::Log(Level::Info, line)])
+            }
+            (Wait::Disconnect, Event::DisconnectSent(Ok(()))) => {
+                let lockout = self.attempt_mut().lockout;
+                let line = format!(
+                    "migration complete: DISCONNECT sent to {}; clients were shut out for {lockout:?}",
+                    self.config.target
+                );
+                self.done(
+                    vec![
+                        Effect::Log(Level::Info, line),
+                        Effect::Milestone(Milestone::DisconnectSent),
+                    ],
+                    Outcome::HandedOff,
+                )
+            }
+            (Wait::Disconnect, Event::DisconnectSent(Err(e))) => {
+                let why = format!("sending DISCONNECT to {} failed: {e}", self.config.target);
+                self.done(Vec::new(), Outcome::DisconnectFailed(why))
+            }
+            // Anything else answers nothing outstanding.
+            _ => Vec::new(),
+        }
+    }
+
+    fn attempt_mut(&mut self) -> &mut Attempt {
+        self.attempt
+            .as_mut()
+            .expect("an attempt is connected in every state that answers to it")
+    }
+
+    fn begin_attempt(&mut self) -> Vec<Effect> {
+        self.attempts += 1;
+        self.attempt = None;
+        self.retry_at = None;
+        self.wait = Wait::Connect;
+        vec![
+            Effect::BeginAttempt {
+                attempt: self.attempts,
+            },
+            Effect::Connect,
+        ]
+    }
+
+    fn connect_failed(
+        &mut self,
+        now: Instant,
+        outcome: FirstOutcome,
+        message: String,
+    ) -> Vec<Effect> {
+        if self.reported_first {
+            return self.retry(now, message);
+        }
+        self.reported_first = true;
+        let line = format!("migration to {} failed: {message}", self.config.target);
+        self.finish(
+            vec![
+                Effect::Log(Level::Warn, line),
+                Effect::StopTracking,
+                Effect::ReportFirst(outcome),
+            ],
+            Outcome::FirstAttemptFailed(outcome),
+        )
+    }
+
+    fn connected(&mut self, now: Instant, flags: u16, link: String) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if !self.reported_first {
+            self.reported_first = true;
+            out.push(Effect::ReportFirst(FirstOutcome::Go));
+        }
+        out.push(Effect::Log(
+            Level::Info,
+            format!(
+                "migration attempt {} connected to {} ({link}, flags 0x{flags:04x})",
+                self.attempts, self.config.target
+            ),
+        ));
+        // Track changes from here on. The sweep need not wait for the
+        // allocation map: until it is built, extents come from the file.
+        out.push(Effect::StartTracking);
+        out.push(Effect::SetPhase(Phase::Copying));
+        self.attempt = Some(Attempt::new(flags, now));
+        self.next_window(now, out)
+    }
+
+    /// The sweep's next window, or the end of the sweep.
+    fn next_window(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
+        let (size, window) = (self.config.size, self.config.window);
+        let a = self.attempt_mut();
+        a.window_start = a.window_end;
+        if a.window_start >= size {
+            out.push(Effect::SweepProgress(size));
+            return self.begin_converging(now, out);
+        }
+        a.window_end = a.window_start + window.min(size - a.window_start);
+        // Clear first, then look: a write that lands after the clear is
+        // either seen by the extents asked next or marked dirty again.
+        out.push(Effect::ClearDirty {
+            offset: a.window_start,
+            len: a.window_end - a.window_start,
+        });
+        out.push(Effect::MeasureCapacity);
+        self.wait = Wait::WindowCapacity;
+        out
+    }
+
+    /// The sweep's next piece.
+    fn sweep_next(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
+        let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
+        let a = self.attempt_mut();
+        if a.extent.is_none() {
+            match a.extents.pop_front() {
+                Some((len, hole)) => a.extent = Some((a.pos, a.pos + len, hole, a.pos)),
+                None => return self.next_window(now, out),
+            }
+        }
+        let (start, end, hole, at) = a.extent.expect("an extent is current");
+        if at >= end {
+            // An empty extent: nothing to send.
+            a.extent = None;
+            a.pos = end;
+            return self.sweep_next(now, out);
+        }
+        let piece = if !hole {
+            // A chunk at a time, so status shows progress inside a long
+            // extent (a throttled 8 MiB extent would otherwise show none).
+            let n = (end - at).min(chunk);
+            Effect::SendData { offset: at, len: n }
+        } else if a.can_zero {
+            let n = (end - at).min(zero_chunk);
+            Effect::SendHole {
+                offset: at,
+                len: n,
+                zeroes: true,
+            }
+        } else {
+            // Zeros the destination recognises and keeps as holes; the
+            // driver sends them in pieces the speed limit allows.
+            Effect::SendHole {
+                offset: start,
+                len: end - start,
+                zeroes: false,
+            }
+        };
+        self.wait = Wait::SweepSent { data: !hole };
+        out.push(piece);
+        out
+    }
+
+    fn sweep_sent(&mut self, now: Instant, data: bool) -> Vec<Effect> {
+        let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
+        let a = self.attempt_mut();
+        let (start, end, hole, at) = a.extent.expect("a piece of an extent was sent");
+        let at = match (hole, a.can_zero) {
+            (false, _) => at + (end - at).min(chunk),
+            (true, true) => at + (end - at).min(zero_chunk),
+            (true, false) => end,
+        };
+        a.extent = Some((start, end, hole, at));
+        let mut out = Vec::new();
+        if at >= end {
+            a.extent = None;
+            a.pos = end;
+        }
+        if data {
+            out.push(Effect::SweepProgress(at));
+            out.push(Effect::MeasureCapacity);
+            self.wait = Wait::ChunkCapacity;
+            return out;
+        }
+        if at >= end {
+            out.push(Effect::SweepProgress(end));
+        }
+        self.sweep_next(now, out)
+    }
+
+    /// Dirty passes until the remainder is small enough to cut off. The
+    /// first time it is, FLUSH: the bulk becomes durable while clients
+    /// still run, so the entrust after the cut-off syncs only a little.
+    fn begin_converging(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
+        let a = self.attempt_mut();
+        a.converging_since = Some(now);
+        a.sweep_time = now.saturating_duration_since(a.started);
+        a.convergence = Some(Convergence::new(now));
+        // When the first "not converging" warning is due (then every minute).
+        a.warn_at = Some(now + policy::PATIENCE * 2);
+        out.push(Effect::SetPhase(Phase::Converging));
+        self.pass_top(out)
+    }
+
+    fn pass_top(&mut self, mut out: Vec<Effect>) -> Vec<Effect> {
+        self.wait = Wait::PassCapacity;
+        out.push(Effect::MeasureCapacity);
+        out
+    }
+
+    fn pass_next(&mut self) -> Vec<Effect> {
+        let a = self.attempt_mut();
+        match a.ranges.pop_front() {
+            Some((offset, len)) => {
+                self.wait = Wait::PassSent;
+                vec![Effect::SendData { offset, len }]
+            }
+            None => {
+                self.wait = Wait::PassMeasure;
+                vec![Effect::Measure]
+            }
+        }
+    }
+
+    /// The cut-off decision, with `runs` writes counted (when asked for).
+    fn decide(&mut self, runs: u64) -> Vec<Effect> {
+        let target = self.config.target.clone();
+        let a = self.attempt_mut();
+        let now = a.measured_at.expect("measured before deciding");
+        let in_flight = a.in_flight;
+        let convergence = a.convergence.as_ref().expect("converging");
+        let estimate = convergence.estimate(a.remaining, |_| in_flight + runs, a.capacity, now);
+        let mut out = vec![Effect::SetEstimate(estimate)];
+        let since = a.converging_since.expect("converging");
+        if !estimate.ready() && a.warn_at.is_some_and(|w| now >= w) {
+            a.warn_at = Some(now + WARN_EVERY);
+            out.push(Effect::Log(
+                Level::Warn,
+                format!(
+                    "migration to {target} not converging after {:.0} s: {}",
+                    now.saturating_duration_since(since).as_secs_f64(),
+                    not_converging_reason(&estimate, a.remaining, a.speed_limit)
+                ),
+            ));
+        }
+        if estimate.ready() {
+            if a.flushed {
+                out.push(Effect::Log(
+                    Level::Info,
+                    converged_line(
+                        now.saturating_duration_since(since),
+                        a.sweep_time,
+                        a.remaining,
+                        a.capacity,
+                        &estimate,
+                    ),
+                ));
+                return self.cut_off(now, out);
+            }
+            self.wait = Wait::PassIdle { flush: true };
+            out.push(Effect::WaitIdle);
+            return out;
+        }
+        if !a.took_any {
+            // Nothing dirty right now: wait for the writes in flight, then
+            // look again.
+            self.wait = Wait::PassIdle { flush: false };
+            out.push(Effect::WaitIdle);
+            return out;
+        }
+        self.pass_top(out)
+    }
+
+    /// Cut clients off, then send the last changes.
+    fn cut_off(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
+        let grace = self.config.cutoff_grace;
+        self.attempt_mut().cut_at = Some(now);
+        out.push(Effect::SetPace {
+            capacity: None,
+            below: u64::MAX,
+        });
+        out.push(Effect::CutOffClients { grace });
+        self.wait = Wait::CutOff;
+        out
+    }
+
+    fn final_take(&mut self) -> Vec<Effect> {
+        let chunk = self.config.chunk;
+        let gap = self.attempt_mut().gap;
+        self.wait = Wait::FinalTake;
+        vec![Effect::TakeDirty {
+            max_bytes: u64::MAX,
+            max_run: chunk,
+            gap,
+        }]
+    }
+
+    fn final_next(&mut self) -> Vec<Effect> {
+        match self.attempt_mut().ranges.pop_front() {
+            Some((offset, len)) => {
+                self.wait = Wait::FinalSent;
+                vec![Effect::SendData { offset, len }]
+            }
+            None => self.final_take(),
+        }
+    }
+
+    /// Everything is durable at the destination.
+    fn entrusted(&mut self, now: Instant) -> Vec<Effect> {
+        let cut_at = self.attempt_mut().cut_at.expect("cut off before entrust");
+        let lockout = now.saturating_duration_since(cut_at);
+        if self.config.action == MirrorAction::Nothing {
+            return self.done(
+                vec![
+                    Effect::Log(
+                        Level::Info,
+                        "migration copied everything; action 'nothing': serving on".into(),
+                    ),
+                    Effect::StopTracking,
+                    Effect::AllowClients,
+                    Effect::RecordLockout(lockout),
+                ],
+                Outcome::CopiedAndKept,
+            );
+        }
+        // The hand-off. Past this point nothing is abandoned.
+        self.wait = Wait::CloseServer;
+        vec![
+            Effect::Completing,
+            Effect::SetPhase(Phase::HandingOff),
+            Effect::CloseServer,
+        ]
+    }
+
+    fn disconnect(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
+        let a = self.attempt_mut();
+        let cut_at = a.cut_at.expect("cut off before the hand-off");
+        a.lockout = now.saturating_duration_since(cut_at);
+        out.push(Effect::RecordLockout(a.lockout));
+        out.push(Effect::Disconnect);
+        self.wait = Wait::Disconnect;
+        out
+    }
+
+    /// The attempt failed: retry it from scratch after the delay.
+    fn retry(&mut self, now: Instant, reason: String) -> Vec<Effect> {
+        let delay = self.config.retry_delay;
+        let line = format!(
+            "migration attempt {} to {} failed: {reason}; retrying in {} s",
+            self.attempts,
+            self.config.target,
+            delay.as_secs()
+        );
+        self.attempt = None;
+        self.retry_at = Some(now + delay);
+        self.wait = Wait::Retry;
+        vec![
+            Effect::Log(Level::Warn, line),
+            Effect::SetPace {
+                capacity: None,
+                below: u64::MAX,
+            },
+            Effect::AllowClients,
+            Effect::SetPhase(Phase::Retrying),
+            Effect::ArmRetry { delay },
+        ]
+    }
+
+    /// The attempt succeeded (as far as it can): tracking stops, the phase
+    /// is done, and the mirror ends with `outcome`.
+    fn done(&mut self, out: Vec<Effect>, outcome: Outcome) -> Vec<Effect> {
+        let mut out = out;
+        out.push(Effect::StopTracking);
+        out.push(Effect::SetPhase(Phase::Done));
+        self.finish(out, outcome)
+    }
+
+    fn finish(&mut self, mut out: Vec<Effect>, outcome: Outcome) -> Vec<Effect> {
+        self.attempt = None;
+        self.wait = Wait::Done;
+        out.push(Effect::Finish(outcome));
+        out
+    }
+}
+
+/// The log line at the cut-off decision.
+fn converged_line(
+    converging: Duration,
+    sweep: Duration,
+    remaining: u64,
+    capacity: Option<Capacity>,
+    estimate: &Estimate,
+) -> String {
+    let per = capacity.map_or(String::new(), |c| {
+        format!(
+            "; the destination takes {:.3} ms a write plus {:.0} MB/s{}",
+            c.destination.per_request * 1e3,
+            1e-6 / c.destination.per_byte.max(1e-15),
+            if c.rate.is_finite() {
+                format!(
+                    ", the {} {:.1} MB/s",
+                    if estimate.bottleneck == Bottleneck::Link {
+                        "connection carries"
+                    } else {
+                        "copy is held to"
+                    },
+                    c.rate * 1e-6
+                )
+            } else {
+                String::new()
+            }
+        )
+    });
+    format!(
+        "converged after {:.3} s of dirty passes (the sweep took {:.3} s): \
+         {remaining} bytes left at the cut-off{per}",
+        converging.as_secs_f64(),
+        sweep.as_secs_f64(),
+    )
+}
+
+/// Why a converging migration has not cut off, in words for the log.
+pub fn not_converging_reason(e: &Estimate, remaining: u64, limit: Option<u64>) -> String {
+    let Some(remainder) = e.remainder else {
+        return "the destination's speed is not measured yet".into();
+    };
+    let limit = limit.map_or(String::new(), |l| format!(" ({l} B/s)"));
+    let what = match e.bottleneck {
+        Bottleneck::SpeedLimit => format!("the speed limit{limit}"),
+        Bottleneck::Link => "the connection's throughput".into(),
+        Bottleneck::Destination | Bottleneck::Unknown => "the destination's speed".into(),
+    };
+    format!(
+        "{remaining} bytes still dirty would shut clients out for {} ms at {what}, \
+         over the {} ms the cut-off allows; clients write faster than that lets the copy \
+         catch up even paced, so clients stay paced and the migration keeps trying \
+         (raise the limit with mirror-speed, or stop it with break)",
+        remainder.as_millis(),
+        e.allowance.as_millis()
+    )
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::policy::Costs;
+    use crate::proto::flags::{SEND_FLUSH, SEND_WRITE_ZEROES};
+
+    const PATH: &str = "/images/source.img";
+    const TARGET: &str = "10.0.0.2:4777";
+
+    fn config(action: MirrorAction) -> SourceConfig {
+        SourceConfig {
+            window: 200,
+            chunk: 100,
+            zero_chunk: 100,
+            ..SourceConfig::new(TARGET.into(), PATH.into(), 300, action, 1)
+        }
+    }
+
+    fn capacity() -> Capacity {
+        Capacity::new(
+            Costs {
+                per_request: 1e-4,
+                per_byte: 1e-9,
+            },
+            None,
+            None,
+        )
+    }
+
+    /// Plays the driver with a world that answers every effect the plain
+    /// way unless `over` answers it first, one millisecond per answer.
+    /// Returns every effect in order, and checks the protocol: only the
+    /// last effect of a batch awaits, and a batch ends awaiting or
+    /// finishing.
+    struct World {
+        machine: Source,
+        now: Instant,
+        effects: Vec<Effect>,
+        /// What the dirty passes take, in turn (then nothing).
+        dirty: VecDeque<Vec<(u64, u64)>>,
+        /// What the final passes after the cut-off take, in turn.
+        final_dirty: VecDeque<Vec<(u64, u64)>>,
+        flags: u16,
+    }
+
+    impl World {
+        fn new(action: MirrorAction) -> World {
+            World {
+                machine: Source::new(config(action)),
+                now: Instant::now(),
+                effects: Vec::new(),
+                dirty: VecDeque::new(),
+                final_dirty: VecDeque::new(),
+                flags: SEND_FLUSH | SEND_WRITE_ZEROES,
+            }
+        }
+
+        fn plain(&mut self, effect: &Effect) -> Event {
+            let cut = self.effects.iter().any(|e| {
+                *e == Effect::CutOffClients {
+                    grace: CUTOFF_GRACE,
+                }
+            });
+            match effect {
+                Effect::Connect => Event::Connected {
+                    flags: self.flags,
+                    link: "NewStyle handshake".into(),
+                },
+                Effect::MeasureCapacity => Event::Capacity {
+                    capacity: Some(capacity()),
+                    speed_limit: None,
+                },
+                // The first half of every window is data, the rest a hole.
+                Effect::AskExtents { len, .. } if *len > 50 => {
+                    Event::Extents(vec![(50, false), (len - 50, true)])
+                }
+                Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, false)]),
+                Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
+                Effect::TakeDirty { .. } if cut => {
+                    Event::DirtyTaken(self.final_dirty.pop_front().unwrap_or_default())
+                }
+                Effect::TakeDirty { .. } => {
+                    Event::DirtyTaken(self.dirty.pop_front().unwrap_or_default())
+                }
+                Effect::Measure => Event::Measured {
+                    dirty_bytes: 0,
+                    in_flight: 0,
+                    in_flight_bytes: 0,
+                },
+                Effect::CountRuns { .. } => Event::Runs(1),
+                Effect::WaitIdle => Event::Idle,
+                Effect::Flush | Effect::Entrust => Event::Reply { error: 0 },
+                Effect::CutOffClients { .. } => Event::ClientsCutOff,
+                Effect::CloseServer => Event::ServerClosed,
+                Effect::Unlink => Event::Unlinked(Ok(())),
+                Effect::Disconnect => Event::DisconnectSent(Ok(())),
+                Effect::ArmRetry { .. } => Event::RetryTimerFired,
+                other => panic!("{other:?} awaits no answer"),
+            }
+        }
+
+        /// Runs to the end; `over` may answer an effect (given with how
+        /// many effects came before it) in place of the plain world.
+        fn run(&mut self, mut over: impl FnMut(&Effect, usize) -> Option<Event>) -> Outcome {
+            let mut batch = self.machine.start(self.now);
+            for _ in 0..10_000 {
+                assert!(
+                    !batch.is_empty(),
+                    "an empty batch after {:?}",
+                    self.effects.last()
+                );
+                let last = batch.len() - 1;
+                for (i, e) in batch.iter().enumerate() {
+                    assert!(
+                        !e.awaits() || i == last,
+                        "{e:?} awaits but is not last in {batch:?}"
+                    );
+                    assert!(
+                        !matches!(e, Effect::Finish(_)) || i == last,
+                        "Finish is not last in {batch:?}"
+                    );
+                }
+                let effect = batch[last].clone();
+                self.effects.extend(batch);
+                if let Effect::Finish(outcome) = effect {
+                    assert!(self.machine.is_finished());
+                    return outcome;
+                }
+                assert!(
+                    effect.awaits(),
+                    "batch ends with {effect:?}, which awaits nothing"
+                );
+                let event =
+                    over(&effect, self.effects.len() - 1).unwrap_or_else(|| self.plain(&effect));
+                self.now += Duration::from_millis(1);
+                batch = self.machine.handle(self.now, event);
+            }
+            panic!(
+                "no end after 10000 answers: {:?}",
+                &self.effects[self.effects.len() - 40..]
+            );
+        }
+
+        /// The effects as short words, logs and measurements left out.
+        fn script(&self) -> Vec<String> {
+            script(&self.effects)
+        }
+
+        fn position(&self, what: &str) -> usize {
+            self.script()
+                .iter()
+                .position(|s| s == what)
+                .unwrap_or_else(|| panic!("no {what} in {:#?}", self.script()))
+        }
+
+        fn logs(&self) -> Vec<String> {
+            self.effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Log(_, line) => Some(line.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn script(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| {
+                Some(match e {
+                    Effect::Log(..) | Effect::MeasureCapacity | Effect::SetEstimate(_) => {
+                        return None
+                    }
+                    Effect::BeginAttempt { attempt } => format!("begin {attempt}"),
+                    Effect::Connect => "connect".into(),
+                    Effect::ReportFirst(o) => format!("first {o:?}"),
+                    Effect::StartTracking => "track".into(),
+                    Effect::StopTracking => "untrack".into(),
+                    Effect::SetPhase(p) => format!("phase {p}"),
+                    Effect::ClearDirty { offset, len } => format!("clear {offset}+{len}"),
+                    Effect::SetPace { capacity, below } => match (capacity, *below) {
+                        (None, _) => "unpace".into(),
+                        (Some(_), u64::MAX) => "pace all".into(),
+                        (Some(_), b) => format!("pace <{b}"),
+                    },
+                    Effect::AskExtents { offset, len } => format!("extents {offset}+{len}"),
+                    Effect::SendData { offset, len } => format!("data {offset}+{len}"),
+                    Effect::SendHole {
+                        offset,
+                        len,
+                        zeroes,
+                    } => format!(
+                        "{} {offset}+{len}",
+                        if *zeroes { "zeroes" } else { "zero-writes" }
+                    ),
+                    Effect::SweepProgress(o) => format!("swept {o}"),
+                    Effect::TakeDirty { max_bytes, .. } if *max_bytes == u64::MAX => {
+                        "take all".into()
+                    }
+                    Effect::TakeDirty { .. } => "take".into(),
+                    Effect::Measure => "measure".into(),
+                    Effect::CountRuns { .. } => "runs".into(),
+                    Effect::WaitIdle => "idle".into(),
+                    Effect::Flush => "FLUSH".into(),
+                    Effect::Entrust => "ENTRUST".into(),
+                    Effect::CutOffClients { .. } => "cut off".into(),
+                    Effect::AllowClients => "allow".into(),
+                    Effect::Completing => "completing".into(),
+                    Effect::CloseServer => "close server".into(),
+                    Effect::Unlink => "unlink".into(),
+                    Effect::RecordLockout(_) => "lockout".into(),
+                    Effect::Disconnect => "DISCONNECT".into(),
+                    Effect::Milestone(m) => format!("milestone {m:?}"),
+                    Effect::ArmRetry { delay } => format!("retry in {delay:?}"),
+                    Effect::Finish(o) => format!("finish {o:?}"),
+                })
+            })
+            .collect()
+    }
+
+    /// A whole attempt up to the cut-off, as `script` shows it.
+    const SWEEP_AND_CONVERGE: &[&str] = &[
+        "track",
+        "phase copying",
+        "clear 0+200",
+        "pace <200",
+        "extents 0+200",
+        "data 0+50",
+        "swept 50",
+        "pace <200",
+        "zeroes 50+100",
+        "zeroes 150+50",
+        "swept 200",
+        "clear 200+100",
+        "pace <300",
+        "extents 200+100",
+        "data 200+50",
+        "swept 250",
+        "pace <300",
+        "zeroes 250+50",
+        "swept 300",
+        "swept 300",
+        "phase converging",
+        // Nothing dirty and nothing left: ready, but flushed first.
+        "pace all",
+        "take",
+        "measure",
+        "idle",
+        "FLUSH",
+        // The flush was quick: cut off.
+        "pace all",
+        "take",
+        "measure",
+        "unpace",
+        "cut off",
+        "take all",
+        "idle",
+        "phase entrusting",
+        "ENTRUST",
+    ];
+
+    fn expect(head: &[&str], tail: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = vec!["begin 1".into(), "connect".into(), "first Go".into()];
+        all.extend(head.iter().map(|s| s.to_string()));
+        all.extend(SWEEP_AND_CONVERGE.iter().map(|s| s.to_string()));
+        all.extend(tail.iter().map(|s| s.to_string()));
+        all
+    }
+
+    #[test]
+    fn a_successful_attempt_with_exit_hands_off_in_order() {
+        let mut w = World::new(MirrorAction::Exit);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "completing",
+                    "phase handing_off",
+                    "close server",
+                    "lockout",
+                    "DISCONNECT",
+                    "milestone DisconnectSent",
+                    "untrack",
+                    "phase done",
+                    "finish HandedOff",
+                ]
+            )
+        );
+        let logs = w.logs();
+        assert!(
+            logs[0].starts_with(
+                "migration attempt 1 connected to 10.0.0.2:4777 (NewStyle handshake, flags 0x"
+            ),
+            "{logs:?}"
+        );
+        assert!(
+            logs.iter().any(|l| l.starts_with("converged after ")),
+            "{logs:?}"
+        );
+        assert!(
+            logs.last()
+                .unwrap()
+                .starts_with("migration complete: DISCONNECT sent to 10.0.0.2:4777"),
+            "{logs:?}"
+        );
+        // The lockout runs from the cut-off decision to the DISCONNECT: five
+        // answers of a millisecond each (cut off, take, idle, entrust,
+        // close).
+        let lockout = w.effects.iter().find_map(|e| match e {
+            Effect::RecordLockout(d) => Some(*d),
+            _ => None,
+        });
+        assert_eq!(lockout, Some(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn a_successful_attempt_with_unlink_unlinks_after_the_entrust_reply_and_before_disconnect() {
+        let mut w = World::new(MirrorAction::Unlink);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "completing",
+                    "phase handing_off",
+                    "close server",
+                    "unlink",
+                    "lockout",
+                    "DISCONNECT",
+                    "milestone DisconnectSent",
+                    "untrack",
+                    "phase done",
+                    "finish HandedOff",
+                ]
+            )
+        );
+        assert!(w.logs().contains(&format!("unlinked {PATH}")));
+    }
+
+    #[test]
+    fn a_successful_attempt_with_nothing_lets_clients_in_and_keeps_serving() {
+        let mut w = World::new(MirrorAction::Nothing);
+        assert_eq!(w.run(|_, _| None), Outcome::CopiedAndKept);
+        assert_eq!(
+            w.script(),
+            expect(
+                &[],
+                &[
+                    "untrack",
+                    "allow",
+                    "lockout",
+                    "untrack",
+                    "phase done",
+                    "finish CopiedAndKept",
+                ]
+            )
+        );
+        assert!(w
+            .logs()
+            .contains(&"migration copied everything; action 'nothing': serving on".to_string()));
+    }
+
+    #[test]
+    fn a_destination_without_write_zeroes_gets_holes_as_one_zero_write_each() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.flags = SEND_FLUSH;
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let sends: Vec<String> = w
+            .script()
+            .into_iter()
+            .filter(|s| s.starts_with("data") || s.starts_with("zero"))
+            .collect();
+        assert_eq!(
+            sends,
+            [
+                "data 0+50",
+                "zero-writes 50+150",
+                "data 200+50",
+                "zero-writes 250+50"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_destination_without_flush_is_not_flushed_before_the_cut_off() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.flags = SEND_WRITE_ZEROES;
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        assert!(!script.contains(&"FLUSH".to_string()), "{script:#?}");
+        assert!(script.contains(&"cut off".to_string()));
+    }
+
+    #[test]
+    fn a_write_error_mid_sweep_retries_from_scratch_after_the_delay() {
+        let mut w = World::new(MirrorAction::Exit);
+        let mut failed = false;
+        let outcome = w.run(|e, _| match e {
+            Effect::SendHole { offset: 50, .. } if !failed => {
+                failed = true;
+                Some(Event::Failed {
+                    reason: "the destination closed the connection".into(),
+                })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let retry = w.position("phase retrying");
+        assert_eq!(
+            script[retry - 3..retry + 6],
+            [
+                "zeroes 50+100",
+                "unpace",
+                "allow",
+                "phase retrying",
+                "retry in 1s",
+                "begin 2",
+                "connect",
+                // Fresh: tracking again, the sweep from 0, the caller not
+                // told again.
+                "track",
+                "phase copying",
+            ]
+        );
+        assert_eq!(script[retry + 6], "clear 0+200");
+        assert_eq!(script.iter().filter(|s| *s == "first Go").count(), 1);
+        assert!(w.logs().contains(
+            &"migration attempt 1 to 10.0.0.2:4777 failed: the destination closed the connection; retrying in 1 s"
+                .to_string()
+        ));
+        assert!(w
+            .logs()
+            .iter()
+            .any(|l| l.starts_with("migration attempt 2 connected")));
+    }
+
+    #[test]
+    fn entrust_refused_with_einval_falls_back_to_flush() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome =
+            w.run(|e, _| (*e == Effect::Entrust).then_some(Event::Reply { error: EINVAL }));
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let entrust = w.position("ENTRUST");
+        assert_eq!(
+            script[entrust..entrust + 4],
+            ["ENTRUST", "FLUSH", "completing", "phase handing_off"]
+        );
+        assert!(w
+            .logs()
+            .contains(&"destination does not know entrust; sending FLUSH instead".to_string()));
+    }
+
+    #[test]
+    fn entrust_refused_otherwise_retries_and_hands_nothing_off() {
+        let mut w = World::new(MirrorAction::Unlink);
+        let mut refused = false;
+        let outcome = w.run(|e, _| match e {
+            Effect::Entrust if !refused => {
+                refused = true;
+                Some(Event::Reply { error: 5 })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let script = w.script();
+        let entrust = w.position("ENTRUST");
+        assert_eq!(
+            script[entrust..entrust + 5],
+            [
+                "ENTRUST",
+                "unpace",
+                "allow",
+                "phase retrying",
+                "retry in 1s"
+            ]
+        );
+        // Nothing of the hand-off before the retry.
+        let unlink = w.position("unlink");
+        assert!(unlink > w.position("begin 2"));
+        assert!(w
+            .logs()
+            .iter()
+            .any(|l| l.contains("failed: the destination answered entrust with error 5;")));
+    }
+
+    #[test]
+    fn a_refused_flush_retries() {
+        // Before the cut-off, and as entrust's fallback.
+        for fallback in [false, true] {
+            let mut w = World::new(MirrorAction::Exit);
+            let (mut entrusted, mut refused) = (false, false);
+            let outcome = w.run(|e, _| match e {
+                Effect::Entrust if fallback => {
+                    entrusted = true;
+                    Some(Event::Reply { error: EINVAL })
+                }
+                Effect::Flush if !refused && entrusted == fallback => {
+                    refused = true;
+                    Some(Event::Reply { error: 28 })
+                }
+                _ => None,
+            });
+            assert!(refused);
+            assert_eq!(outcome, Outcome::HandedOff);
+            let script = w.script();
+            let retry = w.position("phase retrying");
+            assert_eq!(
+                script[retry - 3..retry],
+                ["FLUSH", "unpace", "allow"],
+                "fallback {fallback}"
+            );
+            // Before the cut-off, clients were never shut out.
+            assert_eq!(w.position("cut off") > retry, !fallback, "{script:#?}");
+            assert!(w
+                .logs()
+                .iter()
+                .any(|l| l
+                    .contains("failed: the destination answered the final flush with error 28;")));
+        }
+    }
+
+    #[test]
+    fn an_unlink_failure_sends_no_disconnect() {
+        let mut w = World::new(MirrorAction::Unlink);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Unlink).then(|| Event::Unlinked(Err("Permission denied".into())))
+        });
+        assert_eq!(
+            outcome,
+            Outcome::DisconnectFailed(format!("cannot unlink {PATH}: Permission denied"))
+        );
+        let script = w.script();
+        assert!(!script.contains(&"DISCONNECT".to_string()), "{script:#?}");
+        assert_eq!(
+            script[script.len() - 4..],
+            [
+                "unlink",
+                "untrack",
+                "phase done",
+                "finish DisconnectFailed(\"cannot unlink /images/source.img: Permission denied\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_disconnect_failure_is_disconnect_failed() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Disconnect).then(|| Event::DisconnectSent(Err("broken pipe".into())))
+        });
+        assert_eq!(
+            outcome,
+            Outcome::DisconnectFailed(format!(
+                "sending DISCONNECT to {TARGET} failed: broken pipe"
+            ))
+        );
+        assert!(!w.script().iter().any(|s| s.starts_with("milestone")));
+    }
+
+    #[test]
+    fn cancel_in_every_phase_abandons_with_clients_allowed() {
+        let cancellable = [
+            "connect",
+            "data 0+50",
+            "zeroes 50+100",
+            "idle",
+            "FLUSH",
+            "cut off",
+            "ENTRUST",
+        ];
+        for at in cancellable {
+            let mut w = World::new(MirrorAction::Exit);
+            let outcome = w.run(|e, _| {
+                (script(std::slice::from_ref(e)).first().map(String::as_str) == Some(at))
+                    .then_some(Event::Cancel)
+            });
+            assert_eq!(outcome, Outcome::Abandoned, "cancel at {at}");
+            let script = w.script();
+            assert_eq!(
+                script[script.len() - 4..],
+                [at, "untrack", "allow", "finish Abandoned"],
+                "cancel at {at}"
+            );
+        }
+        // While waiting to retry: clients were let in when the attempt failed.
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| match e {
+            Effect::SendData { .. } => Some(Event::Failed {
+                reason: "reset".into(),
+            }),
+            Effect::ArmRetry { .. } => Some(Event::Cancel),
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::Abandoned);
+        let script = w.script();
+        assert_eq!(
+            script[script.len() - 5..],
+            [
+                "allow",
+                "phase retrying",
+                "retry in 1s",
+                "untrack",
+                "finish Abandoned"
+            ]
+        );
+    }
+
+    #[test]
+    fn past_the_point_of_no_return_cancel_is_ignored() {
+        for step in [Effect::CloseServer, Effect::Unlink, Effect::Disconnect] {
+            assert!(!step.cancellable());
+            let mut m = Source::new(config(MirrorAction::Unlink));
+            let mut world = World::new(MirrorAction::Unlink);
+            let now = Instant::now();
+            let mut b = m.start(now);
+            while *b.last().unwrap() != step {
+                let event = world.plain(b.last().unwrap());
+                b = m.handle(now, event);
+            }
+            // A cancel (or a stray failure) with the step outstanding does
+            // nothing; its answer carries the hand-off on.
+            assert_eq!(m.handle(now, Event::Cancel), []);
+            assert_eq!(m.handle(now, Event::Failed { reason: "x".into() }), []);
+            let event = world.plain(&step);
+            let next = m.handle(now, event);
+            assert!(!next.is_empty(), "{step:?} answered: nothing followed");
+        }
+    }
+
+    #[test]
+    fn a_failed_first_attempt_is_reported_and_not_retried() {
+        let mut w = World::new(MirrorAction::Exit);
+        let outcome = w.run(|e, _| {
+            (*e == Effect::Connect).then(|| Event::ConnectFailed {
+                outcome: FirstOutcome::SizeMismatch,
+                message: "remote size 4096 does not match local size 300".into(),
+            })
+        });
+        assert_eq!(
+            outcome,
+            Outcome::FirstAttemptFailed(FirstOutcome::SizeMismatch)
+        );
+        assert_eq!(
+            w.script(),
+            [
+                "begin 1",
+                "connect",
+                "untrack",
+                "first SizeMismatch",
+                "finish FirstAttemptFailed(SizeMismatch)"
+            ]
+        );
+        assert_eq!(
+            w.logs(),
+            [format!(
+                "migration to {TARGET} failed: remote size 4096 does not match local size 300"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_later_connect_failure_is_retried() {
+        let mut w = World::new(MirrorAction::Exit);
+        let mut connects = 0;
+        let outcome = w.run(|e, _| match e {
+            Effect::SendData { .. } if connects == 1 => Some(Event::Failed {
+                reason: "reset".into(),
+            }),
+            Effect::Connect => {
+                connects += 1;
+                (connects == 2).then(|| Event::ConnectFailed {
+                    outcome: FirstOutcome::FailConnect,
+                    message: "cannot connect: refused".into(),
+                })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        assert_eq!(connects, 3);
+        assert!(w.logs().contains(
+            &"migration attempt 2 to 10.0.0.2:4777 failed: cannot connect: refused; retrying in 1 s"
+                .to_string()
+        ));
+    }
+
+    #[test]
+    fn client_writes_during_convergence_are_sent_before_the_cut_off() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.dirty = VecDeque::from([vec![(10, 5), (120, 7)], vec![(10, 1)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        let converging = w.position("phase converging");
+        let cut = w.position("cut off");
+        let sends: Vec<&str> = script[converging..cut]
+            .iter()
+            .filter(|s| s.starts_with("data"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(sends, ["data 10+5", "data 120+7", "data 10+1"]);
+    }
+
+    #[test]
+    fn the_final_pass_after_the_cut_off_sends_everything_dirty_before_entrust() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.final_dirty = VecDeque::from([vec![(20, 4), (90, 3)], vec![(30, 4)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let script = w.script();
+        let cut = w.position("cut off");
+        assert_eq!(
+            script[cut..w.position("ENTRUST") + 1],
+            [
+                "cut off",
+                "take all",
+                "data 20+4",
+                "data 90+3",
+                "take all",
+                "data 30+4",
+                "take all",
+                "idle",
+                "phase entrusting",
+                "ENTRUST",
+            ]
+        );
+    }
+
+    #[test]
+    fn flushes_repeat_until_one_is_quick_or_four_were_sent() {
+        // Every flush takes 20 ms, over the 10 ms that counts as quick:
+        // four, then the cut-off anyway. (The plain world's 1 ms flush
+        // is quick: the full-attempt tests show one flush.)
+        let slow = Duration::from_millis(20);
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            if matches!(last, Effect::CutOffClients { .. }) {
+                break;
+            }
+            t += if last == Effect::Flush {
+                slow
+            } else {
+                Duration::from_millis(1)
+            };
+            let ev = world.plain(&last);
+            b = m.handle(t, ev);
+        }
+        let s = script(&seen);
+        assert_eq!(
+            s.iter().filter(|x| *x == "FLUSH").count(),
+            MAX_FLUSHES as usize,
+            "{s:#?}"
+        );
+        assert_eq!(s.last().unwrap(), "cut off");
+    }
+
+    #[test]
+    fn a_remainder_too_big_to_cut_off_keeps_passing_and_warns_after_patience() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        // 10 GB dirty at 1 GB/s: ten seconds, never within the allowance.
+        for _ in 0..2000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            let ev = match last {
+                Effect::Measure => Event::Measured {
+                    dirty_bytes: 10_000_000_000,
+                    in_flight: 0,
+                    in_flight_bytes: 0,
+                },
+                _ => world.plain(&last),
+            };
+            t += Duration::from_millis(10);
+            b = m.handle(t, ev);
+        }
+        let s = script(&seen);
+        assert!(!s.contains(&"cut off".to_string()));
+        // Nothing was taken: each pass waits for the writes in flight.
+        let converging = s.iter().position(|x| x == "phase converging").unwrap();
+        assert_eq!(
+            s[converging + 1..converging + 6],
+            ["pace all", "take", "measure", "idle", "pace all"]
+        );
+        // Too many bytes for the allowance: runs are not counted.
+        assert!(!s.contains(&"runs".to_string()));
+        let warnings: Vec<&String> = seen
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Log(Level::Warn, l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("migration to 10.0.0.2:4777 not converging after 8 s: 10000000000 bytes still dirty"), "{warnings:?}");
+    }
+
+    #[test]
+    fn runs_are_counted_when_the_bytes_alone_fit_the_allowance() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let t = Instant::now();
+        let mut b = m.start(t);
+        // Up to the first measurement of the dirty passes.
+        while *b.last().unwrap() != Effect::Measure {
+            let event = world.plain(b.last().unwrap());
+            b = m.handle(t, event);
+        }
+        let b = m.handle(
+            t,
+            Event::Measured {
+                dirty_bytes: 4096,
+                in_flight: 3,
+                in_flight_bytes: 12288,
+            },
+        );
+        // 25 ms at 0.1 ms a write: 251 writes are worth counting, 3 of
+        // them in flight.
+        let gap = capacity().gap(1);
+        assert_eq!(b, [Effect::CountRuns { gap, limit: 248 }]);
+        // More writes than the allowance holds: not ready, and with
+        // nothing taken this pass, wait for what is in flight.
+        let b = m.handle(t, Event::Runs(1000));
+        match &b[..] {
+            [Effect::SetEstimate(e), Effect::WaitIdle] => assert!(!e.ready(), "{e:?}"),
+            other => panic!("expected the estimate and a wait, got {other:?}"),
+        }
+        // Few writes: ready (after the first flush).
+        let mut m2 = Source::new(config(MirrorAction::Exit));
+        let mut b = m2.start(t);
+        while *b.last().unwrap() != Effect::Measure {
+            let event = world.plain(b.last().unwrap());
+            b = m2.handle(t, event);
+        }
+        m2.handle(
+            t,
+            Event::Measured {
+                dirty_bytes: 4096,
+                in_flight: 0,
+                in_flight_bytes: 0,
+            },
+        );
+        match &m2.handle(t, Event::Runs(1))[..] {
+            [Effect::SetEstimate(e), Effect::WaitIdle] => assert!(e.ready(), "{e:?}"),
+            other => panic!("expected the estimate and a wait to flush, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tick_before_the_retry_delay_does_nothing_and_one_after_it_retries() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let t = Instant::now();
+        m.start(t);
+        m.handle(
+            t,
+            Event::Connected {
+                flags: 0,
+                link: "x".into(),
+            },
+        );
+        let b = m.handle(
+            t,
+            Event::Failed {
+                reason: "reset".into(),
+            },
+        );
+        assert_eq!(b.last(), Some(&Effect::ArmRetry { delay: RETRY_DELAY }));
+        assert!(m
+            .handle(t + Duration::from_millis(999), Event::Tick)
+            .is_empty());
+        assert_eq!(
+            m.handle(t + RETRY_DELAY, Event::Tick),
+            [Effect::BeginAttempt { attempt: 2 }, Effect::Connect]
+        );
+    }
+
+    #[test]
+    fn the_machine_can_move_between_threads() {
+        fn send<T: Send + 'static>(_: &T) {}
+        send(&Source::new(config(MirrorAction::Exit)));
+        send(&Effect::Connect);
+        send(&Event::Tick);
+    }
+
+    #[test]
+    fn every_phase_round_trips_through_its_byte_and_has_its_own_name() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::from_u8(p as u8), Some(p));
+        }
+        assert_eq!(
+            (0..=u8::MAX).filter_map(Phase::from_u8).count(),
+            Phase::ALL.len()
+        );
+        let mut names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Phase::ALL.len());
+    }
+}

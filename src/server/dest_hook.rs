@@ -1,0 +1,329 @@
+//! In `listen`: the connection's side of the hand-off. Requests that matter
+//! to it (a change, ENTRUST, DISCONNECT, an invalid request) and the
+//! connection's end are fed to the destination's pure machine
+//! (`core::destination`); its I/O runs on the I/O pool through
+//! `handoff::Destination::run`, and what it leaves (apply, reply, complete,
+//! close, log lines) is carried out here.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::transmission::{ConnError, Connection, Next};
+use crate::core::destination::{CloseReason, ConnId, Effect, Event, Level};
+use crate::handoff::Destination;
+use crate::probe::{Probe, Step};
+use crate::proto::Request;
+use crate::store::{offload, Image};
+use crate::{debug, error, info};
+
+/// One connection of a destination, known to its machine until dropped.
+pub(super) struct Session {
+    pub(super) destination: Arc<Destination>,
+    pub(super) conn: ConnId,
+    /// How the connection ended, told to the machine on drop; a connection
+    /// dropped without being told (an aborted task) was reset.
+    pub(super) ending: CloseReason,
+}
+
+impl Session {
+    pub(super) fn open(destination: Arc<Destination>, source: String) -> Session {
+        let conn = destination.open(source);
+        Session {
+            destination,
+            conn,
+            ending: CloseReason::Reset,
+        }
+    }
+
+    /// Feeds `event` and carries out the I/O it leads to (on the I/O pool
+    /// when there is any); returns the effects left to the connection.
+    pub(super) async fn feed(
+        &self,
+        image: &Arc<Image>,
+        event: Event,
+    ) -> Result<Vec<Effect>, ConnError> {
+        let effects = self.destination.handle(event);
+        if !effects.iter().any(Effect::is_io) {
+            // The common case (a change on the current sender): no hand-off
+            // to another thread.
+            return Ok(effects);
+        }
+        let destination = self.destination.clone();
+        let image = image.clone();
+        offload::run(move || destination.run(&image, effects))
+            .await
+            .map_err(ConnError::Offload)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let effects = self.destination.handle(Event::Closed {
+            conn: self.conn,
+            why: self.ending,
+        });
+        for effect in &effects {
+            log(effect);
+        }
+    }
+}
+
+/// Writes a log effect; other effects are not logs and are skipped.
+fn log(effect: &Effect) {
+    if let Effect::Log { level, message } = effect {
+        match level {
+            Level::Info => info!("{message}"),
+            Level::Error => error!("{message}"),
+        }
+    }
+}
+
+/// The text of the last error log among `effects`, for the connection's end.
+fn last_error(effects: &[Effect]) -> Option<String> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::Log {
+            level: Level::Error,
+            message,
+        } => Some(message.clone()),
+        _ => None,
+    })
+}
+
+impl<R, W, P> Connection<R, W, P>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    P: Probe,
+{
+    /// Before a change is applied: in `listen`, the machine decides whether
+    /// the marker must say `receiving` first (durably). `bytes` is the
+    /// payload the change carries.
+    pub(super) async fn before_change(&mut self, bytes: u64) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let conn = session.conn;
+        let effects = session
+            .feed(&self.image, Event::Change { conn, bytes })
+            .await?;
+        let mut applied = false;
+        for effect in &effects {
+            match effect {
+                Effect::Apply { .. } => applied = true,
+                Effect::Log { .. } => log(effect),
+                _ => {}
+            }
+        }
+        if applied {
+            return Ok(());
+        }
+        Err(ConnError::Marker(last_error(&effects).unwrap_or_else(
+            || format!("the hand-off refused a change: expected it applied, got {effects:?}"),
+        )))
+    }
+
+    /// ENTRUST: answered only once the image is durable and the marker
+    /// says `entrusted` (or with the error that stopped it).
+    pub(super) async fn entrust(&mut self, req: &Request) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let conn = session.conn;
+        let effects = session.feed(&self.image, Event::Entrust { conn }).await?;
+        for effect in &effects {
+            match effect {
+                Effect::Reply { errno, .. } => self.simple_reply(req, *errno).await?,
+                Effect::Close { .. } => return Err(self.closed_by_hand_off(&effects)),
+                _ => log(effect),
+            }
+        }
+        Ok(())
+    }
+
+    /// A valid DISCONNECT: in `listen`, sync, completion record, marker
+    /// removal, then the migration is complete. The connection ends either
+    /// way.
+    pub(super) async fn disconnect(&mut self) -> Result<Next, ConnError> {
+        debug!("client {} sent DISCONNECT", self.peer);
+        let Some(session) = &mut self.session else {
+            return Ok(Next::Stop);
+        };
+        let conn = session.conn;
+        let effects = session
+            .feed(&self.image, Event::Disconnect { conn })
+            .await?;
+        for effect in &effects {
+            match effect {
+                Effect::Complete => {
+                    crate::probe::milestone(&*self.probe, Step::DisconnectDone).await
+                }
+                _ => log(effect),
+            }
+        }
+        if let Some(session) = &mut self.session {
+            session.ending = CloseReason::Eof;
+        }
+        Ok(Next::Stop)
+    }
+
+    /// A request with a bad magic: in `listen` the machine is told (it
+    /// completes nothing); the caller answers and closes as in `serve`.
+    pub(super) async fn invalid(&mut self, errno: u32) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let conn = session.conn;
+        let effects = session
+            .feed(&self.image, Event::Invalid { conn, errno })
+            .await?;
+        for effect in &effects {
+            log(effect);
+        }
+        Ok(())
+    }
+
+    fn closed_by_hand_off(&self, effects: &[Effect]) -> ConnError {
+        ConnError::FaultClosed(
+            last_error(effects).unwrap_or_else(|| {
+                format!("the hand-off closed the connection from {}", self.peer)
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handoff::{marker_path, read_marker_state, read_record, record_path, MarkerState};
+    use crate::proto::{cmd, errno, REQUEST_MAGIC};
+    use crate::server::testkit::kit;
+
+    fn marker_text(path: &std::path::Path) -> String {
+        std::fs::read_to_string(marker_path(path)).expect("a marker")
+    }
+
+    #[tokio::test]
+    async fn the_first_write_of_a_connection_marks_receiving_with_its_source() {
+        let mut k = kit(64 * 1024, true);
+        // prepare's marker names no source; the first write's does.
+        assert!(marker_text(&k.path).contains("source=none"));
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 512), &[1; 512])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        let text = marker_text(&k.path);
+        assert!(
+            text.starts_with("state=receiving\nsource=127.0.0.1:4000\n"),
+            "{text}"
+        );
+        // Not rewritten by the next write of the same connection.
+        std::fs::write(marker_path(&k.path), "state=receiving\nsource=sentinel\n").unwrap();
+        k.send(Request::new(cmd::WRITE, 0, 2, 0, 512), &[2; 512])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        assert!(marker_text(&k.path).contains("source=sentinel"));
+    }
+
+    #[tokio::test]
+    async fn entrust_then_disconnect_completes_with_a_record() {
+        let mut k = kit(64 * 1024, true);
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 4096), &[3; 4096])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 2));
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        assert!(marker_text(&k.path).contains("bytes_received=4096"));
+        k.send(Request::new(cmd::DISC, 0, 3, 0, 0), &[]).await;
+        assert!(matches!(k.conn.request_cycle().await, Ok(Next::Stop)));
+        let destination = k.destination.as_ref().unwrap();
+        assert!(destination.completed.is_cancelled());
+        assert!(!marker_path(&k.path).exists());
+        let record = read_record(&k.path).unwrap();
+        let record = record.matching().expect("a completion record");
+        assert_eq!(record.bytes_received, 4096);
+        assert_eq!(record.source.as_deref(), Some("127.0.0.1:4000"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_disconnect_does_not_complete() {
+        let mut k = kit(64 * 1024, true);
+        // The record cannot be written: a directory is in its way.
+        std::fs::create_dir(record_path(&k.path)).unwrap();
+        k.send(Request::new(cmd::DISC, 0, 3, 0, 0), &[]).await;
+        assert!(matches!(k.conn.request_cycle().await, Ok(Next::Stop)));
+        assert!(!k.destination.as_ref().unwrap().completed.is_cancelled());
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Receiving)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_magic_is_answered_and_completes_nothing() {
+        let mut k = kit(64 * 1024, true);
+        let mut req = Request::new(cmd::DISC, 0, 4, 0, 0);
+        req.magic = REQUEST_MAGIC ^ 1;
+        k.send(req, &[]).await;
+        assert!(matches!(
+            k.conn.request_cycle().await,
+            Err(ConnError::BadMagic(_))
+        ));
+        assert_eq!(k.reply().await.error, errno::EBADMSG);
+        assert!(!k.destination.as_ref().unwrap().completed.is_cancelled());
+        assert!(marker_path(&k.path).exists());
+    }
+
+    #[tokio::test]
+    async fn entrust_is_unknown_outside_listen() {
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, errno::EINVAL);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_after_entrust_marks_receiving_again() {
+        let mut k = kit(64 * 1024, true);
+        k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        // The connection ends (EOF after entrust): nothing changes.
+        let destination = k.destination.clone().unwrap();
+        drop(k.conn);
+        assert_eq!(
+            read_marker_state(&k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        let image = k.image.clone();
+        let session = Session::open(destination, "127.0.0.1:4001".into());
+        let effects = session
+            .feed(
+                &image,
+                Event::Change {
+                    conn: session.conn,
+                    bytes: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(effects, vec![Effect::Apply { conn: session.conn }]);
+        let text = marker_text(&k.path);
+        assert!(
+            text.starts_with("state=receiving\nsource=127.0.0.1:4001\n"),
+            "{text}"
+        );
+    }
+}
