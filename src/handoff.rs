@@ -3,13 +3,13 @@
 //! table that tells a person which copy of a disk is canonical after any
 //! failure.
 
-use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::probe::StoreStep;
-use crate::store::files;
+use std::sync::Arc;
+
+use crate::store::files::{self, FileOps};
+use crate::store::StoreOp;
 use crate::warn;
 
 /// What the marker says about the destination image.
@@ -53,17 +53,17 @@ fn tmp_path(path: &Path) -> PathBuf {
 
 /// Fsyncs the directory holding `path`, so a create, rename or unlink in it
 /// is durable.
-pub fn sync_parent(path: &Path) -> io::Result<()> {
-    files::ops().sync_dir(files::parent_dir(path))
+pub fn sync_parent(ops: &dyn FileOps, path: &Path) -> io::Result<()> {
+    ops.sync_dir(files::parent_dir(path))
 }
 
 /// Removes the source image for `--unlink`, durably: the unlink, then an
 /// fsync of its directory, so a power cut cannot bring the file back after
 /// the destination was told to take over.
-pub fn unlink_durably(path: &Path) -> io::Result<()> {
-    files::fault(StoreStep::Unlink)?;
-    files::ops().remove(path)?;
-    sync_parent(path)
+pub fn unlink_durably(ops: &dyn FileOps, path: &Path) -> io::Result<()> {
+    ops.fault(StoreOp::Unlink)?;
+    ops.remove(path)?;
+    sync_parent(ops, path)
 }
 
 /// The marker's fields, written as `key=value` lines a person can read.
@@ -103,14 +103,13 @@ impl Marker {
     /// Writes the marker durably: a temporary file, fsync, rename over the
     /// marker, fsync the directory. A crash leaves the old or the new marker,
     /// never a torn one.
-    pub fn write_durably(&self, image: &Path) -> io::Result<()> {
+    pub fn write_durably(&self, ops: &dyn FileOps, image: &Path) -> io::Result<()> {
         let path = marker_path(image);
         let tmp = tmp_path(&path);
-        files::fault(StoreStep::Marker)?;
-        let ops = files::ops();
+        ops.fault(StoreOp::Marker)?;
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
         ops.rename(&tmp, &path)?;
-        sync_parent(&path)
+        sync_parent(ops, &path)
     }
 }
 
@@ -123,11 +122,12 @@ pub fn now_secs() -> u64 {
 
 /// Reads the marker's state. `Ok(None)` when there is no marker; an
 /// unreadable or unrecognised marker counts as `receiving` (the safe answer).
-pub fn read_marker_state(image: &Path) -> io::Result<Option<MarkerState>> {
-    let text = match fs::read_to_string(marker_path(image)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+pub fn read_marker_state(ops: &dyn FileOps, image: &Path) -> io::Result<Option<MarkerState>> {
+    let text = match ops.read_file(&marker_path(image))? {
+        Some(bytes) => {
+            String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        }
+        None => return Ok(None),
     };
     let state = text
         .lines()
@@ -140,73 +140,17 @@ pub fn read_marker_state(image: &Path) -> io::Result<Option<MarkerState>> {
 }
 
 /// Removes the marker durably (after the image itself is durable).
-pub fn remove_marker(image: &Path) -> io::Result<()> {
+pub fn remove_marker(ops: &dyn FileOps, image: &Path) -> io::Result<()> {
     let path = marker_path(image);
-    files::fault(StoreStep::Marker)?;
-    match files::ops().remove(&path) {
-        Ok(()) => sync_parent(&path),
+    ops.fault(StoreOp::Marker)?;
+    match ops.remove(&path) {
+        Ok(()) => sync_parent(ops, &path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// Which file an image path names: the completion record holds it, so a
-/// record can be told from one left beside a file that has since been
-/// replaced (a new inode) or resized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    /// The file's creation time (statx birth time, nanoseconds since the
-    /// epoch), where the file system keeps one: an image deleted and
-    /// created again can get its old inode number back, but not its birth
-    /// time.
-    pub born: Option<u128>,
-}
-
-impl Identity {
-    pub fn of(meta: &fs::Metadata) -> Identity {
-        Identity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            born: meta
-                .created()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos()),
-        }
-    }
-
-    /// The identity of the file now at `path` (following symlinks, as
-    /// opening the image does).
-    pub fn at(path: &Path) -> io::Result<Identity> {
-        fs::metadata(path).map(|m| Identity::of(&m))
-    }
-
-    /// Whether both name the same file: device, inode and size equal, and
-    /// the birth times too when both are known.
-    pub fn same_file(&self, other: &Identity) -> bool {
-        self.dev == other.dev
-            && self.ino == other.ino
-            && self.size == other.size
-            && match (self.born, other.born) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            }
-    }
-}
-
-impl std::fmt::Display for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dev={} ino={} size={}", self.dev, self.ino, self.size)?;
-        if let Some(born) = self.born {
-            write!(f, " born={born}")?;
-        }
-        Ok(())
-    }
-}
+pub use crate::store::Identity;
 
 /// The completion record: written durably when a migration into the image
 /// completed, so that an absent marker is never the only sign of it.
@@ -272,14 +216,13 @@ impl Record {
     /// Writes the record durably, like the marker: a temporary file, fsync,
     /// rename, fsync the directory. A crash leaves no record or the whole
     /// one.
-    pub fn write_durably(&self, image: &Path) -> io::Result<()> {
+    pub fn write_durably(&self, ops: &dyn FileOps, image: &Path) -> io::Result<()> {
         let path = record_path(image);
         let tmp = tmp_path(&path);
-        files::fault(StoreStep::Record)?;
-        let ops = files::ops();
+        ops.fault(StoreOp::Record)?;
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
         ops.rename(&tmp, &path)?;
-        sync_parent(&path)
+        sync_parent(ops, &path)
     }
 
     /// One line for a person: where the migration came from and when it
@@ -343,18 +286,17 @@ impl RecordFound {
 
 /// Reads the completion record of `image` and checks that it belongs to the
 /// file now at that path.
-pub fn read_record(image: &Path) -> io::Result<RecordFound> {
-    let text = match fs::read(record_path(image)) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RecordFound::Absent),
-        Err(e) => return Err(e),
+pub fn read_record(ops: &dyn FileOps, image: &Path) -> io::Result<RecordFound> {
+    let text = match ops.read_file(&record_path(image))? {
+        Some(t) => String::from_utf8_lossy(&t).into_owned(),
+        None => return Ok(RecordFound::Absent),
     };
     let Some(record) = Record::parse(&text) else {
         return Ok(RecordFound::Stale(
             "it is not a completion record (no state=complete with dev, ino and size)".into(),
         ));
     };
-    let now = match Identity::at(image) {
+    let now = match ops.identity(image) {
         Ok(id) => id,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(RecordFound::Stale(format!(
@@ -376,11 +318,11 @@ pub fn read_record(image: &Path) -> io::Result<RecordFound> {
 }
 
 /// Removes the completion record durably.
-pub fn remove_record(image: &Path) -> io::Result<()> {
+pub fn remove_record(ops: &dyn FileOps, image: &Path) -> io::Result<()> {
     let path = record_path(image);
-    files::fault(StoreStep::Record)?;
-    match files::ops().remove(&path) {
-        Ok(()) => sync_parent(&path),
+    ops.fault(StoreOp::Record)?;
+    match ops.remove(&path) {
+        Ok(()) => sync_parent(ops, &path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
@@ -490,6 +432,8 @@ pub fn explain(v: Verdict, dest: &Path, record: Option<&Record>) -> (String, Str
 
 /// The destination's side of the contract, shared by its connections.
 pub struct Destination {
+    /// The instance's file operations, for the marker and the record.
+    ops: Arc<dyn FileOps>,
     image_path: PathBuf,
     /// Cancelled once a valid DISCONNECT completed the migration.
     pub completed: tokio_util::sync::CancellationToken,
@@ -502,9 +446,13 @@ impl Destination {
     /// removes a record (the overridden one, or a stale one), so that a
     /// changing image is never without both. Must run before the port
     /// accepts anything.
-    pub fn prepare(image_path: &Path, overwrite_complete: bool) -> Result<Destination, String> {
+    pub fn prepare(
+        ops: Arc<dyn FileOps>,
+        image_path: &Path,
+        overwrite_complete: bool,
+    ) -> Result<Destination, String> {
         let record_file = record_path(image_path);
-        let found = read_record(image_path).map_err(|e| {
+        let found = read_record(&*ops, image_path).map_err(|e| {
             format!(
                 "cannot read the completion record {}: {e}",
                 record_file.display()
@@ -519,11 +467,11 @@ impl Destination {
             ));
         }
         let marker_file = marker_path(image_path);
-        let marker = read_marker_state(image_path)
+        let marker = read_marker_state(&*ops, image_path)
             .map_err(|e| format!("cannot read the marker {}: {e}", marker_file.display()))?;
         if marker.is_none() {
             Marker::new(MarkerState::Receiving)
-                .write_durably(image_path)
+                .write_durably(&*ops, image_path)
                 .map_err(|e| format!("cannot create the marker {}: {e}", marker_file.display()))?;
         }
         match &found {
@@ -544,7 +492,7 @@ impl Destination {
             }
         }
         if found != RecordFound::Absent {
-            remove_record(image_path).map_err(|e| {
+            remove_record(&*ops, image_path).map_err(|e| {
                 format!(
                     "cannot remove the completion record {}: {e}",
                     record_file.display()
@@ -552,6 +500,7 @@ impl Destination {
             })?;
         }
         Ok(Destination {
+            ops,
             image_path: image_path.to_owned(),
             completed: tokio_util::sync::CancellationToken::new(),
         })
@@ -563,7 +512,7 @@ impl Destination {
     pub fn begin_receiving(&self, source: &str) -> io::Result<()> {
         let mut m = Marker::new(MarkerState::Receiving);
         m.source = Some(source.to_string());
-        m.write_durably(&self.image_path)
+        m.write_durably(&*self.ops, &self.image_path)
     }
 
     /// ENTRUST: the image is made durable, then the marker says `entrusted`.
@@ -578,7 +527,7 @@ impl Destination {
         let mut m = Marker::new(MarkerState::Entrusted);
         m.source = Some(source.to_string());
         m.bytes_received = bytes_received;
-        m.write_durably(&self.image_path)
+        m.write_durably(&*self.ops, &self.image_path)
     }
 
     /// DISCONNECT: the image is made durable, the completion record written
@@ -598,8 +547,8 @@ impl Destination {
             pid: std::process::id(),
             image: image.identity()?,
         }
-        .write_durably(&self.image_path)?;
-        remove_marker(&self.image_path)?;
+        .write_durably(&*self.ops, &self.image_path)?;
+        remove_marker(&*self.ops, &self.image_path)?;
         self.completed.cancel();
         Ok(())
     }
@@ -608,6 +557,8 @@ impl Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Disk;
+    use std::fs;
 
     #[test]
     fn verdict_table() {
@@ -676,16 +627,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
         fs::write(&image, b"image").unwrap();
-        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+        assert_eq!(read_record(&Disk, &image).unwrap(), RecordFound::Absent);
         let record = record_for(&image);
-        record.write_durably(&image).unwrap();
+        record.write_durably(&Disk, &image).unwrap();
         let text = fs::read_to_string(record_path(&image)).unwrap();
         assert!(
             text.starts_with("state=complete\nsource=127.0.0.1:5555\ncompleted_at=1700000000\n"),
             "{text}"
         );
         assert_eq!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Matching(record.clone())
         );
         // A new file at the path (both exist at once: a new inode).
@@ -693,18 +644,18 @@ mod tests {
         fs::write(&new, b"image").unwrap();
         fs::rename(&new, &image).unwrap();
         assert!(
-            matches!(read_record(&image).unwrap(), RecordFound::Stale(why) if why.contains("ino=")),
+            matches!(read_record(&Disk, &image).unwrap(), RecordFound::Stale(why) if why.contains("ino=")),
             "a record for another inode is stale"
         );
-        record_for(&image).write_durably(&image).unwrap();
-        assert!(read_record(&image).unwrap().matching().is_some());
+        record_for(&image).write_durably(&Disk, &image).unwrap();
+        assert!(read_record(&Disk, &image).unwrap().matching().is_some());
         // The same inode number, but born at another time: an image
         // deleted and created again that got its old inode back.
         let mut reborn = record_for(&image);
         reborn.image.born = Some(reborn.image.born.unwrap_or(0) + 1);
-        reborn.write_durably(&image).unwrap();
+        reborn.write_durably(&Disk, &image).unwrap();
         assert_eq!(
-            read_record(&image).unwrap().matching().is_some(),
+            read_record(&Disk, &image).unwrap().matching().is_some(),
             Identity::at(&image).unwrap().born.is_none(),
             "a record for another birth time is stale where the file system keeps one"
         );
@@ -712,8 +663,8 @@ mod tests {
         // matches on dev, ino and size.
         let mut unborn = record_for(&image);
         unborn.image.born = None;
-        unborn.write_durably(&image).unwrap();
-        assert!(read_record(&image).unwrap().matching().is_some());
+        unborn.write_durably(&Disk, &image).unwrap();
+        assert!(read_record(&Disk, &image).unwrap().matching().is_some());
         // Resized: stale too.
         fs::OpenOptions::new()
             .write(true)
@@ -722,17 +673,17 @@ mod tests {
             .set_len(4096)
             .unwrap();
         assert!(matches!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Stale(_)
         ));
         // Not a record at all.
         fs::write(record_path(&image), "state=complete\n").unwrap();
         assert!(matches!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Stale(_)
         ));
-        remove_record(&image).unwrap();
-        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+        remove_record(&Disk, &image).unwrap();
+        assert_eq!(read_record(&Disk, &image).unwrap(), RecordFound::Absent);
     }
 
     #[test]
@@ -740,8 +691,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
         fs::write(&image, b"image").unwrap();
-        record_for(&image).write_durably(&image).unwrap();
-        let err = match Destination::prepare(&image, false) {
+        record_for(&image).write_durably(&Disk, &image).unwrap();
+        let err = match Destination::prepare(Arc::new(Disk), &image, false) {
             Err(e) => e,
             Ok(_) => panic!("prepare accepted a completed image"),
         };
@@ -751,9 +702,9 @@ mod tests {
         );
         assert!(!marker_path(&image).exists(), "refused before the marker");
         assert!(record_path(&image).exists(), "the record stays");
-        Destination::prepare(&image, true).unwrap();
+        Destination::prepare(Arc::new(Disk), &image, true).unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving)
         );
         assert!(!record_path(&image).exists(), "the record is removed");
@@ -763,28 +714,28 @@ mod tests {
     fn marker_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
-        assert_eq!(read_marker_state(&image).unwrap(), None);
+        assert_eq!(read_marker_state(&Disk, &image).unwrap(), None);
         Marker::new(MarkerState::Receiving)
-            .write_durably(&image)
+            .write_durably(&Disk, &image)
             .unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving)
         );
         let mut m = Marker::new(MarkerState::Entrusted);
         m.source = Some("127.0.0.1:5555".into());
-        m.write_durably(&image).unwrap();
+        m.write_durably(&Disk, &image).unwrap();
         let text = fs::read_to_string(marker_path(&image)).unwrap();
         assert!(text.starts_with("state=entrusted\nsource=127.0.0.1:5555\n"));
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Entrusted)
         );
-        remove_marker(&image).unwrap();
-        assert_eq!(read_marker_state(&image).unwrap(), None);
+        remove_marker(&Disk, &image).unwrap();
+        assert_eq!(read_marker_state(&Disk, &image).unwrap(), None);
         fs::write(marker_path(&image), "garbage").unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving),
             "unknown = receiving"
         );

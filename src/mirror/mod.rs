@@ -583,7 +583,10 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         // sent again: pace them to what the destination can take, as
         // measured so far (policy.rs), so that the dirty passes after the
         // sweep start with little to do. Changes ahead of it cost nothing.
-        image.set_pace(copier.capacity(), window_start + window_len);
+        image.set_pace(
+            copier.capacity().map(|c| c.pace_rates()),
+            window_start + window_len,
+        );
         let mut pos = window_start;
         for (len, hole) in image.extents(window_start, window_len, usize::MAX) {
             if hole {
@@ -598,7 +601,10 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                     copier.send_data(at, n).await?;
                     at += n;
                     state.sweep_offset.store(at, Ordering::Release);
-                    image.set_pace(copier.capacity(), window_start + window_len);
+                    image.set_pace(
+                        copier.capacity().map(|c| c.pace_rates()),
+                        window_start + window_len,
+                    );
                 }
             }
             pos += len;
@@ -629,7 +635,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
         // fast clients may dirty more (policy.rs).
         let capacity = copier.capacity();
         gap = capacity.map_or(0, |c| c.gap(crate::store::BLOCK_SIZE));
-        image.set_pace(capacity, u64::MAX);
+        image.set_pace(capacity.map(|c| c.pace_rates()), u64::MAX);
         let ranges = image.take_dirty(WINDOW, CHUNK, gap);
         for (offset, len) in &ranges {
             copier.send_data(*offset, *len).await?;
@@ -745,7 +751,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
     host.close_server().await;
     if config.action == MirrorAction::Unlink {
         let path = image.path().to_owned();
-        if let Err(e) = crate::handoff::unlink_durably(&path) {
+        if let Err(e) = crate::handoff::unlink_durably(&**image.files(), &path) {
             // The source stays canonical (table row 1): do not hand off.
             return Ok(Outcome::DisconnectFailed(format!(
                 "cannot unlink {}: {e}",
@@ -764,7 +770,7 @@ async fn attempt<T: Transport, H: Host, P: Probe>(
                 "migration complete: DISCONNECT sent to {}; clients were shut out for {:?}",
                 config.target, lockout
             );
-            crate::probe::milestone(&**probe, Step::MirrorDisconnectSent).await;
+            crate::fault_apply::milestone(&**probe, Step::MirrorDisconnectSent).await;
             Ok(Outcome::HandedOff)
         }
         Err(e) => Ok(Outcome::DisconnectFailed(format!(
@@ -881,7 +887,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 let image = self.image.clone();
                 or_cancel(
                     self.cancel,
-                    crate::store::offload::run(move || {
+                    self.image.offload().run(move || {
                         let read = image.read_at(&mut data, offset);
                         (data, read)
                     }),

@@ -22,7 +22,7 @@ use super::{oldstyle_flags, HandshakeMode, Shared};
 use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
-use crate::store::{offload, Image, BLOCK_SIZE, PIECE};
+use crate::store::{Image, BLOCK_SIZE, PIECE};
 use crate::tls::Conn;
 use crate::transport::Stream;
 use crate::{debug, error, info, warn};
@@ -39,10 +39,11 @@ const MAX_DEFERRED_READS: usize = 16;
 /// The largest read that may wait for the disk on its own; larger ones
 /// stream in order.
 const MAX_DEFERRED_READ: usize = PIECE;
-/// Reads waiting for the disk on their own over the whole process, so many
-/// connections together hold at most this many times `MAX_DEFERRED_READ`
-/// of replies (64 MiB); past it a connection waits for a slot.
-static ALL_DEFERRED_READS: Semaphore = Semaphore::const_new(256);
+/// Reads waiting for the disk on their own over a whole server (its
+/// `Shared::deferred_reads`), so its connections together hold at most this
+/// many times `MAX_DEFERRED_READ` of replies (64 MiB); past it a connection
+/// waits for a slot.
+pub(crate) const ALL_DEFERRED_READS: usize = 256;
 /// Most descriptors in one block status reply (the spec asks for <= 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
 /// Writes held in a connection's batch at once, and their bytes. A batch is
@@ -162,6 +163,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
         probe: shared.probe.clone(),
         deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
         reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
+        all_reads: shared.deferred_reads.clone(),
         payload: Vec::new(),
         batch: Batch::default(),
         peer,
@@ -198,6 +200,8 @@ struct Connection<R, W, P> {
     deferred: Arc<Semaphore>,
     /// Slots for reads waiting for the disk on their own (`defer_read`).
     reads: Arc<Semaphore>,
+    /// The server's slots for such reads, over all its connections.
+    all_reads: Arc<Semaphore>,
     /// Reused buffer for the pieces of large write payloads.
     payload: Vec<u8>,
     /// Small writes received but not yet stored (and so not yet answered).
@@ -309,15 +313,18 @@ where
         let mut writes = std::mem::take(&mut self.batch.writes);
         self.batch.bytes = 0;
         let image = self.image.clone();
-        let (mut writes, results) = offload::run(move || {
-            let results: Vec<io::Result<()>> = writes
-                .iter_mut()
-                .map(|w| image.write_at(&w.data, w.req.offset))
-                .collect();
-            (writes, results)
-        })
-        .await
-        .map_err(ConnError::Offload)?;
+        let (mut writes, results) = self
+            .image
+            .offload()
+            .run(move || {
+                let results: Vec<io::Result<()>> = writes
+                    .iter_mut()
+                    .map(|w| image.write_at(&w.data, w.req.offset))
+                    .collect();
+                (writes, results)
+            })
+            .await
+            .map_err(ConnError::Offload)?;
         for (w, result) in writes.iter().zip(results) {
             if w.answer {
                 self.after_change(&w.req, result).await?;
@@ -442,7 +449,10 @@ where
                 if let Some(destination) = self.destination.clone() {
                     let image = self.image.clone();
                     let (source, bytes) = (self.peer.to_string(), self.bytes_received);
-                    match offload::run(move || destination.complete(&image, &source, bytes))
+                    match self
+                        .image
+                        .offload()
+                        .run(move || destination.complete(&image, &source, bytes))
                         .await
                         .and_then(|r| r)
                     {
@@ -451,7 +461,7 @@ where
                                 "migration from {} complete: image durable, completion record written, marker removed",
                                 self.peer
                             );
-                            crate::probe::milestone(&*self.probe, Step::DisconnectDone).await;
+                            crate::fault_apply::milestone(&*self.probe, Step::DisconnectDone).await;
                         }
                         Err(e) => error!("cannot complete the migration from {}: {e}", self.peer),
                     }
@@ -472,24 +482,30 @@ where
                 let image = self.image.clone();
                 let (offset, length) = (req.offset, u64::from(req.length));
                 let (kind, flags) = (req.kind, req.flags);
-                let result = offload::run(move || {
-                    if kind == cmd::TRIM {
-                        image.punch(offset, length, false)
-                    } else if flags & cmd_flags::NO_HOLE != 0 {
-                        image.write_zeroes(offset, length)
-                    } else {
-                        image.punch(offset, length, true)
-                    }
-                })
-                .await
-                .and_then(|r| r);
+                let result = self
+                    .image
+                    .offload()
+                    .run(move || {
+                        if kind == cmd::TRIM {
+                            image.punch(offset, length, false)
+                        } else if flags & cmd_flags::NO_HOLE != 0 {
+                            image.write_zeroes(offset, length)
+                        } else {
+                            image.punch(offset, length, true)
+                        }
+                    })
+                    .await
+                    .and_then(|r| r);
                 self.after_change(&req, result).await?;
             }
             cmd::CACHE => {
                 let image = self.image.clone();
                 let (offset, length) = (req.offset, u64::from(req.length));
                 // Readahead can block on the disk too.
-                let result = offload::run(move || image.prefetch(offset, length))
+                let result = self
+                    .image
+                    .offload()
+                    .run(move || image.prefetch(offset, length))
                     .await
                     .and_then(|r| r);
                 let error = match result {
@@ -521,7 +537,9 @@ where
             return Ok(());
         }
         let source = self.peer.to_string();
-        offload::run(move || destination.begin_receiving(&source))
+        self.image
+            .offload()
+            .run(move || destination.begin_receiving(&source))
             .await
             .and_then(|r| r)
             .map_err(|e| ConnError::Marker(e.to_string()))?;
@@ -538,7 +556,10 @@ where
         let image = self.image.clone();
         let source = self.peer.to_string();
         let bytes = self.bytes_received;
-        let result = offload::run(move || destination.entrust(&image, &source, bytes))
+        let result = self
+            .image
+            .offload()
+            .run(move || destination.entrust(&image, &source, bytes))
             .await
             .and_then(|r| r);
         let error = match result {
@@ -667,14 +688,17 @@ where
     async fn store_piece(&mut self, n: usize, pos: u64) -> io::Result<()> {
         let payload = std::mem::take(&mut self.payload);
         let image = self.image.clone();
-        let (payload, result) = offload::run(move || {
-            let result = match payload.get(..n) {
-                Some(data) => image.write_at(data, pos),
-                None => Err(io::Error::other("write piece larger than its buffer")),
-            };
-            (payload, result)
-        })
-        .await?;
+        let (payload, result) = self
+            .image
+            .offload()
+            .run(move || {
+                let result = match payload.get(..n) {
+                    Some(data) => image.write_at(data, pos),
+                    None => Err(io::Error::other("write piece larger than its buffer")),
+                };
+                (payload, result)
+            })
+            .await?;
         self.payload = payload;
         result
     }
@@ -711,8 +735,9 @@ where
         let writer = self.writer.clone();
         let probe = self.probe.clone();
         let req = *req;
+        let sync = self.image.offload().run(move || image.sync());
         tokio::spawn(async move {
-            let error = match offload::run(move || image.sync()).await {
+            let error = match sync.await {
                 Ok(Ok(())) => 0,
                 Ok(Err(e)) => {
                     error!("sync for {} failed: {e}", cmd::name(req.kind));
@@ -853,8 +878,10 @@ where
     /// for the reply first.
     async fn defer_read(&mut self, req: &Request) {
         let read_slot = slot(&self.reads).await;
-        let process_slot = ALL_DEFERRED_READS
-            .acquire()
+        let process_slot = self
+            .all_reads
+            .clone()
+            .acquire_owned()
             .await
             .expect("semaphore is never closed");
         // Also held by the connection's end, which waits for it.
@@ -1114,15 +1141,17 @@ async fn read_piece<W: AsyncWrite + Unpin>(
     }
     let start = w.mark();
     let mut buf = w.lend(n);
+    let slots = image.offload().clone();
     let image = image.clone();
-    let done = offload::run(move || {
-        let result = match buf.get_mut(start..start + n) {
-            Some(space) => image.read_at(space, pos),
-            None => Err(io::Error::other("reply buffer smaller than lent")),
-        };
-        (buf, result)
-    })
-    .await;
+    let done = slots
+        .run(move || {
+            let result = match buf.get_mut(start..start + n) {
+                Some(space) => image.read_at(space, pos),
+                None => Err(io::Error::other("reply buffer smaller than lent")),
+            };
+            (buf, result)
+        })
+        .await;
     match done {
         Ok((buf, result)) => {
             w.give_back(Some(buf));
