@@ -309,6 +309,17 @@ impl ImageStore for ImageRecorder {
     fn will_need(&self, offset: u64, length: u64) -> io::Result<()> {
         self.disk.will_need(offset, length)
     }
+
+    // `read_cached` stays the default `false`: every read comes here, as
+    // the disk of a plan that can cut power.
+
+    fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
+        self.disk.data_extents()
+    }
+
+    fn identity(&self) -> io::Result<crate::store::Identity> {
+        self.disk.identity()
+    }
 }
 
 // ------------------------------------------------------------------ files
@@ -583,6 +594,31 @@ mod tests {
         let mut buf = vec![0u8; len];
         r.read_at(&mut buf, offset).unwrap();
         buf
+    }
+
+    #[test]
+    fn an_image_stacked_on_the_recorder_names_its_file_and_is_recorded() {
+        let dir = temp_dir("stacked");
+        let path = dir.path().join("img");
+        fs::write(&path, vec![0u8; 16384]).unwrap();
+        let power = Arc::new(Power::new(1));
+        let stack = crate::store::Stack {
+            layers: vec![power.clone()],
+            ..Default::default()
+        };
+        let image = crate::store::Image::open_stacked(&path, stack).unwrap();
+        let now = crate::store::Identity::at(&path).unwrap();
+        assert!(image.identity().unwrap().same_file(&now));
+        // Writes go through the recorder: the earlier content of the block
+        // is kept until a sync, and a read is never answered from memory.
+        image.write_at(&[1u8; 4096], 4096).unwrap();
+        let images = lock(&power.images);
+        assert_eq!(images.len(), 1);
+        assert!(lock(&images[0].journal).before.contains_key(&1));
+        drop(images);
+        assert!(!image.read_cached(&mut [0u8; 512], 4096));
+        image.sync().unwrap();
+        assert!(lock(&lock(&power.images)[0].journal).before.is_empty());
     }
 
     #[test]
