@@ -654,6 +654,33 @@ mod tests {
     }
 
     #[test]
+    fn pacing_charges_what_the_capacity_says_a_write_takes() {
+        let capacities = [
+            Capacity::new(fast_destination(), None, None),
+            Capacity::new(fast_destination(), Some(10_000_000), None),
+            Capacity::new(fast_destination(), Some(0), None),
+            Capacity::new(
+                Costs {
+                    per_request: MS,
+                    per_byte: 1e-9,
+                },
+                None,
+                Some(5e6),
+            ),
+        ];
+        for capacity in capacities {
+            let rates = capacity.pace_rates();
+            for (requests, bytes) in [(0, 0), (1, 4096), (3, 1 << 20), (100, 1 << 30)] {
+                assert_eq!(
+                    rates.time(requests, bytes),
+                    capacity.time(requests, bytes),
+                    "{capacity:?}: {requests} writes of {bytes} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn pacing_under_a_speed_limit_charges_the_limit() {
         let t = Instant::now();
         let mut p = ClientPace::default();
