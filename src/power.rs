@@ -320,6 +320,10 @@ impl ImageStore for ImageRecorder {
     fn identity(&self) -> io::Result<crate::store::Identity> {
         self.disk.identity()
     }
+
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        self.disk.seek_extent(data, pos)
+    }
 }
 
 // ------------------------------------------------------------------ files
@@ -600,7 +604,7 @@ mod tests {
     fn an_image_stacked_on_the_recorder_names_its_file_and_is_recorded() {
         let dir = temp_dir("stacked");
         let path = dir.path().join("img");
-        fs::write(&path, vec![0u8; 16384]).unwrap();
+        fs::File::create(&path).unwrap().set_len(16384).unwrap();
         let power = Arc::new(Power::new(1));
         let stack = crate::store::Stack {
             layers: vec![power.clone()],
@@ -617,6 +621,13 @@ mod tests {
         assert!(lock(&images[0].journal).before.contains_key(&1));
         drop(images);
         assert!(!image.read_cached(&mut [0u8; 512], 4096));
+        // Before the map is built, holes are asked of the file through the
+        // recorder.
+        assert!(!image.map().is_built());
+        assert_eq!(
+            image.extents(0, 16384, usize::MAX),
+            vec![(4096, true), (4096, false), (8192, true)]
+        );
         image.sync().unwrap();
         assert!(lock(&lock(&power.images)[0].journal).before.is_empty());
     }

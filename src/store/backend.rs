@@ -40,6 +40,16 @@ pub trait ImageStore: Send + Sync {
     fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
         None
     }
+    /// SEEK_DATA (`data`) or SEEK_HOLE: the first offset at or after `pos`
+    /// that holds data (or is a hole), `None` at or past the end. An error
+    /// (the default: the store cannot tell) means unsure.
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        let _ = (data, pos);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store cannot tell where its holes are",
+        ))
+    }
     /// Which file (or disk) this is, for the completion record.
     fn identity(&self) -> io::Result<super::Identity> {
         Err(io::Error::new(
@@ -89,6 +99,22 @@ impl ImageStore for FileStore {
 
     fn identity(&self) -> io::Result<super::Identity> {
         Ok(super::Identity::of(&self.file.metadata()?))
+    }
+
+    /// The lseeks move the file offset of the image's descriptor, which
+    /// nothing uses: every read and write is positional, and each lseek's
+    /// result does not depend on the offset it starts from.
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        let to = if data {
+            rustix::fs::SeekFrom::Data(pos)
+        } else {
+            rustix::fs::SeekFrom::Hole(pos)
+        };
+        match rustix::fs::seek(&self.file, to) {
+            Ok(r) => Ok(Some(r)),
+            Err(rustix::io::Errno::NXIO) => Ok(None), // at or past the end of the file
+            Err(e) => Err(e.into()),
+        }
     }
     #[inline]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -90,9 +90,10 @@ pub struct Image {
     /// The top of the image's stack: every read, write and sync goes
     /// through it.
     store: Arc<dyn ImageStore>,
-    /// The image file at the bottom of the stack, when there is one: its
-    /// SEEK_DATA/SEEK_HOLE answer hole questions until the map is built.
-    file: Option<Arc<FileStore>>,
+    /// Whether an image file at `path` is at the bottom of the stack, for
+    /// the scan that builds the map (a store without one has its map built
+    /// at once).
+    scan_file: bool,
     /// The instance's file operations (marker, record, unlink).
     files: Arc<dyn FileOps>,
     /// The slots of this image's operations on the blocking pool.
@@ -208,8 +209,7 @@ impl Image {
             })?
         };
         let size = full - full % 512;
-        let file = Arc::new(FileStore::new(file));
-        let mut store: Arc<dyn ImageStore> = file.clone();
+        let mut store: Arc<dyn ImageStore> = Arc::new(FileStore::new(file));
         for layer in &stack.layers {
             store = layer
                 .stack(store, path, full)
@@ -221,7 +221,7 @@ impl Image {
         let layered = !stack.layers.is_empty();
         Ok(Image::assemble(
             store,
-            Some(file),
+            true,
             path.to_owned(),
             size,
             full - size,
@@ -251,7 +251,7 @@ impl Image {
             }
         }
         let layered = !stack.layers.is_empty();
-        let image = Image::assemble(top, None, path, size, 0, layered, stack);
+        let image = Image::assemble(top, false, path, size, 0, layered, stack);
         match extents {
             Some(extents) => {
                 for (offset, length) in extents {
@@ -269,7 +269,7 @@ impl Image {
 
     fn assemble(
         store: Arc<dyn ImageStore>,
-        file: Option<Arc<FileStore>>,
+        scan_file: bool,
         path: PathBuf,
         size: u64,
         trailing: u64,
@@ -281,7 +281,7 @@ impl Image {
         let writes_faulted = layered || covers(StoreOp::Write);
         Image {
             store,
-            file,
+            scan_file,
             files: stack.files,
             offload: offload::Offload::default(),
             path,
@@ -489,7 +489,7 @@ impl Image {
     /// already have passed it.
     fn store_write_unmapped(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let map = &self.map;
-        let mut holes = self.file.as_deref().map(|f| FileLayout::new(f.file()));
+        let mut holes = FileLayout::new(self.io());
         let end = offset + data.len() as u64;
         let mut pos = offset;
         let mut pending: Option<u64> = None;
@@ -503,7 +503,7 @@ impl Image {
         while pos < end {
             let piece_end = ((pos / BLOCK_SIZE + 1) * BLOCK_SIZE).min(end);
             let piece = &data[(pos - offset) as usize..(piece_end - offset) as usize];
-            if is_zero(piece) && holes.as_mut().is_some_and(|h| h.is_hole(pos, piece_end)) {
+            if is_zero(piece) && holes.is_hole(pos, piece_end) {
                 if let Some(start) = pending.take() {
                     flush(start, pos)?;
                 }
@@ -810,7 +810,7 @@ impl Image {
     /// holes are then asked of the file each time.
     pub fn scan_allocation(self: &Arc<Image>) -> io::Result<()> {
         self.store_fault(StoreOp::MapScan)?;
-        if self.file.is_none() {
+        if !self.scan_file {
             // Built at once from the store's extents (`with_store`).
             self.map.mark_built();
             return Ok(());
@@ -852,10 +852,8 @@ impl Image {
             return Vec::new();
         }
         if !self.map.is_built() {
-            return self
-                .file
-                .as_deref()
-                .and_then(|f| FileLayout::new(f.file()).extents(offset, end, max))
+            return FileLayout::new(self.io())
+                .extents(offset, end, max)
                 .unwrap_or_else(|| vec![(end - offset, false)]);
         }
         let mut out: Vec<(u64, bool)> = Vec::new();
@@ -876,30 +874,23 @@ impl Image {
     }
 }
 
-/// The image file's data and holes as SEEK_DATA/SEEK_HOLE report them,
-/// for when the allocation map is not built yet. It remembers the last run
-/// it learnt, so a walk forward asks about each run once.
-///
-/// The lseeks move the file offset of the image's descriptor, which nothing
-/// uses: every read and write is positional, and each lseek's result does not
-/// depend on the offset it starts from.
+/// The store's data and holes as SEEK_DATA/SEEK_HOLE report them
+/// ([`ImageStore::seek_extent`]), for when the allocation map is not built
+/// yet. It remembers the last run it learnt, so a walk forward asks about
+/// each run once.
 struct FileLayout<'a> {
-    file: &'a File,
-    /// A run learnt from the file: `start..end`, a hole or data.
+    store: &'a dyn ImageStore,
+    /// A run learnt from the store: `start..end`, a hole or data.
     known: Option<(u64, u64, bool)>,
 }
 
 impl<'a> FileLayout<'a> {
-    fn new(file: &'a File) -> FileLayout<'a> {
-        FileLayout { file, known: None }
+    fn new(store: &'a dyn ImageStore) -> FileLayout<'a> {
+        FileLayout { store, known: None }
     }
 
-    fn seek(&self, to: SeekFrom) -> io::Result<Option<u64>> {
-        match rustix::fs::seek(self.file, to) {
-            Ok(r) => Ok(Some(r)),
-            Err(rustix::io::Errno::NXIO) => Ok(None), // at or past the end of the file
-            Err(e) => Err(e.into()),
-        }
+    fn seek(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        self.store.seek_extent(data, pos)
     }
 
     /// The run that starts at `pos`: its end and whether it is a hole.
@@ -909,12 +900,12 @@ impl<'a> FileLayout<'a> {
                 return Ok((end, hole));
             }
         }
-        let (end, hole) = match self.seek(SeekFrom::Data(pos))? {
+        let (end, hole) = match self.seek(true, pos)? {
             None => (u64::MAX, true),
             Some(data) if data > pos => (data, true),
             // Data at `pos`: it goes on to the next hole (there is always
             // one at the end of the file).
-            Some(_) => (self.seek(SeekFrom::Hole(pos))?.unwrap_or(u64::MAX), false),
+            Some(_) => (self.seek(false, pos)?.unwrap_or(u64::MAX), false),
         };
         self.known = Some((pos, end, hole));
         Ok((end, hole))
