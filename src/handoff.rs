@@ -740,4 +740,65 @@ mod tests {
             "unknown = receiving"
         );
     }
+
+    /// Fails the marker, record and unlink operations named, and counts
+    /// every fault asked for.
+    struct Failing(Vec<StoreOp>, std::sync::Mutex<Vec<StoreOp>>);
+
+    impl crate::store::FaultHook for Failing {
+        fn before(&self, op: StoreOp, _at: Option<(u64, u64)>) -> io::Result<()> {
+            self.1.lock().unwrap().push(op);
+            if self.0.contains(&op) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+        fn covers(&self, op: StoreOp) -> bool {
+            self.0.contains(&op)
+        }
+    }
+
+    #[test]
+    fn the_instances_fault_hook_fails_its_marker_record_and_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("d.img");
+        fs::write(&image, b"image").unwrap();
+        let hook = Arc::new(Failing(
+            vec![StoreOp::Record, StoreOp::Unlink],
+            Default::default(),
+        ));
+        let ops = crate::store::faults::FaultedFiles::new(Arc::new(Disk), hook.clone());
+        // The marker is not failed: it is written, after its fault was asked.
+        Marker::new(MarkerState::Entrusted)
+            .write_durably(&ops, &image)
+            .unwrap();
+        assert_eq!(
+            read_marker_state(&ops, &image).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        // The record and the unlink fail before touching anything.
+        let record = Record {
+            source: None,
+            completed_at: 0,
+            bytes_received: 0,
+            pid: 1,
+            image: Identity::at(&image).unwrap(),
+        };
+        let e = record.write_durably(&ops, &image).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(!record_path(&image).exists());
+        assert_eq!(
+            unlink_durably(&ops, &image).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        assert!(image.exists());
+        // Another instance's operations see none of these faults.
+        unlink_durably(&Disk, &image).unwrap();
+        assert!(!image.exists());
+        assert_eq!(
+            *hook.1.lock().unwrap(),
+            vec![StoreOp::Marker, StoreOp::Record, StoreOp::Unlink]
+        );
+    }
 }
