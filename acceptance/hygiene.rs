@@ -188,3 +188,278 @@ fn every_cited_doc_exists() {
         missing.join("\n")
     );
 }
+
+/// The source of `src/` with each file's unit tests left out: the tests
+/// module at the end of a file may use anything (its `static` counters, its
+/// fixtures from any layer) without being part of the program.
+fn program_sources() -> Vec<(PathBuf, String)> {
+    let src = root().join("src");
+    files_under(&src, &[".rs"])
+        .into_iter()
+        .map(|path| {
+            let text = fs::read_to_string(&path).unwrap();
+            let program = match text.find("#[cfg(test)]\nmod tests") {
+                Some(at) => text[..at].to_string(),
+                None => text,
+            };
+            (path, program)
+        })
+        .collect()
+}
+
+/// A line without its `//` comment (and so without doc comments).
+fn code_of(line: &str) -> &str {
+    match line.find("//") {
+        Some(at) => &line[..at],
+        None => line,
+    }
+}
+
+/// The names of the process-wide statics in `text` that can change: a
+/// `static` whose type has interior mutability, a `static mut`, or one
+/// declared in `thread_local!` or `task_local!`.
+fn mutable_statics(text: &str) -> Vec<String> {
+    const MUTABLE: [&str; 11] = [
+        "OnceLock",
+        "OnceCell",
+        "LazyLock",
+        "Lazy<",
+        "Atomic",
+        "Mutex",
+        "RwLock",
+        "Semaphore",
+        "Cell<",
+        "Notify",
+        "Condvar",
+    ];
+    let mut out = Vec::new();
+    let mut in_local_macro = false;
+    for line in text.lines().map(code_of) {
+        let trimmed = line.trim();
+        if trimmed.contains("thread_local!") || trimmed.contains("task_local!") {
+            in_local_macro = true;
+        }
+        let Some(rest) = trimmed
+            .split_once("static ")
+            .filter(|(before, _)| !before.ends_with('\''))
+            .map(|(_, rest)| rest)
+        else {
+            continue;
+        };
+        let (mutable_keyword, rest) = match rest.strip_prefix("mut ") {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let Some((name, ty)) = rest.split_once(':') else {
+            continue;
+        };
+        if mutable_keyword || in_local_macro || MUTABLE.iter().any(|m| ty.contains(m)) {
+            out.push(name.trim().to_string());
+        }
+        in_local_macro = false;
+    }
+    out
+}
+
+#[test]
+fn the_static_finder_sees_every_kind_of_mutable_static() {
+    let text = "static A: AtomicU64 = AtomicU64::new(0);\n\
+        static B: &str = \"fixed\";\n\
+        pub(crate) static C: std::sync::OnceLock<String> = OnceLock::new();\n\
+        static mut D: u8 = 0;\n\
+        thread_local! {\n    static E: u8 = const { 0 };\n}\n\
+        tokio::task_local! {\n    static F: Arc<str>;\n}\n\
+        fn f() -> &'static str { \"x\" }\n\
+        // static G: Mutex<u8> in a comment\n\
+        static H: [u8; 2] = [0, 1];\n";
+    assert_eq!(mutable_statics(text), vec!["A", "C", "D", "E", "F"]);
+}
+
+/// No process-wide state can change except the log sink: everything else
+/// belongs to an instance (its storage stack, its server, its probe), so
+/// two instances can run in one process and a simulator can run many.
+#[test]
+fn no_process_wide_mutable_state_but_the_log_sink() {
+    // The level threshold and the default context of log lines; the
+    // per-thread and per-task instance tags of log lines.
+    let allowed = [
+        ("src/log.rs", "THRESHOLD"),
+        ("src/log.rs", "DEFAULT_CONTEXT"),
+        ("src/log.rs", "THREAD_CONTEXT"),
+        ("src/log.rs", "TASK_CONTEXT"),
+    ];
+    let root = root();
+    let mut found = Vec::new();
+    let sources = program_sources();
+    assert!(
+        sources.len() > 30,
+        "only {} files under src/",
+        sources.len()
+    );
+    for (path, text) in sources {
+        let rel = path
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        for name in mutable_statics(&text) {
+            if !allowed.contains(&(rel.as_str(), name.as_str())) {
+                found.push(format!("{rel}: static {name}"));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "process-wide mutable state outside the log sink (hold it per instance and pass it along):\n{}",
+        found.join("\n")
+    );
+}
+
+/// The layers of `src/`, bottom first, by top-level module (`src/<m>.rs` or
+/// `src/<m>/`). A module may use only modules of lower layers; README.md's
+/// Layout section shows the same table.
+const LAYERS: &[&[&str]] = &[
+    &["proto", "log"],
+    &["core", "transport", "acl", "signals", "status"],
+    &["tls"],
+    &["store"],
+    &["power", "handoff"],
+    &["probe"],
+    &["fault_apply"],
+    &["client", "control"],
+    &["server"],
+    &["mirror", "proxy"],
+    &["daemon"],
+];
+
+/// The crate-root macros and the module that defines them.
+const MACROS: [(&str, &str); 6] = [
+    ("debug", "log"),
+    ("info", "log"),
+    ("warn", "log"),
+    ("error", "log"),
+    ("fatal", "log"),
+    ("log_at", "log"),
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|layer| layer.contains(&module))
+}
+
+/// The top-level modules `text` uses through `crate::` paths, with the path
+/// as written: `crate::a::b`, `crate::{a, b::c}`, and macros at the crate
+/// root (`crate::warn`) as their module.
+fn crate_uses(text: &str) -> Vec<(String, String)> {
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    for line in text.lines().map(code_of) {
+        let mut rest = line;
+        while let Some(at) = rest.find("crate::") {
+            // `$crate::` in a macro is the same crate.
+            let after = &rest[at + "crate::".len()..];
+            let before = &rest[..at];
+            let is_word = before
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !is_word {
+                if let Some(group) = after.strip_prefix('{') {
+                    let group = group.split('}').next().unwrap_or("");
+                    for item in group.split(',') {
+                        let name = ident(item.trim());
+                        if !name.is_empty() {
+                            out.push((name.clone(), format!("crate::{{..{name}..}}")));
+                        }
+                    }
+                } else {
+                    let name = ident(after);
+                    let path: String = after
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                        .collect();
+                    if !name.is_empty() {
+                        out.push((name, format!("crate::{}", path.trim_end_matches(':'))));
+                    }
+                }
+            }
+            rest = after;
+        }
+    }
+    out.into_iter()
+        .map(|(name, path)| {
+            let module = MACROS
+                .iter()
+                .find(|(m, _)| *m == name)
+                .map_or(name, |(_, module)| module.to_string());
+            (module, path)
+        })
+        .collect()
+}
+
+#[test]
+fn the_use_parser_sees_paths_groups_and_macros() {
+    let text = "use crate::store::{Image, BLOCK_SIZE};\n\
+        use crate::{debug, probe::Step};\n\
+        let x = crate::handoff::marker_path(p); // crate::mirror in a comment\n\
+        $crate::log::emit(l);\n\
+        my_crate::other::f();\n";
+    let modules: Vec<String> = crate_uses(text).into_iter().map(|(m, _)| m).collect();
+    assert_eq!(modules, vec!["store", "log", "probe", "handoff", "log"]);
+}
+
+/// Modules depend only downward: a `crate::` path from a module to one of
+/// its own layer or above is an import cycle waiting to happen.
+#[test]
+fn modules_use_only_lower_layers() {
+    let src = root().join("src");
+    let mut upward = Vec::new();
+    let mut checked = 0;
+    for (path, text) in program_sources() {
+        let rel = path.strip_prefix(&src).unwrap();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let module = first.trim_end_matches(".rs").to_string();
+        // The binaries and the crate root sit above every layer.
+        if matches!(module.as_str(), "main" | "lib" | "bin") {
+            continue;
+        }
+        let Some(from) = layer_of(&module) else {
+            upward.push(format!(
+                "src/{}: module {module} is in no layer; add it to LAYERS (and to README.md's Layout)",
+                rel.display()
+            ));
+            continue;
+        };
+        for (used, written) in crate_uses(&text) {
+            if used == module {
+                continue;
+            }
+            checked += 1;
+            match layer_of(&used) {
+                Some(to) if to < from => {}
+                Some(to) => upward.push(format!(
+                    "src/{}: {module} (layer {from}) uses {used} (layer {to}) via `{written}`",
+                    rel.display()
+                )),
+                None => upward.push(format!(
+                    "src/{}: {module} uses {used} via `{written}`, which is in no layer",
+                    rel.display()
+                )),
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} crate:: paths found");
+    assert!(
+        upward.is_empty(),
+        "edges that do not go down the layers:\n{}",
+        upward.join("\n")
+    );
+}

@@ -19,12 +19,22 @@ The stall section (`--only stall`, "## Stall") times client writes across the
 hand-off, through flexnbd-proxy and directly, with a supervisor that starts
 `serve` on the migrated image.
 
+The refactor section (`--only refactor`, "## Refactor") runs this build and
+the build before the refactor (commit b1ff616, REFACTOR_BASE) in the same
+rounds: nbdcopy, fio 4 KiB randread and randwrite, and the migration cases
+(time and the clients' shut-out), each with its ratio against the goal of
+0.95. The base is built from a temporary worktree into target/bench-base;
+set FLEXNBD_BASE_BIN=PATH to a ready release binary of it to skip that build:
+
+    FLEXNBD_BASE_BIN=/path/to/flexnbd /usr/bin/python3 bench/run.py --only refactor
+
 See bench/README.md for what each workload measures.
 """
 
 import argparse
 import datetime
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -216,6 +226,9 @@ class Server:
         if self.kind == "flexnbd-preseam":
             # The build from before the storage seam (SEAM_BASE), same flags.
             return [FLEXNBD_PRESEAM, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
+        if self.kind == "flexnbd-base":
+            # The build before the refactor (REFACTOR_BASE or FLEXNBD_BASE_BIN), same flags.
+            return [FLEXNBD_BASE, "serve", "-l", HOST, "-p", p, "-f", self.image, "--handshake", "newstyle"]
         if self.kind == "flexnbd-faultplan":
             # A fault plan that never fires (nothing here sends TRIM): every
             # protocol step goes through the plan's decision instead of the
@@ -745,10 +758,11 @@ class FlexProc(Server):
     it replaces, and that is the fork of this (much larger) Python process.
     """
 
-    def __init__(self, role, image, workdir, tag, c=False):
+    def __init__(self, role, image, workdir, tag, c=False, binary=None):
         super().__init__(f"flexnbd-{role}", image, workdir)
         self.role = role
         self.c = c                 # the C flexnbd (C_FLEXNBD) rather than ours
+        self.binary = binary       # another build of ours (the refactor rows' base), else FLEXNBD
         self.port = 0
         self.sock = os.path.join(workdir, f"{role}-{tag}.sock")
         self.logpath = os.path.join(workdir, f"{role}-{tag}.log")
@@ -758,8 +772,8 @@ class FlexProc(Server):
         self.extra = []            # more arguments (TLS)
 
     def argv(self):
-        argv = [C_FLEXNBD if self.c else FLEXNBD, self.role, "-l", HOST, "-p", "0", "-f", self.image,
-                "-s", self.sock, "-v"]
+        argv = [C_FLEXNBD if self.c else (self.binary or FLEXNBD), self.role, "-l", HOST, "-p", "0",
+                "-f", self.image, "-s", self.sock, "-v"]
         if self.role == "listen" and not self.c and not self.extra:
             # Without it the greeting is the C one (flags 13), and holes (the
             # whole 1 TiB case) would travel as zeros instead of WRITE_ZEROES.
@@ -961,18 +975,19 @@ class Writer:
             self.warm.set()
 
 
-def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_dest=False):
+def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_dest=False, binary=None):
     """Migrate src into a fresh sparse file of `size` bytes; returns the measurements
     and the destination path (the caller removes it). `c_source` / `c_dest` run the
-    C flexnbd (C_FLEXNBD) at that end, and the source's own `mirror` command."""
+    C flexnbd (C_FLEXNBD) at that end, and the source's own `mirror` command.
+    `binary`, another build of ours, plays both ends and `mirror` (default FLEXNBD)."""
     dst = os.path.join(ctx.workdir, f"dst-{tag}.raw")
     with open(dst, "wb") as f:
         f.truncate(size)
     # Untimed: write back what setting up left dirty (the image, a copy), so the
     # destination's fsync does not also wait for that.
     subprocess.run(["sync", "-f", ctx.workdir], check=True, timeout=300)
-    listen = FlexProc("listen", dst, ctx.workdir, tag, c=c_dest)
-    serve = FlexProc("serve", src, ctx.workdir, tag, c=c_source)
+    listen = FlexProc("listen", dst, ctx.workdir, tag, c=c_dest, binary=binary)
+    serve = FlexProc("serve", src, ctx.workdir, tag, c=c_source, binary=binary)
     mirror_log = os.path.join(ctx.workdir, f"mirror-{tag}.log")
     mirror = None
     try:
@@ -984,8 +999,8 @@ def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_des
             before_mirror(serve)
         with open(mirror_log, "wb") as mlog:
             t0 = time.perf_counter()
-            mirror = subprocess.Popen([C_FLEXNBD if c_source else FLEXNBD, "mirror", "-s", serve.sock,
-                                       "-l", HOST, "-p", str(listen.port)],
+            mirror = subprocess.Popen([C_FLEXNBD if c_source else (binary or FLEXNBD), "mirror",
+                                       "-s", serve.sock, "-l", HOST, "-p", str(listen.port)],
                                       stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
                                       start_new_session=True)
         deadline = t0 + MIGRATION_TIMEOUT
@@ -1057,8 +1072,8 @@ def mig_check(res, src, dst):
         res["difference"] = diff
 
 
-def m_plain(ctx, rnd):
-    res, dst = run_migration(ctx, ctx.image, GIB, f"plain{rnd}")
+def m_plain(ctx, rnd, name="plain", binary=None):
+    res, dst = run_migration(ctx, ctx.image, GIB, f"{name}{rnd}", binary=binary)
     try:
         mig_check(res, ctx.image, dst)
         return res
@@ -1066,7 +1081,7 @@ def m_plain(ctx, rnd):
         os.unlink(dst)
 
 
-def m_writes(ctx, rnd, c_source=False, c_dest=False, name="writes"):
+def m_writes(ctx, rnd, c_source=False, c_dest=False, name="writes", binary=None):
     # The writer changes the source, so each run migrates a fresh sparse copy.
     src = os.path.join(ctx.workdir, f"src-{name}{rnd}.raw")
     subprocess.run(["cp", "--sparse=always", ctx.image, src], check=True, timeout=300)
@@ -1087,7 +1102,7 @@ def m_writes(ctx, rnd, c_source=False, c_dest=False, name="writes"):
 
     try:
         res, dst = run_migration(ctx, src, GIB, f"{name}{rnd}", before_mirror=start_writer,
-                                 c_source=c_source, c_dest=c_dest)
+                                 c_source=c_source, c_dest=c_dest, binary=binary)
         writer.thread.join(timeout=WRITE_TIMEOUT + 10)
         if writer.thread.is_alive():
             writer.stop.set()
@@ -1125,8 +1140,8 @@ def m_writes(ctx, rnd, c_source=False, c_dest=False, name="writes"):
                 os.unlink(p)
 
 
-def m_tib(ctx, rnd):
-    res, dst = run_migration(ctx, ctx.sparse_tib, TIB, f"tib{rnd}")
+def m_tib(ctx, rnd, name="tib", binary=None):
+    res, dst = run_migration(ctx, ctx.sparse_tib, TIB, f"{name}{rnd}", binary=binary)
     try:
         mig_check(res, ctx.sparse_tib, dst)
         return res
@@ -1613,8 +1628,211 @@ def run_stalls(ctx, results, failures):
                 log(f"round {rnd + 1}/{ctx.rounds} stall {key:20} {shown}")
 
 
+# ---------------------------------------------------------------- refactor: this build vs the base
+
+# build, Server kind: this build (FLEXNBD) and the base (FLEXNBD_BASE).
+REFACTOR_BUILDS = (("this", "flexnbd"), ("base", "flexnbd-base"))
+# The workloads of the rows of the same name, and the migration section's cases.
+REFACTOR_WORKLOADS = [("nbdcopy", w_nbdcopy), ("randread", w_randread), ("randwrite", w_randwrite)]
+REFACTOR_MIGRATIONS = [("plain", m_plain), ("writes", m_writes), ("tib", m_tib)]
+# label, case, metric, unit, higher is better
+REFACTOR_ROWS = [
+    ("nbdcopy to null:, 1 GiB image (512 MiB data + 512 MiB hole)", "nbdcopy", "gbps", "GB/s", True),
+    ("fio 4 KiB randread, 4 jobs x iodepth 16", "randread", "iops", "IOPS", True),
+    ("fio 4 KiB randwrite, 4 jobs x iodepth 16", "randwrite", "iops", "IOPS", True),
+    ("migration time, 1 GiB image, idle (`mirror` issued to both processes exited)", "plain", "seconds", "s",
+     False),
+    ("migration time, 1 GiB image, under writes", "writes", "seconds", "s", False),
+    ("migration time, 1 TiB sparse file", "tib", "seconds", "s", False),
+    ("clients shut out at the hand-off, under writes (the source's log: `clients were shut out for`)",
+     "writes", "lockout_ms", "ms", False),
+    ("clients shut out at the hand-off, idle (the source's log)", "plain", "lockout_ms", "ms", False),
+]
+
+
+def run_refactor(ctx, results, failures):
+    """Every refactor case for this build and for the base, in the same rounds. Which build
+    goes first alternates from case to case and from round to round, so neither always
+    runs right after the image was written or after the other build warmed the cache."""
+    R = results.setdefault("refactor", {})
+    cases = ([(name, fn, False) for name, fn in REFACTOR_WORKLOADS]
+             + [(name, fn, True) for name, fn in REFACTOR_MIGRATIONS])
+    for rnd in range(ctx.rounds):
+        for i, (name, fn, migration) in enumerate(cases):
+            order = REFACTOR_BUILDS if (rnd + i) % 2 == 0 else REFACTOR_BUILDS[::-1]
+            for build, kind in order:
+                try:
+                    if migration:
+                        # The base binary plays serve, listen and mirror in its runs.
+                        res = fn(ctx, rnd + 1, name=f"refactor-{build}-{name}",
+                                 binary=FLEXNBD if build == "this" else FLEXNBD_BASE)
+                        res.pop("t0", None)
+                    else:
+                        res = fn(ctx, kind)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    msg = f"round {rnd + 1} refactor {name} {build}: {e}"
+                    log("FAILED " + msg[:3000])
+                    failures.append(msg[:12000])
+                    continue
+                res["round"] = rnd + 1
+                R.setdefault(name, {}).setdefault(build, []).append(res)
+                shown = {k: (round(res[k], 3) if isinstance(res[k], float) else res[k])
+                         for k in ("gbps", "iops", "seconds", "lockout_ms", "identical") if k in res}
+                log(f"round {rnd + 1}/{ctx.rounds} refactor {name:9} {build:4} {shown}")
+
+
+def base_description():
+    """What the base of the refactor rows was, for the report."""
+    what = ("the build before the sans-IO hand-off core (`src/core/`) and the per-instance storage stack")
+    if FLEXNBD_BASE_BIN:
+        h = hashlib.sha256()
+        with open(FLEXNBD_BASE, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return (f"the binary named by `FLEXNBD_BASE_BIN` (`{FLEXNBD_BASE}`, sha256 {h.hexdigest()[:16]}...), "
+                f"not built by this run: it is meant to be a `scripts/build-release` build of commit "
+                f"{REFACTOR_BASE}, {what}, but this run did not check which commit it came from")
+    return (f"commit {REFACTOR_BASE}, {what}, built by this run with `scripts/build-release` from a "
+            f"temporary worktree into `target/bench-base` (`FLEXNBD_BASE_BIN=PATH` names a ready binary "
+            f"instead and skips that build)")
+
+
+def refactor_section(ctx, info, results, failures, started, finished):
+    """The "## Refactor" section of BENCHMARKS.md, as a list of lines."""
+    R = results.get("refactor", {})
+
+    def runs(case, build):
+        return R.get(case, {}).get(build, [])
+
+    def vals(case, build, metric):
+        return [r[metric] for r in runs(case, build) if r.get(metric) is not None]
+
+    def f(v, unit):
+        return {"GB/s": f"{v:.2f}", "IOPS": f"{v / 1000:.1f}k", "s": f"{v:.3f}", "ms": f"{v:.2f}"}[unit]
+
+    def cell(case, build, metric, unit):
+        v = vals(case, build, metric)
+        if v:
+            return f"{f(med(v), unit)} {unit} ({f(min(v), unit)}–{f(max(v), unit)})"
+        if not runs(case, build):
+            return "not measured (no successful run, see the failures below)"
+        return f"not measured (none of its {len(runs(case, build))} runs logged it)"
+
+    L = ["## Refactor", ""]
+    L.append(f"Does the refactor (the sans-IO hand-off core, the per-instance storage stack, the split of the "
+             f"server's transmission code) make anything slower? This build against the build before it, both "
+             f"measured in this run: measured on {started:%Y-%m-%d} ({started:%H:%M}-{finished:%H:%M} UTC) by "
+             f"`bench/run.py{' --only refactor' if ctx.only == {'refactor'} else ''}`, {ctx.rounds} "
+             f"round{'' if ctx.rounds == 1 else 's'}, "
+             f"fio runtime {ctx.fio_runtime} s. Every round runs every case once for each build, a fresh server "
+             f"(or `serve` + `listen` pair) per run; which build goes first alternates from case to case and "
+             f"from round to round.")
+    L.append("")
+    L.append(f"- this build: commit {info['flexnbd_commit']}, `scripts/build-release` (static glibc), "
+             f"{info['versions']['rustc']}")
+    L.append(f"- base: {info.get('refactor_base') or base_description()}")
+    L.append(f"- machine: {info['cpu']}, {info['nproc']} CPUs, {info['mem_gib']} GiB, kernel {info['kernel']}; "
+             f"load average at start {info['loadavg_start']} (on a shared machine the absolute figures are "
+             f"noisy: compare the ratios)")
+    L.append("")
+    L.append(f"Goal: every ratio **>= {REFACTOR_GOAL:.2f}**. Ratios are oriented so that >= 1.0 is as good or "
+             f"better for this build: this ÷ base for throughput and IOPS, base ÷ this for times. Rows below "
+             f"{REFACTOR_GOAL:.2f} are in bold. Medians over the runs, (min–max) beside them. The ratio is "
+             f"that of the medians; \"per round\" is the same ratio for each round's pair of runs, which "
+             f"ran within seconds of each other, so a round that the machine's load slowed shows as one "
+             f"outlier there rather than as a shift of the medians.")
+    L.append("")
+    L.append("| measurement | this build | base | runs (this/base) | ratio | per round | goal | met |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    below = []
+    for label, case, metric, unit, hib in REFACTOR_ROWS:
+        this_v, base_v = vals(case, "this", metric), vals(case, "base", metric)
+        r = ratio(med(this_v), med(base_v), hib) if this_v and base_v else None
+        if r is None:
+            shown, met = "n/a", "n/a"
+        elif r < REFACTOR_GOAL:
+            shown, met = f"**{r:.2f}**", "**no**"
+            below.append(label)
+        else:
+            shown, met = f"{r:.2f}", "yes"
+        pairs = []
+        base_by_round = {b["round"]: b.get(metric) for b in runs(case, "base")}
+        for t in runs(case, "this"):
+            pr = ratio(t.get(metric), base_by_round.get(t["round"]), hib)
+            if pr is not None:
+                pairs.append(f"{pr:.2f}")
+        L.append(f"| {label} | {cell(case, 'this', metric, unit)} | {cell(case, 'base', metric, unit)} | "
+                 f"{len(this_v)}/{len(base_v)} | {shown} | {', '.join(pairs) or 'n/a'} | "
+                 f">= {REFACTOR_GOAL:.2f} | {met} |")
+    L.append("")
+    checked = []
+    for build, _ in REFACTOR_BUILDS:
+        done = [r for case, _ in REFACTOR_MIGRATIONS for r in runs(case, build)]
+        same = sum(1 for r in done if r.get("identical"))
+        checked.append(f"{build} build {same}/{len(done)}" if same == len(done)
+                       else f"**{build} build {same}/{len(done)}**")
+    L.append("Every migration's destination was compared with its source byte for byte afterwards "
+             f"(identical: {', '.join(checked)}).")
+    if below:
+        L.append(f"Below {REFACTOR_GOAL:.2f} in this run: " + "; ".join(below) + ". The machine is noisy: "
+                 "rerun before drawing a conclusion from a small difference.")
+    L.append("")
+    fails = [x for x in failures if failure_section(x) == "refactor"]
+    if fails:
+        L.append("### Failed refactor runs")
+        L.append("")
+        for x in fails:
+            first, _, rest = x.partition("\n")
+            L.append(f"- {first}")
+            if rest:
+                L.append("")
+                L.append("```")
+                L.extend(rest.splitlines())
+                L.append("```")
+        L.append("")
+    L.append("### How the refactor rows are measured")
+    L.append("")
+    L.append("```sh")
+    L.append("# this build: CARGO_TARGET_DIR=target/bench scripts/build-release")
+    L.append(f"# base: FLEXNBD_BASE_BIN, else git worktree add --detach target/bench-base-src {REFACTOR_BASE} &&")
+    L.append("#   CARGO_TARGET_DIR=target/bench-base target/bench-base-src/scripts/build-release")
+    L.append("#   (the binary is copied to target/bench-base/flexnbd-base, the worktree removed)")
+    L.append("# nbdcopy, randread, randwrite: the rows of the same name, with BIN = each build in turn")
+    L.append("BIN serve -l 127.0.0.1 -p PORT -f FILE --handshake newstyle")
+    L.append("nbdcopy nbd://127.0.0.1:PORT/ null:")
+    L.append(" ".join(fio_argv("nbd://127.0.0.1:PORT/", "randread", ctx.fio_runtime)))
+    L.append(" ".join(fio_argv("nbd://127.0.0.1:PORT/", "randwrite", ctx.fio_runtime))
+             + "   # on a fresh cp --sparse=always copy")
+    L.append("# migrations: the migration section's idle, under-writes and 1 TiB cases; BIN plays every part")
+    L.append("BIN listen -l 127.0.0.1 -p 0 -f DEST -s DSOCK -v --oldstyle-extra-flags")
+    L.append("BIN serve  -l 127.0.0.1 -p 0 -f SRC  -s SSOCK -v")
+    L.append("BIN mirror -s SSOCK -l 127.0.0.1 -p DPORT   # timed from here to both processes exited")
+    L.append("# shut-out: the source's log line `clients were shut out for DURATION`")
+    L.append("```")
+    L.append("")
+    L.append("<details><summary>every refactor run</summary>")
+    L.append("")
+    L.append("| measurement | build | " + " | ".join(f"r{i + 1}" for i in range(ctx.rounds)) + " |")
+    L.append("|---|---|" + "---|" * ctx.rounds)
+    for label, case, metric, unit, _ in REFACTOR_ROWS:
+        for build, _ in REFACTOR_BUILDS:
+            by_round = {r["round"]: r for r in runs(case, build)}
+            cells = []
+            for i in range(1, ctx.rounds + 1):
+                r = by_round.get(i)
+                cells.append("failed" if r is None else
+                             ("n/a" if r.get(metric) is None else f(r[metric], unit)))
+            L.append(f"| {case} {metric} ({unit}) | {build} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("</details>")
+    L.append("")
+    return L
+
+
 # The sections that `--only` can rewrite in place, with their headings' names.
-SECTIONS = {"migration": "Migration", "stall": "Stall"}
+SECTIONS = {"migration": "Migration", "stall": "Stall", "refactor": "Refactor"}
 
 
 def failure_section(msg):
@@ -1676,6 +1894,15 @@ WORKLOADS = [
 SEAM_BASE = "e298d77"
 SEAM_ROWS = ("seamread", "seamwrite")
 FLEXNBD_PRESEAM = None
+# The refactor rows (`--only refactor`, "## Refactor"): this build against the
+# build before the sans-IO hand-off core (src/core/) and the per-instance
+# storage stack, both measured in the same run. REFACTOR_BASE is that commit,
+# built like SEAM_BASE unless FLEXNBD_BASE_BIN names a ready binary of it.
+REFACTOR_BASE = "b1ff616"
+FLEXNBD_BASE_BIN = os.environ.get("FLEXNBD_BASE_BIN") or None
+FLEXNBD_BASE = None            # the base binary this run uses (build_base)
+# Every refactor ratio should stay at or above this (>= 1 is better for this build).
+REFACTOR_GOAL = 0.95
 # Peak RSS comes from the nbdcopy runs.
 RSS = ("rss", "Peak RSS while serving the nbdcopy workload (max VmHWM over the server's processes)",
        WITH_OLD, "rss_mib", "MiB", False)
@@ -1709,28 +1936,50 @@ def build():
         raise RuntimeError(f"no binary at {FLEXNBD}")
 
 
-def build_preseam():
-    """The release build of SEAM_BASE, from a temporary worktree, with the same
-    script and flags as ours (its own target directory)."""
-    global FLEXNBD_PRESEAM
-    tree = os.path.join(REPO, "target", "bench-preseam-src")
+def build_commit(commit, name, why):
+    """The release build of `commit`, from a temporary worktree, with the same
+    script and flags as ours, in its own target directory (target/bench-NAME);
+    returns the path of its flexnbd, copied out as target/bench-NAME/flexnbd-NAME."""
+    tree = os.path.join(REPO, "target", f"bench-{name}-src")
     subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
     subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
-    subprocess.run(["git", "worktree", "add", "--detach", tree, SEAM_BASE], cwd=REPO, check=True,
+    subprocess.run(["git", "worktree", "add", "--detach", tree, commit], cwd=REPO, check=True,
                    capture_output=True, timeout=120)
     try:
-        log(f"building the pre-seam flexnbd ({SEAM_BASE}) for the storage-seam rows")
-        env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(REPO, "target", "bench-preseam"))
+        log(f"building the {name} flexnbd ({commit}) for {why}")
+        target = os.path.join(REPO, "target", f"bench-{name}")
+        env = dict(os.environ, CARGO_TARGET_DIR=target)
         out = subprocess.run([os.path.join(tree, "scripts", "build-release")], cwd=tree, env=env, check=True,
                              timeout=1800, stdout=subprocess.PIPE, text=True)
         built = os.path.join(out.stdout.strip().splitlines()[-1], "flexnbd")
         if not os.path.isabs(built):
             built = os.path.join(tree, built)
         # Keep the binary outside the worktree, which is removed below.
-        FLEXNBD_PRESEAM = os.path.join(REPO, "target", "bench-preseam", "flexnbd-preseam")
-        shutil.copy2(built, FLEXNBD_PRESEAM)
+        copy = os.path.join(target, f"flexnbd-{name}")
+        shutil.copy2(built, copy)
+        return copy
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
+
+
+def build_preseam():
+    """The release build of SEAM_BASE (target/bench-preseam/flexnbd-preseam)."""
+    global FLEXNBD_PRESEAM
+    FLEXNBD_PRESEAM = build_commit(SEAM_BASE, "preseam", "the storage-seam rows")
+
+
+def build_base():
+    """The base of the refactor rows: FLEXNBD_BASE_BIN when set (nothing is built),
+    else the release build of REFACTOR_BASE (target/bench-base/flexnbd-base)."""
+    global FLEXNBD_BASE
+    if FLEXNBD_BASE_BIN:
+        if not (os.path.isfile(FLEXNBD_BASE_BIN) and os.access(FLEXNBD_BASE_BIN, os.X_OK)):
+            raise RuntimeError(f"FLEXNBD_BASE_BIN should name an executable flexnbd binary; "
+                               f"{FLEXNBD_BASE_BIN!r} is not an executable file")
+        FLEXNBD_BASE = os.path.abspath(FLEXNBD_BASE_BIN)
+        log(f"refactor rows: base build is FLEXNBD_BASE_BIN={FLEXNBD_BASE} (not built here)")
+        return
+    FLEXNBD_BASE = build_commit(REFACTOR_BASE, "base", "the refactor rows")
 
 
 def make_images(workdir):
@@ -2483,17 +2732,22 @@ def write_report(path, ctx, info, results, failures, started, finished):
                if "stall" in results or ctx.stall_started else existing_section(path, "## Stall"))
     if section:
         text = splice_section(text, "## Stall", section)
+    # And the refactor section.
+    section = (refactor_section(ctx, info, results, failures, ctx.refactor_started, ctx.refactor_finished)
+               if "refactor" in results or ctx.refactor_started else existing_section(path, "## Refactor"))
+    if section:
+        text = splice_section(text, "## Refactor", section)
     with open(path, "w") as f:
         f.write(text)
 
 
 def update_sections_only(path, ctx, info, results, failures):
-    """--only migration and/or stall: replace just those sections of an existing report."""
+    """--only migration, stall and/or refactor: replace just those sections of an existing report."""
     try:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
-        text = ("# Benchmarks\n\nOnly the migration and stall sections are generated here; run "
+        text = ("# Benchmarks\n\nOnly the migration, stall and refactor sections are generated here; run "
                 "`bench/run.py` for the rest.\n")
     if "migration" in ctx.only:
         text = splice_migration(text, migration_section(ctx, info, results, failures,
@@ -2501,6 +2755,9 @@ def update_sections_only(path, ctx, info, results, failures):
     if "stall" in ctx.only:
         text = splice_section(text, "## Stall", stall_section(ctx, info, results, failures,
                                                                ctx.stall_started, ctx.stall_finished))
+    if "refactor" in ctx.only:
+        text = splice_section(text, "## Refactor", refactor_section(ctx, info, results, failures,
+                                                                     ctx.refactor_started, ctx.refactor_finished))
     with open(path, "w") as f:
         f.write(text)
 
@@ -2517,7 +2774,8 @@ def main():
     ap.add_argument("--rounds", type=int, help="rounds (default 5, or 2 with --quick)")
     ap.add_argument("--fio-runtime", type=int, help="fio seconds (default 10, or 3 with --quick)")
     ap.add_argument("--skip-build", action="store_true", help="use the existing target/bench binary")
-    ap.add_argument("--only", help="comma-separated workloads to run (default all)")
+    ap.add_argument("--only", help="comma-separated workloads or sections to run (default all); the "
+                    "sections migration, stall and refactor rewrite only their own part of the report")
     ap.add_argument("--output", default=os.path.join(REPO, "BENCHMARKS.md"), help="report path")
     args = ap.parse_args()
 
@@ -2532,7 +2790,8 @@ def main():
     ctx.only = only
     ctx.mig_started = ctx.mig_finished = None
     ctx.stall_started = ctx.stall_finished = None
-    # Only sections that are rewritten in place (migration, stall)?
+    ctx.refactor_started = ctx.refactor_finished = None
+    # Only sections that are rewritten in place (migration, stall, refactor)?
     sections_only = bool(only) and only <= set(SECTIONS)
 
     def on_signal(signum, frame):
@@ -2540,13 +2799,17 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    if not sections_only or ("stall" in only and not shutil.which("openssl")):
+    if not sections_only or "refactor" in only or ("stall" in only and not shutil.which("openssl")):
         ensure_peers()
     if not args.skip_build:
         build()
     if not only or only & set(SEAM_ROWS):
         build_preseam()
+    if not only or "refactor" in only:
+        build_base()
     info = machine_info()
+    if FLEXNBD_BASE:
+        info["refactor_base"] = base_description()
     ctx.workdir = tempfile.mkdtemp(prefix="flexnbd-bench-", dir="/var/tmp")
     results, failures = {}, []
     try:
@@ -2580,6 +2843,10 @@ def main():
                     results.setdefault(name, {}).setdefault(kind, []).append(res)
                     shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}
                     log(f"round {rnd + 1}/{ctx.rounds} {name:9} {kind:16} {shown}")
+        if not only or "refactor" in only:
+            ctx.refactor_started = datetime.datetime.now(datetime.timezone.utc)
+            run_refactor(ctx, results, failures)
+            ctx.refactor_finished = datetime.datetime.now(datetime.timezone.utc)
         if not only or "migration" in only:
             ctx.mig_started = datetime.datetime.now(datetime.timezone.utc)
             run_migrations(ctx, results, failures)

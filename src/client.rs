@@ -134,6 +134,7 @@ pub async fn connect<T: Transport>(
     addr: SocketAddr,
     bind: Option<SocketAddr>,
     tls: Option<&ClientTls>,
+    faults: Faults<'_>,
 ) -> Result<(Conn<T::Stream>, Export), ClientError> {
     let injected = |what: &str| ClientError::Connect {
         addr,
@@ -144,7 +145,8 @@ pub async fn connect<T: Transport>(
     };
     // Hung: no connection until the connect timeout would have given up.
     let hang = async { tokio::time::sleep(CONNECT_TIMEOUT).await };
-    if let Err(ended) = fault_apply::event(fault("connect"), || key("connect"), hang).await {
+    if let Err(ended) = fault_apply::event(fault(faults, "connect"), || key("connect"), hang).await
+    {
         return Err(injected(match ended.how {
             How::Hung => "connection timed out",
             _ => "connection refused",
@@ -163,7 +165,7 @@ pub async fn connect<T: Transport>(
     // Hung: the greeting stalls until the greeting timeout gives up on it.
     let hang = async { tokio::time::sleep(GREETING_TIMEOUT).await };
     let verdict = fault_apply::incoming(
-        fault("greeting_received"),
+        fault(faults, "greeting_received"),
         || key("greeting_received"),
         hang,
     )
@@ -199,16 +201,13 @@ pub async fn connect<T: Transport>(
     Ok((stream, export))
 }
 
-/// Fault plan for the one-shot commands (`client.*` keys); set once by the
-/// `read`/`write` commands. The mirror never sets it.
-static CLIENT_FAULTS: std::sync::OnceLock<crate::probe::PlanProbe> = std::sync::OnceLock::new();
+/// The fault plan of the one-shot commands (`client.*` keys), passed by the
+/// `read`/`write` commands to each call; `None` everywhere else (the mirror
+/// and the proxy have steps of their own).
+pub type Faults<'a> = Option<&'a crate::probe::PlanProbe>;
 
-pub fn set_faults(probe: crate::probe::PlanProbe) {
-    let _ = CLIENT_FAULTS.set(probe);
-}
-
-fn fault(step: &str) -> Action {
-    match CLIENT_FAULTS.get() {
+fn fault(faults: Faults<'_>, step: &str) -> Action {
+    match faults {
         None => Action::Pass,
         Some(probe) => probe.named("client", step),
     }
@@ -222,6 +221,7 @@ fn key(step: &str) -> String {
 /// Sends one message of a request, applying the plan's verdict for `step`.
 async fn send_part<S: AsyncWrite + Unpin>(
     stream: &mut S,
+    faults: Faults<'_>,
     step: &str,
     bytes: &[u8],
 ) -> Result<(), ClientError> {
@@ -231,7 +231,7 @@ async fn send_part<S: AsyncWrite + Unpin>(
     };
     // Hung: the request stalls until the reply timeout gives up on it.
     let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
-    match fault_apply::send(fault(step), || key(step), stream, bytes, hang).await {
+    match fault_apply::send(fault(faults, step), || key(step), stream, bytes, hang).await {
         Ok(_sent_or_dropped) => Ok(()),
         Err(SendError::Io(source)) => Err(io_err(source)),
         Err(SendError::Fault(ended)) if ended.how == How::Hung => Err(ClientError::ReplyTimeout),
@@ -503,6 +503,7 @@ fn check_range(export: &Export, offset: u64, length: u64) -> Result<(), ClientEr
 /// ignored by a fault.
 async fn read_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
+    faults: Faults<'_>,
     handle: u64,
     kind: u16,
     data_len: u64,
@@ -515,7 +516,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
         let reply = SimpleReply::decode(&h);
         // Hung: the reply stalls until the reply timeout gives up on it.
         let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
-        match fault_apply::incoming(fault(&step), || key(&step), hang).await {
+        match fault_apply::incoming(fault(faults, &step), || key(&step), hang).await {
             Ok(Incoming::Proceed) => break reply,
             Ok(Incoming::Ignore) => {
                 // As if it never came: skip its data and wait on for the
@@ -616,6 +617,7 @@ where
 /// Checks the range and sends one request header; returns its handle.
 async fn send_request<S: AsyncWrite + Unpin>(
     stream: &mut S,
+    faults: Faults<'_>,
     export: &Export,
     kind: u16,
     offset: u64,
@@ -626,6 +628,7 @@ async fn send_request<S: AsyncWrite + Unpin>(
     let request = Request::new(kind, 0, handle, offset, length as u32);
     send_part(
         stream,
+        faults,
         &format!("request_send.{}", cmd::name(kind)),
         &request.encode(),
     )
@@ -640,13 +643,14 @@ pub async fn read<S, W>(
     offset: u64,
     length: u64,
     out: &mut W,
+    faults: Faults<'_>,
 ) -> Result<(), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let handle = send_request(stream, export, cmd::READ, offset, length).await?;
-    read_reply(stream, handle, cmd::READ, length).await?;
+    let handle = send_request(stream, faults, export, cmd::READ, offset, length).await?;
+    read_reply(stream, faults, handle, cmd::READ, length).await?;
     pump(
         stream,
         out,
@@ -664,12 +668,13 @@ pub async fn write<S, R>(
     offset: u64,
     length: u64,
     input: &mut R,
+    faults: Faults<'_>,
 ) -> Result<(), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
-    let handle = send_request(stream, export, cmd::WRITE, offset, length).await?;
+    let handle = send_request(stream, faults, export, cmd::WRITE, offset, length).await?;
     let what = "copying the data from standard input to the server";
     let aborted = |why: &str| ClientError::Io {
         what,
@@ -678,7 +683,7 @@ where
     // Hung: the payload stalls until the reply timeout gives up on it.
     let hang = async { tokio::time::sleep(REPLY_TIMEOUT).await };
     let step = "payload_send.write";
-    match fault_apply::outgoing(fault(step), || key(step), hang).await {
+    match fault_apply::outgoing(fault(faults, step), || key(step), hang).await {
         Ok(Outgoing::Whole) => pump(input, stream, length, what, false).await?,
         Ok(Outgoing::Corrupted) => pump(input, stream, length, what, true).await?,
         Ok(Outgoing::Dropped) => {}
@@ -691,7 +696,7 @@ where
         }
         Err(_hung) => return Err(ClientError::ReplyTimeout),
     }
-    read_reply(stream, handle, cmd::WRITE, 0).await
+    read_reply(stream, faults, handle, cmd::WRITE, 0).await
 }
 
 #[cfg(test)]

@@ -409,10 +409,13 @@ pub async fn run<T: Transport, P: Probe>(
         Role::Listen => {
             let path = options.image.path().to_owned();
             let overwrite = options.overwrite_complete;
-            let prepared =
-                crate::store::offload::run(move || Destination::prepare(&path, overwrite))
-                    .await
-                    .map_err(|e| format!("cannot prepare the destination: {e}"))??;
+            let files = options.image.files().clone();
+            let prepared = options
+                .image
+                .offload()
+                .run(move || Destination::prepare(files, &path, overwrite))
+                .await
+                .map_err(|e| format!("cannot prepare the destination: {e}"))??;
             Some(Arc::new(prepared))
         }
     };

@@ -9,8 +9,9 @@
 //! on" ([`Ended`] is an error the caller wraps in its own error type).
 //!
 //! - send steps (announced just before a message goes out): [`send`] writes
-//!   the message to a writer, [`reply`] acts on a reply already queued in a
-//!   [`ReplyWriter`], and [`outgoing`] says what to write for callers that
+//!   the message to a writer, [`reply`] acts on a reply already queued (in
+//!   the server's reply writer, a [`Queued`]), and [`outgoing`] says what to
+//!   write for callers that
 //!   write the message themselves (under their own timeout, or streamed);
 //! - receive steps (announced just after a message arrived): [`incoming`];
 //! - steps without a message (accept, connect): [`event`].
@@ -45,8 +46,27 @@ use std::io;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::probe::Action;
-use crate::server::writer::ReplyWriter;
+use crate::probe::{Action, Probe, Step};
+
+/// Replies queued for sending, which a send step's verdict acts on in
+/// place (the server's reply writer).
+pub trait Queued {
+    /// Takes back everything queued from `mark` on.
+    fn rollback(&mut self, mark: usize);
+    /// Flips the byte at `at`.
+    fn corrupt_byte(&mut self, at: usize);
+    /// Sends the first `n` queued bytes and nothing more.
+    fn send_truncated(&mut self, n: usize) -> impl Future<Output = io::Result<()>>;
+}
+
+/// Announces a step after a connection's last message (`disconnect_done`,
+/// `disconnect_sent`). The plan language admits only `delay`, `crash` and
+/// `powercut` there (`faults::plan::MILESTONE_STEPS`), and [`event`]
+/// applies them like at any step without a message; its error (which those
+/// actions never cause) has nothing left to close.
+pub async fn milestone<P: Probe + ?Sized>(probe: &P, step: Step) {
+    let _ = event(probe.step(step), || step.key(), std::future::ready(())).await;
+}
 
 /// How a fault ended a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,7 +175,9 @@ async fn common(action: Action, hang: impl Future<Output = ()>) -> Result<Action
             Ok(Action::Pass)
         }
         Action::Crash => faults::crash_now(),
-        Action::PowerCut(loss) => crate::power::cut(loss),
+        // A probe with a power-loss model cut at the step already
+        // (`PlanProbe`); without one there is nothing to lose.
+        Action::PowerCut(_) => crate::power::cut_without_model(),
         Action::Hang => {
             hang.await;
             Err(How::Hung)
@@ -238,10 +260,10 @@ pub async fn send<W: AsyncWrite + Unpin>(
 /// dropped replies are taken back, corrupted ones damaged in place,
 /// truncated ones sent cut short. Replies queued before `mark` are sent
 /// before a `close`. The caller shuts the connection down on an error.
-pub(crate) async fn reply<W: AsyncWrite + Unpin>(
+pub(crate) async fn reply<Q: Queued>(
     action: Action,
     key: impl FnOnce() -> String,
-    w: &mut ReplyWriter<W>,
+    w: &mut Q,
     mark: usize,
     hang: impl Future<Output = ()>,
 ) -> Result<(), SendError> {
@@ -302,6 +324,55 @@ pub async fn event(
         Ok(_) => return Ok(()),
     };
     Err(Ended { key: key(), how })
+}
+
+/// The store's faults come from the plan: `store.<step>` keys.
+impl crate::store::FaultHook for crate::probe::PlanProbe {
+    fn before(&self, op: crate::store::StoreOp, at: Option<(u64, u64)>) -> io::Result<()> {
+        let fault = self.store_at(store_step(op), at);
+        crate::probe::apply_store_fault(fault, self.power().map(|p| p.as_ref()))
+    }
+
+    fn covers(&self, op: crate::store::StoreOp) -> bool {
+        let name = store_step(op).name();
+        self.plan()
+            .entries()
+            .iter()
+            .any(|e| e.key.side == faults::plan::Side::Store && e.key.step == name)
+    }
+}
+
+fn store_step(op: crate::store::StoreOp) -> crate::probe::StoreStep {
+    use crate::probe::StoreStep;
+    use crate::store::StoreOp;
+    match op {
+        StoreOp::Read => StoreStep::Read,
+        StoreOp::Write => StoreStep::Write,
+        StoreOp::Sync => StoreStep::Sync,
+        StoreOp::MapScan => StoreStep::MapScan,
+        StoreOp::Marker => StoreStep::Marker,
+        StoreOp::Record => StoreStep::Record,
+        StoreOp::Unlink => StoreStep::Unlink,
+    }
+}
+
+/// An instance's storage stack under a fault plan, wired in this one place:
+/// the power-loss recorder on the image and under the file operations when
+/// the plan can cut power (its model is the probe's), and the plan's store
+/// faults in front of both.
+pub fn storage_stack(probe: &std::sync::Arc<crate::probe::PlanProbe>) -> crate::store::Stack {
+    use crate::store::{Disk, FaultHook, FileOps, Layer, Stack};
+    use std::sync::Arc;
+    let hook: Arc<dyn FaultHook> = probe.clone();
+    let (layers, files): (Vec<Arc<dyn Layer>>, Arc<dyn FileOps>) = match probe.power() {
+        Some(power) => (vec![power.clone()], power.files()),
+        None => (Vec::new(), Arc::new(Disk)),
+    };
+    Stack {
+        layers,
+        faults: Some(hook.clone()),
+        files: Arc::new(crate::store::faults::FaultedFiles::new(files, hook)),
+    }
 }
 
 #[cfg(test)]
@@ -436,16 +507,35 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_is_dropped_corrupted_or_cut_in_the_writer() {
+        /// Queued bytes and what went out.
+        #[derive(Default)]
+        struct Queue {
+            queued: Vec<u8>,
+            sent: Vec<u8>,
+        }
+        impl Queued for Queue {
+            fn rollback(&mut self, mark: usize) {
+                self.queued.truncate(mark);
+            }
+            fn corrupt_byte(&mut self, at: usize) {
+                self.queued[at] = !self.queued[at];
+            }
+            async fn send_truncated(&mut self, n: usize) -> io::Result<()> {
+                self.sent.extend(self.queued.drain(..).take(n));
+                Ok(())
+            }
+        }
         async fn with(action: Action) -> (Result<(), SendError>, Vec<u8>) {
-            let mut w = ReplyWriter::new(Vec::new());
-            w.put(b"earlier");
-            let mark = w.mark();
-            w.put(b"REPLY");
+            let mut w = Queue::default();
+            w.queued.extend_from_slice(b"earlier");
+            let mark = w.queued.len();
+            w.queued.extend_from_slice(b"REPLY");
             let r = reply(action, key, &mut w, mark, std::future::ready(())).await;
             if r.is_ok() {
-                w.send().await.unwrap();
+                let all = w.queued.len();
+                w.send_truncated(all).await.unwrap();
             }
-            (r, w.into_inner())
+            (r, w.sent)
         }
         let (r, out) = with(Action::Pass).await;
         assert_eq!((r.is_ok(), out.as_slice()), (true, &b"earlierREPLY"[..]));

@@ -3,16 +3,15 @@
 //! table that tells a person which copy of a disk is canonical after any
 //! failure.
 
-use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::core::destination as machine;
-use crate::probe::StoreStep;
 use crate::proto::errno;
-use crate::store::files;
-use crate::store::Image;
+use crate::store::files::{self, FileOps};
+use crate::store::{Image, StoreOp};
 use crate::warn;
 
 /// What the marker says about the destination image (decided by the pure
@@ -42,17 +41,17 @@ fn tmp_path(path: &Path) -> PathBuf {
 
 /// Fsyncs the directory holding `path`, so a create, rename or unlink in it
 /// is durable.
-pub fn sync_parent(path: &Path) -> io::Result<()> {
-    files::ops().sync_dir(files::parent_dir(path))
+pub fn sync_parent(ops: &dyn FileOps, path: &Path) -> io::Result<()> {
+    ops.sync_dir(files::parent_dir(path))
 }
 
 /// Removes the source image for `--unlink`, durably: the unlink, then an
 /// fsync of its directory, so a power cut cannot bring the file back after
 /// the destination was told to take over.
-pub fn unlink_durably(ops: &dyn files::FileOps, path: &Path) -> io::Result<()> {
-    files::fault(StoreStep::Unlink)?;
+pub fn unlink_durably(ops: &dyn FileOps, path: &Path) -> io::Result<()> {
+    ops.fault(StoreOp::Unlink)?;
     ops.remove(path)?;
-    ops.sync_dir(files::parent_dir(path))
+    sync_parent(ops, path)
 }
 
 /// The marker's fields, written as `key=value` lines a person can read.
@@ -92,14 +91,13 @@ impl Marker {
     /// Writes the marker durably: a temporary file, fsync, rename over the
     /// marker, fsync the directory. A crash leaves the old or the new marker,
     /// never a torn one.
-    pub fn write_durably(&self, image: &Path) -> io::Result<()> {
+    pub fn write_durably(&self, ops: &dyn FileOps, image: &Path) -> io::Result<()> {
         let path = marker_path(image);
         let tmp = tmp_path(&path);
-        files::fault(StoreStep::Marker)?;
-        let ops = files::ops();
+        ops.fault(StoreOp::Marker)?;
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
         ops.rename(&tmp, &path)?;
-        sync_parent(&path)
+        sync_parent(ops, &path)
     }
 }
 
@@ -112,96 +110,35 @@ pub fn now_secs() -> u64 {
 
 /// Reads the marker's state. `Ok(None)` when there is no marker; an
 /// unreadable or unrecognised marker counts as `receiving` (the safe answer).
-pub fn read_marker_state(image: &Path) -> io::Result<Option<MarkerState>> {
-    let text = match fs::read_to_string(marker_path(image)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+pub fn read_marker_state(ops: &dyn FileOps, image: &Path) -> io::Result<Option<MarkerState>> {
+    let text = match ops.read_file(&marker_path(image))? {
+        Some(bytes) => {
+            String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        }
+        None => return Ok(None),
     };
-    Ok(Some(parse_marker_state(&text)))
-}
-
-/// The state a marker's text says (`receiving` unless it says `entrusted`:
-/// the safe answer).
-pub fn parse_marker_state(text: &str) -> MarkerState {
     let state = text
         .lines()
         .find_map(|l| l.strip_prefix("state="))
         .map(str::trim);
-    match state {
+    Ok(Some(match state {
         Some("entrusted") => MarkerState::Entrusted,
         _ => MarkerState::Receiving,
-    }
+    }))
 }
 
 /// Removes the marker durably (after the image itself is durable).
-pub fn remove_marker(image: &Path) -> io::Result<()> {
+pub fn remove_marker(ops: &dyn FileOps, image: &Path) -> io::Result<()> {
     let path = marker_path(image);
-    files::fault(StoreStep::Marker)?;
-    match files::ops().remove(&path) {
-        Ok(()) => sync_parent(&path),
+    ops.fault(StoreOp::Marker)?;
+    match ops.remove(&path) {
+        Ok(()) => sync_parent(ops, &path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// Which file an image path names: the completion record holds it, so a
-/// record can be told from one left beside a file that has since been
-/// replaced (a new inode) or resized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    /// The file's creation time (statx birth time, nanoseconds since the
-    /// epoch), where the file system keeps one: an image deleted and
-    /// created again can get its old inode number back, but not its birth
-    /// time.
-    pub born: Option<u128>,
-}
-
-impl Identity {
-    pub fn of(meta: &fs::Metadata) -> Identity {
-        Identity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            born: meta
-                .created()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos()),
-        }
-    }
-
-    /// The identity of the file now at `path` (following symlinks, as
-    /// opening the image does).
-    pub fn at(path: &Path) -> io::Result<Identity> {
-        fs::metadata(path).map(|m| Identity::of(&m))
-    }
-
-    /// Whether both name the same file: device, inode and size equal, and
-    /// the birth times too when both are known.
-    pub fn same_file(&self, other: &Identity) -> bool {
-        self.dev == other.dev
-            && self.ino == other.ino
-            && self.size == other.size
-            && match (self.born, other.born) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            }
-    }
-}
-
-impl std::fmt::Display for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dev={} ino={} size={}", self.dev, self.ino, self.size)?;
-        if let Some(born) = self.born {
-            write!(f, " born={born}")?;
-        }
-        Ok(())
-    }
-}
+pub use crate::store::Identity;
 
 /// The completion record: written durably when a migration into the image
 /// completed, so that an absent marker is never the only sign of it.
@@ -267,14 +204,13 @@ impl Record {
     /// Writes the record durably, like the marker: a temporary file, fsync,
     /// rename, fsync the directory. A crash leaves no record or the whole
     /// one.
-    pub fn write_durably(&self, image: &Path) -> io::Result<()> {
+    pub fn write_durably(&self, ops: &dyn FileOps, image: &Path) -> io::Result<()> {
         let path = record_path(image);
         let tmp = tmp_path(&path);
-        files::fault(StoreStep::Record)?;
-        let ops = files::ops();
+        ops.fault(StoreOp::Record)?;
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
         ops.rename(&tmp, &path)?;
-        sync_parent(&path)
+        sync_parent(ops, &path)
     }
 
     /// One line for a person: where the migration came from and when it
@@ -338,18 +274,17 @@ impl RecordFound {
 
 /// Reads the completion record of `image` and checks that it belongs to the
 /// file now at that path.
-pub fn read_record(image: &Path) -> io::Result<RecordFound> {
-    let text = match fs::read(record_path(image)) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RecordFound::Absent),
-        Err(e) => return Err(e),
+pub fn read_record(ops: &dyn FileOps, image: &Path) -> io::Result<RecordFound> {
+    let text = match ops.read_file(&record_path(image))? {
+        Some(t) => String::from_utf8_lossy(&t).into_owned(),
+        None => return Ok(RecordFound::Absent),
     };
     let Some(record) = Record::parse(&text) else {
         return Ok(RecordFound::Stale(
             "it is not a completion record (no state=complete with dev, ino and size)".into(),
         ));
     };
-    let now = match Identity::at(image) {
+    let now = match ops.identity(image) {
         Ok(id) => id,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(RecordFound::Stale(format!(
@@ -371,11 +306,11 @@ pub fn read_record(image: &Path) -> io::Result<RecordFound> {
 }
 
 /// Removes the completion record durably.
-pub fn remove_record(image: &Path) -> io::Result<()> {
+pub fn remove_record(ops: &dyn FileOps, image: &Path) -> io::Result<()> {
     let path = record_path(image);
-    files::fault(StoreStep::Record)?;
-    match files::ops().remove(&path) {
-        Ok(()) => sync_parent(&path),
+    ops.fault(StoreOp::Record)?;
+    match ops.remove(&path) {
+        Ok(()) => sync_parent(ops, &path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
@@ -487,6 +422,8 @@ pub fn explain(v: Verdict, dest: &Path, record: Option<&Record>) -> (String, Str
 /// pure hand-off machine (`core::destination`) and the I/O that carries out
 /// its effects.
 pub struct Destination {
+    /// The instance's file operations, for the marker and the record.
+    ops: Arc<dyn FileOps>,
     image_path: PathBuf,
     /// Cancelled once a valid DISCONNECT completed the migration.
     pub completed: tokio_util::sync::CancellationToken,
@@ -503,9 +440,13 @@ impl Destination {
     /// removes a record (the overridden one, or a stale one), so that a
     /// changing image is never without both. Must run before the port
     /// accepts anything.
-    pub fn prepare(image_path: &Path, overwrite_complete: bool) -> Result<Destination, String> {
+    pub fn prepare(
+        ops: Arc<dyn FileOps>,
+        image_path: &Path,
+        overwrite_complete: bool,
+    ) -> Result<Destination, String> {
         let record_file = record_path(image_path);
-        let found = read_record(image_path).map_err(|e| {
+        let found = read_record(&*ops, image_path).map_err(|e| {
             format!(
                 "cannot read the completion record {}: {e}",
                 record_file.display()
@@ -520,11 +461,11 @@ impl Destination {
             ));
         }
         let marker_file = marker_path(image_path);
-        let marker = read_marker_state(image_path)
+        let marker = read_marker_state(&*ops, image_path)
             .map_err(|e| format!("cannot read the marker {}: {e}", marker_file.display()))?;
         if marker.is_none() {
             Marker::new(MarkerState::Receiving)
-                .write_durably(image_path)
+                .write_durably(&*ops, image_path)
                 .map_err(|e| format!("cannot create the marker {}: {e}", marker_file.display()))?;
         }
         match &found {
@@ -545,7 +486,7 @@ impl Destination {
             }
         }
         if found != RecordFound::Absent {
-            remove_record(image_path).map_err(|e| {
+            remove_record(&*ops, image_path).map_err(|e| {
                 format!(
                     "cannot remove the completion record {}: {e}",
                     record_file.display()
@@ -553,6 +494,7 @@ impl Destination {
             })?;
         }
         Ok(Destination {
+            ops,
             image_path: image_path.to_owned(),
             completed: tokio_util::sync::CancellationToken::new(),
             machine: std::sync::Mutex::new(machine::Destination::new()),
@@ -598,7 +540,7 @@ impl Destination {
                     bytes_received: marker.bytes_received,
                     pid: std::process::id(),
                 };
-                Some(match m.write_durably(&self.image_path) {
+                Some(match m.write_durably(&*self.ops, &self.image_path) {
                     Ok(()) => Event::MarkerPersisted { conn },
                     Err(e) => Event::MarkerFailed {
                         conn,
@@ -626,7 +568,7 @@ impl Destination {
                         pid: std::process::id(),
                         image: identity,
                     }
-                    .write_durably(&self.image_path)
+                    .write_durably(&*self.ops, &self.image_path)
                 });
                 Some(match written {
                     Ok(()) => Event::RecordWritten { conn },
@@ -638,7 +580,7 @@ impl Destination {
             }
             Effect::RemoveMarker { conn } => {
                 let conn = *conn;
-                Some(match remove_marker(&self.image_path) {
+                Some(match remove_marker(&*self.ops, &self.image_path) {
                     Ok(()) => Event::MarkerRemoved { conn },
                     Err(e) => Event::MarkerRemoveFailed {
                         conn,
@@ -682,6 +624,8 @@ impl Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Disk;
+    use std::fs;
 
     #[test]
     fn verdict_table() {
@@ -750,16 +694,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
         fs::write(&image, b"image").unwrap();
-        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+        assert_eq!(read_record(&Disk, &image).unwrap(), RecordFound::Absent);
         let record = record_for(&image);
-        record.write_durably(&image).unwrap();
+        record.write_durably(&Disk, &image).unwrap();
         let text = fs::read_to_string(record_path(&image)).unwrap();
         assert!(
             text.starts_with("state=complete\nsource=127.0.0.1:5555\ncompleted_at=1700000000\n"),
             "{text}"
         );
         assert_eq!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Matching(record.clone())
         );
         // A new file at the path (both exist at once: a new inode).
@@ -767,18 +711,18 @@ mod tests {
         fs::write(&new, b"image").unwrap();
         fs::rename(&new, &image).unwrap();
         assert!(
-            matches!(read_record(&image).unwrap(), RecordFound::Stale(why) if why.contains("ino=")),
+            matches!(read_record(&Disk, &image).unwrap(), RecordFound::Stale(why) if why.contains("ino=")),
             "a record for another inode is stale"
         );
-        record_for(&image).write_durably(&image).unwrap();
-        assert!(read_record(&image).unwrap().matching().is_some());
+        record_for(&image).write_durably(&Disk, &image).unwrap();
+        assert!(read_record(&Disk, &image).unwrap().matching().is_some());
         // The same inode number, but born at another time: an image
         // deleted and created again that got its old inode back.
         let mut reborn = record_for(&image);
         reborn.image.born = Some(reborn.image.born.unwrap_or(0) + 1);
-        reborn.write_durably(&image).unwrap();
+        reborn.write_durably(&Disk, &image).unwrap();
         assert_eq!(
-            read_record(&image).unwrap().matching().is_some(),
+            read_record(&Disk, &image).unwrap().matching().is_some(),
             Identity::at(&image).unwrap().born.is_none(),
             "a record for another birth time is stale where the file system keeps one"
         );
@@ -786,8 +730,8 @@ mod tests {
         // matches on dev, ino and size.
         let mut unborn = record_for(&image);
         unborn.image.born = None;
-        unborn.write_durably(&image).unwrap();
-        assert!(read_record(&image).unwrap().matching().is_some());
+        unborn.write_durably(&Disk, &image).unwrap();
+        assert!(read_record(&Disk, &image).unwrap().matching().is_some());
         // Resized: stale too.
         fs::OpenOptions::new()
             .write(true)
@@ -796,17 +740,17 @@ mod tests {
             .set_len(4096)
             .unwrap();
         assert!(matches!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Stale(_)
         ));
         // Not a record at all.
         fs::write(record_path(&image), "state=complete\n").unwrap();
         assert!(matches!(
-            read_record(&image).unwrap(),
+            read_record(&Disk, &image).unwrap(),
             RecordFound::Stale(_)
         ));
-        remove_record(&image).unwrap();
-        assert_eq!(read_record(&image).unwrap(), RecordFound::Absent);
+        remove_record(&Disk, &image).unwrap();
+        assert_eq!(read_record(&Disk, &image).unwrap(), RecordFound::Absent);
     }
 
     #[test]
@@ -814,8 +758,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
         fs::write(&image, b"image").unwrap();
-        record_for(&image).write_durably(&image).unwrap();
-        let err = match Destination::prepare(&image, false) {
+        record_for(&image).write_durably(&Disk, &image).unwrap();
+        let err = match Destination::prepare(Arc::new(Disk), &image, false) {
             Err(e) => e,
             Ok(_) => panic!("prepare accepted a completed image"),
         };
@@ -825,9 +769,9 @@ mod tests {
         );
         assert!(!marker_path(&image).exists(), "refused before the marker");
         assert!(record_path(&image).exists(), "the record stays");
-        Destination::prepare(&image, true).unwrap();
+        Destination::prepare(Arc::new(Disk), &image, true).unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving)
         );
         assert!(!record_path(&image).exists(), "the record is removed");
@@ -837,28 +781,28 @@ mod tests {
     fn marker_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("dest.img");
-        assert_eq!(read_marker_state(&image).unwrap(), None);
+        assert_eq!(read_marker_state(&Disk, &image).unwrap(), None);
         Marker::new(MarkerState::Receiving)
-            .write_durably(&image)
+            .write_durably(&Disk, &image)
             .unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving)
         );
         let mut m = Marker::new(MarkerState::Entrusted);
         m.source = Some("127.0.0.1:5555".into());
-        m.write_durably(&image).unwrap();
+        m.write_durably(&Disk, &image).unwrap();
         let text = fs::read_to_string(marker_path(&image)).unwrap();
         assert!(text.starts_with("state=entrusted\nsource=127.0.0.1:5555\n"));
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Entrusted)
         );
-        remove_marker(&image).unwrap();
-        assert_eq!(read_marker_state(&image).unwrap(), None);
+        remove_marker(&Disk, &image).unwrap();
+        assert_eq!(read_marker_state(&Disk, &image).unwrap(), None);
         fs::write(marker_path(&image), "garbage").unwrap();
         assert_eq!(
-            read_marker_state(&image).unwrap(),
+            read_marker_state(&Disk, &image).unwrap(),
             Some(MarkerState::Receiving),
             "unknown = receiving"
         );
@@ -871,7 +815,7 @@ mod tests {
         let path = dir.path().join("dest.img");
         fs::write(&path, vec![0u8; 8192]).unwrap();
         let image = Image::open(&path).unwrap();
-        let dest = Destination::prepare(&path, false).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
         let conn = dest.open("10.1.1.1:99".into());
         let change = dest.handle(Event::Change { conn, bytes: 8192 });
         assert_eq!(dest.run(&image, change), vec![Effect::Apply { conn }]);
@@ -887,7 +831,7 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(
-            read_marker_state(&path).unwrap(),
+            read_marker_state(&Disk, &path).unwrap(),
             Some(MarkerState::Entrusted)
         );
         assert!(!dest.completed.is_cancelled());
@@ -899,8 +843,8 @@ mod tests {
             "{left:?}"
         );
         assert!(dest.completed.is_cancelled());
-        assert_eq!(read_marker_state(&path).unwrap(), None);
-        let record = read_record(&path).unwrap();
+        assert_eq!(read_marker_state(&Disk, &path).unwrap(), None);
+        let record = read_record(&Disk, &path).unwrap();
         assert_eq!(record.matching().map(|r| r.bytes_received), Some(8192));
         // A later connection changes nothing of a completed image.
         let late = dest.open("10.1.1.2:99".into());
@@ -914,5 +858,66 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(left.last(), Some(&Effect::Close { conn: late }));
+    }
+
+    /// Fails the marker, record and unlink operations named, and counts
+    /// every fault asked for.
+    struct Failing(Vec<StoreOp>, std::sync::Mutex<Vec<StoreOp>>);
+
+    impl crate::store::FaultHook for Failing {
+        fn before(&self, op: StoreOp, _at: Option<(u64, u64)>) -> io::Result<()> {
+            self.1.lock().unwrap().push(op);
+            if self.0.contains(&op) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+        fn covers(&self, op: StoreOp) -> bool {
+            self.0.contains(&op)
+        }
+    }
+
+    #[test]
+    fn the_instances_fault_hook_fails_its_marker_record_and_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("d.img");
+        fs::write(&image, b"image").unwrap();
+        let hook = Arc::new(Failing(
+            vec![StoreOp::Record, StoreOp::Unlink],
+            Default::default(),
+        ));
+        let ops = crate::store::faults::FaultedFiles::new(Arc::new(Disk), hook.clone());
+        // The marker is not failed: it is written, after its fault was asked.
+        Marker::new(MarkerState::Entrusted)
+            .write_durably(&ops, &image)
+            .unwrap();
+        assert_eq!(
+            read_marker_state(&ops, &image).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+        // The record and the unlink fail before touching anything.
+        let record = Record {
+            source: None,
+            completed_at: 0,
+            bytes_received: 0,
+            pid: 1,
+            image: Identity::at(&image).unwrap(),
+        };
+        let e = record.write_durably(&ops, &image).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(!record_path(&image).exists());
+        assert_eq!(
+            unlink_durably(&ops, &image).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        assert!(image.exists());
+        // Another instance's operations see none of these faults.
+        unlink_durably(&Disk, &image).unwrap();
+        assert!(!image.exists());
+        assert_eq!(
+            *hook.1.lock().unwrap(),
+            vec![StoreOp::Marker, StoreOp::Record, StoreOp::Unlink]
+        );
     }
 }

@@ -428,8 +428,23 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
     let acl =
         Acl::parse(&args.acl, args.default_deny).map_err(|e| usage_error(e.to_string(), mode))?;
     log::set_context(file.display().to_string());
+    let plan = fault_plan(args.faults.as_deref(), mode)?;
+    // The instance's power-loss model belongs to its fault plan: the probe
+    // cuts it at a `powercut` step, and the storage stack records into it.
+    let probe = plan.map(|plan| {
+        let power = plan
+            .can_cut_power()
+            .then(|| Arc::new(flexnbd::power::Power::new(plan.seed())));
+        Arc::new(PlanProbe::new(plan).with_power(power))
+    });
+    // The image's storage stack, wired here once: the file, and under a
+    // fault plan the power-loss recorder and the plan's store faults.
+    let stack = probe
+        .as_ref()
+        .map(flexnbd::fault_apply::storage_stack)
+        .unwrap_or_default();
     // Check the file before binding: a port that listens must be able to serve.
-    let image = Arc::new(Image::open(file).map_err(|e| failure(e.to_string()))?);
+    let image = Arc::new(Image::open_stacked(file, stack).map_err(|e| failure(e.to_string()))?);
     if image.trailing_bytes() > 0 {
         warn!(
             "image size is not a multiple of 512: serving {} bytes and ignoring the last {}",
@@ -465,24 +480,14 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         config,
         overwrite_complete: args.overwrite_complete,
     };
-    let plan = fault_plan(args.faults.as_deref(), mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
-    let code = match plan {
+    let code = match probe {
         // No plan: the probe is a constant that compiles away.
         None => runtime.block_on(daemon::run(Tcp, role, options, Arc::new(Quiet))),
-        Some(plan) => {
-            let probe = Arc::new(PlanProbe::new(plan));
-            options.image.set_faults(probe.clone()).map_err(|e| {
-                failure(format!(
-                    "cannot record {} for power-loss faults: {e}",
-                    options.image.path().display()
-                ))
-            })?;
-            runtime.block_on(daemon::run(Tcp, role, options, probe))
-        }
+        Some(probe) => runtime.block_on(daemon::run(Tcp, role, options, probe)),
     }
     .map_err(failure)?;
     // Blocking work still running (a map scan) must not delay the exit.
@@ -734,13 +739,13 @@ fn resolve(args: ResolveArgs) -> Result<ExitCode, Failure> {
             ))
         }
     };
-    let marker = handoff::read_marker_state(dest).map_err(|e| {
+    let marker = handoff::read_marker_state(&flexnbd::store::Disk, dest).map_err(|e| {
         failure(format!(
             "cannot read {}: {e}",
             handoff::marker_path(dest).display()
         ))
     })?;
-    let record = handoff::read_record(dest).map_err(|e| {
+    let record = handoff::read_record(&flexnbd::store::Disk, dest).map_err(|e| {
         failure(format!(
             "cannot read {}: {e}",
             handoff::record_path(dest).display()
@@ -760,7 +765,7 @@ fn resolve(args: ResolveArgs) -> Result<ExitCode, Failure> {
     println!("action: {action}");
     if args.apply {
         if verdict.marker_to_remove() {
-            handoff::remove_marker(dest)
+            handoff::remove_marker(&flexnbd::store::Disk, dest)
                 .map_err(|e| failure(format!("cannot remove the marker: {e}")))?;
             println!("applied: removed {}", handoff::marker_path(dest).display());
         } else {
@@ -793,17 +798,16 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
         flexnbd::tls::TlsError::Usage(m) => usage_error(m, mode),
         other => failure(other.to_string()),
     })?;
-    if let Some(plan) = fault_plan(args.faults.as_deref(), mode)? {
-        client::set_faults(PlanProbe::new(plan));
-    }
+    let faults = fault_plan(args.faults.as_deref(), mode)?.map(PlanProbe::new);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| failure(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async move {
-        let (mut stream, export) = client::connect(&Tcp, target, bind, tls.as_deref())
-            .await
-            .map_err(|e| failure(e.to_string()))?;
+        let (mut stream, export) =
+            client::connect(&Tcp, target, bind, tls.as_deref(), faults.as_ref())
+                .await
+                .map_err(|e| failure(e.to_string()))?;
         let result = if write {
             client::write(
                 &mut stream,
@@ -811,6 +815,7 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
                 offset,
                 length,
                 &mut tokio::io::stdin(),
+                faults.as_ref(),
             )
             .await
         } else {
@@ -820,6 +825,7 @@ fn transfer(args: TransferArgs, write: bool) -> Result<ExitCode, Failure> {
                 offset,
                 length,
                 &mut tokio::io::stdout(),
+                faults.as_ref(),
             )
             .await
         };

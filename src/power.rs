@@ -7,26 +7,30 @@
 //! the image file and keeps, for every 4 KiB block written since the last
 //! successful fdatasync began, the block's earlier content; [`FileModel`]
 //! follows the marker and unlink operations with their file and directory
-//! fsyncs. [`cut`] reverts exactly what a power cut may lose, logs what it
-//! did, and kills the process like `crash`. `fixtures/faults/README.md`
-//! lists what is modelled and what is not.
+//! fsyncs. [`Power::cut`] reverts exactly what a power cut may lose, logs
+//! what it did, and kills the process like `crash`.
+//! `fixtures/faults/README.md` lists what is modelled and what is not.
 //!
-//! Nothing here runs in production: without a plan that names `powercut`,
-//! [`install`] is never called and the seams use the plain file store.
+//! Each instance has its own model, made where its fault plan is known and
+//! wired into its storage stack ([`Power`] is a `store::Layer`, and
+//! [`Power::files`] its file operations). Nothing here runs in production:
+//! without a plan that names `powercut` no model exists and the stack is
+//! the plain file store.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 pub use faults::PowerLoss;
 use faults::SplitMix64;
 
-use crate::store::backend::{FileStore, ImageStore};
+use crate::store::backend::ImageStore;
 use crate::store::files::{self, Disk, FileOps};
+use crate::store::Layer;
 use crate::warn;
 
 /// The unit a power cut may tear: one sector.
@@ -34,40 +38,52 @@ const SECTOR: u64 = 512;
 /// The unit the recorder keeps earlier content in.
 const BLOCK: u64 = 4096;
 
-/// The process's power-loss model, once installed.
+/// One instance's power-loss model.
 pub struct Power {
     seed: u64,
     images: Mutex<Vec<Arc<ImageRecorder>>>,
     files: Arc<FileModel>,
 }
 
-static POWER: OnceLock<Power> = OnceLock::new();
-
-/// Installs the model for the whole process (once; later calls return the
-/// same model). The marker and unlink operations are recorded only if this
-/// runs before their first use.
-pub fn install(seed: u64) -> &'static Power {
-    POWER.get_or_init(|| {
-        let files = Arc::new(FileModel::default());
-        if !files::install(Box::new(RecordingFiles(files.clone()))) {
-            warn!("power-loss model installed late: marker and unlink changes are not recorded");
-        }
+impl Power {
+    /// A model with nothing recorded yet; `seed` decides a seeded cut.
+    pub fn new(seed: u64) -> Power {
         Power {
             seed,
             images: Mutex::new(Vec::new()),
-            files,
+            files: Arc::new(FileModel::default()),
         }
-    })
+    }
+
+    /// The file operations for the instance's marker, record and unlink,
+    /// with this model following along.
+    pub fn files(&self) -> Arc<dyn FileOps> {
+        Arc::new(RecordingFiles(self.files.clone()))
+    }
+
+    /// Loses what a power cut may lose, then dies like SIGKILL.
+    pub fn cut(&self, loss: PowerLoss) -> ! {
+        self.lose(loss);
+        faults::crash_now()
+    }
 }
 
-/// Loses what a power cut may lose, then dies like SIGKILL. Without a model
-/// (a process that holds no durable state of its own, like `flexnbd read`)
-/// there is nothing to lose and this is a crash.
-pub fn cut(loss: PowerLoss) -> ! {
-    if let Some(power) = POWER.get() {
-        power.lose(loss);
-    }
+/// A power cut without a model (a process that holds no durable state of
+/// its own, like `flexnbd read`): there is nothing to lose, so it is a
+/// crash.
+pub fn cut_without_model() -> ! {
     faults::crash_now()
+}
+
+impl Layer for Power {
+    fn stack(
+        &self,
+        below: Arc<dyn ImageStore>,
+        path: &Path,
+        len: u64,
+    ) -> io::Result<Arc<dyn ImageStore>> {
+        Ok(self.record_image(below, path, len))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,12 +91,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Power {
-    /// Starts recording the image file at `path` (opened as `file`).
-    pub fn record_image(&self, file: File, path: &Path) -> io::Result<Arc<ImageRecorder>> {
-        let len = file.metadata()?.len();
+    /// Starts recording the image at `path`, `len` bytes stored in `disk`.
+    pub fn record_image(
+        &self,
+        disk: Arc<dyn ImageStore>,
+        path: &Path,
+        len: u64,
+    ) -> Arc<ImageRecorder> {
         let mut images = lock(&self.images);
         let recorder = Arc::new(ImageRecorder {
-            disk: FileStore::new(file),
+            disk,
             path: path.to_owned(),
             len,
             barrier: RwLock::new(()),
@@ -88,7 +108,7 @@ impl Power {
         });
         images.push(recorder.clone());
         self.files.add_image(path, images.len() - 1);
-        Ok(recorder)
+        recorder
     }
 
     fn lose(&self, loss: PowerLoss) {
@@ -138,7 +158,7 @@ impl Power {
 /// its first write in every epoch not yet made durable; a power cut restores
 /// the oldest of those.
 pub struct ImageRecorder {
-    disk: FileStore,
+    disk: Arc<dyn ImageStore>,
     path: PathBuf,
     /// The file's length (never changed by the server).
     len: u64,
@@ -288,6 +308,21 @@ impl ImageStore for ImageRecorder {
 
     fn will_need(&self, offset: u64, length: u64) -> io::Result<()> {
         self.disk.will_need(offset, length)
+    }
+
+    // `read_cached` stays the default `false`: every read comes here, as
+    // the disk of a plan that can cut power.
+
+    fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
+        self.disk.data_extents()
+    }
+
+    fn identity(&self) -> io::Result<crate::store::Identity> {
+        self.disk.identity()
+    }
+
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        self.disk.seek_extent(data, pos)
     }
 }
 
@@ -551,7 +586,7 @@ mod tests {
             .unwrap();
         file.set_len(len).unwrap();
         ImageRecorder {
-            disk: FileStore::new(file),
+            disk: Arc::new(crate::store::FileStore::new(file)),
             path: path.to_owned(),
             len,
             barrier: RwLock::new(()),
@@ -563,6 +598,38 @@ mod tests {
         let mut buf = vec![0u8; len];
         r.read_at(&mut buf, offset).unwrap();
         buf
+    }
+
+    #[test]
+    fn an_image_stacked_on_the_recorder_names_its_file_and_is_recorded() {
+        let dir = temp_dir("stacked");
+        let path = dir.path().join("img");
+        fs::File::create(&path).unwrap().set_len(16384).unwrap();
+        let power = Arc::new(Power::new(1));
+        let stack = crate::store::Stack {
+            layers: vec![power.clone()],
+            ..Default::default()
+        };
+        let image = crate::store::Image::open_stacked(&path, stack).unwrap();
+        let now = crate::store::Identity::at(&path).unwrap();
+        assert!(image.identity().unwrap().same_file(&now));
+        // Writes go through the recorder: the earlier content of the block
+        // is kept until a sync, and a read is never answered from memory.
+        image.write_at(&[1u8; 4096], 4096).unwrap();
+        let images = lock(&power.images);
+        assert_eq!(images.len(), 1);
+        assert!(lock(&images[0].journal).before.contains_key(&1));
+        drop(images);
+        assert!(!image.read_cached(&mut [0u8; 512], 4096));
+        // Before the map is built, holes are asked of the file through the
+        // recorder.
+        assert!(!image.map().is_built());
+        assert_eq!(
+            image.extents(0, 16384, usize::MAX),
+            vec![(4096, true), (4096, false), (8192, true)]
+        );
+        image.sync().unwrap();
+        assert!(lock(&lock(&power.images)[0].journal).before.is_empty());
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! [`Quiet`], whose answer is a constant `Pass` that the compiler folds away;
 //! with a fault plan it is [`PlanProbe`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use faults::Action;
 use faults::{FaultPlan, StoreFault};
 
+use crate::power::Power;
 use crate::proto::cmd;
 use crate::warn;
 
@@ -170,15 +172,36 @@ impl Probe for Quiet {
 /// `fault fired: <key> -> <action>`.
 pub struct PlanProbe {
     plan: FaultPlan,
+    /// The instance's power-loss model, which a `powercut` cuts.
+    power: Option<Arc<Power>>,
 }
 
 impl PlanProbe {
     pub fn new(plan: FaultPlan) -> PlanProbe {
-        PlanProbe { plan }
+        PlanProbe { plan, power: None }
+    }
+
+    /// With the instance's power-loss model: a `powercut` loses what it
+    /// records before the process dies.
+    pub fn with_power(self, power: Option<Arc<Power>>) -> PlanProbe {
+        PlanProbe { power, ..self }
     }
 
     pub fn plan(&self) -> &FaultPlan {
         &self.plan
+    }
+
+    pub fn power(&self) -> Option<&Arc<Power>> {
+        self.power.as_ref()
+    }
+
+    /// A decided `powercut` happens here, at its step, with this
+    /// instance's model; any other action is the caller's to apply.
+    fn cut_now(&self, action: Action) -> Action {
+        match (action, &self.power) {
+            (Action::PowerCut(loss), Some(power)) => power.cut(loss),
+            _ => action,
+        }
     }
 
     /// The decision for a step named directly (`side`, `step`), logging a
@@ -188,7 +211,7 @@ impl PlanProbe {
         if let Some(line) = decision.line() {
             warn!("{line}");
         }
-        decision.action()
+        self.cut_now(decision.action())
     }
 
     /// The store's decision for one operation: an error to return, a delay
@@ -215,23 +238,13 @@ impl Probe for PlanProbe {
         if let Some(line) = decision.line() {
             warn!("{line}");
         }
-        decision.action()
+        self.cut_now(decision.action())
     }
 }
 
-/// Announces a step after a connection's last message (`disconnect_done`,
-/// `disconnect_sent`). The plan language admits only `delay`, `crash` and
-/// `powercut` there (`faults::steps::Kind::Milestone`), and
-/// [`crate::fault_apply::event`] applies them like at any step without a
-/// message; its error (which those actions never cause) has nothing left to
-/// close.
-pub async fn milestone<P: Probe + ?Sized>(probe: &P, step: Step) {
-    let _ =
-        crate::fault_apply::event(probe.step(step), || step.key(), std::future::ready(())).await;
-}
-
-/// Applies a store fault: sleeps for `slow`, or returns the error.
-pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
+/// Applies a store fault: sleeps for `slow`, or returns the error. A
+/// `powercut` cuts `power` (a crash without a model).
+pub fn apply_store_fault(fault: Option<StoreFault>, power: Option<&Power>) -> std::io::Result<()> {
     match fault {
         None => Ok(()),
         Some(StoreFault::Slow(d)) => {
@@ -239,7 +252,10 @@ pub fn apply_store_fault(fault: Option<StoreFault>) -> std::io::Result<()> {
             Ok(())
         }
         Some(StoreFault::Crash) => faults::crash_now(),
-        Some(StoreFault::PowerCut(loss)) => crate::power::cut(loss),
+        Some(StoreFault::PowerCut(loss)) => match power {
+            Some(power) => power.cut(loss),
+            None => crate::power::cut_without_model(),
+        },
         Some(f) => Err(f
             .io_error()
             .unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))),

@@ -4,6 +4,7 @@
 
 pub mod destination;
 pub mod exit;
+pub mod pace;
 pub mod policy;
 pub mod request;
 pub mod source;

@@ -48,16 +48,7 @@ pub const PATIENCE: Duration = Duration::from_secs(4);
 /// The allowance never grows past this: with entrust, the unlink and a
 /// client's reconnection on top, a lock-out stays well under 250 ms.
 pub const MAX_ALLOWANCE: Duration = Duration::from_millis(100);
-/// The share of the destination's time that clients' new dirt may cost.
-pub const CLIENT_SHARE: f64 = 0.5;
-/// Pacing lets a client run this far ahead of its budget without waiting,
-/// so a write only sleeps when the debt is worth a timer (which has
-/// millisecond resolution).
-pub const PACE_BURST: Duration = Duration::from_millis(5);
-/// A single client write never waits longer than this for pacing: pacing
-/// exists to keep client writes from stalling, so it must not stall them
-/// itself.
-pub const MAX_PACE_WAIT: Duration = Duration::from_millis(100);
+pub use crate::core::pace::{ClientPace, CLIENT_SHARE, MAX_PACE_WAIT, PACE_BURST};
 /// Gaps between dirty ranges are sent along with them up to this size.
 pub const MAX_GAP: u64 = 1024 * 1024;
 
@@ -154,6 +145,16 @@ impl Capacity {
             destination,
             rate: limit.min(measured),
             rate_is_limit: limit <= measured,
+        }
+    }
+
+    /// The numbers client pacing charges writes by: the same time as
+    /// [`Capacity::time`].
+    pub fn pace_rates(&self) -> crate::core::pace::PaceRates {
+        crate::core::pace::PaceRates {
+            per_request: self.destination.per_request,
+            per_byte: self.destination.per_byte,
+            rate: self.rate,
         }
     }
 
@@ -441,54 +442,6 @@ fn most_requests(allowance: Duration, capacity: &Capacity) -> u64 {
     }
 }
 
-/// Paces clients' writes while the dirty passes run: each write that dirties
-/// clean blocks is charged what sending them will cost the destination,
-/// divided by [`CLIENT_SHARE`], against a clock; a write ahead of the clock
-/// by more than [`PACE_BURST`] waits for it.
-#[derive(Debug, Default)]
-pub struct ClientPace {
-    capacity: Option<Capacity>,
-    /// When the writes charged so far have used up their budget.
-    due: Option<Instant>,
-}
-
-impl ClientPace {
-    /// Starts pacing at `capacity`, or (`None`) stops.
-    pub fn set(&mut self, capacity: Option<Capacity>) {
-        if capacity.is_none() {
-            self.due = None;
-        }
-        self.capacity = capacity;
-    }
-
-    pub fn is_on(&self) -> bool {
-        self.capacity.is_some()
-    }
-
-    /// Charges a write that dirties `runs` clean ranges of `bytes` in all,
-    /// at `now`; returns how long it must wait first.
-    pub fn charge(&mut self, runs: u64, bytes: u64, now: Instant) -> Duration {
-        let Some(capacity) = self.capacity else {
-            return Duration::ZERO;
-        };
-        if bytes == 0 {
-            return Duration::ZERO;
-        }
-        let cost = capacity.time(runs, bytes).as_secs_f64() / CLIENT_SHARE;
-        let start = self.due.map_or(now, |due| due.max(now));
-        // The debt is capped where the waits are: clients that write faster
-        // than the migration can carry (it then cannot converge) must not
-        // run up a debt that keeps pacing them long after the capacity grew
-        // (a raised speed limit) or they slowed down.
-        let due = (start + Duration::from_secs_f64(cost.min(MAX_PACE_WAIT.as_secs_f64())))
-            .min(now + MAX_PACE_WAIT + PACE_BURST);
-        self.due = Some(due);
-        due.saturating_duration_since(now)
-            .saturating_sub(PACE_BURST)
-            .min(MAX_PACE_WAIT)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -726,14 +679,39 @@ mod tests {
     }
 
     #[test]
+    fn pacing_charges_what_the_capacity_says_a_write_takes() {
+        let capacities = [
+            Capacity::new(fast_destination(), None, None),
+            Capacity::new(fast_destination(), Some(10_000_000), None),
+            Capacity::new(fast_destination(), Some(0), None),
+            Capacity::new(
+                Costs {
+                    per_request: MS,
+                    per_byte: 1e-9,
+                },
+                None,
+                Some(5e6),
+            ),
+        ];
+        for capacity in capacities {
+            let rates = capacity.pace_rates();
+            for (requests, bytes) in [(0, 0), (1, 4096), (3, 1 << 20), (100, 1 << 30)] {
+                assert_eq!(
+                    rates.time(requests, bytes),
+                    capacity.time(requests, bytes),
+                    "{capacity:?}: {requests} writes of {bytes} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn pacing_under_a_speed_limit_charges_the_limit() {
         let t = Instant::now();
         let mut p = ClientPace::default();
-        p.set(Some(Capacity::new(
-            fast_destination(),
-            Some(10_000_000),
-            None,
-        )));
+        p.set(Some(
+            Capacity::new(fast_destination(), Some(10_000_000), None).pace_rates(),
+        ));
         // A new dirty 4 KiB block costs 0.41 ms at 10 MB/s, so 0.82 ms of
         // the budget; 100 of them are due after 82 ms.
         let mut waited = Duration::ZERO;
@@ -753,14 +731,17 @@ mod tests {
         let mut p = ClientPace::default();
         // Off: never waits.
         assert_eq!(p.charge(1, 4096, t), Duration::ZERO);
-        p.set(Some(Capacity::new(
-            Costs {
-                per_request: MS,
-                per_byte: 0.0,
-            },
-            None,
-            None,
-        )));
+        p.set(Some(
+            Capacity::new(
+                Costs {
+                    per_request: MS,
+                    per_byte: 0.0,
+                },
+                None,
+                None,
+            )
+            .pace_rates(),
+        ));
         assert!(p.is_on());
         // Each new dirty block costs 1 ms of the destination, so 2 ms of
         // budget: the first writes run within the burst, then each waits.
@@ -785,14 +766,17 @@ mod tests {
     fn a_huge_write_waits_at_most_the_cap() {
         let t = Instant::now();
         let mut p = ClientPace::default();
-        p.set(Some(Capacity::new(
-            Costs {
-                per_request: 0.0,
-                per_byte: 1e-6,
-            },
-            None,
-            None,
-        )));
+        p.set(Some(
+            Capacity::new(
+                Costs {
+                    per_request: 0.0,
+                    per_byte: 1e-6,
+                },
+                None,
+                None,
+            )
+            .pace_rates(),
+        ));
         assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT - PACE_BURST);
         assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT);
         // Many more run up no debt past the cap: a moment after the cap's
@@ -801,14 +785,17 @@ mod tests {
             assert_eq!(p.charge(1, 1 << 30, t), MAX_PACE_WAIT);
         }
         let later = t + MAX_PACE_WAIT + PACE_BURST;
-        p.set(Some(Capacity::new(
-            Costs {
-                per_request: 0.0,
-                per_byte: 1e-12,
-            },
-            None,
-            None,
-        )));
+        p.set(Some(
+            Capacity::new(
+                Costs {
+                    per_request: 0.0,
+                    per_byte: 1e-12,
+                },
+                None,
+                None,
+            )
+            .pace_rates(),
+        ));
         assert_eq!(p.charge(1, 4096, later), Duration::ZERO);
     }
 

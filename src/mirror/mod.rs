@@ -360,7 +360,9 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             Effect::StopTracking => image.stop_tracking(),
             Effect::SetPhase(phase) => state.set_phase(phase),
             Effect::ClearDirty { offset, len } => image.clear_dirty(offset, len),
-            Effect::SetPace { capacity, below } => image.set_pace(capacity, below),
+            Effect::SetPace { capacity, below } => {
+                image.set_pace(capacity.map(|c| c.pace_rates()), below)
+            }
             Effect::SweepProgress(offset) => state.sweep_offset.store(offset, Ordering::Release),
             Effect::SetEstimate(estimate) => state.set_estimate(&estimate),
             Effect::AllowClients => self.host.allow_clients(),
@@ -371,7 +373,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                     .fetch_max(lockout.as_micros() as u64, Ordering::AcqRel);
             }
             Effect::Milestone(Milestone::DisconnectSent) => {
-                crate::probe::milestone(&**self.probe, Step::MirrorDisconnectSent).await;
+                crate::fault_apply::milestone(&**self.probe, Step::MirrorDisconnectSent).await;
             }
             Effect::Log(Level::Info, line) => info!("{line}"),
             Effect::Log(Level::Warn, line) => warn!("{line}"),
@@ -461,7 +463,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 Ok(Event::ServerClosed)
             }
             Effect::Unlink => Ok(Event::Unlinked(
-                crate::handoff::unlink_durably(crate::store::files::ops(), image.path())
+                crate::handoff::unlink_durably(&**image.files(), image.path())
                     .map_err(|e| e.to_string()),
             )),
             Effect::Disconnect => {
@@ -714,7 +716,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 let image = self.image.clone();
                 or_cancel(
                     self.cancel,
-                    crate::store::offload::run(move || {
+                    self.image.offload().run(move || {
                         let read = image.read_at(&mut data, offset);
                         (data, read)
                     }),

@@ -16,7 +16,7 @@ use super::transmission::{ConnError, Connection};
 use crate::error;
 use crate::probe::{Probe, Step};
 use crate::proto::{cmd, errno, Request, SimpleReply};
-use crate::store::{offload, PIECE};
+use crate::store::PIECE;
 
 /// Requests waiting for the disk at once, per connection. Past this the
 /// connection stops reading until one finishes.
@@ -24,10 +24,11 @@ pub(super) const MAX_DEFERRED: u32 = 64;
 /// Reads waiting for the disk on their own at once, per connection (their
 /// replies are held in memory: at most this many times `MAX_DEFERRED_READ`).
 pub(super) const MAX_DEFERRED_READS: usize = 16;
-/// Reads waiting for the disk on their own over the whole process, so many
-/// connections together hold at most this many times `MAX_DEFERRED_READ`
-/// of replies (64 MiB); past it a connection waits for a slot.
-static ALL_DEFERRED_READS: Semaphore = Semaphore::const_new(256);
+/// Reads waiting for the disk on their own over a whole server (its
+/// `Shared::deferred_reads`), so its connections together hold at most this
+/// many times `MAX_DEFERRED_READ` of replies (64 MiB); past it a connection
+/// waits for a slot.
+pub(crate) const ALL_DEFERRED_READS: usize = 256;
 /// Writes held in a connection's batch at once, and their bytes. A batch is
 /// stored in one trip to the I/O pool (see `Batch`), so these bound both the
 /// memory a pipelining client can pin and how long its first write waits.
@@ -54,15 +55,18 @@ where
         let mut writes = std::mem::take(&mut self.batch.writes);
         self.batch.bytes = 0;
         let image = self.image.clone();
-        let (mut writes, results) = offload::run(move || {
-            let results: Vec<io::Result<()>> = writes
-                .iter_mut()
-                .map(|w| image.write_at(&w.data, w.req.offset))
-                .collect();
-            (writes, results)
-        })
-        .await
-        .map_err(ConnError::Offload)?;
+        let (mut writes, results) = self
+            .image
+            .offload()
+            .run(move || {
+                let results: Vec<io::Result<()>> = writes
+                    .iter_mut()
+                    .map(|w| image.write_at(&w.data, w.req.offset))
+                    .collect();
+                (writes, results)
+            })
+            .await
+            .map_err(ConnError::Offload)?;
         for (w, result) in writes.iter().zip(results) {
             if w.answer {
                 self.after_change(&w.req, result).await?;
@@ -121,8 +125,9 @@ where
         let writer = self.writer.clone();
         let probe = self.probe.clone();
         let req = *req;
+        let sync = self.image.offload().run(move || image.sync());
         tokio::spawn(async move {
-            let error = match offload::run(move || image.sync()).await {
+            let error = match sync.await {
                 Ok(Ok(())) => 0,
                 Ok(Err(e)) => {
                     error!("sync for {} failed: {e}", cmd::name(req.kind));
@@ -157,8 +162,10 @@ where
     /// for the reply first.
     pub(super) async fn defer_read(&mut self, req: &Request) {
         let read_slot = slot(&self.reads).await;
-        let process_slot = ALL_DEFERRED_READS
-            .acquire()
+        let process_slot = self
+            .all_reads
+            .clone()
+            .acquire_owned()
             .await
             .expect("semaphore is never closed");
         // Also held by the connection's end, which waits for it.

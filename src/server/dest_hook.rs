@@ -14,7 +14,7 @@ use crate::core::destination::{CloseReason, ConnId, Effect, Event, Level};
 use crate::handoff::Destination;
 use crate::probe::{Probe, Step};
 use crate::proto::Request;
-use crate::store::{offload, Image};
+use crate::store::Image;
 use crate::{debug, error, info};
 
 /// One connection of a destination, known to its machine until dropped.
@@ -51,7 +51,9 @@ impl Session {
         }
         let destination = self.destination.clone();
         let image = image.clone();
-        offload::run(move || destination.run(&image, effects))
+        let slots = image.offload().clone();
+        slots
+            .run(move || destination.run(&image, effects))
             .await
             .map_err(ConnError::Offload)
     }
@@ -156,7 +158,7 @@ where
         for effect in &effects {
             match effect {
                 Effect::Complete => {
-                    crate::probe::milestone(&*self.probe, Step::DisconnectDone).await
+                    crate::fault_apply::milestone(&*self.probe, Step::DisconnectDone).await
                 }
                 _ => log(effect),
             }
@@ -238,7 +240,7 @@ mod tests {
         let reply = k.reply().await;
         assert_eq!((reply.error, reply.handle), (0, 2));
         assert_eq!(
-            read_marker_state(&k.path).unwrap(),
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
             Some(MarkerState::Entrusted)
         );
         assert!(marker_text(&k.path).contains("bytes_received=4096"));
@@ -247,7 +249,7 @@ mod tests {
         let destination = k.destination.as_ref().unwrap();
         assert!(destination.completed.is_cancelled());
         assert!(!marker_path(&k.path).exists());
-        let record = read_record(&k.path).unwrap();
+        let record = read_record(&crate::store::files::Disk, &k.path).unwrap();
         let record = record.matching().expect("a completion record");
         assert_eq!(record.bytes_received, 4096);
         assert_eq!(record.source.as_deref(), Some("127.0.0.1:4000"));
@@ -262,7 +264,7 @@ mod tests {
         assert!(matches!(k.conn.request_cycle().await, Ok(Next::Stop)));
         assert!(!k.destination.as_ref().unwrap().completed.is_cancelled());
         assert_eq!(
-            read_marker_state(&k.path).unwrap(),
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
             Some(MarkerState::Receiving)
         );
     }
@@ -297,14 +299,14 @@ mod tests {
         k.conn.request_cycle().await.unwrap();
         assert_eq!(k.reply().await.error, 0);
         assert_eq!(
-            read_marker_state(&k.path).unwrap(),
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
             Some(MarkerState::Entrusted)
         );
         // The connection ends (EOF after entrust): nothing changes.
         let destination = k.destination.clone().unwrap();
         drop(k.conn);
         assert_eq!(
-            read_marker_state(&k.path).unwrap(),
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
             Some(MarkerState::Entrusted)
         );
         let image = k.image.clone();

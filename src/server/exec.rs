@@ -14,7 +14,7 @@ use super::writer::ReplyWriter;
 use crate::core::request;
 use crate::probe::{Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply};
-use crate::store::{offload, Image, BLOCK_SIZE, PIECE};
+use crate::store::{Image, BLOCK_SIZE, PIECE};
 use crate::{error, warn};
 
 /// The largest read that may wait for the disk on its own; larger ones
@@ -87,14 +87,17 @@ where
     pub(super) async fn store_piece(&mut self, n: usize, pos: u64) -> io::Result<()> {
         let payload = std::mem::take(&mut self.payload);
         let image = self.image.clone();
-        let (payload, result) = offload::run(move || {
-            let result = match payload.get(..n) {
-                Some(data) => image.write_at(data, pos),
-                None => Err(io::Error::other("write piece larger than its buffer")),
-            };
-            (payload, result)
-        })
-        .await?;
+        let (payload, result) = self
+            .image
+            .offload()
+            .run(move || {
+                let result = match payload.get(..n) {
+                    Some(data) => image.write_at(data, pos),
+                    None => Err(io::Error::other("write piece larger than its buffer")),
+                };
+                (payload, result)
+            })
+            .await?;
         self.payload = payload;
         result
     }
@@ -112,17 +115,20 @@ where
         let image = self.image.clone();
         let (offset, length) = (req.offset, u64::from(req.length));
         let (kind, flags) = (req.kind, req.flags);
-        let result = offload::run(move || {
-            if kind == cmd::TRIM {
-                image.punch(offset, length, false)
-            } else if flags & cmd_flags::NO_HOLE != 0 {
-                image.write_zeroes(offset, length)
-            } else {
-                image.punch(offset, length, true)
-            }
-        })
-        .await
-        .and_then(|r| r);
+        let result = self
+            .image
+            .offload()
+            .run(move || {
+                if kind == cmd::TRIM {
+                    image.punch(offset, length, false)
+                } else if flags & cmd_flags::NO_HOLE != 0 {
+                    image.write_zeroes(offset, length)
+                } else {
+                    image.punch(offset, length, true)
+                }
+            })
+            .await
+            .and_then(|r| r);
         self.after_change(req, result).await
     }
 
@@ -130,7 +136,10 @@ where
     pub(super) async fn cache(&mut self, req: &Request) -> Result<(), ConnError> {
         let image = self.image.clone();
         let (offset, length) = (req.offset, u64::from(req.length));
-        let result = offload::run(move || image.prefetch(offset, length))
+        let result = self
+            .image
+            .offload()
+            .run(move || image.prefetch(offset, length))
             .await
             .and_then(|r| r);
         let error = match result {
@@ -395,15 +404,17 @@ pub(super) async fn read_piece<W: AsyncWrite + Unpin>(
     }
     let start = w.mark();
     let mut buf = w.lend(n);
+    let slots = image.offload().clone();
     let image = image.clone();
-    let done = offload::run(move || {
-        let result = match buf.get_mut(start..start + n) {
-            Some(space) => image.read_at(space, pos),
-            None => Err(io::Error::other("reply buffer smaller than lent")),
-        };
-        (buf, result)
-    })
-    .await;
+    let done = slots
+        .run(move || {
+            let result = match buf.get_mut(start..start + n) {
+                Some(space) => image.read_at(space, pos),
+                None => Err(io::Error::other("reply buffer smaller than lent")),
+            };
+            (buf, result)
+        })
+        .await;
     match done {
         Ok((buf, result)) => {
             w.give_back(Some(buf));

@@ -123,6 +123,9 @@ pub struct Shared<P: Probe> {
     clients_allowed: AtomicBool,
     /// Set in `listen`: the migration destination's marker and hand-off.
     pub destination: Option<Arc<crate::handoff::Destination>>,
+    /// Slots for reads waiting for the disk on their own, over every
+    /// connection of this server.
+    pub deferred_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl<P: Probe> Shared<P> {
@@ -147,6 +150,7 @@ impl<P: Probe> Shared<P> {
             client_left: Notify::new(),
             clients_allowed: AtomicBool::new(true),
             destination,
+            deferred_reads: Arc::new(tokio::sync::Semaphore::new(batch::ALL_DEFERRED_READS)),
         })
     }
 

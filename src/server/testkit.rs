@@ -38,8 +38,12 @@ pub(super) fn kit(size: u64, destination: bool) -> Kit {
         .and_then(|f| f.set_len(size))
         .expect("a temporary image");
     let image = Arc::new(Image::open(&path).expect("the temporary image opens"));
-    let destination =
-        destination.then(|| Arc::new(Destination::prepare(&path, false).expect("prepare")));
+    let destination = destination.then(|| {
+        Arc::new(
+            Destination::prepare(Arc::new(crate::store::files::Disk), &path, false)
+                .expect("prepare"),
+        )
+    });
     let (client, server) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(server);
     let conn = Connection {
@@ -50,6 +54,7 @@ pub(super) fn kit(size: u64, destination: bool) -> Kit {
         probe: Arc::new(Quiet),
         deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
         reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
+        all_reads: Arc::new(Semaphore::new(super::batch::ALL_DEFERRED_READS)),
         payload: Vec::new(),
         batch: Batch::default(),
         peer: "127.0.0.1:4000".parse().expect("an address"),

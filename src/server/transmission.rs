@@ -149,6 +149,7 @@ pub async fn serve_client<S: Stream, P: Probe>(
         probe: shared.probe.clone(),
         deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
         reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
+        all_reads: shared.deferred_reads.clone(),
         payload: Vec::new(),
         batch: Batch::default(),
         peer,
@@ -195,6 +196,8 @@ pub(super) struct Connection<R, W, P> {
     pub(super) deferred: Arc<Semaphore>,
     /// Slots for reads waiting for the disk on their own (`defer_read`).
     pub(super) reads: Arc<Semaphore>,
+    /// The server's slots for such reads, over all its connections.
+    pub(super) all_reads: Arc<Semaphore>,
     /// Reused buffer for the pieces of large write payloads.
     pub(super) payload: Vec<u8>,
     /// Small writes received but not yet stored (and so not yet answered).

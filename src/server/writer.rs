@@ -165,14 +165,24 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         Ok(())
     }
 
-    #[cfg(test)]
-    pub fn into_inner(self) -> W {
-        self.out
-    }
-
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.send().await?;
         self.out.shutdown().await
+    }
+}
+
+/// A send fault acts on the reply queued here.
+impl<W: AsyncWrite + Unpin> crate::fault_apply::Queued for ReplyWriter<W> {
+    fn rollback(&mut self, mark: usize) {
+        ReplyWriter::rollback(self, mark)
+    }
+
+    fn corrupt_byte(&mut self, at: usize) {
+        ReplyWriter::corrupt_byte(self, at)
+    }
+
+    async fn send_truncated(&mut self, n: usize) -> io::Result<()> {
+        ReplyWriter::send_truncated(self, n).await
     }
 }
 

@@ -1,103 +1,86 @@
-//! `flexnbd listen` in the simulation: the destination's hand-off machine,
-//! with the simulated disk and file system carrying out its effects one at
-//! a time, each taking its virtual time.
+//! `flexnbd listen` in the simulation: the real destination machine
+//! (`core::destination`), its real executor (`handoff::Destination::execute`:
+//! the marker, the record, the syncs) over the simulated disk and file
+//! system, and the real request planner (`core::request`). One effect is
+//! carried out per event, each taking its virtual time, so a fault can fall
+//! between any two.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 
-use crate::handoff::{self, Marker, MarkerState};
+use crate::core::destination::{self as machine, CloseReason, ConnId, Effect, Event};
+use crate::core::request::{self, Step};
+use crate::handoff;
+use crate::proto::cmd;
 use crate::store::files::FileOps;
 use crate::store::Image;
 
 use super::scenario::Mark;
 use super::world::{Core, Micros, Msg, Req};
 
-#[derive(Debug)]
-enum Effect {
-    PersistMarker(MarkerState),
-    Apply(Req),
-    Sync,
-    Reply(u64, u32, bool),
-    WriteRecord,
-    RemoveMarker,
-    Complete,
+/// What the destination works on next.
+enum Work {
+    /// A request received on a connection, in order.
+    Request(ConnId, u64, Req),
+    /// The end of a connection (EOF or reset), after what it delivered.
+    End(ConnId),
+    /// An effect of the machine.
+    Effect(Effect),
+    /// The next step of a request's plan (apply, sync, reply).
+    Plan(ConnId, u64, Req, &'static [Step]),
 }
 
 pub struct Listen {
     image: Arc<Image>,
-    ops: Arc<dyn FileOps>,
-    /// Requests received, in order; `None` is the end of a connection
-    /// (EOF or reset), which comes after what was received before it.
-    requests: VecDeque<(u64, u64, Option<Req>)>,
-    effects: VecDeque<(u64, Effect)>,
-    sender: Option<u64>,
+    executor: handoff::Destination,
+    machine: machine::Destination,
+    /// Requests and ends of connections not yet taken up.
+    inbox: VecDeque<Work>,
+    /// What is being worked on, in order: effects and plan steps.
+    work: VecDeque<Work>,
+    /// The request each connection has waiting on the machine (a change
+    /// waiting for the marker, an ENTRUST waiting for its syncs).
+    waiting: std::collections::BTreeMap<ConnId, (u64, Req)>,
+    /// Connections the destination knows (opened to the machine).
+    known: std::collections::BTreeSet<ConnId>,
     pub scheduled: bool,
     entrust_answered: bool,
     done: bool,
-    received: u64,
-}
-
-fn write_durably(ops: &dyn FileOps, path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    ops.write_file(&tmp, data, true)?;
-    ops.rename(&tmp, path)?;
-    ops.sync_dir(crate::store::files::parent_dir(path))
 }
 
 impl Listen {
+    /// `listen` starts: the real start-up (refusal over a completion record,
+    /// the marker created durably).
     pub fn start(image: Arc<Image>, ops: Arc<dyn FileOps>) -> Result<Listen, String> {
         let path = image.path().to_owned();
-        let record = handoff::record_path(&path);
-        if ops.read_file(&record).map_err(|e| e.to_string())?.is_some() {
-            return Err("the image holds a completed migration".into());
-        }
-        let marker = handoff::marker_path(&path);
-        if ops.read_file(&marker).map_err(|e| e.to_string())?.is_none() {
-            write_durably(
-                &*ops,
-                &marker,
-                Marker::new(MarkerState::Receiving).render().as_bytes(),
-            )
-            .map_err(|e| e.to_string())?;
-        }
+        let executor = handoff::Destination::prepare(ops, &path, false)?;
         Ok(Listen {
             image,
-            ops,
-            requests: VecDeque::new(),
-            effects: VecDeque::new(),
-            sender: None,
+            executor,
+            machine: machine::Destination::new(),
+            inbox: VecDeque::new(),
+            work: VecDeque::new(),
+            waiting: Default::default(),
+            known: Default::default(),
             scheduled: false,
             entrust_answered: false,
             done: false,
-            received: 0,
         })
     }
 
     pub fn request(&mut self, core: &mut Core, conn: u64, handle: u64, req: Req) {
         core.note(format!("dest <- conn {conn} {}", req.name()));
-        self.requests.push_back((conn, handle, Some(req)));
+        self.inbox.push_back(Work::Request(conn, handle, req));
     }
 
     /// The connection ended: after what it delivered before.
     pub fn closed(&mut self, core: &mut Core, conn: u64) {
         core.note(format!("dest: conn {conn} ends"));
-        self.requests.push_back((conn, 0, None));
-    }
-
-    fn end_connection(&mut self, core: &mut Core, conn: u64) {
-        core.note(format!("dest: conn {conn} closed"));
-        self.requests.retain(|r| r.0 != conn);
-        self.effects.retain(|e| e.0 != conn);
-        if self.sender == Some(conn) {
-            self.sender = None;
-        }
+        self.inbox.push_back(Work::End(conn));
     }
 
     pub fn wants_step(&mut self) -> bool {
-        if self.scheduled || (self.effects.is_empty() && self.requests.is_empty()) {
+        if self.scheduled || (self.work.is_empty() && self.inbox.is_empty()) {
             return false;
         }
         self.scheduled = true;
@@ -107,111 +90,200 @@ impl Listen {
     /// The virtual time the next step takes.
     pub fn next_cost(&self, core: &Core) -> Micros {
         let sc = &core.sc;
-        match self.effects.front() {
-            None => 1,
-            Some((_, e)) => match e {
-                Effect::Apply(Req::Write { data, .. }) => {
-                    sc.per_request_us + sc.per_kib_us * data.len() as u64 / 1024
-                }
-                Effect::Apply(_) => sc.per_request_us,
-                Effect::Sync => sc.sync_us,
-                Effect::PersistMarker(_) | Effect::WriteRecord => 2 * sc.sync_us,
-                Effect::RemoveMarker => sc.sync_us,
+        let apply = |req: &Req| match req {
+            Req::Write { data, .. } => sc.per_request_us + sc.per_kib_us * data.len() as u64 / 1024,
+            _ => sc.per_request_us,
+        };
+        match self.work.front() {
+            Some(Work::Effect(Effect::Sync { .. })) => sc.sync_us,
+            Some(Work::Effect(Effect::PersistMarker { .. } | Effect::WriteRecord { .. })) => {
+                2 * sc.sync_us
+            }
+            Some(Work::Effect(Effect::RemoveMarker { .. })) => sc.sync_us,
+            Some(Work::Plan(_, _, req, steps)) => match steps.first() {
+                Some(Step::Apply) => apply(req),
+                Some(Step::Sync) => sc.sync_us,
                 _ => 1,
             },
+            _ => 1,
         }
     }
 
     /// The destination answered ENTRUST since the last call.
-    pub fn take_entrust_answered(&mut self) -> Option<()> {
-        std::mem::take(&mut self.entrust_answered).then_some(())
+    pub fn take_entrust_answered(&mut self) -> bool {
+        std::mem::take(&mut self.entrust_answered)
     }
 
-    fn plan(&mut self, conn: u64, handle: u64, req: Req) {
-        let mut out = Vec::new();
-        match req {
-            Req::Write { .. } | Req::Zeroes { .. } => {
-                if self.sender != Some(conn) {
-                    self.sender = Some(conn);
-                    out.push(Effect::PersistMarker(MarkerState::Receiving));
-                }
-                out.push(Effect::Apply(req));
-                out.push(Effect::Reply(handle, 0, false));
-            }
-            Req::Flush => out.extend([Effect::Sync, Effect::Reply(handle, 0, false)]),
-            Req::Entrust => out.extend([
-                Effect::Sync,
-                Effect::PersistMarker(MarkerState::Entrusted),
-                Effect::Reply(handle, 0, true),
-            ]),
-            Req::Disconnect => out.extend([
-                Effect::Sync,
-                Effect::WriteRecord,
-                Effect::RemoveMarker,
-                Effect::Complete,
-            ]),
+    fn now_secs(core: &Core) -> u64 {
+        core.now / 1_000_000
+    }
+
+    fn feed(&mut self, core: &mut Core, event: Event) {
+        core.note(format!("dest <- {event:?}"));
+        let effects = self.machine.handle(event, Self::now_secs(core));
+        // What an outcome leads to comes first.
+        for e in effects.into_iter().rev() {
+            self.work.push_front(Work::Effect(e));
         }
-        self.effects.extend(out.into_iter().map(|e| (conn, e)));
+    }
+
+    fn open(&mut self, core: &mut Core, conn: ConnId) {
+        if self.known.insert(conn) {
+            self.feed(
+                core,
+                Event::Opened {
+                    conn,
+                    source: format!("source#{conn}"),
+                },
+            );
+        }
+    }
+
+    /// Takes up the next request: the hand-off's own (ENTRUST, DISCONNECT)
+    /// and the changes go to the machine first.
+    fn take_up(&mut self, core: &mut Core, conn: ConnId, handle: u64, req: Req) {
+        self.open(core, conn);
+        let (kind, bytes) = match &req {
+            Req::Write { data, .. } => (cmd::WRITE, data.len() as u64),
+            Req::Zeroes { .. } => (cmd::WRITE_ZEROES, 0),
+            Req::Flush => (cmd::FLUSH, 0),
+            Req::Entrust => (cmd::ENTRUST, 0),
+            Req::Disconnect => (cmd::DISC, 0),
+        };
+        let plan = request::plan(kind, 0);
+        match req {
+            Req::Entrust => {
+                self.waiting.insert(conn, (handle, req));
+                self.feed(core, Event::Entrust { conn });
+            }
+            Req::Disconnect => self.feed(core, Event::Disconnect { conn }),
+            _ if plan.changes_data() => {
+                self.waiting.insert(conn, (handle, req));
+                self.feed(core, Event::Change { conn, bytes });
+            }
+            _ => self
+                .work
+                .push_front(Work::Plan(conn, handle, req, plan.steps)),
+        }
     }
 
     /// Carries out one step; true once the migration completed.
     pub fn step(&mut self, core: &mut Core) -> bool {
-        let Some((conn, effect)) = self.effects.pop_front() else {
-            match self.requests.pop_front() {
-                Some((conn, handle, Some(req))) => self.plan(conn, handle, req),
-                Some((conn, _, None)) => self.end_connection(core, conn),
-                None => {}
+        let Some(work) = self.work.pop_front() else {
+            match self.inbox.pop_front() {
+                Some(Work::Request(conn, handle, req)) => self.take_up(core, conn, handle, req),
+                Some(Work::End(conn)) => {
+                    self.open(core, conn);
+                    self.waiting.remove(&conn);
+                    self.feed(
+                        core,
+                        Event::Closed {
+                            conn,
+                            why: CloseReason::Eof,
+                        },
+                    );
+                }
+                _ => {}
             }
             return false;
         };
-        core.note(format!("dest -> {effect:?}"));
-        let path = self.image.path().to_owned();
-        let r = match effect {
-            Effect::PersistMarker(state) => {
-                let mut m = Marker::new(state);
-                m.bytes_received = self.received;
-                let r = write_durably(
-                    &*self.ops,
-                    &handoff::marker_path(&path),
-                    m.render().as_bytes(),
-                );
-                core.mark(Mark::MarkerPersisted);
-                r
-            }
-            Effect::Apply(Req::Write { offset, data }) => {
-                self.received += data.len() as u64;
-                self.image.write_at(&data, offset)
-            }
-            Effect::Apply(Req::Zeroes { offset, len }) => self.image.punch(offset, len, true),
-            Effect::Apply(_) => Ok(()),
-            Effect::Sync => self.image.sync(),
-            Effect::Reply(handle, error, entrust) => {
-                core.send(conn, false, Msg::Reply { handle, error });
-                if entrust {
-                    self.entrust_answered = true;
-                    core.mark(Mark::EntrustAnswered);
+        match work {
+            Work::Effect(effect) => self.effect(core, effect),
+            Work::Plan(conn, handle, req, steps) => {
+                let Some((first, rest)) = steps.split_first() else {
+                    return false;
+                };
+                if !rest.is_empty() {
+                    self.work
+                        .push_front(Work::Plan(conn, handle, req.clone(), rest));
                 }
-                Ok(())
+                let r = match first {
+                    Step::Apply => match &req {
+                        Req::Write { offset, data } => self.image.write_at(data, *offset),
+                        Req::Zeroes { offset, len } => self.image.punch(*offset, *len, true),
+                        _ => Ok(()),
+                    },
+                    Step::Sync => self.image.sync(),
+                    Step::Reply => {
+                        core.send(conn, false, Msg::Reply { handle, error: 0 });
+                        Ok(())
+                    }
+                };
+                if let Err(e) = r {
+                    core.note(format!("dest: request failed: {e}"));
+                    // The rest of its plan is dropped; the error is the reply.
+                    if !rest.is_empty() {
+                        self.work.pop_front();
+                    }
+                    core.send(
+                        conn,
+                        false,
+                        Msg::Reply {
+                            handle,
+                            error: crate::proto::errno::EIO,
+                        },
+                    );
+                }
+                false
             }
-            Effect::WriteRecord => write_durably(
-                &*self.ops,
-                &handoff::record_path(&path),
-                b"state=complete\ndev=0\nino=0\nsize=0\n",
-            ),
-            Effect::RemoveMarker => self
-                .ops
-                .remove(&handoff::marker_path(&path))
-                .and_then(|_| self.ops.sync_dir(crate::store::files::parent_dir(&path))),
+            _ => false,
+        }
+    }
+
+    fn effect(&mut self, core: &mut Core, effect: Effect) -> bool {
+        core.note(format!("dest -> {effect:?}"));
+        match &effect {
+            Effect::Apply { conn } => {
+                // The change waiting on the connection goes through its plan.
+                if let Some((handle, req)) = self.waiting.remove(conn) {
+                    let kind = if matches!(req, Req::Zeroes { .. }) {
+                        cmd::WRITE_ZEROES
+                    } else {
+                        cmd::WRITE
+                    };
+                    let plan = request::plan(kind, 0);
+                    self.work
+                        .push_front(Work::Plan(*conn, handle, req, plan.steps));
+                }
+            }
+            Effect::Reply { conn, errno } => {
+                if let Some((handle, req)) = self.waiting.remove(conn) {
+                    core.send(
+                        *conn,
+                        false,
+                        Msg::Reply {
+                            handle,
+                            error: *errno,
+                        },
+                    );
+                    if matches!(req, Req::Entrust) && *errno == 0 {
+                        self.entrust_answered = true;
+                        core.mark(Mark::EntrustAnswered);
+                    }
+                }
+            }
+            Effect::Close { conn } => {
+                core.close(*conn, true);
+            }
             Effect::Complete => {
+                self.executor.execute(&effect, &self.image);
                 self.done = true;
                 core.mark(Mark::Completed);
                 return true;
             }
-        };
-        if let Err(e) = r {
-            core.note(format!("dest: effect failed: {e}"));
-            core.close(conn, true);
-            self.end_connection(core, conn);
+            Effect::Log { message, .. } => core.note(format!("dest log: {message}")),
+            Effect::PersistMarker { .. }
+            | Effect::Sync { .. }
+            | Effect::WriteRecord { .. }
+            | Effect::RemoveMarker { .. } => {
+                let persisted = matches!(effect, Effect::PersistMarker { .. });
+                if let Some(outcome) = self.executor.execute(&effect, &self.image) {
+                    if persisted {
+                        core.mark(Mark::MarkerPersisted);
+                    }
+                    self.feed(core, outcome);
+                }
+            }
         }
         false
     }

@@ -29,12 +29,15 @@ struct State {
 /// An in-memory disk with a power-loss model.
 pub struct SimDisk {
     state: Mutex<State>,
+    /// Its inode number in its host's simulated file system.
+    ino: u64,
 }
 
 impl SimDisk {
     /// A disk holding `content`, all of it durable.
-    pub fn new(content: Vec<u8>) -> SimDisk {
+    pub fn new(content: Vec<u8>, ino: u64) -> SimDisk {
         SimDisk {
+            ino,
             state: Mutex::new(State {
                 durable: content.clone(),
                 now: content,
@@ -132,6 +135,20 @@ impl ImageStore for SimDisk {
     fn will_need(&self, _offset: u64, _length: u64) -> io::Result<()> {
         Ok(())
     }
+
+    fn identity(&self) -> io::Result<crate::store::Identity> {
+        Ok(identity(self.ino, self.lock().now.len() as u64))
+    }
+}
+
+/// The identity of a simulated image: its inode number and size.
+pub fn identity(ino: u64, size: u64) -> crate::store::Identity {
+    crate::store::Identity {
+        dev: 0x51,
+        ino,
+        size,
+        born: None,
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +157,7 @@ mod tests {
 
     #[test]
     fn a_power_cut_keeps_what_was_synced_and_loses_the_rest() {
-        let disk = SimDisk::new(vec![0u8; 4096]);
+        let disk = SimDisk::new(vec![0u8; 4096], 1);
         disk.write_at(&[1u8; 512], 0).unwrap();
         disk.sync_data().unwrap();
         disk.write_at(&[2u8; 1024], 0).unwrap();
@@ -156,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_crash_loses_nothing_and_nothing_loss_keeps_everything() {
-        let disk = SimDisk::new(vec![0u8; 1024]);
+        let disk = SimDisk::new(vec![0u8; 1024], 1);
         disk.write_at(&[3u8; 1024], 0).unwrap();
         let mut rng = SplitMix64::new(1);
         assert_eq!(disk.power_cut(PowerLoss::Nothing, &mut rng), 0);

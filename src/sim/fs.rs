@@ -29,6 +29,8 @@ struct State {
     /// The directory entries as they are now, and as they are durably.
     names: BTreeMap<PathBuf, u64>,
     durable_names: BTreeMap<PathBuf, u64>,
+    /// The sizes of the images (whose bytes live on a simulated disk).
+    sizes: BTreeMap<PathBuf, u64>,
     /// Every operation, in order, for the trace.
     log: Vec<String>,
 }
@@ -51,8 +53,9 @@ impl SimFs {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A file that exists durably from the start (the image file).
-    pub fn create_durable(&self, path: &Path, data: &[u8]) {
+    /// A file that exists durably from the start (the image file); its
+    /// inode number.
+    pub fn create_durable(&self, path: &Path, data: &[u8]) -> u64 {
         let mut s = self.lock();
         let n = s.next;
         s.next += 1;
@@ -65,6 +68,7 @@ impl SimFs {
         );
         s.names.insert(path.to_owned(), n);
         s.durable_names.insert(path.to_owned(), n);
+        n
     }
 
     /// The content of `path` now, if it exists.
@@ -72,6 +76,11 @@ impl SimFs {
         let s = self.lock();
         let n = s.names.get(path)?;
         Some(s.inodes[n].now.clone())
+    }
+
+    /// Says `path` is an image of `size` bytes (for its identity).
+    pub fn set_image_size(&self, path: &Path, size: u64) {
+        self.lock().sizes.insert(path.to_owned(), size);
     }
 
     pub fn exists(&self, path: &Path) -> bool {
@@ -181,6 +190,18 @@ impl FileOps for SimFs {
 
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         Ok(self.read(path))
+    }
+
+    fn identity(&self, path: &Path) -> io::Result<crate::store::Identity> {
+        let s = self.lock();
+        match (s.names.get(path), s.sizes.get(path)) {
+            (Some(&n), Some(&size)) => Ok(super::disk::identity(n, size)),
+            (Some(_), None) => Err(io::Error::other(format!(
+                "{}: not an image",
+                path.display()
+            ))),
+            _ => Err(not_found(path)),
+        }
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::handoff::{self, MarkerState, Verdict};
 use crate::store::files::FileOps;
-use crate::store::{Image, ImageStore};
+use crate::store::{Image, ImageStore, Stack};
 
 use super::disk::SECTOR;
 use super::ledger::{self, HOSTS};
@@ -34,7 +34,7 @@ pub struct Serve {
 /// `flexnbd serve` there (a supervisor starts it at once).
 pub enum DestProc {
     Down,
-    Listen(super::dest::Listen),
+    Listen(Box<super::dest::Listen>),
     /// `listen` refused to start (a completed image): the supervisor
     /// starts `serve` instead.
     Serve(Arc<Image>),
@@ -86,10 +86,18 @@ impl World {
         }
     }
 
+    /// The host's image as its process opens it: the real `Image` over the
+    /// simulated disk, with the host's simulated file system for the
+    /// hand-off's files.
     fn image_on(&self, host: usize) -> Arc<Image> {
         let size = self.core.sc.sectors * SECTOR;
         let store: Arc<dyn ImageStore> = self.hosts[host].disk.clone();
-        Arc::new(Image::with_store(image_path(host), size, store))
+        let files: Arc<dyn FileOps> = self.hosts[host].fs.clone();
+        let stack = Stack {
+            files,
+            ..Stack::default()
+        };
+        Arc::new(Image::with_stack(image_path(host), size, store, stack))
     }
 
     pub fn start(&mut self) {
@@ -132,7 +140,7 @@ impl World {
         match super::dest::Listen::start(self.image_on(DEST), ops) {
             Ok(l) => {
                 self.core.note("listen started on the destination");
-                self.dest = DestProc::Listen(l);
+                self.dest = DestProc::Listen(Box::new(l));
             }
             Err(why) => {
                 self.core
@@ -400,8 +408,7 @@ impl World {
         };
         l.scheduled = false;
         let done = l.step(&mut self.core);
-        if let Some(snapshot) = l.take_entrust_answered() {
-            let _ = snapshot;
+        if l.take_entrust_answered() {
             // What the source held when it sent ENTRUST: its clients were
             // cut off, so it is the source image now.
             if let Some(s) = &self.serve {
@@ -577,13 +584,17 @@ impl World {
         let dst_fs = &self.hosts[DEST].fs;
         let dest = image_path(DEST);
         let source_exists = src_fs.exists(&image_path(SOURCE));
-        let record = dst_fs
-            .read(&handoff::record_path(&dest))
-            .and_then(|b| handoff::Record::parse(&String::from_utf8_lossy(&b)))
-            .is_some();
-        let marker = dst_fs
-            .read(&handoff::marker_path(&dest))
-            .map(|b| handoff::parse_marker_state(&String::from_utf8_lossy(&b)));
+        // What `flexnbd resolve` would read.
+        let record = match handoff::read_record(&**dst_fs, &dest) {
+            Ok(found) => found.matching().is_some(),
+            Err(e) => {
+                let e = format!("{when}: the record cannot be read: {e}");
+                self.core.violation(e);
+                false
+            }
+        };
+        let marker =
+            handoff::read_marker_state(&**dst_fs, &dest).unwrap_or(Some(MarkerState::Receiving));
         let verdict = handoff::verdict(source_exists, record, marker);
         self.core.note(format!(
             "{when}: source {}, record {record}, marker {marker:?}: verdict {}",

@@ -112,7 +112,7 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn draw(seed: u64) -> Scenario {
-        let mut rng = SplitMix64::new(seed ^ 0x5eed_0f_5ce7a1e0);
+        let mut rng = SplitMix64::new(seed ^ 0x005e_ed0f_5ce7_a1e0);
         let mut pick = |n: u64| rng.next_u64() % n;
         let sectors = 8 * (16 + pick(48));
         let latency_us = [50, 200, 1000, 5000][pick(4) as usize];

@@ -305,17 +305,14 @@ impl SourceRun {
                     );
                 }
             }
-            Timer::Connect => {
-                if self.awaiting == Some(Effect::Connect) {
-                    self.answer(
-                        ctx,
-                        Event::ConnectFailed {
-                            outcome: FirstOutcome::FailConnect,
-                            message: "cannot connect to the destination: connection timed out"
-                                .into(),
-                        },
-                    );
-                }
+            Timer::Connect if self.awaiting == Some(Effect::Connect) => {
+                self.answer(
+                    ctx,
+                    Event::ConnectFailed {
+                        outcome: FirstOutcome::FailConnect,
+                        message: "cannot connect to the destination: connection timed out".into(),
+                    },
+                );
             }
             _ => {}
         }
@@ -382,7 +379,9 @@ impl SourceRun {
             Effect::StopTracking => self.image.stop_tracking(),
             Effect::SetPhase(p) => self.phase = p.name().to_string(),
             Effect::ClearDirty { offset, len } => self.image.clear_dirty(offset, len),
-            Effect::SetPace { capacity, below } => self.image.set_pace(capacity, below),
+            Effect::SetPace { capacity, below } => {
+                self.image.set_pace(capacity.map(|c| c.pace_rates()), below)
+            }
             Effect::AllowClients => ctx.serve().cut_off = false,
             Effect::Finish(outcome) => {
                 self.drop_connection(ctx);
@@ -559,9 +558,10 @@ impl SourceRun {
                 self.answer(ctx, Event::ServerClosed);
             }
             Effect::Unlink => {
+                // As `mirror` does: through the image's own file operations.
                 let path = self.image.path().to_owned();
-                let ops = ctx.fs();
-                let r = crate::handoff::unlink_durably(&*ops, &path).map_err(|e| e.to_string());
+                let r = crate::handoff::unlink_durably(&**self.image.files(), &path)
+                    .map_err(|e| e.to_string());
                 if r.is_ok() {
                     ctx.core().mark(Mark::Unlinked);
                 }

@@ -360,9 +360,10 @@ pub struct Host {
 impl Host {
     fn new(path: &Path, content: Vec<u8>) -> Host {
         let fs = Arc::new(SimFs::default());
-        fs.create_durable(path, b"");
+        let ino = fs.create_durable(path, b"");
+        fs.set_image_size(path, content.len() as u64);
         Host {
-            disk: Arc::new(SimDisk::new(content)),
+            disk: Arc::new(SimDisk::new(content, ino)),
             fs,
             life: 0,
             up: true,

@@ -1,8 +1,9 @@
 //! The storage seam: every byte the image reads or writes, and every sync,
-//! goes through an [`ImageStore`]. Production uses [`FileStore`], plain
-//! system calls on the image file; a fault plan that can cut power puts a
-//! recording store in front of it (`crate::power`), which knows what a power
-//! cut would lose.
+//! goes through an [`ImageStore`], the interface of an image's block-device
+//! stack. Production uses [`FileStore`], plain system calls on the image
+//! file; a fault plan that can cut power stacks a recording store on top of
+//! it (`crate::power`), which knows what a power cut would lose; a simulated
+//! disk can stand in for the file altogether (`super::Image::with_store`).
 
 use std::fs::File;
 use std::io;
@@ -25,6 +26,37 @@ pub trait ImageStore: Send + Sync {
     fn start_writeback(&self, offset: u64, length: u64);
     /// Hints that the range will be read soon.
     fn will_need(&self, offset: u64, length: u64) -> io::Result<()>;
+    /// Fills `buf` from `offset` only if that cannot wait for the disk:
+    /// `true` when all of `buf` was filled. `false` (the default, and the
+    /// answer of any layer that must see every read) sends the read to a
+    /// blocking thread.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let _ = (buf, offset);
+        false
+    }
+    /// The `(offset, length)` ranges that hold data, in order, when the
+    /// store knows them without a scan; `None` (the default) when it does
+    /// not. A store that answers has its allocation map built at once.
+    fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
+        None
+    }
+    /// SEEK_DATA (`data`) or SEEK_HOLE: the first offset at or after `pos`
+    /// that holds data (or is a hole), `None` at or past the end. An error
+    /// (the default: the store cannot tell) means unsure.
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        let _ = (data, pos);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store cannot tell where its holes are",
+        ))
+    }
+    /// Which file (or disk) this is, for the completion record.
+    fn identity(&self) -> io::Result<super::Identity> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store has no identity (expected a file or a store that names itself)",
+        ))
+    }
 }
 
 /// The production store: the image file itself.
@@ -40,14 +72,16 @@ impl FileStore {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
 
+impl ImageStore for FileStore {
     /// Fills `buf` from `offset` only if that needs no wait for the disk
     /// (the data is in the page cache): `true` when all of `buf` was filled.
     /// `false` (nothing promised about `buf`) when the read would wait, came
     /// up short, failed, or the kernel or file system cannot tell
     /// (RWF_NOWAIT unsupported); the caller then reads on a blocking thread,
     /// where any real error shows.
-    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
         // Offsets past i64::MAX are not file offsets (and u64::MAX would
         // mean "the current offset" to preadv2).
         if i64::try_from(offset).is_err() {
@@ -62,9 +96,26 @@ impl FileStore {
         )
         .is_ok_and(|n| n == len)
     }
-}
 
-impl ImageStore for FileStore {
+    fn identity(&self) -> io::Result<super::Identity> {
+        Ok(super::Identity::of(&self.file.metadata()?))
+    }
+
+    /// The lseeks move the file offset of the image's descriptor, which
+    /// nothing uses: every read and write is positional, and each lseek's
+    /// result does not depend on the offset it starts from.
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        let to = if data {
+            rustix::fs::SeekFrom::Data(pos)
+        } else {
+            rustix::fs::SeekFrom::Hole(pos)
+        };
+        match rustix::fs::seek(&self.file, to) {
+            Ok(r) => Ok(Some(r)),
+            Err(rustix::io::Errno::NXIO) => Ok(None), // at or past the end of the file
+            Err(e) => Err(e.into()),
+        }
+    }
     #[inline]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

@@ -1,18 +1,19 @@
 //! The storage seam for whole files: the destination's `.INCOMPLETE` marker
-//! and `.COMPLETE` record, and the source's `--unlink`. Production uses [`Disk`]; a fault plan that
-//! can cut power swaps in a recording implementation (`crate::power`), which
+//! and `.COMPLETE` record, and the source's `--unlink`. Each instance holds
+//! its own [`FileOps`]: production uses [`Disk`]; a fault plan that can cut
+//! power puts a recording implementation (`crate::power`) underneath, which
 //! knows which of these changes a power cut would undo.
 //!
-//! Store faults reach these operations too: `store.marker` before each
-//! rewrite or removal of a marker, `store.record` before the write or
-//! removal of a completion record, `store.unlink` before the unlink.
+//! Store faults reach these operations too, through [`FileOps::fault`]:
+//! `store.marker` before each rewrite or removal of a marker, `store.record`
+//! before the write or removal of a completion record, `store.unlink` before
+//! the unlink (`super::faults::FaultedFiles`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 
-use crate::probe::{PlanProbe, StoreStep};
+use super::faults::StoreOp;
 
 /// File and directory operations whose durability matters.
 pub trait FileOps: Send + Sync {
@@ -26,13 +27,23 @@ pub trait FileOps: Send + Sync {
     /// Fsyncs the directory `dir`, making its creates, renames and removals
     /// durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
-    /// The content of `path`, or `None` if there is no such file.
+    /// The content of `path`, `None` when it does not exist.
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         match fs::read(path) {
-            Ok(b) => Ok(Some(b)),
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+    /// The identity of the file now at `path` (following symlinks).
+    fn identity(&self, path: &Path) -> io::Result<super::Identity> {
+        super::Identity::at(path)
+    }
+    /// The store fault for `op` (marker, record or unlink), applied before
+    /// the operation: none unless a fault plan is wired in.
+    fn fault(&self, op: StoreOp) -> io::Result<()> {
+        let _ = op;
+        Ok(())
     }
 }
 
@@ -63,35 +74,6 @@ impl FileOps for Disk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
-    }
-}
-
-static OPS: OnceLock<Box<dyn FileOps>> = OnceLock::new();
-static FAULTS: OnceLock<Arc<PlanProbe>> = OnceLock::new();
-
-/// The process's file operations: [`Disk`] unless a power-loss model was
-/// installed before the first use.
-pub fn ops() -> &'static dyn FileOps {
-    OPS.get_or_init(|| Box::new(Disk)).as_ref()
-}
-
-/// Installs `ops` for the whole process. Must run before the first call to
-/// [`ops`]; returns false (and installs nothing) otherwise.
-pub fn install(ops: Box<dyn FileOps>) -> bool {
-    OPS.set(ops).is_ok()
-}
-
-/// Lets a fault plan fail marker and unlink operations.
-pub fn set_faults(probe: Arc<PlanProbe>) {
-    let _ = FAULTS.set(probe);
-}
-
-/// The store fault for `step`, applied (an error to return, a delay, a
-/// crash or a power cut).
-pub fn fault(step: StoreStep) -> io::Result<()> {
-    match FAULTS.get() {
-        None => Ok(()),
-        Some(probe) => crate::probe::apply_store_fault(probe.store(step)),
     }
 }
 

@@ -1,7 +1,15 @@
 //! Where bytes live: the image file, its holes and its durability.
+//!
+//! Each image has its own block-device stack, wired once at start-up
+//! ([`Image::open_stacked`], [`Image::with_store`]): the bottom store (the
+//! file, or a simulated disk), the layers on top of it (the power-loss
+//! recorder), the store fault hook, and the file operations for the
+//! hand-off's marker, record and unlink. Nothing here is process-wide.
 
 pub mod backend;
+pub mod faults;
 pub mod files;
+pub mod identity;
 pub mod map;
 pub mod offload;
 
@@ -14,8 +22,47 @@ use std::sync::{Arc, RwLock};
 
 use rustix::fs::SeekFrom;
 
+pub use crate::core::pace::{self, ClientPace, PaceRates};
 pub use backend::{FileStore, ImageStore};
+pub use faults::{FaultHook, StoreOp};
+pub use files::{Disk, FileOps};
+pub use identity::Identity;
 pub use map::{AllocationMap, BLOCK_SIZE};
+
+/// A layer of an image's stack that goes on top of the store below it
+/// (the power-loss recorder).
+pub trait Layer: Send + Sync {
+    /// `below`, the store of the image at `path` (`len` bytes long), with
+    /// this layer on top.
+    fn stack(
+        &self,
+        below: Arc<dyn ImageStore>,
+        path: &Path,
+        len: u64,
+    ) -> io::Result<Arc<dyn ImageStore>>;
+}
+
+/// What an image's stack is built from, besides its bottom store. The
+/// default is production: no layer, no faults, plain file operations.
+#[derive(Clone)]
+pub struct Stack {
+    /// Layers on top of the bottom store, lowest first.
+    pub layers: Vec<Arc<dyn Layer>>,
+    /// Store faults from a fault plan, applied before each operation.
+    pub faults: Option<Arc<dyn FaultHook>>,
+    /// The file operations of the hand-off (marker, record, unlink).
+    pub files: Arc<dyn FileOps>,
+}
+
+impl Default for Stack {
+    fn default() -> Stack {
+        Stack {
+            layers: Vec::new(),
+            faults: None,
+            files: Arc::new(Disk),
+        }
+    }
+}
 
 /// Writes are applied in pieces of at most this many bytes, so memory per
 /// request stays bounded whatever length a client sends.
@@ -33,17 +80,23 @@ pub enum OpenError {
     Stat { path: PathBuf, source: io::Error },
     #[error("image {path} is not a regular file or block device")]
     NotAFile { path: PathBuf },
+    #[error("cannot record {path} for power-loss faults: {source}")]
+    Layer { path: PathBuf, source: io::Error },
 }
 
 /// An image file served as an export.
 pub struct Image {
-    /// The image file, through the storage seam.
-    disk: Option<FileStore>,
-    /// Or, without a file, the store the image lives in (a simulated disk).
-    other: Option<Arc<dyn ImageStore>>,
-    /// With a fault plan that can cut power: the store that records what a
-    /// power cut would lose, in front of `disk`. Unset in production.
-    recorder: std::sync::OnceLock<Arc<crate::power::ImageRecorder>>,
+    /// The top of the image's stack: every read, write and sync goes
+    /// through it.
+    store: Arc<dyn ImageStore>,
+    /// Whether an image file at `path` is at the bottom of the stack, for
+    /// the scan that builds the map (a store without one has its map built
+    /// at once).
+    scan_file: bool,
+    /// The instance's file operations (marker, record, unlink).
+    files: Arc<dyn FileOps>,
+    /// The slots of this image's operations on the blocking pool.
+    offload: offload::Offload,
     path: PathBuf,
     /// The export size: the file size rounded down to a multiple of 512,
     /// measured once at start-up.
@@ -71,7 +124,7 @@ pub struct Image {
     tracking: AtomicBool,
     /// Set by the mirror while it converges: holds clients' writes to their
     /// share of a slow destination (`mirror::policy`).
-    pace: std::sync::Mutex<crate::mirror::policy::ClientPace>,
+    pace: std::sync::Mutex<ClientPace>,
     /// Pacing charges only for blocks before this offset: during the sweep,
     /// changes ahead of it travel with the sweep at no extra cost.
     pace_below: AtomicU64,
@@ -84,12 +137,13 @@ pub struct Image {
     /// wait) find little left to write.
     eager_writeback: AtomicBool,
     /// Store faults from a fault plan (tests and reproductions only).
-    faults: std::sync::OnceLock<Arc<crate::probe::PlanProbe>>,
-    /// Set when the plan has `store.read` (`store.write`) keys or can cut
-    /// power: every read (write) must then reach the store, where those act,
-    /// instead of being answered from memory (`read_cached`, `is_no_op_zero`).
-    reads_faulted: AtomicBool,
-    writes_faulted: AtomicBool,
+    faults: Option<Arc<dyn FaultHook>>,
+    /// Set when the plan has `store.read` (`store.write`) keys or a layer
+    /// sits on the store: every read (write) must then reach the store,
+    /// where those act, instead of being answered from memory
+    /// (`read_cached`, `is_no_op_zero`).
+    reads_faulted: bool,
+    writes_faulted: bool,
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -109,9 +163,14 @@ fn is_zero(bytes: &[u8]) -> bool {
 }
 
 impl Image {
-    /// Opens an existing image read-write. Nothing creates, extends or
-    /// truncates the file.
+    /// Opens an existing image read-write, with the production stack.
+    /// Nothing creates, extends or truncates the file.
     pub fn open(path: &Path) -> Result<Image, OpenError> {
+        Image::open_stacked(path, Stack::default())
+    }
+
+    /// Opens an existing image read-write with `stack` on the file.
+    pub fn open_stacked(path: &Path, stack: Stack) -> Result<Image, OpenError> {
         let open = |noatime: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true);
@@ -149,64 +208,98 @@ impl Image {
             })?
         };
         let size = full - full % 512;
-        Ok(Image {
-            disk: Some(FileStore::new(file)),
-            other: None,
-            recorder: std::sync::OnceLock::new(),
-            path: path.to_owned(),
+        let mut store: Arc<dyn ImageStore> = Arc::new(FileStore::new(file));
+        for layer in &stack.layers {
+            store = layer
+                .stack(store, path, full)
+                .map_err(|source| OpenError::Layer {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        let layered = !stack.layers.is_empty();
+        Ok(Image::assemble(
+            store,
+            true,
+            path.to_owned(),
             size,
-            trailing: full - size,
-            map: AllocationMap::new(size),
-            punch_lock: RwLock::new(()),
-            can_punch: AtomicBool::new(true),
-            scan_stop: AtomicBool::new(false),
-            dirty: AllocationMap::new(size),
-            dirty_blocks: AtomicI64::new(0),
-            tracking: AtomicBool::new(false),
-            pace: std::sync::Mutex::new(Default::default()),
-            pace_below: AtomicU64::new(u64::MAX),
-            pacing: tokio::sync::watch::Sender::new(false),
-            faults: std::sync::OnceLock::new(),
-            reads_faulted: AtomicBool::new(false),
-            writes_faulted: AtomicBool::new(false),
-            eager_writeback: AtomicBool::new(false),
-        })
+            full - size,
+            layered,
+            stack,
+        ))
     }
 
-    /// An image whose bytes live in `store` (a simulated disk), with no
-    /// file behind it: every block counts as data.
+    /// An image whose bytes live in `store` (a simulated disk, say), with
+    /// no file behind it: its allocation map is built at once from
+    /// [`ImageStore::data_extents`] (everything is data when the store
+    /// cannot tell), and its identity is the store's.
     pub fn with_store(path: PathBuf, size: u64, store: Arc<dyn ImageStore>) -> Image {
-        let image = Image {
-            disk: None,
-            other: Some(store),
-            recorder: std::sync::OnceLock::new(),
-            path,
-            size,
-            trailing: 0,
-            map: AllocationMap::new(size),
-            punch_lock: RwLock::new(()),
-            can_punch: AtomicBool::new(true),
-            scan_stop: AtomicBool::new(false),
-            dirty: AllocationMap::new(size),
-            dirty_blocks: AtomicI64::new(0),
-            tracking: AtomicBool::new(false),
-            pace: std::sync::Mutex::new(Default::default()),
-            pace_below: AtomicU64::new(u64::MAX),
-            pacing: tokio::sync::watch::Sender::new(false),
-            faults: std::sync::OnceLock::new(),
-            reads_faulted: AtomicBool::new(false),
-            writes_faulted: AtomicBool::new(false),
-            eager_writeback: AtomicBool::new(false),
-        };
-        image.map.set_bytes(0, size);
+        Image::with_stack(path, size, store, Stack::default())
+    }
+
+    /// [`Image::with_store`] with faults and file operations from `stack`
+    /// (its layers go on top of `store`; a layer that fails to stack is
+    /// left out, and says why in the log).
+    pub fn with_stack(path: PathBuf, size: u64, store: Arc<dyn ImageStore>, stack: Stack) -> Image {
+        let extents = store.data_extents();
+        let mut top = store;
+        for layer in &stack.layers {
+            match layer.stack(top.clone(), &path, size) {
+                Ok(stacked) => top = stacked,
+                Err(e) => crate::warn!("cannot stack a layer on {}: {e}", path.display()),
+            }
+        }
+        let layered = !stack.layers.is_empty();
+        let image = Image::assemble(top, false, path, size, 0, layered, stack);
+        match extents {
+            Some(extents) => {
+                for (offset, length) in extents {
+                    let end = offset.saturating_add(length).min(size);
+                    if offset < end {
+                        image.map.set_bytes(offset, end - offset);
+                    }
+                }
+            }
+            None => image.map.set_bytes(0, size),
+        }
         image.map.mark_built();
         image
     }
 
-    fn file(&self) -> io::Result<&File> {
-        match &self.disk {
-            Some(d) => Ok(d.file()),
-            None => Err(io::Error::other("the image has no file")),
+    fn assemble(
+        store: Arc<dyn ImageStore>,
+        scan_file: bool,
+        path: PathBuf,
+        size: u64,
+        trailing: u64,
+        layered: bool,
+        stack: Stack,
+    ) -> Image {
+        let covers = |op| stack.faults.as_ref().is_some_and(|f| f.covers(op));
+        let reads_faulted = layered || covers(StoreOp::Read);
+        let writes_faulted = layered || covers(StoreOp::Write);
+        Image {
+            store,
+            scan_file,
+            files: stack.files,
+            offload: offload::Offload::default(),
+            path,
+            size,
+            trailing,
+            map: AllocationMap::new(size),
+            punch_lock: RwLock::new(()),
+            can_punch: AtomicBool::new(true),
+            scan_stop: AtomicBool::new(false),
+            dirty: AllocationMap::new(size),
+            dirty_blocks: AtomicI64::new(0),
+            tracking: AtomicBool::new(false),
+            pace: std::sync::Mutex::new(Default::default()),
+            pace_below: AtomicU64::new(u64::MAX),
+            pacing: tokio::sync::watch::Sender::new(false),
+            faults: stack.faults,
+            reads_faulted,
+            writes_faulted,
+            eager_writeback: AtomicBool::new(false),
         }
     }
 
@@ -225,8 +318,19 @@ impl Image {
 
     /// The identity (device, inode, length) of the open file, for the
     /// completion record: the file served, whatever its path names now.
-    pub fn identity(&self) -> io::Result<crate::handoff::Identity> {
-        Ok(crate::handoff::Identity::of(&self.file()?.metadata()?))
+    pub fn identity(&self) -> io::Result<Identity> {
+        self.store.identity()
+    }
+
+    /// The instance's file operations, for the hand-off's marker, record
+    /// and unlink.
+    pub fn files(&self) -> &Arc<dyn FileOps> {
+        &self.files
+    }
+
+    /// Runs this image's blocking operations off the async workers.
+    pub fn offload(&self) -> &offload::Offload {
+        &self.offload
     }
 
     pub fn map(&self) -> &AllocationMap {
@@ -238,72 +342,32 @@ impl Image {
         self.eager_writeback.store(on, Ordering::Relaxed);
     }
 
-    /// Lets a fault plan fail or slow down reads, writes and syncs (and the
-    /// marker and unlink operations). A plan that can cut power also starts
-    /// recording what a power cut would lose. Call it before serving.
-    pub fn set_faults(&self, probe: Arc<crate::probe::PlanProbe>) -> io::Result<()> {
-        if probe.plan().can_cut_power() && self.recorder.get().is_none() {
-            let power = crate::power::install(probe.plan().seed());
-            let recorder = power.record_image(self.file()?.try_clone()?, &self.path)?;
-            let _ = self.recorder.set(recorder);
-        }
-        let recorded = self.recorder.get().is_some();
-        let has = |step: &str| {
-            probe
-                .plan()
-                .entries()
-                .iter()
-                .any(|e| e.key.side == faults::plan::Side::Store && e.key.step == step)
-        };
-        self.reads_faulted
-            .store(recorded || has("read"), Ordering::Relaxed);
-        self.writes_faulted
-            .store(recorded || has("write"), Ordering::Relaxed);
-        files::set_faults(probe.clone());
-        let _ = self.faults.set(probe);
-        Ok(())
-    }
-
     /// The store every operation goes through.
     #[inline]
     fn io(&self) -> &dyn ImageStore {
-        match self.recorder.get() {
-            None => match (&self.disk, &self.other) {
-                (Some(disk), _) => disk,
-                (None, Some(other)) => other.as_ref(),
-                (None, None) => unreachable!("an image has a file or a store"),
-            },
-            Some(recorder) => recorder.as_ref(),
-        }
+        self.store.as_ref()
     }
 
     #[inline]
-    fn store_fault(&self, step: crate::probe::StoreStep) -> io::Result<()> {
-        match self.faults.get() {
+    fn store_fault(&self, op: StoreOp) -> io::Result<()> {
+        match &self.faults {
             None => Ok(()),
-            Some(probe) => crate::probe::apply_store_fault(probe.store(step)),
+            Some(hook) => hook.before(op, None),
         }
     }
 
     /// The store fault for an operation on `len` bytes at `offset`.
     #[inline]
-    fn store_fault_at(
-        &self,
-        step: crate::probe::StoreStep,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        match self.faults.get() {
+    fn store_fault_at(&self, op: StoreOp, offset: u64, len: u64) -> io::Result<()> {
+        match &self.faults {
             None => Ok(()),
-            Some(probe) => {
-                crate::probe::apply_store_fault(probe.store_at(step, Some((offset, len))))
-            }
+            Some(hook) => hook.before(op, Some((offset, len))),
         }
     }
 
     /// Fills `buf` from `offset`. The caller has range-checked the request.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.store_fault_at(crate::probe::StoreStep::Read, offset, buf.len() as u64)?;
+        self.store_fault_at(StoreOp::Read, offset, buf.len() as u64)?;
         self.io().read_at(buf, offset)
     }
 
@@ -317,16 +381,14 @@ impl Image {
     /// always `false`: the plan's store is a disk that may be slow or
     /// failing, and its faults (and the power model) act in `read_at`.
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        if self.reads_faulted.load(Ordering::Relaxed) {
+        if self.reads_faulted {
             return false;
         }
         if self.is_known_hole(offset, buf.len() as u64) {
             buf.fill(0);
             return true;
         }
-        self.disk
-            .as_ref()
-            .is_some_and(|d| d.read_cached(buf, offset))
+        self.io().read_cached(buf, offset)
     }
 
     /// Whether a TRIM, or a WRITE_ZEROES that may punch, of the range has
@@ -335,7 +397,7 @@ impl Image {
     /// hole of the source). Never under a plan with `store.write` keys,
     /// which must see the operation.
     pub fn is_no_op_zero(&self, offset: u64, len: u64) -> bool {
-        !self.writes_faulted.load(Ordering::Relaxed) && self.is_known_hole(offset, len)
+        !self.writes_faulted && self.is_known_hole(offset, len)
     }
 
     /// Whether the built allocation map says every block touching the range
@@ -357,7 +419,7 @@ impl Image {
         if data.is_empty() {
             return Ok(());
         }
-        self.store_fault_at(crate::probe::StoreStep::Write, offset, data.len() as u64)?;
+        self.store_fault_at(StoreOp::Write, offset, data.len() as u64)?;
         self.store_write(data, offset)?;
         if data.len() >= EAGER_WRITEBACK_MIN && self.eager_writeback.load(Ordering::Relaxed) {
             self.io().start_writeback(offset, data.len() as u64);
@@ -426,10 +488,7 @@ impl Image {
     /// already have passed it.
     fn store_write_unmapped(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let map = &self.map;
-        let Some(disk) = &self.disk else {
-            return self.io().write_at(data, offset);
-        };
-        let mut holes = FileLayout::new(disk.file());
+        let mut holes = FileLayout::new(self.io());
         let end = offset + data.len() as u64;
         let mut pos = offset;
         let mut pending: Option<u64> = None;
@@ -464,7 +523,7 @@ impl Image {
         if length == 0 {
             return Ok(());
         }
-        self.store_fault_at(crate::probe::StoreStep::Write, offset, length)?;
+        self.store_fault_at(StoreOp::Write, offset, length)?;
         self.store_punch(offset, length, must_zero)?;
         self.mark_dirty(offset, length);
         Ok(())
@@ -500,7 +559,7 @@ impl Image {
 
     /// Writes real zeros over the range (allocating it).
     pub fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.store_fault_at(crate::probe::StoreStep::Write, offset, length)?;
+        self.store_fault_at(StoreOp::Write, offset, length)?;
         self.store_zeroes(offset, length)?;
         self.mark_dirty(offset, length);
         Ok(())
@@ -548,18 +607,18 @@ impl Image {
         self.set_pace(None, u64::MAX);
     }
 
-    fn pace(&self) -> std::sync::MutexGuard<'_, crate::mirror::policy::ClientPace> {
+    fn pace(&self) -> std::sync::MutexGuard<'_, ClientPace> {
         self.pace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Paces clients' writes by what they will cost the migration
     /// (`None`: no pacing), for blocks before `below`.
-    pub fn set_pace(&self, capacity: Option<crate::mirror::policy::Capacity>, below: u64) {
+    pub fn set_pace(&self, rates: Option<PaceRates>, below: u64) {
         self.pace_below.store(below, Ordering::Release);
-        self.pace().set(capacity);
+        self.pace().set(rates);
         self.pacing.send_if_modified(|on| {
-            let changed = *on != capacity.is_some();
-            *on = capacity.is_some();
+            let changed = *on != rates.is_some();
+            *on = rates.is_some();
             changed
         });
     }
@@ -730,7 +789,7 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.store_fault(crate::probe::StoreStep::Sync)?;
+        self.store_fault(StoreOp::Sync)?;
         self.io().sync_data()
     }
 
@@ -749,7 +808,12 @@ impl Image {
     /// port listens. On failure the map stays unbuilt and is never consulted:
     /// holes are then asked of the file each time.
     pub fn scan_allocation(self: &Arc<Image>) -> io::Result<()> {
-        self.store_fault(crate::probe::StoreStep::MapScan)?;
+        self.store_fault(StoreOp::MapScan)?;
+        if !self.scan_file {
+            // Built at once from the store's extents (`with_store`).
+            self.map.mark_built();
+            return Ok(());
+        }
         // A read-only descriptor of its own, so the scan shares nothing
         // with the serving path.
         let file = File::open(&self.path)?;
@@ -787,10 +851,7 @@ impl Image {
             return Vec::new();
         }
         if !self.map.is_built() {
-            let Some(disk) = &self.disk else {
-                return vec![(end - offset, false)];
-            };
-            return FileLayout::new(disk.file())
+            return FileLayout::new(self.io())
                 .extents(offset, end, max)
                 .unwrap_or_else(|| vec![(end - offset, false)]);
         }
@@ -812,30 +873,23 @@ impl Image {
     }
 }
 
-/// The image file's data and holes as SEEK_DATA/SEEK_HOLE report them,
-/// for when the allocation map is not built yet. It remembers the last run
-/// it learnt, so a walk forward asks about each run once.
-///
-/// The lseeks move the file offset of the image's descriptor, which nothing
-/// uses: every read and write is positional, and each lseek's result does not
-/// depend on the offset it starts from.
+/// The store's data and holes as SEEK_DATA/SEEK_HOLE report them
+/// ([`ImageStore::seek_extent`]), for when the allocation map is not built
+/// yet. It remembers the last run it learnt, so a walk forward asks about
+/// each run once.
 struct FileLayout<'a> {
-    file: &'a File,
-    /// A run learnt from the file: `start..end`, a hole or data.
+    store: &'a dyn ImageStore,
+    /// A run learnt from the store: `start..end`, a hole or data.
     known: Option<(u64, u64, bool)>,
 }
 
 impl<'a> FileLayout<'a> {
-    fn new(file: &'a File) -> FileLayout<'a> {
-        FileLayout { file, known: None }
+    fn new(store: &'a dyn ImageStore) -> FileLayout<'a> {
+        FileLayout { store, known: None }
     }
 
-    fn seek(&self, to: SeekFrom) -> io::Result<Option<u64>> {
-        match rustix::fs::seek(self.file, to) {
-            Ok(r) => Ok(Some(r)),
-            Err(rustix::io::Errno::NXIO) => Ok(None), // at or past the end of the file
-            Err(e) => Err(e.into()),
-        }
+    fn seek(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        self.store.seek_extent(data, pos)
     }
 
     /// The run that starts at `pos`: its end and whether it is a hole.
@@ -845,12 +899,12 @@ impl<'a> FileLayout<'a> {
                 return Ok((end, hole));
             }
         }
-        let (end, hole) = match self.seek(SeekFrom::Data(pos))? {
+        let (end, hole) = match self.seek(true, pos)? {
             None => (u64::MAX, true),
             Some(data) if data > pos => (data, true),
             // Data at `pos`: it goes on to the next hole (there is always
             // one at the end of the file).
-            Some(_) => (self.seek(SeekFrom::Hole(pos))?.unwrap_or(u64::MAX), false),
+            Some(_) => (self.seek(false, pos)?.unwrap_or(u64::MAX), false),
         };
         self.known = Some((pos, end, hole));
         Ok((end, hole))
@@ -1029,29 +1083,41 @@ mod tests {
         drop(path);
     }
 
+    /// A fault hook keyed on some operations, failing none of them.
+    struct Covers(Vec<StoreOp>);
+
+    impl FaultHook for Covers {
+        fn before(&self, _op: StoreOp, _at: Option<(u64, u64)>) -> io::Result<()> {
+            Ok(())
+        }
+        fn covers(&self, op: StoreOp) -> bool {
+            self.0.contains(&op)
+        }
+    }
+
     #[test]
     fn zeroing_a_known_hole_is_a_no_op_unless_a_plan_fails_writes() {
         const B: u64 = BLOCK_SIZE;
-        let plan = |text: &str| {
-            Arc::new(crate::probe::PlanProbe::new(
-                faults::plan::FaultPlan::parse(text).unwrap(),
-            ))
-        };
-        let (_, img) = image_with_data(64 * B, &[(8 * B, B)]);
+        let (path, img) = image_with_data(64 * B, &[(8 * B, B)]);
         assert!(!img.is_no_op_zero(0, 4 * B), "map not built yet");
         img.scan_allocation().unwrap();
         assert!(img.is_no_op_zero(0, 4 * B));
         assert!(!img.is_no_op_zero(0, 9 * B), "a range with data");
-        // A plan without store.write keys leaves it a no-op, and reads
-        // answered from memory.
-        img.set_faults(plan("server.accept#9=close; store.sync=eio"))
-            .unwrap();
+        // Faults not keyed on writes leave it a no-op, and reads answered
+        // from memory.
+        let stacked = |ops: Vec<StoreOp>| {
+            let stack = Stack {
+                faults: Some(Arc::new(Covers(ops))),
+                ..Stack::default()
+            };
+            Arc::new(Image::open_stacked(&path, stack).unwrap())
+        };
+        let img = stacked(vec![StoreOp::Sync]);
+        img.scan_allocation().unwrap();
         assert!(img.is_no_op_zero(0, 4 * B));
         assert!(img.read_cached(&mut [0u8; 512], 0));
-        let (_, img) = image_with_data(64 * B, &[]);
+        let img = stacked(vec![StoreOp::Write, StoreOp::Read]);
         img.scan_allocation().unwrap();
-        img.set_faults(plan("store.write#3=eio; store.read@0+1=slow(1)"))
-            .unwrap();
         assert!(
             !img.is_no_op_zero(0, 4 * B),
             "store.write keys must see every punch"
@@ -1060,6 +1126,112 @@ mod tests {
             !img.read_cached(&mut [0u8; 512], 0),
             "store.read keys must see every read"
         );
+    }
+
+    /// A disk in memory that knows where its data is.
+    struct MemDisk {
+        bytes: std::sync::Mutex<Vec<u8>>,
+        extents: Vec<(u64, u64)>,
+    }
+
+    impl ImageStore for MemDisk {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let bytes = self.bytes.lock().unwrap();
+            buf.copy_from_slice(&bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+            let mut bytes = self.bytes.lock().unwrap();
+            bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
+            let mut bytes = self.bytes.lock().unwrap();
+            bytes[offset as usize..(offset + length) as usize].fill(0);
+            Ok(())
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn start_writeback(&self, _offset: u64, _length: u64) {}
+        fn will_need(&self, _offset: u64, _length: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
+            Some(self.extents.clone())
+        }
+    }
+
+    #[test]
+    fn an_image_on_any_store_has_its_map_built_from_the_stores_extents() {
+        const B: u64 = BLOCK_SIZE;
+        let size = 64 * B;
+        let mut bytes = vec![0u8; size as usize];
+        bytes[(8 * B) as usize..(9 * B) as usize].fill(7);
+        let disk = Arc::new(MemDisk {
+            bytes: std::sync::Mutex::new(bytes),
+            extents: vec![(8 * B, B)],
+        });
+        let img = Image::with_store(PathBuf::from("mem.img"), size, disk.clone());
+        assert!(img.map().is_built(), "built at once, no scan");
+        assert_eq!(
+            img.extents(0, 16 * B, usize::MAX),
+            vec![(8 * B, true), (B, false), (7 * B, true)]
+        );
+        // A hole reads as zeros from the map; data must go to the store,
+        // which cannot answer from a cache.
+        let mut buf = vec![1u8; B as usize];
+        assert!(img.read_cached(&mut buf, 0));
+        assert!(buf.iter().all(|&b| b == 0));
+        assert!(!img.read_cached(&mut buf, 8 * B));
+        img.read_at(&mut buf, 8 * B).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        // Writes reach the store and the map; zeros over a hole do not.
+        img.write_at(&[5u8; 100], 20 * B + 1).unwrap();
+        img.write_at(&vec![0u8; B as usize], 30 * B).unwrap();
+        assert!(img.map().is_set(20) && !img.map().is_set(30));
+        assert_eq!(disk.bytes.lock().unwrap()[(20 * B + 1) as usize], 5);
+        img.punch(8 * B, B, true).unwrap();
+        assert!(!img.map().is_set(8));
+        assert!(
+            img.identity().is_err(),
+            "a store that names no file has no identity"
+        );
+        // Without extents everything is data.
+        let plain = Arc::new(MemDisk {
+            bytes: std::sync::Mutex::new(vec![0u8; size as usize]),
+            extents: Vec::new(),
+        });
+        struct NoExtents(Arc<MemDisk>);
+        impl ImageStore for NoExtents {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.0.read_at(buf, offset)
+            }
+            fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+                self.0.write_at(data, offset)
+            }
+            fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
+                self.0.punch_hole(offset, length)
+            }
+            fn sync_data(&self) -> io::Result<()> {
+                Ok(())
+            }
+            fn start_writeback(&self, _offset: u64, _length: u64) {}
+            fn will_need(&self, _offset: u64, _length: u64) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let img = Image::with_store(PathBuf::from("mem2.img"), size, Arc::new(NoExtents(plain)));
+        assert_eq!(img.extents(0, size, usize::MAX), vec![(size, false)]);
+    }
+
+    #[test]
+    fn the_file_store_names_the_file_it_serves() {
+        let (path, img) = temp_image(1 << 20);
+        assert!(img
+            .identity()
+            .unwrap()
+            .same_file(&Identity::at(&path).unwrap()));
     }
 
     #[test]
@@ -1279,17 +1451,14 @@ mod tests {
 
     #[test]
     fn client_writes_are_paced_only_for_clean_blocks_and_only_while_pacing() {
-        use crate::mirror::policy::{Capacity, Costs, PACE_BURST};
+        use pace::PACE_BURST;
         use std::time::Duration;
         let (_, img) = temp_image(1 << 20);
-        let slow = Capacity::new(
-            Costs {
-                per_request: 0.01,
-                per_byte: 0.0,
-            },
-            None,
-            None,
-        );
+        let slow = PaceRates {
+            per_request: 0.01,
+            per_byte: 0.0,
+            rate: f64::INFINITY,
+        };
         // Not tracking: no pacing even when asked for.
         img.set_pace(Some(slow), u64::MAX);
         assert_eq!(img.pace_write(0, 4096), Duration::ZERO);
@@ -1324,21 +1493,17 @@ mod tests {
 
     #[test]
     fn a_pacing_wait_ends_when_pacing_does() {
-        use crate::mirror::policy::{Capacity, Costs};
         use std::time::{Duration, Instant};
         let (_, img) = temp_image(1 << 20);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
-        let slow = Capacity::new(
-            Costs {
-                per_request: 0.0,
-                per_byte: 0.0,
-            },
-            None,
-            None,
-        );
+        let slow = PaceRates {
+            per_request: 0.0,
+            per_byte: 0.0,
+            rate: f64::INFINITY,
+        };
         img.set_pace(Some(slow), u64::MAX);
         let started = Instant::now();
         rt.block_on(async {
