@@ -329,7 +329,7 @@ const LAYERS: &[&[&str]] = &[
     &["client", "control"],
     &["server"],
     &["mirror", "proxy"],
-    &["daemon"],
+    &["daemon", "sim"],
 ];
 
 /// The crate-root macros and the module that defines them.
