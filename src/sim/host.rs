@@ -309,48 +309,46 @@ impl World {
                 fua: self.core.rng.roll(fua_p),
             }
         };
+        // What the request needs before its reply: the server's own planner.
+        use crate::core::request::{self, Step};
+        use crate::proto::{cmd, cmd_flags};
         let plan = match op {
-            ClientOp::Flush { .. } => super::plan::plan_flush(),
-            ClientOp::Write { fua, .. } => super::plan::plan_write(fua),
+            ClientOp::Flush { .. } => request::plan(cmd::FLUSH, 0),
+            ClientOp::Write { fua, .. } => {
+                request::plan(cmd::WRITE, if fua { cmd_flags::FUA } else { 0 })
+            }
         };
         let mut op = op;
+        let (mut data, mut first) = (Vec::new(), 0);
+        let volatile = self.core.ledger.volatile_on(host);
         match &mut op {
             ClientOp::Write { id, .. } => {
                 let n = 1 + self.core.rng.next_u64() % 16;
-                let first = self.core.rng.next_u64() % (sectors - n + 1);
-                let mut data = vec![0u8; (n * SECTOR) as usize];
+                first = self.core.rng.next_u64() % (sectors - n + 1);
+                data = vec![0u8; (n * SECTOR) as usize];
                 ledger::fill(&mut data, *id);
                 self.core.ledger.issue(*id, first, first + n);
-                for step in plan {
-                    let r = match step {
-                        super::plan::Step::Apply => image.write_at(&data, first * SECTOR),
-                        super::plan::Step::Sync => image.sync(),
-                    };
-                    if let Err(e) = r {
-                        self.core
-                            .violation(format!("client write failed on host {host}: {e}"));
-                        return;
-                    }
-                }
             }
-            ClientOp::Flush { covers } => {
-                let volatile = self.core.ledger.volatile_on(host);
-                *covers = volatile.len();
-                for step in plan {
-                    if let super::plan::Step::Sync = step {
-                        if let Err(e) = image.sync() {
-                            self.core
-                                .violation(format!("client flush failed on host {host}: {e}"));
-                            return;
-                        }
-                    }
-                }
-                self.core.ledger.durable(host, &volatile);
+            ClientOp::Flush { covers } => *covers = volatile.len(),
+        }
+        for step in plan.steps {
+            let r = match (step, &op) {
+                (Step::Apply, ClientOp::Write { .. }) => image.write_at(&data, first * SECTOR),
+                (Step::Sync, _) => image.sync(),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                self.core
+                    .violation(format!("client request failed on host {host}: {e}"));
+                return;
             }
         }
-        // Acknowledged by the server now; the client hears it a latency on.
-        if let ClientOp::Write { id, fua } = op {
-            self.core.ledger.ack(id, host, fua);
+        // The reply, and what the client may count on from it (NBD's
+        // promise, whatever the server did): a FUA write is durable, and a
+        // FLUSH makes every write acknowledged before it durable.
+        match op {
+            ClientOp::Write { id, fua } => self.core.ledger.ack(id, host, fua),
+            ClientOp::Flush { .. } => self.core.ledger.durable(host, &volatile),
         }
         if host == DEST {
             self.dest_served = true;

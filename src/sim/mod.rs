@@ -10,7 +10,6 @@ pub mod disk;
 pub mod fs;
 pub mod host;
 pub mod ledger;
-pub mod plan;
 pub mod scenario;
 pub mod source;
 pub mod world;
