@@ -44,7 +44,8 @@ pub struct Listen {
     /// Connections the destination knows (opened to the machine).
     known: std::collections::BTreeSet<ConnId>,
     pub scheduled: bool,
-    entrust_answered: bool,
+    /// The marker was just made to say `entrusted`.
+    entrusted_now: bool,
     done: bool,
 }
 
@@ -63,7 +64,7 @@ impl Listen {
             waiting: Default::default(),
             known: Default::default(),
             scheduled: false,
-            entrust_answered: false,
+            entrusted_now: false,
             done: false,
         })
     }
@@ -109,9 +110,9 @@ impl Listen {
         }
     }
 
-    /// The destination answered ENTRUST since the last call.
-    pub fn take_entrust_answered(&mut self) -> bool {
-        std::mem::take(&mut self.entrust_answered)
+    /// The marker came to say `entrusted` since the last call.
+    pub fn take_entrusted(&mut self) -> bool {
+        std::mem::take(&mut self.entrusted_now)
     }
 
     fn now_secs(core: &Core) -> u64 {
@@ -257,7 +258,6 @@ impl Listen {
                         },
                     );
                     if matches!(req, Req::Entrust) && *errno == 0 {
-                        self.entrust_answered = true;
                         core.mark(Mark::EntrustAnswered);
                     }
                 }
@@ -276,9 +276,13 @@ impl Listen {
             | Effect::Sync { .. }
             | Effect::WriteRecord { .. }
             | Effect::RemoveMarker { .. } => {
-                let persisted = matches!(effect, Effect::PersistMarker { .. });
+                let entrusted = matches!(
+                    &effect,
+                    Effect::PersistMarker { marker, .. } if marker.state == machine::MarkerState::Entrusted
+                );
                 if let Some(outcome) = self.executor.execute(&effect, &self.image) {
-                    if persisted {
+                    if matches!(outcome, Event::MarkerPersisted { .. }) {
+                        self.entrusted_now |= entrusted;
                         core.mark(Mark::MarkerPersisted);
                     }
                     self.feed(core, outcome);

@@ -162,6 +162,7 @@ impl World {
                     .and_then(|s| s.mirror.as_ref())
                     .map_or("none".to_string(), |m| m.phase());
                 self.core.note(format!("status: mirror phase {phase}"));
+                self.check_entrusted("while running");
                 if self.core.now < 30_000_000 {
                     let every = 50_000 + self.core.rng.next_u64() % 200_000;
                     self.core.at(every, Ev::Status);
@@ -406,15 +407,11 @@ impl World {
         };
         l.scheduled = false;
         let done = l.step(&mut self.core);
-        if l.take_entrust_answered() {
-            // What the source held when it sent ENTRUST: its clients were
-            // cut off, so it is the source image now.
-            if let Some(s) = &self.serve {
-                let mut content = vec![0u8; (self.core.sc.sectors * SECTOR) as usize];
-                if s.image.read_at(&mut content, 0).is_ok() {
-                    self.entrusted = Some(ledger::tags(&content));
-                }
-            }
+        if l.take_entrusted() {
+            // What the `entrusted` marker vouches for: the destination's
+            // image as it is now, which nothing may change while the marker
+            // says so.
+            self.entrusted = Some(ledger::tags(&self.hosts[DEST].disk.content()));
             // The destination vouches that everything acknowledged is
             // durable on it.
             let all = self.core.ledger.volatile_on(DEST);
@@ -628,16 +625,29 @@ impl World {
         for v in found {
             self.core.violation(v);
         }
-        // An `entrusted` marker vouches for the whole image.
-        if marker == Some(MarkerState::Entrusted) && !record {
-            if let Some(snapshot) = &self.entrusted {
-                let dst = self.tags_of(DEST);
-                if let Some(s) = (0..dst.len()).find(|&s| dst[s] != snapshot[s]) {
-                    self.core.violation(format!(
-                        "{when}: the marker says entrusted but sector {s} holds {:#x}, not {:#x} as entrusted",
-                        dst[s], snapshot[s]
-                    ));
-                }
+        self.check_entrusted(when);
+    }
+
+    /// An `entrusted` marker (with no completion record) sits only beside
+    /// exactly the data that was entrusted: a new attempt rewrites it to
+    /// `receiving` before it changes anything.
+    fn check_entrusted(&mut self, when: &str) {
+        let fs = self.hosts[DEST].fs.clone();
+        let dest = image_path(DEST);
+        let entrusted =
+            handoff::read_marker_state(&*fs, &dest).ok().flatten() == Some(MarkerState::Entrusted);
+        let record = handoff::read_record(&*fs, &dest).is_ok_and(|r| r.matching().is_some());
+        if !entrusted || record {
+            return;
+        }
+        if let Some(snapshot) = &self.entrusted {
+            let dst = self.tags_of(DEST);
+            if let Some(s) = (0..dst.len()).find(|&s| dst[s] != snapshot[s]) {
+                let v = format!(
+                    "{when}: the marker says entrusted but sector {s} holds {:#x}, not {:#x} as entrusted",
+                    dst[s], snapshot[s]
+                );
+                self.core.violation(v);
             }
         }
     }
