@@ -22,7 +22,7 @@ use super::{oldstyle_flags, HandshakeMode, Shared};
 use crate::fault_apply::{self, Ended, How, Incoming, SendError};
 use crate::probe::{Action, Probe, Step};
 use crate::proto::{self, chunk, cmd, cmd_flags, errno, Request, SimpleReply, REQUEST_LEN};
-use crate::store::{Image, BLOCK_SIZE, PIECE};
+use crate::store::{offload, Image, BLOCK_SIZE, PIECE};
 use crate::tls::Conn;
 use crate::transport::Stream;
 use crate::{debug, error, info, warn};
@@ -313,18 +313,15 @@ where
         let mut writes = std::mem::take(&mut self.batch.writes);
         self.batch.bytes = 0;
         let image = self.image.clone();
-        let (mut writes, results) = self
-            .image
-            .offload()
-            .run(move || {
-                let results: Vec<io::Result<()>> = writes
-                    .iter_mut()
-                    .map(|w| image.write_at(&w.data, w.req.offset))
-                    .collect();
-                (writes, results)
-            })
-            .await
-            .map_err(ConnError::Offload)?;
+        let (mut writes, results) = offload::run(&self.image, move || {
+            let results: Vec<io::Result<()>> = writes
+                .iter_mut()
+                .map(|w| image.write_at(&w.data, w.req.offset))
+                .collect();
+            (writes, results)
+        })
+        .await
+        .map_err(ConnError::Offload)?;
         for (w, result) in writes.iter().zip(results) {
             if w.answer {
                 self.after_change(&w.req, result).await?;
@@ -449,12 +446,11 @@ where
                 if let Some(destination) = self.destination.clone() {
                     let image = self.image.clone();
                     let (source, bytes) = (self.peer.to_string(), self.bytes_received);
-                    match self
-                        .image
-                        .offload()
-                        .run(move || destination.complete(&image, &source, bytes))
-                        .await
-                        .and_then(|r| r)
+                    match offload::run(&self.image, move || {
+                        destination.complete(&image, &source, bytes)
+                    })
+                    .await
+                    .and_then(|r| r)
                     {
                         Ok(()) => {
                             info!(
@@ -482,30 +478,24 @@ where
                 let image = self.image.clone();
                 let (offset, length) = (req.offset, u64::from(req.length));
                 let (kind, flags) = (req.kind, req.flags);
-                let result = self
-                    .image
-                    .offload()
-                    .run(move || {
-                        if kind == cmd::TRIM {
-                            image.punch(offset, length, false)
-                        } else if flags & cmd_flags::NO_HOLE != 0 {
-                            image.write_zeroes(offset, length)
-                        } else {
-                            image.punch(offset, length, true)
-                        }
-                    })
-                    .await
-                    .and_then(|r| r);
+                let result = offload::run(&self.image, move || {
+                    if kind == cmd::TRIM {
+                        image.punch(offset, length, false)
+                    } else if flags & cmd_flags::NO_HOLE != 0 {
+                        image.write_zeroes(offset, length)
+                    } else {
+                        image.punch(offset, length, true)
+                    }
+                })
+                .await
+                .and_then(|r| r);
                 self.after_change(&req, result).await?;
             }
             cmd::CACHE => {
                 let image = self.image.clone();
                 let (offset, length) = (req.offset, u64::from(req.length));
                 // Readahead can block on the disk too.
-                let result = self
-                    .image
-                    .offload()
-                    .run(move || image.prefetch(offset, length))
+                let result = offload::run(&self.image, move || image.prefetch(offset, length))
                     .await
                     .and_then(|r| r);
                 let error = match result {
@@ -537,9 +527,7 @@ where
             return Ok(());
         }
         let source = self.peer.to_string();
-        self.image
-            .offload()
-            .run(move || destination.begin_receiving(&source))
+        offload::run(&self.image, move || destination.begin_receiving(&source))
             .await
             .and_then(|r| r)
             .map_err(|e| ConnError::Marker(e.to_string()))?;
@@ -556,12 +544,11 @@ where
         let image = self.image.clone();
         let source = self.peer.to_string();
         let bytes = self.bytes_received;
-        let result = self
-            .image
-            .offload()
-            .run(move || destination.entrust(&image, &source, bytes))
-            .await
-            .and_then(|r| r);
+        let result = offload::run(&self.image, move || {
+            destination.entrust(&image, &source, bytes)
+        })
+        .await
+        .and_then(|r| r);
         let error = match result {
             Ok(()) => {
                 info!(
@@ -688,17 +675,14 @@ where
     async fn store_piece(&mut self, n: usize, pos: u64) -> io::Result<()> {
         let payload = std::mem::take(&mut self.payload);
         let image = self.image.clone();
-        let (payload, result) = self
-            .image
-            .offload()
-            .run(move || {
-                let result = match payload.get(..n) {
-                    Some(data) => image.write_at(data, pos),
-                    None => Err(io::Error::other("write piece larger than its buffer")),
-                };
-                (payload, result)
-            })
-            .await?;
+        let (payload, result) = offload::run(&self.image, move || {
+            let result = match payload.get(..n) {
+                Some(data) => image.write_at(data, pos),
+                None => Err(io::Error::other("write piece larger than its buffer")),
+            };
+            (payload, result)
+        })
+        .await?;
         self.payload = payload;
         result
     }
@@ -735,7 +719,7 @@ where
         let writer = self.writer.clone();
         let probe = self.probe.clone();
         let req = *req;
-        let sync = self.image.offload().run(move || image.sync());
+        let sync = offload::run(&self.image, move || image.sync());
         tokio::spawn(async move {
             let error = match sync.await {
                 Ok(Ok(())) => 0,
