@@ -313,6 +313,15 @@ impl ImageStore for ImageRecorder {
     // `read_cached` stays the default `false`: every read comes here, as
     // the disk of a plan that can cut power.
 
+    fn sees_every(&self, op: crate::store::StoreOp) -> bool {
+        use crate::store::StoreOp;
+        matches!(op, StoreOp::Read | StoreOp::Write) || self.disk.sees_every(op)
+    }
+
+    fn fault(&self, op: crate::store::StoreOp, at: Option<(u64, u64)>) -> io::Result<()> {
+        self.disk.fault(op, at)
+    }
+
     fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
         self.disk.data_extents()
     }

@@ -716,7 +716,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 let image = self.image.clone();
                 or_cancel(
                     self.cancel,
-                    self.image.offload().run(move || {
+                    crate::store::offload::run(self.image, move || {
                         let read = image.read_at(&mut data, offset);
                         (data, read)
                     }),

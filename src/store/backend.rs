@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
+use super::faults::StoreOp;
+
 /// The operations the image performs on its file.
 pub trait ImageStore: Send + Sync {
     /// Fills `buf` from `offset`.
@@ -49,6 +51,20 @@ pub trait ImageStore: Send + Sync {
             io::ErrorKind::Unsupported,
             "this store cannot tell where its holes are",
         ))
+    }
+    /// The fault for `op` on the `(offset, length)` bytes `at` (or the whole
+    /// operation), applied before the image performs it, once per request
+    /// whatever pieces it then takes: a fault layer applies its plan's and
+    /// passes it down; a store with no layer below has none (the default).
+    fn fault(&self, op: StoreOp, at: Option<(u64, u64)>) -> io::Result<()> {
+        let _ = (op, at);
+        Ok(())
+    }
+    /// Whether every `op` must reach this store (a layer faults or records
+    /// it) instead of being answered from memory by the image.
+    fn sees_every(&self, op: StoreOp) -> bool {
+        let _ = op;
+        false
     }
     /// Which file (or disk) this is, for the completion record.
     fn identity(&self) -> io::Result<super::Identity> {

@@ -6,6 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::backend::ImageStore;
 use super::files::FileOps;
 
 /// The storage operations a fault can be keyed on.
@@ -33,6 +34,73 @@ pub trait FaultHook: Send + Sync {
     /// Whether any fault is keyed on `op`: every such operation must then
     /// reach the store instead of being answered from memory.
     fn covers(&self, op: StoreOp) -> bool;
+}
+
+/// The store fault layer: an image store with a [`FaultHook`] on top, which
+/// the image asks once per request ([`ImageStore::fault`]). Reads and
+/// writes a fault is keyed on always reach the store.
+pub struct Faulted {
+    inner: Arc<dyn ImageStore>,
+    hook: Arc<dyn FaultHook>,
+}
+
+impl Faulted {
+    pub fn new(inner: Arc<dyn ImageStore>, hook: Arc<dyn FaultHook>) -> Faulted {
+        Faulted { inner, hook }
+    }
+}
+
+impl ImageStore for Faulted {
+    #[inline]
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    #[inline]
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+
+    fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, length)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+
+    fn start_writeback(&self, offset: u64, length: u64) {
+        self.inner.start_writeback(offset, length)
+    }
+
+    fn will_need(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.inner.will_need(offset, length)
+    }
+
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        !self.hook.covers(StoreOp::Read) && self.inner.read_cached(buf, offset)
+    }
+
+    fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
+        self.inner.data_extents()
+    }
+
+    fn seek_extent(&self, data: bool, pos: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_extent(data, pos)
+    }
+
+    fn fault(&self, op: StoreOp, at: Option<(u64, u64)>) -> io::Result<()> {
+        self.hook.before(op, at)?;
+        self.inner.fault(op, at)
+    }
+
+    fn sees_every(&self, op: StoreOp) -> bool {
+        self.hook.covers(op) || self.inner.sees_every(op)
+    }
+
+    fn identity(&self) -> io::Result<super::Identity> {
+        self.inner.identity()
+    }
 }
 
 /// File operations with a [`FaultHook`] in front: the marker, record and

@@ -48,7 +48,8 @@ pub trait Layer: Send + Sync {
 pub struct Stack {
     /// Layers on top of the bottom store, lowest first.
     pub layers: Vec<Arc<dyn Layer>>,
-    /// Store faults from a fault plan, applied before each operation.
+    /// Store faults from a fault plan, applied before each operation: the
+    /// top layer ([`faults::Faulted`]).
     pub faults: Option<Arc<dyn FaultHook>>,
     /// The file operations of the hand-off (marker, record, unlink).
     pub files: Arc<dyn FileOps>,
@@ -136,12 +137,11 @@ pub struct Image {
     /// once, so the syncs at FLUSH and entrust (while the source's clients
     /// wait) find little left to write.
     eager_writeback: AtomicBool,
-    /// Store faults from a fault plan (tests and reproductions only).
-    faults: Option<Arc<dyn FaultHook>>,
-    /// Set when the plan has `store.read` (`store.write`) keys or a layer
-    /// sits on the store: every read (write) must then reach the store,
-    /// where those act, instead of being answered from memory
-    /// (`read_cached`, `is_no_op_zero`).
+    /// Set when a layer of the stack faults or records reads (writes): a
+    /// plan with `store.read` (`store.write`) keys, or the power-loss
+    /// recorder. Every read (write) must then reach the store, where those
+    /// act, instead of being answered from memory (`read_cached`,
+    /// `is_no_op_zero`).
     reads_faulted: bool,
     writes_faulted: bool,
 }
@@ -217,14 +217,15 @@ impl Image {
                     source,
                 })?;
         }
-        let layered = !stack.layers.is_empty();
+        if let Some(hook) = &stack.faults {
+            store = Arc::new(faults::Faulted::new(store, hook.clone()));
+        }
         Ok(Image::assemble(
             store,
             true,
             path.to_owned(),
             size,
             full - size,
-            layered,
             stack,
         ))
     }
@@ -249,8 +250,10 @@ impl Image {
                 Err(e) => crate::warn!("cannot stack a layer on {}: {e}", path.display()),
             }
         }
-        let layered = !stack.layers.is_empty();
-        let image = Image::assemble(top, false, path, size, 0, layered, stack);
+        if let Some(hook) = &stack.faults {
+            top = Arc::new(faults::Faulted::new(top, hook.clone()));
+        }
+        let image = Image::assemble(top, false, path, size, 0, stack);
         match extents {
             Some(extents) => {
                 for (offset, length) in extents {
@@ -272,12 +275,10 @@ impl Image {
         path: PathBuf,
         size: u64,
         trailing: u64,
-        layered: bool,
         stack: Stack,
     ) -> Image {
-        let covers = |op| stack.faults.as_ref().is_some_and(|f| f.covers(op));
-        let reads_faulted = layered || covers(StoreOp::Read);
-        let writes_faulted = layered || covers(StoreOp::Write);
+        let reads_faulted = store.sees_every(StoreOp::Read);
+        let writes_faulted = store.sees_every(StoreOp::Write);
         Image {
             store,
             scan_file,
@@ -296,7 +297,6 @@ impl Image {
             pace: std::sync::Mutex::new(Default::default()),
             pace_below: AtomicU64::new(u64::MAX),
             pacing: tokio::sync::watch::Sender::new(false),
-            faults: stack.faults,
             reads_faulted,
             writes_faulted,
             eager_writeback: AtomicBool::new(false),
@@ -348,21 +348,16 @@ impl Image {
         self.store.as_ref()
     }
 
+    /// The store fault for `op`, from the fault layer of the stack.
     #[inline]
     fn store_fault(&self, op: StoreOp) -> io::Result<()> {
-        match &self.faults {
-            None => Ok(()),
-            Some(hook) => hook.before(op, None),
-        }
+        self.io().fault(op, None)
     }
 
     /// The store fault for an operation on `len` bytes at `offset`.
     #[inline]
     fn store_fault_at(&self, op: StoreOp, offset: u64, len: u64) -> io::Result<()> {
-        match &self.faults {
-            None => Ok(()),
-            Some(hook) => hook.before(op, Some((offset, len))),
-        }
+        self.io().fault(op, Some((offset, len)))
     }
 
     /// Fills `buf` from `offset`. The caller has range-checked the request.
@@ -1126,6 +1121,64 @@ mod tests {
             !img.read_cached(&mut [0u8; 512], 0),
             "store.read keys must see every read"
         );
+    }
+
+    /// A fault asked for: the operation and its bytes.
+    type Asked = (StoreOp, Option<(u64, u64)>);
+
+    /// Counts the faults asked for and fails writes.
+    struct FailWrites(std::sync::Mutex<Vec<Asked>>);
+
+    impl FaultHook for FailWrites {
+        fn before(&self, op: StoreOp, at: Option<(u64, u64)>) -> io::Result<()> {
+            self.0.lock().unwrap().push((op, at));
+            match op {
+                StoreOp::Write => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => Ok(()),
+            }
+        }
+        fn covers(&self, op: StoreOp) -> bool {
+            op == StoreOp::Write
+        }
+    }
+
+    #[test]
+    fn the_fault_layer_is_asked_once_per_request_before_the_store() {
+        const B: u64 = BLOCK_SIZE;
+        let (path, _) = image_with_data(64 * B, &[(0, B)]);
+        let hook = Arc::new(FailWrites(Default::default()));
+        let stack = Stack {
+            faults: Some(hook.clone()),
+            ..Stack::default()
+        };
+        let img = Image::open_stacked(&path, stack).unwrap();
+        // A write of many blocks (zeros over holes among data) is one
+        // fault, and it fails before anything reaches the file.
+        let mut data = vec![7u8; 8 * B as usize];
+        data[(2 * B) as usize..(5 * B) as usize].fill(0);
+        let e = img.write_at(&data, 10 * B).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let mut back = vec![1u8; B as usize];
+        img.read_at(&mut back, 10 * B).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "nothing was written");
+        assert_eq!(
+            img.punch(0, B, true).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        img.sync().unwrap();
+        assert_eq!(
+            *hook.0.lock().unwrap(),
+            vec![
+                (StoreOp::Write, Some((10 * B, 8 * B))),
+                (StoreOp::Read, Some((10 * B, B))),
+                (StoreOp::Write, Some((0, B))),
+                (StoreOp::Sync, None),
+            ]
+        );
+        // Writes a fault is keyed on are never skipped as no-ops.
+        let img = Arc::new(img);
+        img.scan_allocation().unwrap();
+        assert!(!img.is_no_op_zero(20 * B, B));
     }
 
     /// A disk in memory that knows where its data is.

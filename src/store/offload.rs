@@ -70,6 +70,16 @@ impl Offload {
     }
 }
 
+/// Runs `f` (blocking I/O of `image`) on the blocking pool, in one of the
+/// image's slots ([`Offload::run`]).
+pub fn run<T, F>(image: &super::Image, f: F) -> impl Future<Output = io::Result<T>> + Send + 'static
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    image.offload().run(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
