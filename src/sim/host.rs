@@ -9,7 +9,7 @@ use crate::store::{Image, ImageStore, Stack};
 
 use super::disk::SECTOR;
 use super::ledger::{self, HOSTS};
-use super::scenario::{Action, FaultKind, Mark, DEST, SOURCE};
+use super::scenario::{FaultKind, Mark, MirrorAction, DEST, SOURCE};
 use super::source::SourceRun;
 use super::world::{image_path, Client, ClientOp, Core, Ev, Host, Micros, Msg};
 
@@ -544,7 +544,7 @@ impl World {
             }
         }
         if self.handed_off
-            && self.core.sc.action == Action::Unlink
+            && self.core.sc.action == MirrorAction::Unlink
             && self.hosts[SOURCE].fs.exists(&image_path(SOURCE))
         {
             self.core.violation("the source reported the hand-off with --unlink, but after a power cut its image is back".into());

@@ -79,12 +79,7 @@ pub struct Fault {
 }
 
 /// What `mirror` is told to do at the end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Exit,
-    Unlink,
-    Nothing,
-}
+pub use crate::core::source::MirrorAction;
 
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -104,7 +99,7 @@ pub struct Scenario {
     pub think_us: u64,
     pub fua_percent: f64,
     pub flush_percent: f64,
-    pub action: Action,
+    pub action: MirrorAction,
     /// The source plays an old (C) flexnbd: no ENTRUST.
     pub legacy_source: bool,
     pub faults: Vec<Fault>,
@@ -129,15 +124,19 @@ impl Scenario {
         let fua_percent = [0.0, 20.0, 50.0][pick(3) as usize];
         let flush_percent = [0.0, 10.0, 25.0][pick(3) as usize];
         let action = match pick(10) {
-            0..=5 => Action::Unlink,
-            6..=8 => Action::Exit,
-            _ => Action::Nothing,
+            0..=5 => MirrorAction::Unlink,
+            6..=8 => MirrorAction::Exit,
+            _ => MirrorAction::Nothing,
         };
         // An old (C) source sends no ENTRUST: with --unlink it would unlink
         // before the destination made anything durable (a C flexnbd bug the
         // contract does not cover), so it migrates without.
         let legacy_source = pick(10) == 0;
-        let action = if legacy_source { Action::Exit } else { action };
+        let action = if legacy_source {
+            MirrorAction::Exit
+        } else {
+            action
+        };
         let n_faults = match pick(10) {
             0 => 0,
             1..=6 => 1,

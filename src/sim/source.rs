@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::policy::{Capacity, CostModel};
-use crate::core::source::{
-    Effect, Event, FirstOutcome, MirrorAction, Outcome, Source, SourceConfig,
-};
+use crate::core::source::{Effect, Event, FirstOutcome, Outcome, Source, SourceConfig};
 use crate::proto::flags;
 use crate::store::{Image, BLOCK_SIZE};
 
 use super::host::SourceCtx;
-use super::scenario::{Action, Mark, Scenario};
+use super::scenario::{Mark, Scenario};
 use super::world::{Ev, Micros, Msg, Req, Timer};
 
 /// Requests in flight at once (the real pipe allows 64; a small image
@@ -67,11 +65,7 @@ pub struct SourceRun {
 
 impl SourceRun {
     pub fn new(sc: &Scenario, image: Arc<Image>, life: u64) -> SourceRun {
-        let action = match sc.action {
-            Action::Exit => MirrorAction::Exit,
-            Action::Unlink => MirrorAction::Unlink,
-            Action::Nothing => MirrorAction::Nothing,
-        };
+        let action = sc.action;
         let mut config = SourceConfig::new(
             "destination".into(),
             image.path().display().to_string(),
