@@ -58,6 +58,8 @@ pub struct World {
     pub mirrors_started: u32,
     /// The source sent DISCONNECT: as far as it knows, migrated.
     pub disconnect_sent: bool,
+    /// Log tags: the world, the source host, the destination host.
+    tags: [Arc<str>; 3],
     /// Clients were moved to the destination (it served them).
     pub dest_served: bool,
 }
@@ -82,6 +84,7 @@ impl World {
             entrusted: None,
             mirrors_started: 0,
             disconnect_sent: false,
+            tags: ["sim".into(), "sim source".into(), "sim destination".into()],
             dest_served: false,
         }
     }
@@ -150,7 +153,22 @@ impl World {
         }
     }
 
+    /// Handles one event, with its log lines (if the code under test logs
+    /// any) tagged by the host it happens on.
     pub fn dispatch(&mut self, ev: Ev) {
+        let tag = match &ev {
+            Ev::DestStep { .. }
+            | Ev::Deliver { to_dest: true, .. }
+            | Ev::Closed { to_dest: true, .. } => "sim destination",
+            Ev::Restart { host } if *host == DEST => "sim destination",
+            Ev::Client { .. } | Ev::ClientReply { .. } | Ev::Fault { .. } | Ev::Status => "sim",
+            _ => "sim source",
+        };
+        let tag: Arc<str> = Arc::from(tag);
+        crate::log::scoped(&tag, || self.dispatch_tagged(ev));
+    }
+
+    fn dispatch_tagged(&mut self, ev: Ev) {
         match ev {
             Ev::Mirror => self.mirror_command(),
             Ev::Status => {
