@@ -159,12 +159,12 @@ impl World {
         let tag = match &ev {
             Ev::DestStep { .. }
             | Ev::Deliver { to_dest: true, .. }
-            | Ev::Closed { to_dest: true, .. } => "sim destination",
-            Ev::Restart { host } if *host == DEST => "sim destination",
-            Ev::Client { .. } | Ev::ClientReply { .. } | Ev::Fault { .. } | Ev::Status => "sim",
-            _ => "sim source",
+            | Ev::Closed { to_dest: true, .. } => 2,
+            Ev::Restart { host } if *host == DEST => 2,
+            Ev::Client { .. } | Ev::ClientReply { .. } | Ev::Fault { .. } | Ev::Status => 0,
+            _ => 1,
         };
-        let tag: Arc<str> = Arc::from(tag);
+        let tag = self.tags[tag].clone();
         crate::log::scoped(&tag, || self.dispatch_tagged(ev));
     }
 
