@@ -1032,12 +1032,22 @@ def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_des
         if mirror.returncode != 0:
             raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}: {mout}")
         m = re.search(r"clients were shut out for (\S+)", serve.log_text())
+        # What was left to send when clients were cut off (the source's
+        # "converged after" line): the shut-out grows with it, and how much
+        # is left depends on where the writer happened to be.
+        left = re.search(r"(\d+) bytes left at the cut-off", serve.log_text())
         res = {
+            "left_bytes": int(left.group(1)) if left else None,
             "seconds": t1 - t0,
             # The C source exits up to a second after the destination (it polls).
             "dest_done_s": listen.exit_time - t0,
             "mirror_said": mout,
             "lockout_ms": parse_rust_duration(m.group(1)) if m else None,
+            # Shut-out per MiB left at the cut-off: the hand-off's own cost,
+            # apart from how much the writer left (at least 64 KiB left, or
+            # the ratio is mostly fixed costs).
+            "lockout_ms_per_mib_left": (parse_rust_duration(m.group(1)) / (int(left.group(1)) / MIB)
+                                        if m and left and int(left.group(1)) >= 64 * 1024 else None),
             "lockout_raw": m.group(1) if m else None,
             "src_rss_kib": serve.peak_kib(), "dst_rss_kib": listen.peak_kib(),
             "t0": t0,
@@ -1653,6 +1663,8 @@ REFACTOR_ROWS = [
     ("clients shut out at the hand-off, under writes (the source's log: `clients were shut out for`)",
      "writes", "lockout_ms", "ms", False),
     ("clients shut out at the hand-off, idle (the source's log)", "plain", "lockout_ms", "ms", False),
+    ("clients shut out per MiB left at the cut-off, under writes (runs with at least 64 KiB left)", "writes",
+     "lockout_ms_per_mib_left", "ms/MiB", False),
 ]
 
 
@@ -1716,7 +1728,8 @@ def refactor_section(ctx, info, results, failures, started, finished):
         return [r[metric] for r in runs(case, build) if r.get(metric) is not None]
 
     def f(v, unit):
-        return {"GB/s": f"{v:.2f}", "IOPS": f"{v / 1000:.1f}k", "s": f"{v:.3f}", "ms": f"{v:.2f}"}[unit]
+        return {"GB/s": f"{v:.2f}", "IOPS": f"{v / 1000:.1f}k", "s": f"{v:.3f}", "ms": f"{v:.2f}",
+                "ms/MiB": f"{v:.1f}"}[unit]
 
     def cell(case, build, metric, unit):
         v = vals(case, build, metric)
@@ -1816,6 +1829,8 @@ def refactor_section(ctx, info, results, failures, started, finished):
     L.append("BIN serve  -l 127.0.0.1 -p 0 -f SRC  -s SSOCK -v")
     L.append("BIN mirror -s SSOCK -l 127.0.0.1 -p DPORT   # timed from here to both processes exited")
     L.append("# shut-out: the source's log line `clients were shut out for DURATION`")
+    L.append("# per MiB left: that shut-out over the source's `N bytes left at the cut-off` (runs with >= 64 KiB")
+    L.append("#   left): how much is left depends on where the writer is at the cut-off, not on the build")
     L.append("```")
     L.append("")
     L.append("<details><summary>every refactor run</summary>")
