@@ -22,8 +22,6 @@ struct State {
     durable: Vec<u8>,
     /// Sectors written since the last sync began.
     unsynced: BTreeSet<u64>,
-    /// Syncs that completed, for the trace.
-    syncs: u64,
 }
 
 /// An in-memory disk with a power-loss model.
@@ -42,7 +40,6 @@ impl SimDisk {
                 durable: content.clone(),
                 now: content,
                 unsynced: BTreeSet::new(),
-                syncs: 0,
             }),
         }
     }
@@ -54,11 +51,6 @@ impl SimDisk {
     /// What reads return now.
     pub fn content(&self) -> Vec<u8> {
         self.lock().now.clone()
-    }
-
-    /// How many syncs completed.
-    pub fn syncs(&self) -> u64 {
-        self.lock().syncs
     }
 
     /// Loses what a power cut may lose; returns how many sectors reverted.
@@ -126,7 +118,6 @@ impl ImageStore for SimDisk {
             let new = s.now[range.clone()].to_vec();
             s.durable[range].copy_from_slice(&new);
         }
-        s.syncs += 1;
         Ok(())
     }
 

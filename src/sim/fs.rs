@@ -31,8 +31,6 @@ struct State {
     durable_names: BTreeMap<PathBuf, u64>,
     /// The sizes of the images (whose bytes live on a simulated disk).
     sizes: BTreeMap<PathBuf, u64>,
-    /// Every operation, in order, for the trace.
-    log: Vec<String>,
 }
 
 /// The simulated file system of one host.
@@ -87,11 +85,6 @@ impl SimFs {
         self.lock().names.contains_key(path)
     }
 
-    /// Operations so far, for the trace.
-    pub fn take_log(&self) -> Vec<String> {
-        std::mem::take(&mut self.lock().log)
-    }
-
     /// Loses what a power cut may lose.
     pub fn power_cut(&self, loss: PowerLoss, rng: &mut SplitMix64) {
         let mut s = self.lock();
@@ -136,7 +129,6 @@ impl SimFs {
         s.names = names;
         let live: std::collections::BTreeSet<u64> = s.names.values().copied().collect();
         s.inodes.retain(|n, _| live.contains(n));
-        s.log.push("power cut".into());
     }
 }
 
@@ -164,11 +156,6 @@ impl FileOps for SimFs {
         if sync {
             inode.durable = data.to_vec();
         }
-        s.log.push(format!(
-            "write {}{}",
-            path.display(),
-            if sync { " +fsync" } else { "" }
-        ));
         Ok(())
     }
 
@@ -176,15 +163,12 @@ impl FileOps for SimFs {
         let mut s = self.lock();
         let n = s.names.remove(from).ok_or_else(|| not_found(from))?;
         s.names.insert(to.to_owned(), n);
-        s.log
-            .push(format!("rename {} {}", from.display(), to.display()));
         Ok(())
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
         s.names.remove(path).ok_or_else(|| not_found(path))?;
-        s.log.push(format!("remove {}", path.display()));
         Ok(())
     }
 
@@ -220,7 +204,6 @@ impl FileOps for SimFs {
                 .map(|(p, n)| (p.clone(), *n)),
         );
         s.durable_names = durable;
-        s.log.push(format!("fsync dir {}", dir.display()));
         Ok(())
     }
 }

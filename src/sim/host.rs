@@ -11,12 +11,7 @@ use super::disk::SECTOR;
 use super::ledger::{self, HOSTS};
 use super::scenario::{FaultKind, Mark, MirrorAction, DEST, SOURCE};
 use super::source::SourceRun;
-use super::world::{image_path, Client, ClientOp, Core, Ev, Host, Micros, Msg};
-
-/// The mirror's no-progress limit in the simulation.
-pub const REQUEST_LIMIT: Micros = 2_000_000;
-/// How long a connection attempt into a blackhole takes to fail.
-pub const CONNECT_TIMEOUT: Micros = 1_000_000;
+use super::world::{image_path, Client, ClientOp, Core, Ev, Host, Msg};
 
 /// `flexnbd serve` on the source host, with its mirror when one runs.
 pub struct Serve {
@@ -117,7 +112,6 @@ impl World {
     fn start_serve(&mut self) {
         let host = &mut self.hosts[SOURCE];
         host.life += 1;
-        host.up = true;
         if !host.fs.exists(&image_path(SOURCE)) {
             self.core
                 .note("serve: the source image is gone; not started");
@@ -138,7 +132,6 @@ impl World {
     fn start_listen(&mut self) {
         let host = &mut self.hosts[DEST];
         host.life += 1;
-        host.up = true;
         let ops: Arc<dyn FileOps> = host.fs.clone();
         match super::dest::Listen::start(self.image_on(DEST), ops) {
             Ok(l) => {
@@ -455,13 +448,7 @@ impl World {
         self.core.note(format!("fault {index}: {:?}", f.what));
         match f.what {
             FaultKind::Reset => {
-                let up: Vec<u64> = self
-                    .core
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.up)
-                    .map(|(id, _)| *id)
-                    .collect();
+                let up = self.core.open_conns();
                 for c in up {
                     self.core.reset(c);
                 }
@@ -498,14 +485,7 @@ impl World {
     /// resets them), its state is gone.
     fn kill(&mut self, host: usize) {
         self.hosts[host].life += 1;
-        self.hosts[host].up = false;
-        let conns: Vec<u64> = self
-            .core
-            .conns
-            .iter()
-            .filter(|(_, c)| c.up)
-            .map(|(id, _)| *id)
-            .collect();
+        let conns = self.core.open_conns();
         for c in conns {
             self.core.close(c, host == DEST);
         }

@@ -14,7 +14,7 @@ use faults::SplitMix64;
 use super::disk::{SimDisk, SECTOR};
 use super::fs::SimFs;
 use super::ledger::{self, Ledger};
-use super::scenario::{Fault, FaultKind, Mark, Scenario, Trigger, DEST, SOURCE};
+use super::scenario::{Fault, Mark, Scenario, Trigger, DEST, SOURCE};
 
 /// Microseconds of virtual time.
 pub type Micros = u64;
@@ -236,6 +236,15 @@ impl Core {
         id
     }
 
+    /// The connections not yet closed or reset.
+    pub fn open_conns(&self) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.up)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Whether the link is blackholed now: packets sent vanish, and TCP
     /// delivers them only after it heals (by retransmission).
     pub fn blackholed(&self) -> bool {
@@ -354,7 +363,6 @@ pub struct Host {
     /// Bumped at every start of a process, so that events for a dead
     /// process are dropped.
     pub life: u64,
-    pub up: bool,
 }
 
 impl Host {
@@ -366,7 +374,6 @@ impl Host {
             disk: Arc::new(SimDisk::new(content, ino)),
             fs,
             life: 0,
-            up: true,
         }
     }
 }
@@ -478,11 +485,5 @@ impl World {
     pub fn next_client_op(c: &mut Client) -> u64 {
         c.next_op += 1;
         c.next_op
-    }
-}
-
-impl FaultKind {
-    pub fn describe(&self) -> String {
-        format!("{self:?}")
     }
 }
