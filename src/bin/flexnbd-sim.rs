@@ -88,6 +88,19 @@ fn main() -> ExitCode {
         }
         println!("  replay: scripts/sim --seeds {} --trace", f.seed);
     }
+    let fired: Vec<String> = outcome
+        .fired
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "faults that struck: {}",
+        if fired.is_empty() {
+            "none".into()
+        } else {
+            fired.join(", ")
+        }
+    );
     println!(
         "{} seeds in {secs:.1} s ({:.0} seeds/s), {} events, {} failed",
         outcome.runs,

@@ -53,6 +53,8 @@ pub struct World {
     pub mirrors_started: u32,
     /// The source sent DISCONNECT: as far as it knows, migrated.
     pub disconnect_sent: bool,
+    /// The kinds of the faults that struck so far.
+    pub fired: Vec<&'static str>,
     /// Log tags: the world, the source host, the destination host.
     tags: [Arc<str>; 3],
     /// Clients were moved to the destination (it served them).
@@ -79,6 +81,7 @@ impl World {
             entrusted: None,
             mirrors_started: 0,
             disconnect_sent: false,
+            fired: Vec::new(),
             tags: ["sim".into(), "sim source".into(), "sim destination".into()],
             dest_served: false,
         }
@@ -446,6 +449,7 @@ impl World {
     fn fault(&mut self, index: usize) {
         let f = self.core.sc.faults[index];
         self.core.note(format!("fault {index}: {:?}", f.what));
+        self.fired.push(f.what.name());
         match f.what {
             FaultKind::Reset => {
                 let up = self.core.open_conns();

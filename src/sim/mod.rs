@@ -29,6 +29,8 @@ pub struct Sweep {
     pub reports: Vec<Report>,
     /// The failing runs, lowest seeds first.
     pub failures: Vec<Report>,
+    /// How many faults of each kind struck, over all runs.
+    pub fired: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Runs `seeds` on `threads` threads. Each seed's run is independent and
@@ -48,6 +50,7 @@ pub fn sweep(
         events: 0,
         reports: Vec::new(),
         failures: Vec::new(),
+        fired: Default::default(),
     });
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -63,6 +66,9 @@ pub fn sweep(
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 o.runs += 1;
                 o.events += r.events;
+                for kind in &r.fired {
+                    *o.fired.entry(kind).or_default() += 1;
+                }
                 if !r.violations.is_empty() {
                     failed.fetch_add(1, Ordering::Relaxed);
                     let failure = Report {
@@ -104,6 +110,16 @@ mod tests {
         }
         assert!(sweep.failures.is_empty(), "{msg}");
         assert_eq!(sweep.runs, 2000);
+        // A seed whose faults never struck proves nothing about them: every
+        // kind must have struck many times over the default seeds.
+        for kind in super::scenario::FaultKind::NAMES {
+            let n = sweep.fired.get(kind).copied().unwrap_or(0);
+            assert!(
+                n >= 100,
+                "faults of kind {kind} struck only {n} times in 2,000 seeds: {:?}",
+                sweep.fired
+            );
+        }
     }
 
     /// A replay is exact: the same seed gives the same event trace.

@@ -72,6 +72,21 @@ pub enum FaultKind {
     Break { again_us: u64 },
 }
 
+impl FaultKind {
+    /// Every kind's name, as [`FaultKind::name`] gives it.
+    pub const NAMES: [&'static str; 5] = ["reset", "blackhole", "crash", "powercut", "break"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Reset => "reset",
+            FaultKind::Blackhole { .. } => "blackhole",
+            FaultKind::Crash { .. } => "crash",
+            FaultKind::PowerCut { .. } => "powercut",
+            FaultKind::Break { .. } => "break",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub when: Trigger,

@@ -402,6 +402,9 @@ pub struct Report {
     pub summary: String,
     pub violations: Vec<String>,
     pub trace: Vec<String>,
+    /// The kinds of the faults that struck (a fault waiting for a step the
+    /// run never reached does not).
+    pub fired: Vec<&'static str>,
 }
 
 /// The initial tag of each sector of the source's image: data written by
@@ -473,6 +476,7 @@ impl World {
         self.finish();
         Report {
             seed,
+            fired: std::mem::take(&mut self.fired),
             hash: self.core.trace_hash,
             events: self.core.events_run,
             end: self.core.now,
