@@ -431,6 +431,29 @@ impl Convergence {
     }
 }
 
+/// A remainder this quick to send is cut off at once.
+pub const QUICK_REMAINDER: Duration = Duration::from_millis(2);
+/// Dirty passes after the remainder was first small enough, at most.
+pub const MAX_EXTRA_PASSES: u32 = 3;
+
+/// Once the remainder is small enough to cut off, whether one more dirty
+/// pass first is worth it. The pass takes about the remainder's time, and
+/// clients dirty at most [`CLIENT_SHARE`] of that meanwhile, so what is left
+/// after it is usually a fraction of what is left now; the shut-out is then
+/// that fraction, not wherever between the goal and its fraction the pass
+/// before happened to end. It is not worth it when the remainder is already
+/// quick (the entrust's sync costs more), when the last extra pass did not
+/// shrink it by a quarter (clients dirty as fast as the pass sends: the
+/// speed limit, a slow link, the backstop's larger allowance), or after
+/// [`MAX_EXTRA_PASSES`]. `previous` is the remainder before the last extra
+/// pass (`None` before the first); `passes` counts the extra passes so far.
+/// Each costs the migration about a remainder's time, never the clients.
+pub fn another_pass(remainder: Duration, previous: Option<Duration>, passes: u32) -> bool {
+    remainder > QUICK_REMAINDER
+        && passes < MAX_EXTRA_PASSES
+        && previous.is_none_or(|p| remainder.as_secs_f64() <= p.as_secs_f64() * 0.75)
+}
+
 /// The most requests worth counting: as many as `allowance` holds at the
 /// destination's per-request cost (more could not make the estimate ready).
 fn most_requests(allowance: Duration, capacity: &Capacity) -> u64 {
@@ -462,6 +485,21 @@ mod tests {
 
     fn cost(len: u64) -> Duration {
         Duration::from_secs_f64(0.5 * MS + 2.5e-9 * len as f64)
+    }
+
+    #[test]
+    fn another_pass_while_the_remainder_is_over_quick_and_shrinking() {
+        let ms = Duration::from_millis;
+        // The first time small enough: one more pass, unless already quick.
+        assert!(another_pass(ms(20), None, 0));
+        assert!(another_pass(ms(3), None, 0));
+        assert!(!another_pass(QUICK_REMAINDER, None, 0));
+        // After an extra pass: again only if it shrank by a quarter.
+        assert!(another_pass(ms(15), Some(ms(20)), 1));
+        assert!(!another_pass(ms(16), Some(ms(20)), 1));
+        // At most MAX_EXTRA_PASSES.
+        assert!(another_pass(ms(4), Some(ms(8)), MAX_EXTRA_PASSES - 1));
+        assert!(!another_pass(ms(4), Some(ms(8)), MAX_EXTRA_PASSES));
     }
 
     #[test]

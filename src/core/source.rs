@@ -458,6 +458,10 @@ struct Attempt {
     convergence: Option<Convergence>,
     converging_since: Option<Instant>,
     sweep_time: Duration,
+    can_flush: bool,
+    /// Whether this measurement came right after a flush that counts (a
+    /// quick one, or the last one allowed): nothing sent before it is left
+    /// for entrust to sync.
     flushed: bool,
     flushes: u32,
     flush_started: Option<Instant>,
@@ -472,6 +476,10 @@ struct Attempt {
     measured_at: Option<Instant>,
     cut_at: Option<Instant>,
     lockout: Duration,
+    /// Passes since the remainder was first small enough to cut off, and
+    /// the remainder before the last of them (policy::another_pass).
+    extra_passes: u32,
+    before_extra: Option<Duration>,
 }
 
 impl Attempt {
@@ -488,10 +496,8 @@ impl Attempt {
             convergence: None,
             converging_since: None,
             sweep_time: Duration::ZERO,
-            // Flushing repeats until one is quick: then little is left for
-            // the destination to make durable at entrust, while clients are
-            // shut out. A destination without FLUSH syncs every write.
-            flushed: !can_flush,
+            can_flush,
+            flushed: false,
             flushes: 0,
             flush_started: None,
             warn_at: None,
@@ -505,6 +511,8 @@ impl Attempt {
             measured_at: None,
             cut_at: None,
             lockout: Duration::ZERO,
+            extra_passes: 0,
+            before_extra: None,
         }
     }
 }
@@ -687,8 +695,24 @@ impl Source {
                 let a = self.attempt_mut();
                 a.flushes += 1;
                 let took = now.saturating_duration_since(a.flush_started.unwrap_or(now));
-                a.flushed = took <= quick || a.flushes >= max;
-                self.pass_top(Vec::new())
+                let line = format!(
+                    "flush {} before the cut-off answered in {:.1} ms",
+                    a.flushes,
+                    took.as_secs_f64() * 1e3
+                );
+                if took <= quick || a.flushes >= max {
+                    // Look again at once: a pass now would send, unsynced,
+                    // what clients wrote during the flush, and give them
+                    // that pass's time to write more.
+                    a.flushed = true;
+                    self.wait = Wait::PassMeasure;
+                    return vec![Effect::Log(Level::Info, line), Effect::Measure];
+                }
+                // A slow flush: clients wrote meanwhile. Converge again,
+                // extra passes and all.
+                a.extra_passes = 0;
+                a.before_extra = None;
+                self.pass_top(vec![Effect::Log(Level::Info, line)])
             }
             (Wait::CutOff, Event::ClientsCutOff) => self.final_take(),
             (Wait::FinalTake, Event::DirtyTaken(ranges)) => {
@@ -934,6 +958,8 @@ impl Source {
     }
 
     fn pass_top(&mut self, mut out: Vec<Effect>) -> Vec<Effect> {
+        // What this pass sends comes after any flush so far.
+        self.attempt_mut().flushed = false;
         self.wait = Wait::PassCapacity;
         out.push(Effect::MeasureCapacity);
         out
@@ -956,6 +982,7 @@ impl Source {
     /// The cut-off decision, with `runs` writes counted (when asked for).
     fn decide(&mut self, runs: u64) -> Vec<Effect> {
         let target = self.config.target.clone();
+        let max_flushes = self.config.max_flushes;
         let a = self.attempt_mut();
         let now = a.measured_at.expect("measured before deciding");
         let in_flight = a.in_flight;
@@ -975,7 +1002,29 @@ impl Source {
             ));
         }
         if estimate.ready() {
-            if a.flushed {
+            // Small enough to cut off. First, while it pays, more passes
+            // make it smaller (policy::another_pass); then a FLUSH makes
+            // everything sent durable while clients still run, so that
+            // entrust, after the cut-off, syncs only the last changes.
+            // Flushing repeats until one is quick, at most max_flushes
+            // times. A destination without FLUSH syncs every write.
+            let remainder = estimate.remainder.unwrap_or_default();
+            let may_flush = a.can_flush && a.flushes < max_flushes;
+            if !a.flushed && policy::another_pass(remainder, a.before_extra, a.extra_passes) {
+                a.extra_passes += 1;
+                a.before_extra = Some(remainder);
+                out.push(Effect::Log(
+                    Level::Info,
+                    format!(
+                        "{} bytes left would take {:.1} ms: extra pass {} before the cut-off",
+                        a.remaining,
+                        remainder.as_secs_f64() * 1e3,
+                        a.extra_passes
+                    ),
+                ));
+                return self.pass_top(out);
+            }
+            if a.flushed || !may_flush {
                 out.push(Effect::Log(
                     Level::Info,
                     converged_line(
@@ -984,6 +1033,7 @@ impl Source {
                         a.remaining,
                         a.capacity,
                         &estimate,
+                        a.extra_passes,
                     ),
                 ));
                 return self.cut_off(now, out);
@@ -1121,6 +1171,7 @@ fn converged_line(
     remaining: u64,
     capacity: Option<Capacity>,
     estimate: &Estimate,
+    extra_passes: u32,
 ) -> String {
     let per = capacity.map_or(String::new(), |c| {
         format!(
@@ -1142,9 +1193,19 @@ fn converged_line(
             }
         )
     });
+    // How long the remainder should take, and how many passes went to
+    // making it smaller once it was small enough (policy::another_pass):
+    // with the shut-out the log reports next, a model that is off shows.
+    let expect = estimate.remainder.map_or(String::new(), |r| {
+        format!(
+            " (expected to take {:.1} ms; {extra_passes} extra pass{})",
+            r.as_secs_f64() * 1e3,
+            if extra_passes == 1 { "" } else { "es" }
+        )
+    });
     format!(
         "converged after {:.3} s of dirty passes (the sweep took {:.3} s): \
-         {remaining} bytes left at the cut-off{per}",
+         {remaining} bytes left at the cut-off{expect}{per}",
         converging.as_secs_f64(),
         sweep.as_secs_f64(),
     )
@@ -1427,9 +1488,7 @@ mod tests {
         "measure",
         "idle",
         "FLUSH",
-        // The flush was quick: cut off.
-        "pace all",
-        "take",
+        // The flush was quick: look again at once, and cut off.
         "measure",
         "unpace",
         "cut off",
@@ -1871,7 +1930,7 @@ mod tests {
     #[test]
     fn client_writes_during_convergence_are_sent_before_the_cut_off() {
         let mut w = World::new(MirrorAction::Exit);
-        w.dirty = VecDeque::from([vec![(10, 5), (120, 7)], vec![(10, 1)]]);
+        w.dirty = VecDeque::from([vec![(10, 5), (120, 7)]]);
         assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
         let script = w.script();
         let converging = w.position("phase converging");
@@ -1881,7 +1940,7 @@ mod tests {
             .filter(|s| s.starts_with("data"))
             .map(String::as_str)
             .collect();
-        assert_eq!(sends, ["data 10+5", "data 120+7", "data 10+1"]);
+        assert_eq!(sends, ["data 10+5", "data 120+7"]);
     }
 
     #[test]
@@ -1940,6 +1999,94 @@ mod tests {
             "{s:#?}"
         );
         assert_eq!(s.last().unwrap(), "cut off");
+    }
+
+    /// Drives the dirty passes with `runs` as the writes dirty at each
+    /// measurement in turn (0.1 ms each at the test's capacity); returns
+    /// how many measurements came before the cut-off, and the converged
+    /// line.
+    fn passes_to_cut_off(runs: &[u64]) -> (usize, String) {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        let mut measured = 0;
+        for _ in 0..1000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            if matches!(last, Effect::CutOffClients { .. }) {
+                break;
+            }
+            let ev = match last {
+                Effect::Measure => {
+                    measured += 1;
+                    Event::Measured {
+                        dirty_bytes: 4096,
+                        in_flight: 0,
+                        in_flight_bytes: 0,
+                    }
+                }
+                Effect::CountRuns { .. } => Event::Runs(runs[measured - 1]),
+                _ => world.plain(&last),
+            };
+            t += Duration::from_millis(1);
+            b = m.handle(t, ev);
+        }
+        assert!(
+            matches!(seen.last(), Some(Effect::CutOffClients { .. })),
+            "{seen:#?}"
+        );
+        // One FLUSH, after the extra passes, and right after it the last
+        // look and the cut-off: nothing is sent between them.
+        let s = script(&seen);
+        assert_eq!(s.iter().filter(|x| *x == "FLUSH").count(), 1, "{s:#?}");
+        assert_eq!(
+            s[s.len() - 5..],
+            ["FLUSH", "measure", "runs", "unpace", "cut off"]
+        );
+        let line = seen
+            .iter()
+            .find_map(|e| match e {
+                Effect::Log(Level::Info, l) if l.starts_with("converged after") => Some(l.clone()),
+                _ => None,
+            })
+            .expect("a converged line");
+        (measured, line)
+    }
+
+    #[test]
+    fn once_small_enough_the_remainder_is_made_smaller_by_more_passes() {
+        // 20 ms: small enough, so one more pass; 10 ms (it shrank by a
+        // quarter): another; 9 ms (it did not): FLUSH, look again (5 ms),
+        // cut off.
+        let (measured, line) = passes_to_cut_off(&[200, 100, 90, 50]);
+        assert_eq!(measured, 4);
+        assert!(
+            line.contains("(expected to take 5.0 ms; 2 extra passes)"),
+            "{line}"
+        );
+        // It shrinks to a quick remainder: FLUSH there.
+        let (measured, line) = passes_to_cut_off(&[200, 50, 10, 8]);
+        assert_eq!(measured, 4);
+        assert!(
+            line.contains("(expected to take 0.8 ms; 2 extra passes)"),
+            "{line}"
+        );
+        // It keeps shrinking: three extra passes at most.
+        let (measured, line) = passes_to_cut_off(&[200, 100, 50, 25, 12]);
+        assert_eq!(measured, 5);
+        assert!(
+            line.contains("(expected to take 1.2 ms; 3 extra passes)"),
+            "{line}"
+        );
+        // Quick at once: no extra pass.
+        let (measured, line) = passes_to_cut_off(&[15, 14]);
+        assert_eq!(measured, 2);
+        assert!(
+            line.contains("(expected to take 1.4 ms; 0 extra passes)"),
+            "{line}"
+        );
     }
 
     #[test]
