@@ -26,6 +26,8 @@ pub const COMMANDS: &[&str] = &[
     "write_zeroes",
     "block_status",
     "entrust",
+    "checkpoint",
+    "resume",
     "unknown",
 ];
 

@@ -72,6 +72,15 @@ pub mod cmd {
     /// old 32-bit type field) folded into the 16-bit type space as the last
     /// value, far from any value the specification may assign later.
     pub const ENTRUST: u16 = 0xffff;
+    /// A migration's checkpoint (docs/handoff.md, "Resuming"): `offset` is
+    /// the migration id, `length` the checkpoint's number. Answered once
+    /// the image is durable and the marker names the checkpoint.
+    pub const CHECKPOINT: u16 = 0xfffe;
+    /// The resume query: `offset` is the migration id, `length` 8. Answered
+    /// with 0 and 8 bytes, the checkpoint of that migration the destination
+    /// durably holds (big-endian, 0 for none); an old destination answers
+    /// an error, without a payload.
+    pub const RESUME: u16 = 0xfffd;
 
     /// A name for log lines.
     pub fn name(kind: u16) -> &'static str {
@@ -85,6 +94,8 @@ pub mod cmd {
             WRITE_ZEROES => "write_zeroes",
             BLOCK_STATUS => "block_status",
             ENTRUST => "entrust",
+            CHECKPOINT => "checkpoint",
+            RESUME => "resume",
             _ => "unknown",
         }
     }
