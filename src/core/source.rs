@@ -17,6 +17,7 @@
 //! | effect | answering event |
 //! |---|---|
 //! | [`Effect::Connect`] | [`Event::Connected`] or [`Event::ConnectFailed`] |
+//! | [`Effect::QueryResume`] | [`Event::ResumeAnswer`] |
 //! | [`Effect::MeasureCapacity`] | [`Event::Capacity`] |
 //! | [`Effect::AskExtents`] | [`Event::Extents`] |
 //! | [`Effect::SendData`], [`Effect::SendHole`] | [`Event::Sent`] |
@@ -24,7 +25,7 @@
 //! | [`Effect::Measure`] | [`Event::Measured`] |
 //! | [`Effect::CountRuns`] | [`Event::Runs`] |
 //! | [`Effect::WaitIdle`] | [`Event::Idle`] |
-//! | [`Effect::Flush`], [`Effect::Entrust`] | [`Event::Reply`] |
+//! | [`Effect::Flush`], [`Effect::Entrust`], [`Effect::Checkpoint`] | [`Event::Reply`] |
 //! | [`Effect::CutOffClients`] | [`Event::ClientsCutOff`] |
 //! | [`Effect::CloseServer`] | [`Event::ServerClosed`] |
 //! | [`Effect::Unlink`] | [`Event::Unlinked`] |
@@ -63,6 +64,12 @@ pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// After the first "not converging" warning, the next comes this much later.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// A checkpoint after at least this much data sent since the last one...
+pub const CHECKPOINT_MIN: u64 = 64 * 1024 * 1024;
+/// ...or this share of the image, if more: an interrupted copy then sends
+/// again at most this share beyond what was left, and a small image is not
+/// held up by a sync every few megabytes.
+pub const CHECKPOINT_SHARE: u64 = 64;
 /// NBD's EINVAL: what an old destination answers entrust with.
 const EINVAL: u32 = crate::proto::errno::EINVAL;
 
@@ -197,6 +204,13 @@ pub struct SourceConfig {
     pub max_flushes: u32,
     pub cutoff_grace: Duration,
     pub retry_delay: Duration,
+    /// The migration's id (docs/handoff.md, "Resuming"), not 0.
+    pub migration: u64,
+    /// The last checkpoint of this migration the destination answered,
+    /// from an earlier `mirror` (0: none, or nothing held).
+    pub checkpoint: u64,
+    /// Data sent between checkpoints.
+    pub checkpoint_every: u64,
 }
 
 impl SourceConfig {
@@ -215,6 +229,9 @@ impl SourceConfig {
             max_flushes: MAX_FLUSHES,
             cutoff_grace: CUTOFF_GRACE,
             retry_delay: RETRY_DELAY,
+            migration: 1,
+            checkpoint: 0,
+            checkpoint_every: (size / CHECKPOINT_SHARE).max(CHECKPOINT_MIN),
         }
     }
 }
@@ -237,8 +254,12 @@ pub enum Event {
         capacity: Option<Capacity>,
         speed_limit: Option<u64>,
     },
-    /// The extents asked for, as (length, is a hole) from its start.
-    Extents(Vec<(u64, bool)>),
+    /// The destination's answer to the resume query: the checkpoint of this
+    /// migration it durably holds (0: none), or `None` for an old
+    /// destination that knows no checkpoints.
+    ResumeAnswer(Option<u64>),
+    /// The extents asked for, as (length, what) from its start.
+    Extents(Vec<(u64, Extent)>),
     /// The data or hole went out (written to the connection; its reply
     /// comes later and is awaited by [`Effect::WaitIdle`]).
     Sent,
@@ -275,6 +296,63 @@ pub enum Event {
     Tick,
 }
 
+/// A piece of the image as the sweep sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    Data,
+    Hole,
+    /// The destination holds it (only when asked for): nothing to send.
+    Held,
+}
+
+/// The answer to [`Effect::AskExtents`] from the image's `extents` (as
+/// (length, is a hole)) and, when held pieces were asked for, what the
+/// destination holds of the same range (as (length, held)). Held wins:
+/// whatever the source has there, the destination has it too.
+pub fn extents_with_held(
+    extents: &[(u64, bool)],
+    held: Option<&[(u64, bool)]>,
+) -> Vec<(u64, Extent)> {
+    let kind = |hole: bool| if hole { Extent::Hole } else { Extent::Data };
+    let Some(held) = held else {
+        return extents
+            .iter()
+            .map(|&(len, hole)| (len, kind(hole)))
+            .collect();
+    };
+    let mut out: Vec<(u64, Extent)> = Vec::new();
+    let (mut e, mut h) = (extents.iter().copied(), held.iter().copied());
+    let (mut cur_e, mut cur_h) = (e.next(), h.next());
+    while let (Some((elen, hole)), Some((hlen, is_held))) = (cur_e, cur_h) {
+        let n = elen.min(hlen);
+        let k = if is_held { Extent::Held } else { kind(hole) };
+        match out.last_mut() {
+            Some(last) if last.1 == k => last.0 += n,
+            _ => out.push((n, k)),
+        }
+        cur_e = if elen > n {
+            Some((elen - n, hole))
+        } else {
+            e.next()
+        };
+        cur_h = if hlen > n {
+            Some((hlen - n, is_held))
+        } else {
+            h.next()
+        };
+    }
+    // The held runs cover the range; should they fall short, the rest is
+    // sent as the extents say.
+    while let Some((len, hole)) = cur_e {
+        match out.last_mut() {
+            Some(last) if last.1 == kind(hole) => last.0 += len,
+            _ => out.push((len, kind(hole))),
+        }
+        cur_e = e.next();
+    }
+    out
+}
+
 /// What the driver is to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
@@ -286,6 +364,27 @@ pub enum Effect {
     },
     /// Connect, read the greeting, check the size.
     Connect,
+    /// Ask the destination which checkpoint of `migration` it holds.
+    QueryResume {
+        migration: u64,
+    },
+    /// Begin the attempt's record of what was sent: from what the
+    /// destination holds (`resume`), or from nothing, forgetting what was
+    /// held.
+    BeginHeld {
+        resume: bool,
+    },
+    /// Make everything sent so far durable at the destination and recorded
+    /// in its marker as checkpoint `checkpoint` of `migration`.
+    Checkpoint {
+        migration: u64,
+        checkpoint: u64,
+    },
+    /// The destination answered checkpoint `checkpoint`: everything sent is
+    /// held.
+    Held {
+        checkpoint: u64,
+    },
     /// Tell the `mirror` caller how the first attempt went.
     ReportFirst(FirstOutcome),
     StartTracking,
@@ -303,9 +402,12 @@ pub enum Effect {
         capacity: Option<Capacity>,
         below: u64,
     },
+    /// The extents of the range; with `held`, what the destination holds
+    /// comes as [`Extent::Held`].
     AskExtents {
         offset: u64,
         len: u64,
+        held: bool,
     },
     /// Send the image's bytes in the range (paced by the speed limit).
     SendData {
@@ -320,6 +422,8 @@ pub enum Effect {
     },
     /// The sweep has sent everything before `offset` (for status).
     SweepProgress(u64),
+    /// The sweep skipped this many bytes the destination holds (for status).
+    SweepSkipped(u64),
     /// Take (and clear) dirty ranges: up to `max_bytes` in all, none longer
     /// than `max_run`, ranges less than `gap` apart joined into one.
     TakeDirty {
@@ -368,6 +472,8 @@ impl Effect {
         matches!(
             self,
             Effect::Connect
+                | Effect::QueryResume { .. }
+                | Effect::Checkpoint { .. }
                 | Effect::MeasureCapacity
                 | Effect::AskExtents { .. }
                 | Effect::SendData { .. }
@@ -393,6 +499,8 @@ impl Effect {
         matches!(
             self,
             Effect::Connect
+                | Effect::QueryResume { .. }
+                | Effect::Checkpoint { .. }
                 | Effect::SendData { .. }
                 | Effect::SendHole { .. }
                 | Effect::WaitIdle
@@ -410,6 +518,10 @@ enum Wait {
     /// Not started.
     Start,
     Connect,
+    Resume,
+    /// A checkpoint in the sweep: idle first, then its reply.
+    SweepCheckpointIdle,
+    SweepCheckpoint,
     /// The sweep's window start: its capacity, then its extents.
     WindowCapacity,
     WindowExtents,
@@ -429,6 +541,9 @@ enum Wait {
         flush: bool,
     },
     PassFlush,
+    /// A checkpoint between dirty passes: idle first, then its reply.
+    PassCheckpointIdle,
+    PassCheckpoint,
     CutOff,
     FinalTake,
     FinalSent,
@@ -449,7 +564,7 @@ struct Attempt {
     started: Instant,
     window_start: u64,
     window_end: u64,
-    extents: VecDeque<(u64, bool)>,
+    extents: VecDeque<(u64, Extent)>,
     /// The current extent: where it starts, ends, whether a hole, and how
     /// far it has been sent.
     extent: Option<(u64, u64, bool, u64)>,
@@ -476,6 +591,15 @@ struct Attempt {
     measured_at: Option<Instant>,
     cut_at: Option<Instant>,
     lockout: Duration,
+    /// Whether the destination takes checkpoints (it answered the resume
+    /// query), whether this attempt resumed, the next checkpoint's number,
+    /// data sent since the last one, and whether the request before the
+    /// cut-off that is awaited is a checkpoint (else a FLUSH).
+    checkpoints: bool,
+    resumed: bool,
+    next_checkpoint: u64,
+    since_checkpoint: u64,
+    flush_is_checkpoint: bool,
     /// Passes since the remainder was first small enough to cut off, and
     /// the remainder before the last of them (policy::another_pass).
     extra_passes: u32,
@@ -513,6 +637,11 @@ impl Attempt {
             lockout: Duration::ZERO,
             extra_passes: 0,
             before_extra: None,
+            checkpoints: false,
+            resumed: false,
+            next_checkpoint: 1,
+            since_checkpoint: 0,
+            flush_is_checkpoint: false,
         }
     }
 }
@@ -528,17 +657,21 @@ pub struct Source {
     reported_first: bool,
     retry_at: Option<Instant>,
     attempt: Option<Attempt>,
+    /// The last checkpoint the destination answered whose blocks are still
+    /// counted as held (0: nothing held).
+    held_checkpoint: u64,
 }
 
 impl Source {
     pub fn new(config: SourceConfig) -> Source {
         Source {
-            config,
             wait: Wait::Start,
             attempts: 0,
             reported_first: false,
             retry_at: None,
             attempt: None,
+            held_checkpoint: config.checkpoint,
+            config,
         }
     }
 
@@ -587,6 +720,20 @@ impl Source {
                 Event::Failed { .. },
             ) => Vec::new(),
             (_, Event::Failed { reason }) => self.retry(now, reason),
+            (Wait::Resume, Event::ResumeAnswer(answer)) => self.resume_answered(now, answer),
+            (Wait::SweepCheckpointIdle, Event::Idle) => {
+                self.wait = Wait::SweepCheckpoint;
+                vec![self.checkpoint()]
+            }
+            (Wait::SweepCheckpoint, Event::Reply { error: 0 }) => {
+                let held = self.checkpointed();
+                self.wait = Wait::ChunkCapacity;
+                vec![held, Effect::MeasureCapacity]
+            }
+            (Wait::SweepCheckpoint, Event::Reply { error }) => self.retry(
+                now,
+                format!("the destination answered checkpoint with error {error}"),
+            ),
             (Wait::WindowCapacity, Event::Capacity { capacity, .. }) => {
                 let a = self.attempt_mut();
                 let (offset, len, below) =
@@ -596,10 +743,11 @@ impl Source {
                 // take, as measured so far (policy.rs), so that the dirty
                 // passes after the sweep start with little to do. Changes
                 // ahead of it cost nothing.
+                let held = a.resumed;
                 self.wait = Wait::WindowExtents;
                 vec![
                     Effect::SetPace { capacity, below },
-                    Effect::AskExtents { offset, len },
+                    Effect::AskExtents { offset, len, held },
                 ]
             }
             (Wait::WindowExtents, Event::Extents(extents)) => {
@@ -679,17 +827,47 @@ impl Source {
             }
             (Wait::PassRuns, Event::Runs(runs)) => self.decide(runs),
             (Wait::PassIdle { flush: true }, Event::Idle) => {
-                self.attempt_mut().flush_started = Some(now);
+                let a = self.attempt_mut();
+                a.flush_started = Some(now);
+                // A destination that takes checkpoints gets one instead:
+                // the same sync, and what it covers is held from then on.
+                a.flush_is_checkpoint = a.checkpoints;
                 self.wait = Wait::PassFlush;
-                vec![Effect::Flush]
+                if self.attempt_mut().flush_is_checkpoint {
+                    vec![self.checkpoint()]
+                } else {
+                    vec![Effect::Flush]
+                }
             }
+            (Wait::PassCheckpointIdle, Event::Idle) => {
+                self.wait = Wait::PassCheckpoint;
+                vec![self.checkpoint()]
+            }
+            (Wait::PassCheckpoint, Event::Reply { error: 0 }) => {
+                let held = self.checkpointed();
+                self.pass_top(vec![held])
+            }
+            (Wait::PassCheckpoint, Event::Reply { error }) => self.retry(
+                now,
+                format!("the destination answered checkpoint with error {error}"),
+            ),
             (Wait::PassIdle { flush: false }, Event::Idle) => self.pass_top(Vec::new()),
             (Wait::PassFlush, Event::Reply { error }) => {
+                let checkpoint = self.attempt_mut().flush_is_checkpoint;
                 if error != 0 {
+                    let what = if checkpoint {
+                        "checkpoint"
+                    } else {
+                        "the final flush"
+                    };
                     return self.retry(
                         now,
-                        format!("the destination answered the final flush with error {error}"),
+                        format!("the destination answered {what} with error {error}"),
                     );
+                }
+                let mut out = Vec::new();
+                if checkpoint {
+                    out.push(self.checkpointed());
                 }
                 let (quick, max) = (self.config.quick_flush, self.config.max_flushes);
                 let a = self.attempt_mut();
@@ -706,13 +884,15 @@ impl Source {
                     // that pass's time to write more.
                     a.flushed = true;
                     self.wait = Wait::PassMeasure;
-                    return vec![Effect::Log(Level::Info, line), Effect::Measure];
+                    out.extend([Effect::Log(Level::Info, line), Effect::Measure]);
+                    return out;
                 }
                 // A slow flush: clients wrote meanwhile. Converge again,
                 // extra passes and all.
                 a.extra_passes = 0;
                 a.before_extra = None;
-                self.pass_top(vec![Effect::Log(Level::Info, line)])
+                out.push(Effect::Log(Level::Info, line));
+                self.pass_top(out)
             }
             (Wait::CutOff, Event::ClientsCutOff) => self.final_take(),
             (Wait::FinalTake, Event::DirtyTaken(ranges)) => {
@@ -844,12 +1024,87 @@ impl Source {
                 self.attempts, self.config.target
             ),
         ));
+        self.attempt = Some(Attempt::new(flags, now));
+        self.wait = Wait::Resume;
+        out.push(Effect::QueryResume {
+            migration: self.config.migration,
+        });
+        out
+    }
+
+    /// The destination said which checkpoint of this migration it holds:
+    /// resume from it when it is at least the one this source last saw
+    /// answered (an older one, or none, and nothing is trusted).
+    fn resume_answered(&mut self, now: Instant, answer: Option<u64>) -> Vec<Effect> {
+        let (migration, target) = (self.config.migration, self.config.target.clone());
+        let held = self.held_checkpoint;
+        let resume = held > 0 && answer.is_some_and(|k| k >= held);
+        let mut out = Vec::new();
+        if !resume {
+            self.held_checkpoint = 0;
+        }
+        match answer {
+            None => {}
+            Some(_) if resume => out.push(Effect::Log(
+                Level::Info,
+                format!(
+                    "resuming migration {migration:016x} to {target} from checkpoint {held}: \
+                     what it held then and no client changed since is not sent again"
+                ),
+            )),
+            Some(k) if k > 0 => out.push(Effect::Log(
+                Level::Info,
+                format!(
+                    "{target} holds checkpoint {k} of migration {migration:016x}, but this source \
+                     trusts {}: copying everything",
+                    if held == 0 {
+                        "nothing of it".to_string()
+                    } else {
+                        format!("only checkpoint {held} and later")
+                    }
+                ),
+            )),
+            Some(_) => {}
+        }
+        let a = self.attempt_mut();
+        a.checkpoints = answer.is_some();
+        a.resumed = resume;
+        a.next_checkpoint = held.max(answer.unwrap_or(0)) + 1;
         // Track changes from here on. The sweep need not wait for the
         // allocation map: until it is built, extents come from the file.
         out.push(Effect::StartTracking);
+        out.push(Effect::BeginHeld { resume });
         out.push(Effect::SetPhase(Phase::Copying));
-        self.attempt = Some(Attempt::new(flags, now));
         self.next_window(now, out)
+    }
+
+    /// A checkpoint is due: none is outstanding, the destination takes
+    /// them, and enough data went out since the last.
+    fn checkpoint_due(&self) -> bool {
+        let every = self.config.checkpoint_every;
+        self.attempt
+            .as_ref()
+            .is_some_and(|a| a.checkpoints && a.since_checkpoint >= every)
+    }
+
+    /// The checkpoint request, numbered; `Held` follows its reply.
+    fn checkpoint(&mut self) -> Effect {
+        let migration = self.config.migration;
+        let a = self.attempt_mut();
+        a.since_checkpoint = 0;
+        Effect::Checkpoint {
+            migration,
+            checkpoint: a.next_checkpoint,
+        }
+    }
+
+    /// Checkpoint `k` was answered 0: everything sent is held.
+    fn checkpointed(&mut self) -> Effect {
+        let a = self.attempt_mut();
+        let k = a.next_checkpoint;
+        a.next_checkpoint += 1;
+        self.held_checkpoint = k;
+        Effect::Held { checkpoint: k }
     }
 
     /// The sweep's next window, or the end of the sweep.
@@ -877,9 +1132,17 @@ impl Source {
     fn sweep_next(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
         let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
         let a = self.attempt_mut();
-        if a.extent.is_none() {
+        while a.extent.is_none() {
             match a.extents.pop_front() {
-                Some((len, hole)) => a.extent = Some((a.pos, a.pos + len, hole, a.pos)),
+                // The destination holds it: nothing to send.
+                Some((len, Extent::Held)) => {
+                    a.pos += len;
+                    out.push(Effect::SweepSkipped(len));
+                    out.push(Effect::SweepProgress(a.pos));
+                }
+                Some((len, kind)) => {
+                    a.extent = Some((a.pos, a.pos + len, kind == Extent::Hole, a.pos))
+                }
                 None => return self.next_window(now, out),
             }
         }
@@ -919,10 +1182,10 @@ impl Source {
     fn sweep_sent(&mut self, now: Instant, data: bool) -> Vec<Effect> {
         let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
         let a = self.attempt_mut();
-        let (start, end, hole, at) = a.extent.expect("a piece of an extent was sent");
+        let (start, end, hole, from) = a.extent.expect("a piece of an extent was sent");
         let at = match (hole, a.can_zero) {
-            (false, _) => at + (end - at).min(chunk),
-            (true, true) => at + (end - at).min(zero_chunk),
+            (false, _) => from + (end - from).min(chunk),
+            (true, true) => from + (end - from).min(zero_chunk),
             (true, false) => end,
         };
         a.extent = Some((start, end, hole, at));
@@ -932,7 +1195,15 @@ impl Source {
             a.pos = end;
         }
         if data {
+            a.since_checkpoint += at - from;
             out.push(Effect::SweepProgress(at));
+            if self.checkpoint_due() {
+                // No write may be outstanding: only what the destination
+                // has answered is in what the checkpoint covers.
+                self.wait = Wait::SweepCheckpointIdle;
+                out.push(Effect::WaitIdle);
+                return out;
+            }
             out.push(Effect::MeasureCapacity);
             self.wait = Wait::ChunkCapacity;
             return out;
@@ -969,6 +1240,7 @@ impl Source {
         let a = self.attempt_mut();
         match a.ranges.pop_front() {
             Some((offset, len)) => {
+                a.since_checkpoint += len;
                 self.wait = Wait::PassSent;
                 vec![Effect::SendData { offset, len }]
             }
@@ -1042,6 +1314,14 @@ impl Source {
             out.push(Effect::WaitIdle);
             return out;
         }
+        if self.checkpoint_due() {
+            // Long dirty passes (a slow link, a speed limit) get
+            // checkpoints too, so an interruption there resumes.
+            self.wait = Wait::PassCheckpointIdle;
+            out.push(Effect::WaitIdle);
+            return out;
+        }
+        let a = self.attempt_mut();
         if !a.took_any {
             // Nothing dirty right now: wait for the writes in flight, then
             // look again.
@@ -1281,6 +1561,8 @@ mod tests {
         /// What the final passes after the cut-off take, in turn.
         final_dirty: VecDeque<Vec<(u64, u64)>>,
         flags: u16,
+        /// The answer to the resume query (`None`: an old destination).
+        resume: Option<u64>,
     }
 
     impl World {
@@ -1292,6 +1574,7 @@ mod tests {
                 dirty: VecDeque::new(),
                 final_dirty: VecDeque::new(),
                 flags: SEND_FLUSH | SEND_WRITE_ZEROES,
+                resume: None,
             }
         }
 
@@ -1312,9 +1595,11 @@ mod tests {
                 },
                 // The first half of every window is data, the rest a hole.
                 Effect::AskExtents { len, .. } if *len > 50 => {
-                    Event::Extents(vec![(50, false), (len - 50, true)])
+                    Event::Extents(vec![(50, Extent::Data), (len - 50, Extent::Hole)])
                 }
-                Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, false)]),
+                Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, Extent::Data)]),
+                Effect::QueryResume { .. } => Event::ResumeAnswer(self.resume),
+                Effect::Checkpoint { .. } => Event::Reply { error: 0 },
                 Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
                 Effect::TakeDirty { .. } if cut => {
                     Event::DirtyTaken(self.final_dirty.pop_front().unwrap_or_default())
@@ -1424,7 +1709,16 @@ mod tests {
                         (Some(_), u64::MAX) => "pace all".into(),
                         (Some(_), b) => format!("pace <{b}"),
                     },
-                    Effect::AskExtents { offset, len } => format!("extents {offset}+{len}"),
+                    Effect::AskExtents { offset, len, held } => {
+                        format!("extents {offset}+{len}{}", if *held { " held" } else { "" })
+                    }
+                    Effect::QueryResume { .. } => "resume?".into(),
+                    Effect::BeginHeld { resume } => {
+                        format!("held {}", if *resume { "resume" } else { "fresh" })
+                    }
+                    Effect::Checkpoint { checkpoint, .. } => format!("CHECKPOINT {checkpoint}"),
+                    Effect::Held { checkpoint } => format!("held {checkpoint}"),
+                    Effect::SweepSkipped(n) => format!("skipped {n}"),
                     Effect::SendData { offset, len } => format!("data {offset}+{len}"),
                     Effect::SendHole {
                         offset,
@@ -1461,7 +1755,9 @@ mod tests {
 
     /// A whole attempt up to the cut-off, as `script` shows it.
     const SWEEP_AND_CONVERGE: &[&str] = &[
+        "resume?",
         "track",
+        "held fresh",
         "phase copying",
         "clear 0+200",
         "pace <200",
@@ -1633,6 +1929,157 @@ mod tests {
         assert!(script.contains(&"cut off".to_string()));
     }
 
+    /// A world whose destination takes checkpoints: it answers the resume
+    /// query with `answer`; the source last saw `held` answered, and
+    /// checkpoints every `every` bytes of data.
+    fn checkpointing(answer: u64, held: u64, every: u64) -> World {
+        let mut w = World::new(MirrorAction::Exit);
+        w.resume = Some(answer);
+        w.machine = Source::new(SourceConfig {
+            checkpoint: held,
+            checkpoint_every: every,
+            ..config(MirrorAction::Exit)
+        });
+        w
+    }
+
+    #[test]
+    fn a_destination_that_takes_checkpoints_gets_them_in_the_sweep_and_before_the_cut_off() {
+        let mut w = checkpointing(0, 0, 50);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        // Each 50 bytes of data: idle, then the checkpoint, then held.
+        let first = w.position("CHECKPOINT 1");
+        assert_eq!(
+            s[first - 3..first + 2],
+            ["data 0+50", "swept 50", "idle", "CHECKPOINT 1", "held 1"]
+        );
+        let second = w.position("CHECKPOINT 2");
+        assert_eq!(
+            s[second - 3..second + 2],
+            ["data 200+50", "swept 250", "idle", "CHECKPOINT 2", "held 2"]
+        );
+        // The flush before the cut-off is a checkpoint too; no FLUSH goes.
+        let third = w.position("CHECKPOINT 3");
+        assert_eq!(
+            s[third + 1..third + 5],
+            ["held 3", "measure", "unpace", "cut off"]
+        );
+        assert!(!s.contains(&"FLUSH".to_string()), "{s:#?}");
+        // Nothing was held before: the sweep asked for plain extents.
+        assert!(s.contains(&"held fresh".to_string()));
+        assert!(s.contains(&"extents 0+200".to_string()));
+    }
+
+    #[test]
+    fn an_attempt_resumes_from_the_checkpoint_the_destination_still_holds() {
+        for answer in [2, 3] {
+            let mut w = checkpointing(answer, 2, 1 << 40);
+            let outcome = w.run(|e, _| match e {
+                Effect::AskExtents { offset: 0, .. } => Some(Event::Extents(vec![
+                    (50, Extent::Held),
+                    (100, Extent::Hole),
+                    (50, Extent::Held),
+                ])),
+                _ => None,
+            });
+            assert_eq!(outcome, Outcome::HandedOff);
+            let s = w.script();
+            let from = w.position("held resume");
+            assert_eq!(
+                s[from..from + 11],
+                [
+                    "held resume",
+                    "phase copying",
+                    "clear 0+200",
+                    "pace <200",
+                    "extents 0+200 held",
+                    "skipped 50",
+                    "swept 50",
+                    "zeroes 50+100",
+                    "swept 150",
+                    "skipped 50",
+                    "swept 200",
+                ]
+            );
+            assert!(!s.contains(&"data 0+50".to_string()), "{s:#?}");
+            // Numbered after the newer of the two.
+            assert!(s.contains(&format!("CHECKPOINT {}", answer + 1)), "{s:#?}");
+            assert!(w.logs().contains(
+                &"resuming migration 0000000000000001 to 10.0.0.2:4777 from checkpoint 2: what it held then and no client changed since is not sent again"
+                    .to_string()
+            ));
+        }
+    }
+
+    #[test]
+    fn without_a_checkpoint_as_new_as_the_last_one_answered_everything_is_copied() {
+        // An older checkpoint, none, or a source that trusts none.
+        for (answer, held) in [(1, 2), (0, 2), (5, 0)] {
+            let mut w = checkpointing(answer, held, 1 << 40);
+            assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+            let s = w.script();
+            assert!(s.contains(&"held fresh".to_string()), "{s:#?}");
+            assert!(s.contains(&"extents 0+200".to_string()), "{s:#?}");
+            assert!(s.contains(&"data 0+50".to_string()), "{s:#?}");
+            assert!(
+                s.contains(&format!("CHECKPOINT {}", answer.max(held) + 1)),
+                "{s:#?}"
+            );
+        }
+        let w = {
+            let mut w = checkpointing(1, 2, 1 << 40);
+            w.run(|_, _| None);
+            w
+        };
+        assert!(w.logs().contains(
+            &"10.0.0.2:4777 holds checkpoint 1 of migration 0000000000000001, but this source trusts only checkpoint 2 and later: copying everything"
+                .to_string()
+        ));
+        // An old destination: no checkpoint, a FLUSH as before.
+        let mut w = World::new(MirrorAction::Exit);
+        w.machine = Source::new(SourceConfig {
+            checkpoint: 2,
+            checkpoint_every: 50,
+            ..config(MirrorAction::Exit)
+        });
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert!(s.contains(&"held fresh".to_string()));
+        assert!(s.contains(&"FLUSH".to_string()));
+        assert!(!s.iter().any(|x| x.starts_with("CHECKPOINT")), "{s:#?}");
+    }
+
+    #[test]
+    fn a_failed_checkpoint_retries_and_the_retry_resumes_from_the_last_one_answered() {
+        let mut w = checkpointing(0, 0, 50);
+        let mut queries = 0;
+        let outcome = w.run(|e, _| match e {
+            Effect::QueryResume { .. } => {
+                queries += 1;
+                // The destination holds checkpoint 1 after the first attempt.
+                Some(Event::ResumeAnswer(Some(if queries == 1 { 0 } else { 1 })))
+            }
+            Effect::Checkpoint { checkpoint: 2, .. } if queries == 1 => {
+                Some(Event::Reply { error: 5 })
+            }
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let s = w.script();
+        let retry = w.position("phase retrying");
+        assert_eq!(s[retry - 3..retry], ["CHECKPOINT 2", "unpace", "allow"]);
+        assert!(s[retry..].contains(&"held resume".to_string()), "{s:#?}");
+        assert!(
+            s[retry..].contains(&"extents 0+200 held".to_string()),
+            "{s:#?}"
+        );
+        assert!(w
+            .logs()
+            .iter()
+            .any(|l| l.contains("answered checkpoint with error 5")));
+    }
+
     #[test]
     fn a_write_error_mid_sweep_retries_from_scratch_after_the_delay() {
         let mut w = World::new(MirrorAction::Exit);
@@ -1650,7 +2097,7 @@ mod tests {
         let script = w.script();
         let retry = w.position("phase retrying");
         assert_eq!(
-            script[retry - 3..retry + 6],
+            script[retry - 3..retry + 9],
             [
                 "zeroes 50+100",
                 "unpace",
@@ -1659,13 +2106,15 @@ mod tests {
                 "retry in 1s",
                 "begin 2",
                 "connect",
-                // Fresh: tracking again, the sweep from 0, the caller not
-                // told again.
+                // Fresh: tracking again, nothing held (an old destination),
+                // the sweep from 0, the caller not told again.
+                "resume?",
                 "track",
+                "held fresh",
                 "phase copying",
+                "clear 0+200",
             ]
         );
-        assert_eq!(script[retry + 6], "clear 0+200");
         assert_eq!(script.iter().filter(|s| *s == "first Go").count(), 1);
         assert!(w.logs().contains(
             &"migration attempt 1 to 10.0.0.2:4777 failed: the destination closed the connection; retrying in 1 s"

@@ -37,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
-use crate::core::source::{Effect, Event, Level, Milestone, Source, SourceConfig};
+use crate::core::source::{
+    extents_with_held, Effect, Event, Level, Milestone, Source, SourceConfig,
+};
 use crate::fault_apply::{self, How, Incoming};
 use crate::log::monotonic_ms;
 use crate::probe::{Probe, Step};
@@ -114,6 +116,13 @@ pub struct MirrorState {
     remainder_us: AtomicU64,
     allowance_us: AtomicU64,
     bottleneck: AtomicU8,
+    /// The last checkpoint the destination answered (0: none yet).
+    pub checkpoint: AtomicU64,
+    /// What the destination held when this attempt resumed (bytes not
+    /// sent again; 0 when it copies everything).
+    held_at_start: AtomicU64,
+    /// Of that, what the sweep has passed so far.
+    skipped: AtomicU64,
 }
 
 impl MirrorState {
@@ -130,7 +139,30 @@ impl MirrorState {
             remainder_us: AtomicU64::new(u64::MAX),
             allowance_us: AtomicU64::new(0),
             bottleneck: AtomicU8::new(Bottleneck::Unknown as u8),
+            checkpoint: AtomicU64::new(0),
+            held_at_start: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
         }
+    }
+
+    fn begin_held(&self, held: u64) {
+        self.held_at_start.store(held, Ordering::Release);
+        self.skipped.store(0, Ordering::Release);
+    }
+
+    /// How the current attempt stands on resuming, as status keys: the
+    /// last checkpoint the destination answered, and what it held when the
+    /// attempt began (not sent again). Empty until there is either.
+    pub fn resume_keys(&self) -> Vec<(String, String)> {
+        let checkpoint = self.checkpoint.load(Ordering::Acquire);
+        let held = self.held_at_start.load(Ordering::Acquire);
+        if checkpoint == 0 && held == 0 {
+            return Vec::new();
+        }
+        vec![
+            ("migration_checkpoint".into(), checkpoint.to_string()),
+            ("migration_resumed_bytes".into(), held.to_string()),
+        ]
     }
 
     fn set_estimate(&self, e: &Estimate) {
@@ -208,7 +240,12 @@ impl MirrorState {
         let sent = self.sent.load(Ordering::Acquire);
         let speed = sent / (elapsed_ms / 1000 + 1);
         let swept = self.sweep_offset.load(Ordering::Acquire).min(image.size());
-        let bytes_left = image.dirty_bytes() + (image.size() - swept);
+        // What the destination holds ahead of the sweep is not sent again.
+        let held_ahead = self
+            .held_at_start
+            .load(Ordering::Acquire)
+            .saturating_sub(self.skipped.load(Ordering::Acquire));
+        let bytes_left = image.dirty_bytes() + (image.size() - swept).saturating_sub(held_ahead);
         MigrationStatus {
             speed,
             duration: elapsed_ms / 1000,
@@ -268,13 +305,20 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     first: oneshot::Sender<FirstOutcome>,
 ) -> Outcome {
     let image = host.image().clone();
-    let machine = Source::new(SourceConfig::new(
-        config.target.to_string(),
-        image.path().display().to_string(),
-        image.size(),
-        config.action,
-        crate::store::BLOCK_SIZE,
-    ));
+    // The migration continues across `mirror`s of this process (after a
+    // `break`): its id and last checkpoint live with the image.
+    let held = image.held();
+    let machine = Source::new(SourceConfig {
+        migration: held.migration(client::random_handle),
+        checkpoint: held.checkpoint(),
+        ..SourceConfig::new(
+            config.target.to_string(),
+            image.path().display().to_string(),
+            image.size(),
+            config.action,
+            crate::store::BLOCK_SIZE,
+        )
+    });
     let mut driver = Driver {
         transport: &transport,
         host: &*host,
@@ -364,6 +408,9 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 image.set_pace(capacity.map(|c| c.pace_rates()), below)
             }
             Effect::SweepProgress(offset) => state.sweep_offset.store(offset, Ordering::Release),
+            Effect::SweepSkipped(len) => {
+                state.skipped.fetch_add(len, Ordering::AcqRel);
+            }
             Effect::SetEstimate(estimate) => state.set_estimate(&estimate),
             Effect::AllowClients => self.host.allow_clients(),
             Effect::Completing => state.completing.store(true, Ordering::Release),
@@ -374,6 +421,14 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             }
             Effect::Milestone(Milestone::DisconnectSent) => {
                 crate::fault_apply::milestone(&**self.probe, Step::MirrorDisconnectSent).await;
+            }
+            Effect::BeginHeld { resume } => {
+                image.held().begin(resume);
+                state.begin_held(if resume { image.held().held_bytes() } else { 0 });
+            }
+            Effect::Held { checkpoint } => {
+                image.held().commit(checkpoint);
+                state.checkpoint.store(checkpoint, Ordering::Release);
             }
             Effect::Log(Level::Info, line) => info!("{line}"),
             Effect::Log(Level::Warn, line) => warn!("{line}"),
@@ -403,8 +458,38 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 capacity: self.copier().capacity(),
                 speed_limit: self.state.max_bps(),
             }),
-            Effect::AskExtents { offset, len } => {
-                Ok(Event::Extents(image.extents(offset, len, usize::MAX)))
+            Effect::AskExtents { offset, len, held } => {
+                let extents = image.extents(offset, len, usize::MAX);
+                let runs = held.then(|| image.held().runs(offset, len));
+                Ok(Event::Extents(extents_with_held(&extents, runs.as_deref())))
+            }
+            Effect::QueryResume { migration } => {
+                let pipe = &mut self.copier().pipe;
+                match or_cancel(cancel, pipe.call_with(cmd::RESUME, migration, 8, 8)).await {
+                    Ok(Ok((0, bytes))) => Ok(Event::ResumeAnswer(Some(u64::from_be_bytes(
+                        bytes.try_into().expect("the pipe reads exactly 8 bytes"),
+                    )))),
+                    // An old destination: EINVAL (an older flexnbd) or
+                    // ENOSPC (the C flexnbd checks the offset first).
+                    Ok(Ok(_)) => Ok(Event::ResumeAnswer(None)),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e),
+                }
+            }
+            Effect::Checkpoint {
+                migration,
+                checkpoint,
+            } => {
+                // The number travels in the length field: 4 billion
+                // checkpoints are enough for any migration.
+                let pipe = &mut self.copier().pipe;
+                let k = u32::try_from(checkpoint).unwrap_or(u32::MAX);
+                match or_cancel(cancel, pipe.call_with(cmd::CHECKPOINT, migration, k, 0)).await {
+                    Ok(reply) => reply
+                        .map(|(error, _)| Event::Reply { error })
+                        .map_err(AttemptError::from),
+                    Err(e) => Err(e),
+                }
             }
             Effect::SendData { offset, len } => self
                 .copier()
@@ -706,6 +791,9 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
         while offset < end {
             let n = (end - offset).min(self.piece());
             self.throttle(n).await?;
+            // Before the read (store/held.rs): a client change landing
+            // after this unmarks it, one landing before is what is read.
+            self.image.held().mark_sent(offset, n);
             let mut data = self.pipe.buffer(n as usize);
             // Data in memory is copied here; the rest is read off the async
             // workers: a slow disk must not stall the clients' requests or
@@ -742,6 +830,18 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
         len: u64,
         can_zero: bool,
     ) -> Result<(), AttemptError> {
+        // The extents that called this a hole were read before it could
+        // be marked sent: mark it, then look again. A client write that
+        // lands after the look unmarks it; one before it shows as data
+        // here, and the range goes as what it now holds.
+        self.image.held().mark_sent(offset, len);
+        let still_hole = matches!(
+            self.image.extents(offset, len, 1).first(),
+            Some(&(n, true)) if n >= len
+        );
+        if !still_hole {
+            return self.send_data(offset, len).await;
+        }
         if !can_zero {
             // Zeros the destination recognises and keeps as holes.
             let end = offset + len;

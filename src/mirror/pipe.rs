@@ -55,8 +55,14 @@ enum Pending {
         measure: bool,
         _slot: OwnedSemaphorePermit,
     },
-    /// A request whose error code the caller wants (FLUSH, ENTRUST).
-    Call { kind: u16, tx: oneshot::Sender<u32> },
+    /// A request whose error code the caller wants (FLUSH, ENTRUST,
+    /// CHECKPOINT), and the `payload` bytes that follow a reply of 0
+    /// (RESUME's checkpoint).
+    Call {
+        kind: u16,
+        payload: usize,
+        tx: oneshot::Sender<(u32, Vec<u8>)>,
+    },
 }
 
 struct Shared {
@@ -340,12 +346,25 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
 
     /// Sends a request without payload and waits for its error code.
     pub async fn call(&mut self, kind: u16) -> Result<u32, PipeError> {
+        Ok(self.call_with(kind, 0, 0, 0).await?.0)
+    }
+
+    /// Sends a request without payload, with `offset` and `length`, and
+    /// waits for its error code and, when that is 0, the `payload` bytes
+    /// that follow the reply.
+    pub async fn call_with(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        length: u32,
+        payload: usize,
+    ) -> Result<(u32, Vec<u8>), PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
         self.shared
             .pending()
-            .insert(handle, Pending::Call { kind, tx });
-        let header = Request::new(kind, 0, handle, 0, 0).encode();
+            .insert(handle, Pending::Call { kind, payload, tx });
+        let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
         match tokio::time::timeout(self.limit, rx).await {
             Err(_) => {
@@ -448,9 +467,19 @@ async fn read_replies<S: Stream, P: Probe>(
                 }
                 last_reply = Some(now);
             }
-            Some(Pending::Call { tx, .. }) => {
+            Some(Pending::Call { tx, payload, .. }) => {
+                let mut bytes = vec![0u8; if reply.error == 0 { payload } else { 0 }];
+                let mut got = 0;
+                while got < bytes.len() {
+                    match tokio::time::timeout(limit, read.read(&mut bytes[got..])).await {
+                        Err(_) => return shared.fail(PipeError::Timeout(limit.as_secs_f64())),
+                        Ok(Ok(0)) => return shared.fail(PipeError::Closed),
+                        Ok(Ok(n)) => got += n,
+                        Ok(Err(e)) => return shared.fail(PipeError::Io(e.to_string())),
+                    }
+                }
                 last_reply = Some(Instant::now());
-                let _ = tx.send(reply.error);
+                let _ = tx.send((reply.error, bytes));
             }
         }
         if shared.pending().is_empty() {

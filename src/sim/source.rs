@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::policy::{Capacity, CostModel};
-use crate::core::source::{Effect, Event, FirstOutcome, Outcome, Source, SourceConfig};
+use crate::core::source::{
+    extents_with_held, Effect, Event, FirstOutcome, Outcome, Source, SourceConfig,
+};
 use crate::proto::flags;
 use crate::store::{Image, BLOCK_SIZE};
 
@@ -370,6 +372,8 @@ impl SourceRun {
         }
         match effect {
             Effect::StartTracking => self.image.start_tracking(),
+            Effect::BeginHeld { resume } => self.image.held().begin(resume),
+            Effect::Held { checkpoint } => self.image.held().commit(checkpoint),
             Effect::StopTracking => self.image.stop_tracking(),
             Effect::SetPhase(p) => self.phase = p.name().to_string(),
             Effect::ClearDirty { offset, len } => self.image.clear_dirty(offset, len),
@@ -444,10 +448,19 @@ impl SourceRun {
                     },
                 );
             }
-            Effect::AskExtents { offset, len } => {
+            Effect::AskExtents { offset, len, held } => {
                 self.awaiting = Some(effect);
                 let extents = self.image.extents(offset, len, usize::MAX);
-                self.answer(ctx, Event::Extents(extents));
+                let runs = held.then(|| self.image.held().runs(offset, len));
+                self.answer(
+                    ctx,
+                    Event::Extents(extents_with_held(&extents, runs.as_deref())),
+                );
+            }
+            Effect::QueryResume { .. } => {
+                // The simulated destination knows no checkpoints yet.
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::ResumeAnswer(None));
             }
             Effect::SendData { offset, len } | Effect::SendHole { offset, len, .. } => {
                 if self.in_flight.len() >= WINDOW {

@@ -157,6 +157,16 @@ impl AllocationMap {
         self.word(index).load(Ordering::Acquire)
     }
 
+    /// Sets `bits` in one word; returns the word before.
+    pub fn or_word(&self, index: usize, bits: u64) -> u64 {
+        self.word(index).fetch_or(bits, Ordering::AcqRel)
+    }
+
+    /// Clears `bits` in one word.
+    pub fn clear_word(&self, index: usize, bits: u64) {
+        self.word(index).fetch_and(!bits, Ordering::AcqRel);
+    }
+
     /// Atomically takes (reads and clears) one word of bits.
     pub fn take_word(&self, index: usize) -> u64 {
         let word = self.word(index);

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod faults;
 pub mod files;
+pub mod held;
 pub mod identity;
 pub mod map;
 pub mod offload;
@@ -123,6 +124,9 @@ pub struct Image {
     dirty_blocks: AtomicI64,
     /// On while a migration attempt runs.
     tracking: AtomicBool,
+    /// What a migration's destination holds, from the first `mirror` on
+    /// (docs/handoff.md, "Resuming"); kept up to date by every change.
+    held: std::sync::OnceLock<held::Held>,
     /// Set by the mirror while it converges: holds clients' writes to their
     /// share of a slow destination (`mirror::policy`).
     pace: std::sync::Mutex<ClientPace>,
@@ -294,6 +298,7 @@ impl Image {
             dirty: AllocationMap::new(size),
             dirty_blocks: AtomicI64::new(0),
             tracking: AtomicBool::new(false),
+            held: std::sync::OnceLock::new(),
             pace: std::sync::Mutex::new(Default::default()),
             pace_below: AtomicU64::new(u64::MAX),
             pacing: tokio::sync::watch::Sender::new(false),
@@ -576,6 +581,9 @@ impl Image {
 
     #[inline]
     fn mark_dirty(&self, offset: u64, length: u64) {
+        if let Some(held) = self.held.get() {
+            held.changed(offset, length);
+        }
         if self.tracking.load(Ordering::Acquire) && length > 0 {
             let first = offset / BLOCK_SIZE;
             let end = (offset + length).div_ceil(BLOCK_SIZE);
@@ -595,6 +603,11 @@ impl Image {
         let cleared = self.dirty.clear_blocks_counting(0, self.dirty.blocks());
         self.dirty_blocks
             .fetch_sub(cleared as i64, Ordering::AcqRel);
+    }
+
+    /// What a migration's destination holds (created empty the first time).
+    pub fn held(&self) -> &held::Held {
+        self.held.get_or_init(|| held::Held::new(self.size))
     }
 
     pub fn stop_tracking(&self) {

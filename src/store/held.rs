@@ -1,0 +1,272 @@
+//! What a migration's destination holds (docs/handoff.md, "Resuming"): the
+//! blocks sent in the current attempt, and the blocks the destination
+//! durably holds as of the last checkpoint it answered. Both are cleared
+//! by every client change, after its data landed, whether a migration is
+//! running or not: a held block is one whose content has not changed since
+//! it was read for sending.
+//!
+//! The order of the two sides is what makes this safe. The mirror marks a
+//! block sent *before* it reads it, and a client clears it *after* its
+//! data landed: either the clear comes after the mark (the block is not
+//! sent any more), or the data landed before the mark and so before the
+//! read (what was sent is the new data). A client clears `sent` before
+//! `held`, and a checkpoint's [`Held::commit`] adds `sent` to `held` and
+//! then takes back what a client cleared meanwhile, so no change is lost
+//! between the two maps.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::map::{AllocationMap, BLOCK_SIZE};
+
+pub struct Held {
+    size: u64,
+    sent: AllocationMap,
+    held: AllocationMap,
+    /// The migration these maps are about (0 until the first `mirror`),
+    /// kept for the process's life: a `mirror` after a `break` continues it.
+    migration: AtomicU64,
+    /// The last checkpoint the destination answered for it while the held
+    /// blocks were counted (0: nothing held).
+    checkpoint: AtomicU64,
+}
+
+impl Held {
+    pub fn new(size: u64) -> Held {
+        Held {
+            size,
+            sent: AllocationMap::new(size),
+            held: AllocationMap::new(size),
+            migration: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+        }
+    }
+
+    /// The migration id, drawn by `fresh` the first time (never 0).
+    pub fn migration(&self, fresh: impl FnOnce() -> u64) -> u64 {
+        let id = fresh().max(1);
+        match self
+            .migration
+            .compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => id,
+            Err(existing) => existing,
+        }
+    }
+
+    /// The last checkpoint answered whose blocks are held (0: none).
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(Ordering::Acquire)
+    }
+
+    /// Blocks wholly inside the byte range (the export's last, partial block
+    /// counts when the range reaches the end).
+    fn whole_blocks(&self, offset: u64, len: u64) -> (u64, u64) {
+        let end = offset.saturating_add(len);
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let last = if end >= self.size {
+            self.size.div_ceil(BLOCK_SIZE)
+        } else {
+            end / BLOCK_SIZE
+        };
+        (first, last.max(first))
+    }
+
+    /// A new attempt: what it has sent starts as what the destination holds
+    /// (`resume`), or as nothing, and then nothing is held either.
+    pub fn begin(&self, resume: bool) {
+        if !resume {
+            self.checkpoint.store(0, Ordering::Release);
+        }
+        for i in 0..self.sent.word_count() {
+            self.sent.take_word(i);
+            if resume {
+                let held = self.held.peek_word(i);
+                if held != 0 {
+                    self.sent.or_word(i, held);
+                }
+            } else {
+                self.held.take_word(i);
+            }
+        }
+        // A client change between the copy and now cleared `held` after
+        // `sent`, or `sent` after the copy: either way it is in neither.
+        if resume {
+            for i in 0..self.sent.word_count() {
+                let held = self.held.peek_word(i);
+                let sent = self.sent.peek_word(i);
+                if sent & !held != 0 {
+                    self.sent.clear_word(i, sent & !held);
+                }
+            }
+        }
+    }
+
+    /// Called before the range is read for sending.
+    pub fn mark_sent(&self, offset: u64, len: u64) {
+        let (first, end) = self.whole_blocks(offset, len);
+        self.sent.set_blocks(first, end);
+    }
+
+    /// A client changed the range (its data has landed).
+    pub fn changed(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / BLOCK_SIZE;
+        let end = offset.saturating_add(len).div_ceil(BLOCK_SIZE);
+        self.sent.clear_blocks(first, end);
+        self.held.clear_blocks(first, end);
+    }
+
+    /// A checkpoint was answered, and nothing was sent since it was asked:
+    /// everything sent is held.
+    pub fn commit(&self, checkpoint: u64) {
+        self.commit_blocks();
+        self.checkpoint.store(checkpoint, Ordering::Release);
+    }
+
+    fn commit_blocks(&self) {
+        for i in 0..self.sent.word_count() {
+            let sent = self.sent.peek_word(i);
+            if sent == 0 {
+                continue;
+            }
+            self.held.or_word(i, sent);
+            // A client that cleared `sent` after the first look clears
+            // `held` after this or has cleared it before the OR: take back
+            // what it cleared from `sent`, in case it was before.
+            let again = self.sent.peek_word(i);
+            if sent & !again != 0 {
+                self.held.clear_word(i, sent & !again);
+            }
+        }
+    }
+
+    /// Forgets everything: a new migration, or a destination that holds
+    /// nothing of this one.
+    pub fn forget(&self) {
+        self.begin(false);
+    }
+
+    /// Bytes held.
+    pub fn held_bytes(&self) -> u64 {
+        let mut blocks = 0u64;
+        for i in 0..self.held.word_count() {
+            blocks += u64::from(self.held.peek_word(i).count_ones());
+        }
+        (blocks * BLOCK_SIZE).min(self.size)
+    }
+
+    /// Splits `len` bytes from `offset` into runs that are held (`true`) or
+    /// not, as (length, held) from the start.
+    pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BLOCK_SIZE;
+            // A bit covers its whole block, so a run may start or end
+            // inside one (a range not on block boundaries).
+            let held = self.held.is_set(block);
+            let limit = end.div_ceil(BLOCK_SIZE);
+            let next = if held {
+                self.held.next_change(block, limit, true)
+            } else {
+                self.held.next_change(block, limit, false)
+            }
+            .max(block + 1);
+            let run_end = (next * BLOCK_SIZE).min(end);
+            let n = run_end - pos;
+            match out.last_mut() {
+                Some(last) if last.1 == held => last.0 += n,
+                _ => out.push((n, held)),
+            }
+            pos = run_end;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: u64 = BLOCK_SIZE;
+
+    #[test]
+    fn what_was_sent_is_held_after_a_checkpoint_unless_a_client_changed_it() {
+        let h = Held::new(16 * B);
+        h.begin(false);
+        h.mark_sent(0, 8 * B);
+        // Changed after it was marked (read) for sending: not held.
+        h.changed(2 * B + 100, 1);
+        h.commit(1);
+        assert_eq!(h.checkpoint(), 1);
+        assert_eq!(
+            h.runs(0, 16 * B),
+            [(2 * B, true), (B, false), (5 * B, true), (8 * B, false)]
+        );
+        assert_eq!(h.held_bytes(), 7 * B);
+        // A change after the checkpoint takes its blocks back.
+        h.changed(5 * B, 2 * B);
+        assert_eq!(h.held_bytes(), 5 * B);
+    }
+
+    #[test]
+    fn only_whole_blocks_are_marked_sent_and_the_last_partial_one_at_the_end() {
+        let size = 4 * B + 512;
+        let h = Held::new(size);
+        h.begin(false);
+        // Half of block 0 and all of block 1: only block 1.
+        h.mark_sent(B / 2, B + B / 2);
+        // The export's last, partial block, reached to the end.
+        h.mark_sent(4 * B, 512);
+        h.commit(1);
+        assert_eq!(
+            h.runs(0, size),
+            [(B, false), (B, true), (2 * B, false), (512, true)]
+        );
+    }
+
+    #[test]
+    fn a_resumed_attempt_starts_from_what_is_held_and_a_fresh_one_from_nothing() {
+        let h = Held::new(8 * B);
+        h.begin(false);
+        h.mark_sent(0, 4 * B);
+        h.commit(3);
+        // Sent in the failed attempt after the checkpoint: not held.
+        h.mark_sent(4 * B, 4 * B);
+        h.begin(true);
+        assert_eq!(h.checkpoint(), 3);
+        // A checkpoint right away holds what was held, not what the failed
+        // attempt sent after it.
+        h.commit(4);
+        assert_eq!(h.runs(0, 8 * B), [(4 * B, true), (4 * B, false)]);
+        h.begin(false);
+        assert_eq!(h.checkpoint(), 0);
+        assert_eq!(h.held_bytes(), 0);
+        h.commit(5);
+        assert_eq!(h.held_bytes(), 0);
+    }
+
+    #[test]
+    fn runs_cover_a_range_that_starts_and_ends_inside_blocks() {
+        let h = Held::new(8 * B);
+        h.begin(false);
+        h.mark_sent(2 * B, 2 * B);
+        h.commit(1);
+        assert_eq!(
+            h.runs(B + 7, 4 * B),
+            [(B - 7, false), (2 * B, true), (B + 7, false)]
+        );
+        assert_eq!(h.runs(2 * B + 100, 100), [(100, true)]);
+        assert!(h.runs(8 * B, 10).is_empty());
+    }
+
+    #[test]
+    fn the_migration_id_is_drawn_once() {
+        let h = Held::new(B);
+        assert_eq!(h.migration(|| 0), 1, "never 0");
+        assert_eq!(h.migration(|| 42), 1);
+    }
+}
