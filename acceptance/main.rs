@@ -28,6 +28,7 @@ mod peers;
 mod proxy;
 mod proxy_tls;
 mod resolve;
+mod resume;
 mod serve_wire;
 mod slow_disk;
 mod stall;

@@ -309,6 +309,7 @@ async fn start_mirror<T: Transport, P: Probe>(
             action: args.action,
             request_limit: mirror::request_limit(),
             tls,
+            verify: args.verify,
         };
         let task = mirror::supervise(
             daemon.transport.clone(),

@@ -28,6 +28,7 @@ pub const COMMANDS: &[&str] = &[
     "entrust",
     "checkpoint",
     "resume",
+    "digest",
     "unknown",
 ];
 

@@ -108,6 +108,8 @@ pub struct MirrorArgs {
     /// lines after the positional ones (our extension; the C flexnbd has
     /// no TLS).
     pub tls: crate::tls::ClientFiles,
+    /// A `verify` line (ours): compare by digest instead of copying.
+    pub verify: bool,
 }
 
 /// Parses a bytes-per-second figure strictly: decimal digits only, and
@@ -122,8 +124,13 @@ pub fn parse_bps(text: &str) -> Result<u64, &'static str> {
 /// Validates the arguments of `mirror`, answering with the C messages.
 pub fn parse_mirror(all: &[String]) -> Result<MirrorArgs, &'static str> {
     let mut tls = crate::tls::ClientFiles::default();
+    let mut verify = false;
     let mut args = Vec::with_capacity(all.len());
     for arg in all {
+        if arg == "verify" {
+            verify = true;
+            continue;
+        }
         let Some(setting) = arg.strip_prefix("tls-") else {
             args.push(arg.clone());
             continue;
@@ -174,6 +181,7 @@ pub fn parse_mirror(all: &[String]) -> Result<MirrorArgs, &'static str> {
         bind,
         max_bps,
         tls,
+        verify,
     })
 }
 
@@ -293,6 +301,14 @@ mod tests {
         assert_eq!(ca_only.action, MirrorAction::Exit);
         let plain = parse_mirror(&v(&["127.0.0.1", "1"])).unwrap();
         assert!(!plain.tls.any(), "no tls- line means no TLS: {plain:?}");
+    }
+
+    #[test]
+    fn a_verify_line_asks_for_comparing_and_is_not_positional() {
+        let with = parse_mirror(&v(&["127.0.0.1", "1", "verify", "unlink"])).unwrap();
+        assert!(with.verify);
+        assert_eq!(with.action, MirrorAction::Unlink);
+        assert!(!parse_mirror(&v(&["127.0.0.1", "1"])).unwrap().verify);
     }
 
     #[test]

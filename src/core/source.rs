@@ -211,6 +211,9 @@ pub struct SourceConfig {
     pub checkpoint: u64,
     /// Data sent between checkpoints.
     pub checkpoint_every: u64,
+    /// `mirror --verify`: the sweep compares each data range's digest with
+    /// the destination's and sends only what differs.
+    pub verify: bool,
 }
 
 impl SourceConfig {
@@ -232,6 +235,7 @@ impl SourceConfig {
             migration: 1,
             checkpoint: 0,
             checkpoint_every: (size / CHECKPOINT_SHARE).max(CHECKPOINT_MIN),
+            verify: false,
         }
     }
 }
@@ -414,6 +418,13 @@ pub enum Effect {
         offset: u64,
         len: u64,
     },
+    /// Compare the range's digest with the destination's, piece by piece,
+    /// and send the pieces that differ (DIGEST; an error answer counts as
+    /// a difference).
+    CompareData {
+        offset: u64,
+        len: u64,
+    },
     /// Send a hole: WRITE_ZEROES if `zeroes`, else zero-filled WRITEs.
     SendHole {
         offset: u64,
@@ -477,6 +488,7 @@ impl Effect {
                 | Effect::MeasureCapacity
                 | Effect::AskExtents { .. }
                 | Effect::SendData { .. }
+                | Effect::CompareData { .. }
                 | Effect::SendHole { .. }
                 | Effect::TakeDirty { .. }
                 | Effect::Measure
@@ -502,6 +514,7 @@ impl Effect {
                 | Effect::QueryResume { .. }
                 | Effect::Checkpoint { .. }
                 | Effect::SendData { .. }
+                | Effect::CompareData { .. }
                 | Effect::SendHole { .. }
                 | Effect::WaitIdle
                 | Effect::Flush
@@ -597,6 +610,8 @@ struct Attempt {
     /// cut-off that is awaited is a checkpoint (else a FLUSH).
     checkpoints: bool,
     resumed: bool,
+    /// The sweep compares data by digest instead of sending it.
+    compare: bool,
     next_checkpoint: u64,
     since_checkpoint: u64,
     flush_is_checkpoint: bool,
@@ -639,6 +654,7 @@ impl Attempt {
             before_extra: None,
             checkpoints: false,
             resumed: false,
+            compare: false,
             next_checkpoint: 1,
             since_checkpoint: 0,
             flush_is_checkpoint: false,
@@ -1037,6 +1053,7 @@ impl Source {
     /// answered (an older one, or none, and nothing is trusted).
     fn resume_answered(&mut self, now: Instant, answer: Option<u64>) -> Vec<Effect> {
         let (migration, target) = (self.config.migration, self.config.target.clone());
+        let verify = self.config.verify;
         let held = self.held_checkpoint;
         let resume = held > 0 && answer.is_some_and(|k| k >= held);
         let mut out = Vec::new();
@@ -1069,6 +1086,7 @@ impl Source {
         let a = self.attempt_mut();
         a.checkpoints = answer.is_some();
         a.resumed = resume;
+        a.compare = verify;
         a.next_checkpoint = held.max(answer.unwrap_or(0)) + 1;
         // Track changes from here on. The sweep need not wait for the
         // allocation map: until it is built, extents come from the file.
@@ -1157,13 +1175,24 @@ impl Source {
             // A chunk at a time, so status shows progress inside a long
             // extent (a throttled 8 MiB extent would otherwise show none).
             let n = (end - at).min(chunk);
-            Effect::SendData { offset: at, len: n }
+            if a.compare {
+                Effect::CompareData { offset: at, len: n }
+            } else {
+                Effect::SendData { offset: at, len: n }
+            }
         } else if a.can_zero {
             let n = (end - at).min(zero_chunk);
             Effect::SendHole {
                 offset: at,
                 len: n,
                 zeroes: true,
+            }
+        } else if a.compare {
+            // Without WRITE_ZEROES a hole would travel as zeros: compare
+            // it instead (a hole digests without being read).
+            Effect::CompareData {
+                offset: start,
+                len: end - start,
             }
         } else {
             // Zeros the destination recognises and keeps as holes; the
@@ -1600,7 +1629,9 @@ mod tests {
                 Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, Extent::Data)]),
                 Effect::QueryResume { .. } => Event::ResumeAnswer(self.resume),
                 Effect::Checkpoint { .. } => Event::Reply { error: 0 },
-                Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
+                Effect::SendData { .. } | Effect::SendHole { .. } | Effect::CompareData { .. } => {
+                    Event::Sent
+                }
                 Effect::TakeDirty { .. } if cut => {
                     Event::DirtyTaken(self.final_dirty.pop_front().unwrap_or_default())
                 }
@@ -1720,6 +1751,7 @@ mod tests {
                     Effect::Held { checkpoint } => format!("held {checkpoint}"),
                     Effect::SweepSkipped(n) => format!("skipped {n}"),
                     Effect::SendData { offset, len } => format!("data {offset}+{len}"),
+                    Effect::CompareData { offset, len } => format!("compare {offset}+{len}"),
                     Effect::SendHole {
                         offset,
                         len,
@@ -2048,6 +2080,24 @@ mod tests {
         assert!(s.contains(&"held fresh".to_string()));
         assert!(s.contains(&"FLUSH".to_string()));
         assert!(!s.iter().any(|x| x.starts_with("CHECKPOINT")), "{s:#?}");
+    }
+
+    #[test]
+    fn verify_compares_the_sweeps_data_and_still_zeroes_its_holes() {
+        let mut w = World::new(MirrorAction::Exit);
+        w.machine = Source::new(SourceConfig {
+            verify: true,
+            ..config(MirrorAction::Exit)
+        });
+        w.dirty = VecDeque::from([vec![(10, 5)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+        assert!(s.contains(&"compare 200+50".to_string()), "{s:#?}");
+        assert!(s.contains(&"zeroes 50+100".to_string()), "{s:#?}");
+        // What clients changed is sent: it differs by definition.
+        assert!(s.contains(&"data 10+5".to_string()), "{s:#?}");
+        assert!(!s.contains(&"data 0+50".to_string()), "{s:#?}");
     }
 
     #[test]

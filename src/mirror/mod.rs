@@ -92,6 +92,8 @@ pub struct MirrorConfig {
     pub request_limit: Duration,
     /// With `mirror --tls-ca`: STARTTLS, verifying the destination.
     pub tls: Option<Arc<crate::tls::ClientTls>>,
+    /// `mirror --verify`: compare by digest instead of copying.
+    pub verify: bool,
 }
 
 /// A mirror's live figures, read by status and written by the attempt.
@@ -311,6 +313,7 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     let machine = Source::new(SourceConfig {
         migration: held.migration(client::random_handle),
         checkpoint: held.checkpoint(),
+        verify: config.verify,
         ..SourceConfig::new(
             config.target.to_string(),
             image.path().display().to_string(),
@@ -494,6 +497,11 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             Effect::SendData { offset, len } => self
                 .copier()
                 .send_data(offset, len)
+                .await
+                .map(|()| Event::Sent),
+            Effect::CompareData { offset, len } => self
+                .copier()
+                .compare_data(offset, len)
                 .await
                 .map(|()| Event::Sent),
             Effect::SendHole {
@@ -822,6 +830,47 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             offset += n;
         }
         Ok(())
+    }
+
+    /// Sends the pieces of the range whose digest differs at the
+    /// destination (or that it cannot digest), a few digests in flight at
+    /// once so the round trips overlap with the hashing on both sides.
+    async fn compare_data(&mut self, offset: u64, len: u64) -> Result<(), AttemptError> {
+        use std::collections::VecDeque;
+        const PIECE: u64 = 1024 * 1024;
+        const AHEAD: usize = 8;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut asked: VecDeque<(u64, u64, pipe::Answer)> = VecDeque::new();
+        loop {
+            while asked.len() < AHEAD && pos < end {
+                let n = (end - pos).min(PIECE);
+                // Before our own read, as for sending (store/held.rs).
+                self.image.held().mark_sent(pos, n);
+                let answer = or_cancel(
+                    self.cancel,
+                    self.pipe.request(cmd::DIGEST, pos, n as u32, 32),
+                )
+                .await??;
+                asked.push_back((pos, n, answer));
+                pos += n;
+            }
+            let Some((at, n, answer)) = asked.pop_front() else {
+                return Ok(());
+            };
+            let image = self.image.clone();
+            let ours = or_cancel(
+                self.cancel,
+                crate::store::offload::run(self.image, move || image.digest(at, n)),
+            )
+            .await?
+            .map_err(AttemptError::Image)?
+            .map_err(AttemptError::Image)?;
+            let (error, theirs) = or_cancel(self.cancel, self.pipe.answer(answer)).await??;
+            if error != 0 || theirs[..] != ours[..] {
+                self.send_data(at, n).await?;
+            }
+        }
     }
 
     async fn send_hole(

@@ -100,6 +100,9 @@ impl Shared {
     }
 }
 
+/// A request's answer to come ([`Pipe::request`]).
+pub struct Answer(oneshot::Receiver<(u32, Vec<u8>)>);
+
 pub struct Pipe<S: Stream, P: Probe> {
     probe: Arc<P>,
     writer: S::Write,
@@ -359,6 +362,20 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         length: u32,
         payload: usize,
     ) -> Result<(u32, Vec<u8>), PipeError> {
+        let answer = self.request(kind, offset, length, payload).await?;
+        self.answer(answer).await
+    }
+
+    /// Sends a request as [`Pipe::call_with`] does, without waiting for
+    /// its answer: [`Pipe::answer`] waits for it, so several can be in
+    /// flight.
+    pub async fn request(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        length: u32,
+        payload: usize,
+    ) -> Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
         self.shared
@@ -366,6 +383,12 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             .insert(handle, Pending::Call { kind, payload, tx });
         let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
+        Ok(Answer(rx))
+    }
+
+    /// The error code of a request sent with [`Pipe::request`], and its
+    /// payload when that is 0; the no-progress limit bounds the wait.
+    pub async fn answer(&self, Answer(rx): Answer) -> Result<(u32, Vec<u8>), PipeError> {
         match tokio::time::timeout(self.limit, rx).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());

@@ -57,6 +57,9 @@ pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 
+/// The longest range one DIGEST may cover.
+pub const MAX_DIGEST: u32 = 64 * 1024 * 1024;
+
 /// Command types.
 pub mod cmd {
     pub const READ: u16 = 0;
@@ -81,6 +84,10 @@ pub mod cmd {
     /// durably holds (big-endian, 0 for none); an old destination answers
     /// an error, without a payload.
     pub const RESUME: u16 = 0xfffd;
+    /// The BLAKE3 digest of a range (`offset`, `length` as for READ, at
+    /// most [`super::MAX_DIGEST`] bytes): answered with 0 and 32 bytes, or
+    /// an error without a payload.
+    pub const DIGEST: u16 = 0xfffc;
 
     /// A name for log lines.
     pub fn name(kind: u16) -> &'static str {
@@ -96,6 +103,7 @@ pub mod cmd {
             ENTRUST => "entrust",
             CHECKPOINT => "checkpoint",
             RESUME => "resume",
+            DIGEST => "digest",
             _ => "unknown",
         }
     }

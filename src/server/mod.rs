@@ -2,6 +2,7 @@
 
 mod batch;
 mod dest_hook;
+mod digest;
 mod exec;
 mod framing;
 mod negotiate;

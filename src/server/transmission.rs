@@ -370,6 +370,7 @@ where
             cmd::TRIM | cmd::WRITE_ZEROES => self.zero_or_trim(&req).await?,
             cmd::CACHE => self.cache(&req).await?,
             cmd::BLOCK_STATUS => self.block_status(&req).await?,
+            cmd::DIGEST => self.digest(&req).await?,
             other => {
                 warn!(
                     "client {}: unknown command type {other}; answering EINVAL",

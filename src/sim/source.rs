@@ -221,7 +221,9 @@ impl SourceRun {
             Some(Effect::Flush | Effect::Entrust) if matches!(req.kind, "flush" | "entrust") => {
                 self.answer(ctx, Event::Reply { error })
             }
-            Some(Effect::SendData { .. } | Effect::SendHole { .. }) => {
+            Some(
+                Effect::SendData { .. } | Effect::CompareData { .. } | Effect::SendHole { .. },
+            ) => {
                 // A slot in the window is free: send what waited for it.
                 let effect = self.awaiting.take().expect("just matched");
                 self.start(ctx, effect);
@@ -248,6 +250,7 @@ impl SourceRun {
             self.awaiting,
             Some(
                 Effect::SendData { .. }
+                    | Effect::CompareData { .. }
                     | Effect::SendHole { .. }
                     | Effect::WaitIdle
                     | Effect::Flush
@@ -402,6 +405,7 @@ impl SourceRun {
         let uses_connection = matches!(
             effect,
             Effect::SendData { .. }
+                | Effect::CompareData { .. }
                 | Effect::SendHole { .. }
                 | Effect::WaitIdle
                 | Effect::Flush
@@ -462,7 +466,11 @@ impl SourceRun {
                 self.awaiting = Some(effect);
                 self.answer(ctx, Event::ResumeAnswer(None));
             }
-            Effect::SendData { offset, len } | Effect::SendHole { offset, len, .. } => {
+            // Compared data goes as data: the simulated destination keeps no
+            // digests, and sending what may not differ is always correct.
+            Effect::SendData { offset, len }
+            | Effect::CompareData { offset, len }
+            | Effect::SendHole { offset, len, .. } => {
                 if self.in_flight.len() >= WINDOW {
                     // Wait for a slot (a reply).
                     self.awaiting = Some(effect);
@@ -484,7 +492,8 @@ impl SourceRun {
                         Req::Write { offset, data }
                     }
                 };
-                let measure = matches!(effect, Effect::SendData { .. });
+                let measure =
+                    matches!(effect, Effect::SendData { .. } | Effect::CompareData { .. });
                 self.awaiting = Some(effect);
                 match self.send(ctx, req, measure) {
                     Some(_) => {
