@@ -62,6 +62,9 @@ pub const MAX_FLUSHES: u32 = 4;
 pub const CUTOFF_GRACE: Duration = Duration::from_secs(2);
 /// Between a failed attempt and the next.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// After a retry at once, the next comes this soon, doubling to
+/// [`RETRY_DELAY`].
+pub const QUICK_RETRY: Duration = Duration::from_millis(100);
 /// After the first "not converging" warning, the next comes this much later.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 /// A checkpoint after at least this much data sent since the last one...
@@ -676,6 +679,9 @@ pub struct Source {
     /// The last checkpoint the destination answered whose blocks are still
     /// counted as held (0: nothing held).
     held_checkpoint: u64,
+    /// The delay before the next retry, unless the attempt ran long enough
+    /// to retry at once.
+    next_delay: Duration,
 }
 
 impl Source {
@@ -687,6 +693,7 @@ impl Source {
             retry_at: None,
             attempt: None,
             held_checkpoint: config.checkpoint,
+            next_delay: config.retry_delay,
             config,
         }
     }
@@ -1434,12 +1441,33 @@ impl Source {
 
     /// The attempt failed: retry it from scratch after the delay.
     fn retry(&mut self, now: Instant, reason: String) -> Vec<Effect> {
-        let delay = self.config.retry_delay;
+        // An attempt that ran for a while lost something that worked (a
+        // blip, a destination restarted): try again at once, since a
+        // resumed copy loses only what it would wait. Failing quickly
+        // again backs off, doubling up to the retry delay, so a destination
+        // that is down is asked about once a second, as ever.
+        let ran = self
+            .attempt
+            .as_ref()
+            .map(|a| now.saturating_duration_since(a.started));
+        let delay = if ran.is_some_and(|r| r >= self.config.retry_delay) {
+            self.next_delay = QUICK_RETRY.min(self.config.retry_delay);
+            Duration::ZERO
+        } else {
+            let d = self.next_delay;
+            self.next_delay = (d * 2).min(self.config.retry_delay);
+            d
+        };
+        let when = if delay.is_zero() {
+            "at once".to_string()
+        } else if delay.subsec_millis() == 0 {
+            format!("in {} s", delay.as_secs())
+        } else {
+            format!("in {:.1} s", delay.as_secs_f64())
+        };
         let line = format!(
-            "migration attempt {} to {} failed: {reason}; retrying in {} s",
-            self.attempts,
-            self.config.target,
-            delay.as_secs()
+            "migration attempt {} to {} failed: {reason}; retrying {when}",
+            self.attempts, self.config.target,
         );
         self.attempt = None;
         self.retry_at = Some(now + delay);
@@ -2128,6 +2156,39 @@ mod tests {
             .logs()
             .iter()
             .any(|l| l.contains("answered checkpoint with error 5")));
+    }
+
+    #[test]
+    fn an_attempt_that_ran_a_while_is_retried_at_once_then_backing_off_to_the_delay() {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut t = Instant::now();
+        m.start(t);
+        let connected = Event::Connected {
+            flags: 0,
+            link: "x".into(),
+        };
+        let failed = || Event::Failed {
+            reason: "reset".into(),
+        };
+        let mut delays = Vec::new();
+        // The first attempt runs 5 s, the next ones fail at once.
+        for ran in [5000, 0, 0, 0, 0, 0, 2000, 0] {
+            m.handle(t, connected.clone());
+            t += Duration::from_millis(ran);
+            let b = m.handle(t, failed());
+            match b.last() {
+                Some(Effect::ArmRetry { delay }) => delays.push(delay.as_millis()),
+                other => panic!("expected a retry, got {other:?}"),
+            }
+            m.handle(t, Event::RetryTimerFired);
+        }
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1000, 0, 100]);
+        // A first attempt that never got going waits the whole delay.
+        let mut m = Source::new(config(MirrorAction::Exit));
+        m.start(t);
+        m.handle(t, connected);
+        let b = m.handle(t, failed());
+        assert_eq!(b.last(), Some(&Effect::ArmRetry { delay: RETRY_DELAY }));
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //!
 //! [`supervise`] runs attempts: the first attempt's connection outcome is
 //! reported to the `mirror` caller and never retried; after `Mirror started`
-//! every failure is retried from scratch, forever, one second apart, each
-//! attempt with a fresh connection and fresh state, until success, `break`
-//! or a signal. An attempt is one copy: a sweep of the whole image
+//! every failure is retried forever (at once after an attempt that ran a
+//! while, else backing off to one second apart), each attempt with a fresh
+//! connection and fresh state but for what the destination durably holds
+//! (docs/handoff.md, "Resuming"), until success, `break` or a signal. An
+//! attempt is one copy: a sweep of the whole image
 //! (allocated ranges as data, holes as WRITE_ZEROES where the destination
 //! offers it), passes over the ranges clients dirtied meanwhile, the client
 //! cut-off once the remainder is small, entrust, and the hand-off. How
