@@ -507,38 +507,31 @@ mod tests {
         );
     }
 
-    /// Records every step's key; answers `action` at the step named `at`.
+    /// Records every step's key, and answers what the fault plan `plan`
+    /// says there.
     struct Recording {
         keys: std::sync::Mutex<Vec<String>>,
-        at: &'static str,
-        action: crate::probe::Action,
+        plan: crate::probe::PlanProbe,
     }
 
     impl Probe for Recording {
         fn step(&self, step: Step) -> crate::probe::Action {
-            let key = step.key();
-            let hit = key == self.at;
-            self.keys.lock().unwrap().push(key);
-            if hit {
-                self.action
-            } else {
-                crate::probe::Action::Pass
-            }
+            self.keys.lock().unwrap().push(step.key());
+            self.plan.step(step)
         }
     }
 
-    fn recording(at: &'static str, action: crate::probe::Action) -> Arc<Recording> {
+    fn recording(plan: &str) -> Arc<Recording> {
         Arc::new(Recording {
             keys: Default::default(),
-            at,
-            action,
+            plan: crate::probe::PlanProbe::new(faults::FaultPlan::parse(plan).unwrap()),
         })
     }
 
     #[tokio::test]
     async fn resume_and_checkpoint_pass_their_own_fault_steps() {
         use crate::server::testkit::kit_with;
-        let probe = recording("", crate::probe::Action::Pass);
+        let probe = recording("");
         let mut k = kit_with(64 * 1024, true, probe.clone());
         ask(&mut k, A).await;
         checkpoint(&mut k, A, 1).await;
@@ -557,10 +550,7 @@ mod tests {
             assert!(faults::plan::is_known_step(side, step), "{key}");
         }
         // A dropped CHECKPOINT is not acted on: no reply, nothing held.
-        let probe = recording(
-            "server.request_received.checkpoint",
-            crate::probe::Action::Drop,
-        );
+        let probe = recording("server.request_received.checkpoint=drop");
         let mut k = kit_with(64 * 1024, true, probe);
         k.send(Request::new(cmd::CHECKPOINT, 0, 60, A, 1), &[])
             .await;
@@ -571,10 +561,7 @@ mod tests {
         assert_eq!(resume_part(&k.path), None);
         // A RESUME reply truncated by a fault ends the connection after
         // the bytes it let through.
-        let probe = recording(
-            "server.reply_send.resume",
-            crate::probe::Action::Truncate(4),
-        );
+        let probe = recording("server.reply_send.resume=truncate(4)");
         let mut k = kit_with(64 * 1024, true, probe);
         k.send(Request::new(cmd::RESUME, 0, 50, A, 8), &[]).await;
         assert!(matches!(
