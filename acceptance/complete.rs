@@ -21,6 +21,12 @@
 //! removal leaves both, which resolve calls destination with a leftover
 //! marker, exit 12), then receives a new migration and records it. A stale
 //! record does not block `listen`, which removes it and says so.
+//!
+//! A marker that holds a checkpoint (docs/handoff.md, "Resuming"): `listen`
+//! restarted over it answers the checkpoint to the resume query only while
+//! the marker names the image file now at the path, and otherwise drops it
+//! from the marker before its port opens, saying which file it named and
+//! which is there; `serve` over it drops it the same way.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -403,4 +409,108 @@ fn a_record_for_the_same_inode_number_born_at_another_time_does_not_block_listen
     );
     server.signal(libc::SIGTERM);
     assert_eq!(exit_code(&mut server), Some(1));
+}
+
+/// A marker beside `dest` holding checkpoint `k` of `migration`, taken on
+/// the file whose inode is `ino` (the image's own, or another).
+fn write_resumable_marker(dest: &Path, state: &str, migration: u64, k: u64, ino: u64) {
+    let meta = fs::metadata(dest).unwrap();
+    fs::write(
+        marker_path(dest),
+        format!(
+            "state={state}\nsource=10.9.9.9:1\nattempt_started=1\nbytes_received=0\npid=1\n\
+             migration={migration:016x}\ncheckpoint={k}\ndev={}\nino={ino}\nsize={}\n",
+            meta.dev(),
+            meta.size()
+        ),
+    )
+    .unwrap();
+}
+
+/// The resume query for `migration` on a new connection: the checkpoint
+/// answered.
+fn resume_query(server: &Flexnbd, migration: u64) -> u64 {
+    let mut c = server.connect();
+    c.oldstyle_greeting();
+    c.request(flexnbd::proto::cmd::RESUME, 0, 9, migration, 8);
+    let reply = c.simple_reply();
+    assert_eq!((reply.error, reply.handle), (0, 9), "resume reply");
+    u64::from_be_bytes(c.read_exact(8).try_into().unwrap())
+}
+
+const MIGRATION: u64 = 0x5eed_0000_0000_0001;
+
+#[test]
+fn listen_restarted_answers_the_checkpoint_its_marker_holds_for_this_image_file() {
+    let dir = TempDir::new("complete-resume-held");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let ino = fs::metadata(&dest).unwrap().ino();
+    write_resumable_marker(&dest, "receiving", MIGRATION, 7, ino);
+    let before = fs::read_to_string(marker_path(&dest)).unwrap();
+    let mut server = crate::interop::listen(&dir, &dest, &[]);
+    assert_eq!(resume_query(&server, MIGRATION), 7);
+    assert_eq!(resume_query(&server, MIGRATION + 1), 0, "another migration");
+    assert_eq!(
+        fs::read_to_string(marker_path(&dest)).unwrap(),
+        before,
+        "asking changes nothing"
+    );
+    server.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut server), Some(1));
+    server.assert_no_panic();
+}
+
+#[test]
+fn listen_restarted_drops_a_checkpoint_taken_on_another_file_before_its_port_opens() {
+    let dir = TempDir::new("complete-resume-other");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let ino = fs::metadata(&dest).unwrap().ino();
+    write_resumable_marker(&dest, "entrusted", MIGRATION, 7, ino + 1);
+    let mut server = crate::interop::listen(&dir, &dest, &[]);
+    // Dropped before the port was reported open.
+    let marker = fs::read_to_string(marker_path(&dest)).unwrap();
+    assert!(
+        marker.starts_with("state=entrusted\nsource=10.9.9.9:1\n")
+            && !marker.contains("migration=")
+            && !marker.contains("checkpoint="),
+        "expected the marker without its resume part, got:\n{marker}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains(&format!("ino={}", ino + 1))
+            && log.contains(&format!("but the file at {} is", dest.display())),
+        "expected a warning naming both files; log:\n{log}"
+    );
+    assert_eq!(resume_query(&server, MIGRATION), 0);
+    server.signal(libc::SIGTERM);
+    assert_eq!(exit_code(&mut server), Some(1));
+    server.assert_no_panic();
+}
+
+#[test]
+fn serve_drops_a_checkpoint_from_the_marker_beside_its_image_before_its_port_opens() {
+    let dir = TempDir::new("complete-resume-serve");
+    let dest = dir.sparse_file("dest.img", MIB);
+    let ino = fs::metadata(&dest).unwrap().ino();
+    write_resumable_marker(&dest, "entrusted", MIGRATION, 7, ino);
+    let server = Flexnbd::serve(&dir, &dest, &[]);
+    let marker = fs::read_to_string(marker_path(&dest)).unwrap();
+    assert!(
+        marker.starts_with("state=entrusted\nsource=10.9.9.9:1\n")
+            && !marker.contains("migration="),
+        "expected the marker without its resume part, got:\n{marker}"
+    );
+    assert!(
+        server.log().contains("must not be resumed"),
+        "expected a warning; log:\n{}",
+        server.log()
+    );
+    drop(server);
+    // A marker without one is left as it was.
+    let plain = "state=receiving\nsource=none\n";
+    fs::write(marker_path(&dest), plain).unwrap();
+    let server = Flexnbd::serve(&dir, &dest, &[]);
+    server.connect().oldstyle_greeting();
+    assert_eq!(fs::read_to_string(marker_path(&dest)).unwrap(), plain);
+    server.assert_no_panic();
 }

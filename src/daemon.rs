@@ -404,7 +404,25 @@ pub async fn run<T: Transport, P: Probe>(
     let mut signals =
         Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let destination = match role {
-        Role::Serve => None,
+        Role::Serve => {
+            // A half-received copy served even once must never be resumed
+            // into: its checkpoint goes, durably, before the port opens.
+            let path = options.image.path().to_owned();
+            let files = options.image.files().clone();
+            options
+                .image
+                .offload()
+                .run(move || {
+                    crate::handoff::drop_resume(
+                        &*files,
+                        &path,
+                        "must not be resumed into an image that `flexnbd serve` serves",
+                    )
+                })
+                .await
+                .map_err(|e| format!("cannot check the marker beside the image: {e}"))??;
+            None
+        }
         // The completion record is checked, and the marker exists durably,
         // before the port accepts anything. File operations: off the async
         // workers, like every marker change.

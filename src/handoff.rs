@@ -64,6 +64,14 @@ pub struct Marker {
     pub attempt_started: u64,
     pub bytes_received: u64,
     pub pid: u32,
+    /// The resume part (docs/handoff.md, "Resuming"): the migration whose
+    /// checkpoint the marker holds. The part is written only with it.
+    pub migration: Option<u64>,
+    /// The checkpoint of `migration` the image durably holds.
+    pub checkpoint: u64,
+    /// The image file the checkpoint was taken on: a checkpoint is trusted
+    /// only while this is the file at the image path.
+    pub image: Option<Identity>,
 }
 
 impl Marker {
@@ -74,18 +82,110 @@ impl Marker {
             attempt_started: now_secs(),
             bytes_received: 0,
             pid: std::process::id(),
+            migration: None,
+            checkpoint: 0,
+            image: None,
         }
     }
 
     pub fn render(&self) -> String {
-        format!(
+        let mut text = format!(
             "state={}\nsource={}\nattempt_started={}\nbytes_received={}\npid={}\n",
             self.state.name(),
             self.source.as_deref().unwrap_or("none"),
             self.attempt_started,
             self.bytes_received,
             self.pid
-        )
+        );
+        if let Some(migration) = self.migration {
+            text.push_str(&format!(
+                "migration={migration:016x}\ncheckpoint={}\n",
+                self.checkpoint
+            ));
+            if let Some(image) = &self.image {
+                text.push_str(&format!(
+                    "dev={}\nino={}\nsize={}\n",
+                    image.dev, image.ino, image.size
+                ));
+                if let Some(born) = image.born {
+                    text.push_str(&format!("born={born}\n"));
+                }
+            }
+        }
+        text
+    }
+
+    /// Reads a marker's text. Total: a marker without a recognisable
+    /// `state` line says `receiving` (the safe answer), missing numbers
+    /// are 0, and a resume part that is incomplete or does not parse (no
+    /// 16-hex-digit `migration` other than 0, no `checkpoint` other than 0,
+    /// no `dev`, `ino` or `size`) is no resume part: a checkpoint that
+    /// cannot be tied to a migration and a file proves nothing.
+    pub fn parse(text: &str) -> Marker {
+        let field = |key: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(str::trim)
+            })
+        };
+        let number = |key: &str| field(key).and_then(|v| v.parse::<u64>().ok());
+        let mut marker = Marker {
+            state: match field("state") {
+                Some("entrusted") => MarkerState::Entrusted,
+                _ => MarkerState::Receiving,
+            },
+            source: field("source").filter(|s| *s != "none").map(str::to_string),
+            attempt_started: number("attempt_started").unwrap_or(0),
+            bytes_received: number("bytes_received").unwrap_or(0),
+            pid: field("pid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            migration: None,
+            checkpoint: 0,
+            image: None,
+        };
+        let resume = (|| {
+            let migration = field("migration")
+                .filter(|v| {
+                    v.len() == 16
+                        && v.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .filter(|&m| m != 0)?;
+            let checkpoint = number("checkpoint").filter(|&k| k != 0)?;
+            let born = match field("born") {
+                Some(v) => Some(v.parse::<u128>().ok()?),
+                None => None,
+            };
+            let image = Identity {
+                dev: number("dev")?,
+                ino: number("ino")?,
+                size: number("size")?,
+                born,
+            };
+            Some((migration, checkpoint, image))
+        })();
+        if let Some((migration, checkpoint, image)) = resume {
+            marker.migration = Some(migration);
+            marker.checkpoint = checkpoint;
+            marker.image = Some(image);
+        }
+        marker
+    }
+
+    /// The (migration, checkpoint) the marker holds, if it holds one.
+    pub fn resume(&self) -> Option<(u64, u64)> {
+        self.migration.map(|m| (m, self.checkpoint))
+    }
+
+    /// The same marker without its resume part.
+    pub fn without_resume(&self) -> Marker {
+        Marker {
+            migration: None,
+            checkpoint: 0,
+            image: None,
+            ..self.clone()
+        }
     }
 
     /// Writes the marker durably: a temporary file, fsync, rename over the
@@ -125,6 +225,41 @@ pub fn read_marker_state(ops: &dyn FileOps, image: &Path) -> io::Result<Option<M
         Some("entrusted") => MarkerState::Entrusted,
         _ => MarkerState::Receiving,
     }))
+}
+
+/// Reads the whole marker (see [`Marker::parse`]). `Ok(None)` when there
+/// is none; bytes that are not text are read as far as they are (a marker
+/// made of them says `receiving` and holds no checkpoint).
+pub fn read_marker(ops: &dyn FileOps, image: &Path) -> io::Result<Option<Marker>> {
+    Ok(ops
+        .read_file(&marker_path(image))?
+        .map(|bytes| Marker::parse(&String::from_utf8_lossy(&bytes))))
+}
+
+/// Rewrites the marker durably without its resume part, when it has one;
+/// `why` says why, for the warning. Returns the marker as it was. Nothing is
+/// written when there is no marker or it holds no checkpoint.
+pub fn drop_resume(ops: &dyn FileOps, image: &Path, why: &str) -> Result<Option<Marker>, String> {
+    let file = marker_path(image);
+    let Some(marker) = read_marker(ops, image)
+        .map_err(|e| format!("cannot read the marker {}: {e}", file.display()))?
+    else {
+        return Ok(None);
+    };
+    let Some((migration, checkpoint)) = marker.resume() else {
+        return Ok(Some(marker));
+    };
+    warn!(
+        "the marker {} holds checkpoint {checkpoint} of migration {migration:016x}, which {why}: dropping it from the marker, so that migration starts again from scratch",
+        file.display()
+    );
+    marker.without_resume().write_durably(ops, image).map_err(|e| {
+        format!(
+            "cannot drop checkpoint {checkpoint} of migration {migration:016x} from the marker {}: {e}",
+            file.display()
+        )
+    })?;
+    Ok(Some(marker))
 }
 
 /// Removes the marker durably (after the image itself is durable).
@@ -418,6 +553,33 @@ pub fn explain(v: Verdict, dest: &Path, record: Option<&Record>) -> (String, Str
     }
 }
 
+/// At `listen`'s start-up: the (migration, checkpoint) that `marker` holds
+/// for the image file now at `image_path`. A checkpoint taken on another
+/// file (the image replaced, or restored from a copy) is dropped from the
+/// marker durably, with a warning, before anything is served.
+fn held_checkpoint(
+    ops: &dyn FileOps,
+    image_path: &Path,
+    marker: &Marker,
+) -> Result<Option<(u64, u64)>, String> {
+    let (Some(resume), Some(named)) = (marker.resume(), marker.image) else {
+        return Ok(None);
+    };
+    let why = match ops.identity(image_path) {
+        Ok(now) if now.same_file(&named) => return Ok(Some(resume)),
+        Ok(now) => format!(
+            "was taken on the file {named}, but the file at {} is {now}",
+            image_path.display()
+        ),
+        Err(e) => format!(
+            "was taken on the file {named}, and the file at {} cannot be identified ({e})",
+            image_path.display()
+        ),
+    };
+    drop_resume(ops, image_path, &why)?;
+    Ok(None)
+}
+
 /// The destination's side of the contract, shared by its connections: the
 /// pure hand-off machine (`core::destination`) and the I/O that carries out
 /// its effects.
@@ -461,13 +623,19 @@ impl Destination {
             ));
         }
         let marker_file = marker_path(image_path);
-        let marker = read_marker_state(&*ops, image_path)
+        let marker = read_marker(&*ops, image_path)
             .map_err(|e| format!("cannot read the marker {}: {e}", marker_file.display()))?;
-        if marker.is_none() {
-            Marker::new(MarkerState::Receiving)
-                .write_durably(&*ops, image_path)
-                .map_err(|e| format!("cannot create the marker {}: {e}", marker_file.display()))?;
-        }
+        let held = match &marker {
+            None => {
+                Marker::new(MarkerState::Receiving)
+                    .write_durably(&*ops, image_path)
+                    .map_err(|e| {
+                        format!("cannot create the marker {}: {e}", marker_file.display())
+                    })?;
+                None
+            }
+            Some(marker) => held_checkpoint(&*ops, image_path, marker)?,
+        };
         match &found {
             RecordFound::Absent => {}
             RecordFound::Matching(record) => {
@@ -497,9 +665,18 @@ impl Destination {
             ops,
             image_path: image_path.to_owned(),
             completed: tokio_util::sync::CancellationToken::new(),
-            machine: std::sync::Mutex::new(machine::Destination::new()),
+            machine: std::sync::Mutex::new(machine::Destination::new(held)),
             next_conn: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// The (migration, checkpoint) the marker durably holds for this image
+    /// now, as the machine knows it.
+    pub fn held(&self) -> Option<(u64, u64)> {
+        self.machine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held()
     }
 
     /// A sender connection from `source` began transmission: its id for
@@ -533,14 +710,25 @@ impl Destination {
         match effect {
             Effect::PersistMarker { conn, marker } => {
                 let conn = *conn;
-                let m = Marker {
-                    state: marker.state,
-                    source: marker.source.clone(),
-                    attempt_started: marker.attempt_started,
-                    bytes_received: marker.bytes_received,
-                    pid: std::process::id(),
-                };
-                Some(match m.write_durably(&*self.ops, &self.image_path) {
+                let written = (|| {
+                    // A checkpoint names the file it was taken on.
+                    let image = match marker.resume {
+                        Some(_) => Some(image.identity()?),
+                        None => None,
+                    };
+                    Marker {
+                        state: marker.state,
+                        source: marker.source.clone(),
+                        attempt_started: marker.attempt_started,
+                        bytes_received: marker.bytes_received,
+                        pid: std::process::id(),
+                        migration: marker.resume.map(|(m, _)| m),
+                        checkpoint: marker.resume.map_or(0, |(_, k)| k),
+                        image,
+                    }
+                    .write_durably(&*self.ops, &self.image_path)
+                })();
+                Some(match written {
                     Ok(()) => Event::MarkerPersisted { conn },
                     Err(e) => Event::MarkerFailed {
                         conn,
@@ -594,6 +782,7 @@ impl Destination {
             }
             Effect::Apply { .. }
             | Effect::Reply { .. }
+            | Effect::ResumeReply { .. }
             | Effect::Close { .. }
             | Effect::Log { .. } => None,
         }
@@ -858,6 +1047,253 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(left.last(), Some(&Effect::Close { conn: late }));
+    }
+
+    fn resumable(image: &Path, migration: u64, checkpoint: u64) -> Marker {
+        Marker {
+            migration: Some(migration),
+            checkpoint,
+            image: Some(Identity::at(image).unwrap()),
+            ..Marker::new(MarkerState::Receiving)
+        }
+    }
+
+    #[test]
+    fn a_marker_with_a_resume_part_round_trips_and_renders_it_after_the_old_lines() {
+        let id = Identity {
+            dev: 2049,
+            ino: 77,
+            size: 8192,
+            born: Some(1_700_000_000_123_456_789),
+        };
+        let marker = Marker {
+            state: MarkerState::Entrusted,
+            source: Some("10.0.0.1:5000".into()),
+            attempt_started: 1_700_000_000,
+            bytes_received: 4096,
+            pid: 42,
+            migration: Some(0x00ab_cdef_0123_4567),
+            checkpoint: 12,
+            image: Some(id),
+        };
+        let text = marker.render();
+        assert_eq!(
+            text,
+            "state=entrusted\nsource=10.0.0.1:5000\nattempt_started=1700000000\nbytes_received=4096\npid=42\n\
+             migration=00abcdef01234567\ncheckpoint=12\ndev=2049\nino=77\nsize=8192\nborn=1700000000123456789\n"
+        );
+        assert_eq!(Marker::parse(&text), marker);
+        assert_eq!(marker.resume(), Some((0x00ab_cdef_0123_4567, 12)));
+        // No birth time known: no born line, and still a whole part.
+        let unborn = Marker {
+            image: Some(Identity { born: None, ..id }),
+            ..marker.clone()
+        };
+        assert!(!unborn.render().contains("born="));
+        assert_eq!(Marker::parse(&unborn.render()), unborn);
+        // Without a migration, no resume line at all: the old format.
+        let old = marker.without_resume();
+        assert_eq!(
+            old.render(),
+            "state=entrusted\nsource=10.0.0.1:5000\nattempt_started=1700000000\nbytes_received=4096\npid=42\n"
+        );
+        assert_eq!(Marker::parse(&old.render()), old);
+        assert_eq!(old.resume(), None);
+    }
+
+    #[test]
+    fn an_incomplete_or_unparsable_resume_part_is_none() {
+        let whole = "state=receiving\nsource=none\nattempt_started=1\nbytes_received=0\npid=1\nmigration=00abcdef01234567\ncheckpoint=3\ndev=1\nino=2\nsize=3\n";
+        assert_eq!(
+            Marker::parse(whole).resume(),
+            Some((0x00ab_cdef_0123_4567, 3))
+        );
+        let broken = [
+            ("migration=00abcdef01234567\n", ""),
+            ("checkpoint=3\n", ""),
+            ("dev=1\n", ""),
+            ("ino=2\n", ""),
+            ("size=3\n", ""),
+            ("migration=00abcdef01234567", "migration=00ABCDEF01234567"),
+            ("migration=00abcdef01234567", "migration=abcdef01234567"),
+            ("migration=00abcdef01234567", "migration=00abcdef0123456g"),
+            ("migration=00abcdef01234567", "migration=0000000000000000"),
+            ("checkpoint=3", "checkpoint=0"),
+            ("checkpoint=3", "checkpoint=three"),
+            ("size=3\n", "size=3\nborn=yesterday\n"),
+        ];
+        for (from, to) in broken {
+            let text = whole.replace(from, to);
+            let m = Marker::parse(&text);
+            assert_eq!(
+                (m.migration, m.checkpoint, m.image),
+                (None, 0, None),
+                "expected no resume part in {text:?}"
+            );
+            assert_eq!(
+                m.state,
+                MarkerState::Receiving,
+                "the rest is read as before"
+            );
+        }
+    }
+
+    #[test]
+    fn read_marker_reads_the_whole_marker_and_old_markers_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, b"image").unwrap();
+        assert_eq!(read_marker(&Disk, &image).unwrap(), None);
+        let marker = resumable(&image, 7, 2);
+        marker.write_durably(&Disk, &image).unwrap();
+        assert_eq!(read_marker(&Disk, &image).unwrap(), Some(marker));
+        assert_eq!(
+            read_marker_state(&Disk, &image).unwrap(),
+            Some(MarkerState::Receiving)
+        );
+        fs::write(
+            marker_path(&image),
+            "state=entrusted\nsource=127.0.0.1:1\nattempt_started=5\nbytes_received=6\npid=7\n",
+        )
+        .unwrap();
+        let old = read_marker(&Disk, &image).unwrap().unwrap();
+        assert_eq!(
+            (
+                old.state,
+                old.source.as_deref(),
+                old.bytes_received,
+                old.resume()
+            ),
+            (MarkerState::Entrusted, Some("127.0.0.1:1"), 6, None)
+        );
+        fs::write(marker_path(&image), [0xff, 0xfe, b'\n']).unwrap();
+        let garbage = read_marker(&Disk, &image).unwrap().unwrap();
+        assert_eq!(
+            (garbage.state, garbage.resume()),
+            (MarkerState::Receiving, None)
+        );
+    }
+
+    #[test]
+    fn prepare_holds_a_checkpoint_taken_on_this_image_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, vec![0u8; 4096]).unwrap();
+        let marker = resumable(&image, 0xabc, 5);
+        marker.write_durably(&Disk, &image).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &image, false).unwrap();
+        assert_eq!(dest.held(), Some((0xabc, 5)));
+        assert_eq!(
+            read_marker(&Disk, &image).unwrap(),
+            Some(marker),
+            "untouched"
+        );
+    }
+
+    #[test]
+    fn prepare_drops_a_checkpoint_taken_on_another_file_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, vec![0u8; 4096]).unwrap();
+        let mut marker = resumable(&image, 0xabc, 5);
+        marker.state = MarkerState::Entrusted;
+        marker.source = Some("10.0.0.9:1".into());
+        marker.write_durably(&Disk, &image).unwrap();
+        // The image is replaced by a copy: another inode at the path.
+        let copy = dir.path().join("copy.img");
+        fs::write(&copy, vec![0u8; 4096]).unwrap();
+        fs::rename(&copy, &image).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &image, false).unwrap();
+        assert_eq!(dest.held(), None);
+        let now = read_marker(&Disk, &image).unwrap().unwrap();
+        assert_eq!(now, marker.without_resume(), "only the resume part goes");
+        assert!(!fs::read_to_string(marker_path(&image))
+            .unwrap()
+            .contains("migration="));
+        // Resized in place: the same inode, another size.
+        let marker = resumable(&image, 0xabc, 6);
+        marker.write_durably(&Disk, &image).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &image, false).unwrap();
+        assert_eq!(dest.held(), None);
+        assert_eq!(read_marker(&Disk, &image).unwrap().unwrap().resume(), None);
+    }
+
+    #[test]
+    fn the_executor_writes_a_checkpoint_with_the_image_identity_and_start_up_holds_it() {
+        use machine::{Effect, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 8192]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        assert_eq!(dest.held(), None);
+        let conn = dest.open("10.1.1.1:99".into());
+        let checkpoint = dest.handle(Event::Checkpoint {
+            conn,
+            migration: 0xfeed,
+            checkpoint: 3,
+        });
+        let left = dest.run(&image, checkpoint);
+        assert!(
+            matches!(left.last(), Some(Effect::Reply { errno: 0, .. })),
+            "{left:?}"
+        );
+        let marker = read_marker(&Disk, &path).unwrap().unwrap();
+        assert_eq!(marker.resume(), Some((0xfeed, 3)));
+        assert!(
+            marker
+                .image
+                .unwrap()
+                .same_file(&Identity::at(&path).unwrap()),
+            "{marker:?}"
+        );
+        assert_eq!(marker.source.as_deref(), Some("10.1.1.1:99"));
+        // A restarted listen answers it.
+        let again = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        assert_eq!(again.held(), Some((0xfeed, 3)));
+        let conn = again.open("10.1.1.1:100".into());
+        assert_eq!(
+            again.handle(Event::Resume {
+                conn,
+                migration: 0xfeed
+            }),
+            vec![Effect::ResumeReply {
+                conn,
+                checkpoint: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn drop_resume_rewrites_only_a_marker_that_holds_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("dest.img");
+        fs::write(&image, b"image").unwrap();
+        assert_eq!(drop_resume(&Disk, &image, "test").unwrap(), None);
+        assert!(!marker_path(&image).exists(), "no marker is created");
+        let marker = resumable(&image, 9, 1);
+        marker.write_durably(&Disk, &image).unwrap();
+        assert_eq!(
+            drop_resume(&Disk, &image, "test").unwrap(),
+            Some(marker.clone())
+        );
+        assert_eq!(
+            read_marker(&Disk, &image).unwrap(),
+            Some(marker.without_resume())
+        );
+        // A marker without the part is left as it is, byte for byte.
+        fs::write(marker_path(&image), "state=receiving\nextra=1\n").unwrap();
+        drop_resume(&Disk, &image, "test").unwrap();
+        assert_eq!(
+            fs::read_to_string(marker_path(&image)).unwrap(),
+            "state=receiving\nextra=1\n"
+        );
     }
 
     /// Fails the marker, record and unlink operations named, and counts

@@ -15,7 +15,12 @@
 //! * ENTRUST: sync the image, then the marker says `entrusted`, then reply;
 //! * DISCONNECT: sync, completion record, marker removal, complete;
 //! * EOF, reset or timeout before DISCONNECT changes nothing;
-//! * an invalid request never completes.
+//! * an invalid request never completes;
+//! * CHECKPOINT: sync the image, then the marker names the migration and
+//!   the checkpoint, then reply; the checkpoint is held from then on;
+//! * a new sender connection's first change keeps the held checkpoint only
+//!   when that connection asked RESUME for its migration; otherwise the
+//!   marker drops it, durably, before the change is applied.
 
 use std::collections::BTreeMap;
 
@@ -99,6 +104,18 @@ pub enum Event {
         conn: ConnId,
         errno: u32,
     },
+    /// The resume query: the connection now belongs to `migration`.
+    Resume {
+        conn: ConnId,
+        migration: u64,
+    },
+    /// CHECKPOINT `checkpoint` of `migration` arrived (no write of the
+    /// connection outstanding).
+    Checkpoint {
+        conn: ConnId,
+        migration: u64,
+        checkpoint: u64,
+    },
     SyncDone {
         conn: ConnId,
     },
@@ -138,6 +155,9 @@ pub struct MarkerWrite {
     /// Seconds since the epoch, from the time passed in.
     pub attempt_started: u64,
     pub bytes_received: u64,
+    /// The resume part, (migration, checkpoint): the executor adds the
+    /// image's identity. `None` writes a marker that holds no checkpoint.
+    pub resume: Option<(u64, u64)>,
 }
 
 /// The completion record's content, as the machine decides it (the executor
@@ -167,6 +187,9 @@ pub enum Effect {
     Sync { conn: ConnId },
     /// Answer the request waiting on `conn`: 0 is success, else an errno.
     Reply { conn: ConnId, errno: u32 },
+    /// Answer the resume query waiting on `conn`: success, and the
+    /// checkpoint held for its migration (0 for none).
+    ResumeReply { conn: ConnId, checkpoint: u64 },
     /// Write the completion record durably; answer with `RecordWritten` or
     /// `RecordFailed`.
     WriteRecord { conn: ConnId, record: RecordWrite },
@@ -205,6 +228,9 @@ enum Pending {
     DisconnectSync,
     DisconnectRecord,
     DisconnectMarker,
+    /// CHECKPOINT (migration, checkpoint): the image's sync, then the marker.
+    CheckpointSync(u64, u64),
+    CheckpointMarker(u64, u64),
 }
 
 #[derive(Debug)]
@@ -212,6 +238,10 @@ struct Conn {
     source: String,
     bytes_received: u64,
     pending: Pending,
+    /// The migration this connection belongs to: the one it asked RESUME
+    /// for, or checkpointed. Only such a connection's changes may leave
+    /// that migration's checkpoint in the marker.
+    migration: Option<u64>,
     /// Ended while something was pending: outcomes still arrive, but
     /// nothing is answered on it any more.
     closed: bool,
@@ -225,24 +255,36 @@ pub struct Destination {
     /// connection changed data, and whenever the marker may say anything
     /// else (after ENTRUST, or a failed marker write).
     sender: Option<ConnId>,
+    /// The (migration, checkpoint) the marker durably holds, as far as
+    /// this machine can tell; `None` whenever it may hold none (a marker
+    /// write that failed may have left either content).
+    held: Option<(u64, u64)>,
     completed: bool,
 }
 
 impl Default for Destination {
     fn default() -> Self {
-        Destination::new()
+        Destination::new(None)
     }
 }
 
 impl Destination {
     /// A destination after start-up (step 1): whatever the marker says now,
-    /// the first change of any connection rewrites it.
-    pub fn new() -> Destination {
+    /// the first change of any connection rewrites it. `held` is the
+    /// (migration, checkpoint) the marker durably holds, already checked
+    /// to belong to the image file.
+    pub fn new(held: Option<(u64, u64)>) -> Destination {
         Destination {
             conns: BTreeMap::new(),
             sender: None,
+            held,
             completed: false,
         }
+    }
+
+    /// The (migration, checkpoint) the marker durably holds, if any.
+    pub fn held(&self) -> Option<(u64, u64)> {
+        self.held
     }
 
     /// Whether a DISCONNECT completed the migration.
@@ -271,6 +313,7 @@ impl Destination {
                         source,
                         bytes_received: 0,
                         pending: Pending::None,
+                        migration: None,
                         closed: false,
                     },
                 );
@@ -293,6 +336,12 @@ impl Destination {
                     Effect::Close { conn },
                 ]
             }
+            Event::Resume { conn, migration } => self.resume(conn, migration),
+            Event::Checkpoint {
+                conn,
+                migration,
+                checkpoint,
+            } => self.checkpoint(conn, migration, checkpoint),
             Event::SyncDone { conn } => self.sync_done(conn, now),
             Event::MarkerPersisted { conn } => self.marker_persisted(conn),
             Event::RecordWritten { conn } => self.advance(
@@ -343,15 +392,74 @@ impl Destination {
             return vec![Effect::Apply { conn }];
         }
         c.pending = Pending::Marking;
-        vec![Effect::PersistMarker {
-            conn,
-            marker: MarkerWrite {
-                state: MarkerState::Receiving,
-                source: Some(c.source.clone()),
-                attempt_started: now,
-                bytes_received: 0,
-            },
-        }]
+        // The held checkpoint survives only data its own migration sends.
+        let keep = self
+            .held
+            .filter(|&(migration, _)| c.migration == Some(migration));
+        let marker = MarkerWrite {
+            state: MarkerState::Receiving,
+            source: Some(c.source.clone()),
+            attempt_started: now,
+            bytes_received: 0,
+            resume: keep,
+        };
+        let mut effects = Vec::new();
+        if let (Some((migration, checkpoint)), None) = (self.held, keep) {
+            // Forgotten now, not once the marker is written: from here on
+            // the marker may say either.
+            self.held = None;
+            effects.push(Effect::Log {
+                level: Level::Info,
+                message: format!(
+                    "a change from {}, which did not resume migration {migration:016x}: the marker drops its checkpoint {checkpoint} before the change",
+                    c.source
+                ),
+            });
+        }
+        effects.push(Effect::PersistMarker { conn, marker });
+        effects
+    }
+
+    /// The resume query: answers the checkpoint held for `migration` (0
+    /// for none), and the connection belongs to that migration from now on.
+    fn resume(&mut self, conn: ConnId, migration: u64) -> Vec<Effect> {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return self.refuse(conn, "a resume query");
+        };
+        c.migration = Some(migration);
+        let checkpoint = match self.held {
+            Some((held, checkpoint)) if held == migration => checkpoint,
+            _ => 0,
+        };
+        vec![Effect::ResumeReply { conn, checkpoint }]
+    }
+
+    fn checkpoint(&mut self, conn: ConnId, migration: u64, checkpoint: u64) -> Vec<Effect> {
+        if self.completed {
+            // The marker is gone: a checkpoint must not bring it back
+            // beside a complete image.
+            return self.refuse(conn, "a checkpoint");
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return self.refuse(conn, "a checkpoint");
+        };
+        if migration == 0 || checkpoint == 0 {
+            return vec![
+                Effect::Log {
+                    level: Level::Error,
+                    message: format!(
+                        "checkpoint from {} refused: expected a migration id and a checkpoint number other than 0, got migration {migration:016x} checkpoint {checkpoint}; answered EINVAL",
+                        c.source
+                    ),
+                },
+                Effect::Reply {
+                    conn,
+                    errno: errno::EINVAL,
+                },
+            ];
+        }
+        c.pending = Pending::CheckpointSync(migration, checkpoint);
+        vec![Effect::Sync { conn }]
     }
 
     fn start(&mut self, conn: ConnId, first: Pending) -> Vec<Effect> {
@@ -402,6 +510,26 @@ impl Destination {
                         source: Some(c.source.clone()),
                         attempt_started: now,
                         bytes_received: c.bytes_received,
+                        // Entrusting changes no data: what is held stays.
+                        resume: self.held,
+                    },
+                }]
+            }
+            Pending::CheckpointSync(..) if c.closed => self.forget(conn),
+            Pending::CheckpointSync(migration, checkpoint) => {
+                c.pending = Pending::CheckpointMarker(migration, checkpoint);
+                // Until the marker is written, whoever changes data
+                // rewrites it first (and drops any checkpoint it did not
+                // resume).
+                self.sender = None;
+                vec![Effect::PersistMarker {
+                    conn,
+                    marker: MarkerWrite {
+                        state: MarkerState::Receiving,
+                        source: Some(c.source.clone()),
+                        attempt_started: now,
+                        bytes_received: c.bytes_received,
+                        resume: Some((migration, checkpoint)),
                     },
                 }]
             }
@@ -454,6 +582,29 @@ impl Destination {
                     Effect::Reply { conn, errno: 0 },
                 ]
             }
+            Pending::CheckpointMarker(migration, checkpoint) => {
+                c.pending = Pending::None;
+                // Durable whether or not anyone is left to answer.
+                self.held = Some((migration, checkpoint));
+                if c.closed {
+                    self.forget(conn);
+                    return vec![];
+                }
+                c.migration = Some(migration);
+                // The marker now says `receiving` for this connection.
+                self.sender = Some(conn);
+                let message = format!(
+                    "checkpoint {checkpoint} of migration {migration:016x} from {}: image durable, marker holds it",
+                    c.source
+                );
+                vec![
+                    Effect::Log {
+                        level: Level::Info,
+                        message,
+                    },
+                    Effect::Reply { conn, errno: 0 },
+                ]
+            }
             _ => vec![],
         }
     }
@@ -475,6 +626,8 @@ impl Destination {
         }
         self.completed = true;
         self.sender = None;
+        // The marker, and with it any checkpoint, is gone.
+        self.held = None;
         vec![
             Effect::Log {
                 level: Level::Info,
@@ -510,10 +663,15 @@ impl Destination {
         let pending = std::mem::replace(&mut c.pending, Pending::None);
         let closed = c.closed;
         let source = c.source.clone();
-        if matches!(pending, Pending::Marking | Pending::EntrustMarker) {
+        if matches!(
+            pending,
+            Pending::Marking | Pending::EntrustMarker | Pending::CheckpointMarker(..)
+        ) {
             // A failed rewrite may or may not have replaced the marker:
-            // the next change rewrites it whoever sends it.
+            // the next change rewrites it whoever sends it, and what it
+            // holds is unknown (holding nothing is always safe).
             self.sender = None;
+            self.held = None;
         }
         if closed {
             self.forget(conn);
@@ -523,6 +681,11 @@ impl Destination {
             message,
         };
         let entrust = || log(format!("entrust from {source} failed: {}", failure.message));
+        let answer = if failure.errno == 0 {
+            errno::EIO
+        } else {
+            failure.errno
+        };
         match pending {
             Pending::None => vec![],
             // The change cannot be applied without the marker: the
@@ -539,13 +702,27 @@ impl Destination {
                 entrust(),
                 Effect::Reply {
                     conn,
-                    errno: if failure.errno == 0 {
-                        errno::EIO
-                    } else {
-                        failure.errno
-                    },
+                    errno: answer,
                 },
             ],
+            Pending::CheckpointSync(migration, checkpoint)
+            | Pending::CheckpointMarker(migration, checkpoint) => {
+                let line = log(format!(
+                    "checkpoint {checkpoint} of migration {migration:016x} from {source} failed: {}",
+                    failure.message
+                ));
+                if closed {
+                    vec![line]
+                } else {
+                    vec![
+                        line,
+                        Effect::Reply {
+                            conn,
+                            errno: answer,
+                        },
+                    ]
+                }
+            }
             // No completion: the marker stays (or may), and the source
             // will retry from scratch.
             Pending::DisconnectSync | Pending::DisconnectRecord | Pending::DisconnectMarker => {
@@ -577,7 +754,10 @@ mod tests {
 
     impl M {
         fn new() -> M {
-            M(Destination::new())
+            M(Destination::new(None))
+        }
+        fn holding(migration: u64, checkpoint: u64) -> M {
+            M(Destination::new(Some((migration, checkpoint))))
         }
         fn on(&mut self, event: Event) -> Vec<Effect> {
             self.0
@@ -609,6 +789,7 @@ mod tests {
                 source: Some(source(conn)),
                 attempt_started: NOW,
                 bytes_received: 0,
+                resume: None,
             },
         }
     }
@@ -621,6 +802,7 @@ mod tests {
                 source: Some(source(conn)),
                 attempt_started: NOW,
                 bytes_received: bytes,
+                resume: None,
             },
         }
     }
@@ -953,7 +1135,7 @@ mod tests {
 
     #[test]
     fn logs_say_what_happened() {
-        let mut d = Destination::new();
+        let mut d = Destination::new(None);
         d.handle(
             Event::Opened {
                 conn: 1,
@@ -973,6 +1155,349 @@ mod tests {
             matches!(&effects[0], Effect::Log { level: Level::Error, message } if message.contains("entrust from s failed: injected")),
             "{effects:?}"
         );
+    }
+
+    const A: u64 = 0x0123_4567_89ab_cdef;
+    const B: u64 = 0xfedc_ba98_7654_3210;
+
+    fn marker(conn: ConnId, state: MarkerState, bytes: u64, resume: Option<(u64, u64)>) -> Effect {
+        Effect::PersistMarker {
+            conn,
+            marker: MarkerWrite {
+                state,
+                source: Some(source(conn)),
+                attempt_started: NOW,
+                bytes_received: bytes,
+                resume,
+            },
+        }
+    }
+
+    fn resume(m: &mut M, conn: ConnId, migration: u64) -> u64 {
+        match m.on(Event::Resume { conn, migration }).as_slice() {
+            [Effect::ResumeReply {
+                conn: c,
+                checkpoint,
+            }] if *c == conn => *checkpoint,
+            other => panic!("expected one ResumeReply on {conn}, got {other:?}"),
+        }
+    }
+
+    fn checkpoint_event(conn: ConnId, migration: u64, checkpoint: u64) -> Event {
+        Event::Checkpoint {
+            conn,
+            migration,
+            checkpoint,
+        }
+    }
+
+    /// CHECKPOINT carried through: sync, the marker naming it, the reply.
+    fn checkpoint(m: &mut M, conn: ConnId, migration: u64, k: u64, bytes: u64) {
+        let before = m.0.held();
+        assert_eq!(
+            m.on(checkpoint_event(conn, migration, k)),
+            vec![Effect::Sync { conn }]
+        );
+        assert_eq!(
+            m.on(Event::SyncDone { conn }),
+            vec![marker(
+                conn,
+                MarkerState::Receiving,
+                bytes,
+                Some((migration, k))
+            )]
+        );
+        assert_eq!(m.0.held(), before, "unchanged until durable");
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn }),
+            vec![Effect::Reply { conn, errno: 0 }]
+        );
+        assert_eq!(m.0.held(), Some((migration, k)));
+    }
+
+    #[test]
+    fn resume_answers_the_held_checkpoint_only_for_its_migration() {
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 3);
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, B), 0, "another migration");
+        let mut m = M::new();
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 0, "none held");
+        // Asking changes nothing durable.
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        resume(&mut m, 1, B);
+        assert_eq!(m.0.held(), Some((A, 3)));
+    }
+
+    #[test]
+    fn a_checkpoint_syncs_then_marks_then_replies_and_is_answered_afterwards() {
+        let mut m = M::new();
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 0);
+        first_change(&mut m, 1, 4096);
+        assert_eq!(
+            m.on(checkpoint_event(1, A, 1)),
+            vec![Effect::Sync { conn: 1 }]
+        );
+        assert_eq!(m.0.held(), None, "not held before the sync");
+        assert_eq!(
+            m.on(Event::SyncDone { conn: 1 }),
+            vec![marker(1, MarkerState::Receiving, 4096, Some((A, 1)))]
+        );
+        assert_eq!(m.0.held(), None, "not held before the marker is durable");
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 1 }),
+            vec![Effect::Reply { conn: 1, errno: 0 }]
+        );
+        assert_eq!(m.0.held(), Some((A, 1)));
+        // The marker says `receiving` for this connection: no rewrite.
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 1 }),
+            vec![Effect::Apply { conn: 1 }]
+        );
+        checkpoint(&mut m, 1, A, 2, 4097);
+        // The next attempt's connection asks, and is answered it.
+        m.on(Event::Closed {
+            conn: 1,
+            why: CloseReason::Reset,
+        });
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 2);
+        assert_eq!(resume(&mut m, 2, B), 0);
+    }
+
+    #[test]
+    fn a_checkpoint_counts_as_resuming_its_migration() {
+        // A connection that never asked RESUME, checkpointed: after another
+        // sender's change, its own first change keeps the checkpoint.
+        let mut m = M::new();
+        m.open(1);
+        first_change(&mut m, 1, 10);
+        checkpoint(&mut m, 1, A, 1, 10);
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 1);
+        assert_eq!(
+            m.on(Event::Change { conn: 2, bytes: 5 }),
+            vec![marker(2, MarkerState::Receiving, 0, Some((A, 1)))]
+        );
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 2 }),
+            vec![Effect::Apply { conn: 2 }]
+        );
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 5 }),
+            vec![marker(1, MarkerState::Receiving, 0, Some((A, 1)))]
+        );
+    }
+
+    #[test]
+    fn a_change_of_a_connection_that_did_not_resume_drops_the_checkpoint_durably_first() {
+        for asked in [None, Some(B)] {
+            let mut m = M::holding(A, 3);
+            m.open(1);
+            if let Some(migration) = asked {
+                assert_eq!(resume(&mut m, 1, migration), 0);
+            }
+            assert_eq!(
+                m.on(Event::Change { conn: 1, bytes: 9 }),
+                vec![receiving(1)],
+                "the rewrite drops the resume part; nothing is applied yet"
+            );
+            assert_eq!(m.0.held(), None, "forgotten before the change is applied");
+            assert_eq!(
+                m.on(Event::MarkerPersisted { conn: 1 }),
+                vec![Effect::Apply { conn: 1 }]
+            );
+            m.open(2);
+            assert_eq!(resume(&mut m, 2, A), 0, "never answered again");
+        }
+    }
+
+    #[test]
+    fn a_change_of_a_resumed_connection_keeps_the_checkpoint() {
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 3);
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 9 }),
+            vec![marker(1, MarkerState::Receiving, 0, Some((A, 3)))]
+        );
+        assert_eq!(m.0.held(), Some((A, 3)));
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 1 }),
+            vec![Effect::Apply { conn: 1 }]
+        );
+        assert_eq!(m.0.held(), Some((A, 3)));
+        // A second connection resumed into the same migration keeps it too.
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 3);
+        assert_eq!(
+            m.on(Event::Change { conn: 2, bytes: 1 }),
+            vec![marker(2, MarkerState::Receiving, 0, Some((A, 3)))]
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_whose_sync_fails_answers_the_error_and_holds_what_it_held() {
+        for (e, answered) in [(errno::ENOSPC, errno::ENOSPC), (0, errno::EIO)] {
+            let mut m = M::holding(A, 3);
+            m.open(1);
+            resume(&mut m, 1, A);
+            first_change_keeping(&mut m, 1, (A, 3));
+            assert_eq!(
+                m.on(checkpoint_event(1, A, 4)),
+                vec![Effect::Sync { conn: 1 }]
+            );
+            assert_eq!(
+                m.on(Event::SyncFailed {
+                    conn: 1,
+                    failure: fail(e)
+                }),
+                vec![Effect::Reply {
+                    conn: 1,
+                    errno: answered
+                }]
+            );
+            assert_eq!(m.0.held(), Some((A, 3)));
+            // The marker was not touched: the connection goes on.
+            assert_eq!(
+                m.on(Event::Change { conn: 1, bytes: 1 }),
+                vec![Effect::Apply { conn: 1 }]
+            );
+        }
+    }
+
+    fn first_change_keeping(m: &mut M, conn: ConnId, held: (u64, u64)) {
+        assert_eq!(
+            m.on(Event::Change { conn, bytes: 1 }),
+            vec![marker(conn, MarkerState::Receiving, 0, Some(held))]
+        );
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn }),
+            vec![Effect::Apply { conn }]
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_whose_marker_fails_answers_the_error_and_holds_nothing() {
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        resume(&mut m, 1, A);
+        first_change_keeping(&mut m, 1, (A, 3));
+        m.on(checkpoint_event(1, A, 4));
+        m.on(Event::SyncDone { conn: 1 });
+        assert_eq!(
+            m.on(Event::MarkerFailed {
+                conn: 1,
+                failure: fail(errno::EIO)
+            }),
+            vec![Effect::Reply {
+                conn: 1,
+                errno: errno::EIO
+            }]
+        );
+        // The marker may hold 3, 4 or a torn write: neither is trusted.
+        assert_eq!(m.0.held(), None);
+        assert_eq!(m.0.sender(), None);
+        assert_eq!(resume(&mut m, 1, A), 0);
+        // The next change rewrites the marker, with no resume part.
+        first_change(&mut m, 1, 1);
+    }
+
+    #[test]
+    fn a_checkpoint_numbered_0_or_of_migration_0_is_invalid() {
+        for (migration, k) in [(0, 1), (A, 0), (0, 0)] {
+            let mut m = M::holding(A, 3);
+            m.open(1);
+            assert_eq!(
+                m.on(checkpoint_event(1, migration, k)),
+                vec![Effect::Reply {
+                    conn: 1,
+                    errno: errno::EINVAL
+                }]
+            );
+            assert_eq!(m.0.held(), Some((A, 3)));
+        }
+    }
+
+    #[test]
+    fn entrust_keeps_the_held_checkpoint_and_completion_forgets_it() {
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        resume(&mut m, 1, A);
+        first_change_keeping(&mut m, 1, (A, 3));
+        assert_eq!(
+            m.on(Event::Entrust { conn: 1 }),
+            vec![Effect::Sync { conn: 1 }]
+        );
+        assert_eq!(
+            m.on(Event::SyncDone { conn: 1 }),
+            vec![marker(1, MarkerState::Entrusted, 1, Some((A, 3)))]
+        );
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 1 }),
+            vec![Effect::Reply { conn: 1, errno: 0 }]
+        );
+        assert_eq!(m.0.held(), Some((A, 3)));
+        disconnect(&mut m, 1, 1);
+        assert_eq!(m.0.held(), None, "the marker is gone");
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 0);
+        assert_eq!(
+            m.on(checkpoint_event(2, A, 4)),
+            vec![Effect::Close { conn: 2 }],
+            "no marker comes back beside a complete image"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_on_a_connection_that_ended_is_held_once_durable_and_answers_nothing() {
+        let mut m = M::new();
+        m.open(1);
+        m.on(checkpoint_event(1, A, 1));
+        m.on(Event::SyncDone { conn: 1 });
+        m.on(Event::Closed {
+            conn: 1,
+            why: CloseReason::Reset,
+        });
+        assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), vec![]);
+        assert_eq!(m.0.held(), Some((A, 1)), "the marker holds it");
+        assert_eq!(m.0.sender(), None);
+        // Ended before its sync finished: nothing is written.
+        let mut m = M::new();
+        m.open(1);
+        m.on(checkpoint_event(1, A, 1));
+        m.on(Event::Closed {
+            conn: 1,
+            why: CloseReason::Eof,
+        });
+        assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![]);
+        assert_eq!(m.0.held(), None);
+    }
+
+    #[test]
+    fn a_checkpoint_makes_another_senders_next_change_drop_it() {
+        let mut m = M::new();
+        m.open(1);
+        first_change(&mut m, 1, 10);
+        m.open(2);
+        resume(&mut m, 2, A);
+        first_change(&mut m, 2, 10);
+        m.on(checkpoint_event(2, A, 1));
+        m.on(Event::SyncDone { conn: 2 });
+        // While the checkpoint's marker is written, nobody's change goes
+        // straight on: the first connection's rewrite waits for the marker.
+        assert_eq!(m.0.sender(), None);
+        m.on(Event::MarkerPersisted { conn: 2 });
+        assert_eq!(m.0.sender(), Some(2));
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 1 }),
+            vec![receiving(1)]
+        );
+        assert_eq!(m.0.held(), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! In `listen`: the connection's side of the hand-off. Requests that matter
-//! to it (a change, ENTRUST, DISCONNECT, an invalid request) and the
+//! to it (a change, ENTRUST, DISCONNECT, CHECKPOINT, the RESUME query, an
+//! invalid request) and the
 //! connection's end are fed to the destination's pure machine
 //! (`core::destination`); its I/O runs on the I/O pool through
 //! `handoff::Destination::run`, and what it leaves (apply, reply, complete,
@@ -9,13 +10,14 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::framing::finish;
 use super::transmission::{ConnError, Connection, Next};
 use crate::core::destination::{CloseReason, ConnId, Effect, Event, Level};
 use crate::handoff::Destination;
 use crate::probe::{Probe, Step};
-use crate::proto::Request;
+use crate::proto::{errno, Request, SimpleReply};
 use crate::store::Image;
-use crate::{debug, error, info};
+use crate::{debug, error, info, warn};
 
 /// One connection of a destination, known to its machine until dropped.
 pub(super) struct Session {
@@ -133,10 +135,70 @@ where
         };
         let conn = session.conn;
         let effects = session.feed(&self.image, Event::Entrust { conn }).await?;
+        self.answer(req, &effects).await
+    }
+
+    /// CHECKPOINT (`offset` the migration id, `length` the checkpoint):
+    /// answered like ENTRUST, once the image is durable and the marker
+    /// holds the checkpoint.
+    pub(super) async fn checkpoint(&mut self, req: &Request) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let event = Event::Checkpoint {
+            conn: session.conn,
+            migration: req.offset,
+            checkpoint: u64::from(req.length),
+        };
+        let effects = session.feed(&self.image, event).await?;
+        self.answer(req, &effects).await
+    }
+
+    /// The resume query (`offset` the migration id, `length` 8): answered
+    /// 0 and 8 bytes, the checkpoint held for that migration (big-endian, 0
+    /// for none). Any other length is EINVAL, without a payload.
+    pub(super) async fn resume(&mut self, req: &Request) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        if req.length != 8 {
+            warn!(
+                "client {}: resume query of length {}: expected 8 (the size of its answer); answering EINVAL",
+                self.peer, req.length
+            );
+            return self.simple_reply(req, errno::EINVAL).await;
+        }
+        let event = Event::Resume {
+            conn: session.conn,
+            migration: req.offset,
+        };
+        let effects = session.feed(&self.image, event).await?;
         for effect in &effects {
             match effect {
-                Effect::Reply { errno, .. } => self.simple_reply(req, *errno).await?,
+                Effect::ResumeReply { checkpoint, .. } => {
+                    let step = Step::ReplySend { kind: req.kind };
+                    let verdict = self.probe.step(step);
+                    let mut w = self.writer.lock().await;
+                    let mark = w.mark();
+                    w.put(&SimpleReply::new(0, req.handle).encode());
+                    w.put(&checkpoint.to_be_bytes());
+                    finish(&mut w, verdict, step, mark).await?;
+                    w.send_if_full().await.map_err(ConnError::Send)?;
+                }
                 Effect::Close { .. } => return Err(self.closed_by_hand_off(&effects)),
+                _ => log(effect),
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out what the machine left for a request it answers: the
+    /// reply, or the connection's end; logs the rest.
+    async fn answer(&mut self, req: &Request, effects: &[Effect]) -> Result<(), ConnError> {
+        for effect in effects {
+            match effect {
+                Effect::Reply { errno, .. } => self.simple_reply(req, *errno).await?,
+                Effect::Close { .. } => return Err(self.closed_by_hand_off(effects)),
                 _ => log(effect),
             }
         }
@@ -290,6 +352,228 @@ mod tests {
         k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
         k.conn.request_cycle().await.unwrap();
         assert_eq!(k.reply().await.error, errno::EINVAL);
+    }
+
+    const A: u64 = 0x0123_4567_89ab_cdef;
+    const B: u64 = 0xfedc_ba98_7654_3210;
+
+    /// Asks the resume query for `migration`; returns the checkpoint
+    /// answered, after checking the reply's header.
+    async fn ask<P: Probe>(k: &mut crate::server::testkit::Kit<P>, migration: u64) -> u64 {
+        k.send(Request::new(cmd::RESUME, 0, 50, migration, 8), &[])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 50));
+        u64::from_be_bytes(k.bytes(8).await.try_into().unwrap())
+    }
+
+    async fn checkpoint<P: Probe>(
+        k: &mut crate::server::testkit::Kit<P>,
+        migration: u64,
+        n: u32,
+    ) -> u32 {
+        k.send(Request::new(cmd::CHECKPOINT, 0, 60, migration, n), &[])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!(reply.handle, 60);
+        reply.error
+    }
+
+    async fn write<P: Probe>(k: &mut crate::server::testkit::Kit<P>, byte: u8) {
+        k.send(Request::new(cmd::WRITE, 0, 70, 0, 512), &[byte; 512])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+    }
+
+    fn resume_part(path: &std::path::Path) -> Option<(u64, u64)> {
+        crate::handoff::read_marker(&crate::store::files::Disk, path)
+            .unwrap()
+            .expect("a marker")
+            .resume()
+    }
+
+    #[tokio::test]
+    async fn resume_answers_0_then_the_checkpoint_in_8_big_endian_bytes() {
+        let mut k = kit(64 * 1024, true);
+        assert_eq!(ask(&mut k, A).await, 0, "nothing held yet");
+        write(&mut k, 1).await;
+        assert_eq!(checkpoint(&mut k, A, 0x0102_0304).await, 0);
+        assert_eq!(resume_part(&k.path), Some((A, 0x0102_0304)));
+        let text = marker_text(&k.path);
+        assert!(
+            text.contains("migration=0123456789abcdef\ncheckpoint=16909060\n"),
+            "{text}"
+        );
+        k.send(Request::new(cmd::RESUME, 0, 51, A, 8), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 51));
+        assert_eq!(k.bytes(8).await, vec![0, 0, 0, 0, 1, 2, 3, 4]);
+        assert_eq!(ask(&mut k, B).await, 0, "another migration");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_answered_on_a_new_connection_and_kept_by_its_resumed_writes() {
+        let mut k = kit(64 * 1024, true);
+        write(&mut k, 1).await;
+        assert_eq!(checkpoint(&mut k, A, 3).await, 0);
+        k.reconnect("127.0.0.1:4001");
+        assert_eq!(ask(&mut k, A).await, 3);
+        write(&mut k, 2).await;
+        let text = marker_text(&k.path);
+        assert!(
+            text.starts_with("state=receiving\nsource=127.0.0.1:4001\n"),
+            "the write's rewrite: {text}"
+        );
+        assert_eq!(resume_part(&k.path), Some((A, 3)));
+        k.reconnect("127.0.0.1:4002");
+        assert_eq!(ask(&mut k, A).await, 3);
+    }
+
+    #[tokio::test]
+    async fn another_migrations_first_write_drops_the_checkpoint_durably() {
+        for asked in [Some(B), None] {
+            let mut k = kit(64 * 1024, true);
+            write(&mut k, 1).await;
+            assert_eq!(checkpoint(&mut k, A, 3).await, 0);
+            k.reconnect("127.0.0.1:4001");
+            if let Some(migration) = asked {
+                assert_eq!(ask(&mut k, migration).await, 0);
+            }
+            write(&mut k, 2).await;
+            assert_eq!(resume_part(&k.path), None, "asked {asked:?}");
+            assert!(!marker_text(&k.path).contains("migration="));
+            k.reconnect("127.0.0.1:4002");
+            assert_eq!(ask(&mut k, A).await, 0, "asked {asked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_query_of_another_length_is_einval_without_a_payload() {
+        let mut k = kit(64 * 1024, true);
+        k.send(Request::new(cmd::RESUME, 0, 7, A, 4), &[]).await;
+        k.send(Request::new(cmd::FLUSH, 0, 8, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (errno::EINVAL, 7));
+        // The next bytes are the FLUSH's reply, not a payload.
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (0, 8));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_numbered_0_or_of_migration_0_is_einval_and_marks_nothing() {
+        let mut k = kit(64 * 1024, true);
+        let before = marker_text(&k.path);
+        assert_eq!(checkpoint(&mut k, A, 0).await, errno::EINVAL);
+        assert_eq!(checkpoint(&mut k, 0, 1).await, errno::EINVAL);
+        assert_eq!(marker_text(&k.path), before);
+        assert_eq!(ask(&mut k, A).await, 0);
+    }
+
+    #[tokio::test]
+    async fn resume_and_checkpoint_are_unknown_outside_listen() {
+        let mut k = kit(64 * 1024, false);
+        // An id beyond the export is out of range there, as in the C
+        // flexnbd; one within it is an unknown command.
+        k.send(Request::new(cmd::RESUME, 0, 1, A, 8), &[]).await;
+        k.send(Request::new(cmd::RESUME, 0, 2, 0, 8), &[]).await;
+        k.send(Request::new(cmd::CHECKPOINT, 0, 3, 0, 1), &[]).await;
+        k.send(Request::new(cmd::FLUSH, 0, 4, 0, 0), &[]).await;
+        for _ in 0..4 {
+            k.conn.request_cycle().await.unwrap();
+        }
+        let replies: Vec<(u32, u64)> = [
+            k.reply().await,
+            k.reply().await,
+            k.reply().await,
+            k.reply().await,
+        ]
+        .iter()
+        .map(|r| (r.error, r.handle))
+        .collect();
+        assert_eq!(
+            replies,
+            vec![
+                (errno::ENOSPC, 1),
+                (errno::EINVAL, 2),
+                (errno::EINVAL, 3),
+                (0, 4)
+            ]
+        );
+    }
+
+    /// Records every step's key, and answers what the fault plan `plan`
+    /// says there.
+    struct Recording {
+        keys: std::sync::Mutex<Vec<String>>,
+        plan: crate::probe::PlanProbe,
+    }
+
+    impl Probe for Recording {
+        fn step(&self, step: Step) -> crate::probe::Action {
+            self.keys.lock().unwrap().push(step.key());
+            self.plan.step(step)
+        }
+    }
+
+    fn recording(plan: &str) -> Arc<Recording> {
+        Arc::new(Recording {
+            keys: Default::default(),
+            plan: crate::probe::PlanProbe::new(faults::FaultPlan::parse(plan).unwrap()),
+        })
+    }
+
+    #[tokio::test]
+    async fn resume_and_checkpoint_pass_their_own_fault_steps() {
+        use crate::server::testkit::kit_with;
+        let probe = recording("");
+        let mut k = kit_with(64 * 1024, true, probe.clone());
+        ask(&mut k, A).await;
+        checkpoint(&mut k, A, 1).await;
+        let keys = probe.keys.lock().unwrap().clone();
+        assert_eq!(
+            keys,
+            vec![
+                "server.request_received.resume",
+                "server.reply_send.resume",
+                "server.request_received.checkpoint",
+                "server.reply_send.checkpoint",
+            ]
+        );
+        for key in &keys {
+            let (side, step) = key.split_once('.').unwrap();
+            assert!(faults::plan::is_known_step(side, step), "{key}");
+        }
+        // A dropped CHECKPOINT is not acted on: no reply, nothing held.
+        let probe = recording("server.request_received.checkpoint=drop");
+        let mut k = kit_with(64 * 1024, true, probe);
+        k.send(Request::new(cmd::CHECKPOINT, 0, 60, A, 1), &[])
+            .await;
+        k.send(Request::new(cmd::FLUSH, 0, 61, 0, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.handle, 61);
+        assert_eq!(resume_part(&k.path), None);
+        // A RESUME reply truncated by a fault ends the connection after
+        // the bytes it let through.
+        let probe = recording("server.reply_send.resume=truncate(4)");
+        let mut k = kit_with(64 * 1024, true, probe);
+        k.send(Request::new(cmd::RESUME, 0, 50, A, 8), &[]).await;
+        assert!(matches!(
+            k.conn.request_cycle().await,
+            Err(ConnError::FaultClosed(_))
+        ));
+        drop(k.conn);
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut k.client, &mut rest)
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 4, "{rest:?}");
     }
 
     #[tokio::test]

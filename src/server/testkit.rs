@@ -13,14 +13,15 @@ use super::negotiate::Negotiated;
 use super::transmission::Connection;
 use super::writer::ReplyWriter;
 use crate::handoff::Destination;
-use crate::probe::Quiet;
+use crate::probe::{Probe, Quiet};
 use crate::proto::{Request, SimpleReply, SIMPLE_REPLY_LEN};
 use crate::store::Image;
 
-pub(super) type TestConn = Connection<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>, Quiet>;
+pub(super) type TestConn<P = Quiet> =
+    Connection<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>, P>;
 
-pub(super) struct Kit {
-    pub conn: TestConn,
+pub(super) struct Kit<P: Probe = Quiet> {
+    pub conn: TestConn<P>,
     /// The client's end.
     pub client: DuplexStream,
     pub image: Arc<Image>,
@@ -32,6 +33,11 @@ pub(super) struct Kit {
 /// A connection to an image of `size` bytes (zeros); with `destination`, a
 /// `listen` connection whose hand-off runs on a real marker beside it.
 pub(super) fn kit(size: u64, destination: bool) -> Kit {
+    kit_with(size, destination, Arc::new(Quiet))
+}
+
+/// [`kit`] with the connection's steps announced to `probe`.
+pub(super) fn kit_with<P: Probe>(size: u64, destination: bool, probe: Arc<P>) -> Kit<P> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("image");
     std::fs::File::create(&path)
@@ -44,26 +50,7 @@ pub(super) fn kit(size: u64, destination: bool) -> Kit {
                 .expect("prepare"),
         )
     });
-    let (client, server) = tokio::io::duplex(1 << 20);
-    let (read, write) = tokio::io::split(server);
-    let conn = Connection {
-        reader: BufReader::new(read),
-        writer: Arc::new(Mutex::new(ReplyWriter::new(write))),
-        image: image.clone(),
-        negotiated: Negotiated::default(),
-        probe: Arc::new(Quiet),
-        deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
-        reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
-        all_reads: Arc::new(Semaphore::new(super::batch::ALL_DEFERRED_READS)),
-        payload: Vec::new(),
-        batch: Batch::default(),
-        peer: "127.0.0.1:4000".parse().expect("an address"),
-        stop: CancellationToken::new(),
-        killswitch: None,
-        session: destination
-            .clone()
-            .map(|d| Session::open(d, "127.0.0.1:4000".into())),
-    };
+    let (conn, client) = connect(&image, destination.clone(), probe, "127.0.0.1:4000");
     Kit {
         conn,
         client,
@@ -74,7 +61,49 @@ pub(super) fn kit(size: u64, destination: bool) -> Kit {
     }
 }
 
-impl Kit {
+/// A connection from `peer` to `image` (in `listen` with `destination`),
+/// and the client's end of it.
+fn connect<P: Probe>(
+    image: &Arc<Image>,
+    destination: Option<Arc<Destination>>,
+    probe: Arc<P>,
+    peer: &str,
+) -> (TestConn<P>, DuplexStream) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(server);
+    let conn = Connection {
+        reader: BufReader::new(read),
+        writer: Arc::new(Mutex::new(ReplyWriter::new(write))),
+        image: image.clone(),
+        negotiated: Negotiated::default(),
+        probe,
+        deferred: Arc::new(Semaphore::new(MAX_DEFERRED as usize)),
+        reads: Arc::new(Semaphore::new(MAX_DEFERRED_READS)),
+        all_reads: Arc::new(Semaphore::new(super::batch::ALL_DEFERRED_READS)),
+        payload: Vec::new(),
+        batch: Batch::default(),
+        peer: peer.parse().expect("an address"),
+        stop: CancellationToken::new(),
+        killswitch: None,
+        session: destination.map(|d| Session::open(d, peer.into())),
+    };
+    (conn, client)
+}
+
+impl<P: Probe> Kit<P> {
+    /// The connection ends and a new one from `peer` takes its place, to
+    /// the same image (and destination): a new sender.
+    pub fn reconnect(&mut self, peer: &str) {
+        let (conn, client) = connect(
+            &self.image,
+            self.destination.clone(),
+            self.conn.probe.clone(),
+            peer,
+        );
+        self.conn = conn;
+        self.client = client;
+    }
+
     /// Sends a request header (and its payload) as a client would.
     pub async fn send(&mut self, req: Request, payload: &[u8]) {
         self.client.write_all(&req.encode()).await.expect("send");

@@ -317,6 +317,19 @@ where
             w.send().await.map_err(ConnError::Send)?;
             return Err(ConnError::BadMagic(req.magic));
         }
+        if self.session.is_some() && matches!(req.kind, cmd::RESUME | cmd::CHECKPOINT) {
+            // The hand-off's own: their offset is the migration id, not a
+            // position in the image, so no range check.
+            if drop_request {
+                return Ok(Next::Continue);
+            }
+            if req.kind == cmd::RESUME {
+                self.resume(&req).await?;
+            } else {
+                self.checkpoint(&req).await?;
+            }
+            return Ok(Next::Continue);
+        }
         let size = self.image.size();
         if !req.in_range(size) {
             // The NBD spec asks for EINVAL from BLOCK_STATUS, ENOSPC otherwise.

@@ -55,10 +55,13 @@ impl Listen {
     pub fn start(image: Arc<Image>, ops: Arc<dyn FileOps>) -> Result<Listen, String> {
         let path = image.path().to_owned();
         let executor = handoff::Destination::prepare(ops, &path, false)?;
+        // What the marker holds, as start-up found it (checked against the
+        // image file).
+        let held = executor.held();
         Ok(Listen {
             image,
             executor,
-            machine: machine::Destination::new(),
+            machine: machine::Destination::new(held),
             inbox: VecDeque::new(),
             work: VecDeque::new(),
             waiting: Default::default(),
@@ -261,6 +264,13 @@ impl Listen {
                         core.mark(Mark::EntrustAnswered);
                     }
                 }
+            }
+            Effect::ResumeReply { conn, checkpoint } => {
+                // The simulated source asks no resume query (its requests
+                // have no such kind), so nothing waits for this answer.
+                core.note(format!(
+                    "dest: conn {conn} would be answered checkpoint {checkpoint}"
+                ));
             }
             Effect::Close { conn } => {
                 core.close(*conn, true);
