@@ -3,10 +3,12 @@
 //! waits, external tools with time limits, and a raw NBD client built on the
 //! project's codec.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -617,4 +619,78 @@ pub fn nothing_arrives(c: &mut RawClient, quiet: Duration) -> bool {
     let silent = matches!(c.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
     c.stream.set_read_timeout(Some(WAIT)).unwrap();
     silent
+}
+
+// ------------------------------------------------- control and status
+
+/// One raw control request; `None` when the socket cannot be reached or
+/// closes without a word.
+pub fn control(sock: &Path, request: &str) -> Option<String> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).ok()?;
+    let mut got = String::new();
+    s.read_to_string(&mut got).ok()?;
+    (!got.is_empty()).then_some(got)
+}
+
+/// The status line as (ordered keys, map); `None` if the server is gone.
+pub fn try_status(sock: &Path) -> Option<(Vec<String>, HashMap<String, String>)> {
+    let r = control(sock, "status\n\n")?;
+    let line = r
+        .strip_prefix("0: ")
+        .and_then(|l| l.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("bad status response {r:?}"));
+    let mut keys = Vec::new();
+    let mut map = HashMap::new();
+    for kv in line.split_whitespace() {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        keys.push(k.to_string());
+        map.insert(k.to_string(), v.to_string());
+    }
+    Some((keys, map))
+}
+
+pub fn status(sock: &Path) -> HashMap<String, String> {
+    try_status(sock)
+        .unwrap_or_else(|| panic!("no status from {}", sock.display()))
+        .1
+}
+
+pub fn num(map: &HashMap<String, String>, key: &str) -> u64 {
+    map.get(key)
+        .unwrap_or_else(|| panic!("no {key} in status {map:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} not a number in {map:?}"))
+}
+
+/// Waits until the source's status satisfies `check`.
+pub fn wait_status(sock: &Path, what: &str, check: impl Fn(&HashMap<String, String>) -> bool) {
+    wait_for(what, WAIT, || {
+        let s = status(sock);
+        check(&s).then_some(())
+    });
+}
+
+/// Compares two files without printing megabytes on failure.
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let x = fs::read(a).unwrap();
+    let y = fs::read(b).unwrap();
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "sizes of {} and {}",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ first at byte {i} ({} vs {})",
+            a.display(),
+            b.display(),
+            x[i],
+            y[i]
+        );
+    }
 }

@@ -2,10 +2,16 @@
 //! (docs/handoff.md, "Resuming an interrupted migration"), with the real
 //! binaries: `serve`, `listen` and `mirror` as an operator runs them.
 //!
-//! What must happen: `mirror --verify` to a destination that already holds
-//! most of the image sends only what differs (the completion record's
-//! `bytes_received` says how much travelled as data) and ends with
-//! identical images.
+//! What must happen: an attempt cut off mid-copy (the connection closed,
+//! the destination killed and restarted by a supervisor, the destination's
+//! host losing power, an operator's `break` and a later `mirror`) resumes
+//! from the last checkpoint the destination durably holds and sends only
+//! the rest; a destination that holds another migration's checkpoint, or
+//! whose image file was replaced, or that knows no checkpoints, gets
+//! everything; `mirror --verify` to a destination that already holds most
+//! of the image sends only what differs. Every run ends with identical
+//! images. The completion record's `bytes_received` (what the completing
+//! connection received as data) says how much travelled.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -30,6 +36,10 @@ fn serve(dir: &TempDir, file: &Path) -> (Flexnbd, PathBuf) {
 fn listen(dir: &TempDir, file: &Path, extra: &[&str]) -> Flexnbd {
     Flexnbd::spawn(dir, &server_args("listen", file, None, extra))
 }
+
+/// The greeting with WRITE_ZEROES: holes carry no payload, so
+/// `bytes_received` counts data only.
+const ZEROES: &str = "--oldstyle-extra-flags";
 
 fn mirror_started(sock: &Path, port: u16, extra: &[&str]) {
     let o = run_mirror(sock, port, extra, Duration::from_secs(40));
@@ -117,4 +127,237 @@ fn without_verify_everything_is_sent_to_the_same_destination() {
     wait_exit_0(&mut src, "the source");
     wait_exit_0(&mut dest, "the destination");
     assert_eq!(bytes_received(&dest_file), 24 * MIB);
+}
+
+/// 96 MiB: 80 MiB of data, then a hole. Checkpoints come every 64 MiB of
+/// data (the least interval), so a cut after 72 writes of 1 MiB resumes
+/// from checkpoint 1 and sends the last 16 MiB again.
+const SIZE: u64 = 96 * MIB;
+const DATA: u64 = 80 * MIB;
+
+fn eighty_mib_image(dir: &TempDir, name: &str, seed: u8) -> PathBuf {
+    let p = dir.sparse_file(name, SIZE);
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&pattern(DATA as usize, seed), 0).unwrap();
+    f.sync_all().unwrap();
+    p
+}
+
+fn serve_with_faults(dir: &TempDir, file: &Path, plan: &str) -> (Flexnbd, PathBuf) {
+    let sock = dir.join("src.sock");
+    let args = server_args("serve", file, Some(&sock), &[]);
+    let server = Flexnbd::spawn_with_env(dir, &args, &[("FLEXNBD_FAULTS", plan)]);
+    wait_for("the source's control socket", WAIT, || {
+        UnixStream::connect(&sock).ok().map(|_| ())
+    });
+    (server, sock)
+}
+
+/// The resumed attempt's data: the 16 MiB after checkpoint 1, give or take
+/// a piece.
+fn assert_resumed_rest(dest: &Path) {
+    let got = bytes_received(dest);
+    assert!(
+        (16 * MIB..=17 * MIB).contains(&got),
+        "expected the 16 MiB after the checkpoint to be sent again, got {got} bytes (all data: {DATA})"
+    );
+}
+
+#[test]
+fn a_connection_cut_mid_copy_resumes_from_the_checkpoint() {
+    let dir = TempDir::new("resume-cut");
+    let src_file = eighty_mib_image(&dir, "src.img", 4);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve_with_faults(&dir, &src_file, "mirror.request_send.write#72=close");
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    src.assert_fired("mirror.request_send.write#72", "close");
+    assert!(
+        src.log().contains("from checkpoint 1: what it held then"),
+        "{}",
+        src.log()
+    );
+    assert_resumed_rest(&dest_file);
+    assert_same_files(&src_file, &dest_file);
+}
+
+/// A destination that ends mid-copy (`plan` on its 72nd write), then is
+/// started again on the same port, as a supervisor does.
+fn destination_restarted(tag: &str, plan: &str, action: &str) {
+    let dir = TempDir::new(tag);
+    let src_file = eighty_mib_image(&dir, "src.img", 5);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = Flexnbd::spawn_with_env(
+        &dir,
+        &server_args("listen", &dest_file, None, &[ZEROES]),
+        &[("FLEXNBD_FAULTS", plan)],
+    );
+    let port = dest.port();
+    mirror_started(&sock, port, &[]);
+    let status = dest.wait_exit();
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "the destination must have ended mid-copy"
+    );
+    dest.assert_fired("server.request_received.write#72", action);
+    let mut again = Flexnbd::spawn(
+        &dir,
+        &server_args_on("listen", port, &dest_file, None, &[ZEROES]),
+    );
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut again, "the restarted destination");
+    assert!(
+        src.log().contains("from checkpoint 1: what it held then"),
+        "{}",
+        src.log()
+    );
+    assert_resumed_rest(&dest_file);
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn a_destination_killed_mid_copy_and_restarted_resumes_from_the_checkpoint() {
+    destination_restarted(
+        "resume-crash",
+        "server.request_received.write#72=crash",
+        "crash",
+    );
+}
+
+#[test]
+fn a_destination_that_lost_power_mid_copy_resumes_from_what_its_checkpoint_made_durable() {
+    // Everything written after checkpoint 1 and not synced is gone; what
+    // the checkpoint covered must still be there, or the resumed copy,
+    // which skips it, would differ from the source.
+    destination_restarted(
+        "resume-power",
+        "server.request_received.write#72=powercut(all)",
+        "powercut(all)",
+    );
+}
+
+/// `mirror -m` slow enough to `break` after checkpoint 1 (at 64 MiB).
+fn until_checkpoint_1(sock: &Path, port: u16) {
+    mirror_started(sock, port, &["-m", "160000000"]);
+    wait_status(sock, "checkpoint 1", |s| {
+        s.get("migration_checkpoint").is_some_and(|k| k != "0")
+    });
+    let o = run_tool(
+        BIN,
+        &["break", "-s", sock.to_str().unwrap()],
+        Duration::from_secs(40),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "break: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn break_then_mirror_to_the_same_destination_resumes() {
+    let dir = TempDir::new("resume-break");
+    let src_file = eighty_mib_image(&dir, "src.img", 6);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    until_checkpoint_1(&sock, dest.port());
+    // A client changes 1 MiB the destination held: it must go again.
+    let mut c = src.connect();
+    c.oldstyle_greeting();
+    c.write_ok(8 * MIB, &pattern(MIB as usize, 77));
+    drop(c);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    assert!(src.log().contains("resuming migration"), "{}", src.log());
+    let got = bytes_received(&dest_file);
+    assert!(
+        got < DATA - 32 * MIB,
+        "a resumed copy must not send all {DATA} bytes of data again, sent {got}"
+    );
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
+    // Source A leaves checkpoint 1 on its destination; source C, with a
+    // checkpoint of its own elsewhere, then migrates to A's destination.
+    // Its checkpoint must not count there.
+    let dir = TempDir::new("resume-foreign");
+    let a_file = eighty_mib_image(&dir, "a.img", 7);
+    let c_file = eighty_mib_image(&dir, "c.img", 8);
+    let a_dest = dir.sparse_file("a-dest.img", SIZE);
+    let c_dest = dir.sparse_file("c-dest.img", SIZE);
+    let a_sock = dir.join("a.sock");
+    let c_sock = dir.join("c.sock");
+    let mut a = Flexnbd::spawn(&dir, &server_args("serve", &a_file, Some(&a_sock), &[]));
+    let mut c = Flexnbd::spawn(&dir, &server_args("serve", &c_file, Some(&c_sock), &[]));
+    for s in [&a_sock, &c_sock] {
+        wait_for("a control socket", WAIT, || {
+            UnixStream::connect(s).ok().map(|_| ())
+        });
+    }
+    let mut a_listen = listen(&dir, &a_dest, &[ZEROES]);
+    let mut c_listen = listen(&dir, &c_dest, &[ZEROES]);
+    until_checkpoint_1(&a_sock, a_listen.port());
+    until_checkpoint_1(&c_sock, c_listen.port());
+    // C goes to A's destination: copied whole.
+    mirror_started(&c_sock, a_listen.port(), &[]);
+    wait_exit_0(&mut c, "source C");
+    wait_exit_0(&mut a_listen, "A's destination, receiving C");
+    assert!(!c.log().contains("resuming migration"), "{}", c.log());
+    assert_eq!(bytes_received(&a_dest), DATA);
+    assert_same_files(&c_file, &a_dest);
+    drop(a);
+    c_listen.signal(libc::SIGTERM);
+}
+
+#[test]
+fn a_destination_image_replaced_since_the_checkpoint_gets_everything() {
+    let dir = TempDir::new("resume-replaced");
+    let src_file = eighty_mib_image(&dir, "src.img", 9);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let port = dest.port();
+    until_checkpoint_1(&sock, port);
+    dest.signal(libc::SIGTERM);
+    dest.wait_exit();
+    // Restored from a copy: the same bytes in another file.
+    let restored = dir.join("restored.img");
+    fs::copy(&dest_file, &restored).unwrap();
+    fs::rename(&restored, &dest_file).unwrap();
+    let mut dest = Flexnbd::spawn(
+        &dir,
+        &server_args_on("listen", port, &dest_file, None, &[ZEROES]),
+    );
+    mirror_started(&sock, port, &[]);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    assert!(!src.log().contains("resuming migration"), "{}", src.log());
+    assert_eq!(bytes_received(&dest_file), DATA);
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn a_destination_that_knows_no_checkpoints_gets_everything() {
+    // `serve` as the destination: RESUME and CHECKPOINT are unknown there,
+    // as on an older flexnbd or the C one.
+    let dir = TempDir::new("resume-old");
+    let src_file = eighty_mib_image(&dir, "src.img", 10);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve_with_faults(&dir, &src_file, "mirror.request_send.write#72=close");
+    let dest = Flexnbd::serve(&dir, &dest_file, &[]);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the source");
+    src.assert_fired("mirror.request_send.write#72", "close");
+    assert!(!src.log().contains("resuming migration"), "{}", src.log());
+    assert!(!src.log().contains("checkpoint"), "{}", src.log());
+    assert_same_files(&src_file, &dest_file);
 }
