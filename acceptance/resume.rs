@@ -296,7 +296,7 @@ fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
     let c_dest = dir.sparse_file("c-dest.img", SIZE);
     let a_sock = dir.join("a.sock");
     let c_sock = dir.join("c.sock");
-    let mut a = Flexnbd::spawn(&dir, &server_args("serve", &a_file, Some(&a_sock), &[]));
+    let a = Flexnbd::spawn(&dir, &server_args("serve", &a_file, Some(&a_sock), &[]));
     let mut c = Flexnbd::spawn(&dir, &server_args("serve", &c_file, Some(&c_sock), &[]));
     for s in [&a_sock, &c_sock] {
         wait_for("a control socket", WAIT, || {
@@ -304,7 +304,7 @@ fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
         });
     }
     let mut a_listen = listen(&dir, &a_dest, &[ZEROES]);
-    let mut c_listen = listen(&dir, &c_dest, &[ZEROES]);
+    let c_listen = listen(&dir, &c_dest, &[ZEROES]);
     until_checkpoint_1(&a_sock, a_listen.port());
     until_checkpoint_1(&c_sock, c_listen.port());
     // C goes to A's destination: copied whole.
