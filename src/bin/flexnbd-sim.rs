@@ -101,6 +101,7 @@ fn main() -> ExitCode {
             fired.join(", ")
         }
     );
+    println!("attempts resumed from a checkpoint: {}", outcome.resumed);
     println!(
         "{} seeds in {secs:.1} s ({:.0} seeds/s), {} events, {} failed",
         outcome.runs,

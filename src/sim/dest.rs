@@ -153,6 +153,8 @@ impl Listen {
             Req::Flush => (cmd::FLUSH, 0),
             Req::Entrust => (cmd::ENTRUST, 0),
             Req::Disconnect => (cmd::DISC, 0),
+            Req::Resume { .. } => (cmd::RESUME, 0),
+            Req::Checkpoint { .. } => (cmd::CHECKPOINT, 0),
         };
         let plan = request::plan(kind, 0);
         match req {
@@ -161,6 +163,24 @@ impl Listen {
                 self.feed(core, Event::Entrust { conn });
             }
             Req::Disconnect => self.feed(core, Event::Disconnect { conn }),
+            Req::Resume { migration } => {
+                self.waiting.insert(conn, (handle, req));
+                self.feed(core, Event::Resume { conn, migration });
+            }
+            Req::Checkpoint {
+                migration,
+                checkpoint,
+            } => {
+                self.waiting.insert(conn, (handle, req));
+                self.feed(
+                    core,
+                    Event::Checkpoint {
+                        conn,
+                        migration,
+                        checkpoint,
+                    },
+                );
+            }
             _ if plan.changes_data() => {
                 self.waiting.insert(conn, (handle, req));
                 self.feed(core, Event::Change { conn, bytes });
@@ -266,11 +286,16 @@ impl Listen {
                 }
             }
             Effect::ResumeReply { conn, checkpoint } => {
-                // The simulated source asks no resume query (its requests
-                // have no such kind), so nothing waits for this answer.
-                core.note(format!(
-                    "dest: conn {conn} would be answered checkpoint {checkpoint}"
-                ));
+                if let Some((handle, _)) = self.waiting.remove(conn) {
+                    core.send(
+                        *conn,
+                        false,
+                        Msg::Answer {
+                            handle,
+                            value: *checkpoint,
+                        },
+                    );
+                }
             }
             Effect::Close { conn } => {
                 core.close(*conn, true);

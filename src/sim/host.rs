@@ -204,8 +204,16 @@ impl World {
             Ev::Deliver { conn, to_dest, msg } => {
                 if to_dest {
                     self.dest_deliver(conn, msg);
-                } else if let Msg::Reply { handle, error } = msg {
-                    self.with_mirror(|w, run| run.reply(w, conn, handle, error));
+                } else {
+                    match msg {
+                        Msg::Reply { handle, error } => {
+                            self.with_mirror(|w, run| run.reply(w, conn, handle, error))
+                        }
+                        Msg::Answer { handle, value } => {
+                            self.with_mirror(|w, run| run.answered(w, conn, handle, value))
+                        }
+                        Msg::Req { .. } => {}
+                    }
                 }
             }
             Ev::Closed { conn, to_dest } => {

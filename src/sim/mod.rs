@@ -31,6 +31,8 @@ pub struct Sweep {
     pub failures: Vec<Report>,
     /// How many faults of each kind struck, over all runs.
     pub fired: std::collections::BTreeMap<&'static str, u64>,
+    /// Attempts that resumed from a checkpoint, over all runs.
+    pub resumed: u64,
 }
 
 /// Runs `seeds` on `threads` threads. Each seed's run is independent and
@@ -51,6 +53,7 @@ pub fn sweep(
         reports: Vec::new(),
         failures: Vec::new(),
         fired: Default::default(),
+        resumed: 0,
     });
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -66,6 +69,7 @@ pub fn sweep(
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 o.runs += 1;
                 o.events += r.events;
+                o.resumed += r.resumed;
                 for kind in &r.fired {
                     *o.fired.entry(kind).or_default() += 1;
                 }
@@ -120,6 +124,12 @@ mod tests {
                 sweep.fired
             );
         }
+        // Resuming is checked only where it happens.
+        assert!(
+            sweep.resumed >= 100,
+            "only {} attempts resumed from a checkpoint in 2,000 seeds",
+            sweep.resumed
+        );
     }
 
     /// A replay is exact: the same seed gives the same event trace.

@@ -77,6 +77,14 @@ impl SourceRun {
         );
         config.chunk = CHUNK;
         config.window = SWEEP_WINDOW;
+        // The migration goes on across `mirror`s of this source's life and
+        // starts afresh with a new one; checkpoints come often enough for
+        // the small simulated images to be cut between them.
+        config.migration = image
+            .held()
+            .migration(|| life.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        config.checkpoint = image.held().checkpoint();
+        config.checkpoint_every = (image.size() / 4).max(BLOCK_SIZE);
         SourceRun {
             machine: Source::new(config),
             image,
@@ -193,6 +201,20 @@ impl SourceRun {
         }
     }
 
+    /// RESUME's answer arrived.
+    pub fn answered(&mut self, ctx: &mut SourceCtx, conn: u64, handle: u64, value: u64) {
+        if self.conn != Some(conn) {
+            return;
+        }
+        if self.in_flight.remove(&handle).is_none() {
+            return self.lost(ctx, conn, "an answer to no request in flight");
+        }
+        self.last_progress = ctx.core().now;
+        if matches!(self.awaiting, Some(Effect::QueryResume { .. })) {
+            self.answer(ctx, Event::ResumeAnswer(Some(value)));
+        }
+    }
+
     pub fn reply(&mut self, ctx: &mut SourceCtx, conn: u64, handle: u64, error: u32) {
         if self.conn != Some(conn) {
             return;
@@ -218,8 +240,14 @@ impl SourceRun {
         }
         self.last_reply = Some(now);
         match &self.awaiting {
-            Some(Effect::Flush | Effect::Entrust) if matches!(req.kind, "flush" | "entrust") => {
+            Some(Effect::Flush | Effect::Entrust | Effect::Checkpoint { .. })
+                if matches!(req.kind, "flush" | "entrust" | "checkpoint") =>
+            {
                 self.answer(ctx, Event::Reply { error })
+            }
+            // An old destination answers RESUME with an error.
+            Some(Effect::QueryResume { .. }) if req.kind == "resume" => {
+                self.answer(ctx, Event::ResumeAnswer(None))
             }
             Some(
                 Effect::SendData { .. } | Effect::CompareData { .. } | Effect::SendHole { .. },
@@ -255,6 +283,8 @@ impl SourceRun {
                     | Effect::WaitIdle
                     | Effect::Flush
                     | Effect::Entrust
+                    | Effect::QueryResume { .. }
+                    | Effect::Checkpoint { .. }
             )
         ) {
             self.fail(ctx, why);
@@ -375,7 +405,10 @@ impl SourceRun {
         }
         match effect {
             Effect::StartTracking => self.image.start_tracking(),
-            Effect::BeginHeld { resume } => self.image.held().begin(resume),
+            Effect::BeginHeld { resume } => {
+                self.image.held().begin(resume);
+                ctx.core().resumed += u64::from(resume);
+            }
             Effect::Held { checkpoint } => self.image.held().commit(checkpoint),
             Effect::StopTracking => self.image.stop_tracking(),
             Effect::SetPhase(p) => self.phase = p.name().to_string(),
@@ -410,6 +443,8 @@ impl SourceRun {
                 | Effect::WaitIdle
                 | Effect::Flush
                 | Effect::Entrust
+                | Effect::QueryResume { .. }
+                | Effect::Checkpoint { .. }
         );
         if uses_connection {
             if let Some(why) = self.broken.clone() {
@@ -461,10 +496,28 @@ impl SourceRun {
                     Event::Extents(extents_with_held(&extents, runs.as_deref())),
                 );
             }
-            Effect::QueryResume { .. } => {
-                // The simulated destination knows no checkpoints yet.
+            Effect::QueryResume { migration } => {
                 self.awaiting = Some(effect);
-                self.answer(ctx, Event::ResumeAnswer(None));
+                if self.legacy {
+                    // An old source asks nothing of the sort.
+                    return self.answer(ctx, Event::ResumeAnswer(None));
+                }
+                if self.send(ctx, Req::Resume { migration }, false).is_none() {
+                    self.fail(ctx, "the destination closed the connection");
+                }
+            }
+            Effect::Checkpoint {
+                migration,
+                checkpoint,
+            } => {
+                self.awaiting = Some(effect);
+                let req = Req::Checkpoint {
+                    migration,
+                    checkpoint,
+                };
+                if self.send(ctx, req, false).is_none() {
+                    self.fail(ctx, "the destination closed the connection");
+                }
             }
             // Compared data goes as data: the simulated destination keeps no
             // digests, and sending what may not differ is always correct.
@@ -476,9 +529,18 @@ impl SourceRun {
                     self.awaiting = Some(effect);
                     return;
                 }
+                // As the real mirror does (store/held.rs): marked sent before
+                // it is read, and a hole looked at again after the mark.
+                self.image.held().mark_sent(offset, len);
+                let still_hole = matches!(
+                    self.image.extents(offset, len, 1).first(),
+                    Some(&(n, true)) if n >= len
+                );
                 let req = match effect {
-                    Effect::SendHole { zeroes: true, .. } => Req::Zeroes { offset, len },
-                    Effect::SendHole { .. } => Req::Write {
+                    Effect::SendHole { zeroes: true, .. } if still_hole => {
+                        Req::Zeroes { offset, len }
+                    }
+                    Effect::SendHole { .. } if still_hole => Req::Write {
                         offset,
                         data: vec![0u8; len as usize],
                     },

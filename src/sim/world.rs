@@ -26,11 +26,25 @@ pub const DEADLINE: Micros = 600_000_000;
 /// A request on the wire from the source to the destination.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Req {
-    Write { offset: u64, data: Vec<u8> },
-    Zeroes { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     Entrust,
     Disconnect,
+    /// RESUME: which checkpoint of `migration` the destination holds.
+    Resume {
+        migration: u64,
+    },
+    Checkpoint {
+        migration: u64,
+        checkpoint: u64,
+    },
 }
 
 impl Req {
@@ -41,14 +55,27 @@ impl Req {
             Req::Flush => "flush",
             Req::Entrust => "entrust",
             Req::Disconnect => "disconnect",
+            Req::Resume { .. } => "resume",
+            Req::Checkpoint { .. } => "checkpoint",
         }
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Msg {
-    Req { handle: u64, req: Req },
-    Reply { handle: u64, error: u32 },
+    Req {
+        handle: u64,
+        req: Req,
+    },
+    Reply {
+        handle: u64,
+        error: u32,
+    },
+    /// RESUME's answer: 0 and the checkpoint.
+    Answer {
+        handle: u64,
+        value: u64,
+    },
 }
 
 /// Something that happens at a virtual time.
@@ -147,6 +174,8 @@ pub struct Core {
     /// with `Instant`s: only differences of it are ever used.
     pub origin: Instant,
     pub violations: Vec<String>,
+    /// Attempts that resumed from a checkpoint.
+    pub resumed: u64,
 }
 
 /// FNV-1a, for the trace hash.
@@ -179,6 +208,7 @@ impl Core {
             events_run: 0,
             origin: Instant::now(),
             violations: Vec::new(),
+            resumed: 0,
         }
     }
 
@@ -405,6 +435,8 @@ pub struct Report {
     /// The kinds of the faults that struck (a fault waiting for a step the
     /// run never reached does not).
     pub fired: Vec<&'static str>,
+    /// Attempts that resumed from a checkpoint.
+    pub resumed: u64,
 }
 
 /// The initial tag of each sector of the source's image: data written by
@@ -477,6 +509,7 @@ impl World {
         Report {
             seed,
             fired: std::mem::take(&mut self.fired),
+            resumed: self.core.resumed,
             hash: self.core.trace_hash,
             events: self.core.events_run,
             end: self.core.now,
