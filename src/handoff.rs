@@ -708,7 +708,7 @@ impl Destination {
         use machine::{Effect, Event};
         let failure = |e: io::Error| machine::Failure::new(errno::from_io(&e), e.to_string());
         match effect {
-            Effect::PersistMarker { conn, marker } => {
+            Effect::PersistMarker { conn, marker, .. } => {
                 let conn = *conn;
                 let written = (|| {
                     // A checkpoint names the file it was taken on.
@@ -766,7 +766,7 @@ impl Destination {
                     },
                 })
             }
-            Effect::RemoveMarker { conn } => {
+            Effect::RemoveMarker { conn, .. } => {
                 let conn = *conn;
                 Some(match remove_marker(&*self.ops, &self.image_path) {
                     Ok(()) => Event::MarkerRemoved { conn },
