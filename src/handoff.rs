@@ -591,6 +591,10 @@ pub struct Destination {
     pub completed: tokio_util::sync::CancellationToken,
     /// Locked only to feed it one event, never across I/O.
     machine: std::sync::Mutex<machine::Destination>,
+    /// Held across each marker write or removal, so that they never overlap
+    /// (they share the temporary file): the generation of the latest
+    /// marker operation carried out (see `marker_op`).
+    marker_done: std::sync::Mutex<u64>,
     /// Names each connection once: a new connection is a new sender.
     next_conn: std::sync::atomic::AtomicU64,
 }
@@ -666,6 +670,7 @@ impl Destination {
             image_path: image_path.to_owned(),
             completed: tokio_util::sync::CancellationToken::new(),
             machine: std::sync::Mutex::new(machine::Destination::new(held)),
+            marker_done: std::sync::Mutex::new(0),
             next_conn: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -700,17 +705,22 @@ impl Destination {
     }
 
     /// Carries out one effect that needs I/O, blocking (run it on the I/O
-    /// pool): writes or removes the marker, syncs the image, writes the
-    /// completion record. Returns the outcome as the event to feed back;
+    /// pool): writes or removes the marker (one at a time, skipping one
+    /// decided before another already done: see `marker_op`), syncs the
+    /// image, writes the completion record. Returns the outcome as the event to feed back;
     /// `None` for the effects that are the caller's (apply, reply, close,
     /// log). `Complete` cancels `completed`, and gives `None` too.
     pub fn execute(&self, effect: &machine::Effect, image: &Image) -> Option<machine::Event> {
         use machine::{Effect, Event};
         let failure = |e: io::Error| machine::Failure::new(errno::from_io(&e), e.to_string());
         match effect {
-            Effect::PersistMarker { conn, marker } => {
+            Effect::PersistMarker {
+                conn,
+                generation,
+                marker,
+            } => {
                 let conn = *conn;
-                let written = (|| {
+                let written = self.marker_op(*generation, || {
                     // A checkpoint names the file it was taken on.
                     let image = match marker.resume {
                         Some(_) => Some(image.identity()?),
@@ -727,7 +737,7 @@ impl Destination {
                         image,
                     }
                     .write_durably(&*self.ops, &self.image_path)
-                })();
+                });
                 Some(match written {
                     Ok(()) => Event::MarkerPersisted { conn },
                     Err(e) => Event::MarkerFailed {
@@ -766,9 +776,11 @@ impl Destination {
                     },
                 })
             }
-            Effect::RemoveMarker { conn } => {
+            Effect::RemoveMarker { conn, generation } => {
                 let conn = *conn;
-                Some(match remove_marker(&*self.ops, &self.image_path) {
+                let removed =
+                    self.marker_op(*generation, || remove_marker(&*self.ops, &self.image_path));
+                Some(match removed {
                     Ok(()) => Event::MarkerRemoved { conn },
                     Err(e) => Event::MarkerRemoveFailed {
                         conn,
@@ -786,6 +798,27 @@ impl Destination {
             | Effect::Close { .. }
             | Effect::Log { .. } => None,
         }
+    }
+
+    /// Carries out the marker operation (write or removal) the machine
+    /// numbered `generation`, with `io`: one at a time, and only when no
+    /// later-decided one was carried out already. An older one is skipped
+    /// (no I/O, `Ok`): the marker stays as the later decision, which the
+    /// machine believes instead. Only an operation that succeeded counts as
+    /// carried out: after a failed one, whose outcome on disk is unknown, an
+    /// older one still writes, so an operation reported done always leaves
+    /// the marker as it or a later decision.
+    fn marker_op(&self, generation: u64, io: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut done = self
+            .marker_done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if generation < *done {
+            return Ok(());
+        }
+        io()?;
+        *done = generation;
+        Ok(())
     }
 
     /// Carries out `effects` in order (blocking), feeding each outcome back
@@ -1294,6 +1327,225 @@ mod tests {
             fs::read_to_string(marker_path(&image)).unwrap(),
             "state=receiving\nextra=1\n"
         );
+    }
+
+    fn persist(
+        conn: machine::ConnId,
+        generation: u64,
+        state: MarkerState,
+        source: &str,
+    ) -> machine::Effect {
+        machine::Effect::PersistMarker {
+            conn,
+            generation,
+            marker: machine::MarkerWrite {
+                state,
+                source: Some(source.into()),
+                attempt_started: 1,
+                bytes_received: 0,
+                resume: None,
+            },
+        }
+    }
+
+    /// The marker's (state, source) at `image`, `None` without one.
+    fn marker_says(image: &Path) -> Option<(MarkerState, String)> {
+        read_marker(&Disk, image)
+            .unwrap()
+            .map(|m| (m.state, m.source.unwrap_or_default()))
+    }
+
+    #[test]
+    fn a_marker_operation_decided_before_one_carried_out_is_skipped_and_reported_done() {
+        use machine::{Effect, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 4096]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        // Decided second, carried out first.
+        assert_eq!(
+            dest.execute(&persist(2, 2, MarkerState::Entrusted, "b"), &image),
+            Some(Event::MarkerPersisted { conn: 2 })
+        );
+        assert_eq!(
+            dest.execute(&persist(1, 1, MarkerState::Receiving, "a"), &image),
+            Some(Event::MarkerPersisted { conn: 1 })
+        );
+        assert_eq!(
+            marker_says(&path),
+            Some((MarkerState::Entrusted, "b".into())),
+            "the marker ends as the later decision"
+        );
+        assert!(!tmp_path(&marker_path(&path)).exists());
+        // A removal decided before is skipped as well.
+        assert_eq!(
+            dest.execute(
+                &Effect::RemoveMarker {
+                    conn: 1,
+                    generation: 1
+                },
+                &image
+            ),
+            Some(Event::MarkerRemoved { conn: 1 })
+        );
+        assert_eq!(
+            marker_says(&path),
+            Some((MarkerState::Entrusted, "b".into()))
+        );
+        // Later decisions are carried out; after a removal, no write decided
+        // before it brings the marker back.
+        dest.execute(&persist(3, 3, MarkerState::Receiving, "c"), &image);
+        assert_eq!(
+            marker_says(&path),
+            Some((MarkerState::Receiving, "c".into()))
+        );
+        assert_eq!(
+            dest.execute(
+                &Effect::RemoveMarker {
+                    conn: 4,
+                    generation: 4
+                },
+                &image
+            ),
+            Some(Event::MarkerRemoved { conn: 4 })
+        );
+        assert_eq!(
+            dest.execute(&persist(3, 3, MarkerState::Receiving, "c"), &image),
+            Some(Event::MarkerPersisted { conn: 3 })
+        );
+        assert_eq!(marker_says(&path), None);
+    }
+
+    /// Fails the first marker operation asked for, and no other.
+    struct FailFirstMarker(std::sync::atomic::AtomicBool);
+
+    impl crate::store::FaultHook for FailFirstMarker {
+        fn before(&self, op: StoreOp, _at: Option<(u64, u64)>) -> io::Result<()> {
+            if op == StoreOp::Marker && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+        fn covers(&self, op: StoreOp) -> bool {
+            op == StoreOp::Marker
+        }
+    }
+
+    #[test]
+    fn after_a_later_marker_write_failed_an_earlier_one_is_still_carried_out() {
+        use machine::Event;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 4096]).unwrap();
+        // An `entrusted` marker from before: what a failed write may leave.
+        let mut before = Marker::new(MarkerState::Entrusted);
+        before.source = Some("old".into());
+        before.write_durably(&Disk, &path).unwrap();
+        let image = Image::open(&path).unwrap();
+        let ops = crate::store::faults::FaultedFiles::new(
+            Arc::new(Disk),
+            Arc::new(FailFirstMarker(Default::default())),
+        );
+        let dest = Destination::prepare(Arc::new(ops), &path, false).unwrap();
+        assert!(matches!(
+            dest.execute(&persist(2, 2, MarkerState::Receiving, "b"), &image),
+            Some(Event::MarkerFailed { conn: 2, .. })
+        ));
+        // Reported done, so it is on disk: the marker does not stay as it
+        // was before both.
+        assert_eq!(
+            dest.execute(&persist(1, 1, MarkerState::Receiving, "a"), &image),
+            Some(Event::MarkerPersisted { conn: 1 })
+        );
+        assert_eq!(
+            marker_says(&path),
+            Some((MarkerState::Receiving, "a".into()))
+        );
+    }
+
+    #[test]
+    fn concurrent_marker_writes_do_not_collide_and_the_marker_ends_as_the_latest_decision() {
+        use machine::Event;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 4096]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        const THREADS: u64 = 4;
+        const EACH: u64 = 16;
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let (dest, image) = (&dest, &image);
+                scope.spawn(move || {
+                    for i in 0..EACH {
+                        let generation = 1 + t + i * THREADS;
+                        let effect = persist(
+                            t,
+                            generation,
+                            MarkerState::Receiving,
+                            &format!("generation {generation}"),
+                        );
+                        assert_eq!(
+                            dest.execute(&effect, image),
+                            Some(Event::MarkerPersisted { conn: t })
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            marker_says(&path),
+            Some((
+                MarkerState::Receiving,
+                format!("generation {}", THREADS * EACH)
+            ))
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_overtaken_by_another_connections_change_is_neither_on_disk_nor_answered() {
+        use machine::{Effect, Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dest.img");
+        fs::write(&path, vec![0u8; 8192]).unwrap();
+        let image = Image::open(&path).unwrap();
+        let dest = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        let resumed = dest.open("10.1.1.1:1".into());
+        dest.handle(Event::Resume {
+            conn: resumed,
+            migration: 0xfeed,
+        });
+        let sync = dest.handle(Event::Checkpoint {
+            conn: resumed,
+            migration: 0xfeed,
+            checkpoint: 1,
+        });
+        let synced = dest.execute(&sync[0], &image).unwrap();
+        let checkpoint_write = dest.handle(synced);
+        // Another connection's first change is decided before the
+        // checkpoint's marker write is carried out, and goes first.
+        let other = dest.open("10.1.1.2:2".into());
+        let change = dest.handle(Event::Change {
+            conn: other,
+            bytes: 1,
+        });
+        assert_eq!(
+            dest.run(&image, change),
+            vec![Effect::Apply { conn: other }]
+        );
+        let left = dest.run(&image, checkpoint_write);
+        assert!(
+            matches!(left.last(), Some(Effect::Reply { errno, .. }) if *errno != 0),
+            "{left:?}"
+        );
+        let marker = read_marker(&Disk, &path).unwrap().unwrap();
+        assert_eq!(marker.resume(), None);
+        assert_eq!(marker.source.as_deref(), Some("10.1.1.2:2"));
+        assert_eq!(dest.held(), None);
+        let again = Destination::prepare(Arc::new(Disk), &path, false).unwrap();
+        assert_eq!(again.held(), None);
     }
 
     /// Fails the marker, record and unlink operations named, and counts

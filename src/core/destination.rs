@@ -20,7 +20,12 @@
 //!   the checkpoint, then reply; the checkpoint is held from then on;
 //! * a new sender connection's first change keeps the held checkpoint only
 //!   when that connection asked RESUME for its migration; otherwise the
-//!   marker drops it, durably, before the change is applied.
+//!   marker drops it, durably, before the change is applied;
+//! * marker operations (writes and the removal) are numbered in the order
+//!   they are decided, and the marker ends as the latest one: the executor
+//!   carries them out one at a time and skips one older than a write or
+//!   removal already done, and the machine believes an operation reported
+//!   done only when no later one was decided since.
 
 use std::collections::BTreeMap;
 
@@ -179,8 +184,14 @@ pub enum Level {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
     /// Write the marker durably; answer with `MarkerPersisted` or
-    /// `MarkerFailed`.
-    PersistMarker { conn: ConnId, marker: MarkerWrite },
+    /// `MarkerFailed`. `generation` numbers the marker operations in the
+    /// order decided: one older than an operation already carried out is
+    /// skipped (no I/O) and answered `MarkerPersisted`.
+    PersistMarker {
+        conn: ConnId,
+        generation: u64,
+        marker: MarkerWrite,
+    },
     /// Apply the data-changing request that is waiting on `conn`.
     Apply { conn: ConnId },
     /// fdatasync the image; answer with `SyncDone` or `SyncFailed`.
@@ -194,8 +205,9 @@ pub enum Effect {
     /// `RecordFailed`.
     WriteRecord { conn: ConnId, record: RecordWrite },
     /// Remove the marker durably; answer with `MarkerRemoved` or
-    /// `MarkerRemoveFailed`.
-    RemoveMarker { conn: ConnId },
+    /// `MarkerRemoveFailed`. `generation` as for `PersistMarker` (skipped
+    /// alike, answered `MarkerRemoved`).
+    RemoveMarker { conn: ConnId, generation: u64 },
     /// The migration is complete: stop serving, exit 0.
     Complete,
     /// End the connection.
@@ -245,6 +257,31 @@ struct Conn {
     /// Ended while something was pending: outcomes still arrive, but
     /// nothing is answered on it any more.
     closed: bool,
+    /// The generation of the connection's latest marker operation (0 for
+    /// none): while it is pending, the one its outcome is about.
+    generation: u64,
+    /// For a change waiting for its `receiving` rewrite: a marker operation
+    /// decided since would leave the change's data beside a marker that
+    /// must not sit beside it (see [`safe_beside`]).
+    overtaken: bool,
+}
+
+/// Whether data sent by a connection belonging to `migration` may sit
+/// beside the marker `next` (`None`: the marker removed). Only a
+/// `receiving` marker allows changes, and only without a checkpoint or
+/// with one of the connection's own migration: the rule of a first change
+/// (a checkpoint survives only data its own migration sends). An
+/// `entrusted` marker promises that no data changed after its sync; a
+/// removed one, that the image is complete.
+fn safe_beside(next: Option<&MarkerWrite>, migration: Option<u64>) -> bool {
+    match next {
+        Some(MarkerWrite {
+            state: MarkerState::Receiving,
+            resume,
+            ..
+        }) => resume.is_none_or(|(held, _)| migration == Some(held)),
+        _ => false,
+    }
 }
 
 /// The destination's hand-off state, for all its connections.
@@ -260,6 +297,11 @@ pub struct Destination {
     /// write that failed may have left either content).
     held: Option<(u64, u64)>,
     completed: bool,
+    /// The generation of the latest marker operation decided (0: none yet;
+    /// start-up's own writes come before all). An operation reported done
+    /// with an older generation was superseded: the marker ends as a later
+    /// decision, not as it.
+    decided: u64,
 }
 
 impl Default for Destination {
@@ -279,6 +321,7 @@ impl Destination {
             sender: None,
             held,
             completed: false,
+            decided: 0,
         }
     }
 
@@ -315,6 +358,8 @@ impl Destination {
                         pending: Pending::None,
                         migration: None,
                         closed: false,
+                        generation: 0,
+                        overtaken: false,
                     },
                 );
                 vec![]
@@ -344,12 +389,7 @@ impl Destination {
             } => self.checkpoint(conn, migration, checkpoint),
             Event::SyncDone { conn } => self.sync_done(conn, now),
             Event::MarkerPersisted { conn } => self.marker_persisted(conn),
-            Event::RecordWritten { conn } => self.advance(
-                conn,
-                Pending::DisconnectRecord,
-                Pending::DisconnectMarker,
-                vec![Effect::RemoveMarker { conn }],
-            ),
+            Event::RecordWritten { conn } => self.record_written(conn),
             Event::MarkerRemoved { conn } => self.marker_removed(conn),
             Event::SyncFailed { conn, failure }
             | Event::MarkerFailed { conn, failure }
@@ -416,8 +456,36 @@ impl Destination {
                 ),
             });
         }
-        effects.push(Effect::PersistMarker { conn, marker });
+        effects.extend(self.persist(conn, marker));
         effects
+    }
+
+    /// Decides a marker operation of `conn`: `next` is what the marker is
+    /// to say (`None`: removed). Returns its generation, and marks every
+    /// change still waiting for its own rewrite whose data must not sit
+    /// beside `next` as overtaken.
+    fn decide(&mut self, conn: ConnId, next: Option<&MarkerWrite>) -> u64 {
+        self.decided += 1;
+        let generation = self.decided;
+        for (&id, c) in &mut self.conns {
+            if id == conn {
+                c.generation = generation;
+                c.overtaken = false;
+            } else if c.pending == Pending::Marking && !safe_beside(next, c.migration) {
+                c.overtaken = true;
+            }
+        }
+        generation
+    }
+
+    /// Decides a marker write of `conn`.
+    fn persist(&mut self, conn: ConnId, marker: MarkerWrite) -> Vec<Effect> {
+        let generation = self.decide(conn, Some(&marker));
+        vec![Effect::PersistMarker {
+            conn,
+            generation,
+            marker,
+        }]
     }
 
     /// The resume query: answers the checkpoint held for `migration` (0
@@ -503,17 +571,15 @@ impl Destination {
                 c.pending = Pending::EntrustMarker;
                 // The marker is about to stop saying `receiving` for anyone.
                 self.sender = None;
-                vec![Effect::PersistMarker {
-                    conn,
-                    marker: MarkerWrite {
-                        state: MarkerState::Entrusted,
-                        source: Some(c.source.clone()),
-                        attempt_started: now,
-                        bytes_received: c.bytes_received,
-                        // Entrusting changes no data: what is held stays.
-                        resume: self.held,
-                    },
-                }]
+                let marker = MarkerWrite {
+                    state: MarkerState::Entrusted,
+                    source: Some(c.source.clone()),
+                    attempt_started: now,
+                    bytes_received: c.bytes_received,
+                    // Entrusting changes no data: what is held stays.
+                    resume: self.held,
+                };
+                self.persist(conn, marker)
             }
             Pending::CheckpointSync(..) if c.closed => self.forget(conn),
             Pending::CheckpointSync(migration, checkpoint) => {
@@ -522,16 +588,14 @@ impl Destination {
                 // rewrites it first (and drops any checkpoint it did not
                 // resume).
                 self.sender = None;
-                vec![Effect::PersistMarker {
-                    conn,
-                    marker: MarkerWrite {
-                        state: MarkerState::Receiving,
-                        source: Some(c.source.clone()),
-                        attempt_started: now,
-                        bytes_received: c.bytes_received,
-                        resume: Some((migration, checkpoint)),
-                    },
-                }]
+                let marker = MarkerWrite {
+                    state: MarkerState::Receiving,
+                    source: Some(c.source.clone()),
+                    attempt_started: now,
+                    bytes_received: c.bytes_received,
+                    resume: Some((migration, checkpoint)),
+                };
+                self.persist(conn, marker)
             }
             Pending::DisconnectSync => {
                 c.pending = Pending::DisconnectRecord;
@@ -548,10 +612,17 @@ impl Destination {
         }
     }
 
+    /// A marker write is durable (or was skipped, a later one being
+    /// durable already). When another marker operation was decided since,
+    /// the marker ends as that later decision, not as this write: nothing
+    /// is believed of what this one wrote.
     fn marker_persisted(&mut self, conn: ConnId) -> Vec<Effect> {
+        let latest = self.decided;
         let Some(c) = self.conns.get_mut(&conn) else {
             return vec![];
         };
+        let superseded = c.generation < latest;
+        let log = |level, message| Effect::Log { level, message };
         match c.pending {
             Pending::Marking => {
                 c.pending = Pending::None;
@@ -561,7 +632,35 @@ impl Destination {
                     // gone: the next sender rewrites it anyway.
                     return vec![];
                 }
-                self.sender = Some(conn);
+                if !superseded {
+                    self.sender = Some(conn);
+                    return vec![Effect::Apply { conn }];
+                }
+                if c.overtaken {
+                    // A later decision says `entrusted`, removes the marker,
+                    // or holds a checkpoint of a migration this connection
+                    // does not belong to: its data must not land under it.
+                    // As when the rewrite fails, the change is not applied
+                    // and the connection ends.
+                    return vec![
+                        log(
+                            Level::Error,
+                            format!(
+                                "a change from {} is not applied: the marker was decided again after its receiving rewrite (an entrust, a checkpoint of another migration or the removal); closing the connection",
+                                c.source
+                            ),
+                        ),
+                        Effect::Close { conn },
+                    ];
+                }
+                // Superseded, but safe: once this write is reported done the
+                // marker holds this decision or a later one for good (the
+                // executor skips an older operation only after a later one
+                // was written, and writes only newer ones after it), and
+                // every decision since is a `receiving` marker this data
+                // may sit beside (not overtaken). So the change goes on; but
+                // the marker ends naming another connection, which stays
+                // the sender, and this one's next change rewrites it again.
                 vec![Effect::Apply { conn }]
             }
             Pending::EntrustMarker => {
@@ -570,20 +669,57 @@ impl Destination {
                     self.forget(conn);
                     return vec![];
                 }
+                if superseded {
+                    // The marker ends as a later decision (another
+                    // connection's change or checkpoint, whose data may
+                    // follow): it does not stay `entrusted` beside the data
+                    // entrusted. The source retries.
+                    return vec![
+                        log(
+                            Level::Error,
+                            format!(
+                                "entrust from {} failed: the marker was decided again after it was to say entrusted; answered EIO",
+                                c.source
+                            ),
+                        ),
+                        Effect::Reply {
+                            conn,
+                            errno: errno::EIO,
+                        },
+                    ];
+                }
                 let message = format!(
                     "entrusted by {}: image durable, marker says entrusted",
                     c.source
                 );
-                vec![
-                    Effect::Log {
-                        level: Level::Info,
-                        message,
-                    },
-                    Effect::Reply { conn, errno: 0 },
-                ]
+                vec![log(Level::Info, message), Effect::Reply { conn, errno: 0 }]
             }
             Pending::CheckpointMarker(migration, checkpoint) => {
                 c.pending = Pending::None;
+                if superseded {
+                    // The marker ends as a later decision (a change that
+                    // dropped the checkpoint, say): `held` stays as that
+                    // decision left it, the connection does not become the
+                    // sender, and the source is not told the checkpoint is
+                    // held.
+                    if c.closed {
+                        self.forget(conn);
+                        return vec![];
+                    }
+                    return vec![
+                        log(
+                            Level::Error,
+                            format!(
+                                "checkpoint {checkpoint} of migration {migration:016x} from {} failed: the marker was decided again after it was to hold it; not held, answered EIO",
+                                c.source
+                            ),
+                        ),
+                        Effect::Reply {
+                            conn,
+                            errno: errno::EIO,
+                        },
+                    ];
+                }
                 // Durable whether or not anyone is left to answer.
                 self.held = Some((migration, checkpoint));
                 if c.closed {
@@ -597,19 +733,14 @@ impl Destination {
                     "checkpoint {checkpoint} of migration {migration:016x} from {}: image durable, marker holds it",
                     c.source
                 );
-                vec![
-                    Effect::Log {
-                        level: Level::Info,
-                        message,
-                    },
-                    Effect::Reply { conn, errno: 0 },
-                ]
+                vec![log(Level::Info, message), Effect::Reply { conn, errno: 0 }]
             }
             _ => vec![],
         }
     }
 
     fn marker_removed(&mut self, conn: ConnId) -> Vec<Effect> {
+        let latest = self.decided;
         let Some(c) = self.conns.get_mut(&conn) else {
             return vec![];
         };
@@ -617,6 +748,28 @@ impl Destination {
             return vec![];
         }
         c.pending = Pending::None;
+        if c.generation < latest {
+            // A marker write decided after the removal (another sender's
+            // change or checkpoint) brought the marker back, or will: the
+            // migration does not complete, as when the removal fails, and
+            // what is believed stays as that later decision left it. The
+            // record is durable, so the destination is canonical whatever
+            // happens next (a record beside a marker).
+            let message = format!(
+                "cannot complete the migration from {}: the marker was decided again after its removal",
+                c.source
+            );
+            if c.closed {
+                self.conns.remove(&conn);
+            }
+            return vec![
+                Effect::Log {
+                    level: Level::Error,
+                    message,
+                },
+                Effect::Close { conn },
+            ];
+        }
         let message = format!(
             "migration from {} complete: image durable, completion record written, marker removed",
             c.source
@@ -638,20 +791,20 @@ impl Destination {
         ]
     }
 
-    /// Moves `conn` from `from` to `to` with `effects`; nothing when it is
-    /// not at `from` (an outcome nobody waits for).
-    fn advance(
-        &mut self,
-        conn: ConnId,
-        from: Pending,
-        to: Pending,
-        effects: Vec<Effect>,
-    ) -> Vec<Effect> {
+    /// The record is durable: the marker's removal is decided.
+    fn record_written(&mut self, conn: ConnId) -> Vec<Effect> {
         match self.conns.get_mut(&conn) {
-            Some(c) if c.pending == from => {
-                c.pending = to;
-                effects
+            Some(c) if c.pending == Pending::DisconnectRecord => {
+                c.pending = Pending::DisconnectMarker;
+                // The marker is about to be gone: no change goes straight
+                // on. Another sender's change decides a rewrite first, which
+                // supersedes the removal, so the migration does not
+                // complete under it.
+                self.sender = None;
+                let generation = self.decide(conn, None);
+                vec![Effect::RemoveMarker { conn, generation }]
             }
+            // An outcome nobody waits for.
             _ => vec![],
         }
     }
@@ -665,11 +818,18 @@ impl Destination {
         let source = c.source.clone();
         if matches!(
             pending,
-            Pending::Marking | Pending::EntrustMarker | Pending::CheckpointMarker(..)
+            Pending::Marking
+                | Pending::EntrustMarker
+                | Pending::CheckpointMarker(..)
+                | Pending::DisconnectMarker
         ) {
-            // A failed rewrite may or may not have replaced the marker:
-            // the next change rewrites it whoever sends it, and what it
-            // holds is unknown (holding nothing is always safe).
+            // A failed rewrite may or may not have replaced the marker, and
+            // a failed removal may have unlinked it (and the checkpoint with
+            // it): the next change rewrites it whoever sends it, and what it
+            // holds is unknown (holding nothing is always safe). The same
+            // when a later operation was decided since: that one may not be
+            // carried out yet, or fail too, and forgetting costs at most a
+            // rewrite and a full copy.
             self.sender = None;
             self.held = None;
         }
@@ -749,7 +909,8 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000;
 
-    /// A machine that ignores log lines, for exact effect sequences.
+    /// A machine that ignores log lines and the generations of marker
+    /// operations (shown as 0), for exact effect sequences.
     struct M(Destination);
 
     impl M {
@@ -763,7 +924,19 @@ mod tests {
             self.0
                 .handle(event, NOW)
                 .into_iter()
-                .filter(|e| !matches!(e, Effect::Log { .. }))
+                .filter_map(|e| match e {
+                    Effect::Log { .. } => None,
+                    Effect::PersistMarker { conn, marker, .. } => Some(Effect::PersistMarker {
+                        conn,
+                        generation: 0,
+                        marker,
+                    }),
+                    Effect::RemoveMarker { conn, .. } => Some(Effect::RemoveMarker {
+                        conn,
+                        generation: 0,
+                    }),
+                    e => Some(e),
+                })
                 .collect()
         }
         fn open(&mut self, conn: ConnId) {
@@ -784,6 +957,7 @@ mod tests {
     fn receiving(conn: ConnId) -> Effect {
         Effect::PersistMarker {
             conn,
+            generation: 0,
             marker: MarkerWrite {
                 state: MarkerState::Receiving,
                 source: Some(source(conn)),
@@ -797,6 +971,7 @@ mod tests {
     fn entrusted(conn: ConnId, bytes: u64) -> Effect {
         Effect::PersistMarker {
             conn,
+            generation: 0,
             marker: MarkerWrite {
                 state: MarkerState::Entrusted,
                 source: Some(source(conn)),
@@ -848,7 +1023,10 @@ mod tests {
         assert_eq!(m.on(Event::SyncDone { conn }), vec![record(conn, bytes)]);
         assert_eq!(
             m.on(Event::RecordWritten { conn }),
-            vec![Effect::RemoveMarker { conn }]
+            vec![Effect::RemoveMarker {
+                conn,
+                generation: 0
+            }]
         );
         assert_eq!(
             m.on(Event::MarkerRemoved { conn }),
@@ -1163,6 +1341,7 @@ mod tests {
     fn marker(conn: ConnId, state: MarkerState, bytes: u64, resume: Option<(u64, u64)>) -> Effect {
         Effect::PersistMarker {
             conn,
+            generation: 0,
             marker: MarkerWrite {
                 state,
                 source: Some(source(conn)),
@@ -1498,6 +1677,349 @@ mod tests {
             vec![receiving(1)]
         );
         assert_eq!(m.0.held(), None);
+    }
+
+    /// The generation of the one marker operation among `effects`.
+    fn generation_of(effects: &[Effect]) -> u64 {
+        match effects {
+            [Effect::PersistMarker { generation, .. } | Effect::RemoveMarker { generation, .. }] => {
+                *generation
+            }
+            other => panic!("expected one marker operation, got {other:?}"),
+        }
+    }
+
+    fn eio(conn: ConnId) -> Effect {
+        Effect::Reply {
+            conn,
+            errno: errno::EIO,
+        }
+    }
+
+    #[test]
+    fn marker_operations_are_numbered_in_the_order_decided_across_connections() {
+        let mut d = Destination::new(None);
+        for conn in [1, 2] {
+            d.handle(
+                Event::Opened {
+                    conn,
+                    source: source(conn),
+                },
+                NOW,
+            );
+        }
+        let mut generations = Vec::new();
+        generations.push(generation_of(
+            &d.handle(Event::Change { conn: 1, bytes: 1 }, NOW),
+        ));
+        generations.push(generation_of(
+            &d.handle(Event::Change { conn: 2, bytes: 1 }, NOW),
+        ));
+        d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
+        d.handle(Event::Entrust { conn: 2 }, NOW);
+        generations.push(generation_of(&d.handle(Event::SyncDone { conn: 2 }, NOW)));
+        d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
+        d.handle(Event::Disconnect { conn: 2 }, NOW);
+        d.handle(Event::SyncDone { conn: 2 }, NOW);
+        generations.push(generation_of(
+            &d.handle(Event::RecordWritten { conn: 2 }, NOW),
+        ));
+        assert!(
+            generations.windows(2).all(|w| w[0] < w[1]),
+            "{generations:?}"
+        );
+    }
+
+    /// Connection 1 resumed migration A (checkpoint 1 held) and decided the
+    /// marker write of checkpoint 2; connection 2, which did not resume,
+    /// then decided its first change's rewrite, dropping the checkpoint.
+    fn checkpoint_then_foreign_change() -> M {
+        let mut m = M::holding(A, 1);
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 1);
+        first_change_keeping(&mut m, 1, (A, 1));
+        m.on(checkpoint_event(1, A, 2));
+        assert_eq!(
+            m.on(Event::SyncDone { conn: 1 }),
+            vec![marker(1, MarkerState::Receiving, 1, Some((A, 2)))]
+        );
+        m.open(2);
+        assert_eq!(
+            m.on(Event::Change { conn: 2, bytes: 7 }),
+            vec![receiving(2)]
+        );
+        m
+    }
+
+    #[test]
+    fn a_checkpoint_superseded_by_another_connections_change_is_not_held_and_answers_an_error() {
+        // Reported before the change's rewrite, and after it: either way
+        // the marker ends without the checkpoint.
+        for checkpoint_first in [true, false] {
+            let mut m = checkpoint_then_foreign_change();
+            if checkpoint_first {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), vec![eio(1)]);
+                assert_eq!(m.0.held(), None);
+                assert_eq!(m.0.sender(), None);
+            }
+            assert_eq!(
+                m.on(Event::MarkerPersisted { conn: 2 }),
+                vec![Effect::Apply { conn: 2 }]
+            );
+            if !checkpoint_first {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), vec![eio(1)]);
+            }
+            assert_eq!(m.0.held(), None, "checkpoint first: {checkpoint_first}");
+            assert_eq!(m.0.sender(), Some(2));
+            m.open(3);
+            assert_eq!(resume(&mut m, 3, A), 0, "connection 2's data is applied");
+            // Connection 1 is not the sender: its next change rewrites the
+            // marker, without the checkpoint.
+            assert_eq!(
+                m.on(Event::Change { conn: 1, bytes: 1 }),
+                vec![marker(1, MarkerState::Receiving, 0, None)]
+            );
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_answered_before_another_connections_change_is_decided_is_held_until_then() {
+        let mut m = M::holding(A, 1);
+        m.open(1);
+        resume(&mut m, 1, A);
+        first_change_keeping(&mut m, 1, (A, 1));
+        checkpoint(&mut m, 1, A, 2, 1);
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 2);
+        m.open(3);
+        first_change(&mut m, 3, 7);
+        assert_eq!(m.0.held(), None);
+        assert_eq!(resume(&mut m, 2, A), 0);
+    }
+
+    #[test]
+    fn a_checkpoint_decided_after_another_connections_change_is_held_and_that_change_waits_on_its_migration(
+    ) {
+        for theirs in [None, Some(B), Some(A)] {
+            for checkpoint_first in [true, false] {
+                let mut m = M::holding(A, 1);
+                m.open(1);
+                resume(&mut m, 1, A);
+                first_change_keeping(&mut m, 1, (A, 1));
+                m.open(2);
+                if let Some(migration) = theirs {
+                    resume(&mut m, 2, migration);
+                }
+                m.on(checkpoint_event(1, A, 2));
+                // Connection 2's rewrite is decided before the checkpoint's.
+                let keep = (theirs == Some(A)).then_some((A, 1));
+                assert_eq!(
+                    m.on(Event::Change { conn: 2, bytes: 7 }),
+                    vec![marker(2, MarkerState::Receiving, 0, keep)]
+                );
+                m.on(Event::SyncDone { conn: 1 });
+                // Connection 2's data may sit beside checkpoint 2 only when
+                // it belongs to migration A; otherwise it is not applied.
+                let change = if theirs == Some(A) {
+                    vec![Effect::Apply { conn: 2 }]
+                } else {
+                    vec![Effect::Close { conn: 2 }]
+                };
+                let ok = vec![Effect::Reply { conn: 1, errno: 0 }];
+                if checkpoint_first {
+                    assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), ok);
+                    assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), change);
+                } else {
+                    assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), change);
+                    assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), ok);
+                }
+                let case = format!("{theirs:?}, checkpoint first: {checkpoint_first}");
+                assert_eq!(m.0.held(), Some((A, 2)), "{case}");
+                assert_eq!(m.0.sender(), Some(1), "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_entrust_superseded_by_another_connections_change_answers_an_error() {
+        for entrust_first in [true, false] {
+            let mut m = M::new();
+            m.open(1);
+            first_change(&mut m, 1, 3);
+            m.on(Event::Entrust { conn: 1 });
+            assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![entrusted(1, 3)]);
+            m.open(2);
+            assert_eq!(
+                m.on(Event::Change { conn: 2, bytes: 1 }),
+                vec![receiving(2)]
+            );
+            if entrust_first {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), vec![eio(1)]);
+            }
+            assert_eq!(
+                m.on(Event::MarkerPersisted { conn: 2 }),
+                vec![Effect::Apply { conn: 2 }]
+            );
+            if !entrust_first {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), vec![eio(1)]);
+            }
+            assert_eq!(m.0.sender(), Some(2));
+            // The source retries on connection 1: entrusted again, answered.
+            first_change(&mut m, 1, 1);
+            entrust(&mut m, 1, 4);
+        }
+    }
+
+    #[test]
+    fn an_entrust_decided_after_another_connections_change_is_answered_and_that_change_is_not_applied(
+    ) {
+        for entrust_first in [true, false] {
+            let mut m = M::new();
+            m.open(1);
+            first_change(&mut m, 1, 3);
+            m.on(Event::Entrust { conn: 1 });
+            m.open(2);
+            assert_eq!(
+                m.on(Event::Change { conn: 2, bytes: 1 }),
+                vec![receiving(2)]
+            );
+            assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![entrusted(1, 3)]);
+            let ok = vec![Effect::Reply { conn: 1, errno: 0 }];
+            // Its data would sit beside the `entrusted` marker: not applied.
+            let refused = vec![Effect::Close { conn: 2 }];
+            if entrust_first {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), ok);
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), refused);
+            } else {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), refused);
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 1 }), ok);
+            }
+            assert_eq!(m.0.sender(), None);
+        }
+        // Answered before the other change is decided: that change rewrites
+        // the marker again, and goes on.
+        let mut m = M::new();
+        m.open(1);
+        first_change(&mut m, 1, 3);
+        entrust(&mut m, 1, 3);
+        m.open(2);
+        first_change(&mut m, 2, 1);
+    }
+
+    #[test]
+    fn a_first_change_superseded_by_another_receiving_rewrite_is_applied_but_does_not_make_the_sender(
+    ) {
+        for earlier_first in [true, false] {
+            let mut m = M::new();
+            m.open(1);
+            m.open(2);
+            assert_eq!(
+                m.on(Event::Change { conn: 1, bytes: 1 }),
+                vec![receiving(1)]
+            );
+            assert_eq!(
+                m.on(Event::Change { conn: 2, bytes: 1 }),
+                vec![receiving(2)]
+            );
+            let (first, second) = if earlier_first { (1, 2) } else { (2, 1) };
+            assert_eq!(
+                m.on(Event::MarkerPersisted { conn: first }),
+                vec![Effect::Apply { conn: first }]
+            );
+            assert_eq!(
+                m.on(Event::MarkerPersisted { conn: second }),
+                vec![Effect::Apply { conn: second }]
+            );
+            // The marker ends naming connection 2, whichever was reported
+            // last.
+            assert_eq!(m.0.sender(), Some(2), "earlier first: {earlier_first}");
+            assert_eq!(
+                m.on(Event::Change { conn: 2, bytes: 1 }),
+                vec![Effect::Apply { conn: 2 }]
+            );
+            assert_eq!(
+                m.on(Event::Change { conn: 1, bytes: 1 }),
+                vec![receiving(1)]
+            );
+        }
+    }
+
+    #[test]
+    fn a_removal_superseded_by_another_connections_change_does_not_complete() {
+        let mut m = M::new();
+        m.open(1);
+        m.open(2);
+        first_change(&mut m, 2, 1);
+        first_change(&mut m, 1, 5);
+        m.on(Event::Disconnect { conn: 1 });
+        m.on(Event::SyncDone { conn: 1 });
+        m.on(Event::RecordWritten { conn: 1 });
+        // Connection 2 was the sender before: once the removal is decided,
+        // its change rewrites the marker first.
+        assert_eq!(
+            m.on(Event::Change { conn: 2, bytes: 1 }),
+            vec![receiving(2)]
+        );
+        assert_eq!(
+            m.on(Event::MarkerRemoved { conn: 1 }),
+            vec![Effect::Close { conn: 1 }]
+        );
+        assert!(!m.0.is_complete());
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 2 }),
+            vec![Effect::Apply { conn: 2 }]
+        );
+        // The source reconnects and completes.
+        disconnect(&mut m, 2, 2);
+    }
+
+    #[test]
+    fn a_change_decided_before_the_removal_is_not_applied_and_the_removal_completes() {
+        for removal_first in [true, false] {
+            let mut m = M::new();
+            m.open(1);
+            first_change(&mut m, 1, 5);
+            m.on(Event::Disconnect { conn: 1 });
+            m.on(Event::SyncDone { conn: 1 });
+            m.open(2);
+            assert_eq!(
+                m.on(Event::Change { conn: 2, bytes: 1 }),
+                vec![receiving(2)]
+            );
+            m.on(Event::RecordWritten { conn: 1 });
+            let complete = vec![Effect::Complete, Effect::Close { conn: 1 }];
+            let refused = vec![Effect::Close { conn: 2 }];
+            if removal_first {
+                assert_eq!(m.on(Event::MarkerRemoved { conn: 1 }), complete);
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), refused);
+            } else {
+                assert_eq!(m.on(Event::MarkerPersisted { conn: 2 }), refused);
+                assert_eq!(m.on(Event::MarkerRemoved { conn: 1 }), complete);
+            }
+            assert!(m.0.is_complete());
+        }
+    }
+
+    #[test]
+    fn a_failed_removal_holds_no_checkpoint() {
+        let mut m = M::holding(A, 3);
+        m.open(1);
+        resume(&mut m, 1, A);
+        first_change_keeping(&mut m, 1, (A, 3));
+        m.on(Event::Disconnect { conn: 1 });
+        m.on(Event::SyncDone { conn: 1 });
+        m.on(Event::RecordWritten { conn: 1 });
+        assert_eq!(
+            m.on(Event::MarkerRemoveFailed {
+                conn: 1,
+                failure: fail(errno::EIO)
+            }),
+            vec![Effect::Close { conn: 1 }]
+        );
+        // The marker may be gone, and the checkpoint with it.
+        assert_eq!(m.0.held(), None);
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 0);
     }
 
     #[test]
