@@ -705,6 +705,15 @@ fn follow_migration(path: &std::path::Path, lines: &[String]) -> Result<ExitCode
             }
             _ => String::new(),
         };
+        // A resumed attempt: what the destination held, not sent again.
+        let resumed = match (
+            field("migration_checkpoint"),
+            field("migration_resumed_bytes"),
+        ) {
+            (Some(k), Some(b)) => format!(" checkpoint={k} resumed_bytes={b}"),
+            _ => String::new(),
+        };
+        let waiting = waiting + &resumed;
         if terminal {
             let width = 30;
             let filled = (done / 100.0 * width as f64) as usize;
