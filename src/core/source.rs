@@ -315,10 +315,17 @@ pub enum Extent {
 /// The answer to [`Effect::AskExtents`] from the image's `extents` (as
 /// (length, is a hole)) and, when held pieces were asked for, what the
 /// destination holds of the same range (as (length, held)). Held wins:
-/// whatever the source has there, the destination has it too.
+/// whatever the source has there, the destination has it too, except a
+/// held run shorter than `gap` between two pieces that go anyway: it goes
+/// with them as what it is (data or hole), since one longer write costs
+/// the destination less than two (the policy's `gap`, from its measured
+/// costs; sending held data again is always safe). Clients' writes scatter
+/// small changes over what was held; without this each would be a write
+/// of its own.
 pub fn extents_with_held(
     extents: &[(u64, bool)],
     held: Option<&[(u64, bool)]>,
+    gap: u64,
 ) -> Vec<(u64, Extent)> {
     let kind = |hole: bool| if hole { Extent::Hole } else { Extent::Data };
     let Some(held) = held else {
@@ -327,15 +334,15 @@ pub fn extents_with_held(
             .map(|&(len, hole)| (len, kind(hole)))
             .collect();
     };
-    let mut out: Vec<(u64, Extent)> = Vec::new();
+    // The pieces as (length, held, what the image has there).
+    let mut pieces: Vec<(u64, bool, Extent)> = Vec::new();
     let (mut e, mut h) = (extents.iter().copied(), held.iter().copied());
     let (mut cur_e, mut cur_h) = (e.next(), h.next());
     while let (Some((elen, hole)), Some((hlen, is_held))) = (cur_e, cur_h) {
         let n = elen.min(hlen);
-        let k = if is_held { Extent::Held } else { kind(hole) };
-        match out.last_mut() {
-            Some(last) if last.1 == k => last.0 += n,
-            _ => out.push((n, k)),
+        match pieces.last_mut() {
+            Some(last) if last.1 == is_held && last.2 == kind(hole) => last.0 += n,
+            _ => pieces.push((n, is_held, kind(hole))),
         }
         cur_e = if elen > n {
             Some((elen - n, hole))
@@ -351,11 +358,35 @@ pub fn extents_with_held(
     // The held runs cover the range; should they fall short, the rest is
     // sent as the extents say.
     while let Some((len, hole)) = cur_e {
-        match out.last_mut() {
-            Some(last) if last.1 == kind(hole) => last.0 += len,
-            _ => out.push((len, kind(hole))),
-        }
+        pieces.push((len, false, kind(hole)));
         cur_e = e.next();
+    }
+    // A held run (possibly of several pieces) short enough, with pieces
+    // that go on both sides, goes too.
+    let mut i = 0;
+    while i < pieces.len() {
+        if !pieces[i].1 {
+            i += 1;
+            continue;
+        }
+        let end = (i..pieces.len())
+            .find(|&k| !pieces[k].1)
+            .unwrap_or(pieces.len());
+        let len: u64 = pieces[i..end].iter().map(|p| p.0).sum();
+        if i > 0 && end < pieces.len() && len < gap {
+            for p in &mut pieces[i..end] {
+                p.1 = false;
+            }
+        }
+        i = end;
+    }
+    let mut out: Vec<(u64, Extent)> = Vec::new();
+    for (len, is_held, what) in pieces {
+        let k = if is_held { Extent::Held } else { what };
+        match out.last_mut() {
+            Some(last) if last.1 == k => last.0 += len,
+            _ => out.push((len, k)),
+        }
     }
     out
 }
@@ -415,6 +446,9 @@ pub enum Effect {
         offset: u64,
         len: u64,
         held: bool,
+        /// Held runs shorter than this between pieces that go are sent too
+        /// ([`extents_with_held`]).
+        gap: u64,
     },
     /// Send the image's bytes in the range (paced by the speed limit).
     SendData {
@@ -618,6 +652,10 @@ struct Attempt {
     next_checkpoint: u64,
     since_checkpoint: u64,
     flush_is_checkpoint: bool,
+    /// What the sweep sent as data (compared, for --verify) and skipped
+    /// as held, for the log.
+    swept_data: u64,
+    skipped: u64,
     /// Passes since the remainder was first small enough to cut off, and
     /// the remainder before the last of them (policy::another_pass).
     extra_passes: u32,
@@ -661,6 +699,8 @@ impl Attempt {
             next_checkpoint: 1,
             since_checkpoint: 0,
             flush_is_checkpoint: false,
+            swept_data: 0,
+            skipped: 0,
         }
     }
 }
@@ -767,10 +807,16 @@ impl Source {
                 // passes after the sweep start with little to do. Changes
                 // ahead of it cost nothing.
                 let held = a.resumed;
+                let gap = capacity.map_or(0, |c| c.gap(self.config.block));
                 self.wait = Wait::WindowExtents;
                 vec![
                     Effect::SetPace { capacity, below },
-                    Effect::AskExtents { offset, len, held },
+                    Effect::AskExtents {
+                        offset,
+                        len,
+                        held,
+                        gap,
+                    },
                 ]
             }
             (Wait::WindowExtents, Event::Extents(extents)) => {
@@ -1162,6 +1208,7 @@ impl Source {
                 // The destination holds it: nothing to send.
                 Some((len, Extent::Held)) => {
                     a.pos += len;
+                    a.skipped += len;
                     out.push(Effect::SweepSkipped(len));
                     out.push(Effect::SweepProgress(a.pos));
                 }
@@ -1232,6 +1279,7 @@ impl Source {
         }
         if data {
             a.since_checkpoint += at - from;
+            a.swept_data += at - from;
             out.push(Effect::SweepProgress(at));
             if self.checkpoint_due() {
                 // No write may be outstanding: only what the destination
@@ -1260,6 +1308,17 @@ impl Source {
         a.convergence = Some(Convergence::new(now));
         // When the first "not converging" warning is due (then every minute).
         a.warn_at = Some(now + policy::PATIENCE * 2);
+        if a.resumed {
+            out.push(Effect::Log(
+                Level::Info,
+                format!(
+                    "resumed sweep done in {:.3} s: {} bytes of data sent, {} bytes the destination held skipped",
+                    a.sweep_time.as_secs_f64(),
+                    a.swept_data,
+                    a.skipped
+                ),
+            ));
+        }
         out.push(Effect::SetPhase(Phase::Converging));
         self.pass_top(out)
     }
@@ -1768,9 +1827,9 @@ mod tests {
                         (Some(_), u64::MAX) => "pace all".into(),
                         (Some(_), b) => format!("pace <{b}"),
                     },
-                    Effect::AskExtents { offset, len, held } => {
-                        format!("extents {offset}+{len}{}", if *held { " held" } else { "" })
-                    }
+                    Effect::AskExtents {
+                        offset, len, held, ..
+                    } => format!("extents {offset}+{len}{}", if *held { " held" } else { "" }),
                     Effect::QueryResume { .. } => "resume?".into(),
                     Effect::BeginHeld { resume } => {
                         format!("held {}", if *resume { "resume" } else { "fresh" })
@@ -2126,6 +2185,43 @@ mod tests {
         // What clients changed is sent: it differs by definition.
         assert!(s.contains(&"data 10+5".to_string()), "{s:#?}");
         assert!(!s.contains(&"data 0+50".to_string()), "{s:#?}");
+    }
+
+    #[test]
+    fn held_runs_shorter_than_the_gap_between_pieces_that_go_are_sent_too() {
+        use Extent::{Data, Held, Hole};
+        let extents = [(100, false), (50, true)];
+        let held = [(10, false), (5, true), (30, false), (40, true), (65, false)];
+        assert_eq!(
+            extents_with_held(&extents, Some(&held), 0),
+            [
+                (10, Data),
+                (5, Held),
+                (30, Data),
+                (40, Held),
+                (15, Data),
+                (50, Hole)
+            ]
+        );
+        assert_eq!(
+            extents_with_held(&extents, Some(&held), 10),
+            [(45, Data), (40, Held), (15, Data), (50, Hole)]
+        );
+        // At an end there is nothing to join it to: it stays held.
+        assert_eq!(
+            extents_with_held(&extents, Some(&[(5, true), (145, false)]), 100),
+            [(5, Held), (95, Data), (50, Hole)]
+        );
+        // A short held run across data and a hole goes as both.
+        assert_eq!(
+            extents_with_held(&extents, Some(&[(90, false), (20, true), (40, false)]), 30),
+            [(100, Data), (50, Hole)]
+        );
+        // Without held pieces asked for, the extents as they are.
+        assert_eq!(
+            extents_with_held(&extents, None, 30),
+            [(100, Data), (50, Hole)]
+        );
     }
 
     #[test]

@@ -463,10 +463,19 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 capacity: self.copier().capacity(),
                 speed_limit: self.state.max_bps(),
             }),
-            Effect::AskExtents { offset, len, held } => {
+            Effect::AskExtents {
+                offset,
+                len,
+                held,
+                gap,
+            } => {
                 let extents = image.extents(offset, len, usize::MAX);
                 let runs = held.then(|| image.held().runs(offset, len));
-                Ok(Event::Extents(extents_with_held(&extents, runs.as_deref())))
+                Ok(Event::Extents(extents_with_held(
+                    &extents,
+                    runs.as_deref(),
+                    gap,
+                )))
             }
             Effect::QueryResume { migration } => {
                 let pipe = &mut self.copier().pipe;

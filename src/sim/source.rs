@@ -487,13 +487,18 @@ impl SourceRun {
                     },
                 );
             }
-            Effect::AskExtents { offset, len, held } => {
+            Effect::AskExtents {
+                offset,
+                len,
+                held,
+                gap,
+            } => {
                 self.awaiting = Some(effect);
                 let extents = self.image.extents(offset, len, usize::MAX);
                 let runs = held.then(|| self.image.held().runs(offset, len));
                 self.answer(
                     ctx,
-                    Event::Extents(extents_with_held(&extents, runs.as_deref())),
+                    Event::Extents(extents_with_held(&extents, runs.as_deref(), gap)),
                 );
             }
             Effect::QueryResume { migration } => {
