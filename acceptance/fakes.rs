@@ -158,8 +158,22 @@ impl FakeConn {
     }
 
     /// Reads a 28-byte request header; `None` at EOF (or a reset) before
-    /// its first byte. Fails the test on a timeout or a torn header.
+    /// its first byte. Fails the test on a timeout or a torn header. A
+    /// resume query (docs/handoff.md, "Resuming") is answered as the C
+    /// flexnbd answers it, ENOSPC (its offset, the migration id, is past
+    /// the export), and not returned: these fakes are C destinations.
     pub fn read_request(&mut self) -> Option<Request> {
+        loop {
+            let request = self.read_any_request()?;
+            if request.kind != cmd::RESUME {
+                return Some(request);
+            }
+            self.reply(proto::errno::ENOSPC, request.handle);
+        }
+    }
+
+    /// Reads a 28-byte request header as it comes, a resume query too.
+    pub fn read_any_request(&mut self) -> Option<Request> {
         let mut b = [0u8; proto::REQUEST_LEN];
         match read_full(&mut self.stream, &mut b) {
             Ok(0) => None,

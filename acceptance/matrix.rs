@@ -224,13 +224,27 @@ const PLACEMENTS: &[(&str, Side, Phase, &[u32])] = &[
         Phase::Copy,
         &[1],
     ),
+    // The checkpoint before the cut-off (where an older destination gets
+    // a FLUSH), and the resume query that opens each attempt.
     (
-        "server.request_received.flush",
+        "server.request_received.checkpoint",
         Side::Dest,
         Phase::Copy,
         &[1],
     ),
-    ("server.reply_send.flush", Side::Dest, Phase::Copy, &[1]),
+    (
+        "server.reply_send.checkpoint",
+        Side::Dest,
+        Phase::Copy,
+        &[1],
+    ),
+    (
+        "server.request_received.resume",
+        Side::Dest,
+        Phase::Copy,
+        &[1],
+    ),
+    ("server.reply_send.resume", Side::Dest, Phase::Copy, &[1]),
     ("server.entrust_received", Side::Dest, Phase::Entrust, &[1]),
     (
         "server.entrust_reply_send",
@@ -252,6 +266,8 @@ const PLACEMENTS: &[(&str, Side, Phase, &[u32])] = &[
     // The completion record's write, after the DISCONNECT and the image's
     // fdatasync, before the marker's removal.
     ("store.record", Side::Dest, Phase::Disconnect, &[1]),
+    // A checkpoint's rewrite of the marker (apart from store.marker).
+    ("store.checkpoint", Side::Dest, Phase::Copy, &[1]),
     // The destination completed and goes on to exit.
     ("server.disconnect_done", Side::Dest, Phase::Done, &[1]),
     // The source (`flexnbd serve`, whose mirror connects out).
@@ -292,9 +308,26 @@ const PLACEMENTS: &[(&str, Side, Phase, &[u32])] = &[
         Phase::Copy,
         &[1],
     ),
-    ("mirror.request_send.flush", Side::Source, Phase::Copy, &[1]),
     (
-        "mirror.reply_received.flush",
+        "mirror.request_send.checkpoint",
+        Side::Source,
+        Phase::Copy,
+        &[1],
+    ),
+    (
+        "mirror.reply_received.checkpoint",
+        Side::Source,
+        Phase::Copy,
+        &[1],
+    ),
+    (
+        "mirror.request_send.resume",
+        Side::Source,
+        Phase::Copy,
+        &[1],
+    ),
+    (
+        "mirror.reply_received.resume",
         Side::Source,
         Phase::Copy,
         &[1],
@@ -1950,8 +1983,8 @@ fn matrix_over_tls() {
         of("source")
     );
     assert!(
-        (40..=60).contains(&subset.len()) && of("dest") >= 15 && of("source") >= 15,
-        "the TLS subset should hold 40 to 60 scenarios from both sides"
+        (40..=80).contains(&subset.len()) && of("dest") >= 15 && of("source") >= 15,
+        "the TLS subset should hold 40 to 80 scenarios from both sides"
     );
     assert!(power >= 8, "only {power} TLS scenarios with power loss");
     run_all("over TLS", subset);

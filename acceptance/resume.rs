@@ -115,18 +115,20 @@ fn verify_sends_only_the_ranges_that_differ_and_ends_identical() {
 }
 
 #[test]
-fn without_verify_everything_is_sent_to_the_same_destination() {
-    // The control for the test above: the same setup copies all the data.
+fn a_destination_that_knows_no_checkpoints_gets_everything_even_if_it_holds_it() {
+    // The control for the test above: a `serve` as the destination (no
+    // RESUME, no DIGEST, as an older flexnbd or the C one) holding the
+    // same image gets all the data, compared with nothing.
     let dir = TempDir::new("verify-control");
     let src_file = source_image(&dir);
     let dest_file = dir.join("dest.img");
     fs::copy(&src_file, &dest_file).unwrap();
     let (mut src, sock) = serve(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, &["--oldstyle-extra-flags"]);
+    let dest = Flexnbd::serve(&dir, &dest_file, &[]);
     mirror_started(&sock, dest.port(), &[]);
     wait_exit_0(&mut src, "the source");
-    wait_exit_0(&mut dest, "the destination");
-    assert_eq!(bytes_received(&dest_file), 24 * MIB);
+    assert!(!src.log().contains("compar"), "{}", src.log());
+    assert_same_files(&src_file, &dest_file);
 }
 
 /// 96 MiB: 80 MiB of data, then a hole. Checkpoints come every 64 MiB of
@@ -340,8 +342,47 @@ fn a_destination_image_replaced_since_the_checkpoint_gets_everything() {
     mirror_started(&sock, port, &[]);
     wait_exit_0(&mut src, "the source");
     wait_exit_0(&mut dest, "the destination");
+    // Its checkpoint is not trusted: nothing is skipped unseen. What it
+    // holds is compared by digest instead, and found the same up to the
+    // checkpoint (the copy has the same bytes).
     assert!(!src.log().contains("resuming migration"), "{}", src.log());
-    assert_eq!(bytes_received(&dest_file), DATA);
+    assert!(
+        dest.log().contains("holds checkpoint 1 of migration")
+            && dest.log().contains("dropping it from the marker"),
+        "the restarted destination must say it dropped the checkpoint:\n{}",
+        dest.log()
+    );
+    assert!(
+        bytes_received(&dest_file) < DATA,
+        "what matched was not sent again"
+    );
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn a_restarted_source_compares_with_what_the_destination_holds() {
+    // The source's process ends after checkpoint 1 (its migration id goes
+    // with it); started again, its new migration finds a destination
+    // holding another migration's data: compared by digest, and only what
+    // differs is sent.
+    let dir = TempDir::new("resume-restarted");
+    let src_file = eighty_mib_image(&dir, "src.img", 11);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    until_checkpoint_1(&sock, dest.port());
+    src.signal(libc::SIGTERM);
+    src.wait_exit();
+    let (mut src, sock) = serve(&dir, &src_file);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the restarted source");
+    wait_exit_0(&mut dest, "the destination");
+    assert!(!src.log().contains("resuming migration"), "{}", src.log());
+    let got = bytes_received(&dest_file);
+    assert!(
+        got <= DATA - 48 * MIB,
+        "the 64 MiB the destination held must be compared, not sent: sent {got} of {DATA}"
+    );
     assert_same_files(&src_file, &dest_file);
 }
 

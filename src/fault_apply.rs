@@ -351,6 +351,7 @@ fn store_step(op: crate::store::StoreOp) -> crate::probe::StoreStep {
         StoreOp::Sync => StoreStep::Sync,
         StoreOp::MapScan => StoreStep::MapScan,
         StoreOp::Marker => StoreStep::Marker,
+        StoreOp::Checkpoint => StoreStep::Checkpoint,
         StoreOp::Record => StoreStep::Record,
         StoreOp::Unlink => StoreStep::Unlink,
     }

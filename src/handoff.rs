@@ -192,9 +192,15 @@ impl Marker {
     /// marker, fsync the directory. A crash leaves the old or the new marker,
     /// never a torn one.
     pub fn write_durably(&self, ops: &dyn FileOps, image: &Path) -> io::Result<()> {
+        self.write_durably_as(ops, image, StoreOp::Marker)
+    }
+
+    /// [`Marker::write_durably`], announced to fault plans as `op` (a
+    /// checkpoint's rewrite is `store.checkpoint`).
+    pub fn write_durably_as(&self, ops: &dyn FileOps, image: &Path, op: StoreOp) -> io::Result<()> {
         let path = marker_path(image);
         let tmp = tmp_path(&path);
-        ops.fault(StoreOp::Marker)?;
+        ops.fault(op)?;
         ops.write_file(&tmp, self.render().as_bytes(), true)?;
         ops.rename(&tmp, &path)?;
         sync_parent(ops, &path)
@@ -736,7 +742,15 @@ impl Destination {
                         checkpoint: marker.resume.map_or(0, |(_, k)| k),
                         image,
                     }
-                    .write_durably(&*self.ops, &self.image_path)
+                    .write_durably_as(
+                        &*self.ops,
+                        &self.image_path,
+                        if marker.for_checkpoint {
+                            StoreOp::Checkpoint
+                        } else {
+                            StoreOp::Marker
+                        },
+                    )
                 });
                 Some(match written {
                     Ok(()) => Event::MarkerPersisted { conn },
@@ -1344,6 +1358,7 @@ mod tests {
                 attempt_started: 1,
                 bytes_received: 0,
                 resume: None,
+                for_checkpoint: false,
             },
         }
     }

@@ -121,6 +121,8 @@ pub enum StoreStep {
     Sync,
     /// A rewrite or removal of a destination's `.INCOMPLETE` marker.
     Marker,
+    /// A checkpoint's rewrite of the marker.
+    Checkpoint,
     /// The write or removal of a destination's `.COMPLETE` completion
     /// record.
     Record,
@@ -138,6 +140,7 @@ impl StoreStep {
             StoreStep::Write => "write",
             StoreStep::Sync => "sync",
             StoreStep::Marker => "marker",
+            StoreStep::Checkpoint => "checkpoint",
             StoreStep::Record => "record",
             StoreStep::Unlink => "unlink",
             StoreStep::MapScan => "map_scan",
@@ -329,7 +332,7 @@ mod tests {
         steps
     }
 
-    const STORE_STEPS: [StoreStep; 7] = [
+    const STORE_STEPS: [StoreStep; 8] = [
         StoreStep::Read,
         StoreStep::Write,
         StoreStep::Sync,
@@ -337,6 +340,7 @@ mod tests {
         StoreStep::Record,
         StoreStep::Unlink,
         StoreStep::MapScan,
+        StoreStep::Checkpoint,
     ];
 
     /// A new StoreStep variant fails to compile here until it is listed in
@@ -348,6 +352,7 @@ mod tests {
             | StoreStep::Write
             | StoreStep::Sync
             | StoreStep::Marker
+            | StoreStep::Checkpoint
             | StoreStep::Record
             | StoreStep::Unlink
             | StoreStep::MapScan => {}

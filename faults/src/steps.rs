@@ -279,7 +279,7 @@ pub const STEPS: &[StepDef] = &[
         Server,
         "request_received.<cmd>",
         Incoming,
-        &["request_received.write", "request_received.write_zeroes", "request_received.flush"],
+        &["request_received.write", "request_received.write_zeroes", "request_received.checkpoint", "request_received.resume"],
         "a request header arrived",
     ),
     step(
@@ -293,7 +293,7 @@ pub const STEPS: &[StepDef] = &[
         Server,
         "reply_send.<cmd>",
         Outgoing,
-        &["reply_send.write", "reply_send.write_zeroes", "reply_send.flush"],
+        &["reply_send.write", "reply_send.write_zeroes", "reply_send.checkpoint", "reply_send.resume"],
         "a reply is about to be sent",
     ),
     step(Server, "entrust_received", Incoming, &["entrust_received"], "the source's ENTRUST arrived"),
@@ -331,7 +331,7 @@ pub const STEPS: &[StepDef] = &[
         Mirror,
         "request_send.<cmd>",
         Outgoing,
-        &["request_send.write", "request_send.write_zeroes", "request_send.flush"],
+        &["request_send.write", "request_send.write_zeroes", "request_send.checkpoint", "request_send.resume"],
         "a request header is about to be sent",
     ),
     payload(
@@ -344,7 +344,7 @@ pub const STEPS: &[StepDef] = &[
         Mirror,
         "reply_received.<cmd>",
         Incoming,
-        &["reply_received.write", "reply_received.write_zeroes", "reply_received.flush"],
+        &["reply_received.write", "reply_received.write_zeroes", "reply_received.checkpoint", "reply_received.resume"],
         "the reply to a request was read",
     ),
     step(Mirror, "entrust_send", Outgoing, &["entrust_send"], "ENTRUST is about to be sent"),
@@ -410,6 +410,13 @@ pub const STEPS: &[StepDef] = &[
         Store,
         &["marker"],
         "a rewrite or removal of a destination's .INCOMPLETE marker",
+    ),
+    step(
+        Side::Store,
+        "checkpoint",
+        Store,
+        &["checkpoint"],
+        "a checkpoint's rewrite of a destination's .INCOMPLETE marker",
     ),
     step(
         Side::Store,
@@ -498,7 +505,7 @@ mod tests {
 
     /// The commands a migration's copy sends: the only ones the matrix can
     /// reach.
-    const COPY_WRITES: [&str; 3] = ["write", "write_zeroes", "flush"];
+    const COPY_WRITES: [&str; 4] = ["write", "write_zeroes", "checkpoint", "resume"];
 
     #[test]
     fn patterns_are_unique_per_side_and_well_formed() {

@@ -163,6 +163,9 @@ pub struct MarkerWrite {
     /// The resume part, (migration, checkpoint): the executor adds the
     /// image's identity. `None` writes a marker that holds no checkpoint.
     pub resume: Option<(u64, u64)>,
+    /// Whether this is a checkpoint's rewrite (fault plans name it
+    /// `store.checkpoint`, apart from the marker's other rewrites).
+    pub for_checkpoint: bool,
 }
 
 /// The completion record's content, as the machine decides it (the executor
@@ -442,6 +445,7 @@ impl Destination {
             attempt_started: now,
             bytes_received: 0,
             resume: keep,
+            for_checkpoint: false,
         };
         let mut effects = Vec::new();
         if let (Some((migration, checkpoint)), None) = (self.held, keep) {
@@ -578,6 +582,7 @@ impl Destination {
                     bytes_received: c.bytes_received,
                     // Entrusting changes no data: what is held stays.
                     resume: self.held,
+                    for_checkpoint: false,
                 };
                 self.persist(conn, marker)
             }
@@ -594,6 +599,7 @@ impl Destination {
                     attempt_started: now,
                     bytes_received: c.bytes_received,
                     resume: Some((migration, checkpoint)),
+                    for_checkpoint: true,
                 };
                 self.persist(conn, marker)
             }
@@ -964,6 +970,7 @@ mod tests {
                 attempt_started: NOW,
                 bytes_received: 0,
                 resume: None,
+                for_checkpoint: false,
             },
         }
     }
@@ -978,6 +985,7 @@ mod tests {
                 attempt_started: NOW,
                 bytes_received: bytes,
                 resume: None,
+                for_checkpoint: false,
             },
         }
     }
@@ -1348,7 +1356,27 @@ mod tests {
                 attempt_started: NOW,
                 bytes_received: bytes,
                 resume,
+                for_checkpoint: false,
             },
+        }
+    }
+
+    /// A checkpoint's `receiving` rewrite holding (migration, checkpoint).
+    fn checkpoint_marker(conn: ConnId, bytes: u64, resume: (u64, u64)) -> Effect {
+        match marker(conn, MarkerState::Receiving, bytes, Some(resume)) {
+            Effect::PersistMarker {
+                conn,
+                generation,
+                mut marker,
+            } => {
+                marker.for_checkpoint = true;
+                Effect::PersistMarker {
+                    conn,
+                    generation,
+                    marker,
+                }
+            }
+            other => other,
         }
     }
 
@@ -1379,12 +1407,7 @@ mod tests {
         );
         assert_eq!(
             m.on(Event::SyncDone { conn }),
-            vec![marker(
-                conn,
-                MarkerState::Receiving,
-                bytes,
-                Some((migration, k))
-            )]
+            vec![checkpoint_marker(conn, bytes, (migration, k))]
         );
         assert_eq!(m.0.held(), before, "unchanged until durable");
         assert_eq!(
@@ -1424,7 +1447,7 @@ mod tests {
         assert_eq!(m.0.held(), None, "not held before the sync");
         assert_eq!(
             m.on(Event::SyncDone { conn: 1 }),
-            vec![marker(1, MarkerState::Receiving, 4096, Some((A, 1)))]
+            vec![checkpoint_marker(1, 4096, (A, 1))]
         );
         assert_eq!(m.0.held(), None, "not held before the marker is durable");
         assert_eq!(
@@ -1741,7 +1764,7 @@ mod tests {
         m.on(checkpoint_event(1, A, 2));
         assert_eq!(
             m.on(Event::SyncDone { conn: 1 }),
-            vec![marker(1, MarkerState::Receiving, 1, Some((A, 2)))]
+            vec![checkpoint_marker(1, 1, (A, 2))]
         );
         m.open(2);
         assert_eq!(

@@ -217,6 +217,11 @@ pub struct SourceConfig {
     /// `mirror --verify`: the sweep compares each data range's digest with
     /// the destination's and sends only what differs.
     pub verify: bool,
+    /// Without `verify`, a destination that holds no checkpoint of this
+    /// migration is compared a window at a time while at least half of
+    /// each window's data matches (an earlier copy: the source restarted),
+    /// and sent from the first window that mostly differs.
+    pub compare_window: u64,
 }
 
 impl SourceConfig {
@@ -239,6 +244,7 @@ impl SourceConfig {
             checkpoint: 0,
             checkpoint_every: (size / CHECKPOINT_SHARE).max(CHECKPOINT_MIN),
             verify: false,
+            compare_window: WINDOW,
         }
     }
 }
@@ -270,6 +276,9 @@ pub enum Event {
     /// The data or hole went out (written to the connection; its reply
     /// comes later and is awaited by [`Effect::WaitIdle`]).
     Sent,
+    /// A compared range: how many of its bytes matched the destination's,
+    /// and how many were sent because they differed.
+    Compared { same: u64, differed: u64 },
     /// The dirty ranges taken (their bits are cleared), as (offset, length).
     DirtyTaken(Vec<(u64, u64)>),
     /// What is left: bytes still dirty, and requests and bytes in flight.
@@ -647,8 +656,12 @@ struct Attempt {
     /// cut-off that is awaited is a checkpoint (else a FLUSH).
     checkpoints: bool,
     resumed: bool,
-    /// The sweep compares data by digest instead of sending it.
+    /// The sweep compares data by digest instead of sending it; `adaptive`:
+    /// only while it mostly matches, judged a window at a time.
     compare: bool,
+    adaptive: bool,
+    window_same: u64,
+    window_differed: u64,
     next_checkpoint: u64,
     since_checkpoint: u64,
     flush_is_checkpoint: bool,
@@ -696,6 +709,9 @@ impl Attempt {
             checkpoints: false,
             resumed: false,
             compare: false,
+            adaptive: false,
+            window_same: 0,
+            window_differed: 0,
             next_checkpoint: 1,
             since_checkpoint: 0,
             flush_is_checkpoint: false,
@@ -826,6 +842,14 @@ impl Source {
                 self.sweep_next(now, Vec::new())
             }
             (Wait::SweepSent { data }, Event::Sent) => self.sweep_sent(now, data),
+            (Wait::SweepSent { data }, Event::Compared { same, differed }) => {
+                let line = self.compared(same, differed);
+                let mut out = self.sweep_sent(now, data);
+                if let Some(line) = line {
+                    out.insert(0, Effect::Log(Level::Info, line));
+                }
+                out
+            }
             (Wait::ChunkCapacity, Event::Capacity { capacity, .. }) => {
                 let below = self.attempt_mut().window_end;
                 self.sweep_next(now, vec![Effect::SetPace { capacity, below }])
@@ -1139,7 +1163,11 @@ impl Source {
         let a = self.attempt_mut();
         a.checkpoints = answer.is_some();
         a.resumed = resume;
-        a.compare = verify;
+        // `--verify` compares everything. A flexnbd destination that holds
+        // nothing of this migration may still hold an earlier copy (this
+        // source restarted and drew a new id): compare while it matches.
+        a.compare = verify || (answer.is_some() && !resume);
+        a.adaptive = !verify && a.compare;
         a.next_checkpoint = held.max(answer.unwrap_or(0)) + 1;
         // Track changes from here on. The sweep need not wait for the
         // allocation map: until it is built, extents come from the file.
@@ -1147,6 +1175,31 @@ impl Source {
         out.push(Effect::BeginHeld { resume });
         out.push(Effect::SetPhase(Phase::Copying));
         self.next_window(now, out)
+    }
+
+    /// What a compared range showed; an adaptive comparison stops at the
+    /// first window where less than half matched.
+    fn compared(&mut self, same: u64, differed: u64) -> Option<String> {
+        let window = self.config.compare_window;
+        let target = self.config.target.clone();
+        let a = self.attempt_mut();
+        a.window_same += same;
+        a.window_differed += differed;
+        if !a.adaptive || a.window_same + a.window_differed < window {
+            return None;
+        }
+        let mut line = None;
+        if a.window_same < a.window_differed {
+            a.compare = false;
+            line = Some(format!(
+                "{target} holds little of this image ({} of the last {} bytes compared matched): sending the rest instead of comparing",
+                a.window_same,
+                a.window_same + a.window_differed
+            ));
+        }
+        a.window_same = 0;
+        a.window_differed = 0;
+        line
     }
 
     /// A checkpoint is due: none is outstanding, the destination takes
@@ -1648,6 +1701,7 @@ mod tests {
             window: 200,
             chunk: 100,
             zero_chunk: 100,
+            compare_window: 50,
             ..SourceConfig::new(TARGET.into(), PATH.into(), 300, action, 1)
         }
     }
@@ -1716,9 +1770,12 @@ mod tests {
                 Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, Extent::Data)]),
                 Effect::QueryResume { .. } => Event::ResumeAnswer(self.resume),
                 Effect::Checkpoint { .. } => Event::Reply { error: 0 },
-                Effect::SendData { .. } | Effect::SendHole { .. } | Effect::CompareData { .. } => {
-                    Event::Sent
-                }
+                Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
+                // A destination that holds nothing of the image.
+                Effect::CompareData { len, .. } => Event::Compared {
+                    same: 0,
+                    differed: *len,
+                },
                 Effect::TakeDirty { .. } if cut => {
                     Event::DirtyTaken(self.final_dirty.pop_front().unwrap_or_default())
                 }
@@ -2071,7 +2128,9 @@ mod tests {
         let first = w.position("CHECKPOINT 1");
         assert_eq!(
             s[first - 3..first + 2],
-            ["data 0+50", "swept 50", "idle", "CHECKPOINT 1", "held 1"]
+            // Compared first (no checkpoint of this migration there, but
+            // maybe an earlier copy); it all differs, so the rest is sent.
+            ["compare 0+50", "swept 50", "idle", "CHECKPOINT 1", "held 1"]
         );
         let second = w.position("CHECKPOINT 2");
         assert_eq!(
@@ -2140,7 +2199,8 @@ mod tests {
             let s = w.script();
             assert!(s.contains(&"held fresh".to_string()), "{s:#?}");
             assert!(s.contains(&"extents 0+200".to_string()), "{s:#?}");
-            assert!(s.contains(&"data 0+50".to_string()), "{s:#?}");
+            assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+            assert!(s.contains(&"data 200+50".to_string()), "{s:#?}");
             assert!(
                 s.contains(&format!("CHECKPOINT {}", answer.max(held) + 1)),
                 "{s:#?}"
@@ -2185,6 +2245,42 @@ mod tests {
         // What clients changed is sent: it differs by definition.
         assert!(s.contains(&"data 10+5".to_string()), "{s:#?}");
         assert!(!s.contains(&"data 0+50".to_string()), "{s:#?}");
+    }
+
+    #[test]
+    fn a_destination_without_a_checkpoint_is_compared_while_it_matches() {
+        // An earlier copy (the source restarted): everything matches, so
+        // every data piece is compared and nothing is sent as data.
+        let mut w = checkpointing(0, 0, 1 << 40);
+        let outcome = w.run(|e, _| match e {
+            Effect::CompareData { len, .. } => Some(Event::Compared {
+                same: *len,
+                differed: 0,
+            }),
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let s = w.script();
+        assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+        assert!(s.contains(&"compare 200+50".to_string()), "{s:#?}");
+        assert!(!s.iter().any(|x| x.starts_with("data ")), "{s:#?}");
+        // A destination that holds little: sent from the first window on,
+        // and the log says why.
+        let mut w = checkpointing(0, 0, 1 << 40);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+        assert!(s.contains(&"data 200+50".to_string()), "{s:#?}");
+        assert!(
+            w.logs().iter().any(|l| l
+                .contains("holds little of this image (0 of the last 50 bytes compared matched)")),
+            "{:#?}",
+            w.logs()
+        );
+        // An old destination (no RESUME): plain copying, nothing compared.
+        let mut w = World::new(MirrorAction::Exit);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        assert!(!w.script().iter().any(|x| x.starts_with("compare")));
     }
 
     #[test]

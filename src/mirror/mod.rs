@@ -514,7 +514,10 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 .copier()
                 .compare_data(offset, len)
                 .await
-                .map(|()| Event::Sent),
+                .map(|differed| Event::Compared {
+                    same: len - differed,
+                    differed,
+                }),
             Effect::SendHole {
                 offset,
                 len,
@@ -846,12 +849,14 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
     /// Sends the pieces of the range whose digest differs at the
     /// destination (or that it cannot digest), a few digests in flight at
     /// once so the round trips overlap with the hashing on both sides.
-    async fn compare_data(&mut self, offset: u64, len: u64) -> Result<(), AttemptError> {
+    /// Returns how many bytes differed (and were sent).
+    async fn compare_data(&mut self, offset: u64, len: u64) -> Result<u64, AttemptError> {
         use std::collections::VecDeque;
         const PIECE: u64 = 1024 * 1024;
         const AHEAD: usize = 8;
         let end = offset + len;
         let mut pos = offset;
+        let mut differed = 0;
         let mut asked: VecDeque<(u64, u64, pipe::Answer)> = VecDeque::new();
         loop {
             while asked.len() < AHEAD && pos < end {
@@ -867,7 +872,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
                 pos += n;
             }
             let Some((at, n, answer)) = asked.pop_front() else {
-                return Ok(());
+                return Ok(differed);
             };
             let image = self.image.clone();
             let ours = or_cancel(
@@ -880,6 +885,7 @@ impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {
             let (error, theirs) = or_cancel(self.cancel, self.pipe.answer(answer)).await??;
             if error != 0 || theirs[..] != ours[..] {
                 self.send_data(at, n).await?;
+                differed += n;
             }
         }
     }

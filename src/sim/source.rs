@@ -561,11 +561,21 @@ impl SourceRun {
                 };
                 let measure =
                     matches!(effect, Effect::SendData { .. } | Effect::CompareData { .. });
+                let compared = matches!(effect, Effect::CompareData { .. });
                 self.awaiting = Some(effect);
                 match self.send(ctx, req, measure) {
                     Some(_) => {
                         ctx.core().mark(Mark::SentWrite);
-                        self.answer(ctx, Event::Sent);
+                        // Compared data goes as data, as if all differed.
+                        let event = if compared {
+                            Event::Compared {
+                                same: 0,
+                                differed: len,
+                            }
+                        } else {
+                            Event::Sent
+                        };
+                        self.answer(ctx, event);
                     }
                     None => self.fail(ctx, "the destination closed the connection"),
                 }

@@ -19,6 +19,10 @@ pub enum StoreOp {
     MapScan,
     /// A rewrite or removal of a destination's `.INCOMPLETE` marker.
     Marker,
+    /// A checkpoint's rewrite of the marker (docs/handoff.md, "Resuming"):
+    /// apart from `Marker`, so the marker's other rewrites keep their
+    /// numbers however many checkpoints a migration takes.
+    Checkpoint,
     /// The write or removal of a destination's `.COMPLETE` completion record.
     Record,
     /// The source's `--unlink` of its image.
