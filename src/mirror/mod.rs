@@ -39,9 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
-use crate::core::source::{
-    extents_with_held, Effect, Event, Level, Milestone, Source, SourceConfig,
-};
+use crate::core::source::{Effect, Event, Level, Milestone, Source, SourceConfig};
 use crate::fault_apply::{self, How, Incoming};
 use crate::log::monotonic_ms;
 use crate::probe::{Probe, Step};
@@ -468,15 +466,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 len,
                 held,
                 gap,
-            } => {
-                let extents = image.extents(offset, len, usize::MAX);
-                let runs = held.then(|| image.held().runs(offset, len));
-                Ok(Event::Extents(extents_with_held(
-                    &extents,
-                    runs.as_deref(),
-                    gap,
-                )))
-            }
+            } => Ok(Event::Extents(image.sweep_extents(offset, len, held, gap))),
             Effect::QueryResume { migration } => {
                 let pipe = &mut self.copier().pipe;
                 match or_cancel(cancel, pipe.call_with(cmd::RESUME, migration, 8, 8)).await {

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::policy::{Capacity, CostModel};
-use crate::core::source::{
-    extents_with_held, Effect, Event, FirstOutcome, Outcome, Source, SourceConfig,
-};
+use crate::core::source::{Effect, Event, FirstOutcome, Outcome, Source, SourceConfig};
 use crate::proto::flags;
 use crate::store::{Image, BLOCK_SIZE};
 
@@ -494,12 +492,8 @@ impl SourceRun {
                 gap,
             } => {
                 self.awaiting = Some(effect);
-                let extents = self.image.extents(offset, len, usize::MAX);
-                let runs = held.then(|| self.image.held().runs(offset, len));
-                self.answer(
-                    ctx,
-                    Event::Extents(extents_with_held(&extents, runs.as_deref(), gap)),
-                );
+                let extents = self.image.sweep_extents(offset, len, held, gap);
+                self.answer(ctx, Event::Extents(extents));
             }
             Effect::QueryResume { migration } => {
                 self.awaiting = Some(effect);

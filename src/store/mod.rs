@@ -605,6 +605,21 @@ impl Image {
             .fetch_sub(cleared as i64, Ordering::AcqRel);
     }
 
+    /// The sweep's view of a range ([`crate::core::source::Effect::AskExtents`]):
+    /// its extents, and with `held` what the destination holds of it, short
+    /// held runs (under `gap`) between pieces that go sent with them.
+    pub fn sweep_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        held: bool,
+        gap: u64,
+    ) -> Vec<(u64, crate::core::source::Extent)> {
+        let extents = self.extents(offset, len, usize::MAX);
+        let runs = held.then(|| self.held().runs(offset, len));
+        crate::core::source::extents_with_held(&extents, runs.as_deref(), gap)
+    }
+
     /// What a migration's destination holds (created empty the first time).
     pub fn held(&self) -> &held::Held {
         self.held.get_or_init(|| held::Held::new(self.size))
