@@ -73,6 +73,9 @@ pub const CHECKPOINT_MIN: u64 = 64 * 1024 * 1024;
 /// again at most this share beyond what was left, and a small image is not
 /// held up by a sync every few megabytes.
 pub const CHECKPOINT_SHARE: u64 = 64;
+/// Checkpoints in the sweep and the dirty passes come at least this far
+/// apart (the one before the cut-off whenever it is due).
+pub const CHECKPOINT_GAP: Duration = Duration::from_millis(250);
 /// NBD's EINVAL: what an old destination answers entrust with.
 const EINVAL: u32 = crate::proto::errno::EINVAL;
 
@@ -212,8 +215,11 @@ pub struct SourceConfig {
     /// The last checkpoint of this migration the destination answered,
     /// from an earlier `mirror` (0: none, or nothing held).
     pub checkpoint: u64,
-    /// Data sent between checkpoints.
+    /// Data sent between checkpoints...
     pub checkpoint_every: u64,
+    /// ...and at least this long between them: a fast copy is not held up
+    /// by a sync every few hundred milliseconds.
+    pub checkpoint_gap: Duration,
     /// `mirror --verify`: the sweep compares each data range's digest with
     /// the destination's and sends only what differs.
     pub verify: bool,
@@ -243,6 +249,7 @@ impl SourceConfig {
             migration: 1,
             checkpoint: 0,
             checkpoint_every: (size / CHECKPOINT_SHARE).max(CHECKPOINT_MIN),
+            checkpoint_gap: CHECKPOINT_GAP,
             verify: false,
             compare_window: WINDOW,
         }
@@ -664,6 +671,8 @@ struct Attempt {
     window_differed: u64,
     next_checkpoint: u64,
     since_checkpoint: u64,
+    /// When the last checkpoint was asked for (or the attempt connected).
+    last_checkpoint: Instant,
     flush_is_checkpoint: bool,
     /// What the sweep sent as data (compared, for --verify) and skipped
     /// as held, for the log.
@@ -714,6 +723,7 @@ impl Attempt {
             window_differed: 0,
             next_checkpoint: 1,
             since_checkpoint: 0,
+            last_checkpoint: now,
             flush_is_checkpoint: false,
             swept_data: 0,
             skipped: 0,
@@ -1204,11 +1214,13 @@ impl Source {
 
     /// A checkpoint is due: none is outstanding, the destination takes
     /// them, and enough data went out since the last.
-    fn checkpoint_due(&self) -> bool {
-        let every = self.config.checkpoint_every;
-        self.attempt
-            .as_ref()
-            .is_some_and(|a| a.checkpoints && a.since_checkpoint >= every)
+    fn checkpoint_due(&self, now: Instant) -> bool {
+        let (every, gap) = (self.config.checkpoint_every, self.config.checkpoint_gap);
+        self.attempt.as_ref().is_some_and(|a| {
+            a.checkpoints
+                && a.since_checkpoint >= every
+                && now.saturating_duration_since(a.last_checkpoint) >= gap
+        })
     }
 
     /// The checkpoint request, numbered; `Held` follows its reply.
@@ -1334,7 +1346,8 @@ impl Source {
             a.since_checkpoint += at - from;
             a.swept_data += at - from;
             out.push(Effect::SweepProgress(at));
-            if self.checkpoint_due() {
+            if self.checkpoint_due(now) {
+                self.attempt_mut().last_checkpoint = now;
                 // No write may be outstanding: only what the destination
                 // has answered is in what the checkpoint covers.
                 self.wait = Wait::SweepCheckpointIdle;
@@ -1462,7 +1475,8 @@ impl Source {
             out.push(Effect::WaitIdle);
             return out;
         }
-        if self.checkpoint_due() {
+        if self.checkpoint_due(now) {
+            self.attempt_mut().last_checkpoint = now;
             // Long dirty passes (a slow link, a speed limit) get
             // checkpoints too, so an interruption there resumes.
             self.wait = Wait::PassCheckpointIdle;
@@ -2114,9 +2128,28 @@ mod tests {
         w.machine = Source::new(SourceConfig {
             checkpoint: held,
             checkpoint_every: every,
+            checkpoint_gap: Duration::ZERO,
             ..config(MirrorAction::Exit)
         });
         w
+    }
+
+    #[test]
+    fn checkpoints_in_the_sweep_keep_their_distance_in_time() {
+        // Every 50 bytes are due, but the world answers in 1 ms: with the
+        // standard 250 ms apart, only the one before the cut-off comes.
+        let mut w = checkpointing(0, 0, 50);
+        w.machine = Source::new(SourceConfig {
+            checkpoint_every: 50,
+            ..config(MirrorAction::Exit)
+        });
+        w.resume = Some(0);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        let checkpoints: Vec<&String> = s.iter().filter(|x| x.starts_with("CHECKPOINT")).collect();
+        assert_eq!(checkpoints, ["CHECKPOINT 1"], "{s:#?}");
+        let at = w.position("CHECKPOINT 1");
+        assert_eq!(s[at + 1..at + 3], ["held 1", "measure"]);
     }
 
     #[test]

@@ -62,6 +62,17 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// otherwise.
 pub const REQUEST_LIMIT_DEFAULT: Duration = Duration::from_secs(60);
 
+/// The least time between checkpoints: `FLEXNBD_CHECKPOINT_GAP_MS`
+/// (milliseconds; the tests set 0 to checkpoint a small copy), else
+/// [`crate::core::source::CHECKPOINT_GAP`].
+pub fn checkpoint_gap() -> Duration {
+    std::env::var("FLEXNBD_CHECKPOINT_GAP_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(crate::core::source::CHECKPOINT_GAP)
+}
+
 pub fn request_limit() -> Duration {
     std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
         .ok()
@@ -313,6 +324,7 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     let machine = Source::new(SourceConfig {
         migration: held.migration(client::random_handle),
         checkpoint: held.checkpoint(),
+        checkpoint_gap: checkpoint_gap(),
         verify: config.verify,
         ..SourceConfig::new(
             config.target.to_string(),

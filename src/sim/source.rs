@@ -83,6 +83,7 @@ impl SourceRun {
             .migration(|| life.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         config.checkpoint = image.held().checkpoint();
         config.checkpoint_every = (image.size() / 4).max(BLOCK_SIZE);
+        config.checkpoint_gap = Duration::ZERO;
         SourceRun {
             machine: Source::new(config),
             image,

@@ -18,8 +18,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::map::{AllocationMap, BLOCK_SIZE};
 
+/// The maps have at most this many bits: a block of them covers 4 KiB, or
+/// more on an image larger than 64 GiB (64 KiB on 1 TiB), so keeping them
+/// (a 1 TiB hole marked sent, a checkpoint's commit) costs milliseconds
+/// whatever the image's size. A coarser block only means more is sent again.
+const MAX_BLOCKS: u64 = 1 << 24;
+
+/// The block of the maps for an image of `size` bytes.
+fn unit_for(size: u64) -> u64 {
+    let mut unit = BLOCK_SIZE;
+    while size.div_ceil(unit) > MAX_BLOCKS {
+        unit *= 2;
+    }
+    unit
+}
+
 pub struct Held {
     size: u64,
+    /// Bytes per bit of both maps.
+    unit: u64,
     sent: AllocationMap,
     held: AllocationMap,
     /// The migration these maps are about (0 until the first `mirror`),
@@ -32,10 +49,14 @@ pub struct Held {
 
 impl Held {
     pub fn new(size: u64) -> Held {
+        let unit = unit_for(size);
+        // An AllocationMap counts 4 KiB blocks: one of `unit` per bit.
+        let bits = size.div_ceil(unit) * BLOCK_SIZE;
         Held {
             size,
-            sent: AllocationMap::new(size),
-            held: AllocationMap::new(size),
+            unit,
+            sent: AllocationMap::new(bits),
+            held: AllocationMap::new(bits),
             migration: AtomicU64::new(0),
             checkpoint: AtomicU64::new(0),
         }
@@ -62,11 +83,11 @@ impl Held {
     /// counts when the range reaches the end).
     fn whole_blocks(&self, offset: u64, len: u64) -> (u64, u64) {
         let end = offset.saturating_add(len);
-        let first = offset.div_ceil(BLOCK_SIZE);
+        let first = offset.div_ceil(self.unit);
         let last = if end >= self.size {
-            self.size.div_ceil(BLOCK_SIZE)
+            self.size.div_ceil(self.unit)
         } else {
-            end / BLOCK_SIZE
+            end / self.unit
         };
         (first, last.max(first))
     }
@@ -112,8 +133,8 @@ impl Held {
         if len == 0 {
             return;
         }
-        let first = offset / BLOCK_SIZE;
-        let end = offset.saturating_add(len).div_ceil(BLOCK_SIZE);
+        let first = offset / self.unit;
+        let end = offset.saturating_add(len).div_ceil(self.unit);
         self.sent.clear_blocks(first, end);
         self.held.clear_blocks(first, end);
     }
@@ -154,7 +175,7 @@ impl Held {
         for i in 0..self.held.word_count() {
             blocks += u64::from(self.held.peek_word(i).count_ones());
         }
-        (blocks * BLOCK_SIZE).min(self.size)
+        (blocks * self.unit).min(self.size)
     }
 
     /// Splits `len` bytes from `offset` into runs that are held (`true`) or
@@ -164,18 +185,18 @@ impl Held {
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let block = pos / BLOCK_SIZE;
+            let block = pos / self.unit;
             // A bit covers its whole block, so a run may start or end
             // inside one (a range not on block boundaries).
             let held = self.held.is_set(block);
-            let limit = end.div_ceil(BLOCK_SIZE);
+            let limit = end.div_ceil(self.unit);
             let next = if held {
                 self.held.next_change(block, limit, true)
             } else {
                 self.held.next_change(block, limit, false)
             }
             .max(block + 1);
-            let run_end = (next * BLOCK_SIZE).min(end);
+            let run_end = (next * self.unit).min(end);
             let n = run_end - pos;
             match out.last_mut() {
                 Some(last) if last.1 == held => last.0 += n,
@@ -261,6 +282,27 @@ mod tests {
         );
         assert_eq!(h.runs(2 * B + 100, 100), [(100, true)]);
         assert!(h.runs(8 * B, 10).is_empty());
+    }
+
+    #[test]
+    fn a_huge_image_keeps_coarser_blocks_and_only_whole_ones_count() {
+        assert_eq!(unit_for(64 << 30), BLOCK_SIZE);
+        let h = Held::new(1 << 40);
+        assert_eq!(h.unit, 64 * 1024);
+        h.begin(false);
+        // Not a whole 64 KiB block: nothing is sent.
+        h.mark_sent(0, 60 * 1024);
+        h.commit(1);
+        assert_eq!(h.held_bytes(), 0);
+        h.mark_sent(0, 1 << 30);
+        h.commit(2);
+        assert_eq!(h.held_bytes(), 1 << 30);
+        // A 4 KiB change takes back its whole block.
+        h.changed(4096, 1);
+        assert_eq!(
+            h.runs(0, 256 * 1024),
+            [(64 * 1024, false), (192 * 1024, true)]
+        );
     }
 
     #[test]
