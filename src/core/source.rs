@@ -73,6 +73,8 @@ pub const CHECKPOINT_MIN: u64 = 64 * 1024 * 1024;
 /// again at most this share beyond what was left, and a small image is not
 /// held up by a sync every few megabytes.
 pub const CHECKPOINT_SHARE: u64 = 64;
+/// The first window an adaptive comparison judges.
+pub const COMPARE_PROBE: u64 = 4 * 1024 * 1024;
 /// Checkpoints in the sweep and the dirty passes come at least this far
 /// apart (the one before the cut-off whenever it is due).
 pub const CHECKPOINT_GAP: Duration = Duration::from_millis(250);
@@ -228,6 +230,10 @@ pub struct SourceConfig {
     /// each window's data matches (an earlier copy: the source restarted),
     /// and sent from the first window that mostly differs.
     pub compare_window: u64,
+    /// The first window is this short: an empty destination (the common
+    /// case) costs only this much comparing before the copy goes on as
+    /// data.
+    pub compare_probe: u64,
 }
 
 impl SourceConfig {
@@ -252,6 +258,7 @@ impl SourceConfig {
             checkpoint_gap: CHECKPOINT_GAP,
             verify: false,
             compare_window: WINDOW,
+            compare_probe: COMPARE_PROBE,
         }
     }
 }
@@ -667,6 +674,8 @@ struct Attempt {
     /// only while it mostly matches, judged a window at a time.
     compare: bool,
     adaptive: bool,
+    /// Whether a first window was judged (the probe).
+    judged: bool,
     window_same: u64,
     window_differed: u64,
     next_checkpoint: u64,
@@ -719,6 +728,7 @@ impl Attempt {
             resumed: false,
             compare: false,
             adaptive: false,
+            judged: false,
             window_same: 0,
             window_differed: 0,
             next_checkpoint: 1,
@@ -1190,14 +1200,16 @@ impl Source {
     /// What a compared range showed; an adaptive comparison stops at the
     /// first window where less than half matched.
     fn compared(&mut self, same: u64, differed: u64) -> Option<String> {
-        let window = self.config.compare_window;
+        let (probe, window) = (self.config.compare_probe, self.config.compare_window);
         let target = self.config.target.clone();
         let a = self.attempt_mut();
+        let window = if a.judged { window } else { probe };
         a.window_same += same;
         a.window_differed += differed;
         if !a.adaptive || a.window_same + a.window_differed < window {
             return None;
         }
+        a.judged = true;
         let mut line = None;
         if a.window_same < a.window_differed {
             a.compare = false;
@@ -1716,6 +1728,7 @@ mod tests {
             chunk: 100,
             zero_chunk: 100,
             compare_window: 50,
+            compare_probe: 50,
             ..SourceConfig::new(TARGET.into(), PATH.into(), 300, action, 1)
         }
     }
@@ -2314,6 +2327,23 @@ mod tests {
         let mut w = World::new(MirrorAction::Exit);
         assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
         assert!(!w.script().iter().any(|x| x.starts_with("compare")));
+    }
+
+    #[test]
+    fn an_empty_destination_is_judged_on_a_short_first_window() {
+        // The windows are long, but the first (the probe) is one piece: an
+        // empty destination is compared for that long only.
+        let mut w = checkpointing(0, 0, 1 << 40);
+        w.machine = Source::new(SourceConfig {
+            checkpoint_gap: Duration::ZERO,
+            compare_window: 10_000,
+            compare_probe: 50,
+            ..config(MirrorAction::Exit)
+        });
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+        assert!(s.contains(&"data 200+50".to_string()), "{s:#?}");
     }
 
     #[test]
