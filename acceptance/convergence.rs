@@ -164,6 +164,13 @@ fn a_destination_slower_than_the_clients_still_converges_and_hands_off_every_wri
         .lines()
         .find(|l| l.contains("converged after"))
         .unwrap_or_else(|| panic!("expected a `converged after` line in the source's log:\n{log}"));
+    // It says what the remainder was expected to take, and how many extra
+    // passes made it smaller once it was small enough (policy::another_pass).
+    assert!(
+        converged.contains("bytes left at the cut-off (expected to take ")
+            && converged.contains(" extra pass"),
+        "expected the remainder's expected time and the extra passes in {converged:?}"
+    );
     let left = number_after(converged, "s): ")
         .unwrap_or_else(|| panic!("expected `N bytes left at the cut-off` in {converged:?}"));
     assert!(

@@ -21,6 +21,7 @@
 //! | [`Effect::MeasureCapacity`] | [`Event::Capacity`] |
 //! | [`Effect::AskExtents`] | [`Event::Extents`] |
 //! | [`Effect::SendData`], [`Effect::SendHole`] | [`Event::Sent`] |
+//! | [`Effect::CompareData`] | [`Event::Compared`] |
 //! | [`Effect::TakeDirty`] | [`Event::DirtyTaken`] |
 //! | [`Effect::Measure`] | [`Event::Measured`] |
 //! | [`Effect::CountRuns`] | [`Event::Runs`] |

@@ -38,6 +38,21 @@ struct InFlight {
     measure: bool,
 }
 
+/// Whether carrying `effect` out needs the connection to the destination.
+fn uses_connection(effect: &Effect) -> bool {
+    matches!(
+        effect,
+        Effect::SendData { .. }
+            | Effect::CompareData { .. }
+            | Effect::SendHole { .. }
+            | Effect::WaitIdle
+            | Effect::Flush
+            | Effect::Entrust
+            | Effect::QueryResume { .. }
+            | Effect::Checkpoint { .. }
+    )
+}
+
 pub struct SourceRun {
     machine: Source,
     image: Arc<Image>,
@@ -273,19 +288,7 @@ impl SourceRun {
         self.broken = Some(why.to_string());
         // An effect waiting on the connection learns it now; any other
         // effect runs on and the next one that uses the connection fails.
-        if matches!(
-            self.awaiting,
-            Some(
-                Effect::SendData { .. }
-                    | Effect::CompareData { .. }
-                    | Effect::SendHole { .. }
-                    | Effect::WaitIdle
-                    | Effect::Flush
-                    | Effect::Entrust
-                    | Effect::QueryResume { .. }
-                    | Effect::Checkpoint { .. }
-            )
-        ) {
+        if self.awaiting.as_ref().is_some_and(uses_connection) {
             self.fail(ctx, why);
         }
     }
@@ -434,18 +437,7 @@ impl SourceRun {
             self.awaiting = Some(effect);
             return self.answer(ctx, Event::Cancel);
         }
-        let uses_connection = matches!(
-            effect,
-            Effect::SendData { .. }
-                | Effect::CompareData { .. }
-                | Effect::SendHole { .. }
-                | Effect::WaitIdle
-                | Effect::Flush
-                | Effect::Entrust
-                | Effect::QueryResume { .. }
-                | Effect::Checkpoint { .. }
-        );
-        if uses_connection {
+        if uses_connection(&effect) {
             if let Some(why) = self.broken.clone() {
                 self.awaiting = Some(effect);
                 return self.fail(ctx, &why);

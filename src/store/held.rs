@@ -163,12 +163,6 @@ impl Held {
         }
     }
 
-    /// Forgets everything: a new migration, or a destination that holds
-    /// nothing of this one.
-    pub fn forget(&self) {
-        self.begin(false);
-    }
-
     /// Bytes held.
     pub fn held_bytes(&self) -> u64 {
         let mut blocks = 0u64;
