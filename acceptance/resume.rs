@@ -9,7 +9,8 @@
 //! the rest; a destination that holds another migration's checkpoint, or
 //! whose image file was replaced, or that knows no checkpoints, gets
 //! everything; `mirror --verify` to a destination that already holds most
-//! of the image sends only what differs. Every run ends with identical
+//! of the image sends only what differs; `mirror --wait` shows the last
+//! checkpoint answered. Every run ends with identical
 //! images. The completion record's `bytes_received` (what the completing
 //! connection received as data) says how much travelled.
 
@@ -413,5 +414,32 @@ fn a_destination_that_knows_no_checkpoints_gets_everything() {
     src.assert_fired("mirror.request_send.write#72", "close");
     assert!(!src.log().contains("resuming migration"), "{}", src.log());
     assert!(!src.log().contains("checkpoint"), "{}", src.log());
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn mirror_wait_shows_the_last_checkpoint_answered() {
+    // Slow enough (20 MB/s) that a progress line (one a second) comes after
+    // checkpoint 1, at 64 MiB of data.
+    let dir = TempDir::new("resume-wait");
+    let src_file = eighty_mib_image(&dir, "src.img", 12);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let o = run_mirror(
+        &sock,
+        dest.port(),
+        &["--wait", "-m", "20000000"],
+        Duration::from_secs(60),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "mirror --wait: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" checkpoint=1 resumed_bytes=0")),
+        "a progress line should show checkpoint 1:\n{out}"
+    );
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
     assert_same_files(&src_file, &dest_file);
 }
