@@ -80,6 +80,26 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records a request awaiting its reply, unless the pipe has failed:
+    /// the reader may have met the end of the connection before this
+    /// request was sent, and would then never drop its answer's sender
+    /// (the caller would wait out the whole no-progress limit). Checked
+    /// under the map's lock, after `fail` set the failure and before it
+    /// clears the map, so one of the two always sees the other.
+    fn track(&self, handle: u64, pending: Pending) -> Result<(), PipeError> {
+        let mut map = self.pending();
+        if let Some(e) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(e);
+        }
+        map.insert(handle, pending);
+        Ok(())
+    }
+
     fn fail(&self, e: PipeError) {
         let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -284,7 +304,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         let slot = self.slot().await?;
         let handle = self.handle();
         let len = data.len() as u64;
-        self.shared.pending().insert(
+        self.shared.track(
             handle,
             Pending::Data {
                 kind: cmd::WRITE,
@@ -294,7 +314,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 measure,
                 _slot: slot,
             },
-        );
+        )?;
         let header = Request::new(cmd::WRITE, 0, handle, offset, data.len() as u32).encode();
         self.send(cmd::WRITE, &header, data).await?;
         self.check()
@@ -319,7 +339,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     pub async fn zeroes(&mut self, offset: u64, len: u32) -> Result<(), PipeError> {
         let slot = self.slot().await?;
         let handle = self.handle();
-        self.shared.pending().insert(
+        self.shared.track(
             handle,
             Pending::Data {
                 kind: cmd::WRITE_ZEROES,
@@ -329,7 +349,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 measure: false,
                 _slot: slot,
             },
-        );
+        )?;
         let header = Request::new(cmd::WRITE_ZEROES, 0, handle, offset, len).encode();
         self.send(cmd::WRITE_ZEROES, &header, &[]).await?;
         self.check()
@@ -379,8 +399,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
         self.shared
-            .pending()
-            .insert(handle, Pending::Call { kind, payload, tx });
+            .track(handle, Pending::Call { kind, payload, tx })?;
         let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
         Ok(Answer(rx))
@@ -508,5 +527,47 @@ async fn read_replies<S: Stream, P: Probe>(
         if shared.pending().is_empty() {
             shared.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::Quiet;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A pipe whose destination closed the connection before anything was
+    /// sent, once its reply task has seen the end.
+    async fn closed_pipe(limit: Duration) -> Pipe<TcpStream, Quiet> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stream, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        drop(accepted.unwrap());
+        let pipe = Pipe::new(stream.unwrap(), limit, Arc::new(Quiet));
+        tokio::time::timeout(Duration::from_secs(10), pipe.shared.failed.cancelled())
+            .await
+            .expect("the reply task sees the closed connection within 10 s");
+        pipe
+    }
+
+    #[tokio::test]
+    async fn a_call_after_the_destination_closed_fails_at_once_not_after_the_limit() {
+        let limit = Duration::from_secs(20);
+        let mut pipe = closed_pipe(limit).await;
+        let began = Instant::now();
+        let answer = pipe.call_with(cmd::RESUME, 7, 8, 8).await;
+        assert!(
+            matches!(answer, Err(PipeError::Closed)),
+            "expected the closed connection's error, got {answer:?}"
+        );
+        assert!(
+            began.elapsed() < limit / 2,
+            "the call waited {:?}, towards the no-progress limit",
+            began.elapsed()
+        );
+        assert!(
+            pipe.shared.pending().is_empty(),
+            "nothing is left in flight"
+        );
     }
 }
