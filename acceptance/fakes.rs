@@ -158,21 +158,22 @@ impl FakeConn {
     }
 
     /// Reads a 28-byte request header; `None` at EOF (or a reset) before
-    /// its first byte. Fails the test on a timeout or a torn header. A
-    /// resume query (docs/handoff.md, "Resuming") is answered as the C
-    /// flexnbd answers it, ENOSPC (its offset, the migration id, is past
-    /// the export), and not returned: these fakes are C destinations.
+    /// its first byte. Fails the test on a timeout or a torn header, and
+    /// on any of flexnbd's extension requests (docs/handoff.md,
+    /// "Resuming"): these fakes are C destinations, whose greeting offers
+    /// none, and the source must ask them nothing new.
     pub fn read_request(&mut self) -> Option<Request> {
-        loop {
-            let request = self.read_any_request()?;
-            if request.kind != cmd::RESUME {
-                return Some(request);
-            }
-            self.reply(proto::errno::ENOSPC, request.handle);
-        }
+        let request = self.read_any_request()?;
+        assert!(
+            !matches!(request.kind, cmd::RESUME | cmd::CHECKPOINT | cmd::DIGEST),
+            "a destination that offered no extensions was sent {} (type 0x{:04x})",
+            cmd::name(request.kind),
+            request.kind
+        );
+        Some(request)
     }
 
-    /// Reads a 28-byte request header as it comes, a resume query too.
+    /// Reads a 28-byte request header as it comes, whatever its type.
     pub fn read_any_request(&mut self) -> Option<Request> {
         let mut b = [0u8; proto::REQUEST_LEN];
         match read_full(&mut self.stream, &mut b) {

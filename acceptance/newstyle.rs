@@ -374,6 +374,42 @@ fn info_reports_export_and_block_sizes_and_go_enters_transmission() {
 }
 
 #[test]
+fn listen_offers_its_extensions_to_a_client_that_lists_them_and_serve_offers_none() {
+    // docs/handoff.md, "Resuming": the information request FLEXNBD is
+    // answered by a destination (`listen`) with its extension bits, and
+    // ignored by `serve`; nobody gets it without asking.
+    let dir = TempDir::new("newstyle-offer");
+    let asking = InfoRequest {
+        name: Vec::new(),
+        requests: vec![info::FLEXNBD],
+    }
+    .encode();
+    let ask = |server: &Flexnbd, request: &[u8]| {
+        let mut c = server.connect();
+        greet(&mut c, BOTH_CLIENT_FLAGS);
+        send_option(&mut c, opt::INFO, request);
+        info_replies(&mut c, opt::INFO).2
+    };
+    let served = serve_newstyle(&dir, &dir.sparse_file("served.img", MIB));
+    assert!(ask(&served, &asking).is_empty(), "serve offers nothing");
+    let args = server_args(
+        "listen",
+        &dir.sparse_file("dest.img", MIB),
+        None,
+        &["--handshake", "newstyle"],
+    );
+    let listening = Flexnbd::spawn(&dir, &args);
+    assert!(
+        ask(&listening, &go_request()).is_empty(),
+        "nothing unasked for"
+    );
+    assert_eq!(
+        ask(&listening, &asking),
+        vec![proto::info_flexnbd(proto::ext::RESUME).to_vec()]
+    );
+}
+
+#[test]
 fn export_name_sends_size_flags_and_124_zeros_unless_no_zeroes() {
     let (_dir, server) = served(2 * MIB);
     for client_flags in [proto::CLIENT_FIXED_NEWSTYLE, BOTH_CLIENT_FLAGS] {

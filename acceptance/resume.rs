@@ -121,6 +121,22 @@ fn verify_sends_only_the_ranges_that_differ_and_ends_identical() {
 }
 
 #[test]
+fn listen_offers_resuming_in_its_oldstyle_greeting_and_serve_keeps_the_c_greeting() {
+    // docs/handoff.md, "Resuming": bytes 28-35 say FLEX and bit 0; the rest
+    // of the reserved bytes stay zero. `serve` sends the C greeting.
+    let dir = TempDir::new("resume-offer");
+    let dest = listen(&dir, &dir.sparse_file("dest.img", MIB), &[]);
+    let g = dest.connect().read_exact(152);
+    assert_eq!(&g[0..8], b"NBDMAGIC");
+    assert_eq!(&g[24..28], &[0, 0, 0, 13], "the C flexnbd's flags");
+    assert_eq!(&g[28..36], b"FLEX\0\0\0\x01", "the offer");
+    assert!(g[36..].iter().all(|&b| b == 0), "the rest is zero");
+    let (served, _) = serve(&dir, &dir.sparse_file("served.img", MIB));
+    let g = served.connect().read_exact(152);
+    assert!(g[28..].iter().all(|&b| b == 0), "serve offers nothing");
+}
+
+#[test]
 fn a_destination_that_knows_no_checkpoints_gets_everything_even_if_it_holds_it() {
     // The control for the test above: a `serve` as the destination (no
     // RESUME, no DIGEST, as an older flexnbd or the C one) holding the
@@ -173,11 +189,23 @@ fn assert_resumed_rest(dest: &Path) {
 
 #[test]
 fn a_connection_cut_mid_copy_resumes_from_the_checkpoint() {
-    let dir = TempDir::new("resume-cut");
+    connection_cut("resume-cut", &[ZEROES]);
+}
+
+#[test]
+fn a_connection_cut_mid_copy_to_a_newstyle_destination_resumes_from_the_checkpoint() {
+    // The offer comes in NBD_OPT_GO's information replies here.
+    connection_cut("resume-cut-newstyle", &["--handshake", "newstyle"]);
+}
+
+/// A connection closed by the source's fault plan on its 72nd write, to a
+/// `listen` with `extra` arguments.
+fn connection_cut(tag: &str, extra: &[&str]) {
+    let dir = TempDir::new(tag);
     let src_file = eighty_mib_image(&dir, "src.img", 4);
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) = serve_with_faults(&dir, &src_file, "mirror.request_send.write#72=close");
-    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let mut dest = listen(&dir, &dest_file, extra);
     mirror_started(&sock, dest.port(), &[]);
     wait_exit_0(&mut src, "the source");
     wait_exit_0(&mut dest, "the destination");

@@ -108,6 +108,8 @@ pub struct Export {
     pub size: u64,
     pub flags: u16,
     pub handshake: GreetingKind,
+    /// The flexnbd extensions the server offered ([`proto::ext`]).
+    pub extensions: u32,
 }
 
 /// A random 64-bit handle (the C client uses a random one too).
@@ -245,8 +247,13 @@ async fn send_part<S: AsyncWrite + Unpin>(
 /// How a server's greeting began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GreetingStart {
-    /// A whole oldstyle greeting: the size and all 32 flag bits.
-    Oldstyle { size: u64, flags: u32 },
+    /// A whole oldstyle greeting: the size, all 32 flag bits, and the
+    /// flexnbd extensions its reserved bytes offer.
+    Oldstyle {
+        size: u64,
+        flags: u32,
+        extensions: u32,
+    },
     /// `NBDMAGIC` and `IHAVEOPT`: the newstyle negotiation follows.
     Newstyle,
 }
@@ -284,7 +291,11 @@ pub async fn read_greeting_start<S: AsyncRead + Unpin>(
     }
     let rest = greeting[16..].try_into().expect("136 bytes");
     let (size, flags) = proto::oldstyle_rest(&rest);
-    Ok(GreetingStart::Oldstyle { size, flags })
+    Ok(GreetingStart::Oldstyle {
+        size,
+        flags,
+        extensions: proto::oldstyle_extensions(&rest),
+    })
 }
 
 /// The client side of either handshake; with `tls`, only a newstyle
@@ -297,10 +308,15 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         GreetingStart::Oldstyle { .. } if tls.is_some() => Err(ClientError::NoTls(
             "sent the oldstyle greeting, which cannot start TLS".into(),
         )),
-        GreetingStart::Oldstyle { size, flags } => Ok(Export {
+        GreetingStart::Oldstyle {
+            size,
+            flags,
+            extensions,
+        } => Ok(Export {
             size,
             flags: flags as u16,
             handshake: GreetingKind::Oldstyle,
+            extensions,
         }),
         GreetingStart::Newstyle => newstyle(stream, tls).await,
     }
@@ -422,7 +438,8 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
     if fixed {
         let data = proto::InfoRequest {
             name: Vec::new(),
-            requests: vec![proto::info::BLOCK_SIZE],
+            // A server that does not know FLEXNBD ignores the request.
+            requests: vec![proto::info::BLOCK_SIZE, proto::info::FLEXNBD],
         }
         .encode();
         let header = OptionHeader {
@@ -434,12 +451,16 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
         // Over TLS the option may sit in the session's buffer until flushed.
         stream.flush().await.map_err(hs_io)?;
         let mut export: Option<(u64, u16)> = None;
+        let mut extensions = 0;
         loop {
             let (reply, payload) = option_reply(stream).await?;
             match reply.kind {
                 rep::INFO => {
                     if let Some(info) = proto::decode_info_export(&payload) {
                         export = Some(info);
+                    }
+                    if let Some(offered) = proto::decode_info_flexnbd(&payload) {
+                        extensions = offered;
                     }
                 }
                 rep::ACK => {
@@ -448,6 +469,7 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
                         size,
                         flags,
                         handshake: GreetingKind::Newstyle,
+                        extensions,
                     });
                 }
                 rep::ERR_UNSUP => break, // an old server: fall back to EXPORT_NAME
@@ -484,6 +506,7 @@ async fn choose_export<S: AsyncRead + AsyncWrite + Unpin>(
         size,
         flags,
         handshake: GreetingKind::Newstyle,
+        extensions: 0,
     })
 }
 
@@ -742,10 +765,40 @@ mod tests {
             result.unwrap(),
             GreetingStart::Oldstyle {
                 size: 4096,
-                flags: 0x0001_000d
+                flags: 0x0001_000d,
+                extensions: 0,
             }
         );
         assert_eq!(unread, 4);
+    }
+
+    #[tokio::test]
+    async fn an_oldstyle_greeting_offering_extensions_gives_them_and_only_a_tagged_one_does() {
+        let g = proto::oldstyle_greeting_offering(4096, 13, proto::ext::RESUME);
+        assert_eq!(&g[28..36], b"FLEX\0\0\0\x01");
+        assert!(g[36..].iter().all(|&b| b == 0), "the rest stays zero");
+        let (result, _) = start_of(&g).await;
+        assert_eq!(
+            result.unwrap(),
+            GreetingStart::Oldstyle {
+                size: 4096,
+                flags: 13,
+                extensions: proto::ext::RESUME,
+            }
+        );
+        // The bit set without the tag is reserved bytes, not an offer.
+        let mut untagged = g;
+        untagged[28..32].copy_from_slice(&[0; 4]);
+        let (result, _) = start_of(&untagged).await;
+        assert!(matches!(
+            result.unwrap(),
+            GreetingStart::Oldstyle { extensions: 0, .. }
+        ));
+        // Offering nothing is the C flexnbd's greeting, byte for byte.
+        assert_eq!(
+            proto::oldstyle_greeting_offering(4096, 13, 0),
+            proto::oldstyle_greeting(4096, 13)
+        );
     }
 
     #[tokio::test]

@@ -474,6 +474,11 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         killswitch: args.killswitch.then(daemon::killswitch_limit),
         oldstyle_extra_flags: args.oldstyle_extra_flags,
         tls,
+        // A destination offers resuming (docs/handoff.md, "Resuming").
+        extensions: match role {
+            Role::Listen => flexnbd::proto::ext::RESUME,
+            Role::Serve => 0,
+        },
     };
     if let Some(path) = &args.sock {
         // Refuse early: a live server there means we must not start at all.

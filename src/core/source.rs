@@ -269,8 +269,15 @@ impl SourceConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// Connected, greeted, size checked: the export's transmission `flags`,
-    /// and how the link was made (`link`, for the log: handshake, TLS).
-    Connected { flags: u16, link: String },
+    /// how the link was made (`link`, for the log: handshake, TLS), and
+    /// whether the destination offered resuming (RESUME, CHECKPOINT and
+    /// DIGEST; docs/handoff.md, "Resuming"): none of them goes to one that
+    /// did not.
+    Connected {
+        flags: u16,
+        link: String,
+        resumable: bool,
+    },
     /// The connection, the greeting or the size check failed.
     ConnectFailed {
         outcome: FirstOutcome,
@@ -808,7 +815,14 @@ impl Source {
                 vec![Effect::StopTracking, Effect::AllowClients],
                 Outcome::Abandoned,
             ),
-            (Wait::Connect, Event::Connected { flags, link }) => self.connected(now, flags, link),
+            (
+                Wait::Connect,
+                Event::Connected {
+                    flags,
+                    link,
+                    resumable,
+                },
+            ) => self.connected(now, flags, link, resumable),
             (Wait::Connect, Event::ConnectFailed { outcome, message }) => {
                 self.connect_failed(now, outcome, message)
             }
@@ -820,7 +834,7 @@ impl Source {
                 Event::Failed { .. },
             ) => Vec::new(),
             (_, Event::Failed { reason }) => self.retry(now, reason),
-            (Wait::Resume, Event::ResumeAnswer(answer)) => self.resume_answered(now, answer),
+            (Wait::Resume, Event::ResumeAnswer(answer)) => self.resume_answered(now, answer, true),
             (Wait::SweepCheckpointIdle, Event::Idle) => {
                 self.wait = Wait::SweepCheckpoint;
                 vec![self.checkpoint()]
@@ -1125,7 +1139,13 @@ impl Source {
         )
     }
 
-    fn connected(&mut self, now: Instant, flags: u16, link: String) -> Vec<Effect> {
+    fn connected(
+        &mut self,
+        now: Instant,
+        flags: u16,
+        link: String,
+        resumable: bool,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         if !self.reported_first {
             self.reported_first = true;
@@ -1139,6 +1159,21 @@ impl Source {
             ),
         ));
         self.attempt = Some(Attempt::new(flags, now));
+        if !resumable {
+            // The C flexnbd or an older one: it is asked nothing new.
+            if self.config.verify {
+                out.push(Effect::Log(
+                    Level::Warn,
+                    format!(
+                        "{} does not offer digests (an older or C flexnbd): --verify cannot \
+                         compare, copying everything",
+                        self.config.target
+                    ),
+                ));
+            }
+            out.extend(self.resume_answered(now, None, false));
+            return out;
+        }
         self.wait = Wait::Resume;
         out.push(Effect::QueryResume {
             migration: self.config.migration,
@@ -1149,7 +1184,9 @@ impl Source {
     /// The destination said which checkpoint of this migration it holds:
     /// resume from it when it is at least the one this source last saw
     /// answered (an older one, or none, and nothing is trusted).
-    fn resume_answered(&mut self, now: Instant, answer: Option<u64>) -> Vec<Effect> {
+    /// `offered`: the destination offered the extensions (else it was not
+    /// asked, and nothing of them is used).
+    fn resume_answered(&mut self, now: Instant, answer: Option<u64>, offered: bool) -> Vec<Effect> {
         let (migration, target) = (self.config.migration, self.config.target.clone());
         let verify = self.config.verify;
         let held = self.held_checkpoint;
@@ -1187,7 +1224,7 @@ impl Source {
         // `--verify` compares everything. A flexnbd destination that holds
         // nothing of this migration may still hold an earlier copy (this
         // source restarted and drew a new id): compare while it matches.
-        a.compare = verify || (answer.is_some() && !resume);
+        a.compare = offered && (verify || (answer.is_some() && !resume));
         a.adaptive = !verify && a.compare;
         a.next_checkpoint = held.max(answer.unwrap_or(0)) + 1;
         // Track changes from here on. The sweep need not wait for the
@@ -1759,8 +1796,11 @@ mod tests {
         /// What the final passes after the cut-off take, in turn.
         final_dirty: VecDeque<Vec<(u64, u64)>>,
         flags: u16,
-        /// The answer to the resume query (`None`: an old destination).
+        /// The answer to the resume query (`None`: an error answer).
         resume: Option<u64>,
+        /// Whether the destination offers resuming (else it is the C
+        /// flexnbd or an older one, and is asked nothing new).
+        resumable: bool,
     }
 
     impl World {
@@ -1773,6 +1813,7 @@ mod tests {
                 final_dirty: VecDeque::new(),
                 flags: SEND_FLUSH | SEND_WRITE_ZEROES,
                 resume: None,
+                resumable: true,
             }
         }
 
@@ -1786,6 +1827,7 @@ mod tests {
                 Effect::Connect => Event::Connected {
                     flags: self.flags,
                     link: "NewStyle handshake".into(),
+                    resumable: self.resumable,
                 },
                 Effect::MeasureCapacity => Event::Capacity {
                     capacity: Some(capacity()),
@@ -2149,6 +2191,36 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_that_did_not_offer_resuming_is_asked_nothing_new_even_with_verify() {
+        // The C flexnbd or an older one: no resume query, no checkpoint, no
+        // digest; a plain FLUSH before the cut-off, as before.
+        for verify in [false, true] {
+            let mut w = checkpointing(0, 0, 50);
+            w.resumable = false;
+            w.machine = Source::new(SourceConfig {
+                checkpoint_every: 50,
+                checkpoint_gap: Duration::ZERO,
+                verify,
+                ..config(MirrorAction::Exit)
+            });
+            assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+            let s = w.script();
+            for new in ["resume?", "CHECKPOINT", "compare"] {
+                assert!(
+                    !s.iter().any(|x| x.starts_with(new)),
+                    "verify {verify}: {new} went to an old destination: {s:#?}"
+                );
+            }
+            assert!(s.contains(&"FLUSH".to_string()), "{s:#?}");
+            assert!(s.contains(&"data 0+50".to_string()), "{s:#?}");
+            let warned = w.effects.iter().any(|e| {
+                matches!(e, Effect::Log(Level::Warn, line) if line.contains("--verify cannot compare"))
+            });
+            assert_eq!(warned, verify, "the warning comes with --verify only");
+        }
+    }
+
+    #[test]
     fn checkpoints_in_the_sweep_keep_their_distance_in_time() {
         // Every 50 bytes are due, but the world answers in 1 ms: with the
         // standard 250 ms apart, only the one before the cut-off comes.
@@ -2422,6 +2494,7 @@ mod tests {
         let connected = Event::Connected {
             flags: 0,
             link: "x".into(),
+            resumable: true,
         };
         let failed = || Event::Failed {
             reason: "reset".into(),
@@ -3009,6 +3082,7 @@ mod tests {
             Event::Connected {
                 flags: 0,
                 link: "x".into(),
+                resumable: true,
             },
         );
         let b = m.handle(

@@ -462,7 +462,11 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
         let cancel = self.cancel;
         let result: Result<Event, AttemptError> = match effect {
             Effect::Connect => match self.connect().await {
-                Ok((flags, link)) => Ok(Event::Connected { flags, link }),
+                Ok((flags, link, resumable)) => Ok(Event::Connected {
+                    flags,
+                    link,
+                    resumable,
+                }),
                 Err(AttemptError::First(e)) => Ok(Event::ConnectFailed {
                     outcome: e.outcome,
                     message: e.message,
@@ -606,7 +610,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
 
     /// Connects, reads the greeting and checks the size: on success the
     /// export's flags and how the link was made (for the log).
-    async fn connect(&mut self) -> Result<(u16, String), AttemptError> {
+    async fn connect(&mut self) -> Result<(u16, String, bool), AttemptError> {
         let (config, probe, cancel, image) = (self.config, self.probe, self.cancel, self.image);
         // 1. Connect and check the greeting.
         let bind = config.bind.map(|ip| SocketAddr::new(ip, 0));
@@ -735,7 +739,9 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             cancel,
             link_free: None,
         });
-        Ok((export.flags, link))
+        // Only a destination that offered resuming is asked anything new.
+        let resumable = export.extensions & crate::proto::ext::RESUME != 0;
+        Ok((export.flags, link, resumable))
     }
 }
 

@@ -48,6 +48,49 @@ pub fn oldstyle_greeting(size: u64, flags: u32) -> [u8; OLDSTYLE_GREETING_LEN] {
     b
 }
 
+/// The oldstyle greeting of a destination offering `extensions` (a
+/// [`super::ext`] bit set): the reserved bytes begin with the tag and the
+/// bit set. With none it is [`oldstyle_greeting`], byte for byte.
+pub fn oldstyle_greeting_offering(
+    size: u64,
+    flags: u32,
+    extensions: u32,
+) -> [u8; OLDSTYLE_GREETING_LEN] {
+    let mut b = oldstyle_greeting(size, flags);
+    if extensions != 0 {
+        b[28..32].copy_from_slice(&super::ext::TAG);
+        b[32..36].copy_from_slice(&extensions.to_be_bytes());
+    }
+    b
+}
+
+/// The extensions an oldstyle greeting offers (bytes 16..152 of it): none
+/// unless the reserved bytes begin with the tag.
+pub fn oldstyle_extensions(rest: &[u8; OLDSTYLE_GREETING_LEN - 16]) -> u32 {
+    if rest[12..16] == super::ext::TAG {
+        be_u32(rest, 16)
+    } else {
+        0
+    }
+}
+
+/// `NBD_INFO` [`super::info::FLEXNBD`]: the extensions offered.
+pub fn info_flexnbd(extensions: u32) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    b[0..2].copy_from_slice(&super::info::FLEXNBD.to_be_bytes());
+    b[2..6].copy_from_slice(&extensions.to_be_bytes());
+    b
+}
+
+/// The extensions in an `NBD_INFO` payload, if it is a well-formed
+/// [`super::info::FLEXNBD`].
+pub fn decode_info_flexnbd(data: &[u8]) -> Option<u32> {
+    if data.len() != 6 || be_u16(data, 0) != super::info::FLEXNBD {
+        return None;
+    }
+    Some(be_u32(data, 2))
+}
+
 /// The first 16 bytes of any greeting tell which handshake the server speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GreetingKind {

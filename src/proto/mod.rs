@@ -158,6 +158,19 @@ pub mod info {
     pub const NAME: u16 = 1;
     pub const DESCRIPTION: u16 = 2;
     pub const BLOCK_SIZE: u16 = 3;
+    /// flexnbd's extensions (docs/handoff.md, "Resuming"): sent only to a
+    /// client that lists it, with the 4-byte [`super::ext`] bit set.
+    pub const FLEXNBD: u16 = 0xff00;
+}
+
+/// The flexnbd extensions a destination offers in its handshake
+/// (docs/handoff.md, "Resuming"): in the oldstyle greeting's reserved bytes
+/// after [`TAG`], or in the newstyle [`super::info::FLEXNBD`] reply.
+pub mod ext {
+    /// Bytes 28-31 of an oldstyle greeting that offers extensions.
+    pub const TAG: [u8; 4] = *b"FLEX";
+    /// RESUME, CHECKPOINT and DIGEST.
+    pub const RESUME: u32 = 1 << 0;
 }
 
 /// Structured reply chunk types and flags.

@@ -368,6 +368,9 @@ impl<T: Transport> Proxy<T> {
             size: self.upstream.size,
             flags: newstyle_flags(self.upstream.flags),
             structured: false,
+            // What the upstream offers is not passed on: the proxy would
+            // have to forward the extensions' requests and answers.
+            extensions: 0,
         };
         let negotiation = negotiate(down, offer, &self.faults, Some(tls));
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiation).await {

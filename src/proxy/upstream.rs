@@ -327,7 +327,7 @@ async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(
         GreetingStart::Oldstyle { .. } if tls.is_some() => Err(
             "the upstream sent the oldstyle greeting, which cannot start TLS; refusing to go on in plaintext".into(),
         ),
-        GreetingStart::Oldstyle { size, flags } => Ok((size, flags)),
+        GreetingStart::Oldstyle { size, flags, .. } => Ok((size, flags)),
         GreetingStart::Newstyle => {
             let export = client::newstyle(stream, tls).await.map_err(|e| match e {
                 // The client's own wording names `flexnbd read`'s flags.

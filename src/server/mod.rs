@@ -56,6 +56,10 @@ pub struct Config {
     /// With `--tls-cert`: STARTTLS is offered (and, by default, required).
     /// Newstyle only: the oldstyle greeting has no way to start TLS.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The flexnbd extensions offered in the handshake ([`crate::proto::ext`]):
+    /// `listen` offers resuming; `serve` offers nothing, so its greeting is
+    /// the C flexnbd's byte for byte.
+    pub extensions: u32,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             killswitch: None,
             oldstyle_extra_flags: false,
             tls: None,
+            extensions: 0,
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Offer {
     /// Structured replies and `base:allocation` can be negotiated. A proxy
     /// that forwards simple replies only answers them as unsupported.
     pub structured: bool,
+    /// The flexnbd extensions offered to a client that asks for them.
+    pub extensions: u32,
 }
 
 impl Offer {
@@ -35,6 +37,7 @@ impl Offer {
             size,
             flags: transmission_flags(),
             structured: true,
+            extensions: 0,
         }
     }
 }
@@ -346,6 +349,10 @@ where
                     proto::MAX_BLOCK,
                 );
                 proto::put_option_reply(&mut n.out, option, rep::INFO, &sizes);
+                if n.offer.extensions != 0 && request.requests.contains(&proto::info::FLEXNBD) {
+                    let offered = proto::info_flexnbd(n.offer.extensions);
+                    proto::put_option_reply(&mut n.out, option, rep::INFO, &offered);
+                }
                 if request.requests.contains(&proto::info::NAME) {
                     let mut name = proto::info::NAME.to_be_bytes().to_vec();
                     name.extend_from_slice(&request.name);

@@ -98,7 +98,11 @@ pub async fn serve_client<S: Stream, P: Probe>(
     let negotiated = match shared.config.handshake {
         HandshakeMode::Oldstyle => {
             let flags = oldstyle_flags(shared.config.oldstyle_extra_flags);
-            let greeting = proto::oldstyle_greeting(image.size(), u32::from(flags));
+            let greeting = proto::oldstyle_greeting_offering(
+                image.size(),
+                u32::from(flags),
+                shared.config.extensions,
+            );
             // Hung: reading and discarding needs the stream, so it is done
             // here rather than by `send`.
             let sent = fault_apply::send(
@@ -127,7 +131,10 @@ pub async fn serve_client<S: Stream, P: Probe>(
                 limit,
                 negotiate(
                     &mut stream,
-                    Offer::image(image.size()),
+                    Offer {
+                        extensions: shared.config.extensions,
+                        ..Offer::image(image.size())
+                    },
                     &*shared.probe,
                     shared.config.tls.as_deref(),
                 ),

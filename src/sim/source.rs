@@ -202,6 +202,8 @@ impl SourceRun {
                 Event::Connected {
                     flags,
                     link: "simulated".into(),
+                    // The simulated destination is this version's.
+                    resumable: true,
                 },
             );
         } else {
