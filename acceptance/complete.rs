@@ -430,12 +430,21 @@ fn write_resumable_marker(dest: &Path, state: &str, migration: u64, k: u64, ino:
 /// The resume query for `migration` on a new connection: the checkpoint
 /// answered.
 fn resume_query(server: &Flexnbd, migration: u64) -> u64 {
+    let finished = |log: String| log.matches(" finished").count();
+    let before = finished(server.log());
     let mut c = server.connect();
     c.oldstyle_greeting();
     c.request(flexnbd::proto::cmd::RESUME, 0, 9, migration, 8);
     let reply = c.simple_reply();
     assert_eq!((reply.error, reply.handle), (0, 9), "resume reply");
-    u64::from_be_bytes(c.read_exact(8).try_into().unwrap())
+    let answer = u64::from_be_bytes(c.read_exact(8).try_into().unwrap());
+    drop(c);
+    // `listen` takes one client at a time: the next query may connect
+    // once this one's slot is free.
+    wait_for("the query's connection to finish", WAIT, || {
+        (finished(server.log()) > before).then_some(())
+    });
+    answer
 }
 
 const MIGRATION: u64 = 0x5eed_0000_0000_0001;

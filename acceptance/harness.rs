@@ -437,9 +437,13 @@ impl RawClient {
         let g = self.read_exact(proto::OLDSTYLE_GREETING_LEN);
         assert_eq!(&g[0..8], b"NBDMAGIC");
         assert_eq!(&g[8..16], &proto::INIT_MAGIC.to_be_bytes());
+        // Zero, but for a destination's offer of its extensions
+        // (docs/handoff.md, "Resuming").
+        let offer = proto::oldstyle_greeting_offering(0, 0, proto::ext::RESUME);
         assert!(
-            g[28..].iter().all(|&b| b == 0),
-            "reserved greeting bytes must be zero"
+            g[28..].iter().all(|&b| b == 0) || g[28..] == offer[28..],
+            "reserved greeting bytes must be zero or a destination's offer: {:02x?}",
+            &g[28..40]
         );
         (
             u64::from_be_bytes(g[16..24].try_into().unwrap()),
