@@ -477,12 +477,9 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 capacity: self.copier().capacity(),
                 speed_limit: self.state.max_bps(),
             }),
-            Effect::AskExtents {
-                offset,
-                len,
-                held,
-                gap,
-            } => Ok(Event::Extents(image.sweep_extents(offset, len, held, gap))),
+            Effect::AskExtents { offset, len, held } => {
+                Ok(Event::Extents(image.sweep_extents(offset, len, held)))
+            }
             Effect::QueryResume { migration } => {
                 let pipe = &mut self.copier().pipe;
                 match or_cancel(cancel, pipe.call_with(cmd::RESUME, migration, 8, 8)).await {

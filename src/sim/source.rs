@@ -480,14 +480,9 @@ impl SourceRun {
                     },
                 );
             }
-            Effect::AskExtents {
-                offset,
-                len,
-                held,
-                gap,
-            } => {
+            Effect::AskExtents { offset, len, held } => {
                 self.awaiting = Some(effect);
-                let extents = self.image.sweep_extents(offset, len, held, gap);
+                let extents = self.image.sweep_extents(offset, len, held);
                 self.answer(ctx, Event::Extents(extents));
             }
             Effect::QueryResume { migration } => {

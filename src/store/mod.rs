@@ -613,11 +613,10 @@ impl Image {
         offset: u64,
         len: u64,
         held: bool,
-        gap: u64,
     ) -> Vec<(u64, crate::core::source::Extent)> {
         let extents = self.extents(offset, len, usize::MAX);
         let runs = held.then(|| self.held().runs(offset, len));
-        crate::core::source::extents_with_held(&extents, runs.as_deref(), gap)
+        crate::core::source::extents_with_held(&extents, runs.as_deref())
     }
 
     /// What a migration's destination holds (created empty the first time).
