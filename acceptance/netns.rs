@@ -9,9 +9,10 @@
 //! `flexnbd-linkem` delays a TCP stream instead (see its header for what it
 //! does not model).
 //!
-//! A machine without the rights to make namespaces skips these tests with a
-//! line `SKIPPED (network namespaces): <why>` on stderr, which the test
-//! command counts among the tests that did not run.
+//! A machine without the rights to make namespaces skips these tests: each
+//! says why on stderr and appends `<test>: <why>` to the file named by
+//! `FLEXNBD_TEST_SKIPS`, which `scripts/test` sets, counts and prints among
+//! the tests that did not run.
 
 use std::net::IpAddr;
 use std::process::Command;
@@ -19,6 +20,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The line that marks a test that did not run for want of namespaces.
 pub const SKIP_MARK: &str = "SKIPPED (network namespaces): ";
+
+/// Records that the running test did not run, and why.
+fn record_skip(why: &str) {
+    eprintln!("{SKIP_MARK}{why}");
+    let Some(path) = std::env::var_os("FLEXNBD_TEST_SKIPS") else {
+        return;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("an unnamed test")
+        .to_string();
+    let line = format!(
+        "{test}: needs network namespaces: {}\n",
+        why.replace('\n', " ")
+    );
+    use std::io::Write;
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = appended {
+        panic!(
+            "cannot record a skipped test in {}: {e}",
+            path.to_string_lossy()
+        );
+    }
+}
 
 /// Two hosts, `a` (the source's) and `b` (the destination's).
 pub struct Hosts {
@@ -72,7 +101,11 @@ impl Hosts {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         // Short: interface and namespace names have length limits.
-        let base = format!("fn{}{n}{}", std::process::id() % 100_000, &tag[..tag.len().min(3)]);
+        let base = format!(
+            "fn{}{n}{}",
+            std::process::id() % 100_000,
+            &tag[..tag.len().min(3)]
+        );
         let hosts = Hosts {
             a: format!("{base}a"),
             b: format!("{base}b"),
@@ -140,8 +173,25 @@ impl Hosts {
     pub fn blackhole(&self, on: bool) {
         let verb = if on { "add" } else { "del" };
         for (ns, other4, other6) in [(&self.a, self.b4, self.b6), (&self.b, self.a4, self.a6)] {
-            ip(&["-n", ns, "route", verb, "blackhole", &format!("{other4}/32")]).unwrap();
-            ip(&["-n", ns, "-6", "route", verb, "blackhole", &format!("{other6}/128")]).unwrap();
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                verb,
+                "blackhole",
+                &format!("{other4}/32"),
+            ])
+            .unwrap();
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                verb,
+                "blackhole",
+                &format!("{other6}/128"),
+            ])
+            .unwrap();
         }
     }
 
@@ -164,7 +214,7 @@ pub fn hosts_or_skip(tag: &str) -> Option<Hosts> {
     match Hosts::new(tag) {
         Ok(h) => Some(h),
         Err(why) => {
-            eprintln!("{SKIP_MARK}{why}");
+            record_skip(&why);
             None
         }
     }

@@ -305,6 +305,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn replies_go_out_before_a_next_request_whose_payload_has_not_all_arrived() {
+        // A pipelining client on a slow link: the next write's header is
+        // here, its payload still arriving. Its predecessor's reply must
+        // not wait for it (nor for the stream of writes behind it).
+        let mut k = kit(64 * 1024, false);
+        k.send(Request::new(cmd::WRITE, 0, 1, 0, 8192), &[1; 8192])
+            .await;
+        k.send(Request::new(cmd::WRITE, 0, 2, 8192, 8192), &[2; 4096])
+            .await;
+        k.conn.request_cycle().await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(1), k.reply())
+            .await
+            .expect("the first write's reply without waiting for the second's payload");
+        assert_eq!((first.error, first.handle), (0, 1));
+        tokio::io::AsyncWriteExt::write_all(&mut k.client, &[2; 4096])
+            .await
+            .unwrap();
+        k.conn.request_cycle().await.unwrap();
+        let second = k.reply().await;
+        assert_eq!((second.error, second.handle), (0, 2));
+    }
+
+    #[tokio::test]
     async fn a_batch_is_stored_before_a_request_that_does_not_join_it() {
         let mut k = kit(64 * 1024, false);
         k.send(Request::new(cmd::WRITE, 0, 1, 0, 512), &[7; 512])

@@ -1,0 +1,540 @@
+//! Migrations between two hosts (network namespaces joined by a veth pair,
+//! see `netns.rs`), as an operator runs them across a network: `serve` on
+//! host A, `listen` on host B, `mirror` to B's address.
+//!
+//! What must happen: `--bind` picks the source address and the destination's
+//! ACL matches it; IPv6 works between hosts; a blackhole or a partition in
+//! the middle of the copy, at the entrust or at the disconnect is noticed by
+//! the source within its no-progress timeout, the source goes on serving its
+//! clients (their writes are acknowledged and reach the destination), keeps
+//! retrying, and resumes once the link is back; `status` and `break` answer
+//! at once while the destination is behind a blackhole. Every migration ends
+//! with the verdict table's "destination canonical" row and identical data.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::netns::{hosts_or_skip, Hosts};
+
+const MIB: u64 = 1024 * 1024;
+/// The no-progress timeout the sources here run with: short, so that a
+/// blackhole is noticed quickly.
+const LIMIT_SECS: &str = "2";
+/// The link: 200 Mbit/s, so that the copies below take seconds and an
+/// interruption can be placed in their middle.
+const MBIT: u32 = 200;
+/// 96 MiB with 80 MiB of data: checkpoint 1 comes after 64 MiB of data
+/// (the least interval), so an interruption after it has something to
+/// resume from.
+const SIZE: u64 = 96 * MIB;
+const DATA: u64 = 80 * MIB;
+
+/// `flexnbd ARGS` inside namespace `ns`, with `env`; reports its port.
+fn spawn_in(dir: &TempDir, ns: &str, args: &[String], env: &[(&str, &str)]) -> Flexnbd {
+    let mut full: Vec<String> = Hosts::exec_prefix(ns);
+    full.push("/usr/bin/env".into());
+    full.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+    full.push(BIN.into());
+    full.extend(args.iter().cloned());
+    Flexnbd::spawn_program(dir, "ip", &full)
+}
+
+/// `MODE -l ADDR -p 0 -v -f FILE [-s SOCK] EXTRA...`.
+fn args_on(
+    mode: &str,
+    addr: &str,
+    file: &Path,
+    sock: Option<&Path>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [mode, "-l", addr, "-p", "0", "-v", "-f"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(file.display().to_string());
+    if let Some(sock) = sock {
+        args.push("-s".into());
+        args.push(sock.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A source image: `DATA` of patterned data, then a hole.
+fn source_image(dir: &TempDir) -> PathBuf {
+    let p = dir.sparse_file("src.img", SIZE);
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&pattern(DATA as usize, 7), 0).unwrap();
+    f.sync_all().unwrap();
+    p
+}
+
+/// `mirror` to `addr:port` through the source's control socket.
+fn mirror(sock: &Path, addr: &str, port: u16, extra: &[&str]) -> std::process::Output {
+    let port = port.to_string();
+    let mut args = vec![
+        "mirror",
+        "-s",
+        sock.to_str().unwrap(),
+        "-l",
+        addr,
+        "-p",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    run_tool(BIN, &args, Duration::from_secs(30))
+}
+
+fn assert_started(o: &std::process::Output) {
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+        (Some(0), "Mirror started\n"),
+        "mirror: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Waits for both processes to exit 0 (the migration completed).
+fn wait_completed(src: &mut Flexnbd, dest: &mut Flexnbd, limit: Duration) {
+    for (what, p) in [("the source", src), ("the destination", dest)] {
+        let status = wait_for(&format!("{what} to exit"), limit, || {
+            p.is_running().not().then(|| p.wait_exit())
+        });
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{what} exit status; log:\n{}",
+            p.log()
+        );
+    }
+}
+
+trait Not {
+    fn not(self) -> bool;
+}
+impl Not for bool {
+    fn not(self) -> bool {
+        !self
+    }
+}
+
+/// The verdict table's row "destination complete and canonical": a
+/// completion record, no marker.
+fn assert_destination_canonical(dest_file: &Path) {
+    let record = PathBuf::from(format!("{}.COMPLETE", dest_file.display()));
+    let marker = PathBuf::from(format!("{}.INCOMPLETE", dest_file.display()));
+    assert!(record.exists(), "no completion record {}", record.display());
+    assert!(!marker.exists(), "the marker {} is left", marker.display());
+}
+
+/// One migration from host A to host B over `family` ("4" or "6").
+/// Fields drop in order: the processes (whose logs a failing test prints)
+/// before the hosts and the directory.
+struct Run {
+    src: Flexnbd,
+    dest: Flexnbd,
+    hosts: Hosts,
+    src_file: PathBuf,
+    dest_file: PathBuf,
+    sock: PathBuf,
+    dir: TempDir,
+}
+
+impl Run {
+    fn start(hosts: Hosts, tag: &str, six: bool, listen_extra: &[&str]) -> Run {
+        let dir = TempDir::new(tag);
+        let src_file = source_image(&dir);
+        let dest_file = dir.sparse_file("dest.img", SIZE);
+        let sock = dir.join("src.sock");
+        let (a, b) = if six {
+            (hosts.a6.to_string(), hosts.b6.to_string())
+        } else {
+            (hosts.a4.to_string(), hosts.b4.to_string())
+        };
+        let env = [
+            ("FLEXNBD_MS_REQUEST_LIMIT_SECS", LIMIT_SECS),
+            ("FLEXNBD_CHECKPOINT_GAP_MS", "0"),
+        ];
+        let src = spawn_in(
+            &dir,
+            &hosts.a,
+            &args_on("serve", &a, &src_file, Some(&sock), &[]),
+            &env,
+        );
+        let dest = spawn_in(
+            &dir,
+            &hosts.b,
+            &args_on("listen", &b, &dest_file, None, listen_extra),
+            &[],
+        );
+        Run {
+            src,
+            dest,
+            hosts,
+            src_file,
+            dest_file,
+            sock,
+            dir,
+        }
+    }
+
+    fn dest_addr(&self) -> String {
+        self.dest.addr.ip().to_string()
+    }
+
+    /// A client on host A writes `data` at `at` through the source and
+    /// is acknowledged.
+    fn client_write(&self, at: u64, data: &[u8]) {
+        let port = self.src.port().to_string();
+        let (from, len) = (at.to_string(), data.len().to_string());
+        let addr = self.src.addr.ip().to_string();
+        let mut args: Vec<String> = Hosts::exec_prefix(&self.hosts.a);
+        args.extend(
+            [
+                BIN, "write", "-l", &addr, "-p", &port, "-F", &from, "-S", &len,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run_tool_with_input("ip", &args, Some(data), WAIT);
+        assert!(
+            o.status.success(),
+            "a client's write through the source failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Waits until the copy has at most `left` bytes to go.
+    fn wait_left(&self, left: u64) {
+        wait_for("the copy to make progress", Duration::from_secs(30), || {
+            let s = try_status(&self.sock)?.1;
+            let now = s.get("migration_bytes_left")?.parse::<u64>().ok()?;
+            (now <= left).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_migration_between_hosts_binds_its_source_address_and_the_acl_matches_it() {
+    let Some(hosts) = hosts_or_skip("bind") else {
+        return;
+    };
+    let a4 = hosts.a4.to_string();
+    // Only host A's address may send; the source binds it explicitly.
+    let mut run = Run::start(hosts, "wan-bind", false, &[&a4]);
+    let o = mirror(
+        &run.sock,
+        &run.dest_addr(),
+        run.dest.port(),
+        &["--bind", &a4],
+    );
+    assert_started(&o);
+    wait_completed(&mut run.src, &mut run.dest, Duration::from_secs(60));
+    assert!(
+        run.dest.log().contains(&format!("{a4}:")),
+        "the destination should name the sender at {a4}; log:\n{}",
+        run.dest.log()
+    );
+    assert_destination_canonical(&run.dest_file);
+    assert_same_files(&run.src_file, &run.dest_file);
+}
+
+#[test]
+fn a_destination_whose_acl_names_another_address_refuses_the_source() {
+    let Some(hosts) = hosts_or_skip("acl") else {
+        return;
+    };
+    let run = Run::start(hosts, "wan-acl", false, &["198.18.0.9"]);
+    let o = mirror(&run.sock, &run.dest_addr(), run.dest.port(), &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "mirror to a destination that refuses us; stdout: {} stderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    run.dest
+        .wait_log(&format!("rejecting client {}:", run.hosts.a4));
+}
+
+#[test]
+fn a_migration_between_hosts_over_ipv6_completes() {
+    let Some(hosts) = hosts_or_skip("ipv6") else {
+        return;
+    };
+    let a6 = hosts.a6.to_string();
+    let mut run = Run::start(hosts, "wan-ipv6", true, &[&a6]);
+    assert!(run.dest.addr.is_ipv6(), "listen on {}", run.dest.addr);
+    let o = mirror(
+        &run.sock,
+        &run.dest_addr(),
+        run.dest.port(),
+        &["--bind", &a6],
+    );
+    assert_started(&o);
+    wait_completed(&mut run.src, &mut run.dest, Duration::from_secs(60));
+    assert_destination_canonical(&run.dest_file);
+    assert_same_files(&run.src_file, &run.dest_file);
+}
+
+/// What breaks the link in the middle of the copy.
+#[derive(Clone, Copy, Debug)]
+enum Break {
+    Blackhole,
+    Partition,
+}
+
+fn cut(hosts: &Hosts, how: Break, broken: bool) {
+    match how {
+        Break::Blackhole => hosts.blackhole(broken),
+        Break::Partition => hosts.link_up(!broken),
+    }
+}
+
+/// The link breaks when the copy is half done; the source notices within
+/// its no-progress timeout and goes on serving (a client's write is
+/// acknowledged meanwhile); the link comes back and the migration resumes
+/// and completes with the client's write on the destination.
+fn broken_mid_copy(tag: &str, how: Break) {
+    let Some(hosts) = hosts_or_skip(tag) else {
+        return;
+    };
+    hosts.shape(MBIT);
+    let mut run = Run::start(hosts, tag, false, &["--oldstyle-extra-flags"]);
+    let o = mirror(&run.sock, &run.dest_addr(), run.dest.port(), &[]);
+    assert_started(&o);
+    run.src.wait_log("checkpoint 1 of migration");
+    // Nothing failed before the link broke: a shaped link alone must not
+    // look like a stall (replies held back behind a stream of writes did).
+    assert!(
+        !run.src.log().contains("failed"),
+        "the copy failed before the link broke; log:\n{}",
+        run.src.log()
+    );
+    cut(&run.hosts, how, true);
+    let broke = Instant::now();
+    run.src.wait_log("no progress for");
+    let noticed = broke.elapsed();
+    assert!(
+        noticed < Duration::from_secs(2 * 2 + 2),
+        "noticed after {noticed:?}; the limit is {LIMIT_SECS} s"
+    );
+    // The source serves on while the link is down.
+    let written = pattern(64 * 1024, 99);
+    run.client_write(MIB, &written);
+    // A retry or two fail while the link is down; then it comes back.
+    wait_for(
+        "a retry while the link is down",
+        Duration::from_secs(30),
+        || (run.src.log().matches("migration attempt").count() >= 2).then_some(()),
+    );
+    cut(&run.hosts, how, false);
+    wait_completed(&mut run.src, &mut run.dest, Duration::from_secs(120));
+    assert!(
+        run.src.log().contains("resuming migration"),
+        "the retry should resume; log:\n{}",
+        run.src.log()
+    );
+    assert_destination_canonical(&run.dest_file);
+    assert_same_files(&run.src_file, &run.dest_file);
+    let got = fs::read(&run.dest_file).unwrap();
+    assert_eq!(
+        &got[MIB as usize..MIB as usize + written.len()],
+        &written[..]
+    );
+    let _ = &run.dir;
+}
+
+#[test]
+fn a_blackhole_mid_copy_is_noticed_the_source_serves_on_and_the_migration_resumes() {
+    broken_mid_copy("wan-blackhole", Break::Blackhole);
+}
+
+#[test]
+fn a_partition_mid_copy_is_noticed_the_source_serves_on_and_the_migration_resumes() {
+    broken_mid_copy("wan-partition", Break::Partition);
+}
+
+/// The link breaks while `step` (a source fault step, delayed by the plan
+/// to give the test time) is about to go out: at the entrust or at the
+/// disconnect, with `--unlink`. The migration still ends with the verdict
+/// table's "destination canonical" row.
+struct AtStep {
+    src: Flexnbd,
+    dest: Flexnbd,
+    src_file: PathBuf,
+    dest_file: PathBuf,
+    original: Vec<u8>,
+    hosts: Hosts,
+    _dir: TempDir,
+}
+
+fn broken_at(hosts: Hosts, tag: &str, step: &str) -> AtStep {
+    let dir = TempDir::new(tag);
+    let src_file = source_image(&dir);
+    let original = fs::read(&src_file).unwrap();
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let sock = dir.join("src.sock");
+    let plan = format!("mirror.{step}=delay(1500)");
+    let env = [
+        ("FLEXNBD_MS_REQUEST_LIMIT_SECS", LIMIT_SECS),
+        ("FLEXNBD_FAULTS", plan.as_str()),
+    ];
+    let (a, b) = (hosts.a4.to_string(), hosts.b4.to_string());
+    let src = spawn_in(
+        &dir,
+        &hosts.a,
+        &args_on("serve", &a, &src_file, Some(&sock), &[]),
+        &env,
+    );
+    let dest = spawn_in(
+        &dir,
+        &hosts.b,
+        &args_on("listen", &b, &dest_file, None, &[]),
+        &[],
+    );
+    let o = mirror(&sock, &b, dest.port(), &["--unlink"]);
+    assert_started(&o);
+    src.assert_fired(&format!("mirror.{step}"), "delay(1500)");
+    hosts.blackhole(true);
+    AtStep {
+        src,
+        dest,
+        src_file,
+        dest_file,
+        original,
+        hosts,
+        _dir: dir,
+    }
+}
+
+fn wait_exit_0(p: &mut Flexnbd, what: &str) {
+    let status = wait_for(&format!("{what} to exit"), Duration::from_secs(60), || {
+        p.is_running().not().then(|| p.wait_exit())
+    });
+    assert_eq!(status.code(), Some(0), "{what}'s log:\n{}", p.log());
+}
+
+/// What `flexnbd resolve` says of the source and destination files, as
+/// its exit status (10: source, 11: destination, 12: destination with its
+/// marker to remove).
+fn resolve(src: &Path, dest: &Path) -> Option<i32> {
+    let (s, d) = (src.display().to_string(), dest.display().to_string());
+    run_tool(BIN, &["resolve", "--source", &s, "--dest", &d], WAIT)
+        .status
+        .code()
+}
+
+#[test]
+fn a_blackhole_at_the_entrust_ends_with_the_destination_canonical() {
+    // The ENTRUST vanishes; the source notices within its timeout, retries
+    // through the blackhole until it lifts, then entrusts and hands off.
+    let Some(hosts) = hosts_or_skip("ent") else {
+        return;
+    };
+    let AtStep {
+        mut src,
+        mut dest,
+        src_file,
+        dest_file,
+        original,
+        hosts,
+        _dir,
+    } = broken_at(hosts, "wan-entrust", "entrust_send");
+    src.wait_log("no progress for");
+    hosts.blackhole(false);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    assert!(!src_file.exists(), "--unlink removes the source");
+    assert_destination_canonical(&dest_file);
+    assert!(
+        fs::read(&dest_file).unwrap() == original,
+        "the destination differs from the source"
+    );
+}
+
+#[test]
+fn a_blackhole_at_the_disconnect_ends_with_the_destination_canonical() {
+    // The DISCONNECT expects no reply: the source, entrusted and unlinked,
+    // exits 0 with it still in flight. While the blackhole lasts, the
+    // verdict table already names the destination (entrusted, source
+    // gone); once it lifts, TCP delivers the DISCONNECT and the
+    // destination completes.
+    let Some(hosts) = hosts_or_skip("dis") else {
+        return;
+    };
+    let AtStep {
+        mut src,
+        mut dest,
+        src_file,
+        dest_file,
+        original,
+        hosts,
+        _dir,
+    } = broken_at(hosts, "wan-disconnect", "disconnect_send");
+    wait_exit_0(&mut src, "the source");
+    assert!(!src_file.exists(), "--unlink removes the source");
+    assert!(
+        dest.is_running(),
+        "the destination waits for the DISCONNECT"
+    );
+    assert_eq!(
+        resolve(&src_file, &dest_file),
+        Some(12),
+        "entrusted, source gone"
+    );
+    hosts.blackhole(false);
+    wait_exit_0(&mut dest, "the destination");
+    assert_destination_canonical(&dest_file);
+    assert_eq!(resolve(&src_file, &dest_file), Some(11));
+    assert!(
+        fs::read(&dest_file).unwrap() == original,
+        "the destination differs from the source"
+    );
+}
+#[test]
+fn status_and_break_answer_at_once_while_the_destination_is_behind_a_blackhole() {
+    let Some(hosts) = hosts_or_skip("stat") else {
+        return;
+    };
+    hosts.shape(MBIT);
+    let mut run = Run::start(hosts, "wan-status", false, &[]);
+    let o = mirror(&run.sock, &run.dest_addr(), run.dest.port(), &[]);
+    assert_started(&o);
+    run.wait_left(SIZE - 4 * MIB);
+    run.hosts.blackhole(true);
+    // Within the stall, before and after the source notices it.
+    for _ in 0..3 {
+        let asked = Instant::now();
+        let s = status(&run.sock);
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "status took {:?}",
+            asked.elapsed()
+        );
+        assert_eq!(
+            s.get("is_mirroring").map(String::as_str),
+            Some("true"),
+            "{s:?}"
+        );
+    }
+    let asked = Instant::now();
+    let answer = control(&run.sock, "break\n\n").expect("an answer to break");
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "break took {:?}",
+        asked.elapsed()
+    );
+    assert!(answer.starts_with("0:"), "break answered {answer:?}");
+    wait_for("the mirror to stop", Duration::from_secs(5), || {
+        let s = try_status(&run.sock)?.1;
+        (s.get("is_mirroring").map(String::as_str) == Some("false")).then_some(())
+    });
+    assert!(run.src.is_running(), "the source serves on after break");
+    run.hosts.blackhole(false);
+    let _ = &run.dest;
+}
