@@ -20,6 +20,7 @@ use crate::harness::*;
 use crate::netns::{hosts_or_skip, Hosts};
 
 const MIB: u64 = 1024 * 1024;
+const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
 /// The no-progress timeout the sources here run with: short, so that a
 /// blackhole is noticed quickly.
 const LIMIT_SECS: &str = "2";
@@ -537,4 +538,104 @@ fn status_and_break_answer_at_once_while_the_destination_is_behind_a_blackhole()
     assert!(run.src.is_running(), "the source serves on after break");
     run.hosts.blackhole(false);
     let _ = &run.dest;
+}
+
+#[test]
+fn a_client_through_the_proxy_sees_its_read_answered_soon_after_a_partition_heals() {
+    // The production path across hosts: the client and `flexnbd-proxy` on
+    // host A, the server on host B. The link goes down for 3 s with a read
+    // in flight; the proxy gives up on the silent upstream (2 s timeout),
+    // reconnects once the link is back and resends, and the client sees
+    // only a late answer with the right bytes.
+    let Some(hosts) = hosts_or_skip("prx") else {
+        return;
+    };
+    let dir = TempDir::new("wan-proxy");
+    let file = dir.pattern_file("image", 4 * MIB, 5);
+    let b = hosts.b4.to_string();
+    let upstream = spawn_in(&dir, &hosts.b, &args_on("serve", &b, &file, None, &[]), &[]);
+    let port = upstream.port().to_string();
+    let mut args: Vec<String> = Hosts::exec_prefix(&hosts.a);
+    args.extend(
+        [
+            "/usr/bin/env",
+            "FLEXNBD_UPSTREAM_TIMEOUT=2",
+            PROXY,
+            "-l",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-C",
+            &b,
+            "-P",
+            &port,
+            "-v",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let proxy = Flexnbd::spawn_program(&dir, "ip", &args);
+    let read = |at: u64| {
+        let (p, from) = (proxy.port().to_string(), at.to_string());
+        let mut args: Vec<String> = Hosts::exec_prefix(&hosts.a);
+        args.extend(
+            [
+                BIN,
+                "read",
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-F",
+                &from,
+                "-S",
+                "4096",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool("ip", &args, Duration::from_secs(30))
+    };
+    let expected = pattern(4 * MIB as usize, 5);
+    let before = read(0);
+    assert!(
+        before.status.success(),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+    assert_eq!(before.stdout, expected[..4096]);
+    hosts.link_up(false);
+    let partitioned = Instant::now();
+    let (got, answered) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let o = read(MIB);
+            (o, Instant::now())
+        });
+        // The link stays down for 3 s, then comes back.
+        while partitioned.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        hosts.link_up(true);
+        reader.join().expect("the reader thread")
+    });
+    let healed = partitioned + Duration::from_secs(3);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(got.stdout, expected[MIB as usize..MIB as usize + 4096]);
+    assert!(
+        answered >= healed,
+        "a read answered while the link was down"
+    );
+    let after = answered - healed;
+    // The upstream timeout (2 s) plus a reconnect: well within 5 s.
+    assert!(
+        after < Duration::from_secs(5),
+        "answered {after:?} after the link came back"
+    );
+    proxy.wait_log("reconnect");
+    proxy.assert_no_panic();
 }
