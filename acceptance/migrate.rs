@@ -645,6 +645,7 @@ fn a_throttled_mirror_causes_sane_status_keys_in_order_and_in_json() {
             "migration_speed_limit",
             "migration_attempt",
             "migration_state",
+            "migration_window",
         ],
         "{s:?}"
     );
@@ -655,6 +656,9 @@ fn a_throttled_mirror_causes_sane_status_keys_in_order_and_in_json() {
     assert_eq!(s["has_control"], "true");
     assert_eq!(s["migration_attempt"], "1");
     assert_eq!(s["migration_state"], "copying");
+    // Held back by the speed limit, the window never filled: it stays at
+    // its start (core::window::START).
+    assert_eq!(num(&s, "migration_window"), 8 << 20);
     assert_eq!(num(&s, "migration_speed_limit"), limit);
     let (speed, left) = (num(&s, "migration_speed"), num(&s, "migration_bytes_left"));
     assert!(speed <= 2 * limit, "speed {speed} over a limit of {limit}");

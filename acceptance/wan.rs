@@ -639,3 +639,59 @@ fn a_client_through_the_proxy_sees_its_read_answered_soon_after_a_partition_heal
     proxy.wait_log("reconnect");
     proxy.assert_no_panic();
 }
+
+const LINKEM: &str = env!("CARGO_BIN_EXE_flexnbd-linkem");
+
+/// `flexnbd-linkem` on 127.0.0.1 in front of `to`, delaying each direction
+/// by `one_way_ms`; returns it and its port.
+fn linkem(to: std::net::SocketAddr, one_way_ms: &str) -> (KillOnDrop, u16) {
+    use std::io::BufRead;
+    let mut child = clean_command(LINKEM)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            &to.to_string(),
+            "--delay-ms",
+            one_way_ms,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn flexnbd-linkem");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("flexnbd-linkem says where it listens");
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("expected `listening on ADDR:PORT`, got {line:?}"));
+    (KillOnDrop(child), port)
+}
+
+#[test]
+fn across_a_long_round_trip_the_window_grows_and_the_copy_completes() {
+    // 50 ms round trip on loopback (no namespaces needed): 8 MiB in flight
+    // moves 160 MB/s, less than loopback carries, so a full window brings
+    // more throughput and the window grows.
+    let dir = TempDir::new("wan-window");
+    let size = 64 * MIB;
+    let src_file = dir.pattern_file("src.img", size, 3);
+    let dest_file = dir.sparse_file("dest.img", size);
+    let sock = dir.join("src.sock");
+    let mut src = Flexnbd::spawn(&dir, &server_args("serve", &src_file, Some(&sock), &[]));
+    let mut dest = Flexnbd::spawn(&dir, &server_args("listen", &dest_file, None, &[]));
+    let (_link, port) = linkem(dest.addr, "25");
+    let o = mirror(&sock, "127.0.0.1", port, &[]);
+    assert_started(&o);
+    wait_completed(&mut src, &mut dest, Duration::from_secs(120));
+    let log = src.log();
+    assert!(
+        log.contains("in-flight window grown to 16 MiB"),
+        "the window should grow across 50 ms; log:\n{log}"
+    );
+    assert_destination_canonical(&dest_file);
+    assert_same_files(&src_file, &dest_file);
+}

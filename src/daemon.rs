@@ -101,6 +101,7 @@ impl<T: Transport, P: Probe> Daemon<T, P> {
                 .push(("migration_state".into(), m.state.phase().name().into()));
             status.extra.extend(m.state.convergence_keys());
             status.extra.extend(m.state.resume_keys());
+            status.extra.extend(m.state.window_keys());
         }
         status
     }

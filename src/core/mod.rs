@@ -8,3 +8,4 @@ pub mod pace;
 pub mod policy;
 pub mod request;
 pub mod source;
+pub mod window;

@@ -136,6 +136,9 @@ pub struct MirrorState {
     held_at_start: AtomicU64,
     /// Of that, what the sweep has passed so far.
     skipped: AtomicU64,
+    /// The in-flight window (`core::window`), in bytes: 0 before the
+    /// first attempt's copy starts.
+    window: AtomicU64,
 }
 
 impl MirrorState {
@@ -155,12 +158,21 @@ impl MirrorState {
             checkpoint: AtomicU64::new(0),
             held_at_start: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            window: AtomicU64::new(0),
         }
     }
 
     fn begin_held(&self, held: u64) {
         self.held_at_start.store(held, Ordering::Release);
         self.skipped.store(0, Ordering::Release);
+    }
+
+    /// The in-flight window, as a status key (once the copy started).
+    pub fn window_keys(&self) -> Vec<(String, String)> {
+        match self.window.load(Ordering::Acquire) {
+            0 => Vec::new(),
+            w => vec![("migration_window".into(), w.to_string())],
+        }
     }
 
     /// How the current attempt stands on resuming, as status keys: the
@@ -474,7 +486,11 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 Err(e) => Err(e),
             },
             Effect::MeasureCapacity => Ok(Event::Capacity {
-                capacity: self.copier().capacity(),
+                capacity: {
+                    let window = self.copier().pipe.window();
+                    self.state.window.store(window, Ordering::Release);
+                    self.copier().capacity()
+                },
                 speed_limit: self.state.max_bps(),
             }),
             Effect::AskExtents { offset, len, held } => {

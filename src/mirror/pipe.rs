@@ -17,8 +17,8 @@ use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, Request, SimpleReply};
 use crate::transport::Stream;
 
-/// Requests in flight at once.
-const WINDOW: usize = 64;
+/// The in-flight window (`core::window`): its room in units.
+use crate::core::window::{self, Window};
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PipeError {
@@ -73,11 +73,19 @@ struct Shared {
     failed: CancellationToken,
     /// The destination's speed, as its replies show it.
     costs: Mutex<CostModel>,
+    /// How many bytes of requests may be in flight, and its room (in
+    /// `window::UNIT`s): the reply task grows it as replies show.
+    window: Mutex<Window>,
+    room: Arc<Semaphore>,
 }
 
 impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a request awaiting its reply, unless the pipe has failed:
@@ -127,7 +135,6 @@ pub struct Pipe<S: Stream, P: Probe> {
     probe: Arc<P>,
     writer: S::Write,
     shared: Arc<Shared>,
-    window: Arc<Semaphore>,
     reader: JoinHandle<()>,
     next_handle: u64,
     limit: Duration,
@@ -149,6 +156,8 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             failure: Mutex::new(None),
             failed: CancellationToken::new(),
             costs: Mutex::new(CostModel::default()),
+            window: Mutex::new(Window::new()),
+            room: Arc::new(Semaphore::new((window::START / window::UNIT) as usize)),
         });
         let reader = tokio::spawn(read_replies::<S, P>(
             read,
@@ -160,7 +169,6 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             probe,
             writer,
             shared,
-            window: Arc::new(Semaphore::new(WINDOW)),
             reader,
             next_handle: 1,
             limit,
@@ -201,12 +209,25 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         }
     }
 
-    async fn slot(&self) -> Result<OwnedSemaphorePermit, PipeError> {
+    /// Room in the window for a request of `len` bytes (`payload`: they
+    /// travel with it); waits while the window is full, and says so to it.
+    async fn slot(&self, len: u64, payload: bool) -> Result<OwnedSemaphorePermit, PipeError> {
+        let units = window::units(len, payload);
+        let room = self.shared.room.clone();
+        if let Ok(permit) = room.clone().try_acquire_many_owned(units) {
+            return Ok(permit);
+        }
+        self.shared.window().full();
         tokio::select! {
             biased;
             _ = self.shared.failed.cancelled() => Err(self.shared.error()),
-            permit = self.window.clone().acquire_owned() => Ok(permit.expect("window is never closed")),
+            permit = room.acquire_many_owned(units) => Ok(permit.expect("the room is never closed")),
         }
+    }
+
+    /// The window now, in bytes.
+    pub fn window(&self) -> u64 {
+        self.shared.window().bytes()
     }
 
     /// Applies a probe verdict to one message about to be sent: the bytes
@@ -301,9 +322,9 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         data: &[u8],
         measure: bool,
     ) -> Result<(), PipeError> {
-        let slot = self.slot().await?;
-        let handle = self.handle();
         let len = data.len() as u64;
+        let slot = self.slot(len, true).await?;
+        let handle = self.handle();
         self.shared.track(
             handle,
             Pending::Data {
@@ -337,7 +358,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
 
     /// Sends a WRITE_ZEROES (which may punch a hole).
     pub async fn zeroes(&mut self, offset: u64, len: u32) -> Result<(), PipeError> {
-        let slot = self.slot().await?;
+        let slot = self.slot(u64::from(len), false).await?;
         let handle = self.handle();
         self.shared.track(
             handle,
@@ -496,9 +517,26 @@ async fn read_replies<S: Stream, P: Probe>(
                 })
             }
             Some(Pending::Data {
-                len, sent, measure, ..
+                len,
+                sent,
+                measure,
+                _slot,
+                ..
             }) => {
                 let now = Instant::now();
+                // The room this reply frees goes back with `_slot`; what
+                // the window grows by is added on top.
+                let freed = u64::from(_slot.num_permits() as u32) * window::UNIT;
+                drop(_slot);
+                let grew = shared.window().acked(freed, now);
+                if grew > 0 {
+                    shared.room.add_permits((grew / window::UNIT) as usize);
+                    let now_bytes = shared.window().bytes();
+                    crate::info!(
+                        "in-flight window grown to {} MiB: a full window brought more throughput",
+                        now_bytes >> 20
+                    );
+                }
                 if measure {
                     let began = last_reply.map_or(sent, |r| r.max(sent));
                     shared
