@@ -34,6 +34,13 @@ on the default test's seeds 0..2000 with 2 threads: wall time, seeds/s,
 events/s and the failed seeds (any is a failure of the run). 3 rounds unless
 --rounds says otherwise.
 
+The WAN section (`--only wan`, "## WAN"; never part of a full run: it needs
+root and takes about 15 minutes) is bench/wan.py: migrations across emulated
+links (1 Gbit/s and 100 Mbit/s at 0.2, 10 and 50 ms round trip, a network
+namespace, tc tbf and flexnbd-linkem) against nbdcopy between two qemu-nbd
+over the same link. 1 round unless --rounds says otherwise; --cases picks
+some of the cases (e.g. 1000-50,100-10).
+
 See bench/README.md for what each workload measures.
 """
 
@@ -161,7 +168,9 @@ def listening_port(pid):
             continue
         if link.startswith("socket:["):
             inodes.add(link[len("socket:["):-1])
-    with open("/proc/net/tcp") as f:
+    # /proc/PID/net/tcp: the table of the process's own network namespace
+    # (the WAN section's destination runs in another one).
+    with open(f"/proc/{pid}/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
             if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
@@ -2115,7 +2124,20 @@ def sim_section(ctx, info, results, failures, started, finished):
 
 # The sections that `--only` can rewrite in place, with their headings' names.
 SECTIONS = {"migration": "Migration", "stall": "Stall", "refactor": "Refactor",
-            "sim": "Simulator"}
+            "sim": "Simulator", "wan": "WAN"}
+# Sections only --only runs (a full run keeps what the report already has):
+# WAN needs root and takes about 15 minutes (bench/wan.py); Resume is
+# bench/resume.py's alone.
+KEPT_SECTIONS = ("## WAN", "## Resume")
+
+
+def wan_module():
+    """bench/wan.py, sharing this module's state (the binary build() chose,
+    the servers stop_all() ends): it imports `run`, which must be this module
+    even when this file runs as __main__."""
+    sys.modules.setdefault("run", sys.modules[__name__])
+    import wan
+    return wan
 
 
 def failure_section(msg):
@@ -3025,12 +3047,17 @@ def write_report(path, ctx, info, results, failures, started, finished):
                if "sim" in results or ctx.sim_started else existing_section(path, "## Simulator"))
     if section:
         text = splice_section(text, "## Simulator", section)
+    # Sections a full run does not make: kept as they were.
+    for heading in KEPT_SECTIONS:
+        section = existing_section(path, heading)
+        if section:
+            text = splice_section(text, heading, section)
     with open(path, "w") as f:
         f.write(text)
 
 
 def update_sections_only(path, ctx, info, results, failures):
-    """--only migration, stall, refactor and/or sim: replace just those sections of an existing report."""
+    """--only migration, stall, refactor, sim and/or wan: replace just those sections of an existing report."""
     try:
         with open(path) as f:
             text = f.read()
@@ -3049,6 +3076,10 @@ def update_sections_only(path, ctx, info, results, failures):
     if "sim" in ctx.only:
         text = splice_section(text, "## Simulator", sim_section(ctx, info, results, failures,
                                                                 ctx.sim_started, ctx.sim_finished))
+    if "wan" in ctx.only:
+        text = splice_section(text, "## WAN", wan_module().section(
+            ctx, info, results, failures, ctx.wan_started, ctx.wan_finished,
+            command="bench/run.py --only wan"))
     with open(path, "w") as f:
         f.write(text)
 
@@ -3068,6 +3099,8 @@ def main():
     ap.add_argument("--only", help="comma-separated workloads or sections to run (default all); the "
                     "sections migration, stall, refactor and sim rewrite only their own part of the report")
     ap.add_argument("--output", default=os.path.join(REPO, "BENCHMARKS.md"), help="report path")
+    ap.add_argument("--cases", help="with --only wan: comma-separated RATE-RTT cases (e.g. 1000-50,100-10); "
+                    "default all six")
     args = ap.parse_args()
 
     ctx = Ctx()
@@ -3083,6 +3116,13 @@ def main():
     ctx.stall_started = ctx.stall_finished = None
     ctx.refactor_started = ctx.refactor_finished = None
     ctx.sim_started = ctx.sim_finished = None
+    ctx.wan_started = ctx.wan_finished = None
+    # The WAN section: 1 round unless --rounds says otherwise (about 15 minutes a round).
+    ctx.wan_rounds = args.rounds or 1
+    if only and "wan" in only:
+        ctx.wan_cases = wan_module().parse_cases(args.cases)
+    elif args.cases:
+        ap.error("--cases goes with --only wan")
     # The sim section's rounds: SIM_ROUNDS, fewer with --quick, or --rounds when given.
     ctx.sim_rounds = ctx.rounds if args.rounds else min(ctx.rounds, SIM_ROUNDS)
     # Only sections that are rewritten in place (migration, stall, refactor, sim)?
@@ -3093,7 +3133,8 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    if not sections_only or "refactor" in only or ("stall" in only and not shutil.which("openssl")):
+    if (not sections_only or "refactor" in only or "wan" in only
+            or ("stall" in only and not shutil.which("openssl"))):
         ensure_peers()
     if not args.skip_build:
         build()
@@ -3159,6 +3200,11 @@ def main():
             ctx.sim_finished = datetime.datetime.now(datetime.timezone.utc)
             with open("/proc/loadavg") as f:
                 ctx.sim_load_end = " ".join(f.read().split()[:3])
+        # WAN only when asked for by name (root, network namespaces, ~15 min).
+        if only and "wan" in only:
+            ctx.wan_started = datetime.datetime.now(datetime.timezone.utc)
+            wan_module().run_wan(ctx, results, failures)
+            ctx.wan_finished = datetime.datetime.now(datetime.timezone.utc)
     finally:
         stop_all()
         remove_cgroup(ctx)
@@ -3177,7 +3223,8 @@ def main():
         for name in sorted(only):
             raw.setdefault("results", {})[name] = results.get(name, {})
             raw[f"{name}_machine"] = info
-            raw[f"{name}_rounds"] = ctx.sim_rounds if name == "sim" else ctx.rounds
+            raw[f"{name}_rounds"] = (ctx.sim_rounds if name == "sim" else ctx.wan_rounds if name == "wan"
+                                     else ctx.rounds)
             raw["failures"] = [f for f in raw.get("failures", []) if failure_section(f) != name]
         raw["failures"] += failures
         with open(raw_path, "w") as f:
