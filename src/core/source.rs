@@ -935,7 +935,10 @@ impl Source {
                 a.flush_started = Some(now);
                 // A destination that takes checkpoints gets one instead:
                 // the same sync, and what it covers is held from then on.
-                a.flush_is_checkpoint = a.checkpoints;
+                // Not when no data went since the last one: there is
+                // nothing for it to hold, and its marker rewrite (two
+                // fsyncs) was an eighth of a sparse 1 TiB migration.
+                a.flush_is_checkpoint = a.checkpoints && a.since_checkpoint > 0;
                 self.wait = Wait::PassFlush;
                 if self.attempt_mut().flush_is_checkpoint {
                     vec![self.checkpoint()]
@@ -2209,6 +2212,20 @@ mod tests {
     }
 
     #[test]
+    fn with_no_data_sent_since_the_last_checkpoint_the_flush_before_the_cut_off_is_a_plain_flush() {
+        // All hole: nothing for a checkpoint to hold.
+        let mut w = checkpointing(0, 0, 50);
+        let outcome = w.run(|e, _| match e {
+            Effect::AskExtents { len, .. } => Some(Event::Extents(vec![(*len, Extent::Hole)])),
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let s = w.script();
+        assert!(!s.iter().any(|x| x.starts_with("CHECKPOINT")), "{s:#?}");
+        assert!(s.contains(&"FLUSH".to_string()), "{s:#?}");
+    }
+
+    #[test]
     fn checkpoints_in_the_sweep_keep_their_distance_in_time() {
         // Every 50 bytes are due, but the world answers in 1 ms: with the
         // standard 250 ms apart, only the one before the cut-off comes.
@@ -2229,6 +2246,9 @@ mod tests {
     #[test]
     fn a_destination_that_takes_checkpoints_gets_them_in_the_sweep_and_before_the_cut_off() {
         let mut w = checkpointing(0, 0, 50);
+        // A client changed 5 bytes behind the sweep: the dirty pass sends
+        // them, so the flush before the cut-off has data to hold.
+        w.dirty = VecDeque::from([vec![(10, 5)]]);
         assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
         let s = w.script();
         // Each 50 bytes of data: idle, then the checkpoint, then held.
