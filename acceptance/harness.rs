@@ -262,11 +262,16 @@ impl Flexnbd {
 
     /// Waits (bounded) for the process to exit and returns its status.
     pub fn wait_exit(&mut self) -> ExitStatus {
+        self.wait_exit_within(WAIT)
+    }
+
+    /// Like `wait_exit`, within `limit` (a migration over a slow link).
+    pub fn wait_exit_within(&mut self, limit: Duration) -> ExitStatus {
         if let Some(s) = self.status {
             return s;
         }
         let child = self.child.as_mut().unwrap();
-        let status = wait_for("flexnbd to exit", WAIT, || child.try_wait().unwrap());
+        let status = wait_for("flexnbd to exit", limit, || child.try_wait().unwrap());
         self.status = Some(status);
         status
     }
@@ -542,8 +547,20 @@ pub fn server_args_on(
     sock: Option<&Path>,
     extra: &[&str],
 ) -> Vec<String> {
+    server_args_at(mode, "127.0.0.1", port, file, sock, extra)
+}
+
+/// [`server_args_on`] on address `addr` (a host of its own, `wan.rs`).
+pub fn server_args_at(
+    mode: &str,
+    addr: &str,
+    port: u16,
+    file: &Path,
+    sock: Option<&Path>,
+    extra: &[&str],
+) -> Vec<String> {
     let port = port.to_string();
-    let mut args: Vec<String> = [mode, "-l", "127.0.0.1", "-p", &port, "-v", "-f"]
+    let mut args: Vec<String> = [mode, "-l", addr, "-p", &port, "-v", "-f"]
         .iter()
         .map(|s| s.to_string())
         .collect();

@@ -43,27 +43,6 @@ fn spawn_in(dir: &TempDir, ns: &str, args: &[String], env: &[(&str, &str)]) -> F
     Flexnbd::spawn_program(dir, "ip", &full)
 }
 
-/// `MODE -l ADDR -p 0 -v -f FILE [-s SOCK] EXTRA...`.
-fn args_on(
-    mode: &str,
-    addr: &str,
-    file: &Path,
-    sock: Option<&Path>,
-    extra: &[&str],
-) -> Vec<String> {
-    let mut args: Vec<String> = [mode, "-l", addr, "-p", "0", "-v", "-f"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(file.display().to_string());
-    if let Some(sock) = sock {
-        args.push("-s".into());
-        args.push(sock.display().to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 /// A source image: `DATA` of patterned data, then a hole.
 fn source_image(dir: &TempDir) -> PathBuf {
     let p = dir.sparse_file("src.img", SIZE);
@@ -100,26 +79,18 @@ fn assert_started(o: &std::process::Output) {
 
 /// Waits for both processes to exit 0 (the migration completed).
 fn wait_completed(src: &mut Flexnbd, dest: &mut Flexnbd, limit: Duration) {
-    for (what, p) in [("the source", src), ("the destination", dest)] {
-        let status = wait_for(&format!("{what} to exit"), limit, || {
-            p.is_running().not().then(|| p.wait_exit())
-        });
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{what} exit status; log:\n{}",
-            p.log()
-        );
-    }
+    wait_exit_0(src, "the source", limit);
+    wait_exit_0(dest, "the destination", limit);
 }
 
-trait Not {
-    fn not(self) -> bool;
-}
-impl Not for bool {
-    fn not(self) -> bool {
-        !self
-    }
+fn wait_exit_0(p: &mut Flexnbd, what: &str, limit: Duration) {
+    let status = p.wait_exit_within(limit);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{what} exit status; log:\n{}",
+        p.log()
+    );
 }
 
 /// The verdict table's row "destination complete and canonical": a
@@ -131,9 +102,9 @@ fn assert_destination_canonical(dest_file: &Path) {
     assert!(!marker.exists(), "the marker {} is left", marker.display());
 }
 
-/// One migration from host A to host B over `family` ("4" or "6").
-/// Fields drop in order: the processes (whose logs a failing test prints)
-/// before the hosts and the directory.
+/// One migration from host A to host B (over IPv4 or IPv6). Fields drop
+/// in order: the processes (whose logs a failing test prints) before the
+/// hosts and the directory, which is kept only to outlive them.
 struct Run {
     src: Flexnbd,
     dest: Flexnbd,
@@ -141,7 +112,7 @@ struct Run {
     src_file: PathBuf,
     dest_file: PathBuf,
     sock: PathBuf,
-    dir: TempDir,
+    _dir: TempDir,
 }
 
 impl Run {
@@ -162,13 +133,13 @@ impl Run {
         let src = spawn_in(
             &dir,
             &hosts.a,
-            &args_on("serve", &a, &src_file, Some(&sock), &[]),
+            &server_args_at("serve", &a, 0, &src_file, Some(&sock), &[]),
             &env,
         );
         let dest = spawn_in(
             &dir,
             &hosts.b,
-            &args_on("listen", &b, &dest_file, None, listen_extra),
+            &server_args_at("listen", &b, 0, &dest_file, None, listen_extra),
             &[],
         );
         Run {
@@ -178,7 +149,7 @@ impl Run {
             src_file,
             dest_file,
             sock,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -347,7 +318,6 @@ fn broken_mid_copy(tag: &str, how: Break) {
         &got[MIB as usize..MIB as usize + written.len()],
         &written[..]
     );
-    let _ = &run.dir;
 }
 
 #[test]
@@ -389,13 +359,13 @@ fn broken_at(hosts: Hosts, tag: &str, step: &str) -> AtStep {
     let src = spawn_in(
         &dir,
         &hosts.a,
-        &args_on("serve", &a, &src_file, Some(&sock), &[]),
+        &server_args_at("serve", &a, 0, &src_file, Some(&sock), &[]),
         &env,
     );
     let dest = spawn_in(
         &dir,
         &hosts.b,
-        &args_on("listen", &b, &dest_file, None, &[]),
+        &server_args_at("listen", &b, 0, &dest_file, None, &[]),
         &[],
     );
     let o = mirror(&sock, &b, dest.port(), &["--unlink"]);
@@ -411,13 +381,6 @@ fn broken_at(hosts: Hosts, tag: &str, step: &str) -> AtStep {
         hosts,
         _dir: dir,
     }
-}
-
-fn wait_exit_0(p: &mut Flexnbd, what: &str) {
-    let status = wait_for(&format!("{what} to exit"), Duration::from_secs(60), || {
-        p.is_running().not().then(|| p.wait_exit())
-    });
-    assert_eq!(status.code(), Some(0), "{what}'s log:\n{}", p.log());
 }
 
 /// What `flexnbd resolve` says of the source and destination files, as
@@ -448,8 +411,8 @@ fn a_blackhole_at_the_entrust_ends_with_the_destination_canonical() {
     } = broken_at(hosts, "wan-entrust", "entrust_send");
     src.wait_log("no progress for");
     hosts.blackhole(false);
-    wait_exit_0(&mut src, "the source");
-    wait_exit_0(&mut dest, "the destination");
+    wait_exit_0(&mut src, "the source", Duration::from_secs(60));
+    wait_exit_0(&mut dest, "the destination", Duration::from_secs(60));
     assert!(!src_file.exists(), "--unlink removes the source");
     assert_destination_canonical(&dest_file);
     assert!(
@@ -477,7 +440,7 @@ fn a_blackhole_at_the_disconnect_ends_with_the_destination_canonical() {
         hosts,
         _dir,
     } = broken_at(hosts, "wan-disconnect", "disconnect_send");
-    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut src, "the source", Duration::from_secs(60));
     assert!(!src_file.exists(), "--unlink removes the source");
     assert!(
         dest.is_running(),
@@ -489,7 +452,7 @@ fn a_blackhole_at_the_disconnect_ends_with_the_destination_canonical() {
         "entrusted, source gone"
     );
     hosts.blackhole(false);
-    wait_exit_0(&mut dest, "the destination");
+    wait_exit_0(&mut dest, "the destination", Duration::from_secs(60));
     assert_destination_canonical(&dest_file);
     assert_eq!(resolve(&src_file, &dest_file), Some(11));
     assert!(
@@ -537,7 +500,6 @@ fn status_and_break_answer_at_once_while_the_destination_is_behind_a_blackhole()
     });
     assert!(run.src.is_running(), "the source serves on after break");
     run.hosts.blackhole(false);
-    let _ = &run.dest;
 }
 
 #[test]
@@ -553,7 +515,12 @@ fn a_client_through_the_proxy_sees_its_read_answered_soon_after_a_partition_heal
     let dir = TempDir::new("wan-proxy");
     let file = dir.pattern_file("image", 4 * MIB, 5);
     let b = hosts.b4.to_string();
-    let upstream = spawn_in(&dir, &hosts.b, &args_on("serve", &b, &file, None, &[]), &[]);
+    let upstream = spawn_in(
+        &dir,
+        &hosts.b,
+        &server_args_at("serve", &b, 0, &file, None, &[]),
+        &[],
+    );
     let port = upstream.port().to_string();
     let mut args: Vec<String> = Hosts::exec_prefix(&hosts.a);
     args.extend(

@@ -53,7 +53,7 @@ enum Pending {
         /// Whether its service time goes into the cost model: only writes
         /// of image data, not zeros for holes (which a destination may skip).
         measure: bool,
-        _slot: OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
     },
     /// A request whose error code the caller wants (FLUSH, ENTRUST,
     /// CHECKPOINT), and the `payload` bytes that follow a reply of 0
@@ -333,7 +333,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 len,
                 sent: Instant::now(),
                 measure,
-                _slot: slot,
+                slot,
             },
         )?;
         let header = Request::new(cmd::WRITE, 0, handle, offset, data.len() as u32).encode();
@@ -368,7 +368,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 len: u64::from(len),
                 sent: Instant::now(),
                 measure: false,
-                _slot: slot,
+                slot,
             },
         )?;
         let header = Request::new(cmd::WRITE_ZEROES, 0, handle, offset, len).encode();
@@ -520,14 +520,14 @@ async fn read_replies<S: Stream, P: Probe>(
                 len,
                 sent,
                 measure,
-                _slot,
+                slot,
                 ..
             }) => {
                 let now = Instant::now();
-                // The room this reply frees goes back with `_slot`; what
+                // The room this reply frees goes back with `slot`; what
                 // the window grows by is added on top.
-                let freed = u64::from(_slot.num_permits() as u32) * window::UNIT;
-                drop(_slot);
+                let freed = slot.num_permits() as u64 * window::UNIT;
+                drop(slot);
                 let grew = shared.window().acked(freed, now);
                 if grew > 0 {
                     shared.room.add_permits((grew / window::UNIT) as usize);
