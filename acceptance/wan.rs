@@ -612,16 +612,15 @@ const LINKEM: &str = env!("CARGO_BIN_EXE_flexnbd-linkem");
 /// `flexnbd-linkem` on 127.0.0.1 in front of `to`, delaying each direction
 /// by `one_way_ms`; returns it and its port.
 fn linkem(to: std::net::SocketAddr, one_way_ms: &str) -> (KillOnDrop, u16) {
+    linkem_with(to, &["--delay-ms", one_way_ms])
+}
+
+/// `flexnbd-linkem` on 127.0.0.1 in front of `to` with `args`.
+fn linkem_with(to: std::net::SocketAddr, args: &[&str]) -> (KillOnDrop, u16) {
     use std::io::BufRead;
     let mut child = clean_command(LINKEM)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--to",
-            &to.to_string(),
-            "--delay-ms",
-            one_way_ms,
-        ])
+        .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn flexnbd-linkem");
@@ -661,4 +660,97 @@ fn across_a_long_round_trip_the_window_grows_and_the_copy_completes() {
     );
     assert_destination_canonical(&dest_file);
     assert_same_files(&src_file, &dest_file);
+}
+
+/// One command to a linkem control socket, and its answer.
+fn linkem_command(sock: &Path, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("linkem control socket");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    answer.trim().to_string()
+}
+
+#[test]
+fn the_link_emulator_delays_limits_the_rate_blackholes_and_cuts_as_asked() {
+    let dir = TempDir::new("linkem");
+    let file = dir.pattern_file("image", 4 * MIB, 9);
+    let server = Flexnbd::serve(&dir, &file, &[]);
+    let ctl = dir.join("linkem.ctl");
+    let ctl_arg = ctl.display().to_string();
+    let (_link, port) = linkem_with(
+        server.addr,
+        &[
+            "--delay-ms",
+            "10",
+            "--jitter-ms",
+            "2",
+            "--rate-mbit",
+            "80",
+            "--control",
+            &ctl_arg,
+        ],
+    );
+    let expected = pattern(4 * MIB as usize, 9);
+    let mut c = RawClient::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.oldstyle_greeting();
+    // A round trip: 10 ms each way, plus at most 2 ms of jitter each way.
+    let asked = Instant::now();
+    assert_eq!(c.read_ok(0, 4096), expected[..4096]);
+    let rtt = asked.elapsed();
+    assert!(
+        rtt >= Duration::from_millis(20) && rtt < Duration::from_millis(200),
+        "round trip {rtt:?}"
+    );
+    // 1 MiB at 80 Mbit/s (10 MB/s) takes about 0.1 s on the wire.
+    let asked = Instant::now();
+    assert_eq!(
+        c.read_ok(MIB, MIB as u32),
+        expected[MIB as usize..2 * MIB as usize]
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        asked.elapsed()
+    );
+    // A blackhole: nothing comes back, nothing is reset; then all of it.
+    assert_eq!(linkem_command(&ctl, "blackhole on"), "ok");
+    c.request(flexnbd::proto::cmd::READ, 0, 77, 8192, 4096);
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let silent = std::io::Read::read(&mut c.stream, &mut byte);
+    assert!(
+        silent.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "expected silence behind the blackhole, got {silent:?}"
+    );
+    assert_eq!(linkem_command(&ctl, "blackhole off"), "ok");
+    c.stream.set_read_timeout(Some(WAIT)).unwrap();
+    let reply = c.simple_reply();
+    assert_eq!((reply.error, reply.handle), (0, 77));
+    assert_eq!(c.read_exact(4096), expected[8192..8192 + 4096]);
+    // What it carried, and a cut.
+    let stats = linkem_command(&ctl, "stats");
+    assert!(
+        stats.contains("connections=1") && !stats.contains("up=0 "),
+        "{stats}"
+    );
+    assert!(linkem_command(&ctl, "frobnicate").starts_with("error: unknown command"));
+    assert_eq!(linkem_command(&ctl, "cut"), "ok");
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut c.stream, &mut rest);
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the cut should end the connection within {WAIT:?}, got {ended:?}"
+    );
+    assert!(rest.is_empty(), "nothing after the cut");
 }
