@@ -3121,6 +3121,8 @@ def main():
     ctx.wan_rounds = args.rounds or 1
     if only and "wan" in only:
         ctx.wan_cases = wan_module().parse_cases(args.cases)
+        ctx.wan_kinds = {"flexnbd", "idle", "nbdcopy", "c"}
+        ctx.keep_logs = None
     elif args.cases:
         ap.error("--cases goes with --only wan")
     # The sim section's rounds: SIM_ROUNDS, fewer with --quick, or --rounds when given.

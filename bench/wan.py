@@ -309,9 +309,11 @@ def remove_files(*paths):
                 os.unlink(q)
 
 
-def flex_run(ctx, rate, rtt, rnd, c=False):
-    """One migration of ours (or the C flexnbd's, `c`) across the link, with the writer."""
-    tag = f"{'c' if c else 'flex'}-{case_name(rate, rtt)}-{rnd}"
+def flex_run(ctx, rate, rtt, rnd, c=False, writing=True):
+    """One migration of ours (or the C flexnbd's, `c`) across the link, with
+    the writer (or, not `writing`, without: the like-for-like comparison
+    with nbdcopy, which has no writer either)."""
+    tag = f"{'c' if c else 'flex'}{'' if writing else '-idle'}-{case_name(rate, rtt)}-{rnd}"
     src, dst = fresh_files(ctx, tag)
     listen = NsFlexProc(ctx.hosts.ns, "listen", dst, ctx.workdir, tag, c=c)
     serve = B.FlexProc("serve", src, ctx.workdir, tag, c=c)
@@ -327,17 +329,18 @@ def flex_run(ctx, rate, rtt, rnd, c=False):
         link = Linkem(ctx.hosts.ns, listen.port, rtt / 2, ctx.workdir, tag)
         link.start()
         link.wait_ready()
-        writer = B.Writer(serve.port, seed=rnd)
-        # B.Writer's own bound is for loopback migrations; this one may take
-        # up to TIMEOUT. It still ends by itself.
-        writer.deadline = time.perf_counter() + TIMEOUT + 60.0
-        writer.thread.start()
-        if not writer.warm.wait(timeout=30) or len(writer.acked) < 200:
-            raise RuntimeError(f"writer did not get going: {writer.end_reason}")
-        # At least 0.5 s of writes before `mirror`, as run.py's "under writes".
-        time.sleep(max(0.0, 0.5 - (time.perf_counter() - writer.acked[0][0])))
-        if writer.end_reason:
-            raise RuntimeError(f"writer stopped before mirror: {writer.end_reason}")
+        if writing:
+            writer = B.Writer(serve.port, seed=rnd)
+            # B.Writer's own bound is for loopback migrations; this one may
+            # take up to TIMEOUT. It still ends by itself.
+            writer.deadline = time.perf_counter() + TIMEOUT + 60.0
+            writer.thread.start()
+            if not writer.warm.wait(timeout=30) or len(writer.acked) < 200:
+                raise RuntimeError(f"writer did not get going: {writer.end_reason}")
+            # At least 0.5 s of writes before `mirror`, as run.py's "under writes".
+            time.sleep(max(0.0, 0.5 - (time.perf_counter() - writer.acked[0][0])))
+            if writer.end_reason:
+                raise RuntimeError(f"writer stopped before mirror: {writer.end_reason}")
         binary = B.C_FLEXNBD if c else B.FLEXNBD
         with open(mirror_log, "wb") as mlog:
             cpu0 = cpu_times()
@@ -368,9 +371,13 @@ def flex_run(ctx, rate, rtt, rnd, c=False):
         if mirror.returncode != 0:
             raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
         wire = link.stats()
-        writer.stop.set()
-        writer.thread.join(timeout=B.WRITE_TIMEOUT + 10)
+        if writer is not None:
+            writer.stop.set()
+            writer.thread.join(timeout=B.WRITE_TIMEOUT + 10)
         log = serve.log_text()
+        if ctx.keep_logs:
+            for p in (serve, listen):
+                shutil.copy(p.logpath, os.path.join(ctx.keep_logs, f"{p.role}-{tag}.log"))
         shut = re.search(r"clients were shut out for (\S+)", log)
         left = re.search(r"(\d+) bytes left at the cut-off", log)
         # The source's line at the cut-off decision: how long the sweep (the
@@ -382,7 +389,7 @@ def flex_run(ctx, rate, rtt, rnd, c=False):
         # rate it held the copy to when one was finite.
         model = re.search(r"the destination takes ([0-9.]+) ms a write plus ([0-9.]+) MB/s"
                           r"(?:, the (?:connection carries|copy is held to) ([0-9.]+) MB/s)?", log)
-        during = sorted(dt for t, dt in writer.acked if t >= t0)
+        during = sorted(dt for t, dt in writer.acked if t >= t0) if writer else []
         seconds = t1 - t0
         res = {
             "seconds": seconds,
@@ -404,7 +411,7 @@ def flex_run(ctx, rate, rtt, rnd, c=False):
             "src_rss_kib": serve.peak_kib(), "dst_rss_kib": listen.peak_kib(),
             "writes_during": len(during),
             "max_write_ms": during[-1] * 1000.0 if during else None,
-            "writer_end": writer.end_reason,
+            "writer_end": writer.end_reason if writer else None,
         }
         if not c:
             # The data the destination received: its completion record.
@@ -510,7 +517,8 @@ def run_wan(ctx, results, failures):
     ctx.hosts = Hosts()
     try:
         ctx.hosts.make()
-        kinds = ["flexnbd", "nbdcopy"] + (["c"] if B.C_FLEXNBD else [])
+        kinds = [k for k in ["flexnbd", "idle", "nbdcopy"] + (["c"] if B.C_FLEXNBD else [])
+                 if k in ctx.wan_kinds]
         for rnd in range(1, ctx.wan_rounds + 1):
             for rate in RATES:
                 cases = [(r, t) for r, t in CASES if r == rate and case_name(r, t) in ctx.wan_cases]
@@ -524,6 +532,8 @@ def run_wan(ctx, results, failures):
                         try:
                             if kind == "nbdcopy":
                                 res = nbdcopy_run(ctx, rate, rtt, rnd)
+                            elif kind == "idle":
+                                res = flex_run(ctx, rate, rtt, rnd, writing=False)
                             else:
                                 res = flex_run(ctx, rate, rtt, rnd, c=(kind == "c"))
                         except KeyboardInterrupt:
@@ -633,25 +643,32 @@ def section(ctx, info, results, failures, started, finished, command="bench/wan.
     else:
         L.append("- the C flexnbd: not measured (`FLEXNBD_C_BIN` not set).")
     L.append("")
-    L.append("Time: `mirror` issued to both processes exited (flexnbd), exec to exit (nbdcopy). Link use: the "
+    L.append("Link use and shut-out are of the migration under the writer. "
+             "Time: `mirror` issued to both processes exited (flexnbd), exec to exit (nbdcopy). Link use: the "
              "data the destination received (flexnbd: `bytes_received=` of its completion record, which counts "
              "what the writer dirtied and was sent again; nbdcopy: the image's 512 MiB of data) ÷ (time × "
              "bandwidth). Shut-out: the source's `clients were shut out for` line. RSS: the source's peak "
              "VmHWM, polled every 1 ms until it exited.")
     L.append("")
+    L.append("nbdcopy has no writer, so the comparison with it is a flexnbd migration without one (\"no "
+             "writer\"); under the writer a migration also carries what the writer rewrote behind the copy (the "
+             "data received), and its time is the clients' and the copy's together.")
+    L.append("")
     c_head = " C flexnbd: time |" if B.C_FLEXNBD else ""
-    L.append("| link | round trip | flexnbd: time | data received | link use | shut-out | source peak RSS "
-             "| nbdcopy: time | nbdcopy: link use | nbdcopy time ÷ flexnbd time |" + c_head)
-    L.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if B.C_FLEXNBD else ""))
+    L.append("| link | round trip | under the writer: time | data received | link use | shut-out "
+             "| source peak RSS | no writer: time | no writer: link use | nbdcopy: time | nbdcopy: link use "
+             "| nbdcopy time ÷ flexnbd time (no writer) |" + c_head)
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if B.C_FLEXNBD else ""))
     for rate, rtt in CASES:
         n = case_name(rate, rtt)
         if n not in names:
             continue
-        ours, ref = m(n, "flexnbd", "seconds"), m(n, "nbdcopy", "seconds")
+        ours, ref = m(n, "idle", "seconds"), m(n, "nbdcopy", "seconds")
         ratio = f"{ref / ours:.2f}" if ours and ref else "not measured"
         row = (f"| {rate} Mbit/s | {rtt:g} ms | {cell(n, 'flexnbd', 'seconds', secs)} | "
                f"{cell(n, 'flexnbd', 'bytes', mib)} | {cell(n, 'flexnbd', 'link_use', pct)} | "
                f"{cell(n, 'flexnbd', 'shutout_ms', ms)} | {cell(n, 'flexnbd', 'src_rss_kib', rss)} | "
+               f"{cell(n, 'idle', 'seconds', secs)} | {cell(n, 'idle', 'link_use', pct)} | "
                f"{cell(n, 'nbdcopy', 'seconds', secs)} | {cell(n, 'nbdcopy', 'link_use', pct)} | {ratio} |")
         if B.C_FLEXNBD:
             row += f" {cell(n, 'c', 'seconds', secs)} |"
@@ -660,7 +677,7 @@ def section(ctx, info, results, failures, started, finished, command="bench/wan.
     L.append("Goals, on the medians:")
     L.append("")
     L.append(f"| link | round trip | link use >= {LINK_USE_GOAL * 100:.0f} % | shut-out < 2 round trips + "
-             f"{SHUTOUT_FIXED_MS:.0f} ms | >= {NBDCOPY_GOAL} of nbdcopy's speed | source peak RSS < "
+             f"{SHUTOUT_FIXED_MS:.0f} ms | >= {NBDCOPY_GOAL} of nbdcopy's speed (no writer) | source peak RSS < "
              f"{RSS_GOAL_MIB:.0f} MiB |")
     L.append("|---|---|---|---|---|---|")
     for rate, rtt in CASES:
@@ -668,7 +685,7 @@ def section(ctx, info, results, failures, started, finished, command="bench/wan.
         if n not in names:
             continue
         use, shut, rss_kib = m(n, "flexnbd", "link_use"), m(n, "flexnbd", "shutout_ms"), m(n, "flexnbd", "src_rss_kib")
-        ours, ref = m(n, "flexnbd", "seconds"), m(n, "nbdcopy", "seconds")
+        ours, ref = m(n, "idle", "seconds"), m(n, "nbdcopy", "seconds")
         goal = shutout_goal_ms(rtt)
         L.append(f"| {rate} Mbit/s | {rtt:g} ms "
                  f"| {yesno(None if use is None else use >= LINK_USE_GOAL)} "
@@ -704,7 +721,7 @@ def section(ctx, info, results, failures, started, finished, command="bench/wan.
         return f"{r['model_ms_per_write']:.3f} ms/write + {r['model_mbs']:.0f} MB/s{held}"
     for rnd in range(1, rounds + 1):
         for n in names:
-            for kind in ("flexnbd", "nbdcopy", "c"):
+            for kind in ("flexnbd", "idle", "nbdcopy", "c"):
                 for r in (r for r in W.get(n, {}).get(kind, []) if r["round"] == rnd):
                     L.append(f"| {rnd} | {n} | {kind} | {secs(r['seconds'])} | {f(r.get('dest_done_s'), secs)} | "
                              f"{f(r.get('wire_up'), mib)} | {f(r.get('wire_down'), lambda v: f'{v / B.MIB:.1f} MiB')} | "
@@ -747,6 +764,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cases", default="", help="comma-separated RATE-RTT cases, e.g. 1000-50,100-10 "
                     "(default all six; the section then holds only those)")
+    ap.add_argument("--kinds", default="flexnbd,idle,nbdcopy",
+                    help="which runs per case (default all): flexnbd (under the writer), idle (no writer), "
+                    "nbdcopy; the C flexnbd runs too when FLEXNBD_C_BIN is set")
+    ap.add_argument("--logs", default="", help="keep each flexnbd run's serve and listen logs in this directory")
     ap.add_argument("--skip-build", action="store_true", help="use the existing target/bench binaries")
     ap.add_argument("--output", default=os.path.join(B.REPO, "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -758,6 +779,13 @@ def main():
     ctx = B.Ctx()
     ctx.wan_rounds = max(1, min(args.rounds, 20))
     ctx.wan_cases = parse_cases(args.cases)
+    ctx.wan_kinds = set(args.kinds.split(",")) | {"c"}
+    unknown = ctx.wan_kinds - {"flexnbd", "idle", "nbdcopy", "c"}
+    if unknown:
+        raise SystemExit(f"unknown kind(s) {', '.join(sorted(unknown))}; known: flexnbd, idle, nbdcopy")
+    ctx.keep_logs = os.path.abspath(args.logs) if args.logs else None
+    if ctx.keep_logs:
+        os.makedirs(ctx.keep_logs, exist_ok=True)
     if not args.skip_build:
         B.build()
     info = B.machine_info()

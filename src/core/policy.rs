@@ -29,7 +29,7 @@
 //! and then cut off with seconds of data left.
 //!
 //! The model can be wrong (a destination whose speed changes, a noisy
-//! machine), so after [`PATIENCE`] of converging the allowance doubles every
+//! machine), so after [`PATIENCE`] without progress the allowance doubles every
 //! second, but only up to [`MAX_ALLOWANCE`]: a lock-out stays short whatever
 //! happens. A migration whose clients write faster than the capacity allows
 //! (even paced) does not cut off: it keeps pacing and says why in `status`
@@ -131,6 +131,11 @@ pub struct Capacity {
     pub rate: f64,
     /// Whether `rate` is the speed limit (else the measured throughput).
     rate_is_limit: bool,
+    /// The connection's round trip: the quickest reply seen (zero when
+    /// none was timed). A full link holds a round trip's worth of data
+    /// that costs the lock-out no link time, only the round trips the
+    /// hand-off takes anyway ([`Capacity::on_the_wire`]).
+    pub round_trip: Duration,
 }
 
 impl Capacity {
@@ -145,7 +150,29 @@ impl Capacity {
             destination,
             rate: limit.min(measured),
             rate_is_limit: limit <= measured,
+            round_trip: Duration::ZERO,
         }
+    }
+
+    /// The same capacity over a connection whose round trip is `rtt`.
+    pub fn with_round_trip(self, rtt: Duration) -> Capacity {
+        Capacity {
+            round_trip: rtt,
+            ..self
+        }
+    }
+
+    /// Of `in_flight` bytes sent and not yet answered, how many are past
+    /// the bottleneck already: at most a round trip's worth at the rate.
+    /// The time until their replies are back is a round trip, which the
+    /// final pass waits out whatever is left; only the rest queues for
+    /// the link and lengthens the lock-out.
+    pub fn on_the_wire(&self, in_flight: u64) -> u64 {
+        if !self.rate.is_finite() || self.rate <= 0.0 {
+            return 0;
+        }
+        let bdp = self.rate * self.round_trip.as_secs_f64();
+        (bdp.min(in_flight as f64)) as u64
     }
 
     /// The numbers client pacing charges writes by: the same time as
@@ -334,21 +361,45 @@ impl Estimate {
 }
 
 /// Whether to cut off: the remainder against an allowance that is the goal
-/// until [`PATIENCE`] has passed, then doubles every second up to
-/// [`MAX_ALLOWANCE`].
+/// until [`PATIENCE`] has passed without progress, then doubles every
+/// second up to [`MAX_ALLOWANCE`]. Progress is the remainder falling to
+/// [`PROGRESS`] of its lowest so far: a migration whose dirty passes keep
+/// shrinking it (a slow link, where the first pass after the sweep alone
+/// takes tens of seconds) is converging, and cutting it off with four
+/// times the goal left would only lengthen the lock-out.
 #[derive(Clone, Debug)]
 pub struct Convergence {
-    started: Instant,
+    /// When the remainder last made progress (or converging began).
+    since: Instant,
+    /// The lowest remainder so far, in bytes.
+    lowest: Option<u64>,
 }
+
+/// The remainder made progress when it fell to this share of its lowest.
+pub const PROGRESS: f64 = 0.75;
 
 impl Convergence {
     pub fn new(now: Instant) -> Convergence {
-        Convergence { started: now }
+        Convergence {
+            since: now,
+            lowest: None,
+        }
+    }
+
+    /// The remainder is `bytes` `now`: progress restarts the patience.
+    pub fn note(&mut self, bytes: u64, now: Instant) {
+        match self.lowest {
+            Some(low) if (bytes as f64) > low as f64 * PROGRESS => {}
+            _ => {
+                self.lowest = Some(bytes);
+                self.since = now;
+            }
+        }
     }
 
     /// The allowance `now`.
     pub fn allowance(&self, now: Instant) -> Duration {
-        let waited = now.saturating_duration_since(self.started);
+        let waited = now.saturating_duration_since(self.since);
         match waited.checked_sub(PATIENCE) {
             None => LOCKOUT_GOAL,
             Some(over) => LOCKOUT_GOAL
@@ -623,6 +674,54 @@ mod tests {
         assert!(c.ready(8 << 20, |_| 1, capacity, t + Duration::from_secs(60)));
         // But a remainder of a second never cuts off, however long it waits.
         assert!(!c.ready(100 << 20, |_| 1, capacity, t + Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn progress_restarts_the_patience_and_only_progress() {
+        let t = Instant::now();
+        let mut c = Convergence::new(t);
+        c.note(1 << 30, t);
+        // The first pass after a sweep over a slow link: 40 s, then the
+        // remainder is half what it was. Still converging: the goal holds.
+        let later = t + Duration::from_secs(40);
+        assert_eq!(c.allowance(later), MAX_ALLOWANCE);
+        c.note(1 << 29, later);
+        assert_eq!(c.allowance(later), LOCKOUT_GOAL);
+        // Shrinking by less than a quarter is not progress...
+        c.note((1 << 29) / 10 * 8, later + Duration::from_secs(1));
+        assert_eq!(
+            c.allowance(later + PATIENCE + Duration::from_millis(1)),
+            LOCKOUT_GOAL * 2
+        );
+        // ...nor is growing again after progress.
+        let mut d = Convergence::new(t);
+        d.note(1000, t);
+        d.note(700, t + Duration::from_secs(1));
+        d.note(5000, t + Duration::from_secs(2));
+        assert_eq!(d.allowance(t + Duration::from_secs(5)), LOCKOUT_GOAL * 2);
+    }
+
+    #[test]
+    fn a_round_trip_of_data_in_flight_costs_no_link_time() {
+        let costs = Costs {
+            per_request: 0.0,
+            per_byte: 1e-9,
+        };
+        // 12.5 MB/s measured, 50 ms round trip: 625 kB on the wire.
+        let c = Capacity::new(costs, None, Some(12.5e6)).with_round_trip(Duration::from_millis(50));
+        assert_eq!(c.on_the_wire(10_000_000), 625_000);
+        assert_eq!(c.on_the_wire(100_000), 100_000);
+        // No round trip timed, or no rate measured: nothing is discounted.
+        assert_eq!(
+            Capacity::new(costs, None, Some(12.5e6)).on_the_wire(10_000),
+            0
+        );
+        assert_eq!(
+            Capacity::new(costs, None, None)
+                .with_round_trip(Duration::from_millis(50))
+                .on_the_wire(10_000),
+            0
+        );
     }
 
     /// The destination measured in the field: 0.171 ms a write plus 493 MB/s.

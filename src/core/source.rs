@@ -54,7 +54,8 @@ pub const CHUNK: u64 = 1024 * 1024;
 pub const ZERO_CHUNK: u64 = 1024 * 1024 * 1024;
 /// The sweep clears dirty bits and reads extents a window at a time.
 pub const WINDOW: u64 = 64 * 1024 * 1024;
-/// A flush this quick means the destination has little left to sync.
+/// A flush this quick, beyond the connection's round trip, means the
+/// destination has little left to sync.
 pub const QUICK_FLUSH: Duration = Duration::from_millis(10);
 /// Flushes before the cut-off, at most (clients keep dirtying meanwhile).
 pub const MAX_FLUSHES: u32 = 4;
@@ -77,8 +78,14 @@ pub const CHECKPOINT_SHARE: u64 = 64;
 /// The first window an adaptive comparison judges.
 pub const COMPARE_PROBE: u64 = 4 * 1024 * 1024;
 /// Checkpoints in the sweep and the dirty passes come at least this far
-/// apart (the one before the cut-off whenever it is due).
+/// apart (the one before the cut-off whenever it is due)...
 pub const CHECKPOINT_GAP: Duration = Duration::from_millis(250);
+/// ...and at least this many round trips of the connection: a checkpoint
+/// waits for every write before it to be answered and then for its own
+/// reply, so the link stands idle for a round trip or two each time. At
+/// 40 that is a few per cent of a long link's time (at 50 ms, one
+/// checkpoint every 2 s rather than eight in a 1 Gbit/s second).
+pub const CHECKPOINT_ROUND_TRIPS: u32 = 40;
 /// NBD's EINVAL: what an old destination answers entrust with.
 const EINVAL: u32 = crate::proto::errno::EINVAL;
 
@@ -221,8 +228,10 @@ pub struct SourceConfig {
     /// Data sent between checkpoints...
     pub checkpoint_every: u64,
     /// ...and at least this long between them: a fast copy is not held up
-    /// by a sync every few hundred milliseconds.
+    /// by a sync every few hundred milliseconds...
     pub checkpoint_gap: Duration,
+    /// ...nor a long link by its round trips: at least this many of them.
+    pub checkpoint_round_trips: u32,
     /// `mirror --verify`: the sweep compares each data range's digest with
     /// the destination's and sends only what differs.
     pub verify: bool,
@@ -257,6 +266,7 @@ impl SourceConfig {
             checkpoint: 0,
             checkpoint_every: (size / CHECKPOINT_SHARE).max(CHECKPOINT_MIN),
             checkpoint_gap: CHECKPOINT_GAP,
+            checkpoint_round_trips: CHECKPOINT_ROUND_TRIPS,
             verify: false,
             compare_window: WINDOW,
             compare_probe: COMPARE_PROBE,
@@ -638,13 +648,21 @@ struct Attempt {
     flushed: bool,
     flushes: u32,
     flush_started: Option<Instant>,
+    /// What the last flush before the cut-off took beyond the round trip.
+    last_flush_sync: Option<Duration>,
     warn_at: Option<Instant>,
     gap: u64,
     capacity: Option<Capacity>,
     speed_limit: Option<u64>,
+    /// The connection's round trip, as last measured.
+    round_trip: Duration,
     ranges: VecDeque<(u64, u64)>,
     took_any: bool,
+    /// Bytes dirty or in flight (status shows them)...
     remaining: u64,
+    /// ...and of them, what the lock-out would wait for the link to carry
+    /// (what is in flight past the bottleneck costs it no link time).
+    to_carry: u64,
     in_flight: u64,
     measured_at: Option<Instant>,
     cut_at: Option<Instant>,
@@ -682,6 +700,12 @@ struct Attempt {
 }
 
 impl Attempt {
+    fn note_round_trip(&mut self, capacity: Option<Capacity>) {
+        if let Some(c) = capacity {
+            self.round_trip = c.round_trip;
+        }
+    }
+
     fn new(flags: u16, now: Instant) -> Attempt {
         let can_flush = flags & crate::proto::flags::SEND_FLUSH != 0;
         Attempt {
@@ -699,13 +723,16 @@ impl Attempt {
             flushed: false,
             flushes: 0,
             flush_started: None,
+            last_flush_sync: None,
             warn_at: None,
             gap: 0,
             capacity: None,
             speed_limit: None,
+            round_trip: Duration::ZERO,
             ranges: VecDeque::new(),
             took_any: false,
             remaining: 0,
+            to_carry: 0,
             in_flight: 0,
             measured_at: None,
             cut_at: None,
@@ -832,6 +859,7 @@ impl Source {
             ),
             (Wait::WindowCapacity, Event::Capacity { capacity, .. }) => {
                 let a = self.attempt_mut();
+                a.note_round_trip(capacity);
                 let (offset, len, below) =
                     (a.window_start, a.window_end - a.window_start, a.window_end);
                 // Clients' changes behind the end of this window will have
@@ -862,6 +890,7 @@ impl Source {
                 out
             }
             (Wait::ChunkCapacity, Event::Capacity { capacity, .. }) => {
+                self.attempt_mut().note_round_trip(capacity);
                 let below = self.attempt_mut().window_end;
                 self.sweep_next(now, vec![Effect::SetPace { capacity, below }])
             }
@@ -880,6 +909,7 @@ impl Source {
                 let (window, chunk, block) =
                     (self.config.window, self.config.chunk, self.config.block);
                 let a = self.attempt_mut();
+                a.note_round_trip(capacity);
                 a.capacity = capacity;
                 a.speed_limit = speed_limit;
                 a.gap = capacity.map_or(0, |c| c.gap(block));
@@ -914,10 +944,12 @@ impl Source {
             ) => {
                 let a = self.attempt_mut();
                 a.remaining = dirty_bytes + in_flight_bytes;
+                let wire = a.capacity.map_or(0, |c| c.on_the_wire(in_flight_bytes));
+                a.to_carry = a.remaining - wire;
                 a.in_flight = in_flight;
                 a.measured_at = Some(now);
                 let convergence = a.convergence.as_ref().expect("converging");
-                match convergence.requests_wanted(a.remaining, a.capacity, now) {
+                match convergence.requests_wanted(a.to_carry, a.capacity, now) {
                     Some(most) => {
                         let gap = a.gap;
                         self.wait = Wait::PassRuns;
@@ -981,11 +1013,22 @@ impl Source {
                 a.flushes += 1;
                 let took = now.saturating_duration_since(a.flush_started.unwrap_or(now));
                 let line = format!(
-                    "flush {} before the cut-off answered in {:.1} ms",
+                    "flush {} before the cut-off answered in {:.1} ms (round trip {:.1} ms)",
                     a.flushes,
-                    took.as_secs_f64() * 1e3
+                    took.as_secs_f64() * 1e3,
+                    a.round_trip.as_secs_f64() * 1e3
                 );
-                if took <= quick || a.flushes >= max {
+                // The round trip is the link's, not the destination's
+                // sync: over 50 ms no flush would ever be quick. And a
+                // flush that syncs about as much as the one before shows
+                // clients dirtying a round trip's worth each time: another
+                // would sync as much again.
+                let synced = took.saturating_sub(a.round_trip);
+                let shrinking = a
+                    .last_flush_sync
+                    .is_none_or(|before| synced.as_secs_f64() <= before.as_secs_f64() * 0.75);
+                a.last_flush_sync = Some(synced);
+                if synced <= quick || !shrinking || a.flushes >= max {
                     // Look again at once: a pass now would send, unsynced,
                     // what clients wrote during the flush, and give them
                     // that pass's time to write more.
@@ -1245,7 +1288,9 @@ impl Source {
     /// them, and enough data went out since the last.
     fn checkpoint_due(&self, now: Instant) -> bool {
         let (every, gap) = (self.config.checkpoint_every, self.config.checkpoint_gap);
+        let trips = self.config.checkpoint_round_trips;
         self.attempt.as_ref().is_some_and(|a| {
+            let gap = gap.max(a.round_trip.saturating_mul(trips));
             a.checkpoints
                 && a.since_checkpoint >= every
                 && now.saturating_duration_since(a.last_checkpoint) >= gap
@@ -1460,8 +1505,9 @@ impl Source {
         let a = self.attempt_mut();
         let now = a.measured_at.expect("measured before deciding");
         let in_flight = a.in_flight;
-        let convergence = a.convergence.as_ref().expect("converging");
-        let estimate = convergence.estimate(a.remaining, |_| in_flight + runs, a.capacity, now);
+        let convergence = a.convergence.as_mut().expect("converging");
+        convergence.note(a.to_carry, now);
+        let estimate = convergence.estimate(a.to_carry, |_| in_flight + runs, a.capacity, now);
         let mut out = vec![Effect::SetEstimate(estimate)];
         let since = a.converging_since.expect("converging");
         if !estimate.ready() && a.warn_at.is_some_and(|w| now >= w) {
@@ -1792,6 +1838,8 @@ mod tests {
         /// Whether the destination offers resuming (else it is the C
         /// flexnbd or an older one, and is asked nothing new).
         resumable: bool,
+        /// The connection's round trip, as measured.
+        round_trip: Duration,
     }
 
     impl World {
@@ -1805,6 +1853,7 @@ mod tests {
                 flags: SEND_FLUSH | SEND_WRITE_ZEROES,
                 resume: None,
                 resumable: true,
+                round_trip: Duration::ZERO,
             }
         }
 
@@ -1821,7 +1870,7 @@ mod tests {
                     resumable: self.resumable,
                 },
                 Effect::MeasureCapacity => Event::Capacity {
-                    capacity: Some(capacity()),
+                    capacity: Some(capacity().with_round_trip(self.round_trip)),
                     speed_limit: None,
                 },
                 // The first half of every window is data, the rest a hole.
@@ -2852,12 +2901,56 @@ mod tests {
         );
     }
 
+    /// The flushes before the cut-off, when each takes the next of `took`.
+    fn flushes_before_the_cut_off(took: &[u64]) -> usize {
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        let mut flushes = 0;
+        for _ in 0..1000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            if matches!(last, Effect::CutOffClients { .. }) {
+                break;
+            }
+            t += if last == Effect::Flush {
+                flushes += 1;
+                Duration::from_millis(took[flushes - 1])
+            } else {
+                Duration::from_millis(1)
+            };
+            let ev = world.plain(&last);
+            b = m.handle(t, ev);
+        }
+        let s = script(&seen);
+        assert_eq!(s.last().unwrap(), "cut off", "{s:#?}");
+        s.iter().filter(|x| *x == "FLUSH").count()
+    }
+
     #[test]
-    fn flushes_repeat_until_one_is_quick_or_four_were_sent() {
-        // Every flush takes 20 ms, over the 10 ms that counts as quick:
-        // four, then the cut-off anyway. (The plain world's 1 ms flush
-        // is quick: the full-attempt tests show one flush.)
-        let slow = Duration::from_millis(20);
+    fn flushes_repeat_while_slow_and_shrinking_four_at_most() {
+        // Over the 10 ms that counts as quick, each a quarter quicker than
+        // the one before: four, then the cut-off anyway. (The plain
+        // world's 1 ms flush is quick: the full-attempt tests show one.)
+        assert_eq!(
+            flushes_before_the_cut_off(&[80, 40, 20, 12, 11]),
+            MAX_FLUSHES as usize
+        );
+        // Quick at the third.
+        assert_eq!(flushes_before_the_cut_off(&[80, 40, 9]), 3);
+        // Not shrinking: clients dirty as much during each, so a third
+        // would sync as much again.
+        assert_eq!(flushes_before_the_cut_off(&[40, 35]), 2);
+    }
+
+    #[test]
+    fn a_flush_is_quick_beside_the_round_trip_of_the_link() {
+        // Over a 50 ms round trip a flush answered in 55 ms synced in 5:
+        // one flush, then the cut-off (without the round trip it would
+        // never count as quick: four flushes, 200 ms of migration).
+        let (rtt, flush) = (Duration::from_millis(50), Duration::from_millis(55));
         let mut m = Source::new(config(MirrorAction::Exit));
         let mut world = World::new(MirrorAction::Exit);
         let mut t = Instant::now();
@@ -2870,20 +2963,58 @@ mod tests {
                 break;
             }
             t += if last == Effect::Flush {
-                slow
+                flush
             } else {
                 Duration::from_millis(1)
             };
-            let ev = world.plain(&last);
+            let ev = match world.plain(&last) {
+                Event::Capacity {
+                    capacity,
+                    speed_limit,
+                } => Event::Capacity {
+                    capacity: capacity.map(|c| c.with_round_trip(rtt)),
+                    speed_limit,
+                },
+                ev => ev,
+            };
             b = m.handle(t, ev);
         }
         let s = script(&seen);
-        assert_eq!(
-            s.iter().filter(|x| *x == "FLUSH").count(),
-            MAX_FLUSHES as usize,
+        assert_eq!(s.iter().filter(|x| *x == "FLUSH").count(), 1, "{s:#?}");
+        assert_eq!(s.last().unwrap(), "cut off");
+    }
+
+    #[test]
+    fn checkpoints_keep_forty_round_trips_apart() {
+        // Due every 50 bytes and 0 ms apart, but over a 10 ms round trip:
+        // at most one per 400 ms, and a sweep of a few milliseconds
+        // leaves room for the one before the cut-off only.
+        let mut w = checkpointing(0, 0, 50);
+        w.machine = Source::new(SourceConfig {
+            checkpoint_every: 50,
+            checkpoint_gap: Duration::ZERO,
+            ..config(MirrorAction::Exit)
+        });
+        w.resume = Some(0);
+        w.round_trip = Duration::from_millis(10);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        let checkpoints: Vec<&String> = s.iter().filter(|x| x.starts_with("CHECKPOINT")).collect();
+        assert_eq!(checkpoints, ["CHECKPOINT 1"], "{s:#?}");
+        // Without the round trip, every 50 bytes sent get one.
+        let mut w = checkpointing(0, 0, 50);
+        w.machine = Source::new(SourceConfig {
+            checkpoint_every: 50,
+            checkpoint_gap: Duration::ZERO,
+            ..config(MirrorAction::Exit)
+        });
+        w.resume = Some(0);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert!(
+            s.iter().filter(|x| x.starts_with("CHECKPOINT")).count() > 1,
             "{s:#?}"
         );
-        assert_eq!(s.last().unwrap(), "cut off");
     }
 
     /// Drives the dirty passes with `runs` as the writes dirty at each

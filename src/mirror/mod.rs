@@ -62,15 +62,20 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// otherwise.
 pub const REQUEST_LIMIT_DEFAULT: Duration = Duration::from_secs(60);
 
-/// The least time between checkpoints: `FLEXNBD_CHECKPOINT_GAP_MS`
-/// (milliseconds; the tests set 0 to checkpoint a small copy), else
-/// [`crate::core::source::CHECKPOINT_GAP`].
-pub fn checkpoint_gap() -> Duration {
+/// The least time between checkpoints, and the least round trips:
+/// `FLEXNBD_CHECKPOINT_GAP_MS` (milliseconds; the tests set 0 to checkpoint
+/// a small copy) sets the time and leaves out the round trips, else
+/// [`crate::core::source::CHECKPOINT_GAP`] and
+/// [`crate::core::source::CHECKPOINT_ROUND_TRIPS`].
+pub fn checkpoint_gap() -> (Duration, u32) {
     std::env::var("FLEXNBD_CHECKPOINT_GAP_MS")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(crate::core::source::CHECKPOINT_GAP)
+        .map(|ms| (Duration::from_millis(ms), 0))
+        .unwrap_or((
+            crate::core::source::CHECKPOINT_GAP,
+            crate::core::source::CHECKPOINT_ROUND_TRIPS,
+        ))
 }
 
 pub fn request_limit() -> Duration {
@@ -333,10 +338,12 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     // The migration continues across `mirror`s of this process (after a
     // `break`): its id and last checkpoint live with the image.
     let held = image.held();
+    let (checkpoint_gap, checkpoint_round_trips) = checkpoint_gap();
     let machine = Source::new(SourceConfig {
         migration: held.migration(client::random_handle),
         checkpoint: held.checkpoint(),
-        checkpoint_gap: checkpoint_gap(),
+        checkpoint_gap,
+        checkpoint_round_trips,
         verify: config.verify,
         ..SourceConfig::new(
             config.target.to_string(),
@@ -489,7 +496,8 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 capacity: {
                     let window = self.copier().pipe.window();
                     self.state.window.store(window, Ordering::Release);
-                    self.copier().capacity()
+                    let rtt = self.copier().pipe.round_trip();
+                    self.copier().capacity().map(|c| c.with_round_trip(rtt))
                 },
                 speed_limit: self.state.max_bps(),
             }),

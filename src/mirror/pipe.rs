@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,7 @@ enum Pending {
     /// (RESUME's checkpoint).
     Call {
         kind: u16,
+        sent: Instant,
         payload: usize,
         tx: oneshot::Sender<(u32, Vec<u8>)>,
     },
@@ -77,6 +79,10 @@ struct Shared {
     /// `window::UNIT`s): the reply task grows it as replies show.
     window: Mutex<Window>,
     room: Arc<Semaphore>,
+    /// The quickest reply so far, in microseconds from its request's
+    /// sending (`u64::MAX`: none yet): the connection's round trip, as
+    /// near as its replies show it.
+    round_trip_us: AtomicU64,
 }
 
 impl Shared {
@@ -86,6 +92,11 @@ impl Shared {
 
     fn window(&self) -> std::sync::MutexGuard<'_, Window> {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn timed(&self, sent: Instant, now: Instant) {
+        let us = now.saturating_duration_since(sent).as_micros() as u64;
+        self.round_trip_us.fetch_min(us, Ordering::AcqRel);
     }
 
     /// Records a request awaiting its reply, unless the pipe has failed:
@@ -158,6 +169,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             costs: Mutex::new(CostModel::default()),
             window: Mutex::new(Window::new()),
             room: Arc::new(Semaphore::new((window::START / window::UNIT) as usize)),
+            round_trip_us: AtomicU64::new(u64::MAX),
         });
         let reader = tokio::spawn(read_replies::<S, P>(
             read,
@@ -222,6 +234,15 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             biased;
             _ = self.shared.failed.cancelled() => Err(self.shared.error()),
             permit = room.acquire_many_owned(units) => Ok(permit.expect("the room is never closed")),
+        }
+    }
+
+    /// The connection's round trip: the quickest reply so far (zero
+    /// before the first).
+    pub fn round_trip(&self) -> Duration {
+        match self.shared.round_trip_us.load(Ordering::Acquire) {
+            u64::MAX => Duration::ZERO,
+            us => Duration::from_micros(us),
         }
     }
 
@@ -419,8 +440,15 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     ) -> Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
-        self.shared
-            .track(handle, Pending::Call { kind, payload, tx })?;
+        self.shared.track(
+            handle,
+            Pending::Call {
+                kind,
+                sent: Instant::now(),
+                payload,
+                tx,
+            },
+        )?;
         let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
         Ok(Answer(rx))
@@ -524,6 +552,7 @@ async fn read_replies<S: Stream, P: Probe>(
                 ..
             }) => {
                 let now = Instant::now();
+                shared.timed(sent, now);
                 // The room this reply frees goes back with `slot`; what
                 // the window grows by is added on top.
                 let freed = slot.num_permits() as u64 * window::UNIT;
@@ -547,7 +576,10 @@ async fn read_replies<S: Stream, P: Probe>(
                 }
                 last_reply = Some(now);
             }
-            Some(Pending::Call { tx, payload, .. }) => {
+            Some(Pending::Call {
+                tx, payload, sent, ..
+            }) => {
+                shared.timed(sent, Instant::now());
                 let mut bytes = vec![0u8; if reply.error == 0 { payload } else { 0 }];
                 let mut got = 0;
                 while got < bytes.len() {

@@ -99,6 +99,7 @@ impl SourceRun {
         config.checkpoint = image.held().checkpoint();
         config.checkpoint_every = (image.size() / 4).max(BLOCK_SIZE);
         config.checkpoint_gap = Duration::ZERO;
+        config.checkpoint_round_trips = 0;
         SourceRun {
             machine: Source::new(config),
             image,
