@@ -132,9 +132,7 @@ pub struct Capacity {
     /// Whether `rate` is the speed limit (else the measured throughput).
     rate_is_limit: bool,
     /// The connection's round trip: the quickest reply seen (zero when
-    /// none was timed). A full link holds a round trip's worth of data
-    /// that costs the lock-out no link time, only the round trips the
-    /// hand-off takes anyway ([`Capacity::on_the_wire`]).
+    /// none was timed).
     pub round_trip: Duration,
 }
 
@@ -160,19 +158,6 @@ impl Capacity {
             round_trip: rtt,
             ..self
         }
-    }
-
-    /// Of `in_flight` bytes sent and not yet answered, how many are past
-    /// the bottleneck already: at most a round trip's worth at the rate.
-    /// The time until their replies are back is a round trip, which the
-    /// final pass waits out whatever is left; only the rest queues for
-    /// the link and lengthens the lock-out.
-    pub fn on_the_wire(&self, in_flight: u64) -> u64 {
-        if !self.rate.is_finite() || self.rate <= 0.0 {
-            return 0;
-        }
-        let bdp = self.rate * self.round_trip.as_secs_f64();
-        (bdp.min(in_flight as f64)) as u64
     }
 
     /// The numbers client pacing charges writes by: the same time as
@@ -699,29 +684,6 @@ mod tests {
         d.note(700, t + Duration::from_secs(1));
         d.note(5000, t + Duration::from_secs(2));
         assert_eq!(d.allowance(t + Duration::from_secs(5)), LOCKOUT_GOAL * 2);
-    }
-
-    #[test]
-    fn a_round_trip_of_data_in_flight_costs_no_link_time() {
-        let costs = Costs {
-            per_request: 0.0,
-            per_byte: 1e-9,
-        };
-        // 12.5 MB/s measured, 50 ms round trip: 625 kB on the wire.
-        let c = Capacity::new(costs, None, Some(12.5e6)).with_round_trip(Duration::from_millis(50));
-        assert_eq!(c.on_the_wire(10_000_000), 625_000);
-        assert_eq!(c.on_the_wire(100_000), 100_000);
-        // No round trip timed, or no rate measured: nothing is discounted.
-        assert_eq!(
-            Capacity::new(costs, None, Some(12.5e6)).on_the_wire(10_000),
-            0
-        );
-        assert_eq!(
-            Capacity::new(costs, None, None)
-                .with_round_trip(Duration::from_millis(50))
-                .on_the_wire(10_000),
-            0
-        );
     }
 
     /// The destination measured in the field: 0.171 ms a write plus 493 MB/s.

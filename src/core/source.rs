@@ -313,11 +313,16 @@ pub enum Event {
     Compared { same: u64, differed: u64 },
     /// The dirty ranges taken (their bits are cleared), as (offset, length).
     DirtyTaken(Vec<(u64, u64)>),
-    /// What is left: bytes still dirty, and requests and bytes in flight.
+    /// What is left: bytes still dirty, and requests and bytes in flight,
+    /// and of those the bytes still queued for the link (by the measured
+    /// rate and when each request went out; a round trip's worth already
+    /// past it costs the lock-out no link time, only the round trip it
+    /// waits out anyway).
     Measured {
         dirty_bytes: u64,
         in_flight: u64,
         in_flight_bytes: u64,
+        queued_bytes: u64,
     },
     /// How many separate writes the dirty map would take (as counted for
     /// [`Effect::CountRuns`]).
@@ -940,12 +945,12 @@ impl Source {
                     dirty_bytes,
                     in_flight,
                     in_flight_bytes,
+                    queued_bytes,
                 },
             ) => {
                 let a = self.attempt_mut();
                 a.remaining = dirty_bytes + in_flight_bytes;
-                let wire = a.capacity.map_or(0, |c| c.on_the_wire(in_flight_bytes));
-                a.to_carry = a.remaining - wire;
+                a.to_carry = dirty_bytes + queued_bytes.min(in_flight_bytes);
                 a.in_flight = in_flight;
                 a.measured_at = Some(now);
                 let convergence = a.convergence.as_ref().expect("converging");
@@ -1896,6 +1901,7 @@ mod tests {
                     dirty_bytes: 0,
                     in_flight: 0,
                     in_flight_bytes: 0,
+                    queued_bytes: 0,
                 },
                 Effect::CountRuns { .. } => Event::Runs(1),
                 Effect::WaitIdle => Event::Idle,
@@ -3041,6 +3047,7 @@ mod tests {
                         dirty_bytes: 4096,
                         in_flight: 0,
                         in_flight_bytes: 0,
+                        queued_bytes: 0,
                     }
                 }
                 Effect::CountRuns { .. } => Event::Runs(runs[measured - 1]),
@@ -3121,6 +3128,7 @@ mod tests {
                     dirty_bytes: 10_000_000_000,
                     in_flight: 0,
                     in_flight_bytes: 0,
+                    queued_bytes: 0,
                 },
                 _ => world.plain(&last),
             };
@@ -3165,6 +3173,7 @@ mod tests {
                 dirty_bytes: 4096,
                 in_flight: 3,
                 in_flight_bytes: 12288,
+                queued_bytes: 12288,
             },
         );
         // 25 ms at 0.1 ms a write: 251 writes are worth counting, 3 of
@@ -3191,6 +3200,7 @@ mod tests {
                 dirty_bytes: 4096,
                 in_flight: 0,
                 in_flight_bytes: 0,
+                queued_bytes: 0,
             },
         );
         match &m2.handle(t, Event::Runs(1))[..] {

@@ -561,10 +561,13 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             } => Ok(Event::DirtyTaken(image.take_dirty(max_bytes, max_run, gap))),
             Effect::Measure => {
                 let (in_flight, in_flight_bytes) = self.copier().pipe.in_flight();
+                let rate = self.copier().capacity().map_or(f64::INFINITY, |c| c.rate);
+                let queued_bytes = self.copier().pipe.queued(rate, Instant::now());
                 Ok(Event::Measured {
                     dirty_bytes: image.dirty_bytes(),
                     in_flight,
                     in_flight_bytes,
+                    queued_bytes,
                 })
             }
             Effect::CountRuns { gap, limit } => Ok(Event::Runs(image.dirty_runs(gap, limit))),

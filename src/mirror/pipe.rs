@@ -204,6 +204,29 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             })
     }
 
+    /// Of the data in flight, the bytes still queued for the link `now`,
+    /// if it carries `rate` bytes a second in the order they were sent:
+    /// the last byte passes it when the latest of (a request's sending +
+    /// the bytes from it on ÷ rate) comes. A request sent a round trip ago
+    /// at a rate the link keeps up with is past it; a pass's burst sent
+    /// just now is all still queued. Without a finite rate, all of it.
+    pub fn queued(&self, rate: f64, now: Instant) -> u64 {
+        let mut sent: Vec<(Instant, u64)> = self
+            .shared
+            .pending()
+            .values()
+            .filter_map(|p| match p {
+                Pending::Data { sent, len, .. } => Some((*sent, *len)),
+                Pending::Call { .. } => None,
+            })
+            .collect();
+        let total: u64 = sent.iter().map(|(_, len)| len).sum();
+        if !(rate.is_finite() && rate > 0.0) {
+            return total;
+        }
+        queued_at(&mut sent, rate, now)
+    }
+
     /// What the destination's replies have shown of its speed so far.
     pub fn costs(&self) -> CostModel {
         self.shared
@@ -600,9 +623,44 @@ async fn read_replies<S: Stream, P: Probe>(
     }
 }
 
+/// [`Pipe::queued`] over (sent, bytes) of each request in flight.
+fn queued_at(sent: &mut [(Instant, u64)], rate: f64, now: Instant) -> u64 {
+    sent.sort_unstable_by_key(|(at, _)| *at);
+    let total: u64 = sent.iter().map(|(_, len)| len).sum();
+    let mut behind = 0u64;
+    let mut last = now;
+    for &(at, len) in sent.iter().rev() {
+        behind += len;
+        let passes = at + Duration::from_secs_f64((behind as f64 / rate).min(1e6));
+        last = last.max(passes);
+    }
+    let queued = (last - now).as_secs_f64() * rate;
+    (queued.ceil() as u64).min(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_sent_now_is_queued_and_a_stream_kept_up_with_is_not() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        // 12.5 MB/s: 475 kB sent in one burst just now all wait for the
+        // link (38 ms of it).
+        let mut burst: Vec<(Instant, u64)> = (0..116).map(|_| (now, 4096)).collect();
+        assert_eq!(queued_at(&mut burst, 12.5e6, now), 116 * 4096);
+        // The same bytes sent evenly over the last 50 ms, as fast as the
+        // link carries them: only the last request's worth is left.
+        let mut stream: Vec<(Instant, u64)> = (0..116)
+            .map(|i| (now - ms(50) + Duration::from_micros(i * 327), 4096))
+            .collect();
+        assert!(queued_at(&mut stream, 12.5e6, now) <= 2 * 4096);
+        // Sent 100 ms ago: long past the link, waiting only for replies.
+        let mut old: Vec<(Instant, u64)> = (0..116).map(|_| (now - ms(100), 4096)).collect();
+        assert_eq!(queued_at(&mut old, 12.5e6, now), 0);
+        assert_eq!(queued_at(&mut [], 12.5e6, now), 0);
+    }
     use crate::probe::Quiet;
     use tokio::net::{TcpListener, TcpStream};
 

@@ -594,6 +594,10 @@ impl SourceRun {
                         dirty_bytes,
                         in_flight,
                         in_flight_bytes,
+                        // The simulated network has no bottleneck to
+                        // queue for: count all of it, as the real driver
+                        // does before a rate is measured.
+                        queued_bytes: in_flight_bytes,
                     },
                 );
             }
