@@ -655,6 +655,10 @@ struct Attempt {
     flush_started: Option<Instant>,
     /// What the last flush before the cut-off took beyond the round trip.
     last_flush_sync: Option<Duration>,
+    /// Whether the flushes before the cut-off are over, and whether the
+    /// last was quick.
+    flushes_done: bool,
+    flush_quick: bool,
     warn_at: Option<Instant>,
     gap: u64,
     capacity: Option<Capacity>,
@@ -729,6 +733,8 @@ impl Attempt {
             flushes: 0,
             flush_started: None,
             last_flush_sync: None,
+            flushes_done: false,
+            flush_quick: false,
             warn_at: None,
             gap: 0,
             capacity: None,
@@ -1034,6 +1040,15 @@ impl Source {
                     .is_none_or(|before| synced.as_secs_f64() <= before.as_secs_f64() * 0.75);
                 a.last_flush_sync = Some(synced);
                 if synced <= quick || !shrinking || a.flushes >= max {
+                    // No more flushes: the cut-off comes once the
+                    // remainder is small enough.
+                    a.flushes_done = true;
+                    a.flush_quick = synced <= quick;
+                    if !a.flush_quick {
+                        // What clients wrote during it gets passes of its own.
+                        a.extra_passes = 0;
+                        a.before_extra = None;
+                    }
                     // Look again at once: a pass now would send, unsynced,
                     // what clients wrote during the flush, and give them
                     // that pass's time to write more.
@@ -1534,8 +1549,13 @@ impl Source {
             // Flushing repeats until one is quick, at most max_flushes
             // times. A destination without FLUSH syncs every write.
             let remainder = estimate.remainder.unwrap_or_default();
-            let may_flush = a.can_flush && a.flushes < max_flushes;
-            if !a.flushed && policy::another_pass(remainder, a.before_extra, a.extra_passes) {
+            let may_flush = a.can_flush && !a.flushes_done && a.flushes < max_flushes;
+            // Extra passes come before the flush; after it only when it was
+            // the last and not quick: over a long round trip clients dirty
+            // a round trip's worth during every flush, and only passes
+            // shrink that.
+            let passes_now = !a.flushed || (a.flushes_done && !a.flush_quick);
+            if passes_now && policy::another_pass(remainder, a.before_extra, a.extra_passes) {
                 a.extra_passes += 1;
                 a.before_extra = Some(remainder);
                 out.push(Effect::Log(
@@ -2949,6 +2969,56 @@ mod tests {
         // Not shrinking: clients dirty as much during each, so a third
         // would sync as much again.
         assert_eq!(flushes_before_the_cut_off(&[40, 35]), 2);
+    }
+
+    #[test]
+    fn after_the_last_flush_the_remainder_gets_passes_and_no_more_flushes() {
+        // Two flushes that sync about as much (40 and 35 ms): no third.
+        // Clients wrote 100 ms of data meanwhile, so the remainder is not
+        // ready at once: passes shrink it, and then the cut-off comes
+        // without another flush.
+        let mut m = Source::new(config(MirrorAction::Exit));
+        let mut world = World::new(MirrorAction::Exit);
+        let mut t = Instant::now();
+        let mut b = m.start(t);
+        let mut seen = Vec::new();
+        let (mut flushes, mut big) = (0, false);
+        for _ in 0..1000 {
+            let last = b.last().unwrap().clone();
+            seen.extend(b);
+            if matches!(last, Effect::CutOffClients { .. }) {
+                break;
+            }
+            t += match last {
+                Effect::Flush => {
+                    flushes += 1;
+                    Duration::from_millis([40, 35][flushes - 1])
+                }
+                _ => Duration::from_millis(1),
+            };
+            let ev = match world.plain(&last) {
+                Event::Measured { .. } if flushes == 2 && !big => {
+                    big = true;
+                    Event::Measured {
+                        dirty_bytes: 100_000_000,
+                        in_flight: 0,
+                        in_flight_bytes: 0,
+                        queued_bytes: 0,
+                    }
+                }
+                ev => ev,
+            };
+            b = m.handle(t, ev);
+        }
+        assert!(
+            big,
+            "the remainder after the second flush was never measured"
+        );
+        let s = script(&seen);
+        assert_eq!(s.iter().filter(|x| *x == "FLUSH").count(), 2, "{s:#?}");
+        let second = s.iter().rposition(|x| x == "FLUSH").unwrap();
+        assert!(s[second..].iter().any(|x| x == "take"), "{s:#?}");
+        assert_eq!(s.last().unwrap(), "cut off");
     }
 
     #[test]
