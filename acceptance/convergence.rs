@@ -138,6 +138,7 @@ fn a_destination_slower_than_the_clients_still_converges_and_hands_off_every_wri
         "migration_remainder_ms",
         "migration_cutoff_ms",
         "migration_bottleneck",
+        "migration_cutoff_eta_ms",
         "migration_bytes_left",
     ] {
         assert!(
@@ -149,6 +150,11 @@ fn a_destination_slower_than_the_clients_still_converges_and_hands_off_every_wri
         converging.get("is_mirroring").map(String::as_str),
         Some("true"),
         "{converging:?}"
+    );
+    let eta = &converging["migration_cutoff_eta_ms"];
+    assert!(
+        eta == "unknown" || eta.parse::<u64>().is_ok(),
+        "migration_cutoff_eta_ms={eta}: expected milliseconds or unknown"
     );
     let bottleneck = &converging["migration_bottleneck"];
     assert!(

@@ -10,6 +10,9 @@
 //! retrying, and resumes once the link is back; `status` and `break` answer
 //! at once while the destination is behind a blackhole. Every migration ends
 //! with the verdict table's "destination canonical" row and identical data.
+//! Over `flexnbd-linkem` on loopback: the window grows across a long round
+//! trip, and a link slower than the clients write converges with them paced
+//! while `status` says when the cut-off is expected.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -660,6 +663,67 @@ fn across_a_long_round_trip_the_window_grows_and_the_copy_completes() {
     );
     assert_destination_canonical(&dest_file);
     assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn over_a_link_slower_than_the_clients_write_the_copy_converges_with_them_paced() {
+    // 40 Mbit/s (5 MB/s) and a 10 ms round trip in front of the
+    // destination, and three clients writing random 4 KiB blocks back to
+    // back, far faster than that: without pacing the dirty passes could
+    // never catch up. Pacing lets the copy finish, every acknowledged write
+    // reaches the destination, and while it converges `status` says what
+    // limits it and when the cut-off is expected.
+    use crate::migrate::{assert_holds_acked_writes, client_writer, BLOCK, CLIENTS};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = TempDir::new("wan-slow-link");
+    let size = 16 * MIB;
+    let src_file = dir.pattern_file("src.img", size, 5);
+    let base = fs::read(&src_file).unwrap();
+    let dest_file = dir.sparse_file("dest.img", size);
+    let sock = dir.join("src.sock");
+    let mut src = Flexnbd::spawn(&dir, &server_args("serve", &src_file, Some(&sock), &[]));
+    let mut dest = Flexnbd::spawn(&dir, &server_args("listen", &dest_file, None, &[]));
+    let (_link, port) = linkem_with(dest.addr, &["--delay-ms", "5", "--rate-mbit", "40"]);
+    let acks = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|id| client_writer(src.addr, id, size / BLOCK, acks.clone()))
+        .collect();
+    wait_for("the clients to write", WAIT, || {
+        (acks.load(Ordering::Relaxed) >= 1000).then_some(())
+    });
+    let o = mirror(&sock, "127.0.0.1", port, &[]);
+    assert_started(&o);
+    let converging = wait_for(
+        "a status while converging that says when the cut-off is expected",
+        Duration::from_secs(60),
+        || {
+            let s = try_status(&sock)?.1;
+            let eta = s.get("migration_cutoff_eta_ms")?.parse::<u64>().ok()?;
+            (s.get("migration_state")? == "converging").then_some((s, eta))
+        },
+    );
+    let (s, eta) = converging;
+    assert!(
+        ["link", "destination"].contains(&s["migration_bottleneck"].as_str()),
+        "the slow link (or the destination behind it, as its replies show it) limits the copy: {s:?}"
+    );
+    let remainder: u64 = s["migration_remainder_ms"].parse().unwrap();
+    assert!(
+        eta >= remainder.min(25),
+        "the cut-off cannot come before the remainder is sent: eta {eta} ms, remainder {remainder} ms"
+    );
+    wait_completed(&mut src, &mut dest, Duration::from_secs(120));
+    let logs: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let acked: usize = logs.iter().map(|l| l.acked.len()).sum();
+    assert!(acked > 1000, "the clients wrote {acked} blocks");
+    assert_holds_acked_writes(&dest_file, base, &logs);
+    assert_destination_canonical(&dest_file);
+    let log = src.log();
+    assert!(
+        log.contains("converged after") && log.contains("clients were shut out for"),
+        "the migration should converge and hand off; log:\n{log}"
+    );
 }
 
 /// One command to a linkem control socket, and its answer.

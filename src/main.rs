@@ -706,7 +706,8 @@ fn follow_migration(path: &std::path::Path, lines: &[String]) -> Result<ExitCode
             field("migration_bottleneck"),
         ) {
             (Some(r), Some(c), Some(b)) => {
-                format!(" remainder_ms={r} cutoff_ms={c} bottleneck={b}")
+                let eta = field("migration_cutoff_eta_ms").unwrap_or_else(|| "unknown".into());
+                format!(" remainder_ms={r} cutoff_ms={c} bottleneck={b} cutoff_eta_ms={eta}")
             }
             _ => String::new(),
         };

@@ -336,6 +336,13 @@ pub struct Estimate {
     pub remainder: Option<Duration>,
     pub allowance: Duration,
     pub bottleneck: Bottleneck,
+    /// How long until the cut-off, expected: clients paced to
+    /// [`CLIENT_SHARE`] of the capacity dirty at most that share of each
+    /// pass for the next, so the passes ahead take the remainder's time
+    /// ÷ (1 − share). `None` while nothing is measured, and once the
+    /// remainder stopped falling (the backstop's patience ran out): then
+    /// no time can be promised, and the log says why.
+    pub eta: Option<Duration>,
 }
 
 impl Estimate {
@@ -403,37 +410,45 @@ impl Convergence {
         capacity: Option<Capacity>,
         now: Instant,
     ) -> Estimate {
+        let (remainder, bottleneck) = self.remainder(bytes, requests, capacity, now);
         let allowance = self.allowance(now);
+        let eta = match remainder {
+            Some(r) if r <= allowance => Some(Duration::ZERO),
+            _ if now.saturating_duration_since(self.since) >= PATIENCE => None,
+            Some(r) => Some(r.div_f64(1.0 - CLIENT_SHARE)),
+            None => None,
+        };
+        Estimate {
+            remainder,
+            allowance,
+            bottleneck,
+            eta,
+        }
+    }
+
+    fn remainder(
+        &self,
+        bytes: u64,
+        requests: impl FnOnce(u64) -> u64,
+        capacity: Option<Capacity>,
+        now: Instant,
+    ) -> (Option<Duration>, Bottleneck) {
         if bytes == 0 {
-            return Estimate {
-                remainder: Some(Duration::ZERO),
-                allowance,
-                bottleneck: capacity.map_or(Bottleneck::Unknown, |_| Bottleneck::Destination),
-            };
+            let bottleneck = capacity.map_or(Bottleneck::Unknown, |_| Bottleneck::Destination);
+            return (Some(Duration::ZERO), bottleneck);
         }
         // Nothing measured yet: the writes in flight will tell.
         let Some(capacity) = capacity else {
-            return Estimate {
-                remainder: None,
-                allowance,
-                bottleneck: Bottleneck::Unknown,
-            };
+            return (None, Bottleneck::Unknown);
         };
+        let allowance = self.allowance(now);
         let (bytes_only, bottleneck) = capacity.time_and_bottleneck(0, bytes);
         if bytes_only > allowance {
-            return Estimate {
-                remainder: Some(bytes_only),
-                allowance,
-                bottleneck,
-            };
+            return (Some(bytes_only), bottleneck);
         }
         let most = most_requests(allowance, &capacity);
         let (remainder, bottleneck) = capacity.time_and_bottleneck(requests(most), bytes);
-        Estimate {
-            remainder: Some(remainder),
-            allowance,
-            bottleneck,
-        }
+        (Some(remainder), bottleneck)
     }
 
     /// The `most` that [`Convergence::estimate`] would call its `requests`
@@ -659,6 +674,36 @@ mod tests {
         assert!(c.ready(8 << 20, |_| 1, capacity, t + Duration::from_secs(60)));
         // But a remainder of a second never cuts off, however long it waits.
         assert!(!c.ready(100 << 20, |_| 1, capacity, t + Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn the_time_to_the_cut_off_is_the_passes_ahead_while_the_remainder_falls() {
+        let t = Instant::now();
+        let mut c = Convergence::new(t);
+        // 10 MB at 10 MB/s: a second of remainder; paced clients dirty half
+        // of each pass, so the passes ahead take two.
+        let capacity = Some(Capacity::new(
+            Costs {
+                per_request: 0.0,
+                per_byte: 1e-7,
+            },
+            None,
+            None,
+        ));
+        c.note(10_000_000, t);
+        let e = c.estimate(10_000_000, |_| 1, capacity, t);
+        assert_eq!(e.eta, Some(Duration::from_secs(2)));
+        // Ready: the cut-off is now.
+        assert_eq!(
+            c.estimate(1000, |_| 1, capacity, t).eta,
+            Some(Duration::ZERO)
+        );
+        // Nothing measured: unknown.
+        assert_eq!(c.estimate(10_000_000, |_| 1, None, t).eta, None);
+        // No progress for the patience: no promise.
+        let late = t + PATIENCE;
+        c.note(9_000_000, late);
+        assert_eq!(c.estimate(9_000_000, |_| 1, capacity, late).eta, None);
     }
 
     #[test]

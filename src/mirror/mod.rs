@@ -132,6 +132,9 @@ pub struct MirrorState {
     /// remainder's time (`u64::MAX`: not measured yet) and the allowance,
     /// in microseconds, and the [`Bottleneck`].
     remainder_us: AtomicU64,
+    /// When the cut-off is expected, in microseconds from the last
+    /// decision (`u64::MAX`: unknown).
+    eta_us: AtomicU64,
     allowance_us: AtomicU64,
     bottleneck: AtomicU8,
     /// The last checkpoint the destination answered (0: none yet).
@@ -158,6 +161,7 @@ impl MirrorState {
             completing: AtomicBool::new(false),
             lockout_us: AtomicU64::new(0),
             remainder_us: AtomicU64::new(u64::MAX),
+            eta_us: AtomicU64::new(u64::MAX),
             allowance_us: AtomicU64::new(0),
             bottleneck: AtomicU8::new(Bottleneck::Unknown as u8),
             checkpoint: AtomicU64::new(0),
@@ -203,6 +207,10 @@ impl MirrorState {
         self.allowance_us
             .store(e.allowance.as_micros() as u64, Ordering::Release);
         self.bottleneck.store(e.bottleneck as u8, Ordering::Release);
+        let eta = e
+            .eta
+            .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128 - 1) as u64);
+        self.eta_us.store(eta, Ordering::Release);
     }
 
     /// Why a converging migration has not cut off yet, as status keys:
@@ -229,6 +237,13 @@ impl MirrorState {
                     .to_string(),
             ),
             ("migration_bottleneck".into(), bottleneck.name().into()),
+            (
+                "migration_cutoff_eta_ms".into(),
+                match self.eta_us.load(Ordering::Acquire) {
+                    u64::MAX => "unknown".to_string(),
+                    us => us.div_ceil(1000).to_string(),
+                },
+            ),
         ]
     }
 
