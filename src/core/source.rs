@@ -24,6 +24,7 @@
 //! | [`Effect::CompareData`] | [`Event::Compared`] |
 //! | [`Effect::TakeDirty`] | [`Event::DirtyTaken`] |
 //! | [`Effect::Measure`] | [`Event::Measured`] |
+//! | [`Effect::WaitQueue`] | [`Event::QueueDrained`] |
 //! | [`Effect::CountRuns`] | [`Event::Runs`] |
 //! | [`Effect::WaitIdle`] | [`Event::Idle`] |
 //! | [`Effect::Flush`], [`Effect::Entrust`], [`Effect::Checkpoint`] | [`Event::Reply`] |
@@ -324,6 +325,8 @@ pub enum Event {
         in_flight_bytes: u64,
         queued_bytes: u64,
     },
+    /// The link carried what was queued for it (or the wait's bound came).
+    QueueDrained,
     /// How many separate writes the dirty map would take (as counted for
     /// [`Effect::CountRuns`]).
     Runs(u64),
@@ -503,6 +506,12 @@ pub enum Effect {
         gap: u64,
     },
     Measure,
+    /// Wait (at most `max`) until the link has carried what is queued for
+    /// it: what a pass just sent in a burst, which a measurement right
+    /// after it would count again.
+    WaitQueue {
+        max: Duration,
+    },
     /// Count the dirty map's writes with `gap`, stopping at `limit`.
     CountRuns {
         gap: u64,
@@ -552,6 +561,7 @@ impl Effect {
                 | Effect::SendHole { .. }
                 | Effect::TakeDirty { .. }
                 | Effect::Measure
+                | Effect::WaitQueue { .. }
                 | Effect::CountRuns { .. }
                 | Effect::WaitIdle
                 | Effect::Flush
@@ -576,6 +586,7 @@ impl Effect {
                 | Effect::SendData { .. }
                 | Effect::CompareData { .. }
                 | Effect::SendHole { .. }
+                | Effect::WaitQueue { .. }
                 | Effect::WaitIdle
                 | Effect::Flush
                 | Effect::Entrust
@@ -607,6 +618,8 @@ enum Wait {
     PassCapacity,
     PassTake,
     PassSent,
+    /// After an extra pass: the link carries its burst, then a measure.
+    PassQueue,
     PassMeasure,
     PassRuns,
     /// Idle before a flush (`true`) or with nothing dirty (`false`).
@@ -945,6 +958,10 @@ impl Source {
                 self.pass_next()
             }
             (Wait::PassSent, Event::Sent) => self.pass_next(),
+            (Wait::PassQueue, Event::QueueDrained) => {
+                self.wait = Wait::PassMeasure;
+                vec![Effect::Measure]
+            }
             (
                 Wait::PassMeasure,
                 Event::Measured {
@@ -1511,6 +1528,16 @@ impl Source {
                 self.wait = Wait::PassSent;
                 vec![Effect::SendData { offset, len }]
             }
+            // An extra pass sent its runs in one burst: measured at once,
+            // they would count as still to carry, and the remainder could
+            // never look smaller than the pass itself. Measured once the
+            // link has carried them, it is what clients wrote meanwhile.
+            None if a.extra_passes > 0 => {
+                self.wait = Wait::PassQueue;
+                vec![Effect::WaitQueue {
+                    max: policy::MAX_ALLOWANCE,
+                }]
+            }
             None => {
                 self.wait = Wait::PassMeasure;
                 vec![Effect::Measure]
@@ -1924,6 +1951,7 @@ mod tests {
                     queued_bytes: 0,
                 },
                 Effect::CountRuns { .. } => Event::Runs(1),
+                Effect::WaitQueue { .. } => Event::QueueDrained,
                 Effect::WaitIdle => Event::Idle,
                 Effect::Flush | Effect::Entrust => Event::Reply { error: 0 },
                 Effect::CutOffClients { .. } => Event::ClientsCutOff,
@@ -2048,6 +2076,7 @@ mod tests {
                     Effect::Measure => "measure".into(),
                     Effect::CountRuns { .. } => "runs".into(),
                     Effect::WaitIdle => "idle".into(),
+                    Effect::WaitQueue { .. } => "queue".into(),
                     Effect::Flush => "FLUSH".into(),
                     Effect::Entrust => "ENTRUST".into(),
                     Effect::CutOffClients { .. } => "cut off".into(),
@@ -3133,6 +3162,25 @@ mod tests {
         // One FLUSH, after the extra passes, and right after it the last
         // look and the cut-off: nothing is sent between them.
         let s = script(&seen);
+        // The measure after an extra pass waits for the link to carry the
+        // pass's burst first; no other does.
+        let mut extra = false;
+        let mut before: Option<&Effect> = None;
+        for e in &seen {
+            match e {
+                Effect::Log(_, l) if l.contains("extra pass") => extra = true,
+                Effect::Log(..) => {}
+                Effect::Measure => {
+                    let queued = matches!(before, Some(Effect::WaitQueue { .. }));
+                    assert_eq!(queued, extra, "{s:#?}");
+                    extra = false;
+                }
+                _ => {}
+            }
+            if !matches!(e, Effect::Log(..)) {
+                before = Some(e);
+            }
+        }
         assert_eq!(s.iter().filter(|x| *x == "FLUSH").count(), 1, "{s:#?}");
         assert_eq!(
             s[s.len() - 5..],

@@ -586,6 +586,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 })
             }
             Effect::CountRuns { gap, limit } => Ok(Event::Runs(image.dirty_runs(gap, limit))),
+            Effect::WaitQueue { max } => self.wait_queue(max).await,
             Effect::WaitIdle => {
                 let pipe = &mut self.copier().pipe;
                 match or_cancel(cancel, pipe.wait_idle()).await {
@@ -638,6 +639,23 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             Err(e) => Event::Failed {
                 reason: e.to_string(),
             },
+        }
+    }
+
+    /// Until the link has carried what is queued for it at the measured
+    /// rate, `max` at most: sleeps of the queue's own time, looked at again
+    /// after each (replies and the rate move meanwhile).
+    async fn wait_queue(&mut self, max: Duration) -> Result<Event, AttemptError> {
+        let deadline = Instant::now() + max;
+        loop {
+            let rate = self.copier().capacity().map_or(f64::INFINITY, |c| c.rate);
+            let now = Instant::now();
+            let queued = self.copier().pipe.queued(rate, now);
+            if queued == 0 || !rate.is_finite() || now >= deadline {
+                return Ok(Event::QueueDrained);
+            }
+            let wait = Duration::from_secs_f64(queued as f64 / rate).min(deadline - now);
+            or_cancel(self.cancel, tokio::time::sleep(wait)).await?;
         }
     }
 

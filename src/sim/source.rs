@@ -601,6 +601,11 @@ impl SourceRun {
                     },
                 );
             }
+            // No bottleneck queue in the simulated network: drained at once.
+            Effect::WaitQueue { .. } => {
+                self.awaiting = Some(effect);
+                self.answer(ctx, Event::QueueDrained);
+            }
             Effect::CountRuns { gap, limit } => {
                 self.awaiting = Some(effect);
                 let runs = self.image.dirty_runs(gap, limit);
