@@ -576,8 +576,8 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             } => Ok(Event::DirtyTaken(image.take_dirty(max_bytes, max_run, gap))),
             Effect::Measure => {
                 let (in_flight, in_flight_bytes) = self.copier().pipe.in_flight();
-                let rate = self.copier().capacity().map_or(f64::INFINITY, |c| c.rate);
-                let queued_bytes = self.copier().pipe.queued(rate, Instant::now());
+                let capacity = self.copier().capacity();
+                let queued_bytes = self.copier().pipe.queued(capacity, Instant::now());
                 Ok(Event::Measured {
                     dirty_bytes: image.dirty_bytes(),
                     in_flight,
@@ -648,13 +648,17 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
     async fn wait_queue(&mut self, max: Duration) -> Result<Event, AttemptError> {
         let deadline = Instant::now() + max;
         loop {
-            let rate = self.copier().capacity().map_or(f64::INFINITY, |c| c.rate);
+            let capacity = self.copier().capacity();
             let now = Instant::now();
-            let queued = self.copier().pipe.queued(rate, now);
-            if queued == 0 || !rate.is_finite() || now >= deadline {
+            let queued = self.copier().pipe.queued(capacity, now);
+            let Some(c) = capacity.filter(|_| queued > 0 && now < deadline) else {
                 return Ok(Event::QueueDrained);
-            }
-            let wait = Duration::from_secs_f64(queued as f64 / rate).min(deadline - now);
+            };
+            // At least a millisecond: the queue is looked at again after.
+            let wait = c
+                .time(0, queued)
+                .max(Duration::from_millis(1))
+                .min(deadline - now);
             or_cancel(self.cancel, tokio::time::sleep(wait)).await?;
         }
     }

@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::policy::CostModel;
+use super::policy::{Capacity, CostModel};
 use crate::fault_apply::{self, How, Incoming, Outgoing};
 use crate::probe::{Probe, Step};
 use crate::proto::{self, cmd, Request, SimpleReply};
@@ -204,13 +204,19 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             })
     }
 
-    /// Of the data in flight, the bytes still queued for the link `now`,
-    /// if it carries `rate` bytes a second in the order they were sent:
-    /// the last byte passes it when the latest of (a request's sending +
-    /// the bytes from it on ÷ rate) comes. A request sent a round trip ago
-    /// at a rate the link keeps up with is past it; a pass's burst sent
-    /// just now is all still queued. Without a finite rate, all of it.
-    pub fn queued(&self, rate: f64, now: Instant) -> u64 {
+    /// Of the data in flight, the bytes still queued `now` for the
+    /// slower of the link and the destination (`capacity`: each request
+    /// takes `capacity.time(1, len)`), served in the order they were sent:
+    /// the last request is through when the latest of (a request's sending
+    /// plus the time of it and those after it) comes. A request sent a round
+    /// trip ago at a rate the link keeps up with is past it; a pass's burst
+    /// sent just now is all still queued; so are 4 KiB writes to a
+    /// destination that takes a millisecond each. All of it without a
+    /// capacity, or with one that sees no cost per write: such a model has
+    /// seen only writes of one size and cannot tell a destination that
+    /// takes its writes one by one (counting all of it is what kept the
+    /// lock-out short there before).
+    pub fn queued(&self, capacity: Option<Capacity>, now: Instant) -> u64 {
         let mut sent: Vec<(Instant, u64)> = self
             .shared
             .pending()
@@ -221,10 +227,12 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             })
             .collect();
         let total: u64 = sent.iter().map(|(_, len)| len).sum();
-        if !(rate.is_finite() && rate > 0.0) {
-            return total;
+        match capacity {
+            Some(c) if c.destination.per_request > 0.0 && c.rate > 0.0 => {
+                queued_at(&mut sent, |len| c.time(1, len), now)
+            }
+            _ => total,
         }
-        queued_at(&mut sent, rate, now)
     }
 
     /// What the destination's replies have shown of its speed so far.
@@ -624,18 +632,24 @@ async fn read_replies<S: Stream, P: Probe>(
 }
 
 /// [`Pipe::queued`] over (sent, bytes) of each request in flight.
-fn queued_at(sent: &mut [(Instant, u64)], rate: f64, now: Instant) -> u64 {
+/// [`Pipe::queued`] over (sent, bytes) of each request in flight, each
+/// taking `time(bytes)` at the bottleneck. The backlog's time is turned
+/// into bytes at the requests' own mix: the same share of their bytes as
+/// of their time.
+fn queued_at(sent: &mut [(Instant, u64)], time: impl Fn(u64) -> Duration, now: Instant) -> u64 {
     sent.sort_unstable_by_key(|(at, _)| *at);
     let total: u64 = sent.iter().map(|(_, len)| len).sum();
-    let mut behind = 0u64;
+    let mut behind = Duration::ZERO;
     let mut last = now;
     for &(at, len) in sent.iter().rev() {
-        behind += len;
-        let passes = at + Duration::from_secs_f64((behind as f64 / rate).min(1e6));
-        last = last.max(passes);
+        behind += time(len);
+        last = last.max(at + behind);
     }
-    let queued = (last - now).as_secs_f64() * rate;
-    (queued.ceil() as u64).min(total)
+    if behind.is_zero() {
+        return 0;
+    }
+    let share = (last - now).as_secs_f64() / behind.as_secs_f64();
+    ((total as f64 * share).ceil() as u64).min(total)
 }
 
 #[cfg(test)]
@@ -648,18 +662,64 @@ mod tests {
         let ms = Duration::from_millis;
         // 12.5 MB/s: 475 kB sent in one burst just now all wait for the
         // link (38 ms of it).
+        let link = |len: u64| Duration::from_secs_f64(len as f64 / 12.5e6);
         let mut burst: Vec<(Instant, u64)> = (0..116).map(|_| (now, 4096)).collect();
-        assert_eq!(queued_at(&mut burst, 12.5e6, now), 116 * 4096);
+        assert_eq!(queued_at(&mut burst, link, now), 116 * 4096);
         // The same bytes sent evenly over the last 50 ms, as fast as the
         // link carries them: only the last request's worth is left.
         let mut stream: Vec<(Instant, u64)> = (0..116)
             .map(|i| (now - ms(50) + Duration::from_micros(i * 327), 4096))
             .collect();
-        assert!(queued_at(&mut stream, 12.5e6, now) <= 2 * 4096);
+        assert!(queued_at(&mut stream, link, now) <= 2 * 4096);
         // Sent 100 ms ago: long past the link, waiting only for replies.
         let mut old: Vec<(Instant, u64)> = (0..116).map(|_| (now - ms(100), 4096)).collect();
-        assert_eq!(queued_at(&mut old, 12.5e6, now), 0);
-        assert_eq!(queued_at(&mut [], 12.5e6, now), 0);
+        assert_eq!(queued_at(&mut old, link, now), 0);
+        assert_eq!(queued_at(&mut [], link, now), 0);
+        // A destination that takes 1 ms a write: the same requests sent
+        // 100 ms ago are mostly still waiting for it (116 ms of them).
+        let slow = |_len: u64| ms(1);
+        let left = queued_at(&mut old, slow, now);
+        assert!((14 * 4096..=17 * 4096).contains(&left), "{left}");
+    }
+
+    #[test]
+    fn without_a_cost_per_write_everything_in_flight_counts() {
+        use crate::core::policy::{Capacity, Costs};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accept = tokio::spawn(async move { listener.accept().await.unwrap().0 });
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let _peer = accept.await.unwrap();
+            let mut pipe = Pipe::new(stream, Duration::from_secs(5), Arc::new(Quiet));
+            pipe.write(0, &[7u8; 4096], true).await.unwrap();
+            let then = Instant::now() + Duration::from_secs(10);
+            let by_bytes = Capacity::new(
+                Costs {
+                    per_request: 0.0,
+                    per_byte: 1e-9,
+                },
+                None,
+                Some(1e9),
+            );
+            // Ten seconds later a 4 KiB write at 1 GB/s is long through,
+            // but a model without a cost per write cannot say so.
+            assert_eq!(pipe.queued(Some(by_bytes), then), 4096);
+            assert_eq!(pipe.queued(None, then), 4096);
+            let with_writes = Capacity::new(
+                Costs {
+                    per_request: 1e-4,
+                    per_byte: 1e-9,
+                },
+                None,
+                Some(1e9),
+            );
+            assert_eq!(pipe.queued(Some(with_writes), then), 0);
+        });
     }
     use crate::probe::Quiet;
     use tokio::net::{TcpListener, TcpStream};
