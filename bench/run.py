@@ -928,6 +928,25 @@ def first_difference(a, b):
     return None
 
 
+def wait_migrated(listen, serve, mirror, deadline, timeout):
+    """Polls until both servers have exited 0 (sampling their peak RSS),
+    failing on any other exit or at `deadline` (`timeout` seconds after
+    `mirror`, for the message); returns when the later one exited."""
+    while True:
+        for p in (listen, serve):
+            p.sample_hwm()
+            rc = p.poll()
+            if rc not in (None, 0):
+                raise RuntimeError(f"{p.role} exited with {rc} during the migration")
+        if mirror.poll() not in (None, 0):
+            raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
+        if listen.exit_time is not None and serve.exit_time is not None:
+            return max(listen.exit_time, serve.exit_time)
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"migration not finished {timeout:.0f} s after mirror")
+        time.sleep(POLL)
+
+
 class Writer:
     """One persistent oldstyle NBD connection doing back-to-back 4 KiB WRITEs at random
     4 KiB-aligned offsets until the server cuts the connection (or stop/deadline)."""
@@ -1018,21 +1037,7 @@ def run_migration(ctx, src, size, tag, before_mirror=None, c_source=False, c_des
                                        "-s", serve.sock, "-l", HOST, "-p", str(listen.port)],
                                       stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
                                       start_new_session=True)
-        deadline = t0 + MIGRATION_TIMEOUT
-        while True:
-            for p in (listen, serve):
-                p.sample_hwm()
-                rc = p.poll()
-                if rc not in (None, 0):
-                    raise RuntimeError(f"{p.role} exited with {rc} during the migration")
-            if mirror.poll() not in (None, 0):
-                raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
-            if listen.exit_time is not None and serve.exit_time is not None:
-                break
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"migration not finished {MIGRATION_TIMEOUT:.0f} s after mirror")
-            time.sleep(POLL)
-        t1 = max(listen.exit_time, serve.exit_time)
+        t1 = wait_migrated(listen, serve, mirror, t0 + MIGRATION_TIMEOUT, MIGRATION_TIMEOUT)
         try:
             mirror.wait(timeout=10)
         except subprocess.TimeoutExpired:

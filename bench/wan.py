@@ -348,21 +348,7 @@ def flex_run(ctx, rate, rtt, rnd, c=False, writing=True):
             mirror = subprocess.Popen([binary, "mirror", "-s", serve.sock, "-l", ADDR_B, "-p", str(link.port)],
                                       stdin=subprocess.DEVNULL, stdout=mlog, stderr=mlog,
                                       start_new_session=True)
-        deadline = t0 + TIMEOUT
-        while True:
-            for p in (listen, serve):
-                p.sample_hwm()
-                rc = p.poll()
-                if rc not in (None, 0):
-                    raise RuntimeError(f"{p.role} exited with {rc} during the migration")
-            if mirror.poll() not in (None, 0):
-                raise RuntimeError(f"flexnbd mirror exited with {mirror.returncode}")
-            if listen.exit_time is not None and serve.exit_time is not None:
-                break
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"migration not finished {TIMEOUT:.0f} s after mirror")
-            time.sleep(B.POLL)
-        t1 = max(listen.exit_time, serve.exit_time)
+        t1 = B.wait_migrated(listen, serve, mirror, t0 + TIMEOUT, TIMEOUT)
         busy = cpu_busy(cpu0)
         try:
             mirror.wait(timeout=10)
