@@ -20,6 +20,23 @@ use crate::{error, warn};
 /// The largest read that may wait for the disk on its own; larger ones
 /// stream in order.
 pub(super) const MAX_DEFERRED_READ: usize = PIECE;
+/// Carries out a WRITE_ZEROES or TRIM, on the I/O pool (in a batch, after
+/// the changes before it). Over a known hole it has nothing to do: nothing
+/// to store, nothing for a mirror to copy again.
+pub(super) fn zero_or_trim_now(image: &Image, req: &Request) -> io::Result<()> {
+    let (offset, length) = (req.offset, u64::from(req.length));
+    if req.flags & cmd_flags::NO_HOLE == 0 && image.is_no_op_zero(offset, length) {
+        return Ok(());
+    }
+    if req.kind == cmd::TRIM {
+        image.punch(offset, length, false)
+    } else if req.flags & cmd_flags::NO_HOLE != 0 {
+        image.write_zeroes(offset, length)
+    } else {
+        image.punch(offset, length, true)
+    }
+}
+
 /// Most descriptors in one block status reply (the spec asks for <= 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
@@ -100,36 +117,6 @@ where
             .await?;
         self.payload = payload;
         result
-    }
-
-    /// Already a hole, or zeroed or trimmed on the I/O pool; answered as
-    /// any change.
-    pub(super) async fn zero_or_trim(&mut self, req: &Request) -> Result<(), ConnError> {
-        if req.flags & cmd_flags::NO_HOLE == 0
-            && self.image.is_no_op_zero(req.offset, u64::from(req.length))
-        {
-            // Already a hole: nothing to store, nothing for a mirror
-            // to copy again.
-            return self.after_change(req, Ok(())).await;
-        }
-        let image = self.image.clone();
-        let (offset, length) = (req.offset, u64::from(req.length));
-        let (kind, flags) = (req.kind, req.flags);
-        let result = self
-            .image
-            .offload()
-            .run(move || {
-                if kind == cmd::TRIM {
-                    image.punch(offset, length, false)
-                } else if flags & cmd_flags::NO_HOLE != 0 {
-                    image.write_zeroes(offset, length)
-                } else {
-                    image.punch(offset, length, true)
-                }
-            })
-            .await
-            .and_then(|r| r);
-        self.after_change(req, result).await
     }
 
     /// CACHE: readahead, on the I/O pool since it can block on the disk.

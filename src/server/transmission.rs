@@ -408,7 +408,8 @@ where
             cmd::ENTRUST if self.session.is_some() => self.entrust(&req).await?,
             // The plan of a FLUSH: sync, then reply.
             cmd::FLUSH => self.defer_sync(&req).await,
-            cmd::TRIM | cmd::WRITE_ZEROES => self.zero_or_trim(&req).await?,
+            // Carried out when the batch is stored (`exec::zero_or_trim_now`).
+            cmd::TRIM | cmd::WRITE_ZEROES => self.batch_zero(&req).await?,
             cmd::CACHE => self.cache(&req).await?,
             cmd::BLOCK_STATUS => self.block_status(&req).await?,
             cmd::DIGEST => self.digest(&req).await?,
