@@ -1060,7 +1060,11 @@ mod tests {
             text.starts_with("state=receiving\nsource=10.1.1.1:99\n"),
             "{text}"
         );
-        let entrust = dest.handle(Event::Entrust { conn });
+        let entrust = dest.handle(Event::Entrust {
+            conn,
+            told: 0,
+            size: 1,
+        });
         let left = dest.run(&image, entrust);
         assert!(
             matches!(left.last(), Some(Effect::Reply { errno: 0, .. })),

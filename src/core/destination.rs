@@ -96,8 +96,18 @@ pub enum Event {
         conn: ConnId,
         bytes: u64,
     },
-    /// ENTRUST arrived.
+    /// ENTRUST arrived. `told` is its offset field: what it says of the
+    /// changes sent before it on the connection ([`entrust_offset`]; 0
+    /// says nothing). `size` is the export size it is reckoned against.
     Entrust {
+        conn: ConnId,
+        told: u64,
+        size: u64,
+    },
+    /// A change of the connection failed (it was answered an error, or
+    /// would have been): nothing after it on the connection may be
+    /// entrusted.
+    ChangeFailed {
         conn: ConnId,
     },
     /// A valid DISCONNECT arrived.
@@ -267,6 +277,27 @@ struct Conn {
     /// decided since would leave the change's data beside a marker that
     /// must not sit beside it (see [`safe_beside`]).
     overtaken: bool,
+    /// Changes that arrived on the connection, and whether one failed:
+    /// what an ENTRUST is checked against.
+    changes: u64,
+    change_failed: bool,
+}
+
+/// ENTRUST's offset field for a source that sent `changes` changes (WRITE,
+/// WRITE_ZEROES, TRIM) on the connection before it, to an export of `size`
+/// bytes: 1 + the count modulo the size. A source sends ENTRUST right behind
+/// its last changes, without waiting for their replies, so the destination
+/// must be able to tell that none went missing on the way. The count is
+/// reduced modulo the size so that the request stays in range: a C flexnbd
+/// checks the range before the command type, and must answer EINVAL (an old
+/// destination) rather than ENOSPC. 0 tells nothing: a source that waited
+/// for every reply first (and an export of 0 bytes, which takes no change).
+pub fn entrust_offset(changes: u64, size: u64) -> u64 {
+    if size == 0 {
+        0
+    } else {
+        1 + changes % size
+    }
 }
 
 /// Whether data sent by a connection belonging to `migration` may sit
@@ -363,13 +394,21 @@ impl Destination {
                         closed: false,
                         generation: 0,
                         overtaken: false,
+                        changes: 0,
+                        change_failed: false,
                     },
                 );
                 vec![]
             }
             Event::Closed { conn, .. } => self.closed(conn),
             Event::Change { conn, bytes } => self.change(conn, bytes, now),
-            Event::Entrust { conn } => self.start(conn, Pending::EntrustSync),
+            Event::Entrust { conn, told, size } => self.entrust(conn, told, size),
+            Event::ChangeFailed { conn } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.change_failed = true;
+                }
+                vec![]
+            }
             Event::Disconnect { conn } => self.start(conn, Pending::DisconnectSync),
             Event::Invalid { conn, errno } => {
                 vec![
@@ -431,6 +470,7 @@ impl Destination {
             return self.refuse(conn, "a change");
         };
         c.bytes_received += bytes;
+        c.changes += 1;
         if self.sender == Some(conn) {
             return vec![Effect::Apply { conn }];
         }
@@ -532,6 +572,39 @@ impl Destination {
         }
         c.pending = Pending::CheckpointSync(migration, checkpoint);
         vec![Effect::Sync { conn }]
+    }
+
+    /// ENTRUST vouches for every change before it on the connection, so it
+    /// is refused (EIO; the source retries) when one of them failed or did
+    /// not arrive, whatever the reply of the change said or whether it
+    /// reached the source.
+    fn entrust(&mut self, conn: ConnId, told: u64, size: u64) -> Vec<Effect> {
+        let why = match self.conns.get(&conn) {
+            Some(c) if c.change_failed => {
+                Some("a change before it on the connection failed".into())
+            }
+            Some(c) if told != 0 && told != entrust_offset(c.changes, size) => Some(format!(
+                "it says it follows {told} - 1 changes (modulo {size} bytes), and {} arrived",
+                c.changes
+            )),
+            _ => None,
+        };
+        match why {
+            Some(why) if !self.completed => vec![
+                Effect::Log {
+                    level: Level::Error,
+                    message: format!(
+                        "entrust from {} refused: {why}; not entrusted, answered EIO",
+                        self.source(conn)
+                    ),
+                },
+                Effect::Reply {
+                    conn,
+                    errno: errno::EIO,
+                },
+            ],
+            _ => self.start(conn, Pending::EntrustSync),
+        }
     }
 
     fn start(&mut self, conn: ConnId, first: Pending) -> Vec<Effect> {
@@ -1015,7 +1088,14 @@ mod tests {
     }
 
     fn entrust(m: &mut M, conn: ConnId, bytes: u64) {
-        assert_eq!(m.on(Event::Entrust { conn }), vec![Effect::Sync { conn }]);
+        assert_eq!(
+            m.on(Event::Entrust {
+                conn,
+                told: 0,
+                size: 1
+            }),
+            vec![Effect::Sync { conn }]
+        );
         assert_eq!(m.on(Event::SyncDone { conn }), vec![entrusted(conn, bytes)]);
         assert_eq!(
             m.on(Event::MarkerPersisted { conn }),
@@ -1070,6 +1150,79 @@ mod tests {
     }
 
     #[test]
+    fn the_entrust_offset_counts_changes_modulo_the_size_and_0_tells_nothing() {
+        assert_eq!(entrust_offset(0, 1 << 30), 1);
+        assert_eq!(entrust_offset(5, 1 << 30), 6);
+        // Always in range for a destination that checks ranges first.
+        assert_eq!(entrust_offset(511, 512), 512);
+        assert_eq!(entrust_offset(512, 512), 1);
+        assert_eq!(entrust_offset(7, 0), 0);
+    }
+
+    #[test]
+    fn entrust_is_refused_when_a_change_before_it_went_missing_or_failed() {
+        let size = 1 << 20;
+        let told = |changes| entrust_offset(changes, size);
+        let refused = |conn| {
+            vec![Effect::Reply {
+                conn,
+                errno: errno::EIO,
+            }]
+        };
+        let mut m = M::new();
+        m.open(1);
+        first_change(&mut m, 1, 4096);
+        m.on(Event::Change {
+            conn: 1,
+            bytes: 4096,
+        });
+        // The source sent three: one never arrived.
+        assert_eq!(
+            m.on(Event::Entrust {
+                conn: 1,
+                told: told(3),
+                size
+            }),
+            refused(1)
+        );
+        // Two sent, two arrived: entrusted.
+        assert_eq!(
+            m.on(Event::Entrust {
+                conn: 1,
+                told: told(2),
+                size
+            }),
+            vec![Effect::Sync { conn: 1 }]
+        );
+        // A failed change: refused whatever the count says, and also
+        // for a source that tells nothing.
+        m.open(2);
+        first_change(&mut m, 2, 4096);
+        m.on(Event::ChangeFailed { conn: 2 });
+        for told in [entrust_offset(1, size), 0] {
+            assert_eq!(
+                m.on(Event::Entrust {
+                    conn: 2,
+                    told,
+                    size
+                }),
+                refused(2)
+            );
+        }
+        // A source that tells nothing, with nothing failed: as before.
+        m.open(3);
+        first_change(&mut m, 3, 4096);
+        assert_eq!(
+            m.on(Event::Entrust {
+                conn: 3,
+                told: 0,
+                size
+            }),
+            vec![Effect::Sync { conn: 3 }]
+        );
+    }
+
+    #[test]
     fn nothing_is_applied_while_the_receiving_marker_is_pending_or_failed() {
         let mut m = M::new();
         m.open(1);
@@ -1107,7 +1260,11 @@ mod tests {
         m.open(1);
         first_change(&mut m, 1, 10);
         assert_eq!(
-            m.on(Event::Entrust { conn: 1 }),
+            m.on(Event::Entrust {
+                conn: 1,
+                told: 0,
+                size: 1
+            }),
             vec![Effect::Sync { conn: 1 }]
         );
         assert_eq!(
@@ -1133,7 +1290,11 @@ mod tests {
         let mut m = M::new();
         m.open(1);
         first_change(&mut m, 1, 10);
-        m.on(Event::Entrust { conn: 1 });
+        m.on(Event::Entrust {
+            conn: 1,
+            told: 0,
+            size: 1,
+        });
         m.on(Event::SyncDone { conn: 1 });
         assert_eq!(
             m.on(Event::MarkerFailed {
@@ -1237,7 +1398,11 @@ mod tests {
         let mut m = M::new();
         m.open(1);
         first_change(&mut m, 1, 3);
-        m.on(Event::Entrust { conn: 1 });
+        m.on(Event::Entrust {
+            conn: 1,
+            told: 0,
+            size: 1,
+        });
         assert_eq!(
             m.on(Event::Closed {
                 conn: 1,
@@ -1329,7 +1494,14 @@ mod tests {
             },
             NOW,
         );
-        d.handle(Event::Entrust { conn: 1 }, NOW);
+        d.handle(
+            Event::Entrust {
+                conn: 1,
+                told: 0,
+                size: 1,
+            },
+            NOW,
+        );
         let effects = d.handle(
             Event::SyncFailed {
                 conn: 1,
@@ -1632,7 +1804,11 @@ mod tests {
         resume(&mut m, 1, A);
         first_change_keeping(&mut m, 1, (A, 3));
         assert_eq!(
-            m.on(Event::Entrust { conn: 1 }),
+            m.on(Event::Entrust {
+                conn: 1,
+                told: 0,
+                size: 1
+            }),
             vec![Effect::Sync { conn: 1 }]
         );
         assert_eq!(
@@ -1739,7 +1915,14 @@ mod tests {
             &d.handle(Event::Change { conn: 2, bytes: 1 }, NOW),
         ));
         d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
-        d.handle(Event::Entrust { conn: 2 }, NOW);
+        d.handle(
+            Event::Entrust {
+                conn: 2,
+                told: 0,
+                size: 1,
+            },
+            NOW,
+        );
         generations.push(generation_of(&d.handle(Event::SyncDone { conn: 2 }, NOW)));
         d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
         d.handle(Event::Disconnect { conn: 2 }, NOW);
@@ -1869,7 +2052,11 @@ mod tests {
             let mut m = M::new();
             m.open(1);
             first_change(&mut m, 1, 3);
-            m.on(Event::Entrust { conn: 1 });
+            m.on(Event::Entrust {
+                conn: 1,
+                told: 0,
+                size: 1,
+            });
             assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![entrusted(1, 3)]);
             m.open(2);
             assert_eq!(
@@ -1900,7 +2087,11 @@ mod tests {
             let mut m = M::new();
             m.open(1);
             first_change(&mut m, 1, 3);
-            m.on(Event::Entrust { conn: 1 });
+            m.on(Event::Entrust {
+                conn: 1,
+                told: 0,
+                size: 1,
+            });
             m.open(2);
             assert_eq!(
                 m.on(Event::Change { conn: 2, bytes: 1 }),

@@ -634,8 +634,11 @@ enum Wait {
     CutOff,
     FinalTake,
     FinalSent,
-    FinalIdle,
     Entrust,
+    /// Entrust answered: every request before it answered too, then done.
+    EntrustIdle,
+    /// An old destination: idle, then a FLUSH in place of entrust.
+    EntrustFlushIdle,
     EntrustFlush,
     CloseServer,
     Unlink,
@@ -1085,31 +1088,42 @@ impl Source {
             (Wait::CutOff, Event::ClientsCutOff) => self.final_take(),
             (Wait::FinalTake, Event::DirtyTaken(ranges)) => {
                 if ranges.is_empty() {
-                    self.wait = Wait::FinalIdle;
-                    return vec![Effect::WaitIdle];
+                    // Entrust right behind the last changes, without
+                    // waiting a round trip for their replies: it tells the
+                    // destination how many came before it, and is refused
+                    // if one went missing or failed. Answered only once
+                    // the destination has everything durable.
+                    self.wait = Wait::Entrust;
+                    return vec![Effect::SetPhase(Phase::Entrusting), Effect::Entrust];
                 }
                 self.attempt_mut().ranges = ranges.into();
                 self.final_next()
             }
             (Wait::FinalSent, Event::Sent) => self.final_next(),
-            (Wait::FinalIdle, Event::Idle) => {
-                // Entrust: answered only once the destination has
-                // everything durable.
-                self.wait = Wait::Entrust;
-                vec![Effect::SetPhase(Phase::Entrusting), Effect::Entrust]
+            (Wait::Entrust, Event::Reply { error: 0 }) => {
+                // Done only once every change before it was answered
+                // without error too (a destination answers in order; this
+                // does not rely on it).
+                self.wait = Wait::EntrustIdle;
+                vec![Effect::WaitIdle]
             }
-            (Wait::Entrust, Event::Reply { error: 0 }) => self.entrusted(now),
+            (Wait::EntrustIdle, Event::Idle) => self.entrusted(now),
             (Wait::Entrust, Event::Reply { error: EINVAL }) => {
-                // An old (C) destination: it syncs every write, and FLUSH
-                // covers anything else.
-                self.wait = Wait::EntrustFlush;
+                // An old (C) destination: it syncs every write before its
+                // reply, and FLUSH covers anything else once every write
+                // is answered.
+                self.wait = Wait::EntrustFlushIdle;
                 vec![
                     Effect::Log(
                         Level::Info,
                         "destination does not know entrust; sending FLUSH instead".into(),
                     ),
-                    Effect::Flush,
+                    Effect::WaitIdle,
                 ]
+            }
+            (Wait::EntrustFlushIdle, Event::Idle) => {
+                self.wait = Wait::EntrustFlush;
+                vec![Effect::Flush]
             }
             (Wait::Entrust, Event::Reply { error }) => self.retry(
                 now,
@@ -2131,9 +2145,10 @@ mod tests {
         "unpace",
         "cut off",
         "take all",
-        "idle",
+        // Entrust right behind the last changes; idle after its reply.
         "phase entrusting",
         "ENTRUST",
+        "idle",
     ];
 
     fn expect(head: &[&str], tail: &[&str]) -> Vec<String> {
@@ -2677,7 +2692,7 @@ mod tests {
         let entrust = w.position("ENTRUST");
         assert_eq!(
             script[entrust..entrust + 4],
-            ["ENTRUST", "FLUSH", "completing", "phase handing_off"]
+            ["ENTRUST", "idle", "FLUSH", "completing"]
         );
         assert!(w
             .logs()
@@ -2950,10 +2965,43 @@ mod tests {
                 "take all",
                 "data 30+4",
                 "take all",
-                "idle",
                 "phase entrusting",
                 "ENTRUST",
             ]
+        );
+    }
+
+    #[test]
+    fn an_entrust_answered_before_a_failed_change_hands_nothing_off() {
+        // Entrust goes out without waiting for the replies before it; a
+        // change before it that then fails (the pipe fails while waiting
+        // for them) must keep the source canonical: a retry, no hand-off.
+        let mut w = World::new(MirrorAction::Unlink);
+        let (mut entrusted, mut fired) = (false, false);
+        let outcome = w.run(|e, _| match e {
+            Effect::Entrust => {
+                entrusted = true;
+                None
+            }
+            Effect::WaitIdle if entrusted && !fired => {
+                fired = true;
+                Some(Event::Failed {
+                    reason: "the destination answered WRITE at 0 with error 5".into(),
+                })
+            }
+            _ => None,
+        });
+        assert!(fired, "the fault fired");
+        assert_eq!(outcome, Outcome::HandedOff, "the retry hands off");
+        let script = w.script();
+        let first_entrust = w.position("ENTRUST");
+        assert_eq!(script[first_entrust + 1], "idle");
+        let completing = w.position("completing");
+        assert!(
+            script[first_entrust..completing]
+                .iter()
+                .any(|s| s == "begin 2"),
+            "the first entrust's reply completed nothing: {script:?}"
         );
     }
 

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client;
 use crate::control::protocol::{MirrorAction, Response};
+use crate::core::destination::entrust_offset;
 use crate::core::source::{Effect, Event, Level, Milestone, Source, SourceConfig};
 use crate::fault_apply::{self, How, Incoming};
 use crate::log::monotonic_ms;
@@ -595,15 +596,19 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 }
             }
             Effect::Flush | Effect::Entrust => {
-                let kind = if effect == Effect::Flush {
-                    cmd::FLUSH
-                } else {
-                    cmd::ENTRUST
-                };
                 let pipe = &mut self.copier().pipe;
-                match or_cancel(cancel, pipe.call(kind)).await {
+                // ENTRUST follows the last changes without waiting for their
+                // replies: it tells how many went before it, so that the
+                // destination can refuse it if one went missing.
+                let (kind, offset) = if effect == Effect::Flush {
+                    (cmd::FLUSH, 0)
+                } else {
+                    let told = entrust_offset(pipe.changes_sent(), image.size());
+                    (cmd::ENTRUST, told)
+                };
+                match or_cancel(cancel, pipe.call_with(kind, offset, 0, 0)).await {
                     Ok(reply) => reply
-                        .map(|error| Event::Reply { error })
+                        .map(|(error, _)| Event::Reply { error })
                         .map_err(AttemptError::from),
                     Err(e) => Err(e),
                 }

@@ -73,6 +73,9 @@ where
             .await
             .map_err(ConnError::Offload)?;
         for (w, result) in writes.iter().zip(results) {
+            if result.is_err() {
+                self.change_failed().await?;
+            }
             if w.answer {
                 self.after_change(&w.req, result).await?;
             }

@@ -133,9 +133,27 @@ where
         let Some(session) = &self.session else {
             return Ok(());
         };
-        let conn = session.conn;
-        let effects = session.feed(&self.image, Event::Entrust { conn }).await?;
+        let event = Event::Entrust {
+            conn: session.conn,
+            told: req.offset,
+            size: self.image.size(),
+        };
+        let effects = session.feed(&self.image, event).await?;
         self.answer(req, &effects).await
+    }
+
+    /// A change failed (its store returned an error): in `listen`, nothing
+    /// after it on this connection may be entrusted. Told whether or not
+    /// the change is answered (a fault may keep its reply back).
+    pub(super) async fn change_failed(&mut self) -> Result<(), ConnError> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let event = Event::ChangeFailed { conn: session.conn };
+        for effect in session.feed(&self.image, event).await? {
+            log(&effect);
+        }
+        Ok(())
     }
 
     /// CHECKPOINT (`offset` the migration id, `length` the checkpoint):
@@ -259,9 +277,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::destination::entrust_offset;
     use crate::handoff::{marker_path, read_marker_state, read_record, record_path, MarkerState};
     use crate::proto::{cmd, errno, REQUEST_MAGIC};
-    use crate::server::testkit::kit;
+    use crate::server::testkit::{kit, kit_stacked};
+    use crate::store::PIECE;
+    use faults::FaultPlan;
+    use std::sync::Arc;
 
     fn marker_text(path: &std::path::Path) -> String {
         std::fs::read_to_string(marker_path(path)).expect("a marker")
@@ -315,6 +337,82 @@ mod tests {
         let record = record.matching().expect("a completion record");
         assert_eq!(record.bytes_received, 4096);
         assert_eq!(record.source.as_deref(), Some("127.0.0.1:4000"));
+    }
+
+    #[tokio::test]
+    async fn entrust_is_refused_when_the_changes_before_it_went_missing() {
+        let mut k = kit(64 * 1024, true);
+        let size = k.image.size();
+        for handle in 1..=2u64 {
+            k.send(Request::new(cmd::WRITE, 0, handle, 0, 4096), &[3; 4096])
+                .await;
+            k.conn.request_cycle().await.unwrap();
+            assert_eq!(k.reply().await.error, 0);
+        }
+        // The source says three went before it: one never arrived.
+        let told = entrust_offset(3, size);
+        k.send(Request::new(cmd::ENTRUST, 0, 3, told, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, errno::EIO);
+        assert_eq!(
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
+            Some(MarkerState::Receiving)
+        );
+        let told = entrust_offset(2, size);
+        k.send(Request::new(cmd::ENTRUST, 0, 4, told, 0), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        assert_eq!(k.reply().await.error, 0);
+        assert_eq!(
+            read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
+            Some(MarkerState::Entrusted)
+        );
+    }
+
+    #[tokio::test]
+    async fn entrust_is_refused_after_a_failed_change_answered_or_not() {
+        use crate::probe::PlanProbe;
+        // The first write fails and is answered EIO; the second fails and
+        // its reply is dropped; ENTRUST after either is refused, even
+        // from a source that tells no count.
+        // A small write is stored in a batch, a large one piece by piece.
+        let small = [
+            "store.write#1=eio",
+            "store.write#1=eio; server.reply_send.write#1=drop",
+        ];
+        for (plan, len) in small
+            .iter()
+            .map(|p| (*p, 4096))
+            .chain(small.iter().map(|p| (*p, PIECE + 4096)))
+        {
+            let probe = Arc::new(PlanProbe::new(FaultPlan::parse(plan).unwrap()));
+            let stack = crate::fault_apply::storage_stack(&probe);
+            let mut k = kit_stacked(1 << 20, true, probe.clone(), stack);
+            k.send(Request::new(cmd::WRITE, 0, 1, 0, len as u32), &vec![3; len])
+                .await;
+            k.send(Request::new(cmd::ENTRUST, 0, 2, 0, 0), &[]).await;
+            k.conn.request_cycle().await.unwrap();
+            k.conn.request_cycle().await.unwrap();
+            let mut replies = vec![k.reply().await];
+            if !plan.contains("drop") {
+                replies.push(k.reply().await);
+            }
+            if let [write, _] = replies[..] {
+                assert_eq!((write.handle, write.error), (1, errno::EIO), "{plan}");
+            }
+            // Replies go in order: with the write's dropped, the first is
+            // the entrust's.
+            let entrust = replies.last().unwrap();
+            assert_eq!((entrust.handle, entrust.error), (2, errno::EIO), "{plan}");
+            assert!(
+                k.contents()[..4096].iter().all(|&b| b == 0),
+                "{plan}, {len} bytes: the store fault fired"
+            );
+            assert_eq!(
+                read_marker_state(&crate::store::files::Disk, &k.path).unwrap(),
+                Some(MarkerState::Receiving),
+                "{plan}"
+            );
+        }
     }
 
     #[tokio::test]

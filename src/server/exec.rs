@@ -90,6 +90,9 @@ where
             }
             pos += n as u64;
         }
+        if failure.is_some() {
+            self.change_failed().await?;
+        }
         if !self
             .received(Step::PayloadReceived { kind: req.kind })
             .await?

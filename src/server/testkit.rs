@@ -38,12 +38,23 @@ pub(super) fn kit(size: u64, destination: bool) -> Kit {
 
 /// [`kit`] with the connection's steps announced to `probe`.
 pub(super) fn kit_with<P: Probe>(size: u64, destination: bool, probe: Arc<P>) -> Kit<P> {
+    kit_stacked(size, destination, probe, crate::store::Stack::default())
+}
+
+/// [`kit_with`] on an image opened with `stack` (a fault plan's store
+/// faults, say).
+pub(super) fn kit_stacked<P: Probe>(
+    size: u64,
+    destination: bool,
+    probe: Arc<P>,
+    stack: crate::store::Stack,
+) -> Kit<P> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("image");
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(size))
         .expect("a temporary image");
-    let image = Arc::new(Image::open(&path).expect("the temporary image opens"));
+    let image = Arc::new(Image::open_stacked(&path, stack).expect("the temporary image opens"));
     let destination = destination.then(|| {
         Arc::new(
             Destination::prepare(Arc::new(crate::store::files::Disk), &path, false)

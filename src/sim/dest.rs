@@ -151,16 +151,17 @@ impl Listen {
             Req::Write { data, .. } => (cmd::WRITE, data.len() as u64),
             Req::Zeroes { .. } => (cmd::WRITE_ZEROES, 0),
             Req::Flush => (cmd::FLUSH, 0),
-            Req::Entrust => (cmd::ENTRUST, 0),
+            Req::Entrust { .. } => (cmd::ENTRUST, 0),
             Req::Disconnect => (cmd::DISC, 0),
             Req::Resume { .. } => (cmd::RESUME, 0),
             Req::Checkpoint { .. } => (cmd::CHECKPOINT, 0),
         };
         let plan = request::plan(kind, 0);
         match req {
-            Req::Entrust => {
+            Req::Entrust { told } => {
                 self.waiting.insert(conn, (handle, req));
-                self.feed(core, Event::Entrust { conn });
+                let size = self.image.size();
+                self.feed(core, Event::Entrust { conn, told, size });
             }
             Req::Disconnect => self.feed(core, Event::Disconnect { conn }),
             Req::Resume { migration } => {
@@ -280,7 +281,7 @@ impl Listen {
                             error: *errno,
                         },
                     );
-                    if matches!(req, Req::Entrust) && *errno == 0 {
+                    if matches!(req, Req::Entrust { .. }) && *errno == 0 {
                         core.mark(Mark::EntrustAnswered);
                     }
                 }

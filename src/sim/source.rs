@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::core::destination::entrust_offset;
 use crate::core::policy::{Capacity, CostModel};
 use crate::core::source::{Effect, Event, FirstOutcome, Outcome, Source, SourceConfig};
 use crate::proto::flags;
@@ -76,6 +77,8 @@ pub struct SourceRun {
     outcome: Option<Outcome>,
     phase: String,
     legacy: bool,
+    /// Changes sent on the current connection: what ENTRUST tells.
+    changes_sent: u64,
 }
 
 impl SourceRun {
@@ -118,6 +121,7 @@ impl SourceRun {
             outcome: None,
             phase: "connecting".into(),
             legacy: sc.legacy_source,
+            changes_sent: 0,
         }
     }
 
@@ -362,6 +366,7 @@ impl SourceRun {
         }
         let handle = self.next_handle;
         self.next_handle += 1;
+        let change = matches!(req, Req::Write { .. } | Req::Zeroes { .. });
         let (kind, len) = match &req {
             Req::Write { data, .. } => ("write", data.len() as u64),
             Req::Zeroes { len, .. } => ("zeroes", *len),
@@ -369,6 +374,9 @@ impl SourceRun {
         };
         if !ctx.core().send(conn, true, Msg::Req { handle, req }) {
             return None;
+        }
+        if change {
+            self.changes_sent += 1;
         }
         let now = ctx.core().now;
         if self.in_flight.is_empty() {
@@ -450,6 +458,7 @@ impl SourceRun {
             Effect::Connect => {
                 let conn = ctx.core().open_conn();
                 self.conn = Some(conn);
+                self.changes_sent = 0;
                 self.awaiting = Some(Effect::Connect);
                 let lat = ctx.core().sc.latency_us;
                 let life = self.life;
@@ -627,7 +636,12 @@ impl SourceRun {
                         return self.answer(ctx, Event::Reply { error: 0 });
                     }
                 }
-                let req = if entrust { Req::Entrust } else { Req::Flush };
+                let req = if entrust {
+                    let told = entrust_offset(self.changes_sent, self.image.size());
+                    Req::Entrust { told }
+                } else {
+                    Req::Flush
+                };
                 if self.send(ctx, req, false).is_none() {
                     self.fail(ctx, "the destination closed the connection");
                 }

@@ -35,7 +35,11 @@ pub enum Req {
         len: u64,
     },
     Flush,
-    Entrust,
+    /// `told`: the offset field, what it says of the changes before it
+    /// (`core::destination::entrust_offset`).
+    Entrust {
+        told: u64,
+    },
     Disconnect,
     /// RESUME: which checkpoint of `migration` the destination holds.
     Resume {
@@ -53,7 +57,7 @@ impl Req {
             Req::Write { .. } => "write",
             Req::Zeroes { .. } => "zeroes",
             Req::Flush => "flush",
-            Req::Entrust => "entrust",
+            Req::Entrust { .. } => "entrust",
             Req::Disconnect => "disconnect",
             Req::Resume { .. } => "resume",
             Req::Checkpoint { .. } => "checkpoint",
