@@ -584,8 +584,10 @@ impl Destination {
                 Some("a change before it on the connection failed".into())
             }
             Some(c) if told != 0 && told != entrust_offset(c.changes, size) => Some(format!(
-                "it says it follows {told} - 1 changes (modulo {size} bytes), and {} arrived",
-                c.changes
+                "its offset is {told}, but the {} changes that arrived on the connection give {} \
+                 (1 + their count modulo the size, {size}): a change went missing",
+                c.changes,
+                entrust_offset(c.changes, size)
             )),
             _ => None,
         };
