@@ -72,14 +72,6 @@ pub const PIECE: usize = 256 * 1024;
 /// Writes at least this large start their writeback at once on a migration
 /// destination.
 const EAGER_WRITEBACK_MIN: usize = 128 * 1024;
-/// Smaller writes start the writeback of the whole file once this many
-/// bytes of them came since the last such start: a dirty pass sends
-/// clients' scattered 4 KiB blocks, and left to the kernel (which writes
-/// back only past a share of memory) they all waited for the next sync, the
-/// checkpoint's, the flush's before the cut-off, or entrust's inside the
-/// shut-out (90 MB took 230 ms there). One call per this many bytes keeps
-/// the cost of the call itself out of a stream of small writes.
-const EAGER_WRITEBACK_BATCH: u64 = 4 * 1024 * 1024;
 
 /// Why an image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -149,8 +141,6 @@ pub struct Image {
     /// once, so the syncs at FLUSH and entrust (while the source's clients
     /// wait) find little left to write.
     eager_writeback: AtomicBool,
-    /// Bytes of small writes since the whole file's writeback last started.
-    small_unwritten: AtomicU64,
     /// Set when a layer of the stack faults or records reads (writes): a
     /// plan with `store.read` (`store.write`) keys, or the power-loss
     /// recorder. Every read (write) must then reach the store, where those
@@ -315,7 +305,6 @@ impl Image {
             reads_faulted,
             writes_faulted,
             eager_writeback: AtomicBool::new(false),
-            small_unwritten: AtomicU64::new(0),
         }
     }
 
@@ -353,30 +342,9 @@ impl Image {
         &self.map
     }
 
-    /// Starts writeback as writes arrive (a migration destination), so that
-    /// a sync finds little left to write.
+    /// Starts writeback as large writes arrive (a migration destination).
     pub fn set_eager_writeback(&self, on: bool) {
         self.eager_writeback.store(on, Ordering::Relaxed);
-    }
-
-    /// A large write's own range at once; small ones by the batch, over
-    /// the whole file (their blocks scatter).
-    fn start_writeback(&self, offset: u64, len: usize) {
-        if len >= EAGER_WRITEBACK_MIN {
-            self.io().start_writeback(offset, len as u64);
-            return;
-        }
-        let before = self
-            .small_unwritten
-            .fetch_add(len as u64, Ordering::Relaxed);
-        if before + len as u64 >= EAGER_WRITEBACK_BATCH {
-            // Counted down, not reset: a write counted meanwhile by another
-            // thread stays counted.
-            self.small_unwritten
-                .fetch_sub(before + len as u64, Ordering::Relaxed);
-            // Length 0: to the end of the file.
-            self.io().start_writeback(0, 0);
-        }
     }
 
     /// The store every operation goes through.
@@ -453,8 +421,8 @@ impl Image {
         }
         self.store_fault_at(StoreOp::Write, offset, data.len() as u64)?;
         self.store_write(data, offset)?;
-        if self.eager_writeback.load(Ordering::Relaxed) {
-            self.start_writeback(offset, data.len());
+        if data.len() >= EAGER_WRITEBACK_MIN && self.eager_writeback.load(Ordering::Relaxed) {
+            self.io().start_writeback(offset, data.len() as u64);
         }
         // After the data landed: the mirror clears a bit and then reads, so
         // marking afterwards means it can never read the old data last.
@@ -1322,62 +1290,6 @@ mod tests {
         fn data_extents(&self) -> Option<Vec<(u64, u64)>> {
             Some(self.extents.clone())
         }
-    }
-
-    #[test]
-    fn a_destination_starts_writeback_of_large_writes_at_once_and_of_small_ones_by_the_batch() {
-        struct Counting {
-            disk: MemDisk,
-            started: std::sync::Mutex<Vec<(u64, u64)>>,
-        }
-        impl ImageStore for Counting {
-            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-                self.disk.read_at(buf, offset)
-            }
-            fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-                self.disk.write_at(data, offset)
-            }
-            fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
-                self.disk.punch_hole(offset, length)
-            }
-            fn sync_data(&self) -> io::Result<()> {
-                Ok(())
-            }
-            fn start_writeback(&self, offset: u64, length: u64) {
-                self.started.lock().unwrap().push((offset, length));
-            }
-            fn will_need(&self, _offset: u64, _length: u64) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let size = 16 << 20;
-        let store = Arc::new(Counting {
-            disk: MemDisk {
-                bytes: std::sync::Mutex::new(vec![0; size]),
-                extents: Vec::new(),
-            },
-            started: std::sync::Mutex::new(Vec::new()),
-        });
-        let img = Image::with_store(PathBuf::from("wb.img"), size as u64, store.clone());
-        let small = vec![1u8; 4096];
-        let per_batch = (EAGER_WRITEBACK_BATCH / 4096) as usize;
-        // Not on a plain server.
-        for i in 0..per_batch {
-            img.write_at(&small, (i * 4096) as u64).unwrap();
-        }
-        assert!(store.started.lock().unwrap().is_empty());
-        img.set_eager_writeback(true);
-        img.write_at(&vec![2u8; EAGER_WRITEBACK_MIN], 0).unwrap();
-        for i in 0..2 * per_batch - 1 {
-            img.write_at(&small, (i * 4096 % size) as u64).unwrap();
-        }
-        assert_eq!(
-            *store.started.lock().unwrap(),
-            vec![(0, EAGER_WRITEBACK_MIN as u64), (0, 0)],
-            "the large write's range, then the whole file after a batch of small ones"
-        );
-        img.write_at(&small, 0).unwrap();
-        assert_eq!(store.started.lock().unwrap().len(), 3, "and again");
     }
 
     #[test]
