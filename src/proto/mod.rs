@@ -73,7 +73,9 @@ pub mod cmd {
     /// The hand-off request of a migration. The NBD specification does not
     /// assign this value; it is the historical flexnbd ENTRUST (65536 in the
     /// old 32-bit type field) folded into the 16-bit type space as the last
-    /// value, far from any value the specification may assign later.
+    /// value, far from any value the specification may assign later. Its
+    /// offset says how many changes went before it on the connection
+    /// (`core::destination::entrust_offset`).
     pub const ENTRUST: u16 = 0xffff;
     /// A migration's checkpoint (docs/handoff.md, "Resuming"): `offset` is
     /// the migration id, `length` the checkpoint's number. Answered once
