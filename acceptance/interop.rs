@@ -850,6 +850,59 @@ fn entrust_then_close(read_reply: bool) {
 }
 
 #[test]
+fn entrust_after_a_missing_or_failed_change_is_refused_and_the_marker_stays_receiving() {
+    // ENTRUST comes right behind the changes, unanswered yet; its offset
+    // says how many went before it (1 + the count modulo the size).
+    let (_dir, file, mut server) = destination("ns-entrust-count");
+    let (mut s, _) = connect_with_greeting(server.addr, WAIT);
+    let data = pattern(4096, 5);
+    s.write(1, 0, &data);
+    s.write(2, 4096, &data);
+    // It claims three: one went missing.
+    s.request(cmd::ENTRUST, 77, 1 + 3 % SIZE, 0);
+    let replies: Vec<(u64, u32)> = (0..3)
+        .map(|_| s.read_reply())
+        .map(|r| (r.handle, r.error))
+        .collect();
+    assert_eq!(replies, [(1, 0), (2, 0), (77, proto::errno::EIO)]);
+    assert_eq!(marker_state(&file).as_deref(), Some("receiving"));
+    assert!(
+        server.log().contains("entrust from"),
+        "the refusal is logged"
+    );
+    // The right count is entrusted.
+    s.request(cmd::ENTRUST, 78, 1 + 2 % SIZE, 0);
+    let r = s.read_reply();
+    assert_eq!((r.handle, r.error), (78, 0));
+    assert_eq!(marker_state(&file).as_deref(), Some("entrusted"));
+    finish_migration(s, &mut server, &file, 8192, &data);
+
+    // A change that failed on the disk: refused even without a count.
+    let dir = TempDir::new("ns-entrust-failed");
+    let file = dir.sparse_file("dest.img", SIZE);
+    let args: Vec<String> = ["listen", "-l", "127.0.0.1", "-p", "0", "-f"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            file.display().to_string(),
+            "--faults".into(),
+            "store.write#1=eio".into(),
+            "-v".into(),
+        ])
+        .collect();
+    let server = Flexnbd::spawn(&dir, &args);
+    let (mut s, _) = connect_with_greeting(server.addr, WAIT);
+    let r = s.write_and_reply(1, 0, &data);
+    assert_eq!((r.handle, r.error), (1, proto::errno::EIO));
+    server.wait_log("fault fired: store.write#1 -> eio");
+    s.request(cmd::ENTRUST, 77, 0, 0);
+    let r = s.read_reply();
+    assert_eq!((r.handle, r.error), (77, proto::errno::EIO));
+    assert_eq!(marker_state(&file).as_deref(), Some("receiving"));
+    server.assert_no_panic();
+}
+
+#[test]
 fn source_close_after_entrust_causes_an_entrusted_marker_and_a_listener_that_waits() {
     entrust_then_close(false);
 }
