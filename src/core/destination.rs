@@ -1076,6 +1076,16 @@ mod tests {
         }
     }
 
+    /// An ENTRUST that tells no count (a source that waited for every
+    /// reply first): checked only for failed changes.
+    fn untold(conn: ConnId) -> Event {
+        Event::Entrust {
+            conn,
+            told: 0,
+            size: 1,
+        }
+    }
+
     fn fail(e: u32) -> Failure {
         Failure::new(e, "injected")
     }
@@ -1090,14 +1100,7 @@ mod tests {
     }
 
     fn entrust(m: &mut M, conn: ConnId, bytes: u64) {
-        assert_eq!(
-            m.on(Event::Entrust {
-                conn,
-                told: 0,
-                size: 1
-            }),
-            vec![Effect::Sync { conn }]
-        );
+        assert_eq!(m.on(untold(conn)), vec![Effect::Sync { conn }]);
         assert_eq!(m.on(Event::SyncDone { conn }), vec![entrusted(conn, bytes)]);
         assert_eq!(
             m.on(Event::MarkerPersisted { conn }),
@@ -1261,14 +1264,7 @@ mod tests {
         let mut m = M::new();
         m.open(1);
         first_change(&mut m, 1, 10);
-        assert_eq!(
-            m.on(Event::Entrust {
-                conn: 1,
-                told: 0,
-                size: 1
-            }),
-            vec![Effect::Sync { conn: 1 }]
-        );
+        assert_eq!(m.on(untold(1)), vec![Effect::Sync { conn: 1 }]);
         assert_eq!(
             m.on(Event::SyncFailed {
                 conn: 1,
@@ -1292,11 +1288,7 @@ mod tests {
         let mut m = M::new();
         m.open(1);
         first_change(&mut m, 1, 10);
-        m.on(Event::Entrust {
-            conn: 1,
-            told: 0,
-            size: 1,
-        });
+        m.on(untold(1));
         m.on(Event::SyncDone { conn: 1 });
         assert_eq!(
             m.on(Event::MarkerFailed {
@@ -1400,11 +1392,7 @@ mod tests {
         let mut m = M::new();
         m.open(1);
         first_change(&mut m, 1, 3);
-        m.on(Event::Entrust {
-            conn: 1,
-            told: 0,
-            size: 1,
-        });
+        m.on(untold(1));
         assert_eq!(
             m.on(Event::Closed {
                 conn: 1,
@@ -1496,14 +1484,7 @@ mod tests {
             },
             NOW,
         );
-        d.handle(
-            Event::Entrust {
-                conn: 1,
-                told: 0,
-                size: 1,
-            },
-            NOW,
-        );
+        d.handle(untold(1), NOW);
         let effects = d.handle(
             Event::SyncFailed {
                 conn: 1,
@@ -1805,14 +1786,7 @@ mod tests {
         m.open(1);
         resume(&mut m, 1, A);
         first_change_keeping(&mut m, 1, (A, 3));
-        assert_eq!(
-            m.on(Event::Entrust {
-                conn: 1,
-                told: 0,
-                size: 1
-            }),
-            vec![Effect::Sync { conn: 1 }]
-        );
+        assert_eq!(m.on(untold(1)), vec![Effect::Sync { conn: 1 }]);
         assert_eq!(
             m.on(Event::SyncDone { conn: 1 }),
             vec![marker(1, MarkerState::Entrusted, 1, Some((A, 3)))]
@@ -1917,14 +1891,7 @@ mod tests {
             &d.handle(Event::Change { conn: 2, bytes: 1 }, NOW),
         ));
         d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
-        d.handle(
-            Event::Entrust {
-                conn: 2,
-                told: 0,
-                size: 1,
-            },
-            NOW,
-        );
+        d.handle(untold(2), NOW);
         generations.push(generation_of(&d.handle(Event::SyncDone { conn: 2 }, NOW)));
         d.handle(Event::MarkerPersisted { conn: 2 }, NOW);
         d.handle(Event::Disconnect { conn: 2 }, NOW);
@@ -2054,11 +2021,7 @@ mod tests {
             let mut m = M::new();
             m.open(1);
             first_change(&mut m, 1, 3);
-            m.on(Event::Entrust {
-                conn: 1,
-                told: 0,
-                size: 1,
-            });
+            m.on(untold(1));
             assert_eq!(m.on(Event::SyncDone { conn: 1 }), vec![entrusted(1, 3)]);
             m.open(2);
             assert_eq!(
@@ -2089,11 +2052,7 @@ mod tests {
             let mut m = M::new();
             m.open(1);
             first_change(&mut m, 1, 3);
-            m.on(Event::Entrust {
-                conn: 1,
-                told: 0,
-                size: 1,
-            });
+            m.on(untold(1));
             m.open(2);
             assert_eq!(
                 m.on(Event::Change { conn: 2, bytes: 1 }),

@@ -762,16 +762,26 @@ mod tests {
 
     /// A pipe whose destination closed the connection before anything was
     /// sent, once its reply task has seen the end.
-    async fn closed_pipe(limit: Duration) -> Pipe<TcpStream, Quiet> {
+    /// Both ends of a loopback connection: the source's, the destination's.
+    async fn connected() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stream, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        drop(accepted.unwrap());
-        let pipe = Pipe::new(stream.unwrap(), limit, Arc::new(Quiet));
+        (stream.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Waits (10 s at most) until the reply task has seen the connection end.
+    async fn sees_the_end(pipe: Pipe<TcpStream, Quiet>) -> Pipe<TcpStream, Quiet> {
         tokio::time::timeout(Duration::from_secs(10), pipe.shared.failed.cancelled())
             .await
             .expect("the reply task sees the closed connection within 10 s");
         pipe
+    }
+
+    async fn closed_pipe(limit: Duration) -> Pipe<TcpStream, Quiet> {
+        let (stream, dest) = connected().await;
+        drop(dest);
+        sees_the_end(Pipe::new(stream, limit, Arc::new(Quiet))).await
     }
 
     #[tokio::test]
@@ -798,11 +808,8 @@ mod tests {
     /// A pipe to a destination that reads one write and answers it with
     /// `error`, then closes.
     async fn answered_then_closed(error: u32) -> Pipe<TcpStream, Quiet> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stream, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut dest, _) = accepted.unwrap();
-        let mut pipe = Pipe::new(stream.unwrap(), Duration::from_secs(20), Arc::new(Quiet));
+        let (stream, mut dest) = connected().await;
+        let mut pipe = Pipe::new(stream, Duration::from_secs(20), Arc::new(Quiet));
         pipe.write(0, &[7; 512], true).await.unwrap();
         let mut request = [0u8; proto::REQUEST_LEN + 512];
         dest.read_exact(&mut request).await.unwrap();
@@ -811,10 +818,7 @@ mod tests {
             .await
             .unwrap();
         drop(dest);
-        tokio::time::timeout(Duration::from_secs(10), pipe.shared.failed.cancelled())
-            .await
-            .expect("the reply task sees the closed connection within 10 s");
-        pipe
+        sees_the_end(pipe).await
     }
 
     #[tokio::test]
