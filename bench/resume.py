@@ -68,9 +68,9 @@ def bound(fraction, dirtied, interval):
 
 def widest_interval(serve_log):
     """The most data one checkpoint of the run covered (its `checkpoint K
-    ... held: N bytes` lines), at least INTERVAL: checkpoints also keep
+    ... held (T ms after it was asked): N bytes` lines), at least INTERVAL: checkpoints also keep
     250 ms apart, so a fast copy covers more than 64 MiB with each."""
-    covers = [int(m.group(1)) for m in re.finditer(r"checkpoint \d+ of migration \w+ held: (\d+) bytes",
+    covers = [int(m.group(1)) for m in re.finditer(r"checkpoint \d+ of migration \w+ held [^:]*: (\d+) bytes",
                                                     serve_log)]
     return max([INTERVAL] + covers)
 CASES = [("reset", 0.5), ("reset", 0.9), ("crash", 0.5), ("crash", 0.9)]

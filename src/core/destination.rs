@@ -281,6 +281,9 @@ struct Conn {
     /// what an ENTRUST is checked against.
     changes: u64,
     change_failed: bool,
+    /// Its CHECKPOINT is pending and it was the sender when it came: its
+    /// changes go on being applied meanwhile (see [`Destination::change`]).
+    checkpointing_sender: bool,
 }
 
 /// ENTRUST's offset field for a source that sent `changes` changes (WRITE,
@@ -396,6 +399,7 @@ impl Destination {
                         overtaken: false,
                         changes: 0,
                         change_failed: false,
+                        checkpointing_sender: false,
                     },
                 );
                 vec![]
@@ -471,7 +475,18 @@ impl Destination {
         };
         c.bytes_received += bytes;
         c.changes += 1;
-        if self.sender == Some(conn) {
+        // A source sends its checkpoint without waiting for the answer and
+        // goes on sending while the image syncs. The marker says
+        // `receiving` for this connection before, during and after the
+        // checkpoint's rewrite (which only adds this migration's
+        // checkpoint), so its changes need no rewrite of their own; one
+        // would supersede the checkpoint.
+        let checkpointing = c.checkpointing_sender
+            && matches!(
+                c.pending,
+                Pending::CheckpointSync(..) | Pending::CheckpointMarker(..)
+            );
+        if self.sender == Some(conn) || checkpointing {
             return vec![Effect::Apply { conn }];
         }
         c.pending = Pending::Marking;
@@ -571,6 +586,8 @@ impl Destination {
             ];
         }
         c.pending = Pending::CheckpointSync(migration, checkpoint);
+        c.checkpointing_sender =
+            self.sender == Some(conn) && c.migration.is_none_or(|m| m == migration);
         vec![Effect::Sync { conn }]
     }
 
@@ -1624,6 +1641,54 @@ mod tests {
         m.open(2);
         assert_eq!(resume(&mut m, 2, A), 2);
         assert_eq!(resume(&mut m, 2, B), 0);
+    }
+
+    #[test]
+    fn the_senders_changes_go_on_while_its_checkpoint_syncs_and_it_still_holds() {
+        // The source sends its checkpoint without waiting and goes on
+        // sending: no marker rewrite for those changes, which would
+        // supersede the checkpoint.
+        let mut m = M::new();
+        m.open(1);
+        assert_eq!(resume(&mut m, 1, A), 0);
+        first_change(&mut m, 1, 4096);
+        assert_eq!(
+            m.on(checkpoint_event(1, A, 1)),
+            vec![Effect::Sync { conn: 1 }]
+        );
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 10 }),
+            vec![Effect::Apply { conn: 1 }]
+        );
+        assert_eq!(
+            m.on(Event::SyncDone { conn: 1 }),
+            vec![checkpoint_marker(1, 4106, (A, 1))]
+        );
+        assert_eq!(
+            m.on(Event::Change { conn: 1, bytes: 10 }),
+            vec![Effect::Apply { conn: 1 }],
+            "while the marker is rewritten"
+        );
+        assert_eq!(
+            m.on(Event::MarkerPersisted { conn: 1 }),
+            vec![Effect::Reply { conn: 1, errno: 0 }]
+        );
+        assert_eq!(m.0.held(), Some((A, 1)));
+        // Another connection's change meanwhile still rewrites the marker
+        // first: it was not the sender when its checkpoint came.
+        m.open(2);
+        assert_eq!(resume(&mut m, 2, A), 1);
+        assert_eq!(
+            m.on(checkpoint_event(2, A, 2)),
+            vec![Effect::Sync { conn: 2 }]
+        );
+        assert!(
+            !matches!(
+                m.on(Event::Change { conn: 2, bytes: 5 }).as_slice(),
+                [Effect::Apply { .. }]
+            ),
+            "applied beside a marker that says receiving for another connection"
+        );
     }
 
     #[test]

@@ -429,6 +429,17 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 }
             }
             let event = answer.expect("every batch ends awaiting an answer or finishing");
+            // A checkpoint answered meanwhile is handed over first, so the
+            // machine sees it before Idle and before the answer that may
+            // end the attempt. What it returns awaits nothing.
+            if let Some(answered) = self.checkpoint_answered() {
+                for effect in self.machine.handle(Instant::now(), answered) {
+                    debug_assert!(!effect.awaits(), "{effect:?} after a checkpoint's answer");
+                    if let Some(outcome) = self.apply(effect).await {
+                        return outcome;
+                    }
+                }
+            }
             if matches!(
                 event,
                 Event::Failed { .. } | Event::ConnectFailed { .. } | Event::Cancel
@@ -438,6 +449,25 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             }
             batch = self.machine.handle(Instant::now(), event);
         }
+    }
+
+    /// The answer to the checkpoint sent without waiting, once it came
+    /// without error. An error answer failed the pipe: the effect awaited
+    /// now or the next one fails, and the attempt is retried.
+    fn checkpoint_answered(&mut self) -> Option<Event> {
+        let copier = self.copier.as_mut()?;
+        let (checkpoint, answer) = copier.checkpoint.as_mut()?;
+        let checkpoint = *checkpoint;
+        let held = match copier.pipe.poll_checkpoint(answer) {
+            pipe::CheckpointAnswer::Waiting => return None,
+            pipe::CheckpointAnswer::Failed => {
+                copier.checkpoint = None;
+                return None;
+            }
+            pipe::CheckpointAnswer::Answered(held) => held,
+        };
+        copier.checkpoint = None;
+        Some(Event::CheckpointAnswered { checkpoint, held })
     }
 
     /// Carries out an effect that answers nothing; `Some` ends the mirror.
@@ -479,6 +509,21 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             Effect::Held { checkpoint } => {
                 image.held().commit(checkpoint);
                 state.checkpoint.store(checkpoint, Ordering::Release);
+            }
+            Effect::SendCheckpoint {
+                migration,
+                checkpoint,
+            } => {
+                // What it covers: everything sent so far, every write of it
+                // already on the connection ahead of it (effects run one
+                // at a time). A send that fails has failed the pipe, and
+                // the next effect that uses it says so.
+                image.held().ask();
+                let copier = self.copier();
+                let k = u32::try_from(checkpoint).unwrap_or(u32::MAX);
+                if let Ok(answer) = copier.pipe.checkpoint(migration, k).await {
+                    copier.checkpoint = Some((checkpoint, answer));
+                }
             }
             Effect::Log(Level::Info, line) => info!("{line}"),
             Effect::Log(Level::Warn, line) => warn!("{line}"),
@@ -539,6 +584,8 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             } => {
                 // The number travels in the length field: 4 billion
                 // checkpoints are enough for any migration.
+                // Asked once every reply came: it covers all that was sent.
+                image.held().ask();
                 let pipe = &mut self.copier().pipe;
                 let k = u32::try_from(checkpoint).unwrap_or(u32::MAX);
                 match or_cancel(cancel, pipe.call_with(cmd::CHECKPOINT, migration, k, 0)).await {
@@ -804,6 +851,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             state: self.state,
             cancel,
             link_free: None,
+            checkpoint: None,
         });
         // Only a destination that offered resuming is asked anything new.
         let resumable = export.extensions & crate::proto::ext::RESUME != 0;
@@ -827,6 +875,9 @@ struct Copier<'a, S: crate::transport::Stream, P: Probe> {
     /// middle costs at most one piece at the old rate, not the whole
     /// migration's average.
     link_free: Option<Instant>,
+    /// The checkpoint sent without waiting (`Effect::SendCheckpoint`) and
+    /// its answer to come.
+    checkpoint: Option<(u64, pipe::Answer)>,
 }
 
 impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {

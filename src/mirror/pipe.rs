@@ -65,6 +65,12 @@ enum Pending {
         sent: Instant,
         payload: usize,
         tx: oneshot::Sender<(u32, Vec<u8>)>,
+        /// An error answer fails the pipe, as a write's does (a
+        /// checkpoint sent without waiting: nobody waits for its answer
+        /// to act on the error).
+        fails: bool,
+        /// Its offset field, for the error.
+        offset: u64,
     },
 }
 
@@ -149,8 +155,21 @@ impl Shared {
     }
 }
 
-/// A request's answer to come ([`Pipe::request`]).
-pub struct Answer(oneshot::Receiver<(u32, Vec<u8>)>);
+/// A request's answer to come ([`Pipe::request`]), and its handle.
+pub struct Answer(oneshot::Receiver<(u32, Vec<u8>)>, u64);
+
+/// What [`Pipe::poll_checkpoint`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CheckpointAnswer {
+    /// Not answered yet.
+    Waiting,
+    /// Answered 0 with every request sent before it answered without
+    /// error (`true`), or with some of them still in flight (`false`:
+    /// what it covers cannot be counted on).
+    Answered(bool),
+    /// The pipe failed first (an error answer to the checkpoint fails it).
+    Failed,
+}
 
 pub struct Pipe<S: Stream, P: Probe> {
     probe: Arc<P>,
@@ -505,6 +524,30 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         length: u32,
         payload: usize,
     ) -> Result<Answer, PipeError> {
+        self.request_failing(kind, offset, length, payload, false)
+            .await
+    }
+
+    /// Sends a CHECKPOINT without waiting for its answer: the copy goes on
+    /// while the destination syncs. An error answer fails the pipe;
+    /// [`Pipe::poll_checkpoint`] tells whether it has been answered.
+    pub async fn checkpoint(
+        &mut self,
+        migration: u64,
+        checkpoint: u32,
+    ) -> Result<Answer, PipeError> {
+        self.request_failing(cmd::CHECKPOINT, migration, checkpoint, 0, true)
+            .await
+    }
+
+    async fn request_failing(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        length: u32,
+        payload: usize,
+        fails: bool,
+    ) -> Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
         self.shared.track(
@@ -514,16 +557,43 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
                 sent: Instant::now(),
                 payload,
                 tx,
+                fails,
+                offset,
             },
         )?;
         let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
-        Ok(Answer(rx))
+        Ok(Answer(rx, handle))
+    }
+
+    /// Whether a checkpoint sent with [`Pipe::checkpoint`] has been
+    /// answered, without waiting. It holds what it covers only if every
+    /// request sent before it was answered without error too: a write
+    /// the destination never saw (or failed and whose error answer is
+    /// still to come) must not count as held. A failure is sticky and an
+    /// error answer fails the pipe, so "not failed and none earlier in
+    /// flight" is exactly that.
+    pub fn poll_checkpoint(&self, answer: &mut Answer) -> CheckpointAnswer {
+        match answer.0.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => CheckpointAnswer::Waiting,
+            Err(oneshot::error::TryRecvError::Closed) => CheckpointAnswer::Failed,
+            Ok((error, _)) if error != 0 => CheckpointAnswer::Failed,
+            Ok(_) => {
+                let pending = self.shared.pending();
+                let failed = self
+                    .shared
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some();
+                CheckpointAnswer::Answered(!failed && pending.keys().all(|&h| h > answer.1))
+            }
+        }
     }
 
     /// The error code of a request sent with [`Pipe::request`], and its
     /// payload when that is 0; the no-progress limit bounds the wait.
-    pub async fn answer(&self, Answer(rx): Answer) -> Result<(u32, Vec<u8>), PipeError> {
+    pub async fn answer(&self, Answer(rx, _): Answer) -> Result<(u32, Vec<u8>), PipeError> {
         match tokio::time::timeout(self.limit, rx).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());
@@ -642,6 +712,18 @@ async fn read_replies<S: Stream, P: Probe>(
                         .record(len, now.saturating_duration_since(began), now);
                 }
                 last_reply = Some(now);
+            }
+            Some(Pending::Call {
+                kind,
+                offset,
+                fails: true,
+                ..
+            }) if reply.error != 0 => {
+                return shared.fail(PipeError::ErrorReply {
+                    kind: cmd::name(kind),
+                    offset,
+                    error: reply.error,
+                });
             }
             Some(Pending::Call {
                 tx, payload, sent, ..
@@ -833,6 +915,73 @@ mod tests {
         assert!(
             matches!(pipe.wait_idle().await, Err(PipeError::ErrorReply { .. })),
             "a write answered EIO fails the wait"
+        );
+    }
+
+    /// Sends two writes and a checkpoint, reads them at the destination's
+    /// end, and answers the handles picked by `order` (0, 1: the writes,
+    /// 2: the checkpoint) with their error; returns what
+    /// `poll_checkpoint` says once it says anything (10 s at most).
+    async fn checkpoint_after(
+        order: &[(usize, u32)],
+    ) -> (CheckpointAnswer, Pipe<TcpStream, Quiet>) {
+        let (stream, mut dest) = connected().await;
+        let mut pipe = Pipe::new(stream, Duration::from_secs(20), Arc::new(Quiet));
+        pipe.write(0, &[1; 512], true).await.unwrap();
+        pipe.write(4096, &[2; 512], true).await.unwrap();
+        let mut answer = pipe.checkpoint(0x5eed, 1).await.unwrap();
+        let mut handles = Vec::new();
+        for payload in [512, 512, 0] {
+            let mut request = vec![0u8; proto::REQUEST_LEN + payload];
+            dest.read_exact(&mut request).await.unwrap();
+            handles.push(u64::from_be_bytes(request[8..16].try_into().unwrap()));
+        }
+        for &(which, error) in order {
+            dest.write_all(&SimpleReply::new(error, handles[which]).encode())
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match pipe.poll_checkpoint(&mut answer) {
+                CheckpointAnswer::Waiting if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                found => return (found, pipe),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_holds_only_once_every_request_before_it_was_answered_without_error() {
+        let (found, _pipe) = checkpoint_after(&[(0, 0), (1, 0), (2, 0)]).await;
+        assert_eq!(found, CheckpointAnswer::Answered(true));
+        // Answered while a write before it is not (it never arrived, or its
+        // error answer is still to come): nothing it covers counts.
+        let (found, _pipe) = checkpoint_after(&[(0, 0), (2, 0)]).await;
+        assert_eq!(found, CheckpointAnswer::Answered(false));
+        // A write before it answered with an error fails the pipe first.
+        let (found, _pipe) =
+            checkpoint_after(&[(0, crate::proto::errno::EIO), (1, 0), (2, 0)]).await;
+        assert_eq!(found, CheckpointAnswer::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_answered_with_an_error_fails_the_pipe() {
+        let (found, mut pipe) =
+            checkpoint_after(&[(0, 0), (1, 0), (2, crate::proto::errno::EIO)]).await;
+        assert_eq!(found, CheckpointAnswer::Failed);
+        let next = pipe.write(8192, &[3; 512], true).await;
+        assert!(
+            matches!(
+                next,
+                Err(PipeError::ErrorReply {
+                    kind: "checkpoint",
+                    offset: 0x5eed,
+                    ..
+                })
+            ),
+            "{next:?}"
         );
     }
 }

@@ -79,7 +79,9 @@ pub mod cmd {
     pub const ENTRUST: u16 = 0xffff;
     /// A migration's checkpoint (docs/handoff.md, "Resuming"): `offset` is
     /// the migration id, `length` the checkpoint's number. Answered once
-    /// the image is durable and the marker names the checkpoint.
+    /// the image (as of every write before it) is durable and the marker
+    /// names the checkpoint; writes sent behind it are stored and answered
+    /// meanwhile.
     pub const CHECKPOINT: u16 = 0xfffe;
     /// The resume query: `offset` is the migration id, `length` 8. Answered
     /// with 0 and 8 bytes, the checkpoint of that migration the destination

@@ -79,6 +79,9 @@ pub struct SourceRun {
     legacy: bool,
     /// Changes sent on the current connection: what ENTRUST tells.
     changes_sent: u64,
+    /// The checkpoint sent without waiting: its number, its request's
+    /// handle, and whether it was answered (without error).
+    checkpoint: Option<(u64, u64, bool)>,
 }
 
 impl SourceRun {
@@ -103,6 +106,11 @@ impl SourceRun {
         config.checkpoint_every = (image.size() / 4).max(BLOCK_SIZE);
         config.checkpoint_gap = Duration::ZERO;
         config.checkpoint_round_trips = 0;
+        // Checkpoints in the dirty passes as often as they can come: each
+        // one outstanding while writes go behind it is an interleaving to
+        // try.
+        config.pass_checkpoint_gap = Duration::ZERO;
+        config.pass_checkpoint_every = BLOCK_SIZE;
         SourceRun {
             machine: Source::new(config),
             image,
@@ -122,6 +130,7 @@ impl SourceRun {
             phase: "connecting".into(),
             legacy: sc.legacy_source,
             changes_sent: 0,
+            checkpoint: None,
         }
     }
 
@@ -158,9 +167,22 @@ impl SourceRun {
         }
     }
 
-    /// Answers the outstanding effect.
+    /// Answers the outstanding effect, after the answer of the checkpoint
+    /// sent without waiting if it came (as the real driver does).
     fn answer(&mut self, ctx: &mut SourceCtx, event: Event) {
         self.awaiting = None;
+        if let Some((checkpoint, handle, true)) = self.checkpoint {
+            self.checkpoint = None;
+            // Held only if nothing sent before it is still unanswered and
+            // the connection did not fail (as `Pipe::poll_checkpoint`).
+            let held =
+                self.broken.is_none() && self.in_flight.keys().next().is_none_or(|&h| h > handle);
+            let answered = Event::CheckpointAnswered { checkpoint, held };
+            ctx.core().note(format!("source <- {answered:?}"));
+            let now = ctx.core().instant();
+            let batch = self.machine.handle(now, answered);
+            self.take(ctx, batch);
+        }
         if matches!(
             event,
             Event::Failed { .. } | Event::ConnectFailed { .. } | Event::Cancel
@@ -180,6 +202,7 @@ impl SourceRun {
         }
         self.in_flight.clear();
         self.broken = None;
+        self.checkpoint = None;
         self.last_reply = None;
         self.costs = CostModel::default();
     }
@@ -245,6 +268,20 @@ impl SourceRun {
             return self.lost(ctx, conn, "a reply to no request in flight");
         };
         self.last_progress = now;
+        let sent_ahead = match &mut self.checkpoint {
+            Some((_, h, answered)) if *h == handle => {
+                if error != 0 {
+                    return self.lost(
+                        ctx,
+                        conn,
+                        "the destination answered checkpoint with an error",
+                    );
+                }
+                *answered = true;
+                true
+            }
+            _ => false,
+        };
         if matches!(req.kind, "write" | "zeroes") {
             if error != 0 {
                 return self.lost(ctx, conn, "the destination answered a write with an error");
@@ -262,7 +299,7 @@ impl SourceRun {
         self.last_reply = Some(now);
         match &self.awaiting {
             Some(Effect::Flush | Effect::Entrust | Effect::Checkpoint { .. })
-                if matches!(req.kind, "flush" | "entrust" | "checkpoint") =>
+                if matches!(req.kind, "flush" | "entrust" | "checkpoint") && !sent_ahead =>
             {
                 self.answer(ctx, Event::Reply { error })
             }
@@ -423,6 +460,22 @@ impl SourceRun {
                 ctx.core().resumed += u64::from(resume);
             }
             Effect::Held { checkpoint } => self.image.held().commit(checkpoint),
+            Effect::SendCheckpoint {
+                migration,
+                checkpoint,
+            } => {
+                // As the real driver: what it covers is recorded as it goes.
+                self.image.held().ask();
+                let req = Req::Checkpoint {
+                    migration,
+                    checkpoint,
+                };
+                // A send that fails leaves the connection broken: the next
+                // effect that uses it fails.
+                if let Some(handle) = self.send(ctx, req, false) {
+                    self.checkpoint = Some((checkpoint, handle, false));
+                }
+            }
             Effect::StopTracking => self.image.stop_tracking(),
             Effect::SetPhase(p) => self.phase = p.name().to_string(),
             Effect::ClearDirty { offset, len } => self.image.clear_dirty(offset, len),
@@ -509,6 +562,7 @@ impl SourceRun {
                 migration,
                 checkpoint,
             } => {
+                self.image.held().ask();
                 self.awaiting = Some(effect);
                 let req = Req::Checkpoint {
                     migration,

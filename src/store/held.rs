@@ -38,6 +38,8 @@ pub struct Held {
     /// Bytes per bit of both maps.
     unit: u64,
     sent: AllocationMap,
+    /// What was sent when the outstanding checkpoint was asked.
+    asked: AllocationMap,
     held: AllocationMap,
     /// The migration these maps are about (0 until the first `mirror`),
     /// kept for the process's life: a `mirror` after a `break` continues it.
@@ -45,6 +47,21 @@ pub struct Held {
     /// The last checkpoint the destination answered for it while the held
     /// blocks were counted (0: nothing held).
     checkpoint: AtomicU64,
+}
+
+/// ORs word `i` of `from` into `to`. A client that clears `from` after
+/// the first look clears `to` after this or has cleared it before the OR:
+/// what it cleared from `from` is taken back, in case it was before.
+fn copy_word(from: &AllocationMap, to: &AllocationMap, i: usize) {
+    let bits = from.peek_word(i);
+    if bits == 0 {
+        return;
+    }
+    to.or_word(i, bits);
+    let again = from.peek_word(i);
+    if bits & !again != 0 {
+        to.clear_word(i, bits & !again);
+    }
 }
 
 impl Held {
@@ -56,6 +73,7 @@ impl Held {
             size,
             unit,
             sent: AllocationMap::new(bits),
+            asked: AllocationMap::new(bits),
             held: AllocationMap::new(bits),
             migration: AtomicU64::new(0),
             checkpoint: AtomicU64::new(0),
@@ -100,6 +118,7 @@ impl Held {
         }
         for i in 0..self.sent.word_count() {
             self.sent.take_word(i);
+            self.asked.take_word(i);
             if resume {
                 let held = self.held.peek_word(i);
                 if held != 0 {
@@ -136,31 +155,27 @@ impl Held {
         let first = offset / self.unit;
         let end = offset.saturating_add(len).div_ceil(self.unit);
         self.sent.clear_blocks(first, end);
+        self.asked.clear_blocks(first, end);
         self.held.clear_blocks(first, end);
     }
 
-    /// A checkpoint was answered, and nothing was sent since it was asked:
-    /// everything sent is held.
-    pub fn commit(&self, checkpoint: u64) {
-        self.commit_blocks();
-        self.checkpoint.store(checkpoint, Ordering::Release);
+    /// A checkpoint is being asked: what has been sent so far is what it
+    /// will cover once answered. Called before the request goes out, after
+    /// every write it is to cover has gone.
+    pub fn ask(&self) {
+        for i in 0..self.sent.word_count() {
+            self.asked.take_word(i);
+            copy_word(&self.sent, &self.asked, i);
+        }
     }
 
-    fn commit_blocks(&self) {
-        for i in 0..self.sent.word_count() {
-            let sent = self.sent.peek_word(i);
-            if sent == 0 {
-                continue;
-            }
-            self.held.or_word(i, sent);
-            // A client that cleared `sent` after the first look clears
-            // `held` after this or has cleared it before the OR: take back
-            // what it cleared from `sent`, in case it was before.
-            let again = self.sent.peek_word(i);
-            if sent & !again != 0 {
-                self.held.clear_word(i, sent & !again);
-            }
+    /// The checkpoint asked last was answered, after every request before
+    /// it: what was sent when it was asked is held.
+    pub fn commit(&self, checkpoint: u64) {
+        for i in 0..self.asked.word_count() {
+            copy_word(&self.asked, &self.held, i);
         }
+        self.checkpoint.store(checkpoint, Ordering::Release);
     }
 
     /// Bytes held.
@@ -215,6 +230,7 @@ mod tests {
         h.mark_sent(0, 8 * B);
         // Changed after it was marked (read) for sending: not held.
         h.changed(2 * B + 100, 1);
+        h.ask();
         h.commit(1);
         assert_eq!(h.checkpoint(), 1);
         assert_eq!(
@@ -228,6 +244,31 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_holds_only_what_was_sent_before_it_was_asked() {
+        let h = Held::new(16 * B);
+        h.begin(false);
+        h.mark_sent(0, 4 * B);
+        h.ask();
+        // Sent while the destination syncs: the checkpoint does not cover
+        // it, whatever its answer.
+        h.mark_sent(4 * B, 4 * B);
+        // A client changes an asked block before the answer: not held.
+        h.changed(B, 1);
+        h.commit(1);
+        assert_eq!(
+            h.runs(0, 16 * B),
+            [(B, true), (B, false), (2 * B, true), (12 * B, false)]
+        );
+        // The next checkpoint covers what went after the first.
+        h.ask();
+        h.commit(2);
+        assert_eq!(
+            h.runs(0, 16 * B),
+            [(B, true), (B, false), (6 * B, true), (8 * B, false)]
+        );
+    }
+
+    #[test]
     fn only_whole_blocks_are_marked_sent_and_the_last_partial_one_at_the_end() {
         let size = 4 * B + 512;
         let h = Held::new(size);
@@ -236,6 +277,7 @@ mod tests {
         h.mark_sent(B / 2, B + B / 2);
         // The export's last, partial block, reached to the end.
         h.mark_sent(4 * B, 512);
+        h.ask();
         h.commit(1);
         assert_eq!(
             h.runs(0, size),
@@ -248,6 +290,7 @@ mod tests {
         let h = Held::new(8 * B);
         h.begin(false);
         h.mark_sent(0, 4 * B);
+        h.ask();
         h.commit(3);
         // Sent in the failed attempt after the checkpoint: not held.
         h.mark_sent(4 * B, 4 * B);
@@ -255,11 +298,13 @@ mod tests {
         assert_eq!(h.checkpoint(), 3);
         // A checkpoint right away holds what was held, not what the failed
         // attempt sent after it.
+        h.ask();
         h.commit(4);
         assert_eq!(h.runs(0, 8 * B), [(4 * B, true), (4 * B, false)]);
         h.begin(false);
         assert_eq!(h.checkpoint(), 0);
         assert_eq!(h.held_bytes(), 0);
+        h.ask();
         h.commit(5);
         assert_eq!(h.held_bytes(), 0);
     }
@@ -269,6 +314,7 @@ mod tests {
         let h = Held::new(8 * B);
         h.begin(false);
         h.mark_sent(2 * B, 2 * B);
+        h.ask();
         h.commit(1);
         assert_eq!(
             h.runs(B + 7, 4 * B),
@@ -286,9 +332,11 @@ mod tests {
         h.begin(false);
         // Not a whole 64 KiB block: nothing is sent.
         h.mark_sent(0, 60 * 1024);
+        h.ask();
         h.commit(1);
         assert_eq!(h.held_bytes(), 0);
         h.mark_sent(0, 1 << 30);
+        h.ask();
         h.commit(2);
         assert_eq!(h.held_bytes(), 1 << 30);
         // A 4 KiB change takes back its whole block.
