@@ -154,8 +154,12 @@ fn a_destination_that_knows_no_checkpoints_gets_everything_even_if_it_holds_it()
 }
 
 /// 96 MiB: 80 MiB of data, then a hole. Checkpoints come every 64 MiB of
-/// data (the least interval), so a cut after 72 writes of 1 MiB resumes
-/// from checkpoint 1 and sends the last 16 MiB again.
+/// data (the least interval) and before the cut-off, one outstanding at a
+/// time: a cut as checkpoint 2 goes out (the one before the cut-off, with
+/// the last 16 MiB unsynced) comes after checkpoint 1 was answered, so the
+/// next attempt resumes from checkpoint 1 and sends the last 16 MiB again.
+/// (A cut at a write is no such point: the copy goes on while a checkpoint
+/// syncs, so whether it was answered first is a matter of timing.)
 const SIZE: u64 = 96 * MIB;
 const DATA: u64 = 80 * MIB;
 
@@ -198,18 +202,19 @@ fn a_connection_cut_mid_copy_to_a_newstyle_destination_resumes_from_the_checkpoi
     connection_cut("resume-cut-newstyle", &["--handshake", "newstyle"]);
 }
 
-/// A connection closed by the source's fault plan on its 72nd write, to a
-/// `listen` with `extra` arguments.
+/// A connection closed by the source's fault plan as its second checkpoint
+/// goes out, to a `listen` with `extra` arguments.
 fn connection_cut(tag: &str, extra: &[&str]) {
     let dir = TempDir::new(tag);
     let src_file = eighty_mib_image(&dir, "src.img", 4);
     let dest_file = dir.sparse_file("dest.img", SIZE);
-    let (mut src, sock) = serve_with_faults(&dir, &src_file, "mirror.request_send.write#72=close");
+    let (mut src, sock) =
+        serve_with_faults(&dir, &src_file, "mirror.request_send.checkpoint#2=close");
     let mut dest = listen(&dir, &dest_file, extra);
     mirror_started(&sock, dest.port(), &[]);
     wait_exit_0(&mut src, "the source");
     wait_exit_0(&mut dest, "the destination");
-    src.assert_fired("mirror.request_send.write#72", "close");
+    src.assert_fired("mirror.request_send.checkpoint#2", "close");
     assert!(
         src.log().contains("from checkpoint 1: what it held then"),
         "{}",
@@ -219,8 +224,9 @@ fn connection_cut(tag: &str, extra: &[&str]) {
     assert_same_files(&src_file, &dest_file);
 }
 
-/// A destination that ends mid-copy (`plan` on its 72nd write), then is
-/// started again on the same port, as a supervisor does.
+/// A destination that ends before the copy is durable (`plan` as its
+/// second checkpoint arrives), then is started again on the same port, as
+/// a supervisor does.
 fn destination_restarted(tag: &str, plan: &str, action: &str) {
     let dir = TempDir::new(tag);
     let src_file = eighty_mib_image(&dir, "src.img", 5);
@@ -237,9 +243,9 @@ fn destination_restarted(tag: &str, plan: &str, action: &str) {
     assert_ne!(
         status.code(),
         Some(0),
-        "the destination must have ended mid-copy"
+        "the destination must have ended before the hand-off"
     );
-    dest.assert_fired("server.request_received.write#72", action);
+    dest.assert_fired("server.request_received.checkpoint#2", action);
     let mut again = Flexnbd::spawn(
         &dir,
         &server_args_on("listen", port, &dest_file, None, &[ZEROES]),
@@ -259,7 +265,7 @@ fn destination_restarted(tag: &str, plan: &str, action: &str) {
 fn a_destination_killed_mid_copy_and_restarted_resumes_from_the_checkpoint() {
     destination_restarted(
         "resume-crash",
-        "server.request_received.write#72=crash",
+        "server.request_received.checkpoint#2=crash",
         "crash",
     );
 }
@@ -271,17 +277,45 @@ fn a_destination_that_lost_power_mid_copy_resumes_from_what_its_checkpoint_made_
     // which skips it, would differ from the source.
     destination_restarted(
         "resume-power",
-        "server.request_received.write#72=powercut(all)",
+        "server.request_received.checkpoint#2=powercut(all)",
         "powercut(all)",
     );
 }
 
-/// `mirror -m` slow enough to `break` after checkpoint 1 (at 64 MiB).
-fn until_checkpoint_1(sock: &Path, port: u16) {
+/// The fault plan that holds the second checkpoint back for 5 s as it
+/// goes out: the copy goes on while a checkpoint syncs, so without it a
+/// quick copy may be done before `break` comes. `break` interrupts the
+/// delay; the checkpoint is never sent.
+const PAUSE_AFTER_1: (&str, &str) = (
+    "FLEXNBD_FAULTS",
+    "mirror.request_send.checkpoint#2=delay(5000)",
+);
+
+/// `serve` as [`serve`], pausing after checkpoint 1 ([`PAUSE_AFTER_1`]).
+fn serve_pausing(dir: &TempDir, file: &Path) -> (Flexnbd, PathBuf) {
+    serve_with_faults(dir, file, PAUSE_AFTER_1.1)
+}
+
+/// Waits until `dest` has seen the connection of a source that broke off
+/// end: it reads what was in flight first, and until then its one slot
+/// for a sender is taken (a `mirror` at once would be rejected).
+fn wait_sender_gone(dest: &Flexnbd) {
+    wait_for("the destination to see the old sender go", WAIT, || {
+        dest.log()
+            .lines()
+            .any(|l| l.contains("client ") && (l.contains(" finished") || l.contains(" dropped")))
+            .then_some(())
+    });
+}
+
+/// `mirror -m` to `break` after checkpoint 1 (at 64 MiB) of `src`, a
+/// source started with [`PAUSE_AFTER_1`].
+fn until_checkpoint_1(src: &Flexnbd, sock: &Path, port: u16) {
     mirror_started(sock, port, &["-m", "160000000"]);
     wait_status(sock, "checkpoint 1", |s| {
         s.get("migration_checkpoint").is_some_and(|k| k != "0")
     });
+    src.assert_fired("mirror.request_send.checkpoint#2", "delay(5000)");
     let o = run_tool(
         BIN,
         &["break", "-s", sock.to_str().unwrap()],
@@ -300,9 +334,10 @@ fn break_then_mirror_to_the_same_destination_resumes() {
     let dir = TempDir::new("resume-break");
     let src_file = eighty_mib_image(&dir, "src.img", 6);
     let dest_file = dir.sparse_file("dest.img", SIZE);
-    let (mut src, sock) = serve(&dir, &src_file);
+    let (mut src, sock) = serve_pausing(&dir, &src_file);
     let mut dest = listen(&dir, &dest_file, &[ZEROES]);
-    until_checkpoint_1(&sock, dest.port());
+    until_checkpoint_1(&src, &sock, dest.port());
+    wait_sender_gone(&dest);
     // A client changes 1 MiB the destination held: it must go again.
     let mut c = src.connect();
     c.oldstyle_greeting();
@@ -335,12 +370,12 @@ fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
     let a = Flexnbd::spawn_with_env(
         &dir,
         &server_args("serve", &a_file, Some(&a_sock), &[]),
-        &[GAP],
+        &[GAP, PAUSE_AFTER_1],
     );
     let mut c = Flexnbd::spawn_with_env(
         &dir,
         &server_args("serve", &c_file, Some(&c_sock), &[]),
-        &[GAP],
+        &[GAP, PAUSE_AFTER_1],
     );
     for s in [&a_sock, &c_sock] {
         wait_for("a control socket", WAIT, || {
@@ -349,8 +384,9 @@ fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
     }
     let mut a_listen = listen(&dir, &a_dest, &[ZEROES]);
     let c_listen = listen(&dir, &c_dest, &[ZEROES]);
-    until_checkpoint_1(&a_sock, a_listen.port());
-    until_checkpoint_1(&c_sock, c_listen.port());
+    until_checkpoint_1(&a, &a_sock, a_listen.port());
+    until_checkpoint_1(&c, &c_sock, c_listen.port());
+    wait_sender_gone(&a_listen);
     // C goes to A's destination: copied whole.
     mirror_started(&c_sock, a_listen.port(), &[]);
     wait_exit_0(&mut c, "source C");
@@ -367,10 +403,10 @@ fn a_destination_image_replaced_since_the_checkpoint_gets_everything() {
     let dir = TempDir::new("resume-replaced");
     let src_file = eighty_mib_image(&dir, "src.img", 9);
     let dest_file = dir.sparse_file("dest.img", SIZE);
-    let (mut src, sock) = serve(&dir, &src_file);
+    let (mut src, sock) = serve_pausing(&dir, &src_file);
     let mut dest = listen(&dir, &dest_file, &[ZEROES]);
     let port = dest.port();
-    until_checkpoint_1(&sock, port);
+    until_checkpoint_1(&src, &sock, port);
     dest.signal(libc::SIGTERM);
     dest.wait_exit();
     // Restored from a copy: the same bytes in another file.
@@ -410,11 +446,12 @@ fn a_restarted_source_compares_with_what_the_destination_holds() {
     let dir = TempDir::new("resume-restarted");
     let src_file = eighty_mib_image(&dir, "src.img", 11);
     let dest_file = dir.sparse_file("dest.img", SIZE);
-    let (mut src, sock) = serve(&dir, &src_file);
+    let (mut src, sock) = serve_pausing(&dir, &src_file);
     let mut dest = listen(&dir, &dest_file, &[ZEROES]);
-    until_checkpoint_1(&sock, dest.port());
+    until_checkpoint_1(&src, &sock, dest.port());
     src.signal(libc::SIGTERM);
     src.wait_exit();
+    wait_sender_gone(&dest);
     let (mut src, sock) = serve(&dir, &src_file);
     mirror_started(&sock, dest.port(), &[]);
     wait_exit_0(&mut src, "the restarted source");

@@ -518,10 +518,16 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 // already on the connection ahead of it (effects run one
                 // at a time). A send that fails has failed the pipe, and
                 // the next effect that uses it says so.
+                // `break` interrupts it (a send stuck on a full socket, a
+                // fault's delay): the attempt is being abandoned, and its
+                // connection with it.
                 image.held().ask();
+                let cancel = self.cancel;
                 let copier = self.copier();
                 let k = u32::try_from(checkpoint).unwrap_or(u32::MAX);
-                if let Ok(answer) = copier.pipe.checkpoint(migration, k).await {
+                if let Ok(Ok(answer)) =
+                    or_cancel(cancel, copier.pipe.checkpoint(migration, k)).await
+                {
                     copier.checkpoint = Some((checkpoint, answer));
                 }
             }

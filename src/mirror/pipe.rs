@@ -155,8 +155,8 @@ impl Shared {
     }
 }
 
-/// A request's answer to come ([`Pipe::request`]), and its handle.
-pub struct Answer(oneshot::Receiver<(u32, Vec<u8>)>, u64);
+/// A request's answer to come ([`Pipe::request`]).
+pub struct Answer(oneshot::Receiver<(u32, Vec<u8>)>);
 
 /// What [`Pipe::poll_checkpoint`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -563,7 +563,7 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
         )?;
         let header = Request::new(kind, 0, handle, offset, length).encode();
         self.send(kind, &header, &[]).await?;
-        Ok(Answer(rx, handle))
+        Ok(Answer(rx))
     }
 
     /// Whether a checkpoint sent with [`Pipe::checkpoint`] has been
@@ -572,28 +572,20 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     /// the destination never saw (or failed and whose error answer is
     /// still to come) must not count as held. A failure is sticky and an
     /// error answer fails the pipe, so "not failed and none earlier in
-    /// flight" is exactly that.
+    /// flight", as the reply task found when the answer came, is exactly
+    /// that. The pipe may fail after it: that takes nothing back.
     pub fn poll_checkpoint(&self, answer: &mut Answer) -> CheckpointAnswer {
         match answer.0.try_recv() {
             Err(oneshot::error::TryRecvError::Empty) => CheckpointAnswer::Waiting,
             Err(oneshot::error::TryRecvError::Closed) => CheckpointAnswer::Failed,
             Ok((error, _)) if error != 0 => CheckpointAnswer::Failed,
-            Ok(_) => {
-                let pending = self.shared.pending();
-                let failed = self
-                    .shared
-                    .failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some();
-                CheckpointAnswer::Answered(!failed && pending.keys().all(|&h| h > answer.1))
-            }
+            Ok((_, held)) => CheckpointAnswer::Answered(held == [1]),
         }
     }
 
     /// The error code of a request sent with [`Pipe::request`], and its
     /// payload when that is 0; the no-progress limit bounds the wait.
-    pub async fn answer(&self, Answer(rx, _): Answer) -> Result<(u32, Vec<u8>), PipeError> {
+    pub async fn answer(&self, Answer(rx): Answer) -> Result<(u32, Vec<u8>), PipeError> {
         match tokio::time::timeout(self.limit, rx).await {
             Err(_) => {
                 let e = PipeError::Timeout(self.limit.as_secs_f64());
@@ -726,8 +718,24 @@ async fn read_replies<S: Stream, P: Probe>(
                 });
             }
             Some(Pending::Call {
-                tx, payload, sent, ..
+                tx,
+                payload,
+                sent,
+                fails,
+                ..
             }) => {
+                // A checkpoint holds only if nothing sent before it is still
+                // unanswered and the pipe has not failed, as of its answer:
+                // a failure after it takes nothing back.
+                let held = fails && {
+                    let pending = shared.pending();
+                    let failed = shared
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_some();
+                    !failed && pending.keys().all(|&h| h > reply.handle)
+                };
                 shared.timed(sent, Instant::now());
                 let mut bytes = vec![0u8; if reply.error == 0 { payload } else { 0 }];
                 let mut got = 0;
@@ -740,6 +748,9 @@ async fn read_replies<S: Stream, P: Probe>(
                     }
                 }
                 last_reply = Some(Instant::now());
+                if fails {
+                    bytes = vec![u8::from(held)];
+                }
                 let _ = tx.send((reply.error, bytes));
             }
         }
@@ -921,9 +932,12 @@ mod tests {
     /// Sends two writes and a checkpoint, reads them at the destination's
     /// end, and answers the handles picked by `order` (0, 1: the writes,
     /// 2: the checkpoint) with their error; returns what
-    /// `poll_checkpoint` says once it says anything (10 s at most).
+    /// `poll_checkpoint` says once it says anything (10 s at most); with
+    /// `close`, the destination closes after answering and the pipe has
+    /// seen it fail before the poll.
     async fn checkpoint_after(
         order: &[(usize, u32)],
+        close: bool,
     ) -> (CheckpointAnswer, Pipe<TcpStream, Quiet>) {
         let (stream, mut dest) = connected().await;
         let mut pipe = Pipe::new(stream, Duration::from_secs(20), Arc::new(Quiet));
@@ -941,6 +955,10 @@ mod tests {
                 .await
                 .unwrap();
         }
+        if close {
+            drop(dest);
+            pipe = sees_the_end(pipe).await;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match pipe.poll_checkpoint(&mut answer) {
@@ -954,22 +972,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_checkpoint_holds_only_once_every_request_before_it_was_answered_without_error() {
-        let (found, _pipe) = checkpoint_after(&[(0, 0), (1, 0), (2, 0)]).await;
+        let (found, _pipe) = checkpoint_after(&[(0, 0), (1, 0), (2, 0)], false).await;
         assert_eq!(found, CheckpointAnswer::Answered(true));
         // Answered while a write before it is not (it never arrived, or its
         // error answer is still to come): nothing it covers counts.
-        let (found, _pipe) = checkpoint_after(&[(0, 0), (2, 0)]).await;
+        let (found, _pipe) = checkpoint_after(&[(0, 0), (2, 0)], false).await;
         assert_eq!(found, CheckpointAnswer::Answered(false));
+        // The connection ends after it was answered (a cut, a retry): what
+        // it held it still holds.
+        let (found, _pipe) = checkpoint_after(&[(0, 0), (1, 0), (2, 0)], true).await;
+        assert_eq!(found, CheckpointAnswer::Answered(true));
         // A write before it answered with an error fails the pipe first.
         let (found, _pipe) =
-            checkpoint_after(&[(0, crate::proto::errno::EIO), (1, 0), (2, 0)]).await;
+            checkpoint_after(&[(0, crate::proto::errno::EIO), (1, 0), (2, 0)], false).await;
         assert_eq!(found, CheckpointAnswer::Failed);
     }
 
     #[tokio::test]
     async fn a_checkpoint_answered_with_an_error_fails_the_pipe() {
         let (found, mut pipe) =
-            checkpoint_after(&[(0, 0), (1, 0), (2, crate::proto::errno::EIO)]).await;
+            checkpoint_after(&[(0, 0), (1, 0), (2, crate::proto::errno::EIO)], false).await;
         assert_eq!(found, CheckpointAnswer::Failed);
         let next = pipe.write(8192, &[3; 512], true).await;
         assert!(
