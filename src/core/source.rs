@@ -747,6 +747,13 @@ struct Attempt {
     last_checkpoint: Instant,
     /// The checkpoint sent without waiting and not answered yet.
     checkpoint_out: Option<u64>,
+    /// Seconds a byte of the last flush before the cut-off took the
+    /// destination to sync (its time past the round trip over what it
+    /// covered): what entrust's own sync will cost, clients shut out.
+    sync_per_byte: Option<f64>,
+    /// A flush came before the cut-off because entrust's sync would have
+    /// made the shut-out too long: the cut-off follows it.
+    closing_flush: bool,
     flush_is_checkpoint: bool,
     /// What the sweep sent as data (compared, for --verify) and skipped
     /// as held, for the log.
@@ -812,6 +819,8 @@ impl Attempt {
             checkpoint_covers: 0,
             last_checkpoint: now,
             checkpoint_out: None,
+            sync_per_byte: None,
+            closing_flush: false,
             flush_is_checkpoint: false,
             swept_data: 0,
             skipped: 0,
@@ -1052,6 +1061,7 @@ impl Source {
                     );
                 }
                 let mut out = Vec::new();
+                let covers = self.attempt_mut().checkpoint_covers;
                 if checkpoint {
                     out.extend(self.checkpointed(now));
                 }
@@ -1059,6 +1069,12 @@ impl Source {
                 let a = self.attempt_mut();
                 a.flushes += 1;
                 let took = now.saturating_duration_since(a.flush_started.unwrap_or(now));
+                if checkpoint && covers > 0 {
+                    // What it covered is exactly what it synced: the rate
+                    // entrust's sync is judged by.
+                    let synced = took.saturating_sub(a.round_trip);
+                    a.sync_per_byte = Some(synced.as_secs_f64() / covers as f64);
+                }
                 let line = format!(
                     "flush {} before the cut-off answered in {:.1} ms (round trip {:.1} ms)",
                     a.flushes,
@@ -1669,7 +1685,7 @@ impl Source {
             // the last and not quick: over a long round trip clients dirty
             // a round trip's worth during every flush, and only passes
             // shrink that.
-            let passes_now = !a.flushed || (a.flushes_done && !a.flush_quick);
+            let passes_now = !a.closing_flush && (!a.flushed || (a.flushes_done && !a.flush_quick));
             if passes_now && policy::another_pass(remainder, a.before_extra, a.extra_passes) {
                 a.extra_passes += 1;
                 a.before_extra = Some(remainder);
@@ -1693,6 +1709,31 @@ impl Source {
                     out.push(Effect::WaitIdle);
                     return out;
                 }
+                // Entrust syncs what went since the last flush or
+                // checkpoint as well as the remainder, clients shut out:
+                // too much of it, and one more flush first, while they
+                // still run, leaves it only what they write meanwhile.
+                let unsynced = a.since_checkpoint + a.to_carry;
+                let sync = a
+                    .sync_per_byte
+                    .map(|s| Duration::from_secs_f64(s * unsynced as f64));
+                let total = remainder + sync.unwrap_or_default();
+                if total > estimate.allowance && a.can_flush && !a.closing_flush {
+                    a.closing_flush = true;
+                    out.push(Effect::Log(
+                        Level::Info,
+                        format!(
+                            "{} bytes left would take {:.1} ms, and entrust's sync of the {unsynced} \
+                             bytes sent since the last flush {:.1} ms more: one more flush first",
+                            a.remaining,
+                            remainder.as_secs_f64() * 1e3,
+                            sync.unwrap_or_default().as_secs_f64() * 1e3
+                        ),
+                    ));
+                    self.wait = Wait::PassIdle { flush: true };
+                    out.push(Effect::WaitIdle);
+                    return out;
+                }
                 out.push(Effect::Log(
                     Level::Info,
                     converged_line(
@@ -1702,6 +1743,7 @@ impl Source {
                         a.capacity,
                         &estimate,
                         a.extra_passes,
+                        sync.map(|s| (unsynced, s)),
                     ),
                 ));
                 return self.cut_off(now, out);
@@ -1862,6 +1904,7 @@ fn converged_line(
     capacity: Option<Capacity>,
     estimate: &Estimate,
     extra_passes: u32,
+    sync: Option<(u64, Duration)>,
 ) -> String {
     let per = capacity.map_or(String::new(), |c| {
         format!(
@@ -1888,9 +1931,13 @@ fn converged_line(
     // with the shut-out the log reports next, a model that is off shows.
     let expect = estimate.remainder.map_or(String::new(), |r| {
         format!(
-            " (expected to take {:.1} ms; {extra_passes} extra pass{})",
+            " (expected to take {:.1} ms; {extra_passes} extra pass{}{})",
             r.as_secs_f64() * 1e3,
-            if extra_passes == 1 { "" } else { "es" }
+            if extra_passes == 1 { "" } else { "es" },
+            sync.map_or(String::new(), |(bytes, d)| format!(
+                "; entrust's sync of {bytes} bytes expected to take {:.1} ms",
+                d.as_secs_f64() * 1e3
+            ))
         )
     });
     format!(
@@ -2505,6 +2552,66 @@ mod tests {
         // Within the gap of the attempt's start: none ahead in the passes.
         let s = run(Duration::from_secs(3600));
         assert!(!s.iter().any(|x| x.ends_with("ahead")), "{s:#?}");
+    }
+
+    #[test]
+    fn a_flush_comes_before_the_cut_off_when_entrusts_sync_would_take_too_long() {
+        // The flush before the cut-off synced its 5 bytes in 1 ms: 0.2 ms
+        // a byte. Clients then dirtied 200 bytes during it: quick to send,
+        // but 40 ms for entrust to sync with clients shut out. One more
+        // flush first; the cut-off right after it.
+        let run = |dirtied: u64| {
+            let mut w = checkpointing(0, 0, 50);
+            w.dirty = VecDeque::from([vec![(10, 5)]]);
+            let mut measures = 0;
+            let outcome = w.run(|e, _| match e {
+                Effect::Measure => {
+                    measures += 1;
+                    Some(Event::Measured {
+                        dirty_bytes: if measures == 2 { dirtied } else { 0 },
+                        in_flight: 0,
+                        in_flight_bytes: 0,
+                        queued_bytes: 0,
+                    })
+                }
+                _ => None,
+            });
+            assert_eq!(outcome, Outcome::HandedOff);
+            w
+        };
+        let w = run(200);
+        let s = w.script();
+        let cut = w.position("cut off");
+        assert_eq!(
+            s[cut - 4..cut],
+            ["idle", "FLUSH", "measure", "unpace"],
+            "{s:#?}"
+        );
+        assert!(
+            w.position("held 3") < cut - 4,
+            "after the flush that measured the sync"
+        );
+        assert!(
+            w.logs().iter().any(|l| l.contains(
+                "and entrust's sync of the 200 bytes sent since the last flush 40.0 ms more: \
+                 one more flush first"
+            )),
+            "{:#?}",
+            w.logs()
+        );
+        // 20 bytes: 4 ms to sync, within the goal: cut off at once, and
+        // the log says what the sync was expected to take.
+        let w = run(20);
+        let s = w.script();
+        let cut = w.position("cut off");
+        assert!(!s[cut - 4..cut].contains(&"FLUSH".to_string()), "{s:#?}");
+        assert!(
+            w.logs()
+                .iter()
+                .any(|l| l.contains("entrust's sync of 20 bytes expected to take 4.0 ms")),
+            "{:#?}",
+            w.logs()
+        );
     }
 
     #[test]
