@@ -63,20 +63,14 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// otherwise.
 pub const REQUEST_LIMIT_DEFAULT: Duration = Duration::from_secs(60);
 
-/// The least time between checkpoints, and the least round trips:
+/// The least time between the sweep's checkpoints:
 /// `FLEXNBD_CHECKPOINT_GAP_MS` (milliseconds; the tests set 0 to checkpoint
-/// a small copy) sets the time and leaves out the round trips, else
-/// [`crate::core::source::CHECKPOINT_GAP`] and
-/// [`crate::core::source::CHECKPOINT_ROUND_TRIPS`].
-pub fn checkpoint_gap() -> (Duration, u32) {
+/// a small copy), else [`crate::core::source::CHECKPOINT_GAP`].
+pub fn checkpoint_gap() -> Duration {
     std::env::var("FLEXNBD_CHECKPOINT_GAP_MS")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|ms| (Duration::from_millis(ms), 0))
-        .unwrap_or((
-            crate::core::source::CHECKPOINT_GAP,
-            crate::core::source::CHECKPOINT_ROUND_TRIPS,
-        ))
+        .map_or(crate::core::source::CHECKPOINT_GAP, Duration::from_millis)
 }
 
 pub fn request_limit() -> Duration {
@@ -354,12 +348,10 @@ pub async fn supervise<T: Transport, H: Host, P: Probe>(
     // The migration continues across `mirror`s of this process (after a
     // `break`): its id and last checkpoint live with the image.
     let held = image.held();
-    let (checkpoint_gap, checkpoint_round_trips) = checkpoint_gap();
     let machine = Source::new(SourceConfig {
         migration: held.migration(client::random_handle),
         checkpoint: held.checkpoint(),
-        checkpoint_gap,
-        checkpoint_round_trips,
+        checkpoint_gap: checkpoint_gap(),
         verify: config.verify,
         ..SourceConfig::new(
             config.target.to_string(),

@@ -105,7 +105,6 @@ impl SourceRun {
         config.checkpoint = image.held().checkpoint();
         config.checkpoint_every = (image.size() / 4).max(BLOCK_SIZE);
         config.checkpoint_gap = Duration::ZERO;
-        config.checkpoint_round_trips = 0;
         // Checkpoints in the dirty passes as often as they can come: each
         // one outstanding while writes go behind it is an interleaving to
         // try.
