@@ -28,16 +28,16 @@
 //! | [`Effect::CountRuns`] | [`Event::Runs`] |
 //! | [`Effect::WaitIdle`] | [`Event::Idle`] |
 //! | [`Effect::Flush`], [`Effect::Entrust`], [`Effect::Checkpoint`] | [`Event::Reply`] |
-//!
-//! [`Effect::SendCheckpoint`] awaits nothing: its answer comes later as
-//! [`Event::CheckpointAnswered`], which the driver hands over just before
-//! the answer to the effect awaited at that time (and so before
-//! [`Event::Idle`] once everything is answered).
 //! | [`Effect::CutOffClients`] | [`Event::ClientsCutOff`] |
 //! | [`Effect::CloseServer`] | [`Event::ServerClosed`] |
 //! | [`Effect::Unlink`] | [`Event::Unlinked`] |
 //! | [`Effect::Disconnect`] | [`Event::DisconnectSent`] |
 //! | [`Effect::ArmRetry`] | [`Event::RetryTimerFired`] (or a [`Event::Tick`] at or past the delay) |
+//!
+//! [`Effect::SendCheckpoint`] awaits nothing: its answer comes later as
+//! [`Event::CheckpointAnswered`], which the driver hands over just before
+//! the answer to the effect awaited at that time (and so before
+//! [`Event::Idle`] once everything is answered).
 //!
 //! Any effect that does I/O on the connection or the image may instead be
 //! answered with [`Event::Failed`] (the connection broke, a request timed
