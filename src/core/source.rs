@@ -83,6 +83,11 @@ pub const CHECKPOINT_MIN: u64 = 64 * 1024 * 1024;
 pub const CHECKPOINT_SHARE: u64 = 64;
 /// The first window an adaptive comparison judges.
 pub const COMPARE_PROBE: u64 = 4 * 1024 * 1024;
+/// The sweep compares this much at a time: the driver keeps 8 digests of
+/// a mebibyte in flight, so a piece this long costs one round trip where
+/// mebibyte pieces cost one each (the 4 MiB probe of an empty destination
+/// took 200 ms over 50 ms).
+pub const COMPARE_CHUNK: u64 = 8 * 1024 * 1024;
 /// Checkpoints in the sweep come at least this far apart: a fast copy
 /// does not rewrite the marker every few hundred milliseconds. (They used
 /// to keep 100 round trips apart too, when each one left the link idle
@@ -259,6 +264,8 @@ pub struct SourceConfig {
     /// case) costs only this much comparing before the copy goes on as
     /// data.
     pub compare_probe: u64,
+    /// The longest piece the sweep compares at once ([`COMPARE_CHUNK`]).
+    pub compare_chunk: u64,
 }
 
 impl SourceConfig {
@@ -286,6 +293,7 @@ impl SourceConfig {
             verify: false,
             compare_window: WINDOW,
             compare_probe: COMPARE_PROBE,
+            compare_chunk: COMPARE_CHUNK,
         }
     }
 }
@@ -737,6 +745,8 @@ struct Attempt {
     checkpoint_covers: u64,
     /// When the last checkpoint was asked for (or the attempt connected).
     last_checkpoint: Instant,
+    /// The length of the sweep's data piece in flight.
+    piece: u64,
     /// The checkpoint sent without waiting and not answered yet.
     checkpoint_out: Option<u64>,
     /// Seconds a byte of the last flush before the cut-off took the
@@ -810,6 +820,7 @@ impl Attempt {
             since_checkpoint: 0,
             checkpoint_covers: 0,
             last_checkpoint: now,
+            piece: 0,
             checkpoint_out: None,
             sync_per_byte: None,
             closing_flush: false,
@@ -1486,6 +1497,11 @@ impl Source {
     /// The sweep's next piece.
     fn sweep_next(&mut self, now: Instant, mut out: Vec<Effect>) -> Vec<Effect> {
         let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
+        let (compare_window, compare_probe, compare_chunk) = (
+            self.config.compare_window,
+            self.config.compare_probe,
+            self.config.compare_chunk,
+        );
         let a = self.attempt_mut();
         while a.extent.is_none() {
             match a.extents.pop_front() {
@@ -1512,7 +1528,20 @@ impl Source {
         let piece = if !hole {
             // A chunk at a time, so status shows progress inside a long
             // extent (a throttled 8 MiB extent would otherwise show none).
-            let n = (end - at).min(chunk);
+            // Compared, a longer piece, up to where its window is judged.
+            let n = if a.compare {
+                let judged_at = if a.judged {
+                    compare_window
+                } else {
+                    compare_probe
+                };
+                let left = judged_at.saturating_sub(a.window_same + a.window_differed);
+                let left = if a.adaptive { left.max(1) } else { u64::MAX };
+                (end - at).min(compare_chunk).min(left)
+            } else {
+                (end - at).min(chunk)
+            };
+            a.piece = n;
             if a.compare {
                 Effect::CompareData { offset: at, len: n }
             } else {
@@ -1547,11 +1576,11 @@ impl Source {
     }
 
     fn sweep_sent(&mut self, now: Instant, data: bool) -> Vec<Effect> {
-        let (chunk, zero_chunk) = (self.config.chunk, self.config.zero_chunk);
+        let zero_chunk = self.config.zero_chunk;
         let a = self.attempt_mut();
         let (start, end, hole, from) = a.extent.expect("a piece of an extent was sent");
         let at = match (hole, a.can_zero) {
-            (false, _) => from + (end - from).min(chunk),
+            (false, _) => from + a.piece,
             (true, true) => from + (end - from).min(zero_chunk),
             (true, false) => end,
         };
@@ -2785,6 +2814,45 @@ mod tests {
         // What clients changed is sent: it differs by definition.
         assert!(s.contains(&"data 10+5".to_string()), "{s:#?}");
         assert!(!s.contains(&"data 0+50".to_string()), "{s:#?}");
+    }
+
+    #[test]
+    fn the_sweep_compares_long_pieces_that_end_where_a_window_is_judged() {
+        // A destination that holds it all: the probe (30) is judged on its
+        // own, then pieces of up to 60 (the driver keeps several digests in
+        // flight: one round trip each) end at each window's judging (80).
+        let mut w = checkpointing(0, 0, 1 << 40);
+        w.machine = Source::new(SourceConfig {
+            compare_probe: 30,
+            compare_window: 80,
+            compare_chunk: 60,
+            ..config(MirrorAction::Exit)
+        });
+        let outcome = w.run(|e, _| match e {
+            Effect::AskExtents { len, .. } => Some(Event::Extents(vec![(*len, Extent::Data)])),
+            Effect::CompareData { len, .. } => Some(Event::Compared {
+                same: *len,
+                differed: 0,
+            }),
+            _ => None,
+        });
+        assert_eq!(outcome, Outcome::HandedOff);
+        let compared: Vec<String> = w
+            .script()
+            .into_iter()
+            .filter(|x| x.starts_with("compare"))
+            .take(5)
+            .collect();
+        assert_eq!(
+            compared,
+            [
+                "compare 0+30",
+                "compare 30+60",
+                "compare 90+20",
+                "compare 110+60",
+                "compare 170+20"
+            ]
+        );
     }
 
     #[test]
