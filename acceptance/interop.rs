@@ -903,6 +903,55 @@ fn entrust_after_a_missing_or_failed_change_is_refused_and_the_marker_stays_rece
 }
 
 #[test]
+fn writes_behind_a_checkpoint_are_answered_while_a_real_listen_syncs_it() {
+    // A source sends CHECKPOINT and goes on writing without waiting for it:
+    // `listen` stores and answers those writes while the checkpoint's sync
+    // runs (held up 2 s by the fault), then answers the checkpoint, which
+    // holds. Waiting for the sync first left the link idle for all of it.
+    let dir = TempDir::new("ns-checkpoint-ahead");
+    let file = dir.sparse_file("dest.img", SIZE);
+    let args: Vec<String> = ["listen", "-l", "127.0.0.1", "-p", "0", "-f"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            file.display().to_string(),
+            "--faults".into(),
+            "store.sync#1=slow(2000)".into(),
+            "-v".into(),
+        ])
+        .collect();
+    let mut server = Flexnbd::spawn(&dir, &args);
+    let (mut s, _) = connect_with_greeting(server.addr, WAIT);
+    let data = pattern(4096, 6);
+    let r = s.write_and_reply(1, 0, &data);
+    assert_eq!((r.handle, r.error), (1, 0));
+    let asked = Instant::now();
+    s.request(cmd::CHECKPOINT, 60, 0x5eed, 1);
+    s.write(2, 4096, &data);
+    server.assert_fired("store.sync#1", "slow(2000)");
+    let first = s.read_reply();
+    assert_eq!(
+        (first.handle, first.error),
+        (2, 0),
+        "the write behind it first"
+    );
+    let second = s.read_reply();
+    assert_eq!(
+        (second.handle, second.error),
+        (60, 0),
+        "then the checkpoint"
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1800),
+        "the checkpoint's sync was the one held up: answered after {:?}",
+        asked.elapsed()
+    );
+    let marker = std::fs::read_to_string(marker_path(&file)).unwrap();
+    assert!(marker.contains("checkpoint=1\n"), "{marker}");
+    finish_migration(s, &mut server, &file, 8192, &data);
+}
+
+#[test]
 fn source_close_after_entrust_causes_an_entrusted_marker_and_a_listener_that_waits() {
     entrust_then_close(false);
 }
