@@ -450,16 +450,20 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
         let copier = self.copier.as_mut()?;
         let (checkpoint, answer) = copier.checkpoint.as_mut()?;
         let checkpoint = *checkpoint;
-        let held = match copier.pipe.poll_checkpoint(answer) {
+        let (held, sync) = match copier.pipe.poll_checkpoint(answer) {
             pipe::CheckpointAnswer::Waiting => return None,
             pipe::CheckpointAnswer::Failed => {
                 copier.checkpoint = None;
                 return None;
             }
-            pipe::CheckpointAnswer::Answered(held) => held,
+            pipe::CheckpointAnswer::Answered { held, sync } => (held, sync),
         };
         copier.checkpoint = None;
-        Some(Event::CheckpointAnswered { checkpoint, held })
+        Some(Event::CheckpointAnswered {
+            checkpoint,
+            held,
+            sync,
+        })
     }
 
     /// Carries out an effect that answers nothing; `Some` ends the mirror.
@@ -573,23 +577,6 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                     // ENOSPC (the C flexnbd checks the offset first).
                     Ok(Ok(_)) => Ok(Event::ResumeAnswer(None)),
                     Ok(Err(e)) => Err(e.into()),
-                    Err(e) => Err(e),
-                }
-            }
-            Effect::Checkpoint {
-                migration,
-                checkpoint,
-            } => {
-                // The number travels in the length field: 4 billion
-                // checkpoints are enough for any migration.
-                // Asked once every reply came: it covers all that was sent.
-                image.held().ask();
-                let pipe = &mut self.copier().pipe;
-                let k = u32::try_from(checkpoint).unwrap_or(u32::MAX);
-                match or_cancel(cancel, pipe.call_with(cmd::CHECKPOINT, migration, k, 0)).await {
-                    Ok(reply) => reply
-                        .map(|(error, _)| Event::Reply { error })
-                        .map_err(AttemptError::from),
                     Err(e) => Err(e),
                 }
             }

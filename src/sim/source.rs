@@ -50,7 +50,6 @@ fn uses_connection(effect: &Effect) -> bool {
             | Effect::Flush
             | Effect::Entrust
             | Effect::QueryResume { .. }
-            | Effect::Checkpoint { .. }
     )
 }
 
@@ -80,8 +79,9 @@ pub struct SourceRun {
     /// Changes sent on the current connection: what ENTRUST tells.
     changes_sent: u64,
     /// The checkpoint sent without waiting: its number, its request's
-    /// handle, and whether it was answered (without error).
-    checkpoint: Option<(u64, u64, bool)>,
+    /// handle, and, once it was answered (without error), how long after
+    /// it was sent.
+    checkpoint: Option<(u64, u64, Option<Micros>)>,
 }
 
 impl SourceRun {
@@ -170,13 +170,20 @@ impl SourceRun {
     /// sent without waiting if it came (as the real driver does).
     fn answer(&mut self, ctx: &mut SourceCtx, event: Event) {
         self.awaiting = None;
-        if let Some((checkpoint, handle, true)) = self.checkpoint {
+        if let Some((checkpoint, handle, Some(took))) = self.checkpoint {
             self.checkpoint = None;
             // Held only if nothing sent before it is still unanswered and
             // the connection did not fail (as `Pipe::poll_checkpoint`).
             let held =
                 self.broken.is_none() && self.in_flight.keys().next().is_none_or(|&h| h > handle);
-            let answered = Event::CheckpointAnswered { checkpoint, held };
+            // Its whole time counts as its sync: more than the real
+            // driver's figure, so the source here flushes more before the
+            // cut-off, never less.
+            let answered = Event::CheckpointAnswered {
+                checkpoint,
+                held,
+                sync: Duration::from_micros(took),
+            };
             ctx.core().note(format!("source <- {answered:?}"));
             let now = ctx.core().instant();
             let batch = self.machine.handle(now, answered);
@@ -276,7 +283,7 @@ impl SourceRun {
                         "the destination answered checkpoint with an error",
                     );
                 }
-                *answered = true;
+                *answered = Some(now.saturating_sub(req.sent));
                 true
             }
             _ => false,
@@ -297,8 +304,8 @@ impl SourceRun {
         }
         self.last_reply = Some(now);
         match &self.awaiting {
-            Some(Effect::Flush | Effect::Entrust | Effect::Checkpoint { .. })
-                if matches!(req.kind, "flush" | "entrust" | "checkpoint") && !sent_ahead =>
+            Some(Effect::Flush | Effect::Entrust)
+                if matches!(req.kind, "flush" | "entrust") && !sent_ahead =>
             {
                 self.answer(ctx, Event::Reply { error })
             }
@@ -472,7 +479,7 @@ impl SourceRun {
                 // A send that fails leaves the connection broken: the next
                 // effect that uses it fails.
                 if let Some(handle) = self.send(ctx, req, false) {
-                    self.checkpoint = Some((checkpoint, handle, false));
+                    self.checkpoint = Some((checkpoint, handle, None));
                 }
             }
             Effect::StopTracking => self.image.stop_tracking(),
@@ -554,20 +561,6 @@ impl SourceRun {
                     return self.answer(ctx, Event::ResumeAnswer(None));
                 }
                 if self.send(ctx, Req::Resume { migration }, false).is_none() {
-                    self.fail(ctx, "the destination closed the connection");
-                }
-            }
-            Effect::Checkpoint {
-                migration,
-                checkpoint,
-            } => {
-                self.image.held().ask();
-                self.awaiting = Some(effect);
-                let req = Req::Checkpoint {
-                    migration,
-                    checkpoint,
-                };
-                if self.send(ctx, req, false).is_none() {
                     self.fail(ctx, "the destination closed the connection");
                 }
             }
