@@ -43,6 +43,22 @@ fn listen(dir: &TempDir, file: &Path, extra: &[&str]) -> Flexnbd {
     Flexnbd::spawn(dir, &server_args("listen", file, None, extra))
 }
 
+/// The destination's first sync (checkpoint 1's) takes 300 ms more. At
+/// the cost a byte it then shows, entrust's sync of the 16 MiB after it
+/// would not fit the shut-out goal, so checkpoint 2 always comes, as the
+/// flush before the cut-off; with a quick disk there might be none.
+const SLOW_FIRST_SYNC: &str = "store.sync#1=slow(300)";
+
+/// `listen` as [`listen`], its first sync slow ([`SLOW_FIRST_SYNC`]) and
+/// `plan` as well.
+fn listen_slow_sync(dir: &TempDir, file: &Path, extra: &[&str], plan: &str) -> Flexnbd {
+    Flexnbd::spawn_with_env(
+        dir,
+        &server_args("listen", file, None, extra),
+        &[("FLEXNBD_FAULTS", &format!("{SLOW_FIRST_SYNC}; {plan}"))],
+    )
+}
+
 /// The greeting with WRITE_ZEROES: holes carry no payload, so
 /// `bytes_received` counts data only.
 const ZEROES: &str = "--oldstyle-extra-flags";
@@ -122,14 +138,15 @@ fn verify_sends_only_the_ranges_that_differ_and_ends_identical() {
 
 #[test]
 fn listen_offers_resuming_in_its_oldstyle_greeting_and_serve_keeps_the_c_greeting() {
-    // docs/handoff.md, "Resuming": bytes 28-35 say FLEX and bit 0; the rest
-    // of the reserved bytes stay zero. `serve` sends the C greeting.
+    // docs/handoff.md, "Resuming": bytes 28-35 say FLEX and bits 0 and 1;
+    // the rest of the reserved bytes stay zero. `serve` sends the C
+    // greeting.
     let dir = TempDir::new("resume-offer");
     let dest = listen(&dir, &dir.sparse_file("dest.img", MIB), &[]);
     let g = dest.connect().read_exact(152);
     assert_eq!(&g[0..8], b"NBDMAGIC");
     assert_eq!(&g[24..28], &[0, 0, 0, 13], "the C flexnbd's flags");
-    assert_eq!(&g[28..36], b"FLEX\0\0\0\x01", "the offer");
+    assert_eq!(&g[28..36], b"FLEX\0\0\0\x03", "the offer");
     assert!(g[36..].iter().all(|&b| b == 0), "the rest is zero");
     let (served, _) = serve(&dir, &dir.sparse_file("served.img", MIB));
     let g = served.connect().read_exact(152);
@@ -210,10 +227,11 @@ fn connection_cut(tag: &str, extra: &[&str]) {
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) =
         serve_with_faults(&dir, &src_file, "mirror.request_send.checkpoint#2=close");
-    let mut dest = listen(&dir, &dest_file, extra);
+    let mut dest = listen_slow_sync(&dir, &dest_file, extra, "");
     mirror_started(&sock, dest.port(), &[]);
     wait_exit_0(&mut src, "the source");
     wait_exit_0(&mut dest, "the destination");
+    dest.assert_fired("store.sync#1", "slow(300)");
     src.assert_fired("mirror.request_send.checkpoint#2", "close");
     assert!(
         src.log().contains("from checkpoint 1: what it held then"),
@@ -232,11 +250,7 @@ fn destination_restarted(tag: &str, plan: &str, action: &str) {
     let src_file = eighty_mib_image(&dir, "src.img", 5);
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) = serve(&dir, &src_file);
-    let mut dest = Flexnbd::spawn_with_env(
-        &dir,
-        &server_args("listen", &dest_file, None, &[ZEROES]),
-        &[("FLEXNBD_FAULTS", plan)],
-    );
+    let mut dest = listen_slow_sync(&dir, &dest_file, &[ZEROES], plan);
     let port = dest.port();
     mirror_started(&sock, port, &[]);
     let status = dest.wait_exit();
@@ -245,6 +259,7 @@ fn destination_restarted(tag: &str, plan: &str, action: &str) {
         Some(0),
         "the destination must have ended before the hand-off"
     );
+    dest.assert_fired("store.sync#1", "slow(300)");
     dest.assert_fired("server.request_received.checkpoint#2", action);
     let mut again = Flexnbd::spawn(
         &dir,
@@ -335,7 +350,7 @@ fn break_then_mirror_to_the_same_destination_resumes() {
     let src_file = eighty_mib_image(&dir, "src.img", 6);
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) = serve_pausing(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let mut dest = listen_slow_sync(&dir, &dest_file, &[ZEROES], "");
     until_checkpoint_1(&src, &sock, dest.port());
     wait_sender_gone(&dest);
     // A client changes 1 MiB the destination held: it must go again.
@@ -382,8 +397,8 @@ fn a_destination_holding_another_migrations_checkpoint_gets_everything() {
             UnixStream::connect(s).ok().map(|_| ())
         });
     }
-    let mut a_listen = listen(&dir, &a_dest, &[ZEROES]);
-    let c_listen = listen(&dir, &c_dest, &[ZEROES]);
+    let mut a_listen = listen_slow_sync(&dir, &a_dest, &[ZEROES], "");
+    let c_listen = listen_slow_sync(&dir, &c_dest, &[ZEROES], "");
     until_checkpoint_1(&a, &a_sock, a_listen.port());
     until_checkpoint_1(&c, &c_sock, c_listen.port());
     wait_sender_gone(&a_listen);
@@ -404,7 +419,7 @@ fn a_destination_image_replaced_since_the_checkpoint_gets_everything() {
     let src_file = eighty_mib_image(&dir, "src.img", 9);
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) = serve_pausing(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let mut dest = listen_slow_sync(&dir, &dest_file, &[ZEROES], "");
     let port = dest.port();
     until_checkpoint_1(&src, &sock, port);
     dest.signal(libc::SIGTERM);
@@ -447,7 +462,7 @@ fn a_restarted_source_compares_with_what_the_destination_holds() {
     let src_file = eighty_mib_image(&dir, "src.img", 11);
     let dest_file = dir.sparse_file("dest.img", SIZE);
     let (mut src, sock) = serve_pausing(&dir, &src_file);
-    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    let mut dest = listen_slow_sync(&dir, &dest_file, &[ZEROES], "");
     until_checkpoint_1(&src, &sock, dest.port());
     src.signal(libc::SIGTERM);
     src.wait_exit();
@@ -462,6 +477,30 @@ fn a_restarted_source_compares_with_what_the_destination_holds() {
         got <= DATA - 48 * MIB,
         "the 64 MiB the destination held must be compared, not sent: sent {got} of {DATA}"
     );
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
+fn a_destination_holding_no_data_is_sent_the_image_without_comparing() {
+    // docs/handoff.md, "Resuming": `listen` says in its resume answer that
+    // its image holds no data, and the source skips the digest probe of
+    // the first window. (A destination holding data is compared: the test
+    // above.)
+    let dir = TempDir::new("resume-empty");
+    let src_file = eighty_mib_image(&dir, "src.img", 12);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    let log = src.log();
+    assert!(
+        log.contains("holds no data: sending the image without comparing"),
+        "{log}"
+    );
+    assert!(!log.contains("compared matched"), "no probe: {log}");
+    assert_eq!(bytes_received(&dest_file), DATA);
     assert_same_files(&src_file, &dest_file);
 }
 

@@ -325,8 +325,12 @@ pub enum Event {
     },
     /// The destination's answer to the resume query: the checkpoint of this
     /// migration it durably holds (0: none), or `None` for an old
-    /// destination that knows no checkpoints.
-    ResumeAnswer(Option<u64>),
+    /// destination that knows no checkpoints; `empty`: it said its image
+    /// holds no data (a destination that was not asked says nothing).
+    ResumeAnswer {
+        checkpoint: Option<u64>,
+        empty: bool,
+    },
     /// The extents asked for, as (length, what) from its start.
     Extents(Vec<(u64, Extent)>),
     /// The data or hole went out (written to the connection; its reply
@@ -930,7 +934,9 @@ impl Source {
                 Event::Failed { .. },
             ) => Vec::new(),
             (_, Event::Failed { reason }) => self.retry(now, reason),
-            (Wait::Resume, Event::ResumeAnswer(answer)) => self.resume_answered(now, answer, true),
+            (Wait::Resume, Event::ResumeAnswer { checkpoint, empty }) => {
+                self.resume_answered(now, checkpoint, empty, true)
+            }
             (Wait::WindowCapacity, Event::Capacity { capacity, .. }) => {
                 let a = self.attempt_mut();
                 a.note_round_trip(capacity);
@@ -1264,7 +1270,7 @@ impl Source {
                     ),
                 ));
             }
-            out.extend(self.resume_answered(now, None, false));
+            out.extend(self.resume_answered(now, None, false, false));
             return out;
         }
         self.wait = Wait::Resume;
@@ -1279,7 +1285,13 @@ impl Source {
     /// answered (an older one, or none, and nothing is trusted).
     /// `offered`: the destination offered the extensions (else it was not
     /// asked, and nothing of them is used).
-    fn resume_answered(&mut self, now: Instant, answer: Option<u64>, offered: bool) -> Vec<Effect> {
+    fn resume_answered(
+        &mut self,
+        now: Instant,
+        answer: Option<u64>,
+        empty: bool,
+        offered: bool,
+    ) -> Vec<Effect> {
         let (migration, target) = (self.config.migration, self.config.target.clone());
         let verify = self.config.verify;
         let held = self.held_checkpoint;
@@ -1316,8 +1328,16 @@ impl Source {
         a.resumed = resume;
         // `--verify` compares everything. A flexnbd destination that holds
         // nothing of this migration may still hold an earlier copy (this
-        // source restarted and drew a new id): compare while it matches.
-        a.compare = offered && (verify || (answer.is_some() && !resume));
+        // source restarted and drew a new id): compare while it matches,
+        // unless it said its image holds no data at all (the probe of the
+        // first window then only cost a round trip or two).
+        a.compare = offered && (verify || (answer.is_some() && !resume && !empty));
+        if answer.is_some() && !resume && empty && !verify {
+            out.push(Effect::Log(
+                Level::Info,
+                format!("{target} holds no data: sending the image without comparing"),
+            ));
+        }
         a.adaptive = !verify && a.compare;
         a.next_checkpoint = held.max(answer.unwrap_or(0)) + 1;
         // Track changes from here on. The sweep need not wait for the
@@ -2136,6 +2156,8 @@ mod tests {
         flags: u16,
         /// The answer to the resume query (`None`: an error answer).
         resume: Option<u64>,
+        /// Whether the resume answer says the image holds no data.
+        empty: bool,
         /// Whether the destination offers resuming (else it is the C
         /// flexnbd or an older one, and is asked nothing new).
         resumable: bool,
@@ -2163,6 +2185,7 @@ mod tests {
                 final_dirty: VecDeque::new(),
                 flags: SEND_FLUSH | SEND_WRITE_ZEROES,
                 resume: None,
+                empty: false,
                 resumable: true,
                 round_trip: Duration::ZERO,
                 checkpoint_delay: 2,
@@ -2193,7 +2216,10 @@ mod tests {
                     Event::Extents(vec![(50, Extent::Data), (len - 50, Extent::Hole)])
                 }
                 Effect::AskExtents { len, .. } => Event::Extents(vec![(*len, Extent::Data)]),
-                Effect::QueryResume { .. } => Event::ResumeAnswer(self.resume),
+                Effect::QueryResume { .. } => Event::ResumeAnswer {
+                    checkpoint: self.resume,
+                    empty: self.empty,
+                },
                 Effect::SendData { .. } | Effect::SendHole { .. } => Event::Sent,
                 // A destination that holds nothing of the image.
                 Effect::CompareData { len, .. } => Event::Compared {
@@ -3079,6 +3105,36 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_that_says_it_holds_no_data_is_not_compared() {
+        let run = |empty: bool, verify: bool| {
+            let mut w = checkpointing(0, 0, 1 << 40);
+            w.empty = empty;
+            w.machine = Source::new(SourceConfig {
+                verify,
+                ..config(MirrorAction::Exit)
+            });
+            assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+            w
+        };
+        let w = run(true, false);
+        let s = w.script();
+        assert!(!s.iter().any(|x| x.starts_with("compare")), "{s:#?}");
+        assert!(s.contains(&"data 0+50".to_string()), "{s:#?}");
+        assert!(
+            w.logs().contains(
+                &"10.0.0.2:4777 holds no data: sending the image without comparing".to_string()
+            ),
+            "{:#?}",
+            w.logs()
+        );
+        // Not said: the probe, as ever; `--verify` compares regardless.
+        for (empty, verify) in [(false, false), (true, true)] {
+            let s = run(empty, verify).script();
+            assert!(s.contains(&"compare 0+50".to_string()), "{s:#?}");
+        }
+    }
+
+    #[test]
     fn held_runs_are_never_sent_however_short() {
         use Extent::{Data, Held, Hole};
         let extents = [(100, false), (50, true)];
@@ -3114,7 +3170,10 @@ mod tests {
             Effect::QueryResume { .. } => {
                 queries += 1;
                 // The destination holds checkpoint 1 after the first attempt.
-                Some(Event::ResumeAnswer(Some(if queries == 1 { 0 } else { 1 })))
+                Some(Event::ResumeAnswer {
+                    checkpoint: Some(if queries == 1 { 0 } else { 1 }),
+                    empty: false,
+                })
             }
             _ => None,
         });

@@ -568,14 +568,34 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
                 Ok(Event::Extents(image.sweep_extents(offset, len, held)))
             }
             Effect::QueryResume { migration } => {
+                // A destination that offered it also says whether its image
+                // holds any data: 8 more bytes.
+                let len = if self.copier().tells_empty { 16 } else { 8 };
                 let pipe = &mut self.copier().pipe;
-                match or_cancel(cancel, pipe.call_with(cmd::RESUME, migration, 8, 8)).await {
-                    Ok(Ok((0, bytes))) => Ok(Event::ResumeAnswer(Some(u64::from_be_bytes(
-                        bytes.try_into().expect("the pipe reads exactly 8 bytes"),
-                    )))),
+                match or_cancel(
+                    cancel,
+                    pipe.call_with(cmd::RESUME, migration, len, len as usize),
+                )
+                .await
+                {
+                    Ok(Ok((0, bytes))) => {
+                        let word = |i: usize| {
+                            bytes
+                                .get(i * 8..i * 8 + 8)
+                                .and_then(|b| b.try_into().ok())
+                                .map_or(0, u64::from_be_bytes)
+                        };
+                        Ok(Event::ResumeAnswer {
+                            checkpoint: Some(word(0)),
+                            empty: len == 16 && word(1) & 1 != 0,
+                        })
+                    }
                     // An old destination: EINVAL (an older flexnbd) or
                     // ENOSPC (the C flexnbd checks the offset first).
-                    Ok(Ok(_)) => Ok(Event::ResumeAnswer(None)),
+                    Ok(Ok(_)) => Ok(Event::ResumeAnswer {
+                        checkpoint: None,
+                        empty: false,
+                    }),
                     Ok(Err(e)) => Err(e.into()),
                     Err(e) => Err(e),
                 }
@@ -837,6 +857,7 @@ impl<'a, T: Transport, H: Host, P: Probe> Driver<'a, T, H, P> {
             cancel,
             link_free: None,
             checkpoint: None,
+            tells_empty: export.extensions & crate::proto::ext::EMPTY != 0,
         });
         // Only a destination that offered resuming is asked anything new.
         let resumable = export.extensions & crate::proto::ext::RESUME != 0;
@@ -863,6 +884,9 @@ struct Copier<'a, S: crate::transport::Stream, P: Probe> {
     /// The checkpoint sent without waiting (`Effect::SendCheckpoint`) and
     /// its answer to come.
     checkpoint: Option<(u64, pipe::Answer)>,
+    /// The destination offered to say whether its image is empty
+    /// (`proto::ext::EMPTY`).
+    tells_empty: bool,
 }
 
 impl<S: crate::transport::Stream, P: Probe> Copier<'_, S, P> {

@@ -175,6 +175,9 @@ pub mod ext {
     pub const TAG: [u8; 4] = *b"FLEX";
     /// RESUME, CHECKPOINT and DIGEST.
     pub const RESUME: u32 = 1 << 0;
+    /// The resume query asked with length 16 answers 8 more bytes, bit 0:
+    /// the image holds no data (every block a hole). With [`RESUME`].
+    pub const EMPTY: u32 = 1 << 1;
 }
 
 /// Structured reply chunk types and flags.

@@ -249,21 +249,35 @@ where
         Ok(())
     }
 
-    /// The resume query (`offset` the migration id, `length` 8): answered
-    /// 0 and 8 bytes, the checkpoint held for that migration (big-endian, 0
-    /// for none). Any other length is EINVAL, without a payload.
+    /// The resume query (`offset` the migration id, `length` 8 or 16):
+    /// answered 0 and 8 bytes, the checkpoint held for that migration
+    /// (big-endian, 0 for none), and with length 16 (`proto::ext::EMPTY`)
+    /// 8 more, bit 0 set when the image holds no data. Any other length is
+    /// EINVAL, without a payload.
     pub(super) async fn resume(&mut self, req: &Request) -> Result<(), ConnError> {
         let Some(session) = &self.session else {
             return Ok(());
         };
-        if req.length != 8 {
+        if req.length != 8 && req.length != 16 {
             warn!(
-                "client {}: resume query of length {}: expected 8 (the size of its answer); answering EINVAL",
+                "client {}: resume query of length {}: expected 8 or 16 (the size of its answer); answering EINVAL",
                 self.peer, req.length
             );
             return self.simple_reply(req, errno::EINVAL).await;
         }
         session.checkpoint_done().await;
+        // Whether every block is a hole: the map (or the file) is asked off
+        // the async workers. Only a hint: a source told "empty" sends
+        // everything, which is never wrong.
+        let empty = if req.length == 16 {
+            let image = self.image.clone();
+            let size = image.size();
+            tokio::task::spawn_blocking(move || image.extents(0, size, 1) == [(size, true)])
+                .await
+                .unwrap_or(false)
+        } else {
+            false
+        };
         let event = Event::Resume {
             conn: session.conn,
             migration: req.offset,
@@ -278,6 +292,9 @@ where
                     let mark = w.mark();
                     w.put(&SimpleReply::new(0, req.handle).encode());
                     w.put(&checkpoint.to_be_bytes());
+                    if req.length == 16 {
+                        w.put(&u64::from(empty).to_be_bytes());
+                    }
                     finish(&mut w, verdict, step, mark).await?;
                     w.send_if_full().await.map_err(ConnError::Send)?;
                 }
@@ -634,6 +651,31 @@ mod tests {
         assert_eq!((reply.error, reply.handle), (0, 51));
         assert_eq!(k.bytes(8).await, vec![0, 0, 0, 0, 1, 2, 3, 4]);
         assert_eq!(ask(&mut k, B).await, 0, "another migration");
+    }
+
+    #[tokio::test]
+    async fn resume_asked_with_16_bytes_also_says_whether_the_image_holds_data() {
+        let mut k = kit(64 * 1024, true);
+        let ask16 = async |k: &mut crate::server::testkit::Kit, handle: u64| {
+            k.send(Request::new(cmd::RESUME, 0, handle, A, 16), &[])
+                .await;
+            k.conn.request_cycle().await.unwrap();
+            let reply = k.reply().await;
+            assert_eq!((reply.error, reply.handle), (0, handle));
+            k.bytes(16).await
+        };
+        // A fresh image: all holes.
+        let mut fresh = vec![0; 16];
+        fresh[15] = 1;
+        assert_eq!(ask16(&mut k, 60).await, fresh);
+        // Once a write landed, it holds data.
+        write(&mut k, 1).await;
+        assert_eq!(ask16(&mut k, 61).await, vec![0; 16]);
+        // Any other length but 8 or 16 is refused, without a payload.
+        k.send(Request::new(cmd::RESUME, 0, 62, A, 12), &[]).await;
+        k.conn.request_cycle().await.unwrap();
+        let reply = k.reply().await;
+        assert_eq!((reply.error, reply.handle), (errno::EINVAL, 62));
     }
 
     #[tokio::test]

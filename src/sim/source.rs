@@ -261,7 +261,14 @@ impl SourceRun {
         }
         self.last_progress = ctx.core().now;
         if matches!(self.awaiting, Some(Effect::QueryResume { .. })) {
-            self.answer(ctx, Event::ResumeAnswer(Some(value)));
+            // The simulated destination is not asked whether it is empty.
+            self.answer(
+                ctx,
+                Event::ResumeAnswer {
+                    checkpoint: Some(value),
+                    empty: false,
+                },
+            );
         }
     }
 
@@ -310,9 +317,13 @@ impl SourceRun {
                 self.answer(ctx, Event::Reply { error })
             }
             // An old destination answers RESUME with an error.
-            Some(Effect::QueryResume { .. }) if req.kind == "resume" => {
-                self.answer(ctx, Event::ResumeAnswer(None))
-            }
+            Some(Effect::QueryResume { .. }) if req.kind == "resume" => self.answer(
+                ctx,
+                Event::ResumeAnswer {
+                    checkpoint: None,
+                    empty: false,
+                },
+            ),
             Some(
                 Effect::SendData { .. } | Effect::CompareData { .. } | Effect::SendHole { .. },
             ) => {
@@ -558,7 +569,13 @@ impl SourceRun {
                 self.awaiting = Some(effect);
                 if self.legacy {
                     // An old source asks nothing of the sort.
-                    return self.answer(ctx, Event::ResumeAnswer(None));
+                    return self.answer(
+                        ctx,
+                        Event::ResumeAnswer {
+                            checkpoint: None,
+                            empty: false,
+                        },
+                    );
                 }
                 if self.send(ctx, Req::Resume { migration }, false).is_none() {
                     self.fail(ctx, "the destination closed the connection");
