@@ -1194,11 +1194,10 @@ fn store_sync_eio_makes_entrust_fail_and_keeps_the_marker_receiving() {
 
 #[test]
 fn store_sync_eio_at_entrust_in_a_migration_keeps_the_source_canonical() {
-    // The mirror FLUSHes before it entrusts while a flush is slow (over
-    // 10 ms beyond the round trip) and each syncs a quarter less than the
-    // one before, at most 4 times: syncs of 160, 80, 40 and 20 ms pass as
-    // 4 flushes, so the 5th sync is the entrust's and fails (and every
-    // later one, on each retry).
+    // The mirror sends one checkpoint ahead as the flush before the
+    // cut-off (nothing told it what a sync costs yet), then entrusts: the
+    // first sync, slow, is that checkpoint's and passes; the second is the
+    // entrust's and fails (and every later one, on each retry).
     let dir = TempDir::new("dur-eio-migrate");
     let src = dir.pattern_file("src.img", MIB, 14);
     let dest = dir.sparse_file("dest.img", MIB);
@@ -1209,7 +1208,7 @@ fn store_sync_eio_at_entrust_in_a_migration_keeps_the_source_canonical() {
         "listen",
         &dest,
         None,
-        Some("store.sync=1*slow(160)->1*slow(80)->1*slow(40)->1*slow(20)->eio"),
+        Some("store.sync=1*slow(160)->eio"),
     );
     mirror_unlink(&sock, destination.port());
     destination.wait_log("entrust from");

@@ -444,7 +444,7 @@ impl RawClient {
         assert_eq!(&g[8..16], &proto::INIT_MAGIC.to_be_bytes());
         // Zero, but for a destination's offer of its extensions
         // (docs/handoff.md, "Resuming").
-        let offer = proto::oldstyle_greeting_offering(0, 0, proto::ext::RESUME);
+        let offer = proto::oldstyle_greeting_offering(0, 0, proto::ext::LISTEN);
         assert!(
             g[28..].iter().all(|&b| b == 0) || g[28..] == offer[28..],
             "reserved greeting bytes must be zero or a destination's offer: {:02x?}",

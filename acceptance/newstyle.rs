@@ -405,7 +405,7 @@ fn listen_offers_its_extensions_to_a_client_that_lists_them_and_serve_offers_non
     );
     assert_eq!(
         ask(&listening, &asking),
-        vec![proto::info_flexnbd(proto::ext::RESUME).to_vec()]
+        vec![proto::info_flexnbd(proto::ext::LISTEN).to_vec()]
     );
 }
 

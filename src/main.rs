@@ -476,7 +476,7 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
         tls,
         // A destination offers resuming (docs/handoff.md, "Resuming").
         extensions: match role {
-            Role::Listen => flexnbd::proto::ext::RESUME | flexnbd::proto::ext::EMPTY,
+            Role::Listen => flexnbd::proto::ext::LISTEN,
             Role::Serve => 0,
         },
     };

@@ -178,6 +178,8 @@ pub mod ext {
     /// The resume query asked with length 16 answers 8 more bytes, bit 0:
     /// the image holds no data (every block a hole). With [`RESUME`].
     pub const EMPTY: u32 = 1 << 1;
+    /// What `listen` offers.
+    pub const LISTEN: u32 = RESUME | EMPTY;
 }
 
 /// Structured reply chunk types and flags.
