@@ -360,10 +360,9 @@ pub enum Event {
     /// Every request sent has been answered.
     Idle,
     /// The checkpoint of [`Effect::SendCheckpoint`] was answered without
-    /// error; `held`: every request before it was too. `sync`: the
-    /// destination's time on it as its answers showed (from the answer to
-    /// the last request sent before it to its own, or, when that came
-    /// before the checkpoint went out, its time past the round trip). It
+    /// error; `held`: every request before it was too. `sync`: its time
+    /// past the connection's round trip (the destination's sync, and the
+    /// time on the link of what was sent ahead of it). It
     /// comes before the answer to the effect awaited at the time, never
     /// instead of it, and what it returns never awaits.
     CheckpointAnswered {
@@ -752,10 +751,12 @@ struct Attempt {
     piece: u64,
     /// The checkpoint sent without waiting and not answered yet.
     checkpoint_out: Option<u64>,
-    /// Seconds a byte of the last checkpoint (or flush before the cut-off)
-    /// took the destination to sync (its sync over what it covered): what
-    /// entrust's own sync will cost, clients shut out.
+    /// Seconds a byte of the last flush before the cut-off took the
+    /// destination to sync (its time past the round trip over what it
+    /// covered): what entrust's own sync will cost, clients shut out. And
+    /// what that flush covered.
     sync_per_byte: Option<f64>,
+    last_flush_covers: u64,
     /// The checkpoint outstanding is the flush before the cut-off, sent
     /// ahead: the dirty passes go on while the destination syncs.
     flush_out: bool,
@@ -833,6 +834,7 @@ impl Attempt {
             piece: 0,
             checkpoint_out: None,
             sync_per_byte: None,
+            last_flush_covers: 0,
             flush_out: false,
             ready: false,
             swept_data: 0,
@@ -1440,6 +1442,12 @@ impl Source {
         a.checkpoint_out = None;
         let flush = std::mem::take(&mut a.flush_out);
         let mut out = Vec::new();
+        if flush && held && a.checkpoint_covers > 0 {
+            // What it covered is what it synced (the link was nearly idle
+            // when it went): the rate entrust's sync is judged by.
+            a.sync_per_byte = Some(sync.as_secs_f64() / a.checkpoint_covers as f64);
+            a.last_flush_covers = a.checkpoint_covers;
+        }
         if flush {
             a.flushes += 1;
             a.flushed |= held;
@@ -1457,9 +1465,6 @@ impl Source {
             ));
         }
         if held {
-            if a.checkpoint_covers > 0 {
-                a.sync_per_byte = Some(sync.as_secs_f64() / a.checkpoint_covers as f64);
-            }
             out.extend(self.checkpointed(now));
             return out;
         }
@@ -1823,12 +1828,14 @@ impl Source {
     /// reply and then the flush left the link idle two round trips a
     /// flush: half a second of a 5 s migration over 50 ms.
     ///
-    /// The cut-off comes once no checkpoint is outstanding and either
-    /// entrust's sync of what went since the last one fits the allowance
-    /// beside the remainder (its cost a byte as the last checkpoint
-    /// showed), or a flush sent with the remainder small was held: what
-    /// went since is what clients wrote during it, and another would
-    /// leave as much.
+    /// The cut-off comes once no checkpoint is outstanding and a flush
+    /// sent with the remainder small was held, unless entrust's sync of
+    /// what went since (at the cost a byte that flush showed) would not
+    /// fit the allowance beside the remainder and is less than that flush
+    /// covered: then another. (Cutting off without a flush, on the cost a
+    /// byte an earlier checkpoint showed, once shut clients out for 57 ms
+    /// against 25 at 0.2 ms: that cost came from other writes, or from
+    /// answers the destination had sent in a batch.)
     fn converge_ahead(
         &mut self,
         now: Instant,
@@ -1852,7 +1859,14 @@ impl Source {
             .sync_per_byte
             .map(|s| Duration::from_secs_f64(s * unsynced as f64));
         let fits = sync.is_some_and(|s| remainder + s <= estimate.allowance);
-        if fits || a.flushed || a.flushes >= max_flushes {
+        // One more flush pays only when entrust's sync would not fit and
+        // less went since the last flush than that one covered: what went
+        // during it is what clients wrote meanwhile, and another flush
+        // would leave as much again.
+        let shrinking =
+            a.since_checkpoint.saturating_mul(4) <= a.last_flush_covers.saturating_mul(3);
+        let again = !fits && shrinking && a.since_checkpoint > 0;
+        if (a.flushed && !again) || a.flushes >= max_flushes {
             let since = a.converging_since.expect("converging");
             out.push(Effect::Log(
                 Level::Info,
@@ -1870,10 +1884,10 @@ impl Source {
         }
         out.push(Effect::Log(
             Level::Info,
-            match sync {
+            match sync.filter(|_| a.flushed) {
                 Some(s) => format!(
                     "{} bytes left would take {:.1} ms, and entrust's sync of the {unsynced} bytes \
-                     sent since the last checkpoint {:.1} ms more: flush {} first, sent ahead",
+                     sent since the last flush {:.1} ms more: flush {} first, sent ahead",
                     a.remaining,
                     remainder.as_secs_f64() * 1e3,
                     s.as_secs_f64() * 1e3,
@@ -2751,60 +2765,48 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_sent_ahead_comes_before_the_cut_off_when_entrusts_sync_would_take_too_long() {
-        // Each checkpoint's sync took 10 ms; the last held covered 50
-        // bytes: 0.2 ms a byte. Three passes of 5 bytes each are dirty;
-        // the first measure finds `dirtied` more.
+    fn the_flush_before_the_cut_off_is_sent_ahead_and_repeated_only_while_it_pays() {
+        // A pass of 40 bytes, then passes of 5; each flush's sync takes
+        // 10 ms; every measure finds `dirtied` bytes dirty.
         let run = |dirtied: u64| {
             let mut w = checkpointing(0, 0, 50);
             w.checkpoint_sync = Duration::from_millis(10);
-            w.dirty = VecDeque::from([vec![(10, 5)], vec![(20, 5)], vec![(30, 5)]]);
-            let mut measures = 0;
+            w.dirty = VecDeque::from([vec![(10, 40)], vec![(60, 5)], vec![(70, 5)]]);
             let outcome = w.run(|e, _| match e {
-                Effect::Measure => {
-                    measures += 1;
-                    Some(Event::Measured {
-                        dirty_bytes: if measures == 1 { dirtied } else { 0 },
-                        in_flight: 0,
-                        in_flight_bytes: 0,
-                        queued_bytes: 0,
-                    })
-                }
+                Effect::Measure => Some(Event::Measured {
+                    dirty_bytes: dirtied,
+                    in_flight: 0,
+                    in_flight_bytes: 0,
+                    queued_bytes: 0,
+                }),
                 _ => None,
             });
             assert_eq!(outcome, Outcome::HandedOff);
             w
         };
-        // 200 bytes: quick to send, but with the 5 sent since the last
-        // checkpoint 41 ms for entrust to sync, clients shut out. A flush
-        // first, as a checkpoint sent ahead: the passes go on while the
-        // destination syncs, and the cut-off follows its answer.
-        let w = run(200);
+        // 20 bytes: the flush comes first, as a checkpoint sent ahead, and
+        // the passes go on while the destination syncs; its 10 ms over
+        // the 40 bytes it covered make entrust's sync of the 5 sent during
+        // it and the 20 left 6.2 ms: the cut-off follows its answer.
+        let w = run(20);
         let s = w.script();
         let (flush, held, cut) = (
             w.position("CHECKPOINT 3 ahead"),
             w.position("held 3"),
             w.position("cut off"),
         );
+        assert_eq!(
+            s[flush - 3..flush],
+            ["data 10+40", "measure", "runs"],
+            "{s:#?}"
+        );
         assert!(flush < held && held < cut, "{s:#?}");
         assert!(
-            s[flush..held].contains(&"data 20+5".to_string()),
+            s[flush..held].contains(&"data 60+5".to_string()),
             "a pass while the flush is outstanding: {s:#?}"
         );
         assert!(!s.contains(&"FLUSH".to_string()), "{s:#?}");
-        assert!(
-            !s[flush..cut].contains(&"idle".to_string())
-                || s[flush..cut].contains(&"data 30+5".to_string()),
-            "idle only once nothing is left to send: {s:#?}"
-        );
-        assert!(
-            w.logs().iter().any(|l| l.contains(
-                "and entrust's sync of the 205 bytes sent since the last checkpoint 41.0 ms \
-                 more: flush 1 first, sent ahead"
-            )),
-            "{:#?}",
-            w.logs()
-        );
+        assert!(!s.iter().any(|x| x == "CHECKPOINT 4 ahead"), "{s:#?}");
         assert!(
             w.logs().iter().any(|l| l
                 .starts_with("flush 1 before the cut-off (checkpoint 3, sent ahead) answered in")
@@ -2812,16 +2814,27 @@ mod tests {
             "{:#?}",
             w.logs()
         );
-        // 20 bytes: 5 ms to sync with the 5, within the goal: cut off at
-        // once, no flush, and the log says what the sync was expected to
-        // take.
-        let w = run(20);
-        let s = w.script();
-        assert!(!s.iter().any(|x| x == "CHECKPOINT 3 ahead"), "{s:#?}");
         assert!(
             w.logs()
                 .iter()
-                .any(|l| l.contains("entrust's sync of 25 bytes expected to take 5.0 ms")),
+                .any(|l| l.contains("entrust's sync of 25 bytes expected to take 6.2 ms")),
+            "{:#?}",
+            w.logs()
+        );
+        // 200 bytes: 51 ms of entrust's sync, and less went since the
+        // flush than it covered: one more, then the cut-off (the second
+        // covered 5 bytes; as much again would not shrink).
+        let w = run(200);
+        let s = w.script();
+        let second = w.position("CHECKPOINT 4 ahead");
+        assert!(w.position("held 3") < second, "{s:#?}");
+        assert!(second < w.position("cut off"), "{s:#?}");
+        assert!(!s.iter().any(|x| x == "CHECKPOINT 5 ahead"), "{s:#?}");
+        assert!(
+            w.logs().iter().any(|l| l.contains(
+                "and entrust's sync of the 205 bytes sent since the last flush 51.2 ms more: \
+                 flush 2 first, sent ahead"
+            )),
             "{:#?}",
             w.logs()
         );
@@ -2863,10 +2876,8 @@ mod tests {
     fn a_destination_that_takes_checkpoints_gets_them_in_the_sweep_and_before_the_cut_off() {
         let mut w = checkpointing(0, 0, 50);
         // A client changed 5 bytes behind the sweep: the dirty pass sends
-        // them, so the flush before the cut-off has data to hold. A slow
-        // sync (0.6 s over the last 50 bytes) makes the flush worth it.
+        // them, so the flush before the cut-off has data to hold.
         w.dirty = VecDeque::from([vec![(10, 5)]]);
-        w.checkpoint_sync = Duration::from_millis(600);
         assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
         let s = w.script();
         // Each 50 bytes of data: a checkpoint right behind them, without
@@ -3936,7 +3947,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(flushes, 1, "{s:#?}");
+        assert!(flushes >= 1, "{s:#?}");
         assert!(w.position("CHECKPOINT 2 ahead") < w.position("cut off"));
     }
 

@@ -94,10 +94,6 @@ struct Shared {
     /// destination closed after its last reply, say): nothing sent was
     /// lost to it.
     failed_idle: AtomicBool,
-    /// The handle of the checkpoint sent without waiting (`u64::MAX`:
-    /// none): the reply task times its sync from the last answer to a
-    /// request older than it.
-    checkpoint_handle: AtomicU64,
 }
 
 impl Shared {
@@ -169,10 +165,11 @@ pub enum CheckpointAnswer {
     Waiting,
     /// Answered 0 with every request sent before it answered without
     /// error (`held`), or with some of them still in flight (not `held`:
-    /// what it covers cannot be counted on). `sync`: the destination's
-    /// time on it, from the answer to the last request sent before it
-    /// (it syncs once that is stored) to its own; when that came before
-    /// the checkpoint went out, its time past the round trip.
+    /// what it covers cannot be counted on). `sync`: its time past the
+    /// connection's round trip: the destination's sync, and the link's
+    /// time for what went ahead of it. (Not timed from the answers to the
+    /// requests before it: a destination may send those in one batch with
+    /// its own.)
     Answered { held: bool, sync: Duration },
     /// The pipe failed first (an error answer to the checkpoint fails it).
     Failed,
@@ -209,7 +206,6 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
             window: Mutex::new(Window::new()),
             room: Arc::new(Semaphore::new((window::START / window::UNIT) as usize)),
             round_trip_us: AtomicU64::new(u64::MAX),
-            checkpoint_handle: AtomicU64::new(u64::MAX),
             failed_idle: AtomicBool::new(false),
         });
         let reader = tokio::spawn(read_replies::<S, P>(
@@ -558,11 +554,6 @@ impl<S: Stream, P: Probe> Pipe<S, P> {
     ) -> Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.handle();
-        if fails {
-            self.shared
-                .checkpoint_handle
-                .store(handle, Ordering::Release);
-        }
         self.shared.track(
             handle,
             Pending::Call {
@@ -643,9 +634,6 @@ async fn read_replies<S: Stream, P: Probe>(
     // When the previous reply came: a destination that handles requests one
     // at a time starts on the next one then, or when it arrives if later.
     let mut last_reply: Option<Instant> = None;
-    // When the last answer to a request older than the checkpoint sent
-    // without waiting came: the destination syncs once that is stored.
-    let mut older_answered: Option<Instant> = None;
     loop {
         // Bytes already read survive an idle timeout: the loop keeps `got`.
         let mut got = 0;
@@ -691,10 +679,6 @@ async fn read_replies<S: Stream, P: Probe>(
         }
         let pending = shared.pending().remove(&reply.handle);
         let answered_at = Instant::now();
-        let checkpoint_handle = shared.checkpoint_handle.load(Ordering::Acquire);
-        if reply.handle < checkpoint_handle {
-            older_answered = Some(answered_at);
-        }
         match pending {
             None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
             Some(Pending::Data { kind, offset, .. }) if reply.error != 0 => {
@@ -767,24 +751,14 @@ async fn read_replies<S: Stream, P: Probe>(
                         .is_some();
                     !failed && pending.keys().all(|&h| h > reply.handle)
                 };
-                let sync = if fails && reply.handle == checkpoint_handle {
-                    shared.checkpoint_handle.store(u64::MAX, Ordering::Release);
+                let sync = {
                     let rtt = match shared.round_trip_us.load(Ordering::Acquire) {
                         u64::MAX => Duration::ZERO,
                         us => Duration::from_micros(us),
                     };
-                    let past_round_trip = answered_at
+                    answered_at
                         .saturating_duration_since(sent)
-                        .saturating_sub(rtt);
-                    older_answered
-                        .filter(|&at| at >= sent)
-                        .map_or(past_round_trip, |at| {
-                            answered_at
-                                .saturating_duration_since(at)
-                                .min(past_round_trip)
-                        })
-                } else {
-                    Duration::ZERO
+                        .saturating_sub(rtt)
                 };
                 shared.timed(sent, answered_at);
                 let mut bytes = vec![0u8; if reply.error == 0 { payload } else { 0 }];
@@ -1024,45 +998,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_checkpoints_answer_shows_the_destinations_sync_not_the_queue_ahead_of_it() {
+    async fn a_checkpoints_answer_shows_its_time_past_the_round_trip() {
         let (stream, mut dest) = connected().await;
         // Each answer goes out when written, as a destination's do.
         dest.set_nodelay(true).unwrap();
         let mut pipe = Pipe::new(stream, Duration::from_secs(20), Arc::new(Quiet));
-        let mut handles = Vec::new();
         let read = async |dest: &mut TcpStream, payload: usize| {
             let mut request = vec![0u8; proto::REQUEST_LEN + payload];
             dest.read_exact(&mut request).await.unwrap();
             u64::from_be_bytes(request[8..16].try_into().unwrap())
         };
-        // A write answered at once: the round trip is about nothing.
+        // A write answered after 100 ms: the round trip, as the quickest
+        // reply shows it.
         pipe.write(0, &[1; 512], true).await.unwrap();
         let h = read(&mut dest, 512).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         dest.write_all(&SimpleReply::new(0, h).encode())
             .await
             .unwrap();
-        // Two writes, the checkpoint, a write behind it. The two wait
-        // 300 ms (a queue on the link); the checkpoint's sync takes
-        // 150 ms, and the write behind it is answered meanwhile.
-        pipe.write(0, &[1; 512], true).await.unwrap();
-        pipe.write(4096, &[2; 512], true).await.unwrap();
+        pipe.wait_idle().await.unwrap();
+        // The checkpoint, answered 250 ms after it went: 150 ms past the
+        // round trip.
         let mut answer = pipe.checkpoint(0x5eed, 1).await.unwrap();
-        pipe.write(8192, &[3; 512], true).await.unwrap();
-        for payload in [512, 512, 0, 512] {
-            handles.push(read(&mut dest, payload).await);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for h in &handles[..2] {
-            dest.write_all(&SimpleReply::new(0, *h).encode())
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        dest.write_all(&SimpleReply::new(0, handles[3]).encode())
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        dest.write_all(&SimpleReply::new(0, handles[2]).encode())
+        let h = read(&mut dest, 0).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        dest.write_all(&SimpleReply::new(0, h).encode())
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1077,10 +1037,8 @@ mod tests {
         let CheckpointAnswer::Answered { held: true, sync } = found else {
             panic!("expected a held checkpoint, found {found:?}");
         };
-        // From the last answer before it (not the write behind it) to its
-        // own: 150 ms; its time past the round trip was 450 ms.
         assert!(
-            sync >= Duration::from_millis(140) && sync < Duration::from_millis(290),
+            sync >= Duration::from_millis(140) && sync < Duration::from_millis(240),
             "sync {sync:?}, expected about 150 ms"
         );
     }
