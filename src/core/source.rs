@@ -1845,6 +1845,13 @@ impl Source {
         let max_flushes = self.config.max_flushes;
         let a = self.attempt_mut();
         if a.checkpoint_out.is_some() {
+            if !a.flushed && !a.flush_out {
+                // A pass checkpoint on its way serves as the flush: its
+                // time past the round trip counts the queue ahead of it
+                // too, so the cost a byte it shows errs high, and another
+                // flush follows when what went after it would not fit.
+                a.flush_out = true;
+            }
             // Its answer comes before Idle: with nothing to send, wait.
             if a.took_any {
                 return self.pass_top(now, out);
@@ -2762,6 +2769,39 @@ mod tests {
         assert!(at("held 1") < at("CHECKPOINT 2 ahead"), "{s:#?}");
         assert_eq!(s[at("data 40+5") - 1], "CHECKPOINT 3 ahead", "{s:#?}");
         assert!(at("held 2") < at("CHECKPOINT 3 ahead"), "{s:#?}");
+    }
+
+    #[test]
+    fn a_pass_checkpoint_on_its_way_when_the_remainder_is_small_serves_as_the_flush() {
+        // One pass of two runs; a checkpoint goes between them; the
+        // remainder is small at once, with that one still unanswered.
+        let mut w = checkpointing(0, 0, 50);
+        w.machine = Source::new(SourceConfig {
+            checkpoint_every: 50,
+            checkpoint_gap: Duration::ZERO,
+            pass_checkpoint_gap: Duration::ZERO,
+            pass_checkpoint_every: 1,
+            ..config(MirrorAction::Exit)
+        });
+        w.dirty = VecDeque::from([vec![(10, 5), (20, 5)]]);
+        assert_eq!(w.run(|_, _| None), Outcome::HandedOff);
+        let s = w.script();
+        assert_eq!(
+            s[w.position("data 10+5") + 1],
+            "CHECKPOINT 3 ahead",
+            "{s:#?}"
+        );
+        assert!(w.position("held 3") < w.position("cut off"), "{s:#?}");
+        // No other: its sync (1 ms over 5 bytes) makes entrust's of the 5
+        // sent after it 1 ms.
+        assert!(!s.iter().any(|x| x == "CHECKPOINT 4 ahead"), "{s:#?}");
+        assert!(
+            w.logs()
+                .iter()
+                .any(|l| l.starts_with("flush 1 before the cut-off (checkpoint 3, sent ahead)")),
+            "{:#?}",
+            w.logs()
+        );
     }
 
     #[test]
