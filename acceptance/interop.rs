@@ -880,16 +880,7 @@ fn entrust_after_a_missing_or_failed_change_is_refused_and_the_marker_stays_rece
     // A change that failed on the disk: refused even without a count.
     let dir = TempDir::new("ns-entrust-failed");
     let file = dir.sparse_file("dest.img", SIZE);
-    let args: Vec<String> = ["listen", "-l", "127.0.0.1", "-p", "0", "-f"]
-        .iter()
-        .map(|a| a.to_string())
-        .chain([
-            file.display().to_string(),
-            "--faults".into(),
-            "store.write#1=eio".into(),
-            "-v".into(),
-        ])
-        .collect();
+    let args = server_args("listen", &file, None, &["--faults", "store.write#1=eio"]);
     let server = Flexnbd::spawn(&dir, &args);
     let (mut s, _) = connect_with_greeting(server.addr, WAIT);
     let r = s.write_and_reply(1, 0, &data);
@@ -910,16 +901,12 @@ fn writes_behind_a_checkpoint_are_answered_while_a_real_listen_syncs_it() {
     // holds. Waiting for the sync first left the link idle for all of it.
     let dir = TempDir::new("ns-checkpoint-ahead");
     let file = dir.sparse_file("dest.img", SIZE);
-    let args: Vec<String> = ["listen", "-l", "127.0.0.1", "-p", "0", "-f"]
-        .iter()
-        .map(|a| a.to_string())
-        .chain([
-            file.display().to_string(),
-            "--faults".into(),
-            "store.sync#1=slow(2000)".into(),
-            "-v".into(),
-        ])
-        .collect();
+    let args = server_args(
+        "listen",
+        &file,
+        None,
+        &["--faults", "store.sync#1=slow(2000)"],
+    );
     let mut server = Flexnbd::spawn(&dir, &args);
     let (mut s, _) = connect_with_greeting(server.addr, WAIT);
     let data = pattern(4096, 6);

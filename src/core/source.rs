@@ -773,6 +773,18 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// What entrust would sync now (sent since the last checkpoint, and
+    /// the remainder), and how long that takes at the cost a byte the last
+    /// flush showed (`None`: no flush measured it; a destination without
+    /// FLUSH syncs as it goes).
+    fn entrust_sync(&self) -> (u64, Option<Duration>) {
+        let unsynced = self.since_checkpoint + self.to_carry;
+        let sync = self
+            .sync_per_byte
+            .map(|s| Duration::from_secs_f64(s * unsynced as f64));
+        (unsynced, sync)
+    }
+
     /// Whether the flush before the cut-off is a checkpoint sent ahead
     /// ([`Source::converge_ahead`]): the destination takes both.
     fn pipelined(&self) -> bool {
@@ -1787,25 +1799,7 @@ impl Source {
                     out.push(Effect::WaitIdle);
                     return out;
                 }
-                // What entrust will sync, as far as a checkpoint measured
-                // its cost (a destination without FLUSH syncs as it goes).
-                let unsynced = a.since_checkpoint + a.to_carry;
-                let sync = a
-                    .sync_per_byte
-                    .map(|s| Duration::from_secs_f64(s * unsynced as f64));
-                out.push(Effect::Log(
-                    Level::Info,
-                    converged_line(
-                        now.saturating_duration_since(since),
-                        a.sweep_time,
-                        a.remaining,
-                        a.capacity,
-                        &estimate,
-                        a.extra_passes,
-                        sync.map(|s| (unsynced, s)),
-                    ),
-                ));
-                return self.cut_off(now, out);
+                return self.converged(now, &estimate, out);
             }
             self.wait = Wait::PassIdle { flush: true };
             out.push(Effect::WaitIdle);
@@ -1861,10 +1855,7 @@ impl Source {
             return out;
         }
         let remainder = estimate.remainder.unwrap_or_default();
-        let unsynced = a.since_checkpoint + a.to_carry;
-        let sync = a
-            .sync_per_byte
-            .map(|s| Duration::from_secs_f64(s * unsynced as f64));
+        let (unsynced, sync) = a.entrust_sync();
         let fits = sync.is_some_and(|s| remainder + s <= estimate.allowance);
         // One more flush pays only when entrust's sync would not fit and
         // less went since the last flush than that one covered: what went
@@ -1874,20 +1865,7 @@ impl Source {
             a.since_checkpoint.saturating_mul(4) <= a.last_flush_covers.saturating_mul(3);
         let again = !fits && shrinking && a.since_checkpoint > 0;
         if (a.flushed && !again) || a.flushes >= max_flushes {
-            let since = a.converging_since.expect("converging");
-            out.push(Effect::Log(
-                Level::Info,
-                converged_line(
-                    now.saturating_duration_since(since),
-                    a.sweep_time,
-                    a.remaining,
-                    a.capacity,
-                    &estimate,
-                    a.extra_passes,
-                    sync.map(|s| (unsynced, s)),
-                ),
-            ));
-            return self.cut_off(now, out);
+            return self.converged(now, &estimate, out);
         }
         out.push(Effect::Log(
             Level::Info,
@@ -1916,6 +1894,31 @@ impl Source {
         self.wait = Wait::PassIdle { flush: false };
         out.push(Effect::WaitIdle);
         out
+    }
+
+    /// The converged line, then the cut-off.
+    fn converged(
+        &mut self,
+        now: Instant,
+        estimate: &Estimate,
+        mut out: Vec<Effect>,
+    ) -> Vec<Effect> {
+        let a = self.attempt_mut();
+        let since = a.converging_since.expect("converging");
+        let (unsynced, sync) = a.entrust_sync();
+        out.push(Effect::Log(
+            Level::Info,
+            converged_line(
+                now.saturating_duration_since(since),
+                a.sweep_time,
+                a.remaining,
+                a.capacity,
+                estimate,
+                a.extra_passes,
+                sync.map(|s| (unsynced, s)),
+            ),
+        ));
+        self.cut_off(now, out)
     }
 
     /// Cut clients off, then send the last changes.

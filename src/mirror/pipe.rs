@@ -678,7 +678,6 @@ async fn read_replies<S: Stream, P: Probe>(
             }
         }
         let pending = shared.pending().remove(&reply.handle);
-        let answered_at = Instant::now();
         match pending {
             None => return shared.fail(PipeError::UnknownHandle(reply.handle)),
             Some(Pending::Data { kind, offset, .. }) if reply.error != 0 => {
@@ -751,6 +750,7 @@ async fn read_replies<S: Stream, P: Probe>(
                         .is_some();
                     !failed && pending.keys().all(|&h| h > reply.handle)
                 };
+                let answered_at = Instant::now();
                 let sync = {
                     let rtt = match shared.round_trip_us.load(Ordering::Acquire) {
                         u64::MAX => Duration::ZERO,
