@@ -505,6 +505,38 @@ fn a_destination_holding_no_data_is_sent_the_image_without_comparing() {
 }
 
 #[test]
+fn the_flush_before_the_cut_off_is_a_checkpoint_sent_ahead() {
+    // docs/handoff.md, "checkpoint": to `listen`, the flush before the
+    // cut-off is a checkpoint sent without waiting for the writes before
+    // it (checkpoint 1 at 64 MiB, if still unanswered then, else
+    // checkpoint 2), and the cut-off comes after its answer. A FLUSH goes
+    // only to a destination that takes no checkpoints.
+    let dir = TempDir::new("resume-flush-ahead");
+    let src_file = eighty_mib_image(&dir, "src.img", 14);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (mut src, sock) = serve(&dir, &src_file);
+    let mut dest = listen(&dir, &dest_file, &[ZEROES]);
+    mirror_started(&sock, dest.port(), &[]);
+    wait_exit_0(&mut src, "the source");
+    wait_exit_0(&mut dest, "the destination");
+    let log = src.log();
+    let flush = log
+        .find("flush 1 before the cut-off (checkpoint ")
+        .unwrap_or_else(|| panic!("no flush before the cut-off in:\n{log}"));
+    assert!(
+        log[flush..]
+            .lines()
+            .next()
+            .unwrap()
+            .contains(", sent ahead) answered in"),
+        "{log}"
+    );
+    let cut = log.find("converged after").expect("the converged line");
+    assert!(flush < cut, "the cut-off after the flush:\n{log}");
+    assert_same_files(&src_file, &dest_file);
+}
+
+#[test]
 fn a_destination_that_knows_no_checkpoints_gets_everything() {
     // `serve` as the destination: RESUME and CHECKPOINT are unknown there,
     // as on an older flexnbd or the C one.
