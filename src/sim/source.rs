@@ -47,6 +47,7 @@ fn uses_connection(effect: &Effect) -> bool {
             | Effect::CompareData { .. }
             | Effect::SendHole { .. }
             | Effect::WaitIdle
+            | Effect::WaitQueue { .. }
             | Effect::Flush
             | Effect::Entrust
             | Effect::QueryResume { .. }
@@ -332,6 +333,9 @@ impl SourceRun {
                 self.start(ctx, effect);
             }
             Some(Effect::WaitIdle) if self.in_flight.is_empty() => self.answer(ctx, Event::Idle),
+            Some(Effect::WaitQueue { .. }) if !self.data_in_flight() => {
+                self.answer(ctx, Event::QueueDrained)
+            }
             _ => {}
         }
     }
@@ -413,6 +417,14 @@ impl SourceRun {
     // ----- carrying out effects ----------------------------------------------
 
     /// Sends `req`; `None` if the connection is gone.
+    /// Whether a write (data or zeroes) is still unanswered: what Measure
+    /// counts in flight.
+    fn data_in_flight(&self) -> bool {
+        self.in_flight
+            .values()
+            .any(|r| matches!(r.kind, "write" | "zeroes"))
+    }
+
     fn send(&mut self, ctx: &mut SourceCtx, req: Req, measure: bool) -> Option<u64> {
         let conn = self.conn?;
         if self.broken.is_some() {
@@ -673,10 +685,16 @@ impl SourceRun {
                     },
                 );
             }
-            // No bottleneck queue in the simulated network: drained at once.
+            // Every write in flight counts as queued (Measure): drained
+            // once all are answered, as the driver's wait with a rate that
+            // cannot tell the queue from the round trip. (Answered at once,
+            // a pass with nothing dirty would measure, wait and measure
+            // again without end in no simulated time.)
             Effect::WaitQueue { .. } => {
                 self.awaiting = Some(effect);
-                self.answer(ctx, Event::QueueDrained);
+                if !self.data_in_flight() {
+                    self.answer(ctx, Event::QueueDrained);
+                }
             }
             Effect::CountRuns { gap, limit } => {
                 self.awaiting = Some(effect);
