@@ -329,7 +329,7 @@ const LAYERS: &[&[&str]] = &[
     &["client", "control"],
     &["server"],
     &["mirror", "proxy"],
-    &["daemon", "sim"],
+    &["daemon", "sim", "fuzzing"],
 ];
 
 /// The crate-root macros and the module that defines them.

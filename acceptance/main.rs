@@ -19,6 +19,7 @@ mod control;
 mod convergence;
 mod durability;
 mod fakes;
+mod fuzz_seeds;
 mod interop;
 mod logging;
 mod matrix;

@@ -9,6 +9,7 @@ pub mod client;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod fuzzing;
 pub mod handoff;
 pub mod mirror;
 pub mod power;

@@ -165,8 +165,8 @@ enum HandleError {
 }
 
 /// Reads the request lines: up to an empty line or EOF.
-async fn read_request(
-    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+pub async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
 ) -> io::Result<Result<Vec<String>, Response>> {
     let mut lines = Vec::new();
     let mut line = Vec::with_capacity(MAX_LINE + 1);

@@ -30,6 +30,7 @@ use crate::{debug, error, info, warn};
 
 pub use negotiate::Negotiated;
 pub(crate) use negotiate::{negotiate, NegotiateError, Offer};
+pub use transmission::serve_client;
 
 /// Which greeting the server sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

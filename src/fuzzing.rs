@@ -1,0 +1,333 @@
+//! Entry points for coverage-guided fuzzing: one function per target, each
+//! taking the bytes a stranger (or a damaged file) could hand flexnbd. The
+//! fuzz crate (`fuzz/`, run by `scripts/fuzz`) calls them under libFuzzer;
+//! the tests below replay every committed input through the same functions,
+//! so an input that once crashed or hung stays a regression test.
+//!
+//! A target fails by panicking: a panic in flexnbd's own code, or the
+//! harness's own verdict that the code under test did not finish within
+//! [`HANG`] after its input ended (a stuck task), or broke an invariant the
+//! target checks (see each).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::acl::Acl;
+use crate::handoff::{Destination, Marker};
+use crate::probe::Quiet;
+use crate::server::{Config, HandshakeMode, Shared};
+use crate::store::Image;
+
+/// Every target, by the name `scripts/fuzz` and the corpus folders use.
+pub const TARGETS: &[&str] = &[
+    "serve_oldstyle",
+    "serve_newstyle",
+    "listen",
+    "client",
+    "control",
+    "fault_plan",
+    "marker",
+];
+
+/// How long the code under test may take after its input ended (the peer
+/// closed its side) before the target calls it stuck. Generous beside the
+/// milliseconds an input takes: a slow machine must not report a hang.
+pub const HANG: Duration = Duration::from_secs(5);
+
+/// The image a server target serves: small, so that any request's length
+/// is bounded by it, and made afresh for every input so that one input's
+/// writes (or a hand-off it completed) cannot change how the next behaves.
+const IMAGE_SIZE: u64 = 1 << 20;
+
+/// Runs `name`'s target on `data`. Unknown names panic: a caller's typo
+/// must not pass as a clean run.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "serve_oldstyle" => serve(data, Server::Oldstyle),
+        "serve_newstyle" => serve(data, Server::Newstyle),
+        "listen" => serve(data, Server::Listen),
+        "client" => client(data),
+        "control" => control(data),
+        "fault_plan" => fault_plan(data),
+        "marker" => marker(data),
+        other => panic!("no fuzz target named {other:?}; expected one of {TARGETS:?}"),
+    }
+}
+
+/// Which server a server target runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `serve` as the C flexnbd: the oldstyle greeting, then requests.
+    Oldstyle,
+    /// `serve --newstyle`: option haggling (GO, INFO, LIST, STARTTLS,
+    /// structured replies, meta contexts), then requests.
+    Newstyle,
+    /// `listen`: the oldstyle greeting with flexnbd's extensions offered,
+    /// then requests including RESUME, checkpoints and ENTRUST, against a
+    /// real marker.
+    Listen,
+}
+
+/// Runs `work` on a runtime of its own: one per input, so that nothing
+/// one input left behind (a task, a timer) reaches the next.
+fn on_runtime<F: std::future::Future>(work: F) -> F::Output {
+    // Each input's server logs its connection; at fuzzing speed that
+    // would be most of the time spent. Errors still show.
+    crate::log::set_threshold(crate::log::Level::Error);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the fuzz target")
+        .block_on(work)
+}
+
+/// Feeds `data` to a server as one client connection's bytes, then closes
+/// the client's sending side; reads and discards whatever the server
+/// sends. The server must end the connection within [`HANG`].
+pub fn serve(data: &[u8], kind: Server) {
+    let dir = Scratch::new();
+    let path = dir.0.join("image");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("a temporary image");
+    let shared = server(&path, kind);
+    on_runtime(async {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("an address");
+        let session = crate::server::serve_client(server, peer, shared, CancellationToken::new());
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let feed = async {
+            // A server that stopped reading has closed: the write
+            // fails, which is an ending like any other.
+            let _ = to_server.write_all(data).await;
+            let _ = to_server.shutdown().await;
+        };
+        let drain = async {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut from_server, &mut sink).await;
+        };
+        let all = async { tokio::join!(session, feed, drain) };
+        if tokio::time::timeout(HANG, all).await.is_err() {
+            panic!(
+                "{kind:?}: the server had not ended the connection {HANG:?} after the \
+                     client's {} bytes ended",
+                data.len()
+            );
+        }
+    })
+}
+
+/// A directory of this process's own for one input's image and marker,
+/// removed with everything in it when the input is done.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        // Unique without a counter shared by the process: this process's
+        // id and the clock, and the next name while one is taken.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for attempt in 0u32.. {
+            let dir = std::env::temp_dir().join(format!(
+                "flexnbd-fuzz-{}-{nanos}-{attempt}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Scratch(dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot make {}: {e}", dir.display()),
+            }
+        }
+        unreachable!("some name is free")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn server(path: &Path, kind: Server) -> Arc<Shared<Quiet>> {
+    let image = Arc::new(Image::open(path).expect("the fuzz image opens"));
+    let config = Config {
+        handshake: match kind {
+            Server::Newstyle => HandshakeMode::Newstyle,
+            Server::Oldstyle | Server::Listen => HandshakeMode::Oldstyle,
+        },
+        // The handshake's own timeout is real time; the harness's HANG
+        // catches a handshake that never ends.
+        handshake_timeout: Duration::from_secs(1),
+        oldstyle_extra_flags: kind == Server::Listen,
+        extensions: if kind == Server::Listen {
+            crate::proto::ext::LISTEN
+        } else {
+            0
+        },
+        ..Config::default()
+    };
+    let destination = (kind == Server::Listen).then(|| {
+        Arc::new(
+            Destination::prepare(Arc::new(crate::store::files::Disk), path, false)
+                .expect("the fuzz image's marker"),
+        )
+    });
+    Shared::with_destination(image, config, Acl::default(), Arc::new(Quiet), destination)
+}
+
+/// Feeds `data` to the client as a server's bytes: the greeting and
+/// handshake (either style), then, once an export was agreed, a read of its
+/// first bytes whose reply comes from the rest of `data`.
+pub fn client(data: &[u8]) {
+    on_runtime(async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (mut from_client, mut to_client) = tokio::io::split(theirs);
+        let feed = async {
+            let _ = to_client.write_all(data).await;
+            let _ = to_client.shutdown().await;
+        };
+        let drain = async {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut from_client, &mut sink).await;
+        };
+        let session = async move {
+            let mut stream = crate::tls::Conn::Plain(ours);
+            if let Ok(export) = crate::client::handshake(&mut stream, None).await {
+                let len = export.size.min(64 * 1024);
+                let mut sink = tokio::io::sink();
+                let _ = crate::client::read(&mut stream, &export, 0, len, &mut sink, None).await;
+            }
+            // Dropped here: the fake server's writes end.
+        };
+        let all = async { tokio::join!(session, feed, drain) };
+        if tokio::time::timeout(HANG, all).await.is_err() {
+            panic!(
+                "the client had not finished {HANG:?} after the server's {} bytes ended",
+                data.len()
+            );
+        }
+    })
+}
+
+/// Feeds `data` to the control socket's request reader, then parses the
+/// request and its arguments as the server would before acting on them.
+pub fn control(data: &[u8]) {
+    on_runtime(async {
+        let mut reader = BufReader::new(data);
+        let lines = match crate::control::read_request(&mut reader).await {
+            Ok(Ok(lines)) => lines,
+            // Refused (too long, too many lines) or unreadable: the
+            // answer says so and nothing else runs.
+            Ok(Err(_)) | Err(_) => return,
+        };
+        // What is left unread must be the rest of the input, never more.
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest).await;
+        assert!(rest.len() <= data.len());
+        use crate::control::protocol::{parse_bps, parse_mirror, parse_request, Request};
+        match parse_request(&lines) {
+            Request::Acl(entries) => {
+                let _ = Acl::parse(&entries, false);
+            }
+            Request::Mirror(args) | Request::MirrorFollow(args) => {
+                let _ = parse_mirror(&args);
+            }
+            Request::MirrorMaxBps(args) => {
+                if let Some(first) = args.first() {
+                    let _ = parse_bps(first);
+                }
+            }
+            _ => {}
+        }
+    })
+}
+
+/// Parses `data` as a fault plan (as given by `--faults` or
+/// `FLEXNBD_FAULTS`). A plan that parses must parse again, the same, from
+/// its own rendering.
+pub fn fault_plan(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(plan) = faults::FaultPlan::parse(text) else {
+        return;
+    };
+    let shown = plan.to_string();
+    let again = faults::FaultPlan::parse(&shown)
+        .unwrap_or_else(|e| panic!("plan {text:?} shows as {shown:?}, which does not parse: {e}"));
+    assert_eq!(
+        again.to_string(),
+        shown,
+        "plan {text:?} changed when parsed again"
+    );
+}
+
+/// Parses `data` as a `.INCOMPLETE` marker and as a completion record: a
+/// marker that parses renders to text that parses to the same marker.
+pub fn marker(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let marker = Marker::parse(&text);
+    let again = Marker::parse(&marker.render());
+    assert_eq!(
+        again, marker,
+        "a marker rendered and parsed again changed: {text:?}"
+    );
+    if let Some(record) = crate::handoff::Record::parse(&text) {
+        assert_eq!(
+            crate::handoff::Record::parse(&record.render()),
+            Some(record),
+            "a record rendered and parsed again changed: {text:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every committed input of every target (its seed corpus and the
+    /// inputs that once failed) runs clean.
+    #[test]
+    fn every_committed_fuzz_input_runs_clean() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut ran = 0;
+        for target in TARGETS {
+            for kind in ["corpus", "regressions"] {
+                let dir = root.join(kind).join(target);
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries {
+                    let path = entry.expect("a directory entry").path();
+                    let data = std::fs::read(&path).expect("a committed input");
+                    run(target, &data);
+                    ran += 1;
+                }
+            }
+        }
+        // Every target has committed inputs: a folder renamed away must
+        // not turn this into a test of nothing.
+        assert!(ran >= TARGETS.len(), "only {ran} committed inputs ran");
+    }
+
+    #[test]
+    fn every_target_has_a_seed_corpus() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for target in TARGETS {
+            let n = std::fs::read_dir(root.join(target)).map_or(0, |d| d.count());
+            assert!(n > 0, "fuzz/corpus/{target} holds no seed inputs");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "no fuzz target named")]
+    fn an_unknown_target_is_refused() {
+        run("serve_oldstlye", b"");
+    }
+}
