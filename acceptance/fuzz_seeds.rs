@@ -1,7 +1,7 @@
 //! The fuzz targets' seed corpora (`fuzz/corpus/TARGET`) are real traffic,
 //! recorded here: qemu-img, qemu-io, nbdinfo, nbdsh and flexnbd's own
-//! `read`/`write` talking to `serve` (both handshakes), a migration into
-//! `listen`, the control requests the CLI sends, the fault plans of the
+//! `read`/`write` talking to `serve` (both handshakes, and TLS), a
+//! migration into `listen` (both ways), the control requests the CLI sends, the fault plans of the
 //! scenario catalogue and a real marker and completion record. A recording
 //! relay between client and server keeps each connection's bytes, both
 //! ways.
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use crate::certs::Pki;
 use crate::harness::*;
 
 const TOOL: Duration = Duration::from_secs(60);
@@ -226,6 +227,60 @@ fn tool_sessions(seeds: &mut Seeds, handshake: &str, target: &'static str) {
     server.assert_no_panic();
 }
 
+/// `serve` with TLS offered: a TLS session of flexnbd's `read` and a
+/// plaintext qemu-img beside it. The credentials (made afresh) are also
+/// what the replay gives `serve_tls`.
+fn tls_sessions(seeds: &mut Seeds, pki: &Pki) {
+    let dir = TempDir::new("seeds");
+    let file = dir.pattern_file("disk.img", 1 << 20, 2);
+    let at = |p: &Path| p.display().to_string();
+    let (cert, key, ca) = (at(&pki.server.cert), at(&pki.server.key), at(&pki.ca));
+    let server = Flexnbd::serve(
+        &dir,
+        &file,
+        &["--tls-cert", &cert, "--tls-key", &key, "--tls", "optional"],
+    );
+    let rec = Recorder::start(server.addr);
+    let port = rec.port.to_string();
+    run_ok(
+        BIN,
+        &[
+            "read",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-F",
+            "0",
+            "-S",
+            "4096",
+            "--tls-ca",
+            &ca,
+        ],
+        TOOL,
+    );
+    run_ok(
+        "qemu-img",
+        &["info", &format!("nbd://127.0.0.1:{port}")],
+        TOOL,
+    );
+    let sessions = rec.finished();
+    assert_eq!(sessions.len(), 2, "one connection per tool run");
+    add(
+        seeds,
+        "serve_tls",
+        "flexnbd-read-tls",
+        sessions[0].up.clone(),
+    );
+    add(
+        seeds,
+        "serve_tls",
+        "qemu-img-info-plaintext",
+        sessions[1].up.clone(),
+    );
+    server.assert_no_panic();
+}
+
 /// A migration into `listen` through the recorder: what the source sends
 /// feeds `listen`; the marker `listen` wrote and the completion record feed
 /// `marker`.
@@ -249,6 +304,12 @@ fn migration_session(seeds: &mut Seeds) {
     let sessions = rec.finished();
     assert_eq!(sessions.len(), 1, "one migration connection");
     add(seeds, "listen", "migration", sessions[0].up.clone());
+    add(
+        seeds,
+        "mirror_replies",
+        "migration",
+        sessions[0].down.clone(),
+    );
     let record = std::fs::read(flexnbd::handoff::record_path(&dst)).expect("the completion record");
     add(seeds, "marker", "complete-record", record);
     drop(source);
@@ -320,8 +381,11 @@ fn control_sessions(seeds: &mut Seeds) {
 #[test]
 fn real_traffic_replays_clean_through_every_fuzz_target() {
     let mut seeds = Seeds::new();
+    let pki_dir = TempDir::new("seeds-pki");
+    let pki = Pki::new(&pki_dir.join(""));
     tool_sessions(&mut seeds, "oldstyle", "serve_oldstyle");
     tool_sessions(&mut seeds, "newstyle", "serve_newstyle");
+    tls_sessions(&mut seeds, &pki);
     migration_session(&mut seeds);
     control_sessions(&mut seeds);
     for s in faults::SCENARIOS {
@@ -337,7 +401,9 @@ fn real_traffic_replays_clean_through_every_fuzz_target() {
     for (target, named) in &seeds {
         for (name, data) in named {
             // A panic names the seed: the target failed on real traffic.
-            let ran = std::panic::catch_unwind(|| flexnbd::fuzzing::run(target, data));
+            let ran = std::panic::catch_unwind(|| {
+                flexnbd::fuzzing::run(target, data, Some(&pki.server_dir))
+            });
             assert!(ran.is_ok(), "{target}/{name} does not replay clean");
         }
     }

@@ -27,7 +27,9 @@ use crate::store::Image;
 pub const TARGETS: &[&str] = &[
     "serve_oldstyle",
     "serve_newstyle",
+    "serve_tls",
     "listen",
+    "mirror_replies",
     "client",
     "control",
     "fault_plan",
@@ -44,13 +46,22 @@ pub const HANG: Duration = Duration::from_secs(5);
 /// writes (or a hand-off it completed) cannot change how the next behaves.
 const IMAGE_SIZE: u64 = 1 << 20;
 
-/// Runs `name`'s target on `data`. Unknown names panic: a caller's typo
-/// must not pass as a clean run.
-pub fn run(name: &str, data: &[u8]) {
+/// Runs `name`'s target on `data`. `tls` is a directory holding
+/// `server-cert.pem` and `server-key.pem` (test-only credentials the
+/// caller made: none are committed), which `serve_tls` needs and the
+/// others ignore. Unknown names panic: a caller's typo must not pass as a
+/// clean run.
+pub fn run(name: &str, data: &[u8], tls: Option<&Path>) {
     match name {
-        "serve_oldstyle" => serve(data, Server::Oldstyle),
-        "serve_newstyle" => serve(data, Server::Newstyle),
-        "listen" => serve(data, Server::Listen),
+        "serve_oldstyle" => serve(data, Server::Oldstyle, None),
+        "serve_newstyle" => serve(data, Server::Newstyle, None),
+        "serve_tls" => serve(
+            data,
+            Server::Tls,
+            Some(tls.expect("serve_tls needs a directory of TLS credentials")),
+        ),
+        "listen" => serve(data, Server::Listen, None),
+        "mirror_replies" => mirror_replies(data),
         "client" => client(data),
         "control" => control(data),
         "fault_plan" => fault_plan(data),
@@ -67,6 +78,10 @@ pub enum Server {
     /// `serve --newstyle`: option haggling (GO, INFO, LIST, STARTTLS,
     /// structured replies, meta contexts), then requests.
     Newstyle,
+    /// `serve --newstyle` with TLS offered (`--tls optional`): STARTTLS
+    /// and the TLS handshake (rustls parsing the client's hello), and
+    /// plaintext clients beside it.
+    Tls,
     /// `listen`: the oldstyle greeting with flexnbd's extensions offered,
     /// then requests including RESUME, checkpoints and ENTRUST, against a
     /// real marker.
@@ -89,13 +104,13 @@ fn on_runtime<F: std::future::Future>(work: F) -> F::Output {
 /// Feeds `data` to a server as one client connection's bytes, then closes
 /// the client's sending side; reads and discards whatever the server
 /// sends. The server must end the connection within [`HANG`].
-pub fn serve(data: &[u8], kind: Server) {
+pub fn serve(data: &[u8], kind: Server, tls: Option<&Path>) {
     let dir = Scratch::new();
     let path = dir.0.join("image");
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(IMAGE_SIZE))
         .expect("a temporary image");
-    let shared = server(&path, kind);
+    let shared = server(&path, kind, tls);
     on_runtime(async {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:4000".parse().expect("an address");
@@ -154,17 +169,18 @@ impl Drop for Scratch {
     }
 }
 
-fn server(path: &Path, kind: Server) -> Arc<Shared<Quiet>> {
+fn server(path: &Path, kind: Server, tls: Option<&Path>) -> Arc<Shared<Quiet>> {
     let image = Arc::new(Image::open(path).expect("the fuzz image opens"));
     let config = Config {
         handshake: match kind {
-            Server::Newstyle => HandshakeMode::Newstyle,
+            Server::Newstyle | Server::Tls => HandshakeMode::Newstyle,
             Server::Oldstyle | Server::Listen => HandshakeMode::Oldstyle,
         },
         // The handshake's own timeout is real time; the harness's HANG
         // catches a handshake that never ends.
         handshake_timeout: Duration::from_secs(1),
         oldstyle_extra_flags: kind == Server::Listen,
+        tls: tls.map(server_tls),
         extensions: if kind == Server::Listen {
             crate::proto::ext::LISTEN
         } else {
@@ -179,6 +195,121 @@ fn server(path: &Path, kind: Server) -> Arc<Shared<Quiet>> {
         )
     });
     Shared::with_destination(image, config, Acl::default(), Arc::new(Quiet), destination)
+}
+
+/// The credentials in `dir`, offered with `--tls optional`.
+fn server_tls(dir: &Path) -> Arc<crate::tls::ServerTls> {
+    let files = crate::tls::ServerFiles {
+        cert: Some(dir.join("server-cert.pem")),
+        key: Some(dir.join("server-key.pem")),
+        policy: Some(crate::tls::Policy::Optional),
+        ..Default::default()
+    };
+    files
+        .load()
+        .unwrap_or_else(|e| panic!("the TLS credentials in {} do not load: {e}", dir.display()))
+        .expect("TLS settings were given")
+}
+
+/// Feeds `data` to the mirror's pipe as a destination's replies, while
+/// the pipe sends what a migration sends: the resume query, writes, a
+/// checkpoint, zeroes, a digest, entrust, then DISCONNECT. Each reply
+/// must be matched to its request by handle (1, 2, ... in that order) and
+/// carry the payload its kind has. A reply stream that ends or lies fails
+/// the pipe; it must never panic or hang.
+pub fn mirror_replies(data: &[u8]) {
+    let _ = mirror_session(data);
+}
+
+/// [`mirror_replies`], saying how far the migration got: `Ok` once every
+/// request was answered and DISCONNECT went.
+fn mirror_session(data: &[u8]) -> Result<(), String> {
+    use crate::mirror::pipe::Pipe;
+    use crate::proto::cmd;
+    on_runtime(async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (from_source, to_source) = tokio::io::split(theirs);
+        let destination = answer_in_step(data, from_source, to_source);
+        let migrate = async move {
+            let mut pipe = Pipe::new(ours, Duration::from_secs(1), Arc::new(Quiet));
+            let block = [0x5au8; 4096];
+            let steps = async {
+                let resume = pipe.call_with(cmd::RESUME, 0x1234, 16, 16).await?;
+                for i in 0..4 {
+                    pipe.write(i * 4096, &block, true).await?;
+                }
+                let mut checkpoint = pipe.checkpoint(0x1234, 1).await?;
+                pipe.zeroes(16 * 4096, 8192).await?;
+                let digest = pipe.request(cmd::DIGEST, 0, 4096, 32).await?;
+                pipe.answer(digest).await?;
+                pipe.wait_idle().await?;
+                let _ = pipe.poll_checkpoint(&mut checkpoint);
+                pipe.call_with(cmd::ENTRUST, 5, 0, 0).await?;
+                Ok::<_, crate::mirror::pipe::PipeError>(resume)
+            };
+            steps.await.map_err(|e| e.to_string())?;
+            pipe.disconnect().await.map_err(|e| e.to_string())
+        };
+        let all = async { tokio::join!(migrate, destination) };
+        match tokio::time::timeout(HANG, all).await {
+            Ok((outcome, ())) => outcome,
+            Err(_) => panic!(
+                "the mirror's pipe had not finished {HANG:?} after the destination's {} bytes ended",
+                data.len()
+            ),
+        }
+    })
+}
+
+/// A destination whose replies are `data`, given out as a real one would:
+/// the next reply only once the next request arrived, so that a reply can
+/// name a request in flight. A reply is 16 bytes, and the payload its
+/// request's kind carries when it says success (RESUME's 16 bytes, a
+/// DIGEST's 32); bytes that are no reply at all go out whole. After the
+/// source closes, whatever is left goes too.
+async fn answer_in_step<R, W>(data: &[u8], mut from_source: R, mut to_source: W)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use crate::proto::{cmd, Request, REQUEST_LEN, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC};
+    let mut rest = data;
+    let mut header = [0u8; REQUEST_LEN];
+    while !rest.is_empty() {
+        if from_source.read_exact(&mut header).await.is_err() {
+            break;
+        }
+        let request = Request::decode(&header);
+        if request.kind == cmd::WRITE {
+            let mut payload = (&mut from_source).take(u64::from(request.length));
+            if tokio::io::copy(&mut payload, &mut tokio::io::sink())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let unit = match rest.get(..SIMPLE_REPLY_LEN) {
+            Some(reply) if reply[..4] == SIMPLE_REPLY_MAGIC.to_be_bytes() => {
+                let ok = reply[4..8] == [0; 4];
+                let payload = match request.kind {
+                    cmd::RESUME if ok => request.length as usize,
+                    cmd::DIGEST if ok => 32,
+                    _ => 0,
+                };
+                (SIMPLE_REPLY_LEN + payload).min(rest.len())
+            }
+            _ => rest.len(),
+        };
+        if to_source.write_all(&rest[..unit]).await.is_err() {
+            return;
+        }
+        rest = &rest[unit..];
+    }
+    let _ = to_source.write_all(rest).await;
+    let _ = to_source.shutdown().await;
+    // Read on until the source closes, so that its sends never block.
+    let _ = tokio::io::copy(&mut from_source, &mut tokio::io::sink()).await;
 }
 
 /// Feeds `data` to the client as a server's bytes: the greeting and
@@ -291,10 +422,25 @@ pub fn marker(data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// Test-only credentials for `serve_tls`, made afresh.
+    fn credentials() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("a directory for the credentials");
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("a self-signed certificate");
+        std::fs::write(dir.path().join("server-cert.pem"), made.cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("server-key.pem"),
+            made.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        dir
+    }
+
     /// Every committed input of every target (its seed corpus and the
     /// inputs that once failed) runs clean.
     #[test]
     fn every_committed_fuzz_input_runs_clean() {
+        let creds = credentials();
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         let mut ran = 0;
         for target in TARGETS {
@@ -306,7 +452,7 @@ mod tests {
                 for entry in entries {
                     let path = entry.expect("a directory entry").path();
                     let data = std::fs::read(&path).expect("a committed input");
-                    run(target, &data);
+                    run(target, &data, Some(creds.path()));
                     ran += 1;
                 }
             }
@@ -325,9 +471,34 @@ mod tests {
         }
     }
 
+    /// The migration target reaches its end when the destination answers
+    /// as a real one does: a reply stream the fuzzer can find, and the
+    /// proof that the target is not stuck at its first request.
+    #[test]
+    fn well_formed_replies_take_the_mirror_target_to_disconnect() {
+        let mut replies = Vec::new();
+        let mut reply = |handle: u64, payload: &[u8]| {
+            replies.extend_from_slice(&crate::proto::SimpleReply::new(0, handle).encode());
+            replies.extend_from_slice(payload);
+        };
+        // RESUME (checkpoint 0, and "holds data"), four writes, the
+        // checkpoint, the zeroes, the digest, ENTRUST.
+        reply(1, &[0u8; 16]);
+        for handle in 2..=5 {
+            reply(handle, &[]);
+        }
+        reply(6, &[]);
+        reply(7, &[]);
+        reply(8, &[7u8; 32]);
+        reply(9, &[]);
+        assert_eq!(mirror_session(&replies), Ok(()));
+        // Cut short, it fails without hanging.
+        assert!(mirror_session(&replies[..replies.len() - 4]).is_err());
+    }
+
     #[test]
     #[should_panic(expected = "no fuzz target named")]
     fn an_unknown_target_is_refused() {
-        run("serve_oldstlye", b"");
+        run("serve_oldstlye", b"", None);
     }
 }

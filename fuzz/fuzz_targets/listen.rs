@@ -1,7 +1,5 @@
 #![no_main]
-//! `scripts/fuzz listen SECONDS`: see flexnbd::fuzzing.
+//! `scripts/fuzz listen SECONDS`: see flexnbd::fuzzing (and fuzz/src/lib.rs: the
+//! over-allocation check every target links).
 
-// The over-allocation check (fuzz/src/lib.rs).
-use flexnbd_fuzz as _;
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| flexnbd::fuzzing::run("listen", data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| flexnbd_fuzz::run("listen", data));

@@ -92,3 +92,26 @@ impl Default for Bounded {
 
 #[global_allocator]
 static ALLOCATOR: Bounded = Bounded::new();
+
+/// Runs target `name` on `data` (flexnbd::fuzzing::run), with test-only TLS
+/// credentials made once per process for the target that needs them.
+pub fn run(name: &str, data: &[u8]) {
+    let tls = (name == "serve_tls").then(credentials);
+    flexnbd::fuzzing::run(name, data, tls);
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, written once to a
+/// directory of this process's own (nothing is committed).
+fn credentials() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("flexnbd-fuzz-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the credentials");
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("a self-signed certificate");
+        std::fs::write(dir.join("server-cert.pem"), made.cert.pem()).expect("the certificate");
+        std::fs::write(dir.join("server-key.pem"), made.signing_key.serialize_pem())
+            .expect("the key");
+        dir
+    })
+}

@@ -22,7 +22,7 @@
 //! effect the machine returns with the real pipe, image and host, and
 //! feeds the outcome back as the next event.
 
-mod pipe;
+pub(crate) mod pipe;
 pub use crate::core::policy;
 pub use crate::core::source::{
     FirstOutcome, Outcome, Phase, CHUNK, CUTOFF_GRACE, RETRY_DELAY, ZERO_CHUNK,
