@@ -671,3 +671,88 @@ fn large_reads_reach_a_slow_tls_client_whole() {
     }
     p.assert_no_panic();
 }
+
+// ---------------------------------------------------------------- rotation
+
+/// Copies `from` over `to` by a rename, as a certificate manager does.
+fn replace(from: &Path, to: &Path) {
+    let staged = to.with_extension("new");
+    std::fs::copy(from, &staged).unwrap();
+    std::fs::rename(&staged, to).unwrap();
+}
+
+/// SIGHUP rotates both sides' credentials. Downstream: after it, a client
+/// trusting only the new CA gets in and one trusting only the old does
+/// not. Upstream: the proxy's CA file now names the new CA; the upstream
+/// restarts with a certificate of the new CA, and the proxy's reconnection
+/// verifies it (with the old CA it would retry for ever).
+#[test]
+fn sighup_rotates_the_proxys_downstream_certificate_and_upstream_ca() {
+    let dir = TempDir::new("proxy-tls-rotate");
+    let old = Pki::new(&dir.join("old"));
+    let new = Pki::new(&dir.join("new"));
+    let file = dir.pattern_file("image", MIB, 61);
+    let live = |name: &str| dir.join(name);
+    let s = |p: &Path| p.display().to_string();
+    replace(&old.server.cert, &live("down-cert.pem"));
+    replace(&old.server.key, &live("down-key.pem"));
+    replace(&old.ca, &live("up-ca.pem"));
+    let mut first = tls_upstream(&dir, &file, &old, 0);
+    let port = first.port();
+    let p = proxy(
+        &dir,
+        first.addr,
+        &[
+            "--tls-cert".into(),
+            s(&live("down-cert.pem")),
+            "--tls-key".into(),
+            s(&live("down-key.pem")),
+            "--upstream-tls-ca".into(),
+            s(&live("up-ca.pem")),
+        ],
+    );
+    let trusts = |pki: &Pki| vec!["--tls-ca".to_string(), s(&pki.ca)];
+    let out = flexnbd_read(&p, 0, 4096, &trusts(&old));
+    assert!(out.status.success(), "before: {}", text(&out));
+
+    replace(&new.server.cert, &live("down-cert.pem"));
+    replace(&new.server.key, &live("down-key.pem"));
+    replace(&new.ca, &live("up-ca.pem"));
+    p.signal(libc::SIGHUP);
+    wait_for("both sides read again", WAIT, || {
+        let log = p.log();
+        (log.contains("TLS credentials read again")
+            && log.contains("upstream TLS credentials read again"))
+        .then_some(())
+    });
+    let out = flexnbd_read(&p, 0, 4096, &trusts(&new));
+    assert!(
+        out.status.success(),
+        "a client of the new CA: {}",
+        text(&out)
+    );
+    assert_eq!(
+        out.stdout,
+        pattern(MIB as usize, 61)[..4096],
+        "read through the rotated proxy"
+    );
+    let out = flexnbd_read(&p, 0, 4096, &trusts(&old));
+    assert!(
+        !out.status.success(),
+        "a client of the old CA got in: {}",
+        text(&out)
+    );
+
+    // The upstream moves to a certificate of the new CA, on the same port.
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    let second = tls_upstream(&dir, &file, &new, port);
+    let out = flexnbd_read(&p, 8192, 4096, &trusts(&new));
+    assert!(
+        out.status.success(),
+        "after the upstream's move: {}",
+        text(&out)
+    );
+    second.wait_log("TLS started");
+    p.assert_no_panic();
+}

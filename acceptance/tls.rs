@@ -1240,3 +1240,158 @@ fn help_lists_the_tls_flags() {
         assert!(out.contains(flag), "read --help lacks {flag}:\n{out}");
     }
 }
+
+// ------------------------------------------------ certificate rotation
+
+/// Puts `pair`'s certificate and key where the server reads them, each by
+/// a rename (as a certificate manager does), so a reload sees whole files.
+fn install(pair: &crate::certs::Pair, cert: &Path, key: &Path) {
+    for (from, to) in [(&pair.cert, cert), (&pair.key, key)] {
+        let staged = to.with_extension("new");
+        fs::copy(from, &staged).unwrap();
+        fs::rename(&staged, to).unwrap();
+    }
+}
+
+/// A server whose certificate and key live at fixed paths (`live-*.pem`),
+/// with a control socket; starts with `pki`'s server pair.
+fn rotating_server(dir: &TempDir, pki: &Pki, file: &Path) -> (Flexnbd, std::path::PathBuf) {
+    let (cert, key) = (dir.join("live-cert.pem"), dir.join("live-key.pem"));
+    install(&pki.server, &cert, &key);
+    let sock = dir.join("ctl.sock");
+    let args = server_args(
+        "serve",
+        file,
+        Some(&sock),
+        &["--tls-cert", &path(&cert), "--tls-key", &path(&key)],
+    );
+    (Flexnbd::spawn(dir, &args), sock)
+}
+
+/// SIGHUP: new connections get the new certificate (a client trusting only
+/// the new CA gets in, one trusting only the old is refused), while a
+/// connection made before it goes on reading under the old session.
+#[test]
+fn sighup_rotates_the_certificate_for_new_connections_and_keeps_existing_ones() {
+    let (dir, old, file, content) = setup("tls", 31);
+    let new = Pki::new(&dir.join("new"));
+    let (server, _sock) = rotating_server(&dir, &old, &file);
+    let trusts = |pki: &Pki| vec!["--tls-ca".to_string(), path(&pki.ca)];
+    let out = flexnbd_read(&server, 0, 4096, &trusts(&old));
+    assert!(out.status.success(), "before: {}", text(&out));
+    let mut existing = start_tls(server.connect_greeted(), &old.ca);
+    assert_eq!(go(&mut existing).0, SIZE);
+
+    install(
+        &new.server,
+        &dir.join("live-cert.pem"),
+        &dir.join("live-key.pem"),
+    );
+    server.signal(libc::SIGHUP);
+    wait_log_line(&server, &["TLS credentials read again", "live-cert.pem"]);
+
+    let out = flexnbd_read(&server, 0, 4096, &trusts(&new));
+    assert!(
+        out.status.success(),
+        "a client of the new CA: {}",
+        text(&out)
+    );
+    assert_same(
+        &out.stdout,
+        &content[..4096],
+        "read with the new certificate",
+    );
+    let out = flexnbd_read(&server, 0, 4096, &trusts(&old));
+    assert!(
+        !out.status.success(),
+        "a client trusting only the old CA got in after the rotation: {}",
+        text(&out)
+    );
+    // The connection from before goes on.
+    assert_same(
+        &read_simple(&mut existing, 8192, 4096),
+        &content[8192..12288],
+        "the connection made before the rotation",
+    );
+    server.assert_no_panic();
+}
+
+/// `flexnbd reload-tls`: a key that does not match the new certificate is
+/// refused, saying why, and the server keeps the credentials it had (old
+/// clients still get in); a good pair is then taken the same way.
+#[test]
+fn reload_tls_with_a_bad_pair_keeps_the_old_credentials_and_says_why() {
+    let (dir, old, file, _) = setup("tls", 32);
+    let new = Pki::new(&dir.join("new"));
+    let (server, sock) = rotating_server(&dir, &old, &file);
+    let (cert, key) = (dir.join("live-cert.pem"), dir.join("live-key.pem"));
+    // The new certificate with the old key: a pair that does not match.
+    fs::copy(&new.server.cert, &cert).unwrap();
+    let out = run_tool(BIN, &["reload-tls", "-s", &path(&sock)], TOOL);
+    assert!(
+        !out.status.success(),
+        "a bad pair was taken: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("keeping the ones in use"),
+        "reload-tls must say the old credentials stay: {}",
+        text(&out)
+    );
+    wait_log_line(
+        &server,
+        &[
+            "cannot read the TLS credentials again",
+            "keeping the ones in use",
+        ],
+    );
+    let old_ca = vec!["--tls-ca".to_string(), path(&old.ca)];
+    let out = flexnbd_read(&server, 0, 4096, &old_ca);
+    assert!(
+        out.status.success(),
+        "the old credentials stay in use: {}",
+        text(&out)
+    );
+    // A missing file: refused the same way.
+    fs::remove_file(&key).unwrap();
+    let out = run_tool(BIN, &["reload-tls", "-s", &path(&sock)], TOOL);
+    assert!(
+        !out.status.success(),
+        "a missing key was taken: {}",
+        text(&out)
+    );
+    // The whole new pair: taken.
+    install(&new.server, &cert, &key);
+    let out = run_tool(BIN, &["reload-tls", "-s", &path(&sock)], TOOL);
+    assert!(out.status.success(), "the good pair: {}", text(&out));
+    let new_ca = vec!["--tls-ca".to_string(), path(&new.ca)];
+    let out = flexnbd_read(&server, 0, 4096, &new_ca);
+    assert!(
+        out.status.success(),
+        "after the good reload: {}",
+        text(&out)
+    );
+    server.assert_no_panic();
+}
+
+/// Without TLS, SIGHUP is no reason to stop (its default action would
+/// kill the process) and reload-tls says there is nothing to read.
+#[test]
+fn without_tls_sighup_keeps_serving_and_reload_tls_says_why_not() {
+    let dir = TempDir::new("tls");
+    let file = dir.pattern_file("disk.img", SIZE, 33);
+    let sock = dir.join("ctl.sock");
+    let mut server = Flexnbd::spawn(&dir, &server_args("serve", &file, Some(&sock), &[]));
+    server.signal(libc::SIGHUP);
+    wait_log_line(&server, &["SIGHUP", "no TLS is set up"]);
+    assert!(
+        server.is_running(),
+        "SIGHUP stopped the server: {}",
+        server.log()
+    );
+    let out = run_tool(BIN, &["reload-tls", "-s", &path(&sock)], TOOL);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no TLS is set up"), "{}", text(&out));
+    let out = flexnbd_read(&server, 0, 4096, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -686,3 +686,42 @@ fn destination_side_faults_on_a_tls_migration_fire_and_the_retry_completes() {
     );
     dest.assert_fired("server.request_received.write#2", "close");
 }
+
+// ------------------------------------------------ certificate rotation
+
+/// A `listen` whose certificate was rotated with SIGHUP before the
+/// migration came: the source, trusting only the new CA, migrates into it
+/// over TLS. (The old certificate would have been refused: the source
+/// verifies the destination.)
+#[test]
+fn a_listen_rotated_by_sighup_takes_a_migration_that_trusts_only_the_new_ca() {
+    let dir = TempDir::new("tls-migrate");
+    let old = Pki::new(&dir.join("old"));
+    let new = Pki::new(&dir.join("new"));
+    let src_file = source_file(&dir);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let (cert, key) = (dir.join("live-cert.pem"), dir.join("live-key.pem"));
+    fs::copy(&old.server.cert, &cert).unwrap();
+    fs::copy(&old.server.key, &key).unwrap();
+    let dest = listen(
+        &dir,
+        &dest_file,
+        &args(&["--tls-cert", &path(&cert), "--tls-key", &path(&key)]),
+    );
+    fs::copy(&new.server.cert, &cert).unwrap();
+    fs::copy(&new.server.key, &key).unwrap();
+    dest.signal(libc::SIGHUP);
+    wait_for("listen to read its credentials again", WAIT, || {
+        dest.log()
+            .contains("TLS credentials read again")
+            .then_some(())
+    });
+    let src = serve(&dir, &src_file, &[]);
+    completes(
+        src,
+        &src_file,
+        dest,
+        &dest_file,
+        &args(&["--tls-ca", &path(&new.ca)]),
+    );
+}

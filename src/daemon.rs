@@ -19,7 +19,7 @@ use crate::handoff::Destination;
 use crate::mirror::{self, FirstOutcome, Host, MirrorConfig, MirrorState, Outcome};
 use crate::probe::Probe;
 use crate::server::{self, Config, Shared};
-use crate::signals::Signals;
+use crate::signals::{Hangup, Signals};
 use crate::status::Status;
 use crate::store::Image;
 use crate::transport::Transport;
@@ -250,6 +250,16 @@ impl<T: Transport, P: Probe> Controlled for Arc<Daemon<T, P>> {
             .step(crate::probe::Step::Control { command })
     }
 
+    async fn reload_tls(&self) -> Response {
+        match &self.shared.config.tls {
+            None => Response::fail("no TLS is set up (no --tls-cert): nothing to read again"),
+            Some(tls) => match tls.reload_logged().await {
+                Ok(line) => Response::ok(line),
+                Err(line) => Response::fail(line),
+            },
+        }
+    }
+
     async fn break_mirror(&self) -> Response {
         let response = self.stop_mirror().await;
         if response.code == 0 {
@@ -404,6 +414,8 @@ pub async fn run<T: Transport, P: Probe>(
 ) -> Result<u8, String> {
     let mut signals =
         Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut hangup =
+        Hangup::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let destination = match role {
         Role::Serve => {
             // A half-received copy served even once must never be resumed
@@ -502,6 +514,14 @@ pub async fn run<T: Transport, P: Probe>(
     let end = loop {
         tokio::select! {
             signal = signals.next() => break End::Signal(signal),
+            () = hangup.recv() => match &shared.config.tls {
+                // Logged by reload_logged, success or not; the server runs
+                // on either way.
+                Some(tls) => {
+                    let _ = tls.reload_logged().await;
+                }
+                None => info!("received SIGHUP: no TLS is set up, nothing to read again"),
+            },
             _ = migrated_in.cancelled(), if destination.is_some() => break End::MigratedIn,
             Some((id, outcome)) = outcomes.recv() => match outcome {
                 Outcome::HandedOff => break End::HandedOff,

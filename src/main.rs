@@ -49,6 +49,10 @@ enum Mode {
     MirrorSpeed(MirrorSpeedArgs),
     /// Stop a running migration.
     Break(SockArgs),
+    /// Make a running server read its TLS certificate, key and CA again, as
+    /// SIGHUP does: new connections use them, existing ones keep theirs; a
+    /// file that does not load leaves the old credentials in use.
+    ReloadTls(SockArgs),
     /// Print the usage of flexnbd or of one mode.
     Help {
         /// The mode to explain.
@@ -931,6 +935,9 @@ fn main() -> ExitCode {
             ),
         },
         Mode::Break(args) => control_request(&args, "break", vec!["break".into()], false),
+        Mode::ReloadTls(args) => {
+            control_request(&args, "reload-tls", vec!["reload_tls".into()], false)
+        }
         Mode::Help { mode } => {
             return match mode.as_deref() {
                 None => {

@@ -1,6 +1,7 @@
 //! The signals that stop a long-running process (server, destination,
 //! proxy): SIGINT, SIGTERM and SIGQUIT, received as events rather than
-//! killing the process, so shutdown can follow its order.
+//! killing the process, so shutdown can follow its order. And SIGHUP, which
+//! asks it to read its TLS credentials again ([`Hangup`]).
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -28,5 +29,21 @@ impl Signals {
             _ = self.int.recv() => "SIGINT",
             _ = self.quit.recv() => "SIGQUIT",
         }
+    }
+}
+
+/// SIGHUP: read the TLS credentials again (certificate rotation). Installed
+/// with the others, so that a SIGHUP never kills the process (its default
+/// action), with or without TLS.
+pub struct Hangup(Signal);
+
+impl Hangup {
+    pub fn install() -> std::io::Result<Hangup> {
+        Ok(Hangup(signal(SignalKind::hangup())?))
+    }
+
+    /// Waits for the next SIGHUP.
+    pub async fn recv(&mut self) {
+        self.0.recv().await;
     }
 }

@@ -140,6 +140,17 @@ impl ServerFiles {
         if !self.any() {
             return Ok(None);
         }
+        let acceptor = self.acceptor()?;
+        Ok(Some(Arc::new(ServerTls {
+            acceptor: std::sync::RwLock::new(acceptor),
+            files: self.clone(),
+            policy: self.policy.unwrap_or(Policy::Required),
+            verify_peer: self.verify_peer,
+        })))
+    }
+
+    /// Reads the certificate, key and CA files into an acceptor.
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
             return Err(TlsError::Usage(
                 "TLS needs both --tls-cert and --tls-key (the server's certificate and its private key)".into(),
@@ -181,19 +192,51 @@ impl ServerFiles {
                 key: key.clone(),
                 why: e.to_string(),
             })?;
-        Ok(Some(Arc::new(ServerTls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            policy: self.policy.unwrap_or(Policy::Required),
-            verify_peer: self.verify_peer,
-        })))
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 }
 
-/// A server's loaded TLS settings.
+/// A server's loaded TLS settings. The credentials can be read again
+/// ([`ServerTls::reload`]) while it runs: connections already in TLS keep
+/// the session they made; new handshakes use the new files.
 pub struct ServerTls {
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
+    /// Where the credentials came from, to read them again.
+    files: ServerFiles,
     pub policy: Policy,
     pub verify_peer: bool,
+}
+
+impl ServerTls {
+    /// Reads the certificate, key and CA files again, and uses them for
+    /// every handshake from now on. On any error (a file missing, a key
+    /// that does not match its certificate, ...) the credentials in use
+    /// stay, and the error says why. Blocking: file reads; call it off the
+    /// async workers.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let acceptor = self.files.acceptor()?;
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+        Ok(())
+    }
+
+    /// [`ServerTls::reload`] on a blocking thread, logged: the outcome
+    /// line for the control socket or the log.
+    pub async fn reload_logged(self: &Arc<Self>) -> Result<String, String> {
+        let tls = self.clone();
+        let files = describe(&[
+            ("certificate", &self.files.cert),
+            ("key", &self.files.key),
+            ("CA", &self.files.ca),
+        ]);
+        reload_logged("TLS credentials", files, move || tls.reload()).await
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl fmt::Debug for ServerTls {
@@ -229,6 +272,22 @@ impl ClientFiles {
         if !self.any() {
             return Ok(None);
         }
+        let connector = self.connector()?;
+        let name = match &self.hostname {
+            Some(h) => {
+                ServerName::try_from(h.clone()).map_err(|_| TlsError::HostName(h.clone()))?
+            }
+            None => ServerName::IpAddress(addr.into()),
+        };
+        Ok(Some(Arc::new(ClientTls {
+            connector: std::sync::RwLock::new(connector),
+            name,
+            files: self.clone(),
+        })))
+    }
+
+    /// Reads the CA (and our own certificate and key) into a connector.
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector, TlsError> {
         let Some(ca) = &self.ca else {
             return Err(TlsError::Usage(
                 "TLS needs --tls-ca: the CA that signed the server's certificate".into(),
@@ -254,23 +313,17 @@ impl ClientFiles {
                 ))
             }
         };
-        let name = match &self.hostname {
-            Some(h) => {
-                ServerName::try_from(h.clone()).map_err(|_| TlsError::HostName(h.clone()))?
-            }
-            None => ServerName::IpAddress(addr.into()),
-        };
-        Ok(Some(Arc::new(ClientTls {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            name,
-        })))
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 }
 
-/// A client's loaded TLS settings.
+/// A client's loaded TLS settings. Like [`ServerTls`], they can be read
+/// again while the process runs ([`ClientTls::reload`]): the next
+/// connection uses the new files.
 pub struct ClientTls {
-    connector: tokio_rustls::TlsConnector,
+    connector: std::sync::RwLock<tokio_rustls::TlsConnector>,
     name: ServerName<'static>,
+    files: ClientFiles,
 }
 
 impl fmt::Debug for ClientTls {
@@ -282,6 +335,25 @@ impl fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
+    /// Reads the CA, certificate and key again for every connection from
+    /// now on; on any error the ones in use stay. Blocking.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let connector = self.files.connector()?;
+        *self.connector.write().unwrap_or_else(|p| p.into_inner()) = connector;
+        Ok(())
+    }
+
+    /// [`ClientTls::reload`] on a blocking thread, logged.
+    pub async fn reload_logged(self: &Arc<Self>) -> Result<String, String> {
+        let tls = self.clone();
+        let files = describe(&[
+            ("CA", &self.files.ca),
+            ("certificate", &self.files.cert),
+            ("key", &self.files.key),
+        ]);
+        reload_logged("upstream TLS credentials", files, move || tls.reload()).await
+    }
+
     /// The name the server's certificate must carry.
     pub fn name(&self) -> String {
         self.name.to_str().into_owned()
@@ -326,7 +398,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// acknowledged. On failure the connection is closed.
     pub async fn accept_tls(&mut self, tls: &ServerTls) -> io::Result<()> {
         let plain = self.take_plain()?;
-        let stream = tls.acceptor.accept(plain).await?;
+        let stream = tls.acceptor().accept(plain).await?;
         *self = Conn::Tls(Box::new(stream.into()));
         Ok(())
     }
@@ -335,7 +407,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// acknowledged STARTTLS. On failure the connection is closed.
     pub async fn connect_tls(&mut self, tls: &ClientTls) -> io::Result<()> {
         let plain = self.take_plain()?;
-        let stream = tls.connector.connect(tls.name.clone(), plain).await?;
+        let connector = tls
+            .connector
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stream = connector.connect(tls.name.clone(), plain).await?;
         *self = Conn::Tls(Box::new(stream.into()));
         Ok(())
     }
@@ -538,4 +615,38 @@ pub(crate) async fn test_pair(
         .connect(ServerName::try_from("localhost").unwrap(), far);
     let (ours, theirs) = tokio::join!(accept, connect);
     (ours.unwrap(), theirs.unwrap())
+}
+
+/// Credential files named for a log line: "certificate a.pem, key b.pem".
+fn describe(files: &[(&str, &Option<PathBuf>)]) -> String {
+    files
+        .iter()
+        .filter_map(|(what, path)| path.as_ref().map(|p| format!("{what} {}", p.display())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs `reload` (file reads) on a blocking thread and logs the outcome:
+/// the line, for a control-socket answer too.
+async fn reload_logged(
+    what: &str,
+    files: String,
+    reload: impl FnOnce() -> Result<(), TlsError> + Send + 'static,
+) -> Result<String, String> {
+    let outcome = tokio::task::spawn_blocking(reload)
+        .await
+        .map_err(|e| format!("reading them stopped: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match outcome {
+        Ok(()) => {
+            let line = format!("{what} read again from {files}: new connections use them");
+            crate::info!("{line}");
+            Ok(line)
+        }
+        Err(why) => {
+            let line = format!("cannot read the {what} again ({why}): keeping the ones in use");
+            crate::warn!("{line}");
+            Err(line)
+        }
+    }
 }

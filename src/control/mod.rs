@@ -51,6 +51,9 @@ pub trait Controlled: Send + Sync + 'static {
     /// which closes this socket) and answers with the outcome. `stop` is
     /// cancelled when the control socket closes.
     fn wait_mirror(&self, stop: CancellationToken) -> impl Future<Output = Response> + Send;
+    /// Reads the TLS certificate, key and CA again; on failure keeps the
+    /// ones in use, and says why.
+    fn reload_tls(&self) -> impl Future<Output = Response> + Send;
     /// The fault plan's verdict for a command (`control.<command>` keys).
     fn control_step(&self, _command: &'static str) -> crate::probe::Action {
         crate::probe::Action::Pass
@@ -235,7 +238,9 @@ async fn handle<C: Controlled>(
                 Request::Break => Some("break"),
                 Request::MirrorWait => Some("mirror_wait"),
                 Request::MirrorFollow(_) => Some("mirror"),
-                Request::Missing | Request::Unknown(_) => None,
+                // No fault step of its own: rotation is tested with real
+                // files, good and bad.
+                Request::ReloadTls | Request::Missing | Request::Unknown(_) => None,
             };
             if let Some(command) = command {
                 // Hung: no answer until the request timeout (or shutdown)
@@ -279,6 +284,7 @@ async fn handle<C: Controlled>(
                 Request::Mirror(args) => target.mirror(args).await,
                 Request::MirrorMaxBps(args) => target.mirror_max_bps(args).await,
                 Request::Break => target.break_mirror().await,
+                Request::ReloadTls => target.reload_tls().await,
                 Request::MirrorWait => target.wait_mirror(stop.clone()).await,
                 Request::MirrorFollow(args) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -24,6 +24,9 @@ pub enum Request {
     /// Ours: `mirror` (same arguments) answered twice on one connection:
     /// the start line at once, then the outcome line at the end.
     MirrorFollow(Vec<String>),
+    /// Read the TLS credentials again (as SIGHUP does): flexnbd's own;
+    /// the C flexnbd has no TLS.
+    ReloadTls,
     /// The first line was empty.
     Missing,
     Unknown(String),
@@ -43,6 +46,7 @@ pub fn parse_request(lines: &[String]) -> Request {
         "break" => Request::Break,
         "mirror_wait" => Request::MirrorWait,
         "mirror_follow" => Request::MirrorFollow(args),
+        "reload_tls" => Request::ReloadTls,
         other => Request::Unknown(other.to_string()),
     }
 }

@@ -71,7 +71,7 @@ use crate::fault_apply::{self, How, Incoming, SendError};
 use crate::probe::{Action, PlanProbe, Probe, Step};
 use crate::proto::{self, cmd, flags, Request, SimpleReply};
 use crate::server::{negotiate, NegotiateError, Offer};
-use crate::signals::Signals;
+use crate::signals::{Hangup, Signals};
 use crate::tls::{ClientTls, Conn, ServerTls};
 use crate::transport::{Listener, Transport};
 use crate::{error, info, warn};
@@ -224,6 +224,21 @@ pub async fn run<T: Transport>(transport: T, options: Options) -> u8 {
             return 1;
         }
     };
+    // SIGHUP reads the TLS credentials again, both sides' (certificate
+    // rotation); the connection being served keeps its session.
+    match Hangup::install() {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(
+                hangup,
+                options.downstream_tls.clone(),
+                options.upstream_tls.clone(),
+            ));
+        }
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    }
     let faults = Faults(options.faults.map(Arc::new));
     let mut upstream = Upstream::new(
         transport.clone(),
@@ -294,6 +309,27 @@ pub async fn run<T: Transport>(transport: T, options: Options) -> u8 {
     };
     info!("received {signal}, exiting");
     0
+}
+
+/// Reads the credentials again at each SIGHUP, logging each outcome; runs
+/// until the process ends.
+async fn reload_on_hangup(
+    mut hangup: Hangup,
+    downstream: Option<Arc<ServerTls>>,
+    upstream: Option<Arc<ClientTls>>,
+) {
+    loop {
+        hangup.recv().await;
+        if downstream.is_none() && upstream.is_none() {
+            info!("received SIGHUP: no TLS is set up, nothing to read again");
+        }
+        if let Some(tls) = &downstream {
+            let _ = tls.reload_logged().await;
+        }
+        if let Some(tls) = &upstream {
+            let _ = tls.reload_logged().await;
+        }
+    }
 }
 
 async fn accept_failed(e: std::io::Error) {
