@@ -1088,4 +1088,42 @@ mod tests {
             "{next:?}"
         );
     }
+
+    /// Over TLS, a request written while the socket is full is held in the
+    /// session's queue, not sent: the pipe must flush it, or the
+    /// destination waits for it while the source waits for its answer.
+    /// A 1 MiB write through a 4 KiB socket leaves the session with records
+    /// queued; the call behind it is answered only if they go out.
+    #[tokio::test]
+    async fn over_tls_a_call_behind_a_write_that_filled_the_socket_still_goes_out() {
+        let (mut dest, source) = crate::tls::test_pair(4096).await;
+        let source = crate::tls::Conn::Tls(Box::new(source.into()));
+        let mut pipe = Pipe::new(source, Duration::from_secs(20), Arc::new(Quiet));
+        // The destination answers every request it reads, as it reads it.
+        let destination = tokio::spawn(async move {
+            let mut header = [0u8; proto::REQUEST_LEN];
+            while dest.read_exact(&mut header).await.is_ok() {
+                let request = Request::decode(&header);
+                if request.kind == cmd::WRITE {
+                    let mut payload = vec![0u8; request.length as usize];
+                    dest.read_exact(&mut payload).await.unwrap();
+                }
+                let reply = SimpleReply::new(0, request.handle).encode();
+                dest.write_all(&reply).await.unwrap();
+                dest.flush().await.unwrap();
+            }
+        });
+        pipe.write(0, &vec![7u8; 1 << 20], false).await.unwrap();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            pipe.call_with(cmd::ENTRUST, 1, 0, 0),
+        )
+        .await;
+        assert!(
+            matches!(answer, Ok(Ok((0, _)))),
+            "the call behind the write was not answered within 5 s: {answer:?}"
+        );
+        drop(pipe);
+        destination.abort();
+    }
 }
