@@ -1395,3 +1395,37 @@ fn without_tls_sighup_keeps_serving_and_reload_tls_says_why_not() {
     let out = flexnbd_read(&server, 0, 4096, &[]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A fault inside the TLS handshake (`server.tls_handshake`): the first
+/// client, past its STARTTLS, sees the server close instead of the
+/// handshake, and says the handshake failed; the next is served.
+#[test]
+fn a_server_closing_in_the_tls_handshake_fails_that_client_only() {
+    let (dir, pki, file, content) = setup("tls", 34);
+    let server = serve_with(
+        &dir,
+        &file,
+        &pki.server_args(),
+        &["--faults", "server.tls_handshake#1=close"],
+    );
+    let out = flexnbd_read(&server, 0, 4096, &pki.client_args());
+    assert!(
+        !out.status.success(),
+        "the handshake was cut: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("TLS handshake with the server failed"),
+        "{}",
+        text(&out)
+    );
+    server.assert_fired("server.tls_handshake#1", "close");
+    let out = flexnbd_read(&server, 0, 4096, &pki.client_args());
+    assert!(out.status.success(), "the next client: {}", text(&out));
+    assert_same(
+        &out.stdout,
+        &content[..4096],
+        "read after the cut handshake",
+    );
+    server.assert_no_panic();
+}

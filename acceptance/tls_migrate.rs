@@ -687,6 +687,36 @@ fn destination_side_faults_on_a_tls_migration_fire_and_the_retry_completes() {
     dest.assert_fired("server.request_received.write#2", "close");
 }
 
+/// The destination closes the first connection in the TLS handshake
+/// itself (after acknowledging STARTTLS): a first attempt that fails is
+/// the `mirror` command's answer ("Mirror was rejected", exit 1), with
+/// the source still serving and its image untouched; the next `mirror`
+/// completes over TLS.
+#[test]
+fn a_destination_that_closes_in_the_tls_handshake_rejects_that_mirror_only() {
+    let dir = TempDir::new("tls-fault-handshake");
+    let pki = Pki::new(&dir.path);
+    let src_file = source_file(&dir);
+    let dest_file = dir.sparse_file("dest.img", SIZE);
+    let src = serve(&dir, &src_file, &[]);
+    let mut dargs = pki.server_args();
+    dargs.extend(args(&["--faults", "server.tls_handshake#1=close"]));
+    let dest = listen(&dir, &dest_file, &dargs);
+    mirror_fails(
+        &src.sock,
+        dest.port(),
+        &pki.client_args(),
+        "Mirror was rejected",
+    );
+    dest.assert_fired("server.tls_handshake#1", "close");
+    assert!(
+        src.server.log().contains("TLS handshake"),
+        "the source must say where it failed; log:\n{}",
+        src.server.log()
+    );
+    completes(src, &src_file, dest, &dest_file, &pki.client_args());
+}
+
 // ------------------------------------------------ certificate rotation
 
 /// A `listen` whose certificate was rotated with SIGHUP before the

@@ -27,6 +27,9 @@ pub enum Step {
     OptionReceived { option: u32 },
     /// An option reply is about to be sent (server side).
     OptionReplySend { option: u32 },
+    /// STARTTLS was acknowledged and the TLS handshake is about to begin
+    /// (server side).
+    TlsHandshake,
     /// A request header arrived (server side).
     RequestReceived { kind: u16 },
     /// A request's payload arrived in full (server side, writes only).
@@ -62,6 +65,7 @@ impl Step {
             | Step::GreetingSend
             | Step::OptionReceived { .. }
             | Step::OptionReplySend { .. }
+            | Step::TlsHandshake
             | Step::RequestReceived { .. }
             | Step::PayloadReceived { .. }
             | Step::ReplySend { .. }
@@ -87,6 +91,7 @@ impl Step {
             Step::GreetingSend => "greeting_send".into(),
             Step::OptionReceived { option } => format!("option_received.{option}"),
             Step::OptionReplySend { option } => format!("option_reply_send.{option}"),
+            Step::TlsHandshake => "tls_handshake".into(),
             Step::RequestReceived { kind: cmd::ENTRUST } => "entrust_received".into(),
             Step::RequestReceived { kind: cmd::DISC } => "disconnect_received".into(),
             Step::RequestReceived { kind } => format!("request_received.{}", cmd::name(kind)),
@@ -289,6 +294,7 @@ mod tests {
         let mut steps = vec![
             Step::Accept,
             Step::GreetingSend,
+            Step::TlsHandshake,
             Step::MirrorConnect,
             Step::MirrorGreetingReceived,
             Step::DisconnectDone,
@@ -316,6 +322,7 @@ mod tests {
                 | Step::GreetingSend
                 | Step::OptionReceived { .. }
                 | Step::OptionReplySend { .. }
+                | Step::TlsHandshake
                 | Step::RequestReceived { .. }
                 | Step::PayloadReceived { .. }
                 | Step::ReplySend { .. }
@@ -463,6 +470,7 @@ mod tests {
         for (step, kind) in [
             (Step::Accept, Kind::Event),
             (Step::MirrorConnect, Kind::Event),
+            (Step::TlsHandshake, Kind::Event),
             (Step::GreetingSend, Kind::Outgoing),
             (Step::MirrorGreetingReceived, Kind::Incoming),
             (Step::RequestReceived { kind: cmd::WRITE }, Kind::Incoming),

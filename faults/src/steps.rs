@@ -277,6 +277,13 @@ pub const STEPS: &[StepDef] = &[
     step(Server, "option_reply_send.<n>", Outgoing, &[], "an option reply is about to be sent"),
     step(
         Server,
+        "tls_handshake",
+        Event,
+        &[],
+        "STARTTLS was acknowledged; the TLS handshake is about to begin",
+    ),
+    step(
+        Server,
         "request_received.<cmd>",
         Incoming,
         &["request_received.write", "request_received.write_zeroes", "request_received.checkpoint", "request_received.resume"],

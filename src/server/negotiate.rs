@@ -164,6 +164,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
                 .await;
         }
         self.reply(option, rep::ACK, &[]).await?;
+        // Hung: the client waits in its handshake until the handshake
+        // timeout around the negotiation ends it; closed: it sees the end.
+        fault_apply::event(
+            self.probe.step(Step::TlsHandshake),
+            || self.probe.key(Step::TlsHandshake),
+            std::future::pending(),
+        )
+        .await?;
         self.stream
             .accept_tls(tls)
             .await
