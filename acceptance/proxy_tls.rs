@@ -756,3 +756,150 @@ fn sighup_rotates_the_proxys_downstream_certificate_and_upstream_ca() {
     second.wait_log("TLS started");
     p.assert_no_panic();
 }
+
+// ------------------------------------------------ more peers, both policies
+
+/// qemu-img (its own TLS client, GnuTLS with a credentials directory) and
+/// nbdsh (libnbd) through a TLS proxy: qemu-img reads the size and converts
+/// the whole export to a file equal to the upstream image; nbdsh writes,
+/// flushes and reads back, and the write reaches the upstream image.
+#[test]
+fn qemu_img_and_nbdsh_work_through_a_tls_proxy() {
+    let d = downstream_setup("proxy-tls-peers", |_| vec![]);
+    let (dir, pki, file, p) = (&d.dir, &d.pki, &d.file, &d.proxy);
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        pki.client_dir.display()
+    );
+    let opts = format!("driver=nbd,host=127.0.0.1,port={},tls-creds=tls0", p.port());
+    let info = text(&run_ok(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+        ],
+        WAIT,
+    ));
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 4 * MIB)),
+        "qemu-img info through the TLS proxy:\n{info}"
+    );
+    let copy = dir.join("qemu-copy.raw");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            copy.to_str().unwrap(),
+        ],
+        WAIT,
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(file).unwrap(),
+        "qemu-img convert through the TLS proxy equals the upstream image"
+    );
+    // Statements on an unconnected handle: a URI naming a local
+    // credentials directory needs libnbd's explicit permission.
+    let script = format!(
+        "h.set_tls(nbd.TLS_REQUIRE)\n\
+         h.set_tls_certificates({:?})\n\
+         h.connect_tcp('127.0.0.1', '{}')\n\
+         assert h.get_tls_negotiated()\n\
+         h.pwrite(b'rotate' * 1000, 65536)\n\
+         h.flush()\n\
+         assert h.pread(6000, 65536) == b'rotate' * 1000\n",
+        pki.client_dir.display().to_string(),
+        p.port()
+    );
+    let out = run_tool("env", &["PATH=/usr/bin:/bin", "nbdsh", "-c", &script], WAIT);
+    assert!(
+        out.status.success(),
+        "nbdsh through the TLS proxy: {}",
+        text(&out)
+    );
+    assert_eq!(read_file_range(file, 65536, 6000), b"rotate".repeat(1000));
+    p.assert_no_panic();
+}
+
+/// `--tls optional` on the proxy: a plaintext nbdinfo and a TLS nbdinfo
+/// are both served, each over what it asked for.
+#[test]
+fn a_proxy_with_tls_optional_serves_plaintext_and_tls_clients() {
+    let d = downstream_setup("proxy-tls-optional", |_| {
+        vec!["--tls".into(), "optional".into()]
+    });
+    let (pki, p) = (&d.pki, &d.proxy);
+    let plain = text(&run_ok(
+        "nbdinfo",
+        &[&format!("nbd://127.0.0.1:{}", p.port())],
+        WAIT,
+    ));
+    assert!(
+        plain.contains(&format!("export-size: {}", 4 * MIB)) && !plain.contains("with TLS"),
+        "plaintext nbdinfo through the optional-TLS proxy:\n{plain}"
+    );
+    let tls = text(&run_ok("nbdinfo", &[&nbds(p, &pki.client_dir)], WAIT));
+    assert!(
+        tls.contains("protocol: newstyle-fixed with TLS"),
+        "TLS nbdinfo through the optional-TLS proxy:\n{tls}"
+    );
+    p.assert_no_panic();
+}
+
+/// An upstream that verifies its clients: the proxy's own certificate
+/// (`--upstream-tls-cert`/`--upstream-tls-key`) gets it in, and a client's
+/// write reaches the image; without one the upstream refuses the proxy,
+/// which exits 1 before listening.
+#[test]
+fn upstream_client_certificates_get_the_proxy_into_a_verifying_upstream() {
+    let dir = TempDir::new("proxy-tls-client-cert");
+    let pki = Pki::new(&dir.path);
+    let file = dir.pattern_file("image", MIB, 62);
+    let mut args: Vec<String> = ["serve", "-l", "127.0.0.1", "-p", "0", "-v", "-f"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(file.display().to_string());
+    args.extend(pki.verifying_server_args());
+    let upstream = Flexnbd::spawn(&dir, &args);
+    let mut with_cert = upstream_tls(&pki);
+    with_cert.extend([
+        "--upstream-tls-cert".to_string(),
+        pki.client.cert.display().to_string(),
+        "--upstream-tls-key".to_string(),
+        pki.client.key.display().to_string(),
+    ]);
+    let p = proxy(&dir, upstream.addr, &with_cert);
+    let data = pattern(8192, 63);
+    let mut c = RawClient::connect(p.addr);
+    c.oldstyle_greeting();
+    c.write_ok(4096, &data);
+    assert_eq!(c.read_ok(4096, 8192), data);
+    assert_eq!(read_file_range(&file, 4096, 8192), data);
+    upstream.wait_log("client certificate verified");
+    // No certificate: refused by the upstream, so the proxy never listens.
+    let out = run_tool(
+        PROXY,
+        &proxy_args(upstream.addr, &upstream_tls(&pki))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        WAIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("Couldn't connect to upstream server"),
+        "{}",
+        text(&out)
+    );
+    p.assert_no_panic();
+}
