@@ -20,6 +20,7 @@ mod convergence;
 mod durability;
 mod fakes;
 mod fuzz_seeds;
+mod hostile;
 mod interop;
 mod logging;
 mod matrix;
