@@ -340,8 +340,12 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         let shared = shared.clone();
         let registry_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let _registration = registration;
-            match transmission::serve_client(stream, peer, shared, stop).await {
+            let outcome = transmission::serve_client(stream, peer, shared, stop).await;
+            // The slot is free before the line says so: a client that
+            // reconnects on reading it is never refused for its own
+            // connection (`listen` has one slot).
+            drop(registration);
+            match outcome {
                 Ok(()) => info!("client {peer} finished"),
                 Err(e) => info!("client {peer} dropped: {e}"),
             }
