@@ -91,9 +91,6 @@ pub enum Server {
 /// Runs `work` on a runtime of its own: one per input, so that nothing
 /// one input left behind (a task, a timer) reaches the next.
 fn on_runtime<F: std::future::Future>(work: F) -> F::Output {
-    // Each input's server logs its connection; at fuzzing speed that
-    // would be most of the time spent. Errors still show.
-    crate::log::set_threshold(crate::log::Level::Error);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

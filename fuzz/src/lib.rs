@@ -96,6 +96,10 @@ static ALLOCATOR: Bounded = Bounded::new();
 /// Runs target `name` on `data` (flexnbd::fuzzing::run), with test-only TLS
 /// credentials made once per process for the target that needs them.
 pub fn run(name: &str, data: &[u8]) {
+    // Each input's server logs its connection; at fuzzing speed that would
+    // be most of the time spent. Errors still show. Set here, in the fuzz
+    // binary, not in the library: tests that replay inputs keep their log.
+    flexnbd::log::set_threshold(flexnbd::log::Level::Error);
     let tls = (name == "serve_tls").then(credentials);
     flexnbd::fuzzing::run(name, data, tls);
 }
