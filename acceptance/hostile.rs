@@ -129,3 +129,194 @@ fn stalled_large_writes_hold_a_piece_each_and_stall_no_one_else() {
     drop(stalled);
     server.assert_no_panic();
 }
+
+/// The kernel's backlog of the server's listening socket: `ss` shows it
+/// as a listener's Send-Q.
+fn listen_backlog(server: &Flexnbd) -> u32 {
+    let port = server.addr.port();
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("LISTEN"))
+        .unwrap_or_else(|| panic!("ss shows no listener on port {port}: {text:?}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no backlog in {line:?}"))
+}
+
+/// A flood of connections past `--max-clients`: each is closed at once,
+/// before a byte of greeting, and costs nothing that lasts; the accept
+/// queue is deep enough (1024, or the kernel's cap) that no connect waits
+/// for a SYN to be sent again (1 s), so a well-behaved client connecting
+/// during the flood is not made to wait either; the client already in is
+/// answered throughout.
+#[test]
+fn a_flood_past_max_clients_is_refused_at_once_and_delays_no_connect() {
+    const THREADS: usize = 8;
+    const EACH: usize = 50;
+    allow_files(4 * (THREADS * EACH) as u64);
+    let dir = TempDir::new("hostile");
+    let file = dir.pattern_file("disk.img", 4 * MIB, 6);
+    let server = Flexnbd::serve(&dir, &file, &["--max-clients", "4"]);
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("somaxconn")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        listen_backlog(&server),
+        1024.min(somaxconn),
+        "the listening socket's backlog"
+    );
+    let mut good = server.connect();
+    good.oldstyle_greeting();
+    let _ = timed_read(&mut good, 0);
+    let mut slots: Vec<RawClient> = (0..3)
+        .map(|_| {
+            let mut c = server.connect();
+            c.oldstyle_greeting();
+            c
+        })
+        .collect();
+    // Every slot is taken before the flood starts: a slot is held from
+    // before its greeting is sent.
+    let before = vm_rss(&server);
+    let addr = server.addr;
+    let flooded: Vec<(Duration, std::net::TcpStream)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(move || {
+                    (0..EACH)
+                        .map(|_| {
+                            let began = Instant::now();
+                            let c = std::net::TcpStream::connect_timeout(&addr, WAIT)
+                                .expect("a connect during the flood");
+                            (began.elapsed(), c)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("a flooding thread"))
+            .collect()
+    });
+    let slowest = flooded.iter().map(|(d, _)| *d).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the slowest of {} connects took {slowest:?}: a SYN was dropped by a full accept queue",
+        flooded.len()
+    );
+    for (_, mut c) in flooded {
+        use std::io::Read;
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = Vec::new();
+        match c.read_to_end(&mut got) {
+            Ok(_) => assert!(got.is_empty(), "a refused client was sent {got:02x?}"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a connection past --max-clients was not closed at once: {e}"),
+        }
+    }
+    let after = vm_rss(&server);
+    assert!(
+        after.saturating_sub(before) <= 2 * MIB,
+        "{} refused connections left {} KiB more resident",
+        THREADS * EACH,
+        after.saturating_sub(before) / 1024
+    );
+    let took = timed_read(&mut good, 8192);
+    assert!(
+        took < Duration::from_secs(1),
+        "a read after the flood took {took:?}"
+    );
+    // One line at once and at most one a second after, which together
+    // count every refusal.
+    wait_for("every refusal counted in the log", WAIT, || {
+        (refusals_logged(&server.log()) == (THREADS * EACH) as u64).then_some(())
+    });
+    let lines = server.log().matches("too many clients").count();
+    assert!(
+        lines <= 3,
+        "{lines} log lines for a flood of under a second: refusals are logged at most once a second"
+    );
+    let _ = slots[0].read_ok(0, 4096);
+    slots.clear();
+    server.assert_no_panic();
+}
+
+/// How many refused connections the "too many clients" lines count: one
+/// for each "rejecting" line, plus the ones each says were not logged.
+fn refusals_logged(log: &str) -> u64 {
+    let number_before = |line: &str, marker: &str| -> u64 {
+        let head = &line[..line.find(marker).expect("the marker")];
+        let digits: String = head
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no count in {line:?}"))
+    };
+    log.lines()
+        .filter(|l| l.contains("too many clients"))
+        .map(|l| {
+            if l.contains(" more connections refused in the last second") {
+                number_before(l, " more connections refused in the last second")
+            } else if l.contains(" more refused, not logged") {
+                1 + number_before(l, " more refused, not logged")
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// 1000 control connections that never send a request cost at most
+/// 32 KiB each, and `status` is answered at once beside them.
+#[test]
+fn a_thousand_silent_control_connections_cost_little_and_delay_no_status() {
+    const SILENT: usize = 1000;
+    allow_files(4 * SILENT as u64);
+    let dir = TempDir::new("hostile");
+    let file = dir.sparse_file("disk.img", 4 * MIB);
+    let sock = dir.join("ctl.sock");
+    let server = Flexnbd::serve(&dir, &file, &["-s", sock.to_str().unwrap()]);
+    wait_for("the control socket", WAIT, || {
+        std::os::unix::net::UnixStream::connect(&sock)
+            .ok()
+            .map(|_| ())
+    });
+    let _ = status(&sock);
+    let before = vm_rss(&server);
+    let silent: Vec<_> = (0..SILENT)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("a control connection"))
+        .collect();
+    let began = Instant::now();
+    let st = status(&sock);
+    let took = began.elapsed();
+    assert!(st.contains_key("pid"), "a whole status line: {st:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "status beside {SILENT} silent clients took {took:?}"
+    );
+    let after = vm_rss(&server);
+    let each = after.saturating_sub(before) / SILENT as u64;
+    assert!(
+        each <= 32 * 1024,
+        "{SILENT} silent control connections took {} KiB, {} KiB each (bound 32 KiB)",
+        after.saturating_sub(before) / 1024,
+        each / 1024
+    );
+    drop(silent);
+    server.assert_no_panic();
+}

@@ -1429,3 +1429,133 @@ fn a_server_closing_in_the_tls_handshake_fails_that_client_only() {
     );
     server.assert_no_panic();
 }
+
+// ------------------------------------------------- handshakes from strangers
+
+/// The nice value of each of the server's threads whose name (as /proc
+/// shows it: the first 15 bytes) is `comm`, or with `others`, is not.
+fn thread_nice(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
+    let tasks = format!("/proc/{}/task", server.server_pid);
+    let mut nice = Vec::new();
+    for task in fs::read_dir(&tasks).expect("the server's threads") {
+        let task = task.unwrap().path();
+        let Ok(name) = fs::read_to_string(task.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if (name.trim_end() == comm) == others {
+            continue;
+        }
+        let stat = fs::read_to_string(task.join("stat")).expect("the thread's stat");
+        // After the ")" that ends the name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let field: i64 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        nice.push(field);
+    }
+    nice
+}
+
+/// The server's side of every TLS handshake runs on one thread of its
+/// own, "flexnbd-tls", at nice +10, while the async workers that serve
+/// established clients stay at 0: a burst of handshakes from strangers
+/// takes only the CPU the established clients leave (docs/hostile.md).
+#[test]
+fn tls_handshakes_run_on_a_thread_of_their_own_below_the_workers() {
+    let (dir, pki, file, original) = setup("tls", 40);
+    let server = serve_with(&dir, &file, &pki.server_args(), &[]);
+    let mut tls = start_tls(server.connect_greeted(), &pki.ca);
+    assert_eq!(go(&mut tls).0, SIZE);
+    assert_same(&read_simple(&mut tls, 0, 4096), &original[..4096], "READ");
+    assert_eq!(
+        thread_nice(&server, "flexnbd-tls", false),
+        vec![10],
+        "the handshake thread's nice value, once a handshake has run"
+    );
+    let others = thread_nice(&server, "flexnbd-tls", true);
+    assert!(
+        others.len() >= 2 && others.iter().all(|&n| n == 0),
+        "the other threads' (main, async workers) nice values: {others:?}"
+    );
+    server.assert_no_panic();
+}
+
+/// 32 TLS handshakes at once, beside a plaintext client reading (TLS
+/// optional): every handshake completes and reads the right data, and
+/// every plaintext read meanwhile is answered, and right.
+#[test]
+fn a_burst_of_tls_handshakes_leaves_a_plaintext_client_served() {
+    const BURST: usize = 32;
+    let (dir, pki, file, original) = setup("tls", 41);
+    let server = serve_with(
+        &dir,
+        &file,
+        &pki.server_args(),
+        &["--tls", "optional", "--max-clients", "40"],
+    );
+    let mut plain = server.connect_greeted();
+    assert_eq!(go(&mut plain.stream).0, SIZE);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::thread::scope(|s| {
+        let burst: Vec<_> = (0..BURST)
+            .map(|i| {
+                let (server, pki, original) = (&server, &pki, &original);
+                s.spawn(move || {
+                    let mut tls = start_tls(server.connect_greeted(), &pki.ca);
+                    assert_eq!(go(&mut tls).0, SIZE);
+                    let at = (i as u64 * 4096) % SIZE;
+                    let got = read_simple(&mut tls, at, 4096);
+                    assert_same(&got, &original[at as usize..][..4096], "READ over TLS");
+                })
+            })
+            .collect();
+        let reader = s.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = (n * 8192) % SIZE;
+                let got = read_simple(&mut plain.stream, at, 4096);
+                assert_same(&got, &original[at as usize..][..4096], "plaintext READ");
+                n += 1;
+            }
+            n
+        });
+        for t in burst {
+            t.join().expect("a TLS client of the burst");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().expect("the plaintext client")
+    });
+    assert!(reads > 0, "the plaintext client read during the burst");
+    let deadline = std::time::Instant::now() + WAIT;
+    while log_count(&server, "TLS started") < BURST && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(log_count(&server, "TLS started"), BURST);
+    server.assert_no_panic();
+}
+
+/// A client that sends STARTTLS and then nothing is dropped when the
+/// handshake time is up, though its handshake was waiting on the
+/// handshake thread: the socket is closed there too, not held for ever.
+#[test]
+fn a_client_silent_inside_the_tls_handshake_is_dropped_at_the_handshake_timeout() {
+    let (dir, pki, file, _) = setup("tls", 42);
+    let server = serve_with(
+        &dir,
+        &file,
+        &pki.server_args(),
+        &["--handshake-timeout", "0.5"],
+    );
+    let mut c = server.connect_greeted();
+    send_opt(&mut c.stream, opt::STARTTLS, &[]);
+    expect_reply(&mut c.stream, opt::STARTTLS, rep::ACK);
+    let began = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // The client's read timeout (15 s) bounds this; a close is an EOF.
+    c.stream
+        .read_to_end(&mut rest)
+        .expect("the server closes the connection rather than leave it open");
+    assert!(rest.is_empty(), "the server sent {rest:02x?}");
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    server.wait_log("handshake not finished within 0.5 s");
+    server.assert_no_panic();
+}

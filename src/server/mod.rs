@@ -257,12 +257,102 @@ impl<P: Probe> Drop for Registration<P> {
 }
 
 /// Accepts connections forever, giving each permitted client a task.
+/// Log lines for connections refused for one reason, at most one a
+/// second: a flood of connects must not become a flood of log lines (a
+/// write on the accept loop for each, and a log that fills the disk). The
+/// first refusal is logged at once; the refusals in the second after a
+/// line are counted, and the next line says how many there were.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    /// No line before this.
+    quiet_until: Option<tokio::time::Instant>,
+    /// Refusals not logged since the last line.
+    unlogged: u64,
+}
+
+/// How long after one line about refused connections the next may come.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl RefusalLog {
+    /// A refusal at `now`: `Some(n)` to log it, saying that `n` more were
+    /// refused since the last line; `None` to count it silently.
+    pub(crate) fn refuse(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        match self.quiet_until {
+            Some(until) if now < until => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.quiet_until = Some(now + REFUSAL_LOG_EVERY);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
+
+    /// When the refusals not yet told of are due to be, if there are any.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.quiet_until.filter(|_| self.unlogged > 0)
+    }
+
+    /// At `now`: `Some(n)` to write a line that `n` more were refused,
+    /// when their quiet second is over; the next refusal is then logged
+    /// at once.
+    pub(crate) fn catch_up(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        match self.due() {
+            Some(at) if now >= at => {
+                self.quiet_until = None;
+                Some(std::mem::take(&mut self.unlogged))
+            }
+            _ => None,
+        }
+    }
+
+    /// The end of a refusal line: how many were not logged before it.
+    fn more(unlogged: u64) -> String {
+        match unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more refused, not logged, since the last such line)"),
+        }
+    }
+}
+
 pub async fn accept_loop<T: Transport, P: Probe>(
     mut listener: T::Listener,
     shared: Arc<Shared<P>>,
 ) {
+    let mut refused_full = RefusalLog::default();
+    let mut refused_acl = RefusalLog::default();
+    let mut refused_endgame = RefusalLog::default();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        // The refusals a line has not told of yet are told when their
+        // quiet second ends, though no connection comes after them.
+        let due = [&refused_full, &refused_acl, &refused_endgame]
+            .into_iter()
+            .filter_map(RefusalLog::due)
+            .min();
+        let accepted = match due {
+            None => listener.accept().await,
+            Some(at) => tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tokio::time::sleep_until(at) => {
+                    let now = tokio::time::Instant::now();
+                    if let Some(n) = refused_full.catch_up(now) {
+                        warn!(
+                            "too many clients: {n} more connections refused in the last second, all {} slots in use",
+                            shared.config.max_clients
+                        );
+                    }
+                    if let Some(n) = refused_acl.catch_up(now) {
+                        warn!("{n} more connections refused in the last second: not allowed by the access control list");
+                    }
+                    if let Some(n) = refused_endgame.catch_up(now) {
+                        info!("{n} more connections closed in the last second: clients are not allowed now (migration endgame)");
+                    }
+                    continue;
+                }
+            },
+        };
+        let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
@@ -299,13 +389,21 @@ pub async fn accept_loop<T: Transport, P: Probe>(
             continue;
         }
         if !shared.clients_allowed() {
-            info!(
-                "closing connection from {peer}: clients are not allowed now (migration endgame)"
-            );
+            if let Some(more) = refused_endgame.refuse(tokio::time::Instant::now()) {
+                info!(
+                    "closing connection from {peer}: clients are not allowed now (migration endgame){}",
+                    RefusalLog::more(more)
+                );
+            }
             continue;
         }
         if !shared.acl().allows(peer.ip()) {
-            warn!("rejecting client {peer}: not allowed by the access control list");
+            if let Some(more) = refused_acl.refuse(tokio::time::Instant::now()) {
+                warn!(
+                    "rejecting client {peer}: not allowed by the access control list{}",
+                    RefusalLog::more(more)
+                );
+            }
             continue;
         }
         let stop = CancellationToken::new();
@@ -317,10 +415,13 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                 continue;
             }
             if registry.len() >= shared.config.max_clients {
-                warn!(
-                    "too many clients: rejecting {peer}, all {} slots are in use",
-                    shared.config.max_clients
-                );
+                if let Some(more) = refused_full.refuse(tokio::time::Instant::now()) {
+                    warn!(
+                        "too many clients: rejecting {peer}, all {} slots are in use{}",
+                        shared.config.max_clients,
+                        RefusalLog::more(more)
+                    );
+                }
                 continue;
             }
             registry.insert(
@@ -365,4 +466,34 @@ pub async fn bind<T: Transport>(
     let listener = transport.bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// A flood of refusals makes one line at once and one a second after,
+    /// and every refusal is counted in some line.
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second_and_all_counted() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut log = RefusalLog::default();
+        assert_eq!(log.refuse(t0), Some(0), "the first is logged at once");
+        assert_eq!(log.due(), None, "nothing untold");
+        for n in 1..=999 {
+            assert_eq!(log.refuse(ms(n)), None, "refusal at {n} ms");
+        }
+        assert_eq!(log.due(), Some(ms(1000)));
+        assert_eq!(log.catch_up(ms(999)), None, "not before the second is over");
+        assert_eq!(log.catch_up(ms(1000)), Some(999));
+        assert_eq!(log.due(), None);
+        assert_eq!(log.catch_up(ms(5000)), None, "nothing twice");
+        // After the catch-up line the next refusal is logged at once.
+        assert_eq!(log.refuse(ms(1001)), Some(0));
+        assert_eq!(log.refuse(ms(1500)), None);
+        // A refusal after the quiet second carries the count with it.
+        assert_eq!(log.refuse(ms(2001)), Some(1));
+    }
 }

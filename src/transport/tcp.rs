@@ -10,8 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{Listener, Stream, Transport};
 
-/// Backlog of the NBD listening socket (as the C version).
-const BACKLOG: i32 = 10;
+/// Backlog of the NBD listening socket. The C version's 10 is too short
+/// for a burst: when a flood of connects (or 64 clients reconnecting at
+/// once) fills the accept queue, the kernel drops the next SYNs and each
+/// of those clients, the well-behaved ones too, waits a whole SYN
+/// retransmit (1 s, then 3 s) before the accept loop even sees it. The
+/// accept loop closes a connection past `--max-clients` at once, so the
+/// queue only has to absorb bursts; the kernel caps it at somaxconn.
+pub(crate) const BACKLOG: i32 = 1024;
 /// `EADDRNOTAVAIL` (an address not configured yet) is retried this often,
 /// one second apart; `EADDRINUSE` is not retried, so that a squatter never
 /// receives migrated clients.
