@@ -320,7 +320,7 @@ fn no_process_wide_mutable_state_but_the_log_sink() {
 /// Layout section shows the same table.
 const LAYERS: &[&[&str]] = &[
     &["proto", "log"],
-    &["core", "transport", "acl", "signals", "status"],
+    &["core", "transport", "acl", "signals", "status", "gate"],
     &["tls"],
     &["store"],
     &["power", "handoff"],

@@ -1432,11 +1432,11 @@ fn a_server_closing_in_the_tls_handshake_fails_that_client_only() {
 
 // ------------------------------------------------- handshakes from strangers
 
-/// The nice value of each of the server's threads whose name (as /proc
-/// shows it: the first 15 bytes) is `comm`, or with `others`, is not.
-fn thread_nice(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
+/// The scheduling policy of each of the server's threads whose name (as
+/// /proc shows it: the first 15 bytes) is `comm`, or with `others`, is not.
+fn thread_policies(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
     let tasks = format!("/proc/{}/task", server.server_pid);
-    let mut nice = Vec::new();
+    let mut policies = Vec::new();
     for task in fs::read_dir(&tasks).expect("the server's threads") {
         let task = task.unwrap().path();
         let Ok(name) = fs::read_to_string(task.join("comm")) else {
@@ -1446,34 +1446,36 @@ fn thread_nice(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
             continue;
         }
         let stat = fs::read_to_string(task.join("stat")).expect("the thread's stat");
-        // After the ")" that ends the name: state is field 3, nice field 19.
+        // After the ")" that ends the name, state is field 3 and the
+        // scheduling policy field 41 (proc(5)).
         let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-        let field: i64 = rest.split(' ').nth(16).unwrap().parse().unwrap();
-        nice.push(field);
+        let field: i64 = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        policies.push(field);
     }
-    nice
+    policies
 }
 
-/// The server's side of every TLS handshake runs on one thread of its
-/// own, "flexnbd-tls", at nice +10, while the async workers that serve
-/// established clients stay at 0: a burst of handshakes from strangers
-/// takes only the CPU the established clients leave (docs/hostile.md).
+/// The server negotiates with newcomers, TLS handshakes included, on one
+/// thread of its own, "flexnbd-gate", under SCHED_IDLE, while the async
+/// workers that serve established clients stay under the normal policy:
+/// a burst of handshakes from strangers takes only the CPU the clients
+/// leave (docs/hostile.md).
 #[test]
-fn tls_handshakes_run_on_a_thread_of_their_own_below_the_workers() {
+fn tls_handshakes_run_on_the_gate_thread_under_sched_idle() {
     let (dir, pki, file, original) = setup("tls", 40);
     let server = serve_with(&dir, &file, &pki.server_args(), &[]);
     let mut tls = start_tls(server.connect_greeted(), &pki.ca);
     assert_eq!(go(&mut tls).0, SIZE);
     assert_same(&read_simple(&mut tls, 0, 4096), &original[..4096], "READ");
     assert_eq!(
-        thread_nice(&server, "flexnbd-tls", false),
-        vec![10],
-        "the handshake thread's nice value, once a handshake has run"
+        thread_policies(&server, "flexnbd-gate", false),
+        vec![libc::SCHED_IDLE as i64],
+        "the gate thread's scheduling policy, once a client has negotiated"
     );
-    let others = thread_nice(&server, "flexnbd-tls", true);
+    let others = thread_policies(&server, "flexnbd-gate", true);
     assert!(
-        others.len() >= 2 && others.iter().all(|&n| n == 0),
-        "the other threads' (main, async workers) nice values: {others:?}"
+        others.len() >= 2 && others.iter().all(|&p| p == libc::SCHED_OTHER as i64),
+        "the other threads' (main, async workers) policies: {others:?}"
     );
     server.assert_no_panic();
 }
@@ -1533,8 +1535,8 @@ fn a_burst_of_tls_handshakes_leaves_a_plaintext_client_served() {
 }
 
 /// A client that sends STARTTLS and then nothing is dropped when the
-/// handshake time is up, though its handshake was waiting on the
-/// handshake thread: the socket is closed there too, not held for ever.
+/// handshake time is up, though its handshake was waiting on the gate
+/// thread: the socket is closed there too, not held for ever.
 #[test]
 fn a_client_silent_inside_the_tls_handshake_is_dropped_at_the_handshake_timeout() {
     let (dir, pki, file, _) = setup("tls", 42);

@@ -10,6 +10,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod fuzzing;
+pub mod gate;
 pub mod handoff;
 pub mod mirror;
 pub mod power;

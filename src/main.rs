@@ -483,6 +483,8 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
             Role::Listen => flexnbd::proto::ext::LISTEN,
             Role::Serve => 0,
         },
+        // Newcomers are negotiated with below the clients already served.
+        gate: Some(Arc::new(flexnbd::gate::Gate::new())),
     };
     if let Some(path) = &args.sock {
         // Refuse early: a live server there means we must not start at all.

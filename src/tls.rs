@@ -143,7 +143,6 @@ impl ServerFiles {
         let acceptor = self.acceptor()?;
         Ok(Some(Arc::new(ServerTls {
             acceptor: std::sync::RwLock::new(acceptor),
-            handshakes: std::sync::OnceLock::new(),
             files: self.clone(),
             policy: self.policy.unwrap_or(Policy::Required),
             verify_peer: self.verify_peer,
@@ -202,8 +201,6 @@ impl ServerFiles {
 /// the session they made; new handshakes use the new files.
 pub struct ServerTls {
     acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
-    /// Where this server's handshakes run; started by the first one.
-    handshakes: std::sync::OnceLock<Handshakes>,
     /// Where the credentials came from, to read them again.
     files: ServerFiles,
     pub policy: Policy,
@@ -239,98 +236,6 @@ impl ServerTls {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-/// The thread a server's TLS handshakes run on, apart from the async
-/// workers. A handshake is a burst of public-key work (a signature with
-/// the server's key, the key exchange; about a millisecond for RSA-2048)
-/// inside one poll: on a worker, a burst of them from strangers would
-/// hold up every established client queued behind them. Here they take
-/// their turns on one thread of their own, at a lower priority (nice +10)
-/// than the workers, so that when the CPU is short, clients already
-/// served come first and new handshakes get what is left. The socket's
-/// readiness still comes from the runtime that owns it; only the polling,
-/// and so the crypto, moves. Record encryption after the handshake stays
-/// with the connection's own task.
-struct Handshakes {
-    handle: tokio::runtime::Handle,
-    /// Dropped with the server: the thread's runtime ends, and with it any
-    /// handshake still on it.
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-/// How much lower than the workers the handshake thread runs.
-const HANDSHAKE_NICE: libc::c_int = 10;
-
-impl Handshakes {
-    fn start() -> io::Result<Handshakes> {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (give, take) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("flexnbd-tls".into())
-            .spawn(move || {
-                // SAFETY: setpriority with this thread's own id changes
-                // only this thread's nice value; failure leaves it as it
-                // was, which is still correct, only less polite.
-                unsafe {
-                    libc::setpriority(
-                        libc::PRIO_PROCESS,
-                        libc::gettid() as libc::id_t,
-                        HANDSHAKE_NICE,
-                    );
-                }
-                // Timers and I/O of its own, for a wrapped transport that
-                // sleeps or registers inside a poll (the fault transport).
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => {
-                        let _ = give.send(Ok(rt.handle().clone()));
-                        rt.block_on(async {
-                            let _ = stopped.await;
-                        });
-                    }
-                    Err(e) => {
-                        let _ = give.send(Err(e));
-                    }
-                }
-            })?;
-        let handle = take
-            .recv()
-            .map_err(|_| io::Error::other("the TLS handshake thread ended before it started"))??;
-        Ok(Handshakes {
-            handle,
-            _stop: stop,
-        })
-    }
-}
-
-impl ServerTls {
-    /// The server's side of a handshake on `plain`, run on the handshake
-    /// thread. Dropping the future (the negotiation's time is up) ends
-    /// the handshake there too, and closes the socket.
-    async fn accept<S>(&self, plain: S) -> io::Result<tokio_rustls::server::TlsStream<S>>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let handshakes = match self.handshakes.get() {
-            Some(h) => h,
-            None => {
-                let started = Handshakes::start()?;
-                self.handshakes.get_or_init(|| started)
-            }
-        };
-        let acceptor = self.acceptor();
-        let task = tokio_util::task::AbortOnDropHandle::new(
-            handshakes
-                .handle
-                .spawn(async move { acceptor.accept(plain).await }),
-        );
-        task.await.map_err(|e| {
-            io::Error::other(format!("the TLS handshake thread lost the handshake: {e}"))
-        })?
     }
 }
 
@@ -491,12 +396,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// The server's side of the TLS handshake, right after STARTTLS was
     /// acknowledged. On failure the connection is closed.
-    pub async fn accept_tls(&mut self, tls: &ServerTls) -> io::Result<()>
-    where
-        S: Send + 'static,
-    {
+    pub async fn accept_tls(&mut self, tls: &ServerTls) -> io::Result<()> {
         let plain = self.take_plain()?;
-        let stream = tls.accept(plain).await?;
+        let stream = tls.acceptor().accept(plain).await?;
         *self = Conn::Tls(Box::new(stream.into()));
         Ok(())
     }
@@ -746,143 +648,5 @@ async fn reload_logged(
             crate::warn!("{line}");
             Err(line)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-    use std::sync::Mutex;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-    use super::*;
-
-    /// A stream that notes the name of every thread that polls it.
-    struct Noting {
-        inner: DuplexStream,
-        seen: Arc<Mutex<BTreeSet<String>>>,
-    }
-
-    impl Noting {
-        fn note(&self) {
-            let name = std::thread::current()
-                .name()
-                .unwrap_or("unnamed")
-                .to_string();
-            self.seen.lock().unwrap().insert(name);
-        }
-    }
-
-    impl AsyncRead for Noting {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            self.note();
-            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Noting {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.note();
-            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.note();
-            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.note();
-            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-        }
-    }
-
-    /// A self-signed server for "localhost", loaded from files as the
-    /// command line loads it, and a client that trusts it.
-    fn credentials(dir: &Path) -> (Arc<ServerTls>, tokio_rustls::TlsConnector) {
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let cert = dir.join("server-cert.pem");
-        let key = dir.join("server-key.pem");
-        std::fs::write(&cert, made.cert.pem()).unwrap();
-        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
-        let files = ServerFiles {
-            cert: Some(cert),
-            key: Some(key),
-            ..Default::default()
-        };
-        let tls = files.load().unwrap().unwrap();
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(made.cert.der().to_vec()))
-            .unwrap();
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        (tls, tokio_rustls::TlsConnector::from(Arc::new(client)))
-    }
-
-    /// The server's side of a handshake is polled (and so its crypto
-    /// done) only on the handshake thread, never on an async worker; the
-    /// session it makes then carries data on the connection's own task.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_servers_handshake_runs_on_the_handshake_thread_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tls, connector) = credentials(dir.path());
-        let seen = Arc::new(Mutex::new(BTreeSet::new()));
-        let (near, far) = tokio::io::duplex(64 * 1024);
-        let mut conn = Conn::Plain(Noting {
-            inner: near,
-            seen: seen.clone(),
-        });
-        let name = ServerName::try_from("localhost").unwrap();
-        let (accepted, connected) =
-            tokio::join!(conn.accept_tls(&tls), connector.connect(name, far));
-        accepted.expect("the server's handshake");
-        let mut client = connected.expect("the client's handshake");
-        assert_eq!(
-            *seen.lock().unwrap(),
-            BTreeSet::from(["flexnbd-tls".to_string()]),
-            "the threads that polled the server's side of the handshake"
-        );
-        client.write_all(b"after").await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 5];
-        conn.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"after");
-    }
-
-    /// A handshake whose caller gives up (the negotiation's time is up)
-    /// ends on the handshake thread too: the socket is closed, and the
-    /// silent peer sees the end rather than a connection held for ever.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_handshake_given_up_closes_the_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tls, _) = credentials(dir.path());
-        let (near, mut far) = tokio::io::duplex(64 * 1024);
-        let mut conn = Conn::Plain(near);
-        let gave_up =
-            tokio::time::timeout(std::time::Duration::from_millis(50), conn.accept_tls(&tls)).await;
-        assert!(
-            gave_up.is_err(),
-            "a silent client cannot finish a handshake"
-        );
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            far.read_to_end(&mut rest),
-        )
-        .await
-        .expect("the server's end is closed once the handshake is given up");
-        read.unwrap();
-        assert!(rest.is_empty(), "the server sent nothing: {rest:?}");
     }
 }

@@ -378,11 +378,7 @@ struct Proxy<T: Transport> {
 }
 
 impl<T: Transport> Proxy<T> {
-    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        &mut self,
-        down: S,
-        peer: &str,
-    ) {
+    async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: S, peer: &str) {
         info!("client {peer} connected");
         let mut down = Conn::Plain(down);
         match self.session(&mut down).await {
@@ -399,10 +395,7 @@ impl<T: Transport> Proxy<T> {
 
     /// The greeting, or with TLS the whole newstyle negotiation; `Some`
     /// when the session must end before transmission.
-    async fn greet<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        &self,
-        down: &mut Conn<S>,
-    ) -> Option<End> {
+    async fn greet<S: AsyncRead + AsyncWrite + Unpin>(&self, down: &mut Conn<S>) -> Option<End> {
         let Some(tls) = &self.tls else {
             let greeting = proto::oldstyle_greeting(self.upstream.size, self.upstream.flags);
             return send_message(down, &self.faults, || "greeting_send".into(), &greeting).await;
@@ -449,10 +442,7 @@ impl<T: Transport> Proxy<T> {
         }
     }
 
-    async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-        &mut self,
-        down: &mut Conn<S>,
-    ) -> End {
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(&mut self, down: &mut Conn<S>) -> End {
         let accept = || "accept".to_string();
         let verdict = self.faults.at(accept);
         // Hung: reading and discarding needs `down`, so it is done here.

@@ -61,6 +61,11 @@ pub struct Config {
     /// `listen` offers resuming; `serve` offers nothing, so its greeting is
     /// the C flexnbd's byte for byte.
     pub extensions: u32,
+    /// Where newstyle negotiation (and so the TLS handshake) runs: on this
+    /// gate's thread, below the async workers ([`crate::gate`]); `None`,
+    /// on the connection's own task. Both daemons set one; tests and the
+    /// fuzz targets, which measure nothing, negotiate in place.
+    pub gate: Option<Arc<crate::gate::Gate>>,
 }
 
 impl Default for Config {
@@ -73,6 +78,7 @@ impl Default for Config {
             oldstyle_extra_flags: false,
             tls: None,
             extensions: 0,
+            gate: None,
         }
     }
 }
@@ -316,6 +322,47 @@ impl RefusalLog {
     }
 }
 
+/// How fast connections are refused: at most `REFUSALS_PER_WINDOW` in
+/// each `REFUSAL_WINDOW` (1000 a second). A refusal costs the server an
+/// accept, a few socket options and a close, about 20 µs of CPU; a flood
+/// refused as fast as it comes took 73 % of a CPU and made established
+/// clients' reads wait behind it. Past the pace, connections wait in the
+/// kernel's accept queue and are refused in the next window; a refused
+/// client learns it a little later, and nobody already served pays.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalPace {
+    window_end: Option<tokio::time::Instant>,
+    in_window: u32,
+}
+
+const REFUSAL_WINDOW: Duration = Duration::from_millis(20);
+const REFUSALS_PER_WINDOW: u32 = 20;
+
+impl RefusalPace {
+    /// A refusal at `now`: `Some(t)` when the window's refusals are spent
+    /// and nothing more is accepted until `t`.
+    pub(crate) fn refused(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self.window_end {
+            Some(end) if now < end => {
+                self.in_window += 1;
+                (self.in_window >= REFUSALS_PER_WINDOW).then_some(end)
+            }
+            _ => {
+                self.window_end = Some(now + REFUSAL_WINDOW);
+                self.in_window = 1;
+                None
+            }
+        }
+    }
+}
+
+/// After a refusal: waits out the window when its refusals are spent.
+async fn refusal_pause(pace: &mut RefusalPace) {
+    if let Some(until) = pace.refused(tokio::time::Instant::now()) {
+        tokio::time::sleep_until(until).await;
+    }
+}
+
 pub async fn accept_loop<T: Transport, P: Probe>(
     mut listener: T::Listener,
     shared: Arc<Shared<P>>,
@@ -323,6 +370,7 @@ pub async fn accept_loop<T: Transport, P: Probe>(
     let mut refused_full = RefusalLog::default();
     let mut refused_acl = RefusalLog::default();
     let mut refused_endgame = RefusalLog::default();
+    let mut pace = RefusalPace::default();
     loop {
         // The refusals a line has not told of yet are told when their
         // quiet second ends, though no connection comes after them.
@@ -395,6 +443,8 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                     RefusalLog::more(more)
                 );
             }
+            drop(stream);
+            refusal_pause(&mut pace).await;
             continue;
         }
         if !shared.acl().allows(peer.ip()) {
@@ -404,17 +454,20 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                     RefusalLog::more(more)
                 );
             }
+            drop(stream);
+            refusal_pause(&mut pace).await;
             continue;
         }
         let stop = CancellationToken::new();
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
-        {
+        let full = {
             let mut registry = shared.registry();
             if !shared.clients_allowed() {
                 info!("closing connection from {peer}: clients are not allowed now");
                 continue;
             }
-            if registry.len() >= shared.config.max_clients {
+            let full = registry.len() >= shared.config.max_clients;
+            if full {
                 if let Some(more) = refused_full.refuse(tokio::time::Instant::now()) {
                     warn!(
                         "too many clients: rejecting {peer}, all {} slots are in use{}",
@@ -422,16 +475,23 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                         RefusalLog::more(more)
                     );
                 }
-                continue;
+            } else {
+                registry.insert(
+                    id,
+                    ClientEntry {
+                        peer,
+                        stop: stop.clone(),
+                        abort: None,
+                    },
+                );
             }
-            registry.insert(
-                id,
-                ClientEntry {
-                    peer,
-                    stop: stop.clone(),
-                    abort: None,
-                },
-            );
+            full
+        };
+        if full {
+            // Closed before the pause: the refused client hears at once.
+            drop(stream);
+            refusal_pause(&mut pace).await;
+            continue;
         }
         let registration = Registration {
             shared: shared.clone(),
@@ -495,5 +555,186 @@ mod tests {
         assert_eq!(log.refuse(ms(1500)), None);
         // A refusal after the quiet second carries the count with it.
         assert_eq!(log.refuse(ms(2001)), Some(1));
+    }
+
+    /// Refusals are paced: the window's 20th refusal pauses accepting
+    /// until the window ends; a new window starts with the next one.
+    #[test]
+    fn refusals_pause_accepting_once_a_window_has_had_its_share() {
+        let t0 = Instant::now();
+        let mut pace = RefusalPace::default();
+        for n in 1..REFUSALS_PER_WINDOW {
+            assert_eq!(pace.refused(t0), None, "refusal {n} of the window");
+        }
+        assert_eq!(pace.refused(t0), Some(t0 + REFUSAL_WINDOW));
+        let next = t0 + REFUSAL_WINDOW;
+        assert_eq!(pace.refused(next), None, "a new window");
+        assert_eq!(pace.in_window, 1);
+    }
+
+    mod gate {
+        use std::collections::BTreeSet;
+        use std::pin::Pin;
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Context, Poll};
+
+        use tokio::io::{
+            AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf,
+            WriteHalf,
+        };
+
+        use super::super::*;
+        use crate::probe::Quiet;
+        use crate::proto::{self, cmd};
+
+        /// A stream that notes, for each phase the test is in, the names of
+        /// the threads that poll it.
+        struct Noting {
+            inner: DuplexStream,
+            phase: Arc<AtomicUsize>,
+            seen: Arc<Mutex<[BTreeSet<String>; 2]>>,
+        }
+
+        impl Noting {
+            fn note(&self) {
+                let name = std::thread::current()
+                    .name()
+                    .unwrap_or("unnamed")
+                    .to_string();
+                let phase = self.phase.load(Ordering::SeqCst);
+                self.seen.lock().unwrap()[phase].insert(name);
+            }
+        }
+
+        impl AsyncRead for Noting {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                self.note();
+                Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+            }
+        }
+
+        impl AsyncWrite for Noting {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                self.note();
+                Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                self.note();
+                Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                self.note();
+                Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+            }
+        }
+
+        impl crate::transport::Stream for Noting {
+            type Read = ReadHalf<Noting>;
+            type Write = WriteHalf<Noting>;
+            fn into_split(self) -> (Self::Read, Self::Write) {
+                tokio::io::split(self)
+            }
+        }
+
+        /// A newstyle server of a 1 MiB image with a gate, negotiating
+        /// for at most `handshake` (kept for the image's directory).
+        fn server(handshake: Duration) -> (Arc<Shared<Quiet>>, tempfile::TempDir) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("image");
+            std::fs::write(&path, vec![0x5a; 1 << 20]).unwrap();
+            let image = Arc::new(Image::open(&path).unwrap());
+            let config = Config {
+                handshake: HandshakeMode::Newstyle,
+                handshake_timeout: handshake,
+                gate: Some(Arc::new(crate::gate::Gate::new())),
+                ..Config::default()
+            };
+            let shared = Shared::new(image, config, Acl::default(), Arc::new(Quiet));
+            (shared, dir)
+        }
+
+        /// With a gate, the newstyle negotiation is polled only on the
+        /// gate's thread, and the transmission phase only off it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn negotiation_runs_on_the_gate_and_transmission_on_the_workers() {
+            let (shared, _dir) = server(Duration::from_secs(60));
+            let (mut client, near) = tokio::io::duplex(1 << 20);
+            let phase = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(Mutex::new([BTreeSet::new(), BTreeSet::new()]));
+            let stream = Noting {
+                inner: near,
+                phase: phase.clone(),
+                seen: seen.clone(),
+            };
+            let peer = "127.0.0.1:4000".parse().unwrap();
+            let served = tokio::spawn(serve_client(stream, peer, shared, CancellationToken::new()));
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).await.unwrap();
+            assert_eq!(&greeting[8..16], b"IHAVEOPT");
+            let fixed_no_zeroes = proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES;
+            client
+                .write_all(&fixed_no_zeroes.to_be_bytes())
+                .await
+                .unwrap();
+            let mut export_name = b"IHAVEOPT".to_vec();
+            export_name.extend_from_slice(&proto::opt::EXPORT_NAME.to_be_bytes());
+            export_name.extend_from_slice(&0u32.to_be_bytes());
+            client.write_all(&export_name).await.unwrap();
+            let mut export = [0u8; 10];
+            client.read_exact(&mut export).await.unwrap();
+            assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 1 << 20);
+            phase.store(1, Ordering::SeqCst);
+            let read = proto::Request::new(cmd::READ, 0, 7, 4096, 4096);
+            client.write_all(&read.encode()).await.unwrap();
+            let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
+            client.read_exact(&mut reply).await.unwrap();
+            let mut data = vec![0u8; 4096];
+            client.read_exact(&mut data).await.unwrap();
+            assert!(data.iter().all(|&b| b == 0x5a), "the image's bytes");
+            drop(client);
+            served.await.unwrap().ok();
+            let seen = seen.lock().unwrap();
+            assert_eq!(
+                seen[0],
+                BTreeSet::from([crate::gate::THREAD_NAME.to_string()]),
+                "the threads that polled the negotiation"
+            );
+            assert!(
+                !seen[1].is_empty() && !seen[1].contains(crate::gate::THREAD_NAME),
+                "the threads that polled the transmission: {:?}",
+                seen[1]
+            );
+        }
+
+        /// A client's task stopped during its negotiation (by a shutdown,
+        /// or its handshake time running out) ends the negotiation on the
+        /// gate too: the socket is closed, not held there for ever.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_client_task_stopped_mid_negotiation_closes_its_socket() {
+            let (shared, _dir) = server(Duration::from_secs(600));
+            let (mut client, near) = tokio::io::duplex(1 << 20);
+            let peer = "127.0.0.1:4000".parse().unwrap();
+            let served = tokio::spawn(serve_client(near, peer, shared, CancellationToken::new()));
+            let mut greeting = [0u8; 18];
+            client.read_exact(&mut greeting).await.unwrap();
+            served.abort();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+                .await
+                .expect("the server's end is closed once its task is stopped")
+                .unwrap();
+            assert!(rest.is_empty(), "the server sent {rest:?}");
+        }
     }
 }

@@ -106,7 +106,7 @@ struct Negotiation<'a, S, P> {
     warned_plaintext: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static, P: Probe> Negotiation<'_, S, P> {
+impl<S: AsyncRead + AsyncWrite + Unpin, P: Probe> Negotiation<'_, S, P> {
     /// Sends the queued option reply bytes, after asking the probe.
     async fn send(&mut self, option: u32) -> Result<(), NegotiateError> {
         let out = std::mem::take(&mut self.out);
@@ -228,7 +228,7 @@ pub async fn negotiate<S, P>(
     tls: Option<&ServerTls>,
 ) -> Result<Negotiated, NegotiateError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
     P: Probe,
 {
     let greeting = proto::newstyle_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);

@@ -95,56 +95,23 @@ pub async fn serve_client<S: Stream, P: Probe>(
     let image = shared.image.clone();
     // Plaintext until a newstyle client asks for STARTTLS.
     let mut stream = Conn::Plain(stream);
-    let negotiated = match shared.config.handshake {
-        HandshakeMode::Oldstyle => {
-            let flags = oldstyle_flags(shared.config.oldstyle_extra_flags);
-            let greeting = proto::oldstyle_greeting_offering(
-                image.size(),
-                u32::from(flags),
-                shared.config.extensions,
-            );
-            // Hung: reading and discarding needs the stream, so it is done
-            // here rather than by `send`.
-            let sent = fault_apply::send(
-                shared.probe.step(Step::GreetingSend),
-                || Step::GreetingSend.key(),
-                &mut stream,
-                &greeting,
-                std::future::ready(()),
-            )
-            .await;
-            match sent {
-                Ok(_sent_or_dropped) => {}
-                Err(SendError::Io(e)) => return Err(ConnError::Send(e)),
-                Err(SendError::Fault(ended)) => {
-                    if ended.how == How::Hung {
-                        hang_until_closed(&mut stream, &stop).await;
-                    }
-                    return Err(ended.into());
-                }
-            }
-            Negotiated::default()
+    let negotiated = match (&shared.config.gate, shared.config.handshake) {
+        // The negotiation runs on the gate, holding the stream, and gives
+        // it back for transmission here.
+        (Some(gate), HandshakeMode::Newstyle) => {
+            let (there, shared, stop) = (stream, shared.clone(), stop.clone());
+            let (back, negotiated) = gate
+                .run(async move {
+                    let mut stream = there;
+                    let negotiated = greet(&mut stream, &shared, &stop).await;
+                    (stream, negotiated)
+                })
+                .await
+                .map_err(ConnError::Receive)?;
+            stream = back;
+            negotiated?
         }
-        HandshakeMode::Newstyle => {
-            let limit = shared.config.handshake_timeout;
-            match tokio::time::timeout(
-                limit,
-                negotiate(
-                    &mut stream,
-                    Offer {
-                        extensions: shared.config.extensions,
-                        ..Offer::image(image.size())
-                    },
-                    &*shared.probe,
-                    shared.config.tls.as_deref(),
-                ),
-            )
-            .await
-            {
-                Ok(result) => result?,
-                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs_f64())),
-            }
-        }
+        _ => greet(&mut stream, &shared, &stop).await?,
     };
     debug!("client {peer} in transmission: {negotiated:?}");
     let (read, write) = stream.into_split();
@@ -192,6 +159,67 @@ pub async fn serve_client<S: Stream, P: Probe>(
     let mut w = conn.writer.lock().await;
     let _ = w.shutdown().await;
     result
+}
+
+/// The greeting, and for newstyle the whole negotiation (STARTTLS and
+/// the TLS handshake included), within the handshake time.
+async fn greet<S: Stream, P: Probe>(
+    stream: &mut Conn<S>,
+    shared: &Shared<P>,
+    stop: &CancellationToken,
+) -> Result<Negotiated, ConnError> {
+    let image = &shared.image;
+    Ok(match shared.config.handshake {
+        HandshakeMode::Oldstyle => {
+            let flags = oldstyle_flags(shared.config.oldstyle_extra_flags);
+            let greeting = proto::oldstyle_greeting_offering(
+                image.size(),
+                u32::from(flags),
+                shared.config.extensions,
+            );
+            // Hung: reading and discarding needs the stream, so it is done
+            // here rather than by `send`.
+            let sent = fault_apply::send(
+                shared.probe.step(Step::GreetingSend),
+                || Step::GreetingSend.key(),
+                stream,
+                &greeting,
+                std::future::ready(()),
+            )
+            .await;
+            match sent {
+                Ok(_sent_or_dropped) => {}
+                Err(SendError::Io(e)) => return Err(ConnError::Send(e)),
+                Err(SendError::Fault(ended)) => {
+                    if ended.how == How::Hung {
+                        hang_until_closed(stream, stop).await;
+                    }
+                    return Err(ended.into());
+                }
+            }
+            Negotiated::default()
+        }
+        HandshakeMode::Newstyle => {
+            let limit = shared.config.handshake_timeout;
+            match tokio::time::timeout(
+                limit,
+                negotiate(
+                    stream,
+                    Offer {
+                        extensions: shared.config.extensions,
+                        ..Offer::image(image.size())
+                    },
+                    &*shared.probe,
+                    shared.config.tls.as_deref(),
+                ),
+            )
+            .await
+            {
+                Ok(result) => result?,
+                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs_f64())),
+            }
+        }
+    })
 }
 
 pub(super) struct Connection<R, W, P> {

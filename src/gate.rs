@@ -1,0 +1,117 @@
+//! The gate: a thread of its own, below the async workers, for the work a
+//! server does for a stranger before it is a client: newstyle option
+//! negotiation and the TLS handshake inside it.
+//!
+//! A TLS handshake is a burst of public-key work (a signature with the
+//! server's key and the key exchange: about a millisecond for RSA-2048)
+//! inside one poll. Done on the async workers, a burst of them queues in
+//! front of every established client's next request: 64 handshakes at
+//! once cost a plaintext client beside them 7 to 13 times its quiet p99.
+//! On the gate, negotiations take their turns on one thread whose
+//! scheduling policy is SCHED_IDLE: the kernel runs it only when no other
+//! thread wants the CPU, and any other thread that wakes takes the CPU
+//! from it at once, so established clients come first and strangers get
+//! what is left. A socket's readiness still comes from the runtime that
+//! owns it; only the polling, and so the work, moves.
+
+use std::future::Future;
+use std::io;
+use std::sync::OnceLock;
+
+/// The gate's thread and the runtime on it.
+struct Started {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the gate: the thread's runtime ends, and with it any
+    /// negotiation still on it.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A server's gate, started by its first use (a server that never sees
+/// a newstyle client never starts one) and ended when dropped.
+#[derive(Default)]
+pub struct Gate {
+    started: OnceLock<Started>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("started", &self.started.get().is_some())
+            .finish()
+    }
+}
+
+/// The name of the gate's thread, as `ps -L` and /proc show it.
+pub const THREAD_NAME: &str = "flexnbd-gate";
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Runs `work` on the gate's thread and waits for it. Dropping the
+    /// returned future (a timeout, the client's task aborted) ends `work`
+    /// there too, dropping what it holds: a socket is closed.
+    pub async fn run<F>(&self, work: F) -> io::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let started = match self.started.get() {
+            Some(s) => s,
+            None => {
+                // Two first uses at once may both start a thread; the one
+                // not kept ends at once, as its stop sender is dropped.
+                let s = start()?;
+                self.started.get_or_init(|| s)
+            }
+        };
+        let task = tokio_util::task::AbortOnDropHandle::new(started.handle.spawn(work));
+        task.await
+            .map_err(|e| io::Error::other(format!("the gate thread lost a connection: {e}")))
+    }
+}
+
+fn start() -> io::Result<Started> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (give, take) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            idle_priority();
+            // Timers (the handshake timeout) and I/O of its own, for a
+            // wrapped transport that sleeps or registers inside a poll.
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => {
+                    let _ = give.send(Ok(rt.handle().clone()));
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                }
+                Err(e) => {
+                    let _ = give.send(Err(e));
+                }
+            }
+        })?;
+    let handle = take
+        .recv()
+        .map_err(|_| io::Error::other("the gate thread ended before it started"))??;
+    Ok(Started {
+        handle,
+        _stop: stop,
+    })
+}
+
+/// Puts the calling thread under SCHED_IDLE. If the kernel refuses, the
+/// thread stays as it was: still correct, only less polite.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid struct that
+    // the call only reads.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+}
