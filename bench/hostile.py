@@ -163,6 +163,27 @@ class GoodClient:
         return lat[min(len(lat) - 1, int(len(lat) * 0.99))], len(lat)
 
 
+# docs/hostile.md's formula, per connection: read buffer, payload piece,
+# write batch, reply buffer (256 KiB + 256 KiB + 4 MiB + 256 KiB + a
+# 256 KiB piece), plus rustls's buffers for a TLS session; and the
+# server-wide deferred reads.
+PER_CONNECTION_KIB = 256 + 256 + 4096 + 256 + 256
+PER_TLS_SESSION_KIB = 128
+DEFERRED_READS_KIB = 64 * 1024
+
+
+def rss_kib(srv):
+    """VmRSS of the server now."""
+    try:
+        with open(f"/proc/{srv.popen.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def cpu_seconds(srv):
     """User plus system CPU time the server's processes have used so far."""
     total = 0
@@ -425,6 +446,7 @@ def run_attack(ctx, name):
         extra = ["--tls-cert", B.TLS.server_cert, "--tls-key", B.TLS.server_key, "--tls", "optional",
                  "--max-clients", "80"]
     srv.extra = extra
+    max_clients = int(extra[extra.index("--max-clients") + 1]) if "--max-clients" in extra else 16
     srv.start()
     try:
         srv.wait_ready()
@@ -448,6 +470,7 @@ def run_attack(ctx, name):
         try:
             t0 = time.monotonic()
             cpu0 = cpu_seconds(srv)
+            base_kib = rss_kib(srv)
             time.sleep(QUIET)          # the quiet phase: measured, not synchronisation
             t1 = time.monotonic()
             cpu1 = cpu_seconds(srv)
@@ -472,6 +495,10 @@ def run_attack(ctx, name):
         log = srv.log_text()
         return {
             "attack": name, "what": what, "rss_kib": srv.peak_kib(),
+            # The formula with C = --max-clients and the base measured
+            # before the attack (the good client already in).
+            "bound_kib": (base_kib + max_clients * (PER_CONNECTION_KIB + (PER_TLS_SESSION_KIB if name == "tls-burst" else 0))
+                          + DEFERRED_READS_KIB) if base_kib else None,
             "server_cpu_quiet": (cpu1 - cpu0) / (t1 - t0),
             "server_cpu": (cpu2 - cpu1) / (t2 - t1),
             "p99_quiet_us": quiet * 1e6 if quiet else None, "n_quiet": nq,
@@ -501,9 +528,9 @@ def section(results, started, finished, info):
              "it answers). The attacker is pinned to one CPU and the good client, a process of its own, "
              "to the other; the server runs on both.")
     L.append("")
-    L.append("| attack | what it did | server peak RSS | server CPU quiet / under attack | good client p99 quiet "
-             "| p99 under attack | ratio | good client errors | serving after | panics |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| attack | what it did | server peak RSS | its bound (docs/hostile.md) | server CPU quiet / under attack "
+             "| good client p99 quiet | p99 under attack | ratio | good client errors | serving after | panics |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         def us(v):
             return f"{v:.0f} µs" if v is not None else "none"
@@ -511,7 +538,10 @@ def section(results, started, finished, info):
         if r["ratio"] is not None and r["ratio"] >= P99_GOAL:
             ratio = f"**{ratio}** (goal < {P99_GOAL:.0f})"
         rss = f"{r['rss_kib'] / 1024:.1f} MiB" if r["rss_kib"] else "not measured"
-        L.append(f"| {r['attack']} | {r['what']} | {rss} | {r['server_cpu_quiet'] * 100:.0f} / {r['server_cpu'] * 100:.0f} % of a CPU | "
+        bound = f"{r['bound_kib'] / 1024:.0f} MiB" if r["bound_kib"] else "not measured"
+        if r["rss_kib"] and r["bound_kib"] and r["rss_kib"] > r["bound_kib"]:
+            bound = f"**{bound}: exceeded**"
+        L.append(f"| {r['attack']} | {r['what']} | {rss} | {bound} | {r['server_cpu_quiet'] * 100:.0f} / {r['server_cpu'] * 100:.0f} % of a CPU | "
                  f"{us(r['p99_quiet_us'])} ({r['n_quiet']} reads) | "
                  f"{us(r['p99_attack_us'])} ({r['n_attack']} reads) | {ratio} | {r['good_error'] or 'none'} | "
                  f"{r['serving_after']} | {r['panics']} |")
