@@ -378,6 +378,50 @@ fn control_sessions(seeds: &mut Seeds) {
 
 /// Records every seed, checks each replays clean through its target, and
 /// with FLEXNBD_UPDATE_SEEDS=1 writes them into fuzz/corpus.
+/// `flexnbd-proxy` in front of `serve` (both handshakes), a client
+/// reading through it: what `serve` sent the proxy feeds
+/// `proxy_upstream`.
+fn proxy_sessions(seeds: &mut Seeds) {
+    const PROXY: &str = env!("CARGO_BIN_EXE_flexnbd-proxy");
+    for handshake in ["oldstyle", "newstyle"] {
+        let dir = TempDir::new("seeds");
+        let file = dir.pattern_file("disk.img", 1 << 20, 11);
+        let server = Flexnbd::serve(&dir, &file, &["--handshake", handshake]);
+        let rec = Recorder::start(server.addr);
+        let args: Vec<String> = [
+            "-l",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-C",
+            "127.0.0.1",
+            "-P",
+            &rec.port.to_string(),
+            "-v",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let proxy = Flexnbd::spawn_program(&dir, PROXY, &args);
+        let mut c = proxy.connect();
+        c.oldstyle_greeting();
+        let _ = c.read_ok(0, 4096);
+        drop(c);
+        // The proxy's upstream connection ends with it.
+        drop(proxy);
+        let sessions = rec.finished();
+        assert_eq!(sessions.len(), 1, "the proxy's one upstream connection");
+        let session = sessions.into_iter().next().unwrap();
+        add(
+            seeds,
+            "proxy_upstream",
+            &format!("{handshake}-read"),
+            session.down,
+        );
+        server.assert_no_panic();
+    }
+}
+
 #[test]
 fn real_traffic_replays_clean_through_every_fuzz_target() {
     let mut seeds = Seeds::new();
@@ -388,6 +432,7 @@ fn real_traffic_replays_clean_through_every_fuzz_target() {
     tls_sessions(&mut seeds, &pki);
     migration_session(&mut seeds);
     control_sessions(&mut seeds);
+    proxy_sessions(&mut seeds);
     for s in faults::SCENARIOS {
         add(&mut seeds, "fault_plan", s.name, s.plan.as_bytes().to_vec());
     }

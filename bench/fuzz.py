@@ -7,7 +7,7 @@ at the end (libFuzzer's `cov`: edges; `ft`: features), corpus size, peak
 RSS, and whether it found anything (a crash, a hang, an over-allocation:
 the input is then in fuzz/artifacts/TARGET/).
 
-    /usr/bin/python3 bench/fuzz.py [--seconds 400] [--lanes 2] [--targets a,b] [--output FILE]
+    /usr/bin/python3 bench/fuzz.py [--seconds 400] [--lanes 2] [--targets a,b] [--output FILE] [--heading "## ..."]
     /usr/bin/python3 bench/fuzz.py --report-only DIR     # the section from logs already in DIR
 """
 
@@ -81,8 +81,8 @@ def parse(logdir, name):
     return r
 
 
-def section(rows, info):
-    L = ["## Fuzzing", ""]
+def section(rows, info, heading="## Fuzzing"):
+    L = [heading, ""]
     L.append(info)
     L.append("")
     L.append("| target | time | executions | per second | coverage at its seeds (cov / ft) | at the end "
@@ -113,6 +113,9 @@ def main():
     ap.add_argument("--commit", default=None,
                     help="the code the logs came from, for --report-only (default: HEAD)")
     ap.add_argument("--output", default=os.path.join(B.REPO, "BENCHMARKS.md"))
+    ap.add_argument("--heading", default="## Fuzzing",
+                    help="the section of the output to write; a run of a few targets can go in its own "
+                         "section and leave the long run's standing")
     args = ap.parse_args()
     names = args.targets.split(",") if args.targets else targets()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=B.REPO, capture_output=True,
@@ -133,7 +136,7 @@ def main():
             "regressions (`fuzz/corpus`, `fuzz/regressions`) and what earlier runs on this machine "
             "had added (`target/fuzz-corpus`).")
     text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
-    text = B.splice_section(text, "## Fuzzing", section(rows, info))
+    text = B.splice_section(text, args.heading, section(rows, info, args.heading))
     with open(args.output, "w") as f:
         f.write(text)
     for r in rows:

@@ -31,6 +31,7 @@ pub const TARGETS: &[&str] = &[
     "listen",
     "mirror_replies",
     "client",
+    "proxy_upstream",
     "control",
     "fault_plan",
     "marker",
@@ -63,6 +64,7 @@ pub fn run(name: &str, data: &[u8], tls: Option<&Path>) {
         "listen" => serve(data, Server::Listen, None),
         "mirror_replies" => mirror_replies(data),
         "client" => client(data),
+        "proxy_upstream" => proxy_upstream(data),
         "control" => control(data),
         "fault_plan" => fault_plan(data),
         "marker" => marker(data),
@@ -311,36 +313,221 @@ where
 
 /// Feeds `data` to the client as a server's bytes: the greeting and
 /// handshake (either style), then, once an export was agreed, a read of its
-/// first bytes whose reply comes from the rest of `data`.
+/// first 4096 bytes whose reply comes from the rest of `data`. The client names
+/// its request with a random handle, which no input could guess: the
+/// replies' handle fields (found by walking the replies as a client would)
+/// are given the request's handle, so that the fuzzer reaches what comes
+/// after the handle check.
 pub fn client(data: &[u8]) {
+    let _ = client_session(data);
+}
+
+/// [`client`], saying how far it got: `Ok` with the bytes read once the
+/// read was answered in full.
+fn client_session(data: &[u8]) -> Result<Vec<u8>, String> {
     on_runtime(async {
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        let (mut from_client, mut to_client) = tokio::io::split(theirs);
-        let feed = async {
-            let _ = to_client.write_all(data).await;
-            let _ = to_client.shutdown().await;
+        let session = async {
+            let mut stream = crate::tls::Conn::Plain(Scripted::new(data));
+            let export = crate::client::handshake(&mut stream, None)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            // 4096 bytes: the read the recorded seeds answer.
+            let len = export.size.min(4096);
+            let mut got = Vec::new();
+            crate::client::read(&mut stream, &export, 0, len, &mut got, None)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            Ok(got)
         };
-        let drain = async {
-            let mut sink = tokio::io::sink();
-            let _ = tokio::io::copy(&mut from_client, &mut sink).await;
-        };
-        let session = async move {
-            let mut stream = crate::tls::Conn::Plain(ours);
-            if let Ok(export) = crate::client::handshake(&mut stream, None).await {
-                let len = export.size.min(64 * 1024);
-                let mut sink = tokio::io::sink();
-                let _ = crate::client::read(&mut stream, &export, 0, len, &mut sink, None).await;
-            }
-            // Dropped here: the fake server's writes end.
-        };
-        let all = async { tokio::join!(session, feed, drain) };
-        if tokio::time::timeout(HANG, all).await.is_err() {
-            panic!(
+        match tokio::time::timeout(HANG, session).await {
+            Ok(outcome) => outcome,
+            Err(_) => panic!(
                 "the client had not finished {HANG:?} after the server's {} bytes ended",
                 data.len()
-            );
+            ),
         }
     })
+}
+
+/// Feeds `data` to the proxy as its upstream server's bytes: the greeting
+/// (either style, and a newstyle negotiation), then the reply to one READ
+/// of the export's first 4096 bytes, handle fields given the request's handle
+/// as in [`client`]. One connection and one exchange: the proxy's own
+/// loop would reconnect and resend for ever.
+pub fn proxy_upstream(data: &[u8]) {
+    let _ = proxy_session(data);
+}
+
+/// [`proxy_upstream`], saying how far it got: `Ok` once the read was
+/// answered.
+fn proxy_session(data: &[u8]) -> Result<(), String> {
+    on_runtime(async {
+        let transport = ScriptedTransport(Arc::new(std::sync::Mutex::new(Some(data.to_vec()))));
+        // 4096 bytes: the read the recorded seeds answer.
+        let once = crate::proxy::upstream_once(transport, 4096);
+        match tokio::time::timeout(HANG, once).await {
+            Ok(outcome) => outcome,
+            Err(_) => panic!(
+                "the proxy had not finished {HANG:?} after the upstream's {} bytes ended",
+                data.len()
+            ),
+        }
+    })
+}
+
+/// A transport whose first connection is a [`Scripted`] server saying
+/// the bytes given; any later one is refused, and nothing listens.
+#[derive(Clone)]
+struct ScriptedTransport(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+/// A listener that never gets a connection.
+struct NoListener;
+
+impl crate::transport::Listener for NoListener {
+    type Stream = Scripted;
+    async fn accept(&mut self) -> std::io::Result<(Scripted, SocketAddr)> {
+        std::future::pending().await
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+impl crate::transport::Transport for ScriptedTransport {
+    type Stream = Scripted;
+    type Listener = NoListener;
+
+    async fn bind(&self, _: SocketAddr) -> std::io::Result<NoListener> {
+        Ok(NoListener)
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        _: Option<SocketAddr>,
+        _: Duration,
+    ) -> std::io::Result<Scripted> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(data) => Ok(Scripted::new(&data)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("{addr}: the scripted server says its bytes only once"),
+            )),
+        }
+    }
+}
+
+impl crate::transport::Stream for Scripted {
+    type Read = tokio::io::ReadHalf<Scripted>;
+    type Write = tokio::io::WriteHalf<Scripted>;
+    fn into_split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// A server that says `data` and then ends, whatever it is told; once the
+/// client sends a transmission request, the handle fields of the replies
+/// that follow in `data` say that request's handle.
+struct Scripted {
+    data: Vec<u8>,
+    /// How much of `data` the client has read.
+    at: usize,
+    /// Ranges of `data` to show as `handle` instead.
+    patches: Vec<std::ops::Range<usize>>,
+    handle: [u8; 8],
+}
+
+impl Scripted {
+    fn new(data: &[u8]) -> Scripted {
+        Scripted {
+            data: data.to_vec(),
+            at: 0,
+            patches: Vec::new(),
+            handle: [0; 8],
+        }
+    }
+
+    /// The client sent `request` when it had read `at` bytes: walk the
+    /// replies from there (simple replies, with a read's data when one
+    /// says success: our clients never ask for structured replies, and
+    /// refuse one at its magic) and note where each handle field is.
+    fn requested(&mut self, request: &crate::proto::Request) {
+        use crate::proto::{cmd, SIMPLE_REPLY_MAGIC};
+        self.handle = request.handle.to_be_bytes();
+        self.patches.clear();
+        let word = |d: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?))
+        };
+        let mut at = self.at;
+        while at + 16 <= self.data.len() {
+            match word(&self.data, at) {
+                Some(SIMPLE_REPLY_MAGIC) => {
+                    self.patches.push(at + 8..at + 16);
+                    let ok = word(&self.data, at + 4) == Some(0);
+                    let payload = if ok && request.kind == cmd::READ {
+                        request.length as usize
+                    } else {
+                        0
+                    };
+                    at += 16 + payload;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Scripted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let n = buf.remaining().min(this.data.len() - this.at);
+        let mut out = this.data[this.at..this.at + n].to_vec();
+        for patch in &this.patches {
+            for i in patch.clone() {
+                if (this.at..this.at + n).contains(&i) {
+                    out[i - this.at] = this.handle[i - patch.start];
+                }
+            }
+        }
+        buf.put_slice(&out);
+        this.at += n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Scripted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use crate::proto::{Request, REQUEST_LEN, REQUEST_MAGIC};
+        let this = self.get_mut();
+        if let Some(header) = buf.get(..REQUEST_LEN) {
+            if header[..4] == REQUEST_MAGIC.to_be_bytes() {
+                this.requested(&Request::decode(header.try_into().unwrap()));
+            }
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Feeds `data` to the control socket's request reader, then parses the
@@ -491,6 +678,132 @@ mod tests {
         assert_eq!(mirror_session(&replies), Ok(()));
         // Cut short, it fails without hanging.
         assert!(mirror_session(&replies[..replies.len() - 4]).is_err());
+    }
+
+    /// The client target's recorded server bytes (replies that carried
+    /// the recorded client's random handle) take today's client, with its
+    /// own random handle, through the whole read: the handle fields are
+    /// given the request's handle, so what comes after the handle check
+    /// is reachable.
+    #[test]
+    fn recorded_replies_take_the_client_target_through_its_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/client");
+        let mut reads = 0;
+        for entry in std::fs::read_dir(&dir).expect("the client target's seeds") {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            match client_session(&data) {
+                Ok(got) if name.ends_with("-read") => {
+                    assert!(!got.is_empty(), "{name}: nothing read");
+                    reads += 1;
+                }
+                // A write session's replies answer a write, not a read.
+                Err(e) if name.ends_with("-write") => {
+                    assert!(e.starts_with("read:"), "{name}: {e}")
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(reads >= 2, "only {reads} recorded read sessions");
+    }
+
+    /// The fuzz binaries (fuzz/Cargo.toml's [[bin]]s, which scripts/fuzz
+    /// lists) are exactly the targets, each with its file.
+    #[test]
+    fn the_fuzz_binaries_are_the_targets() {
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let manifest = std::fs::read_to_string(fuzz.join("Cargo.toml")).unwrap();
+        let mut bins: Vec<&str> = manifest
+            .split("[[bin]]")
+            .skip(1)
+            .map(|b| {
+                b.lines()
+                    .find_map(|l| l.strip_prefix("name = \""))
+                    .and_then(|l| l.strip_suffix('"'))
+                    .expect("a [[bin]] with a name")
+            })
+            .collect();
+        bins.sort_unstable();
+        let mut targets = TARGETS.to_vec();
+        targets.sort_unstable();
+        assert_eq!(bins, targets, "fuzz/Cargo.toml's binaries against TARGETS");
+        for t in TARGETS {
+            let file = fuzz.join("fuzz_targets").join(format!("{t}.rs"));
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert!(
+                text.contains(&format!("run(\"{t}\"")),
+                "{} runs {t}",
+                file.display()
+            );
+        }
+    }
+
+    /// The fuzz workspace builds the same versions of the crates both
+    /// use as the project's own lock: what is fuzzed is what ships.
+    #[test]
+    fn the_fuzz_lock_matches_the_projects() {
+        fn versions(lock: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+            let mut all: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for package in lock.split("[[package]]").skip(1) {
+                let field = |key: &str| {
+                    package
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .map(|v| v.trim_matches('"').to_string())
+                };
+                if let (Some(name), Some(version)) = (field("name = "), field("version = ")) {
+                    all.entry(name).or_default().push(version);
+                }
+            }
+            all
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let ours = versions(&std::fs::read_to_string(root.join("Cargo.lock")).unwrap());
+        let fuzz = versions(&std::fs::read_to_string(root.join("fuzz/Cargo.lock")).unwrap());
+        let mut compared = 0;
+        for (name, v) in &ours {
+            if let Some(w) = fuzz.get(name) {
+                if v.len() == 1 && w.len() == 1 {
+                    assert_eq!(v, w, "{name}: Cargo.lock against fuzz/Cargo.lock");
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared > 20, "only {compared} crates compared");
+    }
+
+    /// The proxy target's recorded upstream bytes take the proxy through
+    /// its greeting and its read, though the recording's handle was
+    /// another; a reply cut short fails the exchange without a hang.
+    #[test]
+    fn recorded_upstream_bytes_take_the_proxy_target_through_its_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/proxy_upstream");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("the proxy target's seeds") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            assert_eq!(proxy_session(&data), Ok(()));
+            assert!(proxy_session(&data[..data.len() - 1]).is_err());
+            n += 1;
+        }
+        assert!(n >= 2, "only {n} seeds");
+    }
+
+    /// A session made by hand (the oldstyle greeting), its read's reply
+    /// naming any handle: the client takes the data from it; with the
+    /// wrong magic, or cut short, the read fails.
+    #[test]
+    fn a_hand_made_reply_with_any_handle_reaches_the_data() {
+        let mut data = crate::proto::oldstyle_greeting(8192, 1).to_vec();
+        let handshake = data.len();
+        data.extend_from_slice(&crate::proto::SimpleReply::new(0, 0xdead).encode());
+        data.extend_from_slice(&[9u8; 4096]);
+        assert_eq!(client_session(&data), Ok(vec![9u8; 4096]));
+        let mut wrong = data.clone();
+        wrong[handshake] ^= 1;
+        assert!(client_session(&wrong).is_err());
+        assert!(client_session(&data[..data.len() - 1]).is_err());
     }
 
     #[test]

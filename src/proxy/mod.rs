@@ -612,6 +612,23 @@ async fn hang<S: AsyncRead + Unpin>(down: &mut S) -> End {
     }
 }
 
+/// The fuzz target's way in (`crate::fuzzing::proxy_upstream`): one
+/// upstream connection through `transport` (greeting, negotiation) and one
+/// READ of up to `length` bytes on it, with no retry (the proxy itself
+/// retries for ever). Says why either failed.
+pub(crate) async fn upstream_once<T: Transport>(transport: T, length: u32) -> Result<(), String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 10809));
+    let timeout = Duration::from_secs(1);
+    let mut up = Upstream::new(transport, addr, None, timeout, Faults(None), None);
+    up.connect_initial().await?;
+    let length = u64::from(length).min(up.size) as u32;
+    const HANDLE: u64 = 0x5eed;
+    let request = Request::new(cmd::READ, 0, HANDLE, 0, length).encode();
+    up.try_exchange(&request, cmd::READ, HANDLE, length)
+        .await
+        .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
