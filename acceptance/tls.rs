@@ -1432,11 +1432,12 @@ fn a_server_closing_in_the_tls_handshake_fails_that_client_only() {
 
 // ------------------------------------------------- handshakes from strangers
 
-/// The scheduling policy of each of the server's threads whose name (as
-/// /proc shows it: the first 15 bytes) is `comm`, or with `others`, is not.
-fn thread_policies(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
+/// (scheduling policy, nice value) of each of the server's threads whose
+/// name (as /proc shows it: the first 15 bytes) is `comm`, or with
+/// `others`, is not.
+fn thread_priorities(server: &Flexnbd, comm: &str, others: bool) -> Vec<(i64, i64)> {
     let tasks = format!("/proc/{}/task", server.server_pid);
-    let mut policies = Vec::new();
+    let mut found = Vec::new();
     for task in fs::read_dir(&tasks).expect("the server's threads") {
         let task = task.unwrap().path();
         let Ok(name) = fs::read_to_string(task.join("comm")) else {
@@ -1446,36 +1447,37 @@ fn thread_policies(server: &Flexnbd, comm: &str, others: bool) -> Vec<i64> {
             continue;
         }
         let stat = fs::read_to_string(task.join("stat")).expect("the thread's stat");
-        // After the ")" that ends the name, state is field 3 and the
-        // scheduling policy field 41 (proc(5)).
-        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-        let field: i64 = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
-        policies.push(field);
+        // After the ")" that ends the name, state is field 3, nice field
+        // 19 and the scheduling policy field 41 (proc(5)).
+        let rest: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
+            .split(' ')
+            .collect();
+        let field = |n: usize| -> i64 { rest[n - 3].parse().unwrap() };
+        found.push((field(41), field(19)));
     }
-    policies
+    found
 }
 
 /// The server negotiates with newcomers, TLS handshakes included, on one
-/// thread of its own, "flexnbd-gate", under SCHED_IDLE, while the async
-/// workers that serve established clients stay under the normal policy:
-/// a burst of handshakes from strangers takes only the CPU the clients
-/// leave (docs/hostile.md).
+/// thread of its own, "flexnbd-gate", at nice 19, while the async workers
+/// that serve established clients stay at 0 (docs/hostile.md).
 #[test]
-fn tls_handshakes_run_on_the_gate_thread_under_sched_idle() {
+fn tls_handshakes_run_on_the_gate_thread_at_nice_19() {
     let (dir, pki, file, original) = setup("tls", 40);
     let server = serve_with(&dir, &file, &pki.server_args(), &[]);
     let mut tls = start_tls(server.connect_greeted(), &pki.ca);
     assert_eq!(go(&mut tls).0, SIZE);
     assert_same(&read_simple(&mut tls, 0, 4096), &original[..4096], "READ");
+    let normal = libc::SCHED_OTHER as i64;
     assert_eq!(
-        thread_policies(&server, "flexnbd-gate", false),
-        vec![libc::SCHED_IDLE as i64],
-        "the gate thread's scheduling policy, once a client has negotiated"
+        thread_priorities(&server, "flexnbd-gate", false),
+        vec![(normal, 19)],
+        "the gate thread's (policy, nice), once a client has negotiated"
     );
-    let others = thread_policies(&server, "flexnbd-gate", true);
+    let others = thread_priorities(&server, "flexnbd-gate", true);
     assert!(
-        others.len() >= 2 && others.iter().all(|&p| p == libc::SCHED_OTHER as i64),
-        "the other threads' (main, async workers) policies: {others:?}"
+        others.len() >= 2 && others.iter().all(|&p| p == (normal, 0)),
+        "the other threads' (main, async workers) (policy, nice): {others:?}"
     );
     server.assert_no_panic();
 }
