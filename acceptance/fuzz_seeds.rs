@@ -122,6 +122,46 @@ fn add(seeds: &mut Seeds, target: &'static str, name: &str, data: Vec<u8>) {
         .insert(name.to_string(), data);
 }
 
+/// Seeds for `codec`, whose decoders read the input's first bytes: each
+/// kind of header as it first appears in a session (a request and an
+/// option header from the client; a simple reply, a structured reply
+/// chunk and an option reply from the server), with what follows it.
+fn codec_seeds(seeds: &mut Seeds, name: &str, session: &Session) {
+    use flexnbd::proto::{
+        IHAVEOPT, OPTION_REPLY_MAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    };
+    let kinds: [(&str, &[u8], Vec<u8>); 5] = [
+        ("request", &session.up, REQUEST_MAGIC.to_be_bytes().to_vec()),
+        ("option", &session.up, IHAVEOPT.to_be_bytes().to_vec()),
+        (
+            "simple-reply",
+            &session.down,
+            SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec(),
+        ),
+        (
+            "chunk",
+            &session.down,
+            STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec(),
+        ),
+        (
+            "option-reply",
+            &session.down,
+            OPTION_REPLY_MAGIC.to_be_bytes().to_vec(),
+        ),
+    ];
+    for (kind, bytes, magic) in kinds {
+        if let Some(at) = bytes.windows(magic.len()).position(|w| w == magic) {
+            let end = (at + 4096).min(bytes.len());
+            add(
+                seeds,
+                "codec",
+                &format!("{name}-{kind}"),
+                bytes[at..end].to_vec(),
+            );
+        }
+    }
+}
+
 /// The client tools' sessions with `serve` over `handshake`, recorded:
 /// the clients' bytes feed `target`; flexnbd's own client's replies feed
 /// `client`.
@@ -219,6 +259,7 @@ fn tool_sessions(seeds: &mut Seeds, handshake: &str, target: &'static str) {
         "one connection per tool run ({named:?})"
     );
     for (name, s) in named.iter().zip(sessions) {
+        codec_seeds(seeds, &format!("{handshake}-{name}"), &s);
         add(seeds, target, name, s.up);
         if name.starts_with("flexnbd-") {
             add(seeds, "client", &format!("{handshake}-{name}"), s.down);

@@ -32,6 +32,7 @@ pub const TARGETS: &[&str] = &[
     "mirror_replies",
     "client",
     "proxy_upstream",
+    "codec",
     "control",
     "fault_plan",
     "marker",
@@ -65,6 +66,7 @@ pub fn run(name: &str, data: &[u8], tls: Option<&Path>) {
         "mirror_replies" => mirror_replies(data),
         "client" => client(data),
         "proxy_upstream" => proxy_upstream(data),
+        "codec" => codec(data),
         "control" => control(data),
         "fault_plan" => fault_plan(data),
         "marker" => marker(data),
@@ -527,6 +529,53 @@ impl tokio::io::AsyncWrite for Scripted {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Feeds `data` to every fixed-layout decoder of the wire codec, each
+/// from the input's first bytes: the request header, the simple reply,
+/// the structured reply chunk header (which none of our clients reads,
+/// since none asks for structured replies, but which the codec offers),
+/// the option header and the option reply header; and the whole input to
+/// the variable-length decoders of option data (INFO/GO, meta contexts,
+/// INFO_EXPORT). Whatever decodes must encode back to the same bytes.
+pub fn codec(data: &[u8]) {
+    use crate::proto::{
+        decode_info_export, info_export, ChunkHeader, InfoRequest, MetaContextRequest,
+        OptionHeader, OptionReplyHeader, Request, SimpleReply,
+    };
+    fn first<const N: usize>(data: &[u8]) -> Option<&[u8; N]> {
+        data.get(..N)?.try_into().ok()
+    }
+    if let Some(b) = first::<{ crate::proto::REQUEST_LEN }>(data) {
+        assert_eq!(&Request::decode(b).encode(), b, "a request header");
+    }
+    if let Some(b) = first::<{ crate::proto::SIMPLE_REPLY_LEN }>(data) {
+        assert_eq!(&SimpleReply::decode(b).encode(), b, "a simple reply");
+    }
+    if let Some(b) = first::<{ crate::proto::STRUCTURED_HEADER_LEN }>(data) {
+        if let Some(h) = ChunkHeader::decode(b) {
+            assert_eq!(&h.encode(), b, "a structured reply chunk header");
+        }
+    }
+    if let Some(b) = first::<16>(data) {
+        if let Ok(h) = OptionHeader::decode(b) {
+            assert_eq!(&h.encode(), b, "an option header");
+        }
+    }
+    if let Some(b) = first::<20>(data) {
+        if let Ok(h) = OptionReplyHeader::decode(b) {
+            assert_eq!(&h.encode(), b, "an option reply header");
+        }
+    }
+    if let Ok(r) = InfoRequest::decode(data) {
+        assert_eq!(r.encode(), data, "INFO/GO data");
+    }
+    if let Ok(r) = MetaContextRequest::decode(data) {
+        assert_eq!(r.encode(), data, "meta context data");
+    }
+    if let Some((size, flags)) = decode_info_export(data) {
+        assert_eq!(&info_export(size, flags)[..], data, "INFO_EXPORT data");
     }
 }
 

@@ -121,7 +121,8 @@ struct ServeArgs {
     #[arg(long)]
     oldstyle_extra_flags: bool,
     /// Most clients served at once (default 16; listen takes exactly 1); more
-    /// are closed without a greeting.
+    /// are closed without a greeting (at most 1000 a second; the log counts
+    /// them once a second).
     #[arg(long)]
     max_clients: Option<usize>,
     /// A fault plan (see fixtures/faults/README.md), for reproducing failures;
