@@ -21,93 +21,83 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::OnceLock;
 
-/// The gate's thread and the runtime on it.
-struct Started {
+/// A server's gate: its thread and the runtime on it, started with the
+/// server (a thread that cannot start stops the server from starting,
+/// rather than every connection later) and ended when dropped.
+pub struct Gate {
     handle: tokio::runtime::Handle,
     /// Dropped with the gate: the thread's runtime ends, and with it any
     /// negotiation still on it.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// A server's gate, started by its first use (a server that never sees
-/// a newstyle client never starts one) and ended when dropped.
-#[derive(Default)]
-pub struct Gate {
-    started: OnceLock<Started>,
-}
-
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate")
-            .field("started", &self.started.get().is_some())
-            .finish()
+        f.debug_struct("Gate").finish_non_exhaustive()
     }
 }
 
 /// The name of the gate's thread, as `ps -L` and /proc show it.
 pub const THREAD_NAME: &str = "flexnbd-gate";
 
+/// Why work sent to the gate did not come back.
+#[derive(Debug, thiserror::Error)]
+#[error("the negotiation thread stopped before the negotiation ended")]
+pub struct Stopped;
+
 impl Gate {
-    pub fn new() -> Gate {
-        Gate::default()
+    /// Starts the gate's thread and its runtime. Blocking (a thread
+    /// start): call it before the server runs, off the async workers.
+    pub fn start() -> io::Result<Gate> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (give, take) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || {
+                lower_priority();
+                // Timers (the handshake timeout) and I/O of its own, for a
+                // wrapped transport that sleeps or registers inside a poll.
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = give.send(Ok(rt.handle().clone()));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = give.send(Err(e));
+                    }
+                }
+            })?;
+        let handle = take
+            .recv()
+            .map_err(|_| io::Error::other("the gate thread ended before it started"))??;
+        Ok(Gate {
+            handle,
+            _stop: stop,
+        })
     }
 
     /// Runs `work` on the gate's thread and waits for it. Dropping the
     /// returned future (a timeout, the client's task aborted) ends `work`
-    /// there too, dropping what it holds: a socket is closed.
-    pub async fn run<F>(&self, work: F) -> io::Result<F::Output>
+    /// there too, dropping what it holds: a socket is closed. A panic in
+    /// `work` goes on in the caller, as if it had run there.
+    pub async fn run<F>(&self, work: F) -> Result<F::Output, Stopped>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let started = match self.started.get() {
-            Some(s) => s,
-            None => {
-                // Two first uses at once may both start a thread; the one
-                // not kept ends at once, as its stop sender is dropped.
-                let s = start()?;
-                self.started.get_or_init(|| s)
-            }
-        };
-        let task = tokio_util::task::AbortOnDropHandle::new(started.handle.spawn(work));
-        task.await
-            .map_err(|e| io::Error::other(format!("the gate thread lost a connection: {e}")))
+        let task = tokio_util::task::AbortOnDropHandle::new(self.handle.spawn(work));
+        match task.await {
+            Ok(output) => Ok(output),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Stopped),
+        }
     }
-}
-
-fn start() -> io::Result<Started> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (give, take) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(THREAD_NAME.into())
-        .spawn(move || {
-            lower_priority();
-            // Timers (the handshake timeout) and I/O of its own, for a
-            // wrapped transport that sleeps or registers inside a poll.
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => {
-                    let _ = give.send(Ok(rt.handle().clone()));
-                    rt.block_on(async {
-                        let _ = stopped.await;
-                    });
-                }
-                Err(e) => {
-                    let _ = give.send(Err(e));
-                }
-            }
-        })?;
-    let handle = take
-        .recv()
-        .map_err(|_| io::Error::other("the gate thread ended before it started"))??;
-    Ok(Started {
-        handle,
-        _stop: stop,
-    })
 }
 
 /// How much lower than the workers the gate runs.

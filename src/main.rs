@@ -485,7 +485,11 @@ fn serve(args: ServeArgs, role: Role) -> Result<ExitCode, Failure> {
             Role::Serve => 0,
         },
         // Newcomers are negotiated with below the clients already served.
-        gate: Some(Arc::new(flexnbd::gate::Gate::new())),
+        gate: Some(Arc::new(flexnbd::gate::Gate::start().map_err(|e| {
+            failure(format!(
+                "cannot start the thread that negotiates with new clients: {e}"
+            ))
+        })?)),
     };
     if let Some(path) = &args.sock {
         // Refuse early: a live server there means we must not start at all.

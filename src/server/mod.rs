@@ -301,12 +301,12 @@ impl RefusalLog {
     }
 
     /// At `now`: `Some(n)` to write a line that `n` more were refused,
-    /// when their quiet second is over; the next refusal is then logged
-    /// at once.
+    /// when their quiet second is over. That line starts a quiet second of
+    /// its own: under a steady flood there is one line a second.
     pub(crate) fn catch_up(&mut self, now: tokio::time::Instant) -> Option<u64> {
         match self.due() {
             Some(at) if now >= at => {
-                self.quiet_until = None;
+                self.quiet_until = Some(now + REFUSAL_LOG_EVERY);
                 Some(std::mem::take(&mut self.unlogged))
             }
             _ => None,
@@ -460,13 +460,19 @@ pub async fn accept_loop<T: Transport, P: Probe>(
         }
         let stop = CancellationToken::new();
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
-        let full = {
+        let refused = {
             let mut registry = shared.registry();
-            if !shared.clients_allowed() {
-                info!("closing connection from {peer}: clients are not allowed now");
-                continue;
+            // The endgame began since the check above: refused the same way.
+            let endgame = !shared.clients_allowed();
+            if endgame {
+                if let Some(more) = refused_endgame.refuse(tokio::time::Instant::now()) {
+                    info!(
+                        "closing connection from {peer}: clients are not allowed now (migration endgame){}",
+                        RefusalLog::more(more)
+                    );
+                }
             }
-            let full = registry.len() >= shared.config.max_clients;
+            let full = !endgame && registry.len() >= shared.config.max_clients;
             if full {
                 if let Some(more) = refused_full.refuse(tokio::time::Instant::now()) {
                     warn!(
@@ -475,7 +481,7 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                         RefusalLog::more(more)
                     );
                 }
-            } else {
+            } else if !endgame {
                 registry.insert(
                     id,
                     ClientEntry {
@@ -485,9 +491,9 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                     },
                 );
             }
-            full
+            full || endgame
         };
-        if full {
+        if refused {
             // Closed before the pause: the refused client hears at once.
             drop(stream);
             refusal_pause(&mut pace).await;
@@ -549,12 +555,17 @@ mod tests {
         assert_eq!(log.catch_up(ms(999)), None, "not before the second is over");
         assert_eq!(log.catch_up(ms(1000)), Some(999));
         assert_eq!(log.due(), None);
-        assert_eq!(log.catch_up(ms(5000)), None, "nothing twice");
-        // After the catch-up line the next refusal is logged at once.
-        assert_eq!(log.refuse(ms(1001)), Some(0));
+        assert_eq!(log.catch_up(ms(1500)), None, "nothing twice");
+        // The catch-up line starts a quiet second: the flood goes on
+        // and is counted, not logged, until it ends.
+        assert_eq!(log.refuse(ms(1001)), None);
         assert_eq!(log.refuse(ms(1500)), None);
+        assert_eq!(log.due(), Some(ms(2000)));
         // A refusal after the quiet second carries the count with it.
-        assert_eq!(log.refuse(ms(2001)), Some(1));
+        assert_eq!(log.refuse(ms(2001)), Some(2));
+        assert_eq!(log.due(), None);
+        // After a quiet second with no refusal, the next is logged at once.
+        assert_eq!(log.refuse(ms(3002)), Some(0));
     }
 
     /// Refusals are paced: the window's 20th refusal pauses accepting
@@ -573,9 +584,7 @@ mod tests {
     }
 
     mod gate {
-        use std::collections::BTreeSet;
         use std::pin::Pin;
-        use std::sync::atomic::AtomicUsize;
         use std::task::{Context, Poll};
 
         use tokio::io::{
@@ -587,12 +596,11 @@ mod tests {
         use crate::probe::Quiet;
         use crate::proto::{self, cmd};
 
-        /// A stream that notes, for each phase the test is in, the names of
-        /// the threads that poll it.
+        /// A stream that notes, in order, the name of the thread of every
+        /// poll.
         struct Noting {
             inner: DuplexStream,
-            phase: Arc<AtomicUsize>,
-            seen: Arc<Mutex<[BTreeSet<String>; 2]>>,
+            seen: Arc<Mutex<Vec<String>>>,
         }
 
         impl Noting {
@@ -601,8 +609,7 @@ mod tests {
                     .name()
                     .unwrap_or("unnamed")
                     .to_string();
-                let phase = self.phase.load(Ordering::SeqCst);
-                self.seen.lock().unwrap()[phase].insert(name);
+                self.seen.lock().unwrap().push(name);
             }
         }
 
@@ -657,7 +664,7 @@ mod tests {
             let config = Config {
                 handshake: HandshakeMode::Newstyle,
                 handshake_timeout: handshake,
-                gate: Some(Arc::new(crate::gate::Gate::new())),
+                gate: Some(Arc::new(crate::gate::Gate::start().unwrap())),
                 ..Config::default()
             };
             let shared = Shared::new(image, config, Acl::default(), Arc::new(Quiet));
@@ -665,16 +672,14 @@ mod tests {
         }
 
         /// With a gate, the newstyle negotiation is polled only on the
-        /// gate's thread, and the transmission phase only off it.
+        /// gate's thread, and the transmission after it only off it.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn negotiation_runs_on_the_gate_and_transmission_on_the_workers() {
             let (shared, _dir) = server(Duration::from_secs(60));
             let (mut client, near) = tokio::io::duplex(1 << 20);
-            let phase = Arc::new(AtomicUsize::new(0));
-            let seen = Arc::new(Mutex::new([BTreeSet::new(), BTreeSet::new()]));
+            let seen = Arc::new(Mutex::new(Vec::new()));
             let stream = Noting {
                 inner: near,
-                phase: phase.clone(),
                 seen: seen.clone(),
             };
             let peer = "127.0.0.1:4000".parse().unwrap();
@@ -694,7 +699,6 @@ mod tests {
             let mut export = [0u8; 10];
             client.read_exact(&mut export).await.unwrap();
             assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 1 << 20);
-            phase.store(1, Ordering::SeqCst);
             let read = proto::Request::new(cmd::READ, 0, 7, 4096, 4096);
             client.write_all(&read.encode()).await.unwrap();
             let mut reply = [0u8; proto::SIMPLE_REPLY_LEN];
@@ -704,17 +708,48 @@ mod tests {
             assert!(data.iter().all(|&b| b == 0x5a), "the image's bytes");
             drop(client);
             served.await.unwrap().ok();
+            // Every poll on the gate comes first (the negotiation), then
+            // every other one (transmission), none of them on the gate.
             let seen = seen.lock().unwrap();
-            assert_eq!(
-                seen[0],
-                BTreeSet::from([crate::gate::THREAD_NAME.to_string()]),
-                "the threads that polled the negotiation"
-            );
+            let gate = crate::gate::THREAD_NAME;
+            let negotiated = seen.iter().take_while(|t| t.as_str() == gate).count();
+            assert!(negotiated > 0, "the negotiation's polls: {seen:?}");
             assert!(
-                !seen[1].is_empty() && !seen[1].contains(crate::gate::THREAD_NAME),
-                "the threads that polled the transmission: {:?}",
-                seen[1]
+                seen.len() > negotiated && !seen[negotiated..].iter().any(|t| t == gate),
+                "the transmission's polls: {seen:?}"
             );
+        }
+
+        /// The handshake time is kept on the client's own runtime too: a
+        /// gate held up (here, a thread put to sleep in a poll) does not
+        /// stretch it for a silent client waiting there.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_gate_held_up_does_not_stretch_the_handshake_time() {
+            let (shared, _dir) = server(Duration::from_millis(300));
+            let gate = shared.config.gate.clone().unwrap();
+            let (asleep, wake) = tokio::sync::oneshot::channel();
+            let hold = tokio::spawn(async move {
+                gate.run(async move {
+                    let _ = asleep.send(());
+                    std::thread::sleep(Duration::from_secs(3));
+                })
+                .await
+            });
+            wake.await.unwrap();
+            let (mut client, near) = tokio::io::duplex(1 << 20);
+            let peer = "127.0.0.1:4000".parse().unwrap();
+            let began = std::time::Instant::now();
+            let served = tokio::spawn(serve_client(near, peer, shared, CancellationToken::new()));
+            let outcome = served.await.unwrap();
+            assert!(
+                matches!(outcome, Err(transmission::ConnError::HandshakeTimeout(_))),
+                "{outcome:?}"
+            );
+            let took = began.elapsed();
+            assert!(took < Duration::from_millis(1500), "dropped after {took:?}");
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+            hold.await.unwrap().unwrap();
         }
 
         /// A client's task stopped during its negotiation (by a shutdown,

@@ -72,6 +72,8 @@ pub enum ConnError {
     Hang(String),
     #[error("{0}")]
     Offload(io::Error),
+    #[error("{0}")]
+    Gate(#[from] crate::gate::Stopped),
 }
 
 impl From<Ended> for ConnError {
@@ -99,15 +101,23 @@ pub async fn serve_client<S: Stream, P: Probe>(
         // The negotiation runs on the gate, holding the stream, and gives
         // it back for transmission here.
         (Some(gate), HandshakeMode::Newstyle) => {
-            let (there, shared, stop) = (stream, shared.clone(), stop.clone());
-            let (back, negotiated) = gate
-                .run(async move {
-                    let mut stream = there;
-                    let negotiated = greet(&mut stream, &shared, &stop).await;
-                    (stream, negotiated)
-                })
-                .await
-                .map_err(ConnError::Receive)?;
+            let limit = shared.config.handshake_timeout;
+            let (there, on_gate, stop) = (stream, shared.clone(), stop.clone());
+            let work = gate.run(async move {
+                let mut stream = there;
+                let negotiated = greet(&mut stream, &on_gate, &stop).await;
+                (stream, negotiated)
+            });
+            // The handshake time is also kept here, on this runtime's
+            // clock: the gate's own clock starts only when the gate gets
+            // to the work, and a gate held up (a queue of handshakes, a
+            // busy CPU) must not stretch it. Timing out drops the work
+            // there, and the socket with it.
+            let (back, negotiated) = match tokio::time::timeout(limit, work).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(stopped)) => return Err(ConnError::Gate(stopped)),
+                Err(_) => return Err(ConnError::HandshakeTimeout(limit.as_secs_f64())),
+            };
             stream = back;
             negotiated?
         }
