@@ -356,10 +356,74 @@ impl RefusalPace {
     }
 }
 
-/// After a refusal: waits out the window when its refusals are spent.
-async fn refusal_pause(pace: &mut RefusalPace) {
-    if let Some(until) = pace.refused(tokio::time::Instant::now()) {
-        tokio::time::sleep_until(until).await;
+/// Why the accept loop closed a connection before its greeting.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// Every slot is in use.
+    Full,
+    /// The access control list does not allow the peer.
+    Acl,
+    /// A migration's endgame: no new clients now.
+    Endgame,
+}
+
+/// The accept loop's refusals: a log for each reason and one pace.
+#[derive(Debug, Default)]
+struct Refusals {
+    logs: [RefusalLog; 3],
+    pace: RefusalPace,
+}
+
+impl Refusals {
+    /// Refuses `stream` from `peer`: logs it (or counts it), closes it at
+    /// once, then waits out the window when its refusals are spent.
+    async fn refuse<S>(&mut self, why: Refusal, stream: S, peer: SocketAddr, slots: usize) {
+        let now = tokio::time::Instant::now();
+        if let Some(more) = self.logs[why as usize].refuse(now) {
+            let more = RefusalLog::more(more);
+            match why {
+                Refusal::Full => warn!(
+                    "too many clients: rejecting {peer}, all {slots} slots are in use{more}"
+                ),
+                Refusal::Acl => {
+                    warn!("rejecting client {peer}: not allowed by the access control list{more}")
+                }
+                Refusal::Endgame => info!(
+                    "closing connection from {peer}: clients are not allowed now (migration endgame){more}"
+                ),
+            }
+        }
+        // Closed before the pause: the refused client hears at once.
+        drop(stream);
+        if let Some(until) = self.pace.refused(now) {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// When the refusals not yet told of are due to be told, if any are.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.logs.iter().filter_map(RefusalLog::due).min()
+    }
+
+    /// Tells, at `now`, of the refusals whose quiet second is over.
+    fn catch_up(&mut self, now: tokio::time::Instant, slots: usize) {
+        for (why, log) in [Refusal::Full, Refusal::Acl, Refusal::Endgame]
+            .into_iter()
+            .zip(&mut self.logs)
+        {
+            let Some(n) = log.catch_up(now) else { continue };
+            match why {
+                Refusal::Full => warn!(
+                    "too many clients: {n} more connections refused in the last second, all {slots} slots in use"
+                ),
+                Refusal::Acl => warn!(
+                    "{n} more connections refused in the last second: not allowed by the access control list"
+                ),
+                Refusal::Endgame => info!(
+                    "{n} more connections closed in the last second: clients are not allowed now (migration endgame)"
+                ),
+            }
+        }
     }
 }
 
@@ -367,35 +431,17 @@ pub async fn accept_loop<T: Transport, P: Probe>(
     mut listener: T::Listener,
     shared: Arc<Shared<P>>,
 ) {
-    let mut refused_full = RefusalLog::default();
-    let mut refused_acl = RefusalLog::default();
-    let mut refused_endgame = RefusalLog::default();
-    let mut pace = RefusalPace::default();
+    let slots = shared.config.max_clients;
+    let mut refusals = Refusals::default();
     loop {
         // The refusals a line has not told of yet are told when their
         // quiet second ends, though no connection comes after them.
-        let due = [&refused_full, &refused_acl, &refused_endgame]
-            .into_iter()
-            .filter_map(RefusalLog::due)
-            .min();
-        let accepted = match due {
+        let accepted = match refusals.due() {
             None => listener.accept().await,
             Some(at) => tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tokio::time::sleep_until(at) => {
-                    let now = tokio::time::Instant::now();
-                    if let Some(n) = refused_full.catch_up(now) {
-                        warn!(
-                            "too many clients: {n} more connections refused in the last second, all {} slots in use",
-                            shared.config.max_clients
-                        );
-                    }
-                    if let Some(n) = refused_acl.catch_up(now) {
-                        warn!("{n} more connections refused in the last second: not allowed by the access control list");
-                    }
-                    if let Some(n) = refused_endgame.catch_up(now) {
-                        info!("{n} more connections closed in the last second: clients are not allowed now (migration endgame)");
-                    }
+                    refusals.catch_up(tokio::time::Instant::now(), slots);
                     continue;
                 }
             },
@@ -437,51 +483,23 @@ pub async fn accept_loop<T: Transport, P: Probe>(
             continue;
         }
         if !shared.clients_allowed() {
-            if let Some(more) = refused_endgame.refuse(tokio::time::Instant::now()) {
-                info!(
-                    "closing connection from {peer}: clients are not allowed now (migration endgame){}",
-                    RefusalLog::more(more)
-                );
-            }
-            drop(stream);
-            refusal_pause(&mut pace).await;
+            refusals.refuse(Refusal::Endgame, stream, peer, slots).await;
             continue;
         }
         if !shared.acl().allows(peer.ip()) {
-            if let Some(more) = refused_acl.refuse(tokio::time::Instant::now()) {
-                warn!(
-                    "rejecting client {peer}: not allowed by the access control list{}",
-                    RefusalLog::more(more)
-                );
-            }
-            drop(stream);
-            refusal_pause(&mut pace).await;
+            refusals.refuse(Refusal::Acl, stream, peer, slots).await;
             continue;
         }
         let stop = CancellationToken::new();
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
         let refused = {
             let mut registry = shared.registry();
-            // The endgame began since the check above: refused the same way.
-            let endgame = !shared.clients_allowed();
-            if endgame {
-                if let Some(more) = refused_endgame.refuse(tokio::time::Instant::now()) {
-                    info!(
-                        "closing connection from {peer}: clients are not allowed now (migration endgame){}",
-                        RefusalLog::more(more)
-                    );
-                }
-            }
-            let full = !endgame && registry.len() >= shared.config.max_clients;
-            if full {
-                if let Some(more) = refused_full.refuse(tokio::time::Instant::now()) {
-                    warn!(
-                        "too many clients: rejecting {peer}, all {} slots are in use{}",
-                        shared.config.max_clients,
-                        RefusalLog::more(more)
-                    );
-                }
-            } else if !endgame {
+            if !shared.clients_allowed() {
+                // The endgame began since the check above.
+                Some(Refusal::Endgame)
+            } else if registry.len() >= slots {
+                Some(Refusal::Full)
+            } else {
                 registry.insert(
                     id,
                     ClientEntry {
@@ -490,13 +508,11 @@ pub async fn accept_loop<T: Transport, P: Probe>(
                         abort: None,
                     },
                 );
+                None
             }
-            full || endgame
         };
-        if refused {
-            // Closed before the pause: the refused client hears at once.
-            drop(stream);
-            refusal_pause(&mut pace).await;
+        if let Some(why) = refused {
+            refusals.refuse(why, stream, peer, slots).await;
             continue;
         }
         let registration = Registration {
