@@ -177,14 +177,7 @@ DEFERRED_READS_KIB = 64 * 1024
 
 def rss_kib(srv):
     """VmRSS of the server now."""
-    try:
-        with open(f"/proc/{srv.popen.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return B.proc_status_kib(srv.popen.pid, "VmRSS")
 
 
 def cpu_seconds(srv):

@@ -134,15 +134,20 @@ def children_of(pid):
     return found
 
 
-def vm_hwm_kib(pid):
+def proc_status_kib(pid, field):
+    """A size field of /proc/PID/status (VmHWM, VmRSS, ...) in KiB, or None."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def vm_hwm_kib(pid):
+    return proc_status_kib(pid, "VmHWM")
 
 
 def pid_alive(pid):

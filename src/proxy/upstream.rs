@@ -212,7 +212,7 @@ impl<T: Transport> Upstream<T> {
         }
     }
 
-    pub(crate) async fn try_exchange(
+    pub(super) async fn try_exchange(
         &mut self,
         request: &[u8],
         kind: u16,
